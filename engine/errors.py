@@ -1,0 +1,52 @@
+"""The engine's exception types: one base class, one subclass per thing that can go wrong.
+
+Every message names the problem and the numbers involved, so the app can show it as-is.
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class ModelFileError(EngineError, ValueError):
+    """A model file that cannot be used: not a GGUF, truncated, missing tensors, bad shapes."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class UnsupportedModelError(ModelFileError):
+    """A valid GGUF file of an architecture, tokenizer or tensor type this engine cannot run."""
+
+
+class ModelNotFoundError(EngineError, FileNotFoundError):
+    """No model file where one was expected (not downloaded yet, or a wrong path)."""
+
+
+class ModelDownloadError(EngineError):
+    """Fetching the default model failed (pip failed, wrong checksum, cancelled)."""
+
+
+class ContextOverflowError(EngineError, ValueError):
+    """A prompt that does not fit the token limit of its session or the model's context."""
+
+    def __init__(self, n_tokens: int, limit: int, what: str = "prompt") -> None:
+        self.n_tokens = n_tokens
+        self.limit = limit
+        super().__init__(f"{what} has {n_tokens} tokens, more than the limit of {limit} tokens")
+
+
+class CacheBudgetError(EngineError, MemoryError):
+    """The KV cache cannot make room: every session that could be evicted is pinned."""
+
+
+class QueueFullError(EngineError):
+    """The request queue is full; the caller may try again later."""
+
+
+class EngineStoppedError(EngineError):
+    """The engine was stopped while the request waited or ran."""

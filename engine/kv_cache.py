@@ -1,0 +1,208 @@
+"""KV cache: one sequence's keys and values for every layer, and the token ids they encode.
+
+``KvCacheEntry`` is the ``cache`` object ``Model.forward(ids, cache)`` takes. The model writes the new
+tokens' K/V into ``keys(layer)`` / ``values(layer)`` at rows ``[n_tokens, n_tokens + T)`` and then calls
+``append(ids)``; a forward that fails half-way commits nothing.
+
+Memory layout: one buffer per entry, shape (n_layers, 2, KVH, capacity, Hd), so each layer's K and V
+are contiguous (KVH, capacity, Hd) blocks and attention reads ``[:, :S]`` views without copying.
+The buffer grows geometrically (amortised O(1) per token, never a full copy per chunk forever).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from .errors import ContextOverflowError
+
+GROWTH_STEP_TOKENS = 256  # capacity is a multiple of this (or exactly max_tokens)
+KV_DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelShape:
+    """What a KV entry must hold per token: K and V for every layer and KV head."""
+
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("n_layers", "n_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelShape.{name} must be a positive integer, got {value!r}")
+        if self.dtype not in KV_DTYPES:
+            raise ValueError(f"ModelShape.dtype must be one of {KV_DTYPES}, got {self.dtype!r}")
+
+    @property
+    def itemsize(self) -> int:
+        return int(np.dtype(self.dtype).itemsize)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V, every layer, every KV head: 2 * L * KVH * Hd * itemsize."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * self.itemsize
+
+    def buffer_shape(self, capacity: int) -> tuple[int, int, int, int, int]:
+        return (self.n_layers, 2, self.n_kv_heads, capacity, self.head_dim)
+
+
+class BufferAllocator(Protocol):
+    """Where entries get and return their buffers (the store pools them and enforces its budget)."""
+
+    def allocate(self, entry: KvCacheEntry, shape: ModelShape, capacity: int) -> np.ndarray: ...
+
+    def release(self, entry: KvCacheEntry, buffer: np.ndarray) -> None: ...
+
+
+class _PlainAllocator:
+    """For entries that live outside a store (``Model.new_cache``): plain NumPy allocations."""
+
+    def allocate(self, entry: KvCacheEntry, shape: ModelShape, capacity: int) -> np.ndarray:
+        return np.empty(shape.buffer_shape(capacity), dtype=shape.dtype)
+
+    def release(self, entry: KvCacheEntry, buffer: np.ndarray) -> None:
+        return None
+
+
+PLAIN_ALLOCATOR = _PlainAllocator()
+
+
+def grown_capacity(current: int, needed: int, max_tokens: int) -> int:
+    """Next capacity: at least ``needed``, at least double ``current``, a step multiple, ≤ max_tokens."""
+    target = max(needed, 2 * current, GROWTH_STEP_TOKENS)
+    target = -(-target // GROWTH_STEP_TOKENS) * GROWTH_STEP_TOKENS
+    return min(target, max_tokens)
+
+
+class KvCacheEntry:
+    """One sequence's K/V for all layers plus its token ids; grows lazily up to ``max_tokens``."""
+
+    def __init__(
+        self,
+        shape: ModelShape,
+        max_tokens: int,
+        *,
+        allocator: BufferAllocator = PLAIN_ALLOCATOR,
+        session_id: object = None,
+    ) -> None:
+        if max_tokens <= 0:
+            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        self.shape = shape
+        self.max_tokens = int(max_tokens)
+        self.session_id = session_id
+        self._allocator = allocator
+        self._buffer: np.ndarray | None = None
+        self._token_ids = np.zeros(0, dtype=np.int32)
+        self._n_tokens = 0
+
+    # -- sizes -------------------------------------------------------------------------------
+    @property
+    def n_tokens(self) -> int:
+        """Tokens whose K/V are stored (the next token's position)."""
+        return self._n_tokens
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._buffer is None else int(self._buffer.shape[3])
+
+    @property
+    def reserved_bytes(self) -> int:
+        return self.capacity * self.shape.bytes_per_token
+
+    @property
+    def used_bytes(self) -> int:
+        return self._n_tokens * self.shape.bytes_per_token
+
+    @property
+    def token_ids(self) -> np.ndarray:
+        """The cached tokens' ids, a read-only view of length ``n_tokens``."""
+        view = self._token_ids[: self._n_tokens]
+        view.flags.writeable = False
+        return view
+
+    # -- what the model uses -----------------------------------------------------------------
+    def ensure_capacity(self, n_total: int) -> None:
+        """Make room for ``n_total`` tokens in all (may allocate, and so may raise CacheBudgetError)."""
+        if n_total > self.max_tokens:
+            raise ContextOverflowError(n_total, self.max_tokens, what="sequence")
+        if n_total <= self.capacity:
+            return
+        new_capacity = grown_capacity(self.capacity, n_total, self.max_tokens)
+        new_buffer = self._allocator.allocate(self, self.shape, new_capacity)
+        old, n = self._buffer, self._n_tokens
+        if old is not None:
+            new_buffer[:, :, :, :n] = old[:, :, :, :n]  # (L, 2, KVH, n, Hd)
+            self._allocator.release(self, old)
+        ids = np.zeros(new_capacity, dtype=np.int32)
+        ids[:n] = self._token_ids[:n]
+        self._buffer, self._token_ids = new_buffer, ids
+
+    def keys(self, layer: int) -> np.ndarray:
+        """Layer ``layer``'s key buffer, (KVH, capacity, Hd); rows past n_tokens are scratch."""
+        assert self._buffer is not None, "ensure_capacity() first"
+        return self._buffer[layer, 0]
+
+    def values(self, layer: int) -> np.ndarray:
+        """Layer ``layer``'s value buffer, (KVH, capacity, Hd)."""
+        assert self._buffer is not None, "ensure_capacity() first"
+        return self._buffer[layer, 1]
+
+    def append(self, token_ids: Sequence[int] | np.ndarray) -> None:
+        """Commit the tokens whose K/V the model has just written after the cached ones."""
+        n_new = len(token_ids)
+        end = self._n_tokens + n_new
+        if end > self.capacity:
+            raise ValueError(f"append of {n_new} tokens past capacity {self.capacity}")
+        self._token_ids[self._n_tokens : end] = token_ids
+        self._n_tokens = end
+
+    # -- what the store uses -----------------------------------------------------------------
+    def trim(self, n_tokens: int) -> None:
+        """Keep only the first ``n_tokens`` tokens (no copy; the rows are overwritten later)."""
+        if n_tokens < 0:
+            raise ValueError(f"cannot trim to {n_tokens} tokens")
+        self._n_tokens = min(self._n_tokens, n_tokens)
+
+    def common_prefix_length(self, token_ids: Sequence[int] | np.ndarray) -> int:
+        """How many leading tokens of ``token_ids`` equal the cached ones."""
+        n = min(self._n_tokens, len(token_ids))
+        if n == 0:
+            return 0
+        cached = self._token_ids[:n]
+        mismatch = np.flatnonzero(cached != np.asarray(token_ids[:n], dtype=np.int32))
+        return int(mismatch[0]) if mismatch.size else n
+
+    def copy_prefix_from(self, other: KvCacheEntry, n_tokens: int) -> None:
+        """Replace this entry's contents with the first ``n_tokens`` of ``other`` (same shape)."""
+        if other.shape != self.shape:
+            raise ValueError("cannot copy K/V between entries of different shapes")
+        n = min(n_tokens, other.n_tokens)
+        self._n_tokens = 0
+        if n == 0:
+            return
+        self.ensure_capacity(n)
+        assert self._buffer is not None and other._buffer is not None
+        self._buffer[:, :, :, :n] = other._buffer[:, :, :, :n]  # (L, 2, KVH, n, Hd)
+        self._token_ids[:n] = other._token_ids[:n]
+        self._n_tokens = n
+
+    def release(self) -> None:
+        """Give the buffer back to the allocator; the entry is empty afterwards."""
+        if self._buffer is not None:
+            self._allocator.release(self, self._buffer)
+        self._buffer = None
+        self._token_ids = np.zeros(0, dtype=np.int32)
+        self._n_tokens = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"KvCacheEntry(session={self.session_id!r}, tokens={self._n_tokens}, "
+            f"capacity={self.capacity}, max_tokens={self.max_tokens})"
+        )

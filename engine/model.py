@@ -1,0 +1,319 @@
+"""A Llama-architecture transformer in float32 NumPy.
+
+Dimension legend
+    B    sequences in a batch            T    new tokens of one sequence
+    N    new tokens of the whole batch   S    cached length after this step (attention span)
+    D    model dim (hidden_size)         F    feed-forward dim
+    H    query heads     KVH  KV heads   G    query heads per KV head (H // KVH)
+    Hd   head dim        V    vocabulary
+
+Weights are laid out once at load for ``x @ W`` ((in, out), measured fastest with OpenBLAS), with
+q/k/v fused into one matrix and gate/up into another. The model holds no cache and makes no policy:
+the caller owns one ``KvCacheEntry`` per sequence and passes it in.
+
+Q/K in GGUF: llama.cpp's converter permutes the rows of attn_q/attn_k so RoPE rotates adjacent pairs
+(x[2i], x[2i+1]). At load we reorder each head's output dims to [0, 2, 4, ..., 1, 3, 5, ...], so the
+pairs become (x[i], x[i + Hd/2]) and RoPE is the contiguous "rotate half" form. Q and K get the same
+reorder, so every q·k product, and the model's output, is unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import gguf as gguf_io
+from .errors import ContextOverflowError
+from .gguf import ModelConfig
+from .kv_cache import KvCacheEntry, ModelShape
+
+log = logging.getLogger(__name__)
+
+F32 = np.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Math helpers
+# ---------------------------------------------------------------------------------------------
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x * weight / sqrt(mean(x²) + eps), row-wise. (N, D) -> (N, D)"""
+    mean_sq = np.einsum("nd,nd->n", x, x) / F32(x.shape[-1])  # (N,)
+    scale = (F32(1.0) / np.sqrt(mean_sq + F32(eps))).astype(F32, copy=False)  # (N,)
+    return (x * scale[:, None]) * weight  # (N, D)
+
+
+def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """silu(gate) * up = gate * sigmoid(gate) * up. (N, F) -> (N, F)"""
+    out = np.negative(gate)
+    np.exp(out, out=out)
+    out += F32(1.0)
+    np.divide(gate, out, out=out)
+    out *= up
+    return out
+
+
+def rope_tables(config: ModelConfig, freq_factors: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of every position's rotation angles, (context_length, Hd/2) each."""
+    half = config.head_dim // 2
+    inv_freq = config.rope_theta ** (-np.arange(half, dtype=np.float64) * 2.0 / config.head_dim)  # (Hd/2,)
+    if freq_factors is not None:
+        inv_freq = inv_freq / freq_factors.astype(np.float64)
+    positions = np.arange(config.context_length, dtype=np.float64) / config.rope_scale  # (ctx,)
+    angles = np.outer(positions, inv_freq)  # (ctx, Hd/2)
+    return np.cos(angles).astype(F32), np.sin(angles).astype(F32)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate-half RoPE. x: (N, heads, Hd); cos, sin: (N, Hd/2) -> (N, heads, Hd)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]  # (N, heads, Hd/2) each
+    c, s = cos[:, None, :], sin[:, None, :]  # (N, 1, Hd/2)
+    out = np.empty_like(x)
+    np.subtract(x1 * c, x2 * s, out=out[..., :half])
+    np.add(x2 * c, x1 * s, out=out[..., half:])
+    return out
+
+
+def softmax_inplace(scores: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, in place (scores may hold -inf where masked)."""
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return scores
+
+
+def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -> np.ndarray:
+    """Causal grouped-query attention of T new queries against S = start + T cached positions.
+
+    q: (T, H, Hd), already scaled by 1/sqrt(Hd); keys, values: (KVH, S, Hd), any float dtype.
+    Returns (T, H * Hd).
+    """
+    T, H, Hd = q.shape
+    KVH, S = keys.shape[0], keys.shape[1]
+    G = H // KVH
+    if keys.dtype != F32:  # a float16 cache: attention still computes in float32
+        keys, values = keys.astype(F32), values.astype(F32)
+    qg = q.reshape(T, KVH, G, Hd).transpose(1, 2, 0, 3).reshape(KVH, G * T, Hd)  # (KVH, G*T, Hd)
+    scores = qg @ keys.transpose(0, 2, 1)  # (KVH, G*T, S)
+    if T > 1:
+        # query t sits at position start + t and may see keys 0 .. start + t
+        future = np.arange(S)[None, :] > (start + np.arange(T))[:, None]  # (T, S)
+        scores.reshape(KVH, G, T, S)[:, :, future] = -np.inf
+    softmax_inplace(scores)
+    out = scores @ values  # (KVH, G*T, Hd)
+    return out.reshape(KVH, G, T, Hd).transpose(2, 0, 1, 3).reshape(T, H * Hd)  # (T, H*Hd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class LayerWeights:
+    attn_norm: np.ndarray  # (D,)
+    wqkv: np.ndarray  # (D, (H + 2*KVH) * Hd), q and k columns in rotate-half order
+    wo: np.ndarray  # (H*Hd, D)
+    ffn_norm: np.ndarray  # (D,)
+    w_gate_up: np.ndarray  # (D, 2F)
+    w_down: np.ndarray  # (F, D)
+
+
+@dataclass(slots=True)
+class ModelWeights:
+    lm_head: np.ndarray  # (D, V); the embedding table is its transpose when tied
+    embedding: np.ndarray  # (V, D), a view of lm_head.T when tied (rows gathered per token)
+    output_norm: np.ndarray  # (D,)
+    layers: list[LayerWeights]
+    rope_freq_factors: np.ndarray | None = None  # (Hd/2,)
+
+
+def rotate_half_order(n_heads: int, head_dim: int) -> np.ndarray:
+    """Row order that turns GGUF's adjacent-pair Q/K layout into rotate-half layout."""
+    per_head = np.concatenate([np.arange(0, head_dim, 2), np.arange(1, head_dim, 2)])  # (Hd,)
+    return (np.arange(n_heads)[:, None] * head_dim + per_head[None, :]).reshape(-1)  # (heads*Hd,)
+
+
+def _check_shape(f: gguf_io.GgufFile, name: str, array: np.ndarray, expected: tuple[int, ...]) -> None:
+    if array.shape != expected:
+        raise gguf_io.ModelFileError(f.path, f"tensor {name!r} has shape {array.shape}, expected {expected}")
+
+
+def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    D, F, Hd = c.hidden_size, c.ffn_size, c.head_dim
+    return {
+        "attn_norm": (D,), "ffn_norm": (D,),
+        "attn_q": (c.n_heads * Hd, D), "attn_k": (c.n_kv_heads * Hd, D), "attn_v": (c.n_kv_heads * Hd, D),
+        "attn_output": (D, c.n_heads * Hd), "ffn_gate": (F, D), "ffn_up": (F, D), "ffn_down": (D, F),
+    }  # fmt: skip
+
+
+def _load_layer(f: gguf_io.GgufFile, c: ModelConfig, i: int) -> LayerWeights:
+    """Dequantize block ``i`` and lay it out for ``x @ W`` (runs on a worker thread)."""
+    expected = _expected_shapes(c)
+    t = {}
+    for short, pattern in gguf_io.TENSOR_NAMES.items():
+        name = pattern.format(i=i)
+        t[short] = f.load(name)
+        _check_shape(f, name, t[short], expected[short])
+    q_order = rotate_half_order(c.n_heads, c.head_dim)
+    k_order = rotate_half_order(c.n_kv_heads, c.head_dim)
+    wqkv = np.concatenate([t["attn_q"][q_order], t["attn_k"][k_order], t["attn_v"]], axis=0)  # (out, D)
+    return LayerWeights(
+        attn_norm=t["attn_norm"],
+        wqkv=np.ascontiguousarray(wqkv.T),  # (D, (H+2KVH)*Hd)
+        wo=np.ascontiguousarray(t["attn_output"].T),  # (H*Hd, D)
+        ffn_norm=t["ffn_norm"],
+        w_gate_up=np.ascontiguousarray(np.concatenate([t["ffn_gate"], t["ffn_up"]], axis=0).T),  # (D, 2F)
+        w_down=np.ascontiguousarray(t["ffn_down"].T),  # (F, D)
+    )
+
+
+def _load_output(f: gguf_io.GgufFile, c: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(lm_head (D, V), embedding (V, D)); with tied weights the embedding is a view of lm_head."""
+    embedding = f.load(gguf_io.TOKEN_EMBD)  # (V, D)
+    _check_shape(f, gguf_io.TOKEN_EMBD, embedding, (c.vocab_size, c.hidden_size))
+    if f.has_tensor(gguf_io.OUTPUT):
+        output = f.load(gguf_io.OUTPUT)  # (V, D)
+        _check_shape(f, gguf_io.OUTPUT, output, (c.vocab_size, c.hidden_size))
+        return np.ascontiguousarray(output.T), embedding
+    lm_head = np.ascontiguousarray(embedding.T)  # (D, V)
+    return lm_head, lm_head.T  # tied: the (V, D) view, no second copy
+
+
+def load_weights(f: gguf_io.GgufFile, config: ModelConfig, n_threads: int = 2) -> ModelWeights:
+    """Dequantize every tensor to float32 and lay it out for ``x @ W``, on a small thread pool."""
+    c = config
+    names = [p.format(i=i) for i in range(c.n_layers) for p in gguf_io.TENSOR_NAMES.values()]
+    for name in (gguf_io.TOKEN_EMBD, gguf_io.OUTPUT_NORM, *names):
+        f.tensor_shape(name)  # a missing tensor fails now, before any slow work
+    with ThreadPoolExecutor(max_workers=n_threads) as pool:  # NumPy releases the GIL while copying
+        output = pool.submit(_load_output, f, c)
+        layers = list(pool.map(lambda i: _load_layer(f, c, i), range(c.n_layers)))
+        lm_head, embedding = output.result()
+    output_norm = f.load(gguf_io.OUTPUT_NORM)
+    _check_shape(f, gguf_io.OUTPUT_NORM, output_norm, (c.hidden_size,))
+    freqs = f.load(gguf_io.ROPE_FREQS).reshape(-1) if f.has_tensor(gguf_io.ROPE_FREQS) else None
+    if freqs is not None and freqs.shape != (c.head_dim // 2,):
+        raise gguf_io.ModelFileError(f.path, f"rope_freqs has {freqs.size} values, expected {c.head_dim // 2}")
+    return ModelWeights(lm_head, embedding, output_norm, layers, freqs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One sequence's part of a batched forward: its new token ids and its cache."""
+
+    ids: np.ndarray  # (T,) int
+    cache: KvCacheEntry
+
+
+class Model:
+    """Llama forward pass over one or many sequences; each sequence brings its own KV cache entry."""
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights, path: str | None = None) -> None:
+        self.config = config
+        self.weights = weights
+        self.path = path
+        self._cos, self._sin = rope_tables(config, weights.rope_freq_factors)  # (ctx, Hd/2) each
+        self._q_scale = F32(1.0 / np.sqrt(config.head_dim))
+
+    @classmethod
+    def from_gguf(cls, source: str | os.PathLike[str] | gguf_io.GgufFile) -> Model:
+        started = time.perf_counter()
+        f = source if isinstance(source, gguf_io.GgufFile) else gguf_io.GgufFile(source)
+        config = gguf_io.read_config(f)
+        model = cls(config, load_weights(f, config), path=str(f.path))
+        log.info("loaded %s (%s) in %.2f s", f.path.name, config.name, time.perf_counter() - started)
+        return model
+
+    def kv_shape(self, dtype: str = "float32") -> ModelShape:
+        c = self.config
+        return ModelShape(c.n_layers, c.n_kv_heads, c.head_dim, dtype)
+
+    def new_cache(self, max_tokens: int | None = None, dtype: str = "float32") -> KvCacheEntry:
+        """A standalone cache for one sequence (not in any store); grows as needed up to max_tokens."""
+        limit = self.config.context_length if max_tokens is None else min(max_tokens, self.config.context_length)
+        return KvCacheEntry(self.kv_shape(dtype), limit)
+
+    # -- public forwards -----------------------------------------------------------------------
+    def forward(self, ids: Sequence[int] | np.ndarray, cache: KvCacheEntry | None = None) -> np.ndarray:
+        """Logits of every new token, (T, V). With a cache, appends to it and attends to its contents."""
+        ids = self._check_ids(ids)
+        if cache is None:
+            cache = self.new_cache(len(ids))
+        return self._forward_rows([Row(ids, cache)], all_logits=True)
+
+    def forward_last(self, rows: Sequence[Row]) -> np.ndarray:
+        """Batched forward of several sequences; logits of each sequence's last new token, (B, V)."""
+        checked = [Row(self._check_ids(r.ids), r.cache) for r in rows]
+        return self._forward_rows(checked, all_logits=False)
+
+    def _check_ids(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        arr = np.asarray(ids, dtype=np.int64).reshape(-1)  # (T,)
+        if arr.size == 0:
+            raise ValueError("forward needs at least one token id")
+        if arr.min() < 0 or arr.max() >= self.config.vocab_size:
+            bad = int(arr[(arr < 0) | (arr >= self.config.vocab_size)][0])
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        return arr
+
+    # -- the forward pass ------------------------------------------------------------------------
+    def _forward_rows(self, rows: Sequence[Row], all_logits: bool) -> np.ndarray:
+        starts = [r.cache.n_tokens for r in rows]
+        for row, start in zip(rows, starts, strict=True):
+            row.cache.ensure_capacity(start + len(row.ids))
+        ids = np.concatenate([r.ids for r in rows])  # (N,)
+        positions = np.concatenate([np.arange(s, s + len(r.ids)) for r, s in zip(rows, starts, strict=True)])
+        if positions.max() >= self.config.context_length:
+            raise ContextOverflowError(int(positions.max()) + 1, self.config.context_length, "sequence")
+        cos, sin = self._cos[positions], self._sin[positions]  # (N, Hd/2) each
+        x = self.weights.embedding[ids].astype(F32)  # (N, D)
+        for i, layer in enumerate(self.weights.layers):
+            x = self._block(i, layer, x, rows, starts, cos, sin)
+        for row in rows:
+            row.cache.append(row.ids)
+        if not all_logits:
+            ends = np.cumsum([len(r.ids) for r in rows]) - 1  # index of each sequence's last row
+            x = x[ends]  # (B, D)
+        h = rms_norm(x, self.weights.output_norm, self.config.rms_eps)
+        return h @ self.weights.lm_head  # (N or B, V)
+
+    def _block(
+        self,
+        index: int,
+        w: LayerWeights,
+        x: np.ndarray,
+        rows: Sequence[Row],
+        starts: Sequence[int],
+        cos: np.ndarray,
+        sin: np.ndarray,
+    ) -> np.ndarray:
+        c = self.config
+        H, KVH, Hd = c.n_heads, c.n_kv_heads, c.head_dim
+        N = x.shape[0]
+        qkv = rms_norm(x, w.attn_norm, c.rms_eps) @ w.wqkv  # (N, (H+2KVH)*Hd)
+        q = apply_rope(qkv[:, : H * Hd].reshape(N, H, Hd), cos, sin)  # (N, H, Hd)
+        q *= self._q_scale
+        k = apply_rope(qkv[:, H * Hd : (H + KVH) * Hd].reshape(N, KVH, Hd), cos, sin)  # (N, KVH, Hd)
+        v = qkv[:, (H + KVH) * Hd :].reshape(N, KVH, Hd)  # (N, KVH, Hd)
+        attn = np.empty((N, H * Hd), dtype=F32)  # (N, H*Hd)
+        r0 = 0
+        for row, start in zip(rows, starts, strict=True):
+            T = len(row.ids)
+            r1, end = r0 + T, start + T
+            keys, values = row.cache.keys(index), row.cache.values(index)  # (KVH, cap, Hd)
+            keys[:, start:end] = k[r0:r1].transpose(1, 0, 2)  # (KVH, T, Hd)
+            values[:, start:end] = v[r0:r1].transpose(1, 0, 2)
+            attn[r0:r1] = attention(q[r0:r1], keys[:, :end], values[:, :end], start)
+            r0 = r1
+        x = x + attn @ w.wo  # (N, D)
+        gate_up = rms_norm(x, w.ffn_norm, c.rms_eps) @ w.w_gate_up  # (N, 2F)
+        F = c.ffn_size
+        return x + silu_mul(gate_up[:, :F], gate_up[:, F:]) @ w.w_down  # (N, D)
