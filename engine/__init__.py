@@ -1,0 +1,56 @@
+"""SmallMind's engine: a Llama-architecture LLM in pure NumPy, its KV-cache store and its batcher.
+
+No Qt here: everything is usable headless (scripts, tests, the terminal chat).
+"""
+
+from .batching import BatchedInferenceEngine, BatchingOptions, RequestHandle
+from .errors import (
+    CacheBudgetError,
+    ContextOverflowError,
+    EngineError,
+    EngineStoppedError,
+    ModelDownloadError,
+    ModelFileError,
+    ModelNotFoundError,
+    QueueFullError,
+    UnsupportedModelError,
+)
+from .generation import GenerationEvent, GenerationResult
+from .gguf import GgufFile, ModelConfig
+from .kv_cache import KvCacheEntry, ModelShape
+from .kv_store import KvCacheOptions, KvCacheStats, LruKvCacheStore, SessionId, SessionInfo
+from .metrics import InMemoryRuntimeMetrics, MetricsSnapshot
+from .model import Model
+from .sampling import InferenceOptions
+from .tokenizer import Tokenizer
+
+__all__ = [
+    "BatchedInferenceEngine",
+    "BatchingOptions",
+    "CacheBudgetError",
+    "ContextOverflowError",
+    "EngineError",
+    "EngineStoppedError",
+    "GenerationEvent",
+    "GenerationResult",
+    "GgufFile",
+    "InMemoryRuntimeMetrics",
+    "InferenceOptions",
+    "KvCacheEntry",
+    "KvCacheOptions",
+    "KvCacheStats",
+    "LruKvCacheStore",
+    "MetricsSnapshot",
+    "Model",
+    "ModelConfig",
+    "ModelDownloadError",
+    "ModelFileError",
+    "ModelNotFoundError",
+    "ModelShape",
+    "QueueFullError",
+    "RequestHandle",
+    "SessionId",
+    "SessionInfo",
+    "Tokenizer",
+    "UnsupportedModelError",
+]

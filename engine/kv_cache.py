@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import ContextOverflowError
 
-GROWTH_STEP_TOKENS = 256  # capacity is a multiple of this (or exactly max_tokens)
+GROWTH_STEP_TOKENS = 256  # capacities are 256 * 2**k tokens (or exactly max_tokens)
 KV_DTYPES = ("float32", "float16")
 
 
@@ -75,10 +75,15 @@ PLAIN_ALLOCATOR = _PlainAllocator()
 
 
 def grown_capacity(current: int, needed: int, max_tokens: int) -> int:
-    """Next capacity: at least ``needed``, at least double ``current``, a step multiple, ≤ max_tokens."""
+    """Next capacity: 256 * 2**k tokens, at least ``needed`` and double ``current``, capped at max_tokens.
+
+    Keeping capacities on that ladder makes released buffers fit later entries (the store pools them).
+    """
     target = max(needed, 2 * current, GROWTH_STEP_TOKENS)
-    target = -(-target // GROWTH_STEP_TOKENS) * GROWTH_STEP_TOKENS
-    return min(target, max_tokens)
+    capacity = GROWTH_STEP_TOKENS
+    while capacity < target:
+        capacity *= 2
+    return min(capacity, max_tokens)
 
 
 class KvCacheEntry:
@@ -137,12 +142,13 @@ class KvCacheEntry:
         new_capacity = grown_capacity(self.capacity, n_total, self.max_tokens)
         new_buffer = self._allocator.allocate(self, self.shape, new_capacity)
         old, n = self._buffer, self._n_tokens
-        if old is not None:
-            new_buffer[:, :, :, :n] = old[:, :, :, :n]  # (L, 2, KVH, n, Hd)
-            self._allocator.release(self, old)
         ids = np.zeros(new_capacity, dtype=np.int32)
         ids[:n] = self._token_ids[:n]
+        if old is not None:
+            new_buffer[:, :, :, :n] = old[:, :, :, :n]  # (L, 2, KVH, n, Hd)
         self._buffer, self._token_ids = new_buffer, ids
+        if old is not None:
+            self._allocator.release(self, old)  # after the swap: the allocator sees the new size
 
     def keys(self, layer: int) -> np.ndarray:
         """Layer ``layer``'s key buffer, (KVH, capacity, Hd); rows past n_tokens are scratch."""
@@ -195,11 +201,11 @@ class KvCacheEntry:
 
     def release(self) -> None:
         """Give the buffer back to the allocator; the entry is empty afterwards."""
-        if self._buffer is not None:
-            self._allocator.release(self, self._buffer)
-        self._buffer = None
+        buffer, self._buffer = self._buffer, None
         self._token_ids = np.zeros(0, dtype=np.int32)
         self._n_tokens = 0
+        if buffer is not None:
+            self._allocator.release(self, buffer)  # after the reset: the allocator sees 0 bytes
 
     def __repr__(self) -> str:
         return (

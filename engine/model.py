@@ -199,7 +199,9 @@ def load_weights(f: gguf_io.GgufFile, config: ModelConfig, n_threads: int = 2) -
     _check_shape(f, gguf_io.OUTPUT_NORM, output_norm, (c.hidden_size,))
     freqs = f.load(gguf_io.ROPE_FREQS).reshape(-1) if f.has_tensor(gguf_io.ROPE_FREQS) else None
     if freqs is not None and freqs.shape != (c.head_dim // 2,):
-        raise gguf_io.ModelFileError(f.path, f"rope_freqs has {freqs.size} values, expected {c.head_dim // 2}")
+        raise gguf_io.ModelFileError(
+            f.path, f"rope_freqs has {freqs.size} values, expected {c.head_dim // 2}"
+        )
     return ModelWeights(lm_head, embedding, output_norm, layers, freqs)
 
 
@@ -239,7 +241,9 @@ class Model:
 
     def new_cache(self, max_tokens: int | None = None, dtype: str = "float32") -> KvCacheEntry:
         """A standalone cache for one sequence (not in any store); grows as needed up to max_tokens."""
-        limit = self.config.context_length if max_tokens is None else min(max_tokens, self.config.context_length)
+        limit = (
+            self.config.context_length if max_tokens is None else min(max_tokens, self.config.context_length)
+        )
         return KvCacheEntry(self.kv_shape(dtype), limit)
 
     # -- public forwards -----------------------------------------------------------------------

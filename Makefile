@@ -1,0 +1,42 @@
+# SmallMind: `make run` starts the app, `make test` runs the full test suite.
+# Both create ./.venv on first use and re-install it when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint bench venv model clean-venv
+
+run: model
+	$(BIN)/smallmind
+
+test: model
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: model
+	@set -e; scripts="$(sort $(filter-out benchmarks/__init__.py,$(wildcard benchmarks/*.py)))"; \
+	if [ -z "$$scripts" ]; then echo "no benchmarks yet"; fi; \
+	for script in $$scripts; do echo "== $$script"; $(BIN)/python $$script; done
+
+# The default model (a no-op when it is already installed and verified).
+model: $(STAMP)
+	$(BIN)/smallmind models pull
+
+venv: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e '.[gui,test,dev]'
+	touch $@
+
+clean-venv:
+	rm -rf $(VENV)

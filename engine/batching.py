@@ -1,0 +1,514 @@
+"""The batched inference engine: one scheduler serving every conversation in shared forward passes.
+
+``step()`` is the only way work gets done (vLLM's shape: schedule -> run the model -> update from
+the output). Each running request has "computed" and "total" token counts and every step closes
+part of the gap: a prefill chunk (at most ``max_prefill_chunk_tokens`` per step across the batch, so
+other tabs keep streaming while a long prompt is processed) or one decode token. All rows go through
+ONE forward: the linear layers run on the stacked rows, attention per sequence against its own KV
+entry; each row is sampled with its own options and RNG.
+
+Modes (``BatchingOptions``): continuous batching (default); ``prefill_only`` (the seed's mode:
+prompts batched, each decode step run per request); ``enabled=False`` (one request at a time).
+Whoever drives the engine calls ``step()``: the Qt worker, the background thread of ``start()``, or a
+benchmark. ``submit``/``cancel``/``update_options`` are thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from .errors import CacheBudgetError, ContextOverflowError, EngineError, EngineStoppedError, QueueFullError
+from .generation import GenerationEvent, GenerationResult
+from .generation import Sequence as Seq
+from .kv_cache import KvCacheEntry
+from .kv_store import KvCacheOptions, LruKvCacheStore, SessionId
+from .metrics import InMemoryRuntimeMetrics
+from .model import Model, Row
+from .prompting import PromptBuilder
+from .sampling import InferenceOptions
+
+log = logging.getLogger(__name__)
+
+EventCallback = Callable[[GenerationEvent], object]
+Prompt = str | Sequence[Mapping[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingOptions:
+    """The batcher's settings (names follow the runtime spec, in snake_case)."""
+
+    enabled: bool = True
+    max_batch_size: int = 8
+    max_batch_wait_ms: float = 10.0
+    max_total_queued_requests: int = 100
+    prefill_only: bool = False
+    max_prefill_chunk_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("enabled", "prefill_only"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"BatchingOptions.{name} must be true or false, got {getattr(self, name)!r}")
+        limits = {"max_batch_size": (1, 256), "max_total_queued_requests": (1, 100_000),
+                  "max_prefill_chunk_tokens": (1, 65_536)}  # fmt: skip
+        for name, (low, high) in limits.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(
+                    f"BatchingOptions.{name} must be a whole number in [{low}, {high}], got {value!r}"
+                )
+        wait = self.max_batch_wait_ms
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= 10_000:
+            raise ValueError(f"BatchingOptions.max_batch_wait_ms must be in [0, 10000] ms, got {wait!r}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BatchingOptions:
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown batching setting(s): {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class RequestHandle:
+    """The caller's side of a submitted request: cancel it, wait for its result."""
+
+    def __init__(self, seq: Seq, engine: BatchedInferenceEngine, on_event: EventCallback | None) -> None:
+        self.request_id = seq.request_id
+        self.session_id = seq.session_id
+        self._engine = engine
+        self._on_event = on_event
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._result: GenerationResult | None = None
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this request at the next step (thread-safe)."""
+        self._cancel.set()
+        self._engine._wake()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
+        assert self._result is not None
+        return self._result
+
+    def _deliver(self, event: GenerationEvent) -> None:
+        if event.result is not None:
+            self._result = event.result
+        try:
+            if self._on_event is not None:
+                self._on_event(event)
+        except Exception:  # a caller's callback must not break the engine
+            log.exception("event callback of request %d failed", self.request_id)
+        finally:
+            if event.result is not None:
+                self._done.set()
+
+
+@dataclass(eq=False, slots=True)
+class _Running:
+    seq: Seq
+    handle: RequestHandle
+    store_session: SessionId | None = None  # the store session whose entry this request uses
+    anonymous: bool = False  # a store session made up for a request without session_id
+    recompute: bool = False  # cache disabled: every step recomputes the whole sequence
+    last_token_at: float | None = None
+
+
+class BatchedInferenceEngine:
+    """Serves every request through one scheduling step; see the module docstring."""
+
+    def __init__(
+        self,
+        model: Model,
+        tokenizer: Any,
+        batching_options: BatchingOptions | None = None,
+        kv_cache_store: LruKvCacheStore | None = None,
+        metrics: InMemoryRuntimeMetrics | None = None,
+        max_concurrent_sessions: int = 100,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.store = kv_cache_store if kv_cache_store is not None else LruKvCacheStore()
+        self.metrics = metrics if metrics is not None else InMemoryRuntimeMetrics()
+        self.max_concurrent_sessions = max_concurrent_sessions
+        self._batching = batching_options or BatchingOptions()
+        self._prompts = PromptBuilder(tokenizer)
+        self._queue_lock = threading.Lock()  # guards _waiting
+        self._step_lock = threading.RLock()  # held for a whole step; options change between steps
+        self._waiting: deque[tuple[Seq, RequestHandle]] = deque()
+        self._running: list[_Running] = []
+        self._wakeup = threading.Event()
+        self._stop_requested = threading.Event()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self._external_driver = False
+
+    # -- options -----------------------------------------------------------------------------
+    @property
+    def batching_options(self) -> BatchingOptions:
+        return self._batching
+
+    @property
+    def cache_options(self) -> KvCacheOptions:
+        return self.store.options
+
+    def update_options(
+        self, batching: BatchingOptions | None = None, cache: KvCacheOptions | None = None
+    ) -> None:
+        """Apply new settings between steps (waits for a running step to end)."""
+        with self._step_lock:
+            if batching is not None:
+                self._batching = batching
+            if cache is not None:
+                self.store.update_options(cache)
+        self._wake()
+
+    def session_token_limit(self) -> int:
+        """How many tokens one conversation may hold (prompt and reply) with the current settings."""
+        context = self.model.config.context_length
+        options = self.store.options
+        if not options.enabled:
+            return context
+        return options.effective_max_tokens(self.model.kv_shape(options.dtype), context)
+
+    # -- submitting ----------------------------------------------------------------------------
+    def submit(
+        self,
+        prompt_or_messages: Prompt,
+        options: InferenceOptions | None = None,
+        session_id: SessionId | None = None,
+        on_event: EventCallback | None = None,
+    ) -> RequestHandle:
+        """Queue a request (thread-safe). Raises QueueFullError, ContextOverflowError, ValueError."""
+        options = options or InferenceOptions()
+        if self._stopped:
+            raise EngineStoppedError("the engine is stopped; no new requests are accepted")
+        prompt_ids, trimmed = self._prompts.build(prompt_or_messages, self.session_token_limit(), options)
+        seq = Seq(
+            prompt_ids,
+            options,
+            decoder=self.tokenizer.stream_decoder(skip_special=True),
+            eos_ids=frozenset(self.tokenizer.eos_ids),
+            session_id=session_id,
+            context_trimmed=trimmed,
+        )
+        handle = RequestHandle(seq, self, on_event)
+        with self._queue_lock:
+            self._check_room(session_id)
+            self._waiting.append((seq, handle))
+            self.metrics.record_submitted()
+            self.metrics.set_queue_state(len(self._waiting), len(self._running))
+        self._wake()
+        return handle
+
+    def _check_room(self, session_id: SessionId | None) -> None:
+        n_waiting = len(self._waiting)
+        if n_waiting >= self._batching.max_total_queued_requests:
+            self.metrics.record_rejected()
+            raise QueueFullError(f"queue is full ({n_waiting} waiting); try again later")
+        if session_id is not None:
+            active = {s.session_id for s, _ in self._waiting} | {r.seq.session_id for r in self._running}
+            if session_id not in active and len(active - {None}) >= self.max_concurrent_sessions:
+                self.metrics.record_rejected()
+                raise QueueFullError(
+                    f"too many conversations generating at once ({self.max_concurrent_sessions}); "
+                    f"try again later"
+                )
+
+    # -- the step ------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One scheduling step. Returns False when there was nothing to run (idle, or waiting for
+        company for ``max_batch_wait_ms``)."""
+        if self._thread is None or threading.current_thread() is not self._thread:
+            self._external_driver = True
+        with self._step_lock:
+            now = time.perf_counter()
+            self._reap(now)
+            if not self._running and self._waiting_for_company(now):
+                return False
+            self._admit(now)
+            if not self._running:
+                return False
+            for batch in self._plan():
+                self._run(batch)
+            self.metrics.set_queue_state(len(self._waiting), len(self._running))
+            return True
+
+    def seconds_until_ready(self) -> float | None:
+        """0 when a step would run now, the time left to wait for company, or None when idle."""
+        if self._running:
+            return 0.0
+        with self._queue_lock:
+            if not self._waiting:
+                return None
+            oldest = self._waiting[0][0].submitted_at
+        if not self._company_rule_applies():
+            return 0.0
+        left = self._batching.max_batch_wait_ms / 1000.0 - (time.perf_counter() - oldest)
+        return max(0.0, left)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._running or self._waiting)
+
+    def _company_rule_applies(self) -> bool:
+        b = self._batching
+        return b.enabled and b.max_batch_wait_ms > 0 and len(self._waiting) < b.max_batch_size
+
+    def _waiting_for_company(self, now: float) -> bool:
+        """When idle, the first request waits up to max_batch_wait_ms for others to batch with."""
+        with self._queue_lock:
+            if not self._waiting or not self._company_rule_applies():
+                return False
+            age_ms = (now - self._waiting[0][0].submitted_at) * 1000.0
+        return age_ms < self._batching.max_batch_wait_ms
+
+    def _reap(self, now: float) -> None:
+        """Finish cancelled and timed-out requests, waiting or running."""
+        with self._queue_lock:
+            ended = [(s, h) for s, h in self._waiting if h.cancel_requested or s.timed_out(now)]
+            for item in ended:
+                self._waiting.remove(item)
+        for seq, handle in ended:
+            reason = "cancelled" if handle.cancel_requested else "timeout"
+            self._deliver(handle, seq.finish(reason, now))  # type: ignore[arg-type]
+            self.metrics.record_finished(reason, seq.n_prompt)
+        for run in list(self._running):
+            if run.handle.cancel_requested:
+                self._retire(run, run.seq.finish("cancelled", now))
+            elif run.seq.timed_out(now):
+                self._retire(run, run.seq.finish("timeout", now))
+
+    def _admit(self, now: float) -> None:
+        """Move waiting requests into the batch (FIFO), one request per session at a time."""
+        limit = self._batching.max_batch_size if self._batching.enabled else 1
+        busy = {r.seq.session_id for r in self._running if r.seq.session_id is not None}
+        while len(self._running) < limit:
+            with self._queue_lock:
+                picked = next(((s, h) for s, h in self._waiting if s.session_id not in busy), None)
+                if picked is None:
+                    return
+                self._waiting.remove(picked)
+            seq, handle = picked
+            seq.started_at = now
+            self.metrics.record_queue_wait((now - seq.submitted_at) * 1000.0)
+            try:
+                run = self._attach_cache(seq, handle)
+            except (EngineError, ValueError) as exc:
+                self._deliver(handle, seq.finish("error", now, error=str(exc)))
+                self.metrics.record_finished("error", seq.n_prompt)
+                continue
+            self._running.append(run)
+            if seq.session_id is not None:
+                busy.add(seq.session_id)
+
+    def _attach_cache(self, seq: Seq, handle: RequestHandle) -> _Running:
+        options = self.store.options
+        context = self.model.config.context_length
+        if not options.enabled:
+            seq.cache = KvCacheEntry(self.model.kv_shape(), context)
+            return _Running(seq, handle, recompute=True)
+        session = seq.session_id if isinstance(seq.session_id, SessionId) else SessionId.new_id()
+        shape = self.model.kv_shape(options.dtype)
+        entry, n_reused = self.store.prepare(session, shape, seq.prompt_ids, context, pin=True)
+        seq.cache, seq.n_reused = entry, n_reused
+        seq.reset_computed(n_reused)
+        return _Running(seq, handle, store_session=session, anonymous=seq.session_id is None)
+
+    def _plan(self) -> list[list[tuple[_Running, np.ndarray]]]:
+        """Each running request's next chunk, grouped into forward passes by the batching mode."""
+        budget = self._batching.max_prefill_chunk_tokens
+        prefill: list[tuple[_Running, np.ndarray]] = []
+        decode: list[tuple[_Running, np.ndarray]] = []
+        for run in self._running:
+            seq = run.seq
+            if run.recompute:  # no cache: the whole sequence, every step
+                assert seq.cache is not None
+                seq.cache.trim(0)
+                seq.reset_computed(0)
+                chunk = np.asarray(seq.all_ids, dtype=np.int64)
+            elif seq.in_prefill:
+                if budget <= 0:
+                    continue
+                chunk = seq.next_chunk(budget)
+                budget -= len(chunk)
+            else:
+                chunk = seq.next_chunk(1)
+            (prefill if seq.in_prefill else decode).append((run, chunk))
+        if self._batching.prefill_only:
+            return ([prefill] if prefill else []) + [[row] for row in decode]
+        return [prefill + decode]
+
+    def _run(self, batch: list[tuple[_Running, np.ndarray]]) -> None:
+        started = time.perf_counter()
+        ready = [(run, chunk) for run, chunk in batch if self._reserve(run, len(chunk), started)]
+        if not ready:
+            return
+        try:
+            logits = self.model.forward_last([Row(chunk, run.seq.cache) for run, chunk in ready])  # type: ignore[arg-type]
+        except Exception as exc:  # keep serving: fail this batch's requests, not the engine
+            log.exception("forward pass failed")
+            now = time.perf_counter()
+            for run, _ in ready:
+                self._retire(run, run.seq.finish("error", now, error=f"forward pass failed: {exc}"))
+            return
+        now = time.perf_counter()
+        n_prefill = sum(len(c) for r, c in ready if r.seq.in_prefill or r.recompute)
+        n_decode = len(ready) - sum(1 for r, _ in ready if r.seq.in_prefill)
+        self.metrics.record_step(len(ready), n_prefill, n_decode, now - started, len(self._waiting),
+                                 len(self._running))  # fmt: skip
+        for (run, chunk), row_logits in zip(ready, logits, strict=True):
+            run.seq.mark_computed(len(chunk))
+            self._after_forward(run, row_logits, now)
+
+    def _reserve(self, run: _Running, n_tokens: int, now: float) -> bool:
+        """Make room in the request's cache; a request that cannot grow ends, the others go on."""
+        entry = run.seq.cache
+        assert entry is not None
+        try:
+            entry.ensure_capacity(entry.n_tokens + n_tokens)
+            return True
+        except ContextOverflowError:
+            self._retire(run, run.seq.finish("length", now))
+        except CacheBudgetError as exc:
+            self._retire(run, run.seq.finish("error", now, error=str(exc)))
+        return False
+
+    def _after_forward(self, run: _Running, logits: np.ndarray, now: float) -> None:
+        seq = run.seq
+        try:
+            event = seq.on_logits(logits, now)
+        except Exception as exc:
+            log.exception("sampling failed for request %d", seq.request_id)
+            event = seq.finish("error", now, error=f"sampling failed: {exc}")
+        if event.kind != "prefill" and (event.token_ids or event.kind == "token"):
+            self.metrics.record_tokens(len(event.token_ids))
+            if run.last_token_at is None:
+                self.metrics.record_ttft((now - seq.submitted_at) * 1000.0)
+            else:
+                self.metrics.record_inter_token((now - run.last_token_at) * 1000.0)
+            run.last_token_at = now
+        if event.result is not None:
+            self._retire(run, event)
+        else:
+            self._deliver(run.handle, event)
+
+    def _retire(self, run: _Running, final: GenerationEvent) -> None:
+        """A running request ended: release its session, count it, tell the caller."""
+        if run in self._running:
+            self._running.remove(run)
+        if run.store_session is not None:
+            self.store.unpin(run.store_session)
+            if run.anonymous:
+                self.store.remove(run.store_session)
+        assert final.result is not None
+        self.metrics.record_finished(final.result.finish_reason, final.result.prompt_tokens)
+        self._deliver(run.handle, final)
+
+    @staticmethod
+    def _deliver(handle: RequestHandle, event: GenerationEvent) -> None:
+        handle._deliver(event)
+
+    # -- drivers -------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    def start(self) -> None:
+        """Drive the engine from a background thread (headless and asyncio use)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop_requested.clear()
+        self._thread = threading.Thread(target=self._drive, name="smallmind-engine", daemon=True)
+        self._thread.start()
+
+    def _drive(self) -> None:
+        while not self._stop_requested.is_set():
+            try:
+                worked = self.step()
+            except Exception:
+                log.exception("engine step failed")
+                worked = False
+            if not worked:
+                wait = self.seconds_until_ready()
+                self._wakeup.wait(0.5 if wait is None else max(wait, 0.0005))
+                self._wakeup.clear()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the driver thread and fail every waiting or running request with a clear message."""
+        self._stopped = True
+        self._stop_requested.set()
+        self._wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        self._thread = None
+        with self._step_lock:
+            now = time.perf_counter()
+            message = "the engine was stopped before this request finished"
+            with self._queue_lock:
+                waiting, self._waiting = list(self._waiting), deque()
+            for seq, handle in waiting:
+                self._deliver(handle, seq.finish("error", now, error=message))
+                self.metrics.record_finished("error", seq.n_prompt)
+            for run in list(self._running):
+                self._retire(run, run.seq.finish("error", now, error=message))
+
+    def _ensure_driver(self) -> None:
+        if not self._external_driver:
+            self.start()
+
+    # -- asyncio API ---------------------------------------------------------------------------
+    async def generate(
+        self,
+        prompt_or_messages: Prompt,
+        options: InferenceOptions | None = None,
+        session_id: SessionId | None = None,
+    ) -> GenerationResult:
+        """Run one request to the end and return its result."""
+        final: GenerationResult | None = None
+        async for event in self.generate_streaming(prompt_or_messages, options, session_id):
+            final = event.result or final
+        assert final is not None
+        return final
+
+    async def generate_streaming(
+        self,
+        prompt_or_messages: Prompt,
+        options: InferenceOptions | None = None,
+        session_id: SessionId | None = None,
+    ) -> AsyncIterator[GenerationEvent]:
+        """Yield the request's events as the engine produces them; the last one carries the result."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+        handle = self.submit(
+            prompt_or_messages, options, session_id,
+            on_event=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+        )  # fmt: skip
+        self._ensure_driver()
+        try:
+            while True:
+                event = await events.get()
+                yield event
+                if event.kind == "done":
+                    return
+        finally:
+            if not handle.done():
+                handle.cancel()

@@ -1,0 +1,172 @@
+"""The model's own chat template (Jinja2, from ``tokenizer.chat_template``), rendered in a sandbox.
+
+Rendering follows transformers' ``apply_chat_template``: an ``ImmutableSandboxedEnvironment`` with
+``trim_blocks`` and ``lstrip_blocks``, the ``raise_exception`` and ``strftime_now`` globals, a
+``tojson`` filter that keeps non-ASCII text, and the special tokens (``bos_token``, ``eos_token``...)
+as variables. A template comes from a downloaded file, so it never reaches Python internals: the
+sandbox refuses ``''.__class__`` and the like, and every failure is a ``ChatTemplateError``.
+
+``segments`` tells the template's own text apart from message contents, so that special-token
+markers typed by a user stay plain text (see ``Tokenizer.encode_messages``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .errors import EngineError
+
+log = logging.getLogger(__name__)
+
+Messages = Sequence[Mapping[str, Any]]
+Segment = tuple[str, bool]  # (text, special tokens allowed in it)
+
+# Used when a GGUF has no template (llama.cpp does the same).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_RENDER_ERRORS = (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError, RecursionError)
+
+
+class ChatTemplateError(EngineError, ValueError):
+    """The chat template is broken, refused the conversation (``raise_exception``) or broke the sandbox."""
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:  # fmt: skip
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+class ChatTemplate:
+    """A compiled chat template and the special-token strings it may use."""
+
+    def __init__(self, source: str, special_tokens: Mapping[str, str]) -> None:
+        self.source = source
+        self._variables = dict(special_tokens)
+        try:
+            self._template: jinja2.Template | None = _environment().from_string(source)
+            self._compile_error: str | None = None
+        except jinja2.TemplateError as exc:  # kept: the model still works for plain completion
+            self._template, self._compile_error = None, f"the model's chat template does not compile: {exc}"
+            log.warning("%s", self._compile_error)
+
+    def render(self, messages: Messages, add_generation_prompt: bool = True) -> str:
+        """The conversation as the model expects to read it."""
+        if self._template is None:
+            raise ChatTemplateError(self._compile_error)
+        _check_messages(messages)
+        try:
+            return self._template.render(
+                messages=[dict(m) for m in messages],
+                add_generation_prompt=add_generation_prompt,
+                tools=None,
+                documents=None,
+                **self._variables,
+            )
+        except _RENDER_ERRORS as exc:
+            raise ChatTemplateError(f"the chat template failed: {type(exc).__name__}: {exc}") from exc
+
+    def segments(
+        self, messages: Messages, add_generation_prompt: bool, has_special: Callable[[str], bool]
+    ) -> list[Segment]:
+        """The rendered chat as (text, specials allowed) pieces: template text True, message content False.
+
+        The pieces join to exactly ``render(messages)``. The template is rendered once more with a
+        unique marker in place of each content and split on the markers. If the template changes
+        contents (say ``| trim``), contents that hold special-token text are found in the rendering
+        instead; if one cannot be found, a ``ChatTemplateError`` (never a forged role turn).
+        """
+        rendered = self.render(messages, add_generation_prompt)
+        contents = [m.get("content") for m in messages]
+        tag = _unused_tag(c for c in contents if isinstance(c, str))
+        masked = [
+            {**m, "content": f"{tag}{i}\ue001"} if isinstance(c, str) else m
+            for i, (m, c) in enumerate(zip(messages, contents, strict=True))
+        ]
+        segments = _split_on_tags(self.render(masked, add_generation_prompt), tag, contents)
+        if segments is not None and "".join(text for text, _ in segments) == rendered:
+            return segments
+        log.debug("chat template changes message contents; locating them in the rendering instead")
+        return _locate_contents(rendered, [c for c in contents if isinstance(c, str) and has_special(c)])
+
+
+def _check_messages(messages: Messages) -> None:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise ChatTemplateError(f"messages must be a list of dicts, not {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise ChatTemplateError(
+                f"messages[{i}] must be a dict with 'role' and 'content', not {type(m).__name__}"
+            )
+
+
+def _unused_tag(contents: Any) -> str:
+    """A marker prefix (private-use characters + random hex) that no content contains."""
+    texts = list(contents)
+    while True:
+        tag = f"\ue000{secrets.token_hex(6)}:"
+        if not any(tag in t for t in texts):
+            return tag
+
+
+def _split_on_tags(skeleton: str, tag: str, contents: list[Any]) -> list[Segment] | None:
+    """Template text and contents from a rendering with tagged markers; None if a marker was altered."""
+    pieces = skeleton.split(tag)
+    segments: list[Segment] = [(pieces[0], True)]
+    for piece in pieces[1:]:
+        index, sep, rest = piece.partition("\ue001")
+        if not sep or not index.isdecimal() or int(index) >= len(contents):
+            return None
+        segments += [(str(contents[int(index)]), False), (rest, True)]
+    return segments
+
+
+def _locate_contents(rendered: str, contents: list[str]) -> list[Segment]:
+    """Mark each content (as is, or stripped) as plain text, searching the rendering left to right."""
+    segments: list[Segment] = []
+    pos = 0
+    for content in contents:
+        for candidate in (content, content.strip(), content.lstrip(), content.rstrip()):
+            start = rendered.find(candidate, pos) if candidate else -1
+            if start >= 0:
+                break
+        else:
+            raise ChatTemplateError(
+                "the chat template changes a message holding special-token text beyond recognition; "
+                "refusing to turn that text into special tokens"
+            )
+        segments += [(rendered[pos:start], True), (candidate, False)]
+        pos = start + len(candidate)
+    segments.append((rendered[pos:], True))
+    return segments

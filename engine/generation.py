@@ -1,0 +1,191 @@
+"""One request's generation state: what is computed, what comes next, what was said, when it ends.
+
+Every request has a "computed" and a "total" token count (vLLM's rule): ``all_ids`` holds the
+prompt and every sampled token; ``n_computed`` of them have K/V in the request's cache entry. A
+scheduling step closes part of the gap (a prefill chunk, or the one newest token), the model returns
+the logits of the last token fed, and ``on_logits`` samples, detokenizes, checks the stop rules and
+produces the events. The scheduler decides who runs; this class decides nothing about batching.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from .kv_cache import KvCacheEntry
+from .sampling import InferenceOptions, StopStringMatcher, make_rng, sample_token
+
+FinishReason = Literal["stop", "length", "timeout", "cancelled", "error"]
+FINISH_REASONS: tuple[str, ...] = ("stop", "length", "timeout", "cancelled", "error")
+
+_request_ids = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationResult:
+    """What a finished request produced, and how fast."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    reused_tokens: int = 0
+    context_trimmed: bool = False
+    ttft_ms: float | None = None  # submit -> first token
+    decode_tokens_per_s: float = 0.0  # after the first token
+    total_ms: float = 0.0
+    queue_wait_ms: float = 0.0
+    error: str | None = None
+
+    @property
+    def generated_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+EventKind = Literal["prefill", "token", "done"]
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationEvent:
+    """A step's news for one request: prompt progress, new text, or the end (``result`` set)."""
+
+    request_id: int
+    kind: EventKind
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    prompt_done: int = 0  # prompt tokens computed so far (prefill progress)
+    prompt_total: int = 0
+    result: GenerationResult | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request's state inside the engine."""
+
+    prompt_ids: list[int]
+    options: InferenceOptions
+    decoder: Any  # the tokenizer's stream decoder: feed(id) -> str, flush() -> str
+    eos_ids: frozenset[int]
+    request_id: int = field(default_factory=lambda: next(_request_ids))
+    session_id: object = None
+    cache: KvCacheEntry | None = None
+    n_reused: int = 0
+    context_trimmed: bool = False
+    submitted_at: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.all_ids: list[int] = list(self.prompt_ids)
+        self.n_computed = 0
+        self.generated: list[int] = []
+        self.pieces: list[str] = []
+        self.rng: np.random.Generator = make_rng(self.options)
+        self.stops = StopStringMatcher(self.options.stop)
+        self.started_at: float | None = None  # first scheduled (end of queue wait)
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.result: GenerationResult | None = None
+
+    # -- scheduling view ---------------------------------------------------------------------
+    @property
+    def n_prompt(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.n_computed < self.n_prompt
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None
+
+    def reset_computed(self, n_computed: int) -> None:
+        """Start computing from ``n_computed`` (what the cache holds after ``prepare``)."""
+        self.n_computed = n_computed
+
+    def next_chunk(self, max_prefill_tokens: int) -> np.ndarray:
+        """The token ids to feed next: a prefill chunk, or the newest sampled token."""
+        end = (
+            min(len(self.all_ids), self.n_computed + max_prefill_tokens)
+            if self.in_prefill
+            else len(self.all_ids)
+        )
+        return np.asarray(self.all_ids[self.n_computed : end], dtype=np.int64)
+
+    def mark_computed(self, n_tokens: int) -> None:
+        self.n_computed += n_tokens
+
+    # -- after the forward -----------------------------------------------------------------------
+    def on_logits(self, logits: np.ndarray, now: float) -> GenerationEvent:
+        """Handle the logits of the last token fed: a prefill progress event, or sample a token."""
+        if self.in_prefill:
+            return GenerationEvent(
+                self.request_id, "prefill", prompt_done=self.n_computed, prompt_total=self.n_prompt
+            )
+        token = sample_token(logits, self.options, self.rng, self.all_ids)
+        if self.first_token_at is None:
+            self.first_token_at = now
+        if token in self.eos_ids and self.options.stop_on_eos:
+            return self.finish("stop", now, sampled=(token,))
+        self.generated.append(token)
+        self.all_ids.append(token)
+        text, stopped = self.stops.feed(self.decoder.feed(token))
+        self.pieces.append(text)
+        if stopped:
+            return self.finish("stop", now, sampled=(token,), text=text)
+        if len(self.generated) >= self.options.max_new_tokens:
+            return self.finish("length", now, sampled=(token,), text=text)
+        if self.cache is not None and len(self.all_ids) > self.cache.max_tokens:
+            return self.finish("length", now, sampled=(token,), text=text)
+        return GenerationEvent(self.request_id, "token", text=text, token_ids=(token,))
+
+    def timed_out(self, now: float) -> bool:
+        limit = self.options.max_time_ms
+        return limit is not None and (now - self.submitted_at) * 1000.0 >= limit
+
+    def finish(
+        self,
+        reason: FinishReason,
+        now: float,
+        *,
+        sampled: tuple[int, ...] = (),
+        text: str = "",
+        error: str | None = None,
+    ) -> GenerationEvent:
+        """End the request: flush held-back text and build the result (the final event)."""
+        tail = self.stops.feed(self.decoder.flush())[0] + self.stops.flush()  # "" after a stop string
+        text += tail
+        self.pieces.append(tail)
+        self.finished_at = now
+        self.result = self._result(reason, now, error)
+        return GenerationEvent(self.request_id, "done", text=text, token_ids=sampled, result=self.result)
+
+    def _result(self, reason: FinishReason, now: float, error: str | None) -> GenerationResult:
+        ttft = None if self.first_token_at is None else (self.first_token_at - self.submitted_at) * 1000.0
+        decode_s = now - self.first_token_at if self.first_token_at is not None else 0.0
+        n_decode = max(0, len(self.generated) - 1)
+        queue_wait = (self.started_at or now) - self.submitted_at
+        return GenerationResult(
+            text="".join(self.pieces),
+            token_ids=tuple(self.generated),
+            finish_reason=reason,
+            prompt_tokens=self.n_prompt,
+            reused_tokens=self.n_reused,
+            context_trimmed=self.context_trimmed,
+            ttft_ms=ttft,
+            decode_tokens_per_s=n_decode / decode_s if decode_s > 0 and n_decode else 0.0,
+            total_ms=(now - self.submitted_at) * 1000.0,
+            queue_wait_ms=queue_wait * 1000.0,
+            error=error,
+        )
+
+
+def as_id_list(ids: SequenceABC[int] | np.ndarray) -> list[int]:
+    return [int(i) for i in ids]

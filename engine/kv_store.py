@@ -1,0 +1,465 @@
+"""LRU KV-cache store: one cache entry per session (conversation), bounded in sessions and bytes.
+
+The store keeps every session's K/V between requests so a follow-up turn only computes its new
+tokens (``prepare`` trims an entry to the longest common prefix with the new prompt), and copies a
+shared prefix (the same system prompt in another tab) from another session instead of recomputing it.
+
+Memory: ``current_bytes`` is the sum of every entry's reserved bytes and never passes
+``max_bytes_total``; buffers of removed or evicted entries wait in a pool (also within the budget)
+for later entries of the same size, so steady-state chatting allocates nothing per token.
+Sessions used by a running request are pinned and never evicted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from .errors import CacheBudgetError, ContextOverflowError
+from .kv_cache import KV_DTYPES, KvCacheEntry, ModelShape
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class SessionId:
+    """A conversation's identity in the store (one per tab)."""
+
+    value: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.value, str) or not self.value.strip():
+            raise ValueError(f"SessionId needs a non-empty string, got {self.value!r}")
+
+    @classmethod
+    def new_id(cls) -> SessionId:
+        return cls(uuid.uuid4().hex)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True, slots=True)
+class KvCacheOptions:
+    """The KV cache's settings (names follow the runtime spec, in snake_case)."""
+
+    enabled: bool = True
+    max_tokens_per_session: int = 4096
+    max_sessions: int = 1000
+    max_bytes_total: int = 1 * GiB
+    max_bytes_per_session: int = 256 * MiB
+    policy: str = "lru"
+    persist_across_requests: bool = True
+    share_prefixes: bool = True
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("enabled", "persist_across_requests", "share_prefixes"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"KvCacheOptions.{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("max_tokens_per_session", "max_sessions", "max_bytes_total", "max_bytes_per_session"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"KvCacheOptions.{name} must be a whole number ≥ 1, got {value!r}")
+        if self.max_bytes_per_session > self.max_bytes_total:
+            raise ValueError(
+                f"KvCacheOptions.max_bytes_per_session ({self.max_bytes_per_session:,}) must not exceed "
+                f"max_bytes_total ({self.max_bytes_total:,})"
+            )
+        if self.policy != "lru":
+            raise ValueError(f"KvCacheOptions.policy must be 'lru', got {self.policy!r}")
+        if self.dtype not in KV_DTYPES:
+            raise ValueError(f"KvCacheOptions.dtype must be one of {KV_DTYPES}, got {self.dtype!r}")
+
+    def effective_max_tokens(self, shape: ModelShape, context_length: int | None = None) -> int:
+        """A session's token limit: the smallest of the token limit, the byte limit and the context."""
+        limit = min(self.max_tokens_per_session, self.max_bytes_per_session // shape.bytes_per_token)
+        return min(limit, context_length) if context_length else limit
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> KvCacheOptions:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown KV cache setting(s): {', '.join(sorted(unknown))}")
+        return cls(**data)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True, slots=True)
+class KvCacheStats:
+    """A snapshot of the store's counters; every number is counted where the thing happens."""
+
+    current_sessions: int
+    current_bytes: int  # reserved by entries
+    used_bytes: int  # holding cached tokens
+    peak_bytes: int
+    pooled_bytes: int  # released buffers waiting for reuse (within max_bytes_total)
+    max_bytes_total: int
+    hits: int  # prepare() calls that reused ≥ 1 token
+    misses: int
+    evictions: int
+    reused_tokens: int
+    prompt_tokens: int
+    shared_prefix_tokens: int  # reused tokens copied from another session
+    pinned_sessions: int
+
+    @property
+    def hit_rate(self) -> float:
+        lookups = self.hits + self.misses
+        return self.hits / lookups if lookups else 0.0
+
+    @property
+    def token_reuse_ratio(self) -> float:
+        return self.reused_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """One row of ``sessions()``: what the app's table shows."""
+
+    session_id: SessionId
+    n_tokens: int
+    max_tokens: int
+    reserved_bytes: int
+    used_bytes: int
+    pinned: bool
+    last_used: float  # time.time()
+
+
+class _Slot:
+    __slots__ = ("entry", "last_used", "pins")
+
+    def __init__(self, entry: KvCacheEntry) -> None:
+        self.entry = entry
+        self.pins = 0
+        self.last_used = time.time()
+
+    @property
+    def pinned(self) -> bool:
+        return self.pins > 0
+
+
+class LruKvCacheStore:
+    """Sessions' KV entries in LRU order, within ``max_sessions`` and ``max_bytes_total``.
+
+    Thread-safe: the engine thread mutates; other threads read ``get_stats()`` / ``sessions()``.
+    The store is the allocator of its entries, so every byte an entry reserves is counted here.
+    """
+
+    def __init__(self, options: KvCacheOptions | None = None) -> None:
+        self._options = options or KvCacheOptions()
+        self._lock = threading.RLock()
+        self._slots: OrderedDict[SessionId, _Slot] = OrderedDict()  # least recently used first
+        self._accounted: dict[int, int] = {}  # id(entry) -> bytes counted in current_bytes
+        self._context: dict[SessionId, int | None] = {}  # each session's context-length cap
+        self._doomed: set[SessionId] = set()  # removed while pinned: dropped at unpin
+        self._pool: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
+        self._pooled_bytes = 0
+        self._current_bytes = 0
+        self._peak_bytes = 0
+        self._hits = self._misses = self._evictions = 0
+        self._reused_tokens = self._prompt_tokens = self._shared_prefix_tokens = 0
+
+    @property
+    def options(self) -> KvCacheOptions:
+        return self._options
+
+    # -- sessions ----------------------------------------------------------------------------
+    def get_or_create(
+        self, session_id: SessionId, shape: ModelShape, max_tokens: int | None = None
+    ) -> KvCacheEntry:
+        """The session's entry (touched), or a new empty one; ``max_tokens`` caps its token limit."""
+        with self._lock:
+            slot = self._slots.get(session_id)
+            if slot is not None and slot.entry.shape != shape:
+                if slot.pinned:
+                    raise ValueError(f"session {session_id} is in use with another model shape")
+                self._drop(session_id)
+                slot = None
+            if slot is None:
+                slot = self._create(session_id, shape, max_tokens)
+            self._doomed.discard(session_id)
+            self.touch(session_id)
+            return slot.entry
+
+    def _create(self, session_id: SessionId, shape: ModelShape, max_tokens: int | None) -> _Slot:
+        while len(self._slots) >= self._options.max_sessions:
+            if not self._evict_one(keep=None):
+                raise CacheBudgetError(
+                    f"cannot open a new KV cache session: max_sessions={self._options.max_sessions} "
+                    f"sessions exist and all are in use by running requests"
+                )
+        self._context[session_id] = max_tokens
+        limit = self._options.effective_max_tokens(shape, max_tokens)
+        if limit < 1:
+            raise CacheBudgetError(
+                f"max_bytes_per_session={self._options.max_bytes_per_session:,} is smaller than one token "
+                f"of K/V ({shape.bytes_per_token:,} bytes)"
+            )
+        slot = _Slot(KvCacheEntry(shape, limit, allocator=self, session_id=session_id))
+        self._slots[session_id] = slot
+        self._accounted[id(slot.entry)] = 0
+        return slot
+
+    def try_get(self, session_id: SessionId) -> KvCacheEntry | None:
+        with self._lock:
+            slot = self._slots.get(session_id)
+            return None if slot is None else slot.entry
+
+    def touch(self, session_id: SessionId) -> None:
+        with self._lock:
+            slot = self._slots.get(session_id)
+            if slot is not None:
+                self._slots.move_to_end(session_id)
+                slot.last_used = time.time()
+
+    def remove(self, session_id: SessionId) -> bool:
+        """Forget a session (a closed tab). A pinned session goes when its request ends."""
+        with self._lock:
+            slot = self._slots.get(session_id)
+            if slot is None:
+                return False
+            if slot.pinned:
+                self._doomed.add(session_id)
+            else:
+                self._drop(session_id)
+            return True
+
+    def clear(self) -> None:
+        with self._lock:
+            for session_id in list(self._slots):
+                self.remove(session_id)
+            self._drop_pool()
+
+    def pin(self, session_id: SessionId) -> None:
+        """Mark a session as used by a running request: it will not be evicted."""
+        with self._lock:
+            self._slots[session_id].pins += 1
+
+    def unpin(self, session_id: SessionId) -> None:
+        """End of a request: the session may be evicted again (or released, without persistence)."""
+        with self._lock:
+            slot = self._slots.get(session_id)
+            if slot is None:
+                return
+            slot.pins = max(0, slot.pins - 1)
+            if slot.pinned:
+                return
+            if session_id in self._doomed or not self._options.persist_across_requests:
+                self._drop(session_id)
+            else:
+                self._enforce_limits()
+
+    # -- the reuse rule --------------------------------------------------------------------
+    def prepare(
+        self,
+        session_id: SessionId,
+        shape: ModelShape,
+        prompt_ids: Sequence[int] | np.ndarray,
+        context_length: int | None = None,
+        *,
+        pin: bool = False,
+    ) -> tuple[KvCacheEntry, int]:
+        """Get the session's entry ready for ``prompt_ids``; returns (entry, n_reused).
+
+        The entry is trimmed to its longest common prefix with the prompt; with ``share_prefixes``, a
+        longer matching prefix cached by another session is copied in. The caller prefills
+        ``prompt_ids[n_reused:]`` (at least the last prompt token is always left to compute, since
+        its logits are needed). ``pin=True`` pins the session for a request in the same breath.
+        """
+        n_prompt = len(prompt_ids)
+        if n_prompt == 0:
+            raise ValueError("prepare needs a non-empty prompt")
+        with self._lock:
+            limit = self._options.effective_max_tokens(shape, context_length)
+            if n_prompt > limit:
+                raise ContextOverflowError(n_prompt, limit)
+            entry = self.get_or_create(session_id, shape, context_length)
+            n_reused = min(entry.common_prefix_length(prompt_ids), n_prompt - 1)
+            entry.trim(n_reused)
+            if self._options.share_prefixes and n_reused < n_prompt - 1:
+                n_reused = self._copy_shared_prefix(session_id, entry, prompt_ids, n_reused)
+            if pin:
+                self._slots[session_id].pins += 1
+            self._prompt_tokens += n_prompt
+            self._reused_tokens += n_reused
+            if n_reused:
+                self._hits += 1
+            else:
+                self._misses += 1
+            return entry, n_reused
+
+    def _copy_shared_prefix(
+        self, session_id: SessionId, entry: KvCacheEntry, prompt_ids: Sequence[int] | np.ndarray, n_own: int
+    ) -> int:
+        """Copy the longest prefix of the prompt cached by another session, if longer than ours."""
+        best_id, best_n = None, n_own
+        cap = len(prompt_ids) - 1
+        for other_id, slot in self._slots.items():
+            if other_id == session_id or slot.entry.shape != entry.shape:
+                continue
+            n = min(slot.entry.common_prefix_length(prompt_ids), cap)
+            if n > best_n:
+                best_id, best_n = other_id, n
+        if best_id is None:
+            return n_own
+        source = self._slots[best_id]
+        source.pins += 1  # the copy may need room: never evict the source meanwhile
+        try:
+            entry.copy_prefix_from(source.entry, best_n)
+        finally:
+            source.pins -= 1
+        self._shared_prefix_tokens += best_n
+        return best_n
+
+    # -- allocator protocol (called by entries) ----------------------------------------------
+    def allocate(self, entry: KvCacheEntry, shape: ModelShape, capacity: int) -> np.ndarray:
+        with self._lock:
+            key = (shape.buffer_shape(capacity), shape.dtype)
+            nbytes = capacity * shape.bytes_per_token
+            accounted = self._accounted.get(id(entry))
+            if accounted is None:  # an entry this store no longer tracks
+                return np.empty(key[0], dtype=shape.dtype)
+            pooled = self._pool.get(key)
+            buffer = pooled.pop() if pooled else None
+            if buffer is not None:
+                self._pooled_bytes -= nbytes
+            self._make_room(nbytes - accounted, keep=entry.session_id, needed_for=entry)
+            if buffer is None:
+                buffer = np.empty(key[0], dtype=shape.dtype)
+            self._current_bytes += nbytes - accounted
+            self._accounted[id(entry)] = nbytes
+            self._peak_bytes = max(self._peak_bytes, self._current_bytes)
+            return buffer
+
+    def release(self, entry: KvCacheEntry, buffer: np.ndarray) -> None:
+        with self._lock:
+            accounted = self._accounted.get(id(entry))
+            if accounted is not None and entry.reserved_bytes != accounted:
+                self._current_bytes += entry.reserved_bytes - accounted
+                self._accounted[id(entry)] = entry.reserved_bytes
+            self._to_pool(buffer)
+
+    # -- budget ------------------------------------------------------------------------------
+    def _make_room(self, n_bytes: int, keep: object, needed_for: KvCacheEntry) -> None:
+        limit = self._options.max_bytes_total
+        while self._current_bytes + self._pooled_bytes + n_bytes > limit:
+            if self._pooled_bytes:
+                self._drop_pool()
+            elif not self._evict_one(keep=keep):
+                raise CacheBudgetError(
+                    f"KV cache budget exhausted: session {needed_for.session_id} needs {n_bytes:,} more "
+                    f"bytes, {self._current_bytes:,} of max_bytes_total={limit:,} are held by "
+                    f"{self._n_pinned()} session(s) in use by running requests"
+                )
+
+    def _evict_one(self, keep: object) -> bool:
+        """Evict the least recently used unpinned session other than ``keep``."""
+        for session_id, slot in self._slots.items():
+            if not slot.pinned and session_id != keep:
+                log.debug("evicting KV session %s (%d tokens)", session_id, slot.entry.n_tokens)
+                self._drop(session_id)
+                self._evictions += 1
+                return True
+        return False
+
+    def _drop(self, session_id: SessionId) -> None:
+        slot = self._slots.pop(session_id)
+        self._doomed.discard(session_id)
+        self._context.pop(session_id, None)
+        slot.entry.release()  # the buffer goes to the pool via release()
+        self._accounted.pop(id(slot.entry), None)
+
+    def _to_pool(self, buffer: np.ndarray) -> None:
+        nbytes = int(buffer.nbytes)
+        room = min(self._options.max_bytes_total // 4, self._options.max_bytes_total - self._current_bytes)
+        if self._pooled_bytes + nbytes <= room:
+            self._pool.setdefault((buffer.shape, str(buffer.dtype)), []).append(buffer)
+            self._pooled_bytes += nbytes
+
+    def _drop_pool(self) -> None:
+        self._pool.clear()
+        self._pooled_bytes = 0
+
+    def _n_pinned(self) -> int:
+        return sum(1 for slot in self._slots.values() if slot.pinned)
+
+    def _enforce_limits(self) -> None:
+        while len(self._slots) > self._options.max_sessions and self._evict_one(keep=None):
+            pass
+        if self._current_bytes + self._pooled_bytes > self._options.max_bytes_total:
+            self._drop_pool()
+        while self._current_bytes > self._options.max_bytes_total and self._evict_one(keep=None):
+            pass
+
+    # -- live options ------------------------------------------------------------------------
+    def update_options(self, options: KvCacheOptions) -> None:
+        """Apply new settings now: shrinking a limit evicts at once (pinned sessions go at unpin)."""
+        with self._lock:
+            old, self._options = self._options, options
+            if options.dtype != old.dtype or not options.enabled or not options.persist_across_requests:
+                self.clear()
+                return
+            for session_id, slot in list(self._slots.items()):
+                limit = options.effective_max_tokens(slot.entry.shape, self._context.get(session_id))
+                if slot.entry.capacity > limit and not slot.pinned:
+                    self._drop(session_id)
+                    self._evictions += 1
+                else:
+                    slot.entry.max_tokens = max(limit, slot.entry.capacity)
+            self._drop_pool()
+            self._enforce_limits()
+
+    # -- snapshots ---------------------------------------------------------------------------
+    def get_stats(self) -> KvCacheStats:
+        with self._lock:
+            return KvCacheStats(
+                current_sessions=len(self._slots),
+                current_bytes=self._current_bytes,
+                used_bytes=sum(s.entry.used_bytes for s in self._slots.values()),
+                peak_bytes=self._peak_bytes,
+                pooled_bytes=self._pooled_bytes,
+                max_bytes_total=self._options.max_bytes_total,
+                hits=self._hits,
+                misses=self._misses,
+                evictions=self._evictions,
+                reused_tokens=self._reused_tokens,
+                prompt_tokens=self._prompt_tokens,
+                shared_prefix_tokens=self._shared_prefix_tokens,
+                pinned_sessions=self._n_pinned(),
+            )
+
+    def sessions(self) -> list[SessionInfo]:
+        """Every session, least recently used (next to be evicted) first."""
+        with self._lock:
+            return [
+                SessionInfo(
+                    session_id=sid,
+                    n_tokens=s.entry.n_tokens,
+                    max_tokens=s.entry.max_tokens,
+                    reserved_bytes=s.entry.reserved_bytes,
+                    used_bytes=s.entry.used_bytes,
+                    pinned=s.pinned,
+                    last_used=s.last_used,
+                )
+                for sid, s in self._slots.items()
+            ]
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._slots

@@ -1,0 +1,57 @@
+"""Fixtures shared by every test: the tiny GGUF, the real SmolLM2 model, the reference data.
+
+Every test runs with ``SMALLMIND_HOME`` pointing at its own temporary directory, so no test reads or
+writes the user's real settings, conversations or models.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine import paths
+from tests.fixtures.tiny_model import write_tiny_gguf
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Resolved now, before the autouse fixture below points SMALLMIND_HOME at a temporary directory.
+_INSTALLED_SMOLLM2 = paths.models_dir() / SMOLLM2_FILE
+_REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared/reference/smollm2-135m"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Every app path (config, data, models, logs) under this test's tmp dir."""
+    home = tmp_path / "smallmind_home"
+    monkeypatch.setenv(paths.HOME_ENV, str(home))
+    yield home
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default tiny random-weight Llama (F32, 2 layers, vocab 559), written once per session."""
+    return write_tiny_gguf(tmp_path_factory.mktemp("tiny_model") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 file: $SMALLMIND_TEST_MODEL, else the installed model."""
+    override = os.environ.get("SMALLMIND_TEST_MODEL", "").strip()
+    path = Path(override).expanduser() if override else _INSTALLED_SMOLLM2
+    if not path.is_file():
+        pytest.fail(
+            f"SmolLM2 model not installed; run `smallmind models pull` (make test does this) [{path}]"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """The shared SmolLM2 reference data (HF transformers outputs); $SMALLMIND_REFERENCE_DIR overrides."""
+    override = os.environ.get("SMALLMIND_REFERENCE_DIR", "").strip()
+    path = Path(override).expanduser() if override else _REFERENCE_DIR
+    if not (path / "prompts.json").is_file():
+        pytest.fail(f"reference data not found in {path}; set SMALLMIND_REFERENCE_DIR")
+    return path

@@ -1,0 +1,205 @@
+"""The model against references: a plain independent forward on the tiny model, the shared
+transformers reference on SmolLM2; cached = uncached; batched = one at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import ContextOverflowError, Model
+from engine.gguf import GgufFile, read_config
+from engine.model import Row
+from tests.engine.conftest import rel_diff
+from tests.fixtures.tiny_model import WEIGHT_TYPES, write_tiny_gguf
+
+
+# ---------------------------------------------------------------------------------------------
+# An independent, deliberately plain forward pass: GGUF layout as stored, adjacent-pair RoPE, one
+# head at a time, no cache. Shares no code with engine/model.py.
+# ---------------------------------------------------------------------------------------------
+def naive_forward(path: Path, ids: list[int]) -> np.ndarray:
+    f = GgufFile(path)
+    c = read_config(f)
+    w = {name: f.load(name).astype(np.float64) for name in f.tensor_names()}
+    hd, T = c.head_dim, len(ids)
+    inv = c.rope_theta ** (-np.arange(0, hd, 2) / hd)
+
+    def norm(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + c.rms_eps) * g
+
+    def rope_pairs(x: np.ndarray) -> np.ndarray:  # x: (T, hd), pairs (2i, 2i+1)
+        out = x.copy()
+        for t in range(T):
+            for i in range(hd // 2):
+                a, b, th = x[t, 2 * i], x[t, 2 * i + 1], t * inv[i]
+                out[t, 2 * i] = a * np.cos(th) - b * np.sin(th)
+                out[t, 2 * i + 1] = a * np.sin(th) + b * np.cos(th)
+        return out
+
+    x = w["token_embd.weight"][ids]
+    for layer in range(c.n_layers):
+        p = f"blk.{layer}."
+        h = norm(x, w[p + "attn_norm.weight"])
+        q, k, v = h @ w[p + "attn_q.weight"].T, h @ w[p + "attn_k.weight"].T, h @ w[p + "attn_v.weight"].T
+        heads = []
+        for head in range(c.n_heads):
+            kv = head // (c.n_heads // c.n_kv_heads)
+            qh = rope_pairs(q[:, head * hd : (head + 1) * hd])
+            kh = rope_pairs(k[:, kv * hd : (kv + 1) * hd])
+            s = qh @ kh.T / np.sqrt(hd) + np.triu(np.full((T, T), -np.inf), 1)
+            pr = np.exp(s - s.max(-1, keepdims=True))
+            heads.append((pr / pr.sum(-1, keepdims=True)) @ v[:, kv * hd : (kv + 1) * hd])
+        x = x + np.concatenate(heads, axis=1) @ w[p + "attn_output.weight"].T
+        h = norm(x, w[p + "ffn_norm.weight"])
+        g, u = h @ w[p + "ffn_gate.weight"].T, h @ w[p + "ffn_up.weight"].T
+        x = x + (g / (1 + np.exp(-g)) * u) @ w[p + "ffn_down.weight"].T
+    out_w = w.get("output.weight", w["token_embd.weight"])
+    return norm(x, w["output_norm.weight"]) @ out_w.T  # (T, V)
+
+
+IDS = [1, 40, 300, 7, 99, 250, 3, 150, 42, 8, 400, 2]
+
+
+def test_tiny_model_matches_independent_forward(tiny, tiny_model_path):
+    model, _ = tiny
+    assert rel_diff(model.forward(IDS), naive_forward(tiny_model_path, IDS)) < 1e-5
+
+
+def test_untied_output_and_gqa_variants_match(tmp_path):
+    path = write_tiny_gguf(tmp_path / "untied.gguf", tied_embeddings=False, n_heads=8, n_kv_heads=2, seed=3)
+    model = Model.from_gguf(path)
+    assert rel_diff(model.forward(IDS), naive_forward(path, IDS)) < 1e-5
+
+
+def test_config_read_from_metadata(tiny):
+    c = tiny[0].config
+    assert (c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_size, c.ffn_size) == (
+        2,
+        4,
+        2,
+        16,
+        64,
+        128,
+    )
+    assert (c.context_length, c.vocab_size, c.architecture) == (256, tiny[1].vocab_size, "llama")
+
+
+def test_weights_laid_out_for_x_at_w(tiny, tiny_model_path):
+    model, _ = tiny
+    f = GgufFile(tiny_model_path)
+    layer = model.weights.layers[1]
+    np.testing.assert_array_equal(layer.wo, f.load("blk.1.attn_output.weight").T)
+    np.testing.assert_array_equal(layer.w_down, f.load("blk.1.ffn_down.weight").T)
+    F = model.config.ffn_size
+    np.testing.assert_array_equal(layer.w_gate_up[:, :F], f.load("blk.1.ffn_gate.weight").T)
+    assert all(a.flags.c_contiguous for a in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down))
+    assert model.weights.lm_head.shape == (64, model.config.vocab_size)
+
+
+@pytest.mark.parametrize("weight_type", [t for t in WEIGHT_TYPES if t != "F32"])
+def test_every_writable_weight_type_loads_and_runs(tmp_path, weight_type):
+    path = write_tiny_gguf(tmp_path / f"{weight_type}.gguf", weight_type=weight_type)
+    model = Model.from_gguf(path)
+    logits = model.forward(IDS)
+    assert np.isfinite(logits).all()
+    # the quantized model is the dequantized weights: the independent forward agrees on them too
+    assert rel_diff(logits, naive_forward(path, IDS)) < 1e-5
+
+
+def test_cached_decoding_equals_uncached_forward(tiny):
+    model, _ = tiny
+    full = model.forward(IDS)
+    cache = model.new_cache(64)
+    parts = [model.forward(IDS[:5], cache), model.forward(IDS[5:6], cache), model.forward(IDS[6:], cache)]
+    assert cache.n_tokens == len(IDS)
+    assert rel_diff(np.concatenate(parts), full) < 1e-4
+    np.testing.assert_array_equal(cache.token_ids, IDS)
+
+
+def test_batched_rows_equal_one_at_a_time(tiny):
+    model, _ = tiny
+    prompts = [IDS, IDS[3:5], [9], IDS[::-1]]
+    alone = [model.forward(p)[-1] for p in prompts]
+    caches = [model.new_cache(64) for _ in prompts]
+    together = model.forward_last([Row(np.array(p), c) for p, c in zip(prompts, caches, strict=True)])
+    for a, b in zip(alone, together, strict=True):
+        assert rel_diff(b, a) < 1e-4
+    # one decode step for all four, against each one's full forward
+    nxt = [int(np.argmax(t)) for t in together]
+    step = model.forward_last([Row(np.array([n]), c) for n, c in zip(nxt, caches, strict=True)])
+    for p, n, s in zip(prompts, nxt, step, strict=True):
+        assert rel_diff(s, model.forward([*p, n])[-1]) < 1e-4
+
+
+def test_decode_reuses_the_cache_buffer(tiny):
+    """One token's work per step: the buffer is only replaced when capacity doubles."""
+    model, _ = tiny
+    cache = model.new_cache(256)
+    model.forward(IDS, cache)
+    buffers = {id(cache.keys(0).base)}
+    for _ in range(200):
+        model.forward([5], cache)
+        buffers.add(id(cache.keys(0).base))
+    assert cache.n_tokens == len(IDS) + 200
+    assert cache.capacity == 256 and len(buffers) == 1  # 256 rows reserved once, never copied
+
+
+def test_bad_token_ids_and_overflow(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.forward([0, model.config.vocab_size])
+    with pytest.raises(ValueError, match="at least one token"):
+        model.forward([])
+    cache = model.new_cache()
+    model.forward([5] * 250, cache)
+    with pytest.raises(ContextOverflowError, match="256"):
+        model.forward([5] * 10, cache)
+    assert cache.n_tokens == 250  # the failed call committed nothing
+
+
+def test_float16_cache_close_to_float32(tiny):
+    model, _ = tiny
+    cache = model.new_cache(64, dtype="float16")
+    logits = np.concatenate([model.forward(IDS[:6], cache), model.forward(IDS[6:], cache)])
+    assert cache.keys(0).dtype == np.float16
+    assert rel_diff(logits, model.forward(IDS)) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# SmolLM2 against the transformers reference
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.smollm2
+def test_smollm2_last_logits_match_reference(smollm2, reference_prompts, reference_logits):
+    model, _ = smollm2
+    for prompt in reference_prompts:
+        logits = model.forward(prompt["input_ids"])[-1]
+        ref = reference_logits[prompt["key"]]
+        assert np.abs(logits - ref).max() <= 1e-3 * np.abs(ref).max(), prompt["key"]
+
+
+@pytest.mark.smollm2
+def test_smollm2_greedy_continuations_match_reference(smollm2, reference_prompts):
+    model, _ = smollm2
+    for prompt in reference_prompts:
+        cache = model.new_cache(256)
+        logits = model.forward(prompt["input_ids"], cache)[-1]
+        out = []
+        for _ in range(len(prompt["greedy_ids"])):
+            out.append(int(np.argmax(logits)))
+            logits = model.forward([out[-1]], cache)[-1]
+        assert out == prompt["greedy_ids"], prompt["key"]
+
+
+@pytest.mark.smollm2
+def test_smollm2_cached_equals_uncached(smollm2, reference_prompts):
+    model, _ = smollm2
+    ids = reference_prompts[4]["input_ids"]  # the multi-turn prompt, 86 tokens
+    cache = model.new_cache(128)
+    chunks = [
+        model.forward(ids[:50], cache),
+        model.forward(ids[50:51], cache),
+        model.forward(ids[51:], cache),
+    ]
+    assert rel_diff(np.concatenate(chunks), model.forward(ids)) < 1e-4
