@@ -181,6 +181,8 @@ class ByteLevelBpe:
                 words.extend(self._words.findall(piece))
         return words
 
+    strip_leading_space = False  # decoding keeps the text as it is (no space was added by encoding)
+
     def token_bytes(self, token: str) -> bytes:
         """The bytes a (non-special) vocabulary token stands for."""
         return symbols_to_bytes(token)

@@ -103,9 +103,10 @@ class ChatTemplate:
         """The rendered chat as (text, specials allowed) pieces: template text True, message content False.
 
         The pieces join to exactly ``render(messages)``. The template is rendered once more with a
-        unique marker in place of each content and split on the markers. If the template changes
-        contents (say ``| trim``), contents that hold special-token text are found in the rendering
-        instead; if one cannot be found, a ``ChatTemplateError`` (never a forged role turn).
+        unique marker in place of each content; the text between markers is the template's own. Each
+        content must then sit, as is or stripped (``| trim``), exactly between its template pieces.
+        If a template reshapes contents beyond that, the whole rendering may parse special tokens
+        only when no content spells one; otherwise a ``ChatTemplateError`` (never a forged role turn).
         """
         rendered = self.render(messages, add_generation_prompt)
         contents = [m.get("content") for m in messages]
@@ -114,11 +115,17 @@ class ChatTemplate:
             {**m, "content": f"{tag}{i}\ue001"} if isinstance(c, str) else m
             for i, (m, c) in enumerate(zip(messages, contents, strict=True))
         ]
-        segments = _split_on_tags(self.render(masked, add_generation_prompt), tag, contents)
-        if segments is not None and "".join(text for text, _ in segments) == rendered:
+        skeleton = _split_on_tags(self.render(masked, add_generation_prompt), tag, len(contents))
+        segments = _anchor(rendered, skeleton, contents) if skeleton is not None else None
+        if segments is not None:
             return segments
-        log.debug("chat template changes message contents; locating them in the rendering instead")
-        return _locate_contents(rendered, [c for c in contents if isinstance(c, str) and has_special(c)])
+        if not any(isinstance(c, str) and has_special(c) for c in contents):
+            log.debug("chat template reshapes message contents; none spells a special token")
+            return [(rendered, True)]
+        raise ChatTemplateError(
+            "the chat template reshapes a message that spells a special token; "
+            "refusing to turn that text into special tokens"
+        )
 
 
 def _check_messages(messages: Messages) -> None:
@@ -140,33 +147,39 @@ def _unused_tag(contents: Any) -> str:
             return tag
 
 
-def _split_on_tags(skeleton: str, tag: str, contents: list[Any]) -> list[Segment] | None:
-    """Template text and contents from a rendering with tagged markers; None if a marker was altered."""
+def _split_on_tags(skeleton: str, tag: str, n_contents: int) -> list[str | int] | None:
+    """Template text and content indices, alternating, from a rendering with tagged markers.
+
+    None if a marker came out altered (the template changed the content's text).
+    """
     pieces = skeleton.split(tag)
-    segments: list[Segment] = [(pieces[0], True)]
+    parts: list[str | int] = [pieces[0]]
     for piece in pieces[1:]:
         index, sep, rest = piece.partition("\ue001")
-        if not sep or not index.isdecimal() or int(index) >= len(contents):
+        if not sep or not index.isdecimal() or int(index) >= n_contents:
             return None
-        segments += [(str(contents[int(index)]), False), (rest, True)]
-    return segments
+        parts += [int(index), rest]
+    return parts
 
 
-def _locate_contents(rendered: str, contents: list[str]) -> list[Segment]:
-    """Mark each content (as is, or stripped) as plain text, searching the rendering left to right."""
+def _anchor(rendered: str, skeleton: list[str | int], contents: list[Any]) -> list[Segment] | None:
+    """Match the skeleton against the rendering left to right; None where it does not fit."""
     segments: list[Segment] = []
     pos = 0
-    for content in contents:
-        for candidate in (content, content.strip(), content.lstrip(), content.rstrip()):
-            start = rendered.find(candidate, pos) if candidate else -1
-            if start >= 0:
+    for k, part in enumerate(skeleton):
+        if isinstance(part, str):
+            if not rendered.startswith(part, pos):
+                return None
+            segments.append((part, True))
+            pos += len(part)
+            continue
+        content, following = str(contents[part]), skeleton[k + 1]  # a template piece follows each content
+        assert isinstance(following, str)
+        for candidate in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
+            if rendered.startswith(candidate, pos) and rendered.startswith(following, pos + len(candidate)):
+                segments.append((candidate, False))
+                pos += len(candidate)
                 break
         else:
-            raise ChatTemplateError(
-                "the chat template changes a message holding special-token text beyond recognition; "
-                "refusing to turn that text into special tokens"
-            )
-        segments += [(rendered[pos:start], True), (candidate, False)]
-        pos = start + len(candidate)
-    segments.append((rendered[pos:], True))
-    return segments
+            return None
+    return segments if pos == len(rendered) else None

@@ -190,10 +190,11 @@ class KvCacheEntry:
         if other.shape != self.shape:
             raise ValueError("cannot copy K/V between entries of different shapes")
         n = min(n_tokens, other.n_tokens)
-        self._n_tokens = 0
         if n == 0:
+            self._n_tokens = 0
             return
-        self.ensure_capacity(n)
+        self.ensure_capacity(n)  # first: if it raises, this entry still holds its own tokens
+        self._n_tokens = 0
         assert self._buffer is not None and other._buffer is not None
         self._buffer[:, :, :, :n] = other._buffer[:, :, :, :n]  # (L, 2, KVH, n, Hd)
         self._token_ids[:n] = other._token_ids[:n]

@@ -196,19 +196,22 @@ class LruKvCacheStore:
             return slot.entry
 
     def _create(self, session_id: SessionId, shape: ModelShape, max_tokens: int | None) -> _Slot:
-        while len(self._slots) >= self._options.max_sessions:
-            if not self._evict_one(keep=None):
-                raise CacheBudgetError(
-                    f"cannot open a new KV cache session: max_sessions={self._options.max_sessions} "
-                    f"sessions exist and all are in use by running requests"
-                )
-        self._context[session_id] = max_tokens
+        # Every check before the first eviction: a request that fails disturbs no other session.
         limit = self._options.effective_max_tokens(shape, max_tokens)
         if limit < 1:
             raise CacheBudgetError(
                 f"max_bytes_per_session={self._options.max_bytes_per_session:,} is smaller than one token "
                 f"of K/V ({shape.bytes_per_token:,} bytes)"
             )
+        n_over = len(self._slots) + 1 - self._options.max_sessions
+        if n_over > len(self._slots) - self._n_pinned():
+            raise CacheBudgetError(
+                f"cannot open a new KV cache session: max_sessions={self._options.max_sessions} "
+                f"sessions exist and {self._n_pinned()} are in use by running requests"
+            )
+        for _ in range(n_over):
+            self._evict_one(keep=None)
+        self._context[session_id] = max_tokens
         slot = _Slot(KvCacheEntry(shape, limit, allocator=self, session_id=session_id))
         self._slots[session_id] = slot
         self._accounted[id(slot.entry)] = 0
@@ -260,8 +263,12 @@ class LruKvCacheStore:
                 return
             if session_id in self._doomed or not self._options.persist_across_requests:
                 self._drop(session_id)
-            else:
-                self._enforce_limits()
+                return
+            limit = self._options.effective_max_tokens(slot.entry.shape, self._context.get(session_id))
+            if slot.entry.capacity > limit:  # a limit shrank while the request ran
+                self._drop(session_id)
+                self._evictions += 1
+            self._enforce_limits()
 
     # -- the reuse rule --------------------------------------------------------------------
     def prepare(
@@ -333,6 +340,7 @@ class LruKvCacheStore:
             accounted = self._accounted.get(id(entry))
             if accounted is None:  # an entry this store no longer tracks
                 return np.empty(key[0], dtype=shape.dtype)
+            self._check_room(nbytes - accounted, keep=entry.session_id, needed_for=entry)
             pooled = self._pool.get(key)
             buffer = pooled.pop() if pooled else None
             if buffer is not None:
@@ -354,17 +362,28 @@ class LruKvCacheStore:
             self._to_pool(buffer)
 
     # -- budget ------------------------------------------------------------------------------
+    def _check_room(self, n_bytes: int, keep: object, needed_for: KvCacheEntry) -> None:
+        """Raise CacheBudgetError, before anything is evicted, if evicting all that may go is not enough."""
+        limit = self._options.max_bytes_total
+        evictable = sum(
+            self._accounted.get(id(slot.entry), 0)
+            for session_id, slot in self._slots.items()
+            if not slot.pinned and session_id != keep
+        )
+        if self._current_bytes - evictable + n_bytes > limit:
+            raise CacheBudgetError(
+                f"KV cache budget exhausted: session {needed_for.session_id} needs {n_bytes:,} more "
+                f"bytes, {self._current_bytes - evictable:,} of max_bytes_total={limit:,} are held by "
+                f"{self._n_pinned()} session(s) in use by running requests and by the session itself"
+            )
+
     def _make_room(self, n_bytes: int, keep: object, needed_for: KvCacheEntry) -> None:
         limit = self._options.max_bytes_total
         while self._current_bytes + self._pooled_bytes + n_bytes > limit:
             if self._pooled_bytes:
                 self._drop_pool()
             elif not self._evict_one(keep=keep):
-                raise CacheBudgetError(
-                    f"KV cache budget exhausted: session {needed_for.session_id} needs {n_bytes:,} more "
-                    f"bytes, {self._current_bytes:,} of max_bytes_total={limit:,} are held by "
-                    f"{self._n_pinned()} session(s) in use by running requests"
-                )
+                self._check_room(n_bytes, keep, needed_for)  # raises: nothing left to evict
 
     def _evict_one(self, keep: object) -> bool:
         """Evict the least recently used unpinned session other than ``keep``."""

@@ -25,6 +25,7 @@ from .bpe import ByteLevelBpe
 from .chat_template import CHATML_TEMPLATE, ChatTemplate, ChatTemplateError, Messages, Segment
 from .errors import ModelFileError, UnsupportedModelError
 from .gguf import GgufFile
+from .spm import SentencePieceBpe
 
 log = logging.getLogger(__name__)
 
@@ -55,26 +56,36 @@ class TextModel(Protocol):
 
     def token_bytes(self, token: str) -> bytes: ...
 
+    @property
+    def strip_leading_space(self) -> bool: ...
+
 
 class StreamDecoder:
     """Turns generated ids into text as they come, holding back bytes of a character split across tokens."""
 
-    __slots__ = ("_piece", "_skip", "_utf8")
+    __slots__ = ("_at_start", "_piece", "_skip", "_utf8")
 
     def __init__(self, tokenizer: Tokenizer, skip_special: bool) -> None:
         self._piece = tokenizer._piece
         self._skip = tokenizer._skip_ids if skip_special else frozenset()
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._at_start = tokenizer._model.strip_leading_space  # drop the space encoding put in front
 
     def feed(self, token_id: int) -> str:
         """The text completed by this token ("" while a character is still incomplete)."""
         if token_id in self._skip:
             return ""
-        return self._utf8.decode(self._piece(token_id))
+        return self._strip_first(self._utf8.decode(self._piece(token_id)))
 
     def flush(self) -> str:
         """Whatever is left; an incomplete character becomes U+FFFD."""
-        return self._utf8.decode(b"", final=True)
+        return self._strip_first(self._utf8.decode(b"", final=True))
+
+    def _strip_first(self, text: str) -> str:
+        if self._at_start and text:
+            self._at_start = False
+            return text.removeprefix(" ")
+        return text
 
 
 class Tokenizer:
@@ -136,7 +147,8 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
         """The text of ``ids``; ``skip_special`` drops control tokens (user-defined ones are text)."""
         skip = self._skip_ids if skip_special else frozenset()
-        return b"".join(self._piece(i) for i in ids if i not in skip).decode("utf-8", errors="replace")
+        text = b"".join(self._piece(i) for i in ids if i not in skip).decode("utf-8", errors="replace")
+        return text.removeprefix(" ") if self._model.strip_leading_space else text
 
     def stream_decoder(self, skip_special: bool = True) -> StreamDecoder:
         return StreamDecoder(self, skip_special)
@@ -199,21 +211,11 @@ class Tokenizer:
 
 
 def _from_metadata(meta: Mapping[str, Any], path: os.PathLike[str], chat_template: str | None) -> Tokenizer:
-    kind = str(meta.get("tokenizer.ggml.model", ""))
     tokens = _require_list(meta, "tokenizer.ggml.tokens", path)
     types = meta.get("tokenizer.ggml.token_type") or [TokenType.NORMAL] * len(tokens)
     if len(types) != len(tokens):
         raise ModelFileError(path, f"tokenizer has {len(tokens)} tokens but {len(types)} token types")
-    if kind == "gpt2":
-        merges = _require_list(meta, "tokenizer.ggml.merges", path)
-        pre = str(meta.get("tokenizer.ggml.pre", "default"))
-        unk_id = _token_id(meta, "tokenizer.ggml.unknown_token_id", len(tokens), path)
-        model: TextModel = ByteLevelBpe(tokens, merges, pre, unk_id)
-        add_bos_default = False
-    else:
-        raise UnsupportedModelError(
-            path, f"tokenizer model {kind!r} is not supported; this engine reads byte-level BPE ('gpt2')"
-        )
+    model, add_bos_default = _text_model(meta, tokens, types, path)
     n = len(tokens)
     special = {name: _token_id(meta, f"tokenizer.ggml.{name}_token_id", n, path) for name in _SPECIAL_NAMES}
     eos_ids = [i for name in ("eos", "eot", "eom") if (i := special[name]) is not None]
@@ -231,6 +233,29 @@ def _from_metadata(meta: Mapping[str, Any], path: os.PathLike[str], chat_templat
         eos_ids=eos_ids,
         add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)),
         chat_template=ChatTemplate(str(template or CHATML_TEMPLATE), variables),
+    )
+
+
+def _text_model(
+    meta: Mapping[str, Any], tokens: list[str], types: list[int], path: os.PathLike[str]
+) -> tuple[TextModel, bool]:
+    """The vocabulary model named by ``tokenizer.ggml.model`` and whether it adds BOS by default."""
+    kind = str(meta.get("tokenizer.ggml.model", ""))
+    unk_id = _token_id(meta, "tokenizer.ggml.unknown_token_id", len(tokens), path)
+    if kind == "gpt2":
+        merges = _require_list(meta, "tokenizer.ggml.merges", path)
+        pre = str(meta.get("tokenizer.ggml.pre", "default"))
+        return ByteLevelBpe(tokens, merges, pre, unk_id), False
+    if kind == "llama":
+        scores = _require_list(meta, "tokenizer.ggml.scores", path)
+        if len(scores) != len(tokens):
+            raise ModelFileError(path, f"tokenizer has {len(tokens)} tokens but {len(scores)} scores")
+        prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+        return SentencePieceBpe(tokens, scores, types, add_space_prefix=prefix, unk_id=unk_id), True
+    raise UnsupportedModelError(
+        path,
+        f"tokenizer model {kind!r} is not supported; this engine reads byte-level BPE ('gpt2') "
+        "and SentencePiece BPE ('llama')",
     )
 
 

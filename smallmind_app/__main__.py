@@ -1,6 +1,6 @@
-"""``smallmind`` and ``python -m smallmind_app``: the command line, or the terminal chat by default.
+"""``smallmind`` and ``python -m smallmind_app``: the desktop app, or a command of the command line.
 
-A later issue replaces the no-subcommand case with the GUI; keep this dispatch a few obvious lines.
+No subcommand starts the window; ``chat`` (the terminal chat) and ``models`` go to ``engine.cli``.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ CLI_FIRST_ARGS = frozenset({"chat", "models", "-h", "--help"})
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    from engine import cli  # imported here so that `import smallmind_app` stays light
-
     if args and args[0] in CLI_FIRST_ARGS:
+        from engine import cli  # imported here so that `import smallmind_app` stays light
+
         return cli.main(args)
-    return cli.main(["chat", *args])  # no subcommand: the terminal chat, for now
+    from .app import main as gui_main
+
+    return gui_main([sys.argv[0], *args])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,391 @@
+"""One conversation tab: the transcript, the prompt box, the buttons, the tab's own system prompt.
+
+The tab owns its conversation's entries in memory and writes every change to the
+``ConversationStore`` at once; when a write fails (disk full, read-only) the conversation stays in
+memory and the tab says so. It talks to the engine only through its signals
+(``generation_requested``, ``cancel_requested``); the main window routes the worker's answers back
+to ``show_prompt_progress``, ``append_text``, ``finish_reply`` and ``fail_request``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from PySide6.QtCore import Qt, QTimer, Signal, Slot
+from PySide6.QtGui import QKeyEvent, QShowEvent
+from PySide6.QtWidgets import (
+    QHBoxLayout,
+    QLabel,
+    QPlainTextEdit,
+    QPushButton,
+    QSizePolicy,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .store import Conversation, ConversationStore, Message, StoreError
+from .transcript import Entry, TranscriptView
+
+log = logging.getLogger(__name__)
+
+RENDER_DELAY_MS = 60  # a streaming reply is re-rendered at most ~16 times a second
+SAVE_PARTIAL_EVERY_S = 1.0  # the text of a streaming reply is saved about once a second
+SYSTEM_PROMPT_SAVE_DELAY_MS = 600
+FINISH_STATUS = {"stop": "complete", "length": "complete", "cancelled": "partial", "timeout": "partial"}
+
+
+class PromptEdit(QPlainTextEdit):
+    """Enter sends, Shift+Enter inserts a new line."""
+
+    submitted = Signal()
+
+    def keyPressEvent(self, event: QKeyEvent) -> None:
+        enter = event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter)
+        if enter and not event.modifiers() & Qt.KeyboardModifier.ShiftModifier:
+            self.submitted.emit()
+            return
+        super().keyPressEvent(event)
+
+
+def reply_stats(result: dict[str, Any]) -> dict[str, Any]:
+    """The numbers kept with a reply (the store's stats_json)."""
+    return {
+        "n_tokens": int(result.get("generated_tokens", len(result.get("token_ids", ())))),
+        "tokens_per_s": float(result.get("decode_tokens_per_s") or 0.0),
+        "ttft_ms": result.get("ttft_ms"),
+        "reused_tokens": int(result.get("reused_tokens", 0)),
+        "prompt_tokens": int(result.get("prompt_tokens", 0)),
+        "finish_reason": str(result.get("finish_reason", "")),
+        "total_ms": float(result.get("total_ms") or 0.0),
+        "context_trimmed": bool(result.get("context_trimmed", False)),
+        **({"error": str(result["error"])} if result.get("error") else {}),
+    }
+
+
+class ChatTab(QWidget):
+    generation_requested = Signal(str, list)  # conversation id, chat messages (system prompt first)
+    cancel_requested = Signal(str)
+    busy_changed = Signal(str, bool)
+
+    def __init__(
+        self,
+        conversation: Conversation,
+        messages: list[Message],
+        store: ConversationStore,
+        parent: QWidget | None = None,
+    ) -> None:
+        super().__init__(parent)
+        self.setObjectName("chatTab")
+        self.conversation_id = conversation.id
+        self.title = conversation.title
+        self.conversation_settings = dict(conversation.settings)
+        self._store = store
+        self.entries = [Entry(m.role, m.content, m.status, dict(m.stats), m.id) for m in messages]
+        self._reply: Entry | None = None  # the reply being generated
+        self._last_partial_save = 0.0
+        self._render_pending = False
+        self._build(conversation.system_prompt)
+        self._update_buttons()
+        self.render_now()
+
+    # -- layout ---------------------------------------------------------------------------------
+    def _build(self, system_prompt: str) -> None:
+        self.system_toggle = QToolButton(objectName="systemPromptToggle", checkable=True)
+        self.system_toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.system_toggle.setArrowType(Qt.ArrowType.RightArrow)
+        self.system_toggle.setAutoRaise(True)
+        self.system_toggle.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self.system_toggle.toggled.connect(self._on_system_toggle_toggled)
+        self.system_edit = QPlainTextEdit(objectName="systemPromptEdit")
+        self.system_edit.setPlainText(system_prompt)
+        self.system_edit.setPlaceholderText("The system prompt of this conversation (sent before every turn)")
+        self.system_edit.setMaximumHeight(90)
+        self.system_edit.setVisible(False)
+        self.system_edit.textChanged.connect(self._on_system_edit_changed)
+        self._system_save = QTimer(self, singleShot=True, interval=SYSTEM_PROMPT_SAVE_DELAY_MS)
+        self._system_save.timeout.connect(self._save_system_prompt)
+
+        self.transcript = TranscriptView(self)
+        self.status_label = QLabel(objectName="tabStatus")
+        self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.status_label.setWordWrap(True)
+
+        self.prompt_edit = PromptEdit(objectName="promptEdit")
+        self.prompt_edit.setPlaceholderText("Message the model…  (Enter sends, Shift+Enter for a new line)")
+        self.prompt_edit.setAccessibleName("Message")
+        self.prompt_edit.setFixedHeight(78)
+        self.prompt_edit.submitted.connect(self.send)
+        self.send_button = QPushButton("Send", objectName="sendButton", default=True)
+        self.send_button.clicked.connect(self.send)
+        self.stop_button = QPushButton("Stop", objectName="stopButton")
+        self.stop_button.clicked.connect(self.stop)
+        self.regenerate_button = QPushButton("Regenerate", objectName="regenerateButton")
+        self.regenerate_button.setToolTip("Generate the last reply again")
+        self.regenerate_button.clicked.connect(self.regenerate)
+        self.edit_button = QPushButton("Edit last message", objectName="editLastButton")
+        self.edit_button.setToolTip("Put your last message back in the prompt box to change and resend it")
+        self.edit_button.clicked.connect(self.edit_last)
+        for button in (self.send_button, self.stop_button, self.regenerate_button, self.edit_button):
+            button.setMinimumWidth(96)
+
+        buttons = QVBoxLayout()
+        buttons.addWidget(self.send_button)
+        buttons.addWidget(self.stop_button)
+        buttons.addStretch(1)
+        prompt_row = QHBoxLayout()
+        prompt_row.addWidget(self.prompt_edit, 1)
+        prompt_row.addLayout(buttons)
+        actions_row = QHBoxLayout()
+        actions_row.addWidget(self.regenerate_button)
+        actions_row.addWidget(self.edit_button)
+        actions_row.addSpacing(12)
+        actions_row.addWidget(self.status_label, 1)
+
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(10, 6, 10, 10)
+        layout.setSpacing(6)
+        layout.addWidget(self.system_toggle)
+        layout.addWidget(self.system_edit)
+        layout.addWidget(self.transcript, 1)
+        layout.addLayout(actions_row)
+        layout.addLayout(prompt_row)
+        self._update_system_toggle()
+
+    # -- state ----------------------------------------------------------------------------------
+    @property
+    def is_generating(self) -> bool:
+        return self._reply is not None
+
+    @property
+    def system_prompt(self) -> str:
+        return self.system_edit.toPlainText()
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """What the model sees: the system prompt, then every kept user message and reply."""
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt.strip() else []
+        for entry in self.entries:
+            if entry is self._reply or entry.role not in ("user", "assistant"):
+                continue
+            if entry.role == "assistant" and not entry.content:
+                continue
+            messages.append({"role": entry.role, "content": entry.content})
+        return messages
+
+    def _update_buttons(self) -> None:
+        busy = self.is_generating
+        has_user = any(e.role == "user" for e in self.entries)
+        self.send_button.setEnabled(not busy)
+        self.stop_button.setEnabled(busy)
+        self.regenerate_button.setEnabled(not busy and has_user)
+        self.edit_button.setEnabled(not busy and has_user)
+
+    def _set_busy(self, busy_reply: Entry | None) -> None:
+        self._reply = busy_reply
+        self._update_buttons()
+        self.busy_changed.emit(self.conversation_id, busy_reply is not None)
+
+    # -- user actions ---------------------------------------------------------------------------
+    @Slot()
+    def send(self) -> None:
+        text = self.prompt_edit.toPlainText().strip()
+        if not text or self.is_generating:
+            return
+        self.entries = [e for e in self.entries if e.role != "notice"]
+        message = self._save(self._store.add_message, self.conversation_id, "user", text)
+        self.entries.append(Entry("user", text, message_id=message.id if message else None))
+        self.prompt_edit.clear()
+        self._request_reply()
+
+    @Slot()
+    def stop(self) -> None:
+        if self.is_generating:
+            self.status_label.setText("stopping…")
+            self.cancel_requested.emit(self.conversation_id)
+
+    @Slot()
+    def regenerate(self) -> None:
+        """Drop the last reply (if any) after the last user message and generate it again."""
+        if self.is_generating:
+            return
+        last_user = self._last_index("user")
+        if last_user is None:
+            return
+        self._drop_from(last_user + 1)
+        self._request_reply()
+
+    @Slot()
+    def edit_last(self) -> None:
+        """Take the last user message (and what follows) back into the prompt box."""
+        if self.is_generating:
+            return
+        last_user = self._last_index("user")
+        if last_user is None:
+            return
+        text = self.entries[last_user].content
+        self._drop_from(last_user)
+        self.prompt_edit.setPlainText(text)
+        self.prompt_edit.setFocus()
+        self._update_buttons()
+        self.render_now()
+
+    def _last_index(self, role: str) -> int | None:
+        return next((i for i in range(len(self.entries) - 1, -1, -1) if self.entries[i].role == role), None)
+
+    def _drop_from(self, index: int) -> None:
+        """Remove entries[index:] from memory and their messages from the database."""
+        first_stored = next((e.message_id for e in self.entries[index:] if e.message_id is not None), None)
+        if first_stored is not None:
+            self._save(self._store.delete_messages_from, self.conversation_id, first_stored)
+        del self.entries[index:]
+
+    def _request_reply(self) -> None:
+        messages = self.chat_messages()
+        stored = self._save(self._store.add_message, self.conversation_id, "assistant", "", "streaming")
+        reply = Entry("assistant", "", "streaming", message_id=stored.id if stored else None)
+        self.entries.append(reply)
+        self._last_partial_save = time.monotonic()
+        self._set_busy(reply)
+        self.status_label.setText("waiting for the engine…")
+        self.render_now()
+        self.generation_requested.emit(self.conversation_id, messages)
+
+    # -- from the worker (routed by the main window) ---------------------------------------------
+    def show_prompt_progress(self, done: int, total: int) -> None:
+        if self._reply is None:
+            return
+        self._reply.progress = (done, total)
+        self.status_label.setText(
+            f"processing prompt {done}/{total}" if done < total else "prompt processed, generating…"
+        )
+        self.schedule_render()
+
+    def append_text(self, text: str) -> None:
+        if self._reply is None:
+            return
+        self._reply.content += text
+        self._reply.progress = None
+        self.status_label.setText("generating…")
+        now = time.monotonic()
+        if self._reply.message_id is not None and now - self._last_partial_save >= SAVE_PARTIAL_EVERY_S:
+            self._last_partial_save = now
+            self._save(self._store.update_message, self._reply.message_id, content=self._reply.content)
+        self.schedule_render()
+
+    def finish_reply(self, result: dict[str, Any]) -> None:
+        reply = self._reply
+        if reply is None:
+            return
+        stats = reply_stats(result)
+        reply.content = str(result.get("text", reply.content))
+        reply.stats, reply.progress = stats, None
+        reply.status = FINISH_STATUS.get(stats["finish_reason"], "error")
+        if reply.message_id is not None:
+            self._save(
+                self._store.update_message, reply.message_id,
+                content=reply.content, status=reply.status, stats=stats,
+            )  # fmt: skip
+        self._set_busy(None)
+        if stats.get("error"):
+            self.status_label.setText(f"The reply failed: {stats['error']}")
+        elif stats["context_trimmed"]:
+            self.status_label.setText("Older messages were left out to fit the model's context.")
+        else:
+            self.status_label.setText({"cancelled": "Stopped.", "length": "Stopped at the token limit."}.get(
+                stats["finish_reason"], ""))  # fmt: skip
+        self.render_now()
+
+    def fail_request(self, message: str) -> None:
+        """The engine did not take the request (queue full, too long, no model): say so in the tab."""
+        reply = self._reply
+        if reply is not None:
+            if reply.message_id is not None:
+                self._save(self._store.delete_messages_from, self.conversation_id, reply.message_id)
+            self.entries.remove(reply)
+            self._set_busy(None)
+        self.add_notice(message, "error")
+        self.status_label.setText(message)
+
+    def add_notice(self, text: str, kind: str = "info") -> None:
+        self.entries.append(Entry("notice", text, kind))
+        self.render_now()
+
+    def save_pending(self) -> None:
+        """Write what waits for a timer (the system prompt being typed): the tab closes or the app quits."""
+        if self._system_save.isActive():
+            self._system_save.stop()
+            self._save_system_prompt()
+
+    def save_partial_now(self) -> None:
+        """The tab closes or the app quits while generating: keep the text so far, marked partial."""
+        reply = self._reply
+        if reply is None:
+            return
+        reply.status = "partial"
+        reply.stats = {"finish_reason": "cancelled", "n_tokens": reply.stats.get("n_tokens", 0)}
+        if reply.message_id is not None:
+            self._save(
+                self._store.update_message, reply.message_id,
+                content=reply.content, status="partial", stats=reply.stats,
+            )  # fmt: skip
+        self._reply = None
+        self._update_buttons()
+
+    # -- store ----------------------------------------------------------------------------------
+    def _save(self, write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """One store write; on failure the conversation stays in memory and the tab says why."""
+        try:
+            return write(*args, **kwargs)
+        except (StoreError, KeyError) as exc:
+            log.warning("store write failed: %s", exc)
+            detail = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            self.entries.append(
+                Entry("notice", f"{detail}. This conversation is kept in memory only for now.", "error")
+            )
+            self.schedule_render()
+            return None
+
+    @Slot()
+    def _on_system_edit_changed(self) -> None:
+        self._update_system_toggle()
+        self._system_save.start()
+
+    @Slot()
+    def _save_system_prompt(self) -> None:
+        self._save(self._store.set_system_prompt, self.conversation_id, self.system_prompt)
+
+    @Slot(bool)
+    def _on_system_toggle_toggled(self, shown: bool) -> None:
+        self.system_edit.setVisible(shown)
+        self.system_toggle.setArrowType(Qt.ArrowType.DownArrow if shown else Qt.ArrowType.RightArrow)
+        if shown:
+            self.system_edit.setFocus()
+
+    def _update_system_toggle(self) -> None:
+        text = " ".join(self.system_prompt.split()) or "(none)"
+        short = text if len(text) <= 90 else text[:87] + "…"
+        self.system_toggle.setText(f"System prompt: {short}")
+        self.system_toggle.setToolTip("Show or edit this conversation's system prompt")
+
+    # -- rendering ------------------------------------------------------------------------------
+    def schedule_render(self) -> None:
+        if not self._render_pending:
+            self._render_pending = True
+            QTimer.singleShot(RENDER_DELAY_MS, self, self._render_if_visible)
+
+    @Slot()
+    def _render_if_visible(self) -> None:
+        if self.isVisible():
+            self.render_now()  # a hidden tab renders when it is shown again (showEvent)
+
+    def render_now(self) -> None:
+        self._render_pending = False
+        self.transcript.render(self.entries)
+
+    def showEvent(self, event: QShowEvent) -> None:
+        super().showEvent(event)
+        if self._render_pending:
+            self.render_now()

@@ -1,0 +1,91 @@
+"""The GUI thread's handle on the engine worker: owns the QThread, sends commands as queued signals.
+
+Qt for Python's worker pattern: the ``EngineWorker`` QObject is moved to one long-lived QThread
+(never a QThread subclass: the thread needs its own event loop so that queued submit and cancel
+calls arrive between two engine steps). Every method here only emits a signal; the worker runs the
+slot on its thread. ``shutdown`` asks the worker to stop the engine and waits for the thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from PySide6.QtCore import QObject, QThread, Signal
+
+from .worker import EngineWorker
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_TIMEOUT_MS = 30_000  # loading a model cannot be interrupted; everything else ends within a step
+
+
+class EngineClient(QObject):
+    load_model_requested = Signal(str)
+    submit_requested = Signal(str, list, dict)
+    cancel_requested = Signal(str)
+    remove_session_requested = Signal(str)
+    apply_settings_requested = Signal(dict, dict)
+    download_requested = Signal()
+    download_cancel_requested = Signal()
+    shutdown_requested = Signal()
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.thread = QThread()
+        self.thread.setObjectName("smallmind-engine")
+        self.worker = EngineWorker()
+        self.worker.moveToThread(self.thread)
+        self.thread.started.connect(self.worker.initialize)
+        self.load_model_requested.connect(self.worker.load_model)
+        self.submit_requested.connect(self.worker.submit)
+        self.cancel_requested.connect(self.worker.cancel)
+        self.remove_session_requested.connect(self.worker.remove_session)
+        self.apply_settings_requested.connect(self.worker.apply_settings)
+        self.download_requested.connect(self.worker.start_download)
+        self.download_cancel_requested.connect(self.worker.cancel_download)
+        self.shutdown_requested.connect(self.worker.shutdown)
+        self._stopped = False
+
+    def start(self) -> None:
+        self.thread.start()
+
+    # -- commands (queued to the worker thread) ---------------------------------------------------
+    def load_model(self, path: str = "") -> None:
+        self.load_model_requested.emit(path)
+
+    def submit(self, conversation_id: str, messages: list[dict[str, str]], sampling: dict[str, Any]) -> None:
+        self.submit_requested.emit(conversation_id, messages, sampling)
+
+    def cancel(self, conversation_id: str) -> None:
+        self.cancel_requested.emit(conversation_id)
+
+    def remove_session(self, conversation_id: str) -> None:
+        self.remove_session_requested.emit(conversation_id)
+
+    def apply_settings(self, kv: dict[str, Any], batching: dict[str, Any]) -> None:
+        self.apply_settings_requested.emit(kv, batching)
+
+    def start_download(self) -> None:
+        self.download_requested.emit()
+
+    def cancel_download(self) -> None:
+        self.download_cancel_requested.emit()
+
+    # -- shutdown -------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.thread.isRunning()
+
+    def shutdown(self, timeout_ms: int = SHUTDOWN_TIMEOUT_MS) -> bool:
+        """Stop the engine (running requests fail cleanly) and join the thread; True when it ended."""
+        if self._stopped:
+            return not self.thread.isRunning()
+        self._stopped = True
+        if not self.thread.isRunning():
+            return True
+        self.shutdown_requested.emit()
+        finished = self.thread.wait(timeout_ms)
+        if not finished:
+            log.error("the engine thread did not stop within %d ms", timeout_ms)
+        return bool(finished)

@@ -1,0 +1,280 @@
+"""The app's settings: one frozen dataclass, saved as JSON in the config dir.
+
+``AppSettings`` holds the model path, the default system prompt and three sections of engine
+options (``kv_cache``, ``batching``, ``sampling``) as read-only mappings whose keys are the engine's
+option names. This module checks structure and JSON types only (unknown keys, a string where a
+number belongs); whether a value is in range is the engine's call, made by the worker.
+
+``load_settings`` never fails: a missing file gives the defaults; a file it cannot use gives the
+defaults too, is moved aside to ``settings.json.corrupt-<timestamp>`` (never overwritten) and the
+returned notice says so. ``save_settings`` writes atomically and raises ``SettingsError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import functools
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from . import paths
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+RESOURCES_DIR = Path(__file__).resolve().parent.parent / "resources"
+
+
+class SettingsError(Exception):
+    """The settings could not be saved; the message says where and why."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list | tuple) and all(isinstance(item, str) for item in value)
+
+
+# kind -> (what the JSON value must be, check, normalise)
+_KINDS: dict[str, tuple[str, Callable[[Any], bool], Callable[[Any], Any]]] = {
+    "bool": ("true or false", lambda v: isinstance(v, bool), bool),
+    "int": ("an integer", _is_int, int),
+    "number": ("a number", lambda v: _is_int(v) or isinstance(v, float), float),
+    "str": ("a string", lambda v: isinstance(v, str), str),
+    "int|null": ("an integer or null", lambda v: v is None or _is_int(v), lambda v: v),
+    "str list": ("a list of strings", _is_str_list, tuple),
+}
+
+# section -> key -> (default, kind); the keys and defaults are the engine's option names and defaults.
+SECTIONS: dict[str, dict[str, tuple[Any, str]]] = {
+    "kv_cache": {
+        "enabled": (True, "bool"),
+        "max_tokens_per_session": (4096, "int"),
+        "max_sessions": (1000, "int"),
+        "max_bytes_total": (1_073_741_824, "int"),
+        "max_bytes_per_session": (268_435_456, "int"),
+        "policy": ("lru", "str"),
+        "persist_across_requests": (True, "bool"),
+        "share_prefixes": (True, "bool"),
+        "dtype": ("float32", "str"),
+    },
+    "batching": {
+        "enabled": (True, "bool"),
+        "max_batch_size": (8, "int"),
+        "max_batch_wait_ms": (10.0, "number"),
+        "max_total_queued_requests": (100, "int"),
+        "prefill_only": (False, "bool"),
+        "max_prefill_chunk_tokens": (256, "int"),
+    },
+    "sampling": {
+        "max_new_tokens": (256, "int"),
+        "temperature": (0.7, "number"),
+        "top_k": (40, "int"),
+        "top_p": (0.95, "number"),
+        "min_p": (0.0, "number"),
+        "repetition_penalty": (1.0, "number"),
+        "repetition_window": (64, "int"),
+        "seed": (None, "int|null"),
+        "stop": ((), "str list"),
+        "max_time_ms": (None, "int|null"),
+        "stop_on_eos": (True, "bool"),
+    },
+}
+
+
+@functools.cache
+def default_system_prompt() -> str:
+    """SmolLM2's own default system prompt (the model was trained with it), from resources/."""
+    return (RESOURCES_DIR / "default_system_prompt.txt").read_text(encoding="utf-8").strip()
+
+
+def section_defaults(section: str) -> Mapping[str, Any]:
+    return MappingProxyType({key: default for key, (default, _) in SECTIONS[section].items()})
+
+
+def _check_value(name: str, value: Any, kind: str) -> Any:
+    expected, check, normalise = _KINDS[kind]
+    if not check(value):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return normalise(value)
+
+
+def _freeze_section(section: str, values: Any) -> Mapping[str, Any]:
+    """The section's defaults overlaid with `values`, type-checked, as a read-only mapping."""
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{section} must be an object of settings, got {values!r}")
+    spec = SECTIONS[section]
+    unknown = sorted(set(values) - set(spec))
+    if unknown:
+        raise ValueError(f"{section} has unknown setting(s) {', '.join(map(str, unknown))}")
+    merged = {key: values.get(key, default) for key, (default, _) in spec.items()}
+    checked = {key: _check_value(f"{section}.{key}", merged[key], spec[key][1]) for key in spec}
+    return MappingProxyType(checked)
+
+
+@dataclass(frozen=True, slots=True)
+class AppSettings:
+    """Everything the app remembers between runs except conversations. Change with `with_changes`."""
+
+    schema_version: int = SCHEMA_VERSION
+    model_path: str | None = None
+    system_prompt: str = field(default_factory=default_system_prompt)
+    kv_cache: Mapping[str, Any] = field(default_factory=lambda: section_defaults("kv_cache"))
+    batching: Mapping[str, Any] = field(default_factory=lambda: section_defaults("batching"))
+    sampling: Mapping[str, Any] = field(default_factory=lambda: section_defaults("sampling"))
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.schema_version) or not 1 <= self.schema_version <= SCHEMA_VERSION:
+            raise ValueError(
+                f"schema_version must be an integer from 1 to {SCHEMA_VERSION}, got {self.schema_version!r}"
+            )
+        if self.model_path is not None and not isinstance(self.model_path, str):
+            raise ValueError(f"model_path must be a string or null, got {self.model_path!r}")
+        _check_value("system_prompt", self.system_prompt, "str")
+        for section in SECTIONS:  # frozen: the only way to store the checked, read-only copies
+            object.__setattr__(self, section, _freeze_section(section, getattr(self, section)))
+
+    def __hash__(self) -> int:  # the mappings are unhashable; their items are not
+        sections = tuple(tuple(getattr(self, name).items()) for name in SECTIONS)
+        return hash((self.schema_version, self.model_path, self.system_prompt, sections))
+
+    def with_changes(self, **changes: Any) -> AppSettings:
+        """A copy with `changes`; a section given as a dict is merged over the current section."""
+        for section in SECTIONS:
+            if section in changes:
+                changes[section] = {**getattr(self, section), **changes[section]}
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (lists, dicts)."""
+        data: dict[str, Any] = {
+            "schema_version": self.schema_version,
+            "model_path": self.model_path,
+            "system_prompt": self.system_prompt,
+        }
+        for section in SECTIONS:
+            data[section] = {
+                k: list(v) if isinstance(v, tuple) else v for k, v in getattr(self, section).items()
+            }
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> AppSettings:
+        """Parse `text`; ValueError says what is wrong. Unknown engine-section keys are dropped (logged)."""
+        settings, dropped = _parse(text)
+        if dropped:
+            logger.warning("ignored unknown settings: %s", ", ".join(dropped))
+        return settings
+
+
+def _parse(text: str) -> tuple[AppSettings, list[str]]:
+    """The settings in `text` and the dotted names of the unknown engine-section keys dropped from it."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"it is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"the top level must be an object, got {type(data).__name__}")
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(AppSettings)})
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)}")
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if _is_int(version) and version > SCHEMA_VERSION:
+        raise ValueError(
+            f"it was written by a newer SmallMind (schema_version {version}; this one reads {SCHEMA_VERSION})"
+        )
+    dropped: list[str] = []
+    for section in SECTIONS:
+        values = data.get(section)
+        if isinstance(values, dict):
+            dropped += [f"{section}.{key}" for key in values if key not in SECTIONS[section]]
+            data[section] = {key: v for key, v in values.items() if key in SECTIONS[section]}
+    return AppSettings(**data), dropped
+
+
+def load_settings(path: Path | str | None = None) -> tuple[AppSettings, str | None]:
+    """(settings, notice): the defaults when the file is missing or unusable; notice is for the user."""
+    path = Path(path) if path is not None else paths.settings_file()
+    try:
+        settings, dropped = _parse(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return AppSettings(), None
+    except UnicodeDecodeError:
+        return AppSettings(), _move_corrupt_aside(path, "it is not UTF-8 text")
+    except ValueError as exc:
+        return AppSettings(), _move_corrupt_aside(path, str(exc))
+    except OSError as exc:
+        logger.warning("cannot read %s: %s", path, exc)
+        return (
+            AppSettings(),
+            f"Could not read the settings file {path} ({_describe(exc)}); using the defaults.",
+        )
+    if dropped:
+        return settings, f"Ignored unknown settings in {path}: {', '.join(dropped)}."
+    return settings, None
+
+
+def _move_corrupt_aside(path: Path, reason: str) -> str:
+    logger.warning("settings file %s is unusable: %s", path, reason)
+    try:
+        aside = paths.aside_path(path)
+        os.replace(path, aside)
+    except OSError as exc:
+        logger.error("cannot move %s aside: %s", path, exc)
+        return (
+            f"The settings file {path} is unusable ({reason}) and could not be moved aside "
+            f"({_describe(exc)}); using the defaults."
+        )
+    return (
+        f"The settings file {path} is unusable ({reason}); "
+        f"it was moved to {aside.name} and the defaults are used."
+    )
+
+
+def save_settings(settings: AppSettings, path: Path | str | None = None) -> None:
+    """Write `settings` atomically (temp file in the same dir, fsync, os.replace); SettingsError if not."""
+    path = Path(path) if path is not None else paths.settings_file()
+    text = settings.to_json()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as tmp:
+                tmp.write(text)
+                tmp.flush()
+                os.fsync(tmp.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise SettingsError(f"cannot save the settings to {path}: {_describe(exc)}") from exc
+
+
+_ERRNO_REASONS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "the file system is read-only",
+    errno.EISDIR: "the path is a directory",
+    errno.ENOTDIR: "a parent of the path is not a directory",
+    errno.EEXIST: "a parent of the path is a file, not a directory",
+}
+
+
+def _describe(exc: OSError) -> str:
+    return _ERRNO_REASONS.get(exc.errno or 0, exc.strerror or str(exc))

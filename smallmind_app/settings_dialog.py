@@ -1,0 +1,321 @@
+"""The settings dialog: every KV cache, batching and sampling option, the model file, the default
+system prompt. Values are checked as they are typed (by the engine's own option classes, through
+``worker.validate_settings``); an invalid value disables OK and Apply and says why. Apply takes
+effect at once, without a restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from PySide6.QtCore import Qt, Signal, Slot
+from PySide6.QtWidgets import (
+    QAbstractButton,
+    QCheckBox,
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPlainTextEdit,
+    QPushButton,
+    QSpinBox,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from . import first_run
+from .settings import AppSettings, default_system_prompt, section_defaults
+from .worker import session_limits, validate_settings
+
+MiB = 1 << 20
+INT_MAX = 2_147_483_647
+
+# (section, option name, objectName, label, kind, (minimum, maximum, step/decimals))
+FIELDS: list[tuple[str, str, str, str, str, tuple[float, ...]]] = [
+    ("kv", "enabled", "kvEnabled", "Use the KV cache", "bool", ()),
+    ("kv", "max_tokens_per_session", "kvMaxTokensPerSession", "Max tokens per session", "int", (0, INT_MAX)),
+    ("kv", "max_sessions", "kvMaxSessions", "Max sessions", "int", (0, 1_000_000)),
+    ("kv", "max_bytes_total", "kvMaxBytesTotal", "Memory limit, all sessions", "mib", (0, 1_048_576, 2)),
+    ("kv", "max_bytes_per_session", "kvMaxBytesPerSession", "Memory limit per session", "mib", (0, 1_048_576, 2)),
+    ("kv", "persist_across_requests", "kvPersistAcrossRequests", "Keep sessions between replies", "bool", ()),
+    ("kv", "share_prefixes", "kvSharePrefixes", "Share common prompt prefixes between tabs", "bool", ()),
+    ("kv", "dtype", "kvDtype", "Cache precision", "choice", ()),
+    ("kv", "policy", "kvPolicy", "Eviction policy", "choice", ()),
+    ("batching", "enabled", "batchEnabled", "Batch requests of several tabs", "bool", ()),
+    ("batching", "max_batch_size", "batchMaxBatchSize", "Max batch size", "int", (0, 4096)),
+    ("batching", "max_batch_wait_ms", "batchMaxWaitMs", "Max batch wait", "float", (0, 100_000, 1)),
+    ("batching", "max_total_queued_requests", "batchMaxQueuedRequests", "Max queued requests", "int",
+     (0, 1_000_000)),
+    ("batching", "prefill_only", "batchPrefillOnly", "Batch prompts only (decode one by one)", "bool", ()),
+    ("batching", "max_prefill_chunk_tokens", "batchMaxPrefillChunkTokens", "Prompt tokens per step", "int",
+     (0, 1_000_000)),
+    ("sampling", "max_new_tokens", "maxNewTokens", "Max new tokens", "int", (0, 1_000_000)),
+    ("sampling", "temperature", "temperature", "Temperature (0 = greedy)", "float", (0, 100, 2)),
+    ("sampling", "top_k", "topK", "Top-k (0 = off)", "int", (0, 1_000_000)),
+    ("sampling", "top_p", "topP", "Top-p", "float", (0, 1, 3)),
+    ("sampling", "min_p", "minP", "Min-p (0 = off)", "float", (0, 1, 3)),
+    ("sampling", "repetition_penalty", "repetitionPenalty", "Repetition penalty (1 = off)", "float", (0, 100, 2)),
+    ("sampling", "repetition_window", "repetitionWindow", "Repetition window (0 = all)", "int", (0, 1_000_000)),
+    ("sampling", "seed", "seed", "Seed", "optional int", (-1, INT_MAX)),
+    ("sampling", "stop", "stopStrings", "Stop strings (one per line)", "lines", ()),
+    ("sampling", "max_time_ms", "maxTimeMs", "Time limit per reply", "optional int", (0, INT_MAX)),
+    ("sampling", "stop_on_eos", "stopOnEos", "Stop at the end-of-text token", "bool", ()),
+]  # fmt: skip
+CHOICES = {"kvDtype": ["float32", "float16"], "kvPolicy": ["lru"]}
+SUFFIXES = {"kvMaxBytesTotal": " MiB", "kvMaxBytesPerSession": " MiB", "batchMaxWaitMs": " ms",
+            "maxTimeMs": " ms"}  # fmt: skip
+SPECIAL = {"seed": "random", "maxTimeMs": "no limit"}  # shown at the minimum of "optional int" fields
+SECTION_KEYS = {"kv": "kv_cache", "batching": "batching", "sampling": "sampling"}
+PAGES = {"kv": "KV cache", "batching": "Batching", "sampling": "Sampling"}
+
+
+def _make_field(name: str, kind: str, limits: tuple[float, ...]) -> QWidget:
+    widget: QWidget
+    if kind == "bool":
+        widget = QCheckBox()
+    elif kind == "choice":
+        widget = QComboBox()
+        widget.addItems(CHOICES[name])
+    elif kind == "lines":
+        widget = QPlainTextEdit()
+        widget.setMaximumHeight(64)
+    elif kind in ("int", "optional int"):
+        widget = QSpinBox(minimum=int(limits[0]), maximum=int(limits[1]))
+        widget.setGroupSeparatorShown(True)
+        widget.setSpecialValueText(SPECIAL.get(name, ""))
+    else:
+        widget = QDoubleSpinBox(minimum=limits[0], maximum=limits[1], decimals=int(limits[2]))
+        widget.setSingleStep(10 ** -int(limits[2]) * (5 if limits[2] >= 2 else 1))
+    widget.setObjectName(name)
+    if isinstance(widget, QSpinBox | QDoubleSpinBox):
+        widget.setSuffix(SUFFIXES.get(name, ""))
+        widget.setMinimumWidth(150)
+        widget.setKeyboardTracking(True)
+    return widget
+
+
+def _model_text(info: Mapping[str, Any]) -> str:
+    if not info:
+        return "no model loaded"
+    return (
+        f"{info['name']} ({info['file_name']}): {info['n_layers']} layers, "
+        f"context {info['context_length']:,} tokens"
+    )
+
+
+class SettingsDialog(QDialog):
+    settings_chosen = Signal(object)  # AppSettings, on OK or Apply
+
+    def __init__(self, settings: AppSettings, model_info: Mapping[str, Any] | None, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setObjectName("settingsDialog")
+        self.setWindowTitle("SmallMind settings")
+        self.setMinimumWidth(560)
+        self._settings = settings
+        self.model_info = dict(model_info or {})
+        self.fields: dict[str, tuple[str, str, str, QWidget]] = {}  # objectName -> (section, key, kind, w)
+        self.errors: dict[str, str] = {}
+        tabs = QTabWidget(objectName="settingsPages")
+        tabs.addTab(self._model_page(), "Model")
+        for section, title in PAGES.items():
+            tabs.addTab(self._options_page(section), title)
+        tabs.addTab(self._prompt_page(), "System prompt")
+        self.error_label = QLabel(objectName="settingsError", wordWrap=True)
+        self.error_label.setStyleSheet("color: #b91c1c;")
+        buttons = QDialogButtonBox(
+            QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Apply
+            | QDialogButtonBox.StandardButton.Cancel | QDialogButtonBox.StandardButton.RestoreDefaults
+        )  # fmt: skip
+        self.buttons = buttons
+        self.ok_button = buttons.button(QDialogButtonBox.StandardButton.Ok)
+        self.apply_button = buttons.button(QDialogButtonBox.StandardButton.Apply)
+        self.restore_button = buttons.button(QDialogButtonBox.StandardButton.RestoreDefaults)
+        self.ok_button.setObjectName("okButton")
+        self.apply_button.setObjectName("applyButton")
+        self.restore_button.setObjectName("restoreDefaultsButton")
+        buttons.clicked.connect(self._on_buttons_clicked)
+        layout = QVBoxLayout(self)
+        layout.addWidget(tabs)
+        layout.addWidget(self.error_label)
+        layout.addWidget(buttons)
+        self.load(settings)
+
+    # -- pages ----------------------------------------------------------------------------------
+    def _model_page(self) -> QWidget:
+        page = QWidget()
+        form = QFormLayout(page)
+        self.model_path = QLineEdit(objectName="modelPath")
+        self.model_path.setPlaceholderText("the default model (SmolLM2-135M-Instruct)")
+        browse = QPushButton("Browse…", objectName="browseModelButton")
+        browse.clicked.connect(self._on_browse_clicked)
+        row = QHBoxLayout()
+        row.addWidget(self.model_path, 1)
+        row.addWidget(browse)
+        form.addRow("Model file (GGUF)", row)
+        self.model_label = QLabel(_model_text(self.model_info), objectName="loadedModel", wordWrap=True)
+        form.addRow("Loaded", self.model_label)
+        self.bytes_per_token = QLabel(objectName="bytesPerToken")
+        self.token_limit = QLabel(objectName="effectiveTokenLimit", wordWrap=True)
+        form.addRow("KV bytes per token", self.bytes_per_token)
+        form.addRow("Tokens per session", self.token_limit)
+        return page
+
+    def _options_page(self, section: str) -> QWidget:
+        page = QWidget()
+        form = QFormLayout(page)
+        for sec, key, name, label, kind, limits in FIELDS:
+            if sec != section:
+                continue
+            widget = _make_field(name, kind, limits)
+            self.fields[name] = (sec, key, kind, widget)
+            if kind == "bool":
+                assert isinstance(widget, QCheckBox)
+                widget.setText(label)
+                form.addRow("", widget)
+                widget.toggled.connect(self._revalidate)
+            else:
+                form.addRow(label, widget)
+                signal = getattr(widget, "valueChanged", None) or getattr(widget, "currentIndexChanged", None)
+                (signal or widget.textChanged).connect(self._revalidate)  # type: ignore[union-attr]
+        return page
+
+    def _prompt_page(self) -> QWidget:
+        page = QWidget()
+        layout = QVBoxLayout(page)
+        layout.addWidget(QLabel("The system prompt of new conversations (each tab can change its own):"))
+        self.system_prompt = QPlainTextEdit(objectName="defaultSystemPrompt")
+        layout.addWidget(self.system_prompt)
+        return page
+
+    # -- values ---------------------------------------------------------------------------------
+    def load(self, settings: AppSettings) -> None:
+        for name, (section, key, kind, widget) in self.fields.items():
+            value = getattr(settings, SECTION_KEYS[section])[key]
+            widget.blockSignals(True)
+            if isinstance(widget, QCheckBox):
+                widget.setChecked(bool(value))
+            elif isinstance(widget, QComboBox):
+                widget.setCurrentText(str(value))
+            elif isinstance(widget, QPlainTextEdit):
+                widget.setPlainText("\n".join(value))
+            elif kind == "mib":
+                widget.setValue(value / MiB)  # type: ignore[attr-defined]
+            elif kind == "optional int":
+                widget.setValue(widget.minimum() if value is None else value)  # type: ignore[attr-defined]
+            else:
+                widget.setValue(value)  # type: ignore[attr-defined]
+            widget.blockSignals(False)
+        self.model_path.setText(settings.model_path or "")
+        self.system_prompt.setPlainText(settings.system_prompt)
+        self._revalidate()
+
+    def _value(self, name: str) -> Any:
+        _, _, kind, widget = self.fields[name]
+        if isinstance(widget, QCheckBox):
+            return widget.isChecked()
+        if isinstance(widget, QComboBox):
+            return widget.currentText()
+        if isinstance(widget, QPlainTextEdit):
+            return [line for line in widget.toPlainText().split("\n") if line]
+        value = widget.value()  # type: ignore[attr-defined]
+        if kind == "mib":
+            return round(value * MiB)
+        if kind == "optional int":
+            return None if value == widget.minimum() else int(value)  # type: ignore[attr-defined]
+        return value
+
+    def sections(self) -> dict[str, dict[str, Any]]:
+        values: dict[str, dict[str, Any]] = {"kv": {}, "batching": {}, "sampling": {}}
+        for name, (section, key, _, _) in self.fields.items():
+            values[section][key] = self._value(name)
+        return values
+
+    def chosen_settings(self) -> AppSettings:
+        values = self.sections()
+        return self._settings.with_changes(
+            model_path=self.model_path.text().strip() or None,
+            system_prompt=self.system_prompt.toPlainText(),
+            kv_cache=values["kv"], batching=values["batching"], sampling=values["sampling"],
+        )  # fmt: skip
+
+    # -- validation -----------------------------------------------------------------------------
+    @Slot()
+    def _revalidate(self) -> None:
+        values = self.sections()
+        problems = validate_settings(values["kv"], values["batching"], values["sampling"])
+        by_key = {f"{sec}.{key}": name for name, (sec, key, _, _) in self.fields.items()}
+        self.errors = {by_key.get(key, key): message for key, message in problems.items()}
+        self._show_limits(values["kv"])
+        for name, (_, _, _, widget) in self.fields.items():
+            widget.setStyleSheet("border: 1px solid #dc2626;" if name in self.errors else "")
+            widget.setToolTip(self.errors.get(name, ""))
+        labels = {name: label for _, _, name, label, _, _ in FIELDS}
+        self.error_label.setText("\n".join(f"{labels.get(n, n)}: {m}" for n, m in self.errors.items()))
+        self.error_label.setVisible(bool(self.errors))
+        self.ok_button.setEnabled(not self.errors)
+        self.apply_button.setEnabled(not self.errors)
+
+    def _show_limits(self, kv: dict[str, Any]) -> None:
+        if not self.model_info:
+            self.bytes_per_token.setText("(load a model to see)")
+            self.token_limit.setText("(load a model to see)")
+            return
+        tokens, per_token = session_limits(kv, self.model_info)
+        self.bytes_per_token.setText(f"{per_token:,} bytes ({kv.get('dtype')})")
+        self.token_limit.setText(
+            f"{tokens:,} tokens (the smallest of max tokens per session, the memory limit per session "
+            f"÷ bytes per token, and the model's context of {self.model_info['context_length']:,})"
+        )
+        if tokens < 1 and "kvMaxBytesPerSession" not in self.errors and kv.get("enabled", True):
+            self.errors["kvMaxBytesPerSession"] = (
+                f"smaller than one token of K/V ({per_token:,} bytes for this model)"
+            )
+
+    # -- buttons --------------------------------------------------------------------------------
+    @Slot(QAbstractButton)
+    def _on_buttons_clicked(self, button: QAbstractButton) -> None:
+        if button is self.restore_button:
+            self.restore_defaults()
+        elif button is self.apply_button:
+            self.apply()
+        elif button is self.ok_button:
+            if self.apply():
+                self.accept()
+        else:
+            self.reject()
+
+    def apply(self) -> bool:
+        self._revalidate()
+        if self.errors:
+            return False
+        self._settings = self.chosen_settings()
+        self.settings_chosen.emit(self._settings)
+        return True
+
+    def restore_defaults(self) -> None:
+        """Every option and the default system prompt back to their defaults (the model file stays)."""
+        defaults = AppSettings(
+            model_path=self.model_path.text().strip() or None,
+            system_prompt=default_system_prompt(),
+            kv_cache=dict(section_defaults("kv_cache")),
+            batching=dict(section_defaults("batching")),
+            sampling=dict(section_defaults("sampling")),
+        )
+        self.load(defaults)
+
+    @Slot()
+    def _on_browse_clicked(self) -> None:
+        path = first_run.choose_model_file(self)
+        if path:
+            self.model_path.setText(path)
+
+    def set_model_info(self, info: Mapping[str, Any]) -> None:
+        self.model_info = dict(info)
+        self.model_label.setText(_model_text(self.model_info))
+        self._revalidate()

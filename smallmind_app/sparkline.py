@@ -1,0 +1,81 @@
+"""A small QPainter line plot of the recent values of one number (tokens/s, memory, batch size)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from PySide6.QtCore import QPointF, QRectF, QSize, Qt
+from PySide6.QtGui import QColor, QFont, QPainter, QPainterPath, QPaintEvent, QPen
+from PySide6.QtWidgets import QSizePolicy, QWidget
+
+HISTORY_POINTS = 4 * 60 * 5  # five minutes at four updates a second
+
+
+class Sparkline(QWidget):
+    """The last ``HISTORY_POINTS`` values as a filled line; the title and latest value on top."""
+
+    def __init__(self, title: str, unit: str = "", color: str = "#2563eb", parent: QWidget | None = None):
+        super().__init__(parent)
+        self.title = title
+        self.unit = unit
+        self.color = QColor(color)
+        self.values: deque[float] = deque(maxlen=HISTORY_POINTS)
+        self.ceiling: float | None = None  # a fixed top of the scale (e.g. the memory limit)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self.setMinimumHeight(58)
+        self.setAccessibleName(title)
+
+    def sizeHint(self) -> QSize:
+        return QSize(240, 58)
+
+    def add(self, value: float) -> None:
+        self.values.append(float(value))
+        self.update()
+
+    def _format(self, value: float) -> str:
+        text = f"{value:,.0f}" if value >= 100 else f"{value:,.1f}" if value >= 10 else f"{value:,.2f}"
+        return f"{text} {self.unit}".rstrip()
+
+    def paintEvent(self, event: QPaintEvent) -> None:
+        painter = QPainter(self)
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+        rect = QRectF(self.rect()).adjusted(0.5, 0.5, -0.5, -0.5)
+        painter.setPen(QPen(QColor("#d1d5db")))
+        painter.setBrush(QColor("#ffffff"))
+        painter.drawRoundedRect(rect, 4, 4)
+        font = QFont(self.font())
+        font.setPointSizeF(max(7.0, font.pointSizeF() * 0.9))
+        painter.setFont(font)
+        text_height = painter.fontMetrics().height()
+        latest = self.values[-1] if self.values else 0.0
+        painter.setPen(QColor("#4b5563"))
+        painter.drawText(rect.adjusted(6, 2, -6, 0), Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop,
+                         self.title)  # fmt: skip
+        painter.setPen(QColor("#111827"))
+        painter.drawText(rect.adjusted(6, 2, -6, 0), Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignTop,
+                         self._format(latest))  # fmt: skip
+        plot = rect.adjusted(4, text_height + 4, -4, -4)
+        if len(self.values) >= 2 and plot.height() > 4:
+            self._draw_line(painter, plot)
+        painter.end()
+
+    def _draw_line(self, painter: QPainter, plot: QRectF) -> None:
+        values = list(self.values)
+        top = max(self.ceiling or 0.0, max(values), 1e-9) * (1.0 if self.ceiling else 1.1)
+        step = plot.width() / (HISTORY_POINTS - 1)
+        x0 = plot.right() - step * (len(values) - 1)
+        points = [
+            QPointF(x0 + i * step, plot.bottom() - min(v / top, 1.0) * plot.height()) for i, v in enumerate(values)
+        ]
+        line = QPainterPath(points[0])
+        for point in points[1:]:
+            line.lineTo(point)
+        area = QPainterPath(line)
+        area.lineTo(points[-1].x(), plot.bottom())
+        area.lineTo(points[0].x(), plot.bottom())
+        area.closeSubpath()
+        fill = QColor(self.color)
+        fill.setAlpha(40)
+        painter.fillPath(area, fill)
+        painter.setPen(QPen(self.color, 1.5))
+        painter.drawPath(line)

@@ -1,0 +1,177 @@
+"""The stats dock: the KV cache and the batcher, live (the worker sends a snapshot every 250 ms).
+
+Numbers, three sparklines over the last five minutes, and the KV sessions in LRU order (the first
+idle one is the next to be evicted when memory or the session count runs out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from PySide6.QtCore import Qt
+from PySide6.QtGui import QColor
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QDockWidget,
+    QFormLayout,
+    QGroupBox,
+    QHeaderView,
+    QLabel,
+    QProgressBar,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .sparkline import Sparkline
+
+MiB = 1 << 20
+
+# objectName -> (label, what it means: the tooltip, also in the README)
+STATS: dict[str, tuple[str, str]] = {
+    "statSessions": ("Sessions", "Conversations with K/V in the cache (generating ones are pinned)"),
+    "statMemory": ("Memory", "K/V bytes reserved by sessions, of them holding tokens, and the peak, "
+                             "against the byte limit (max_bytes_total)"),
+    "statHitRate": ("Hit rate", "Requests that reused at least one cached token, of all requests"),
+    "statEvictions": ("Evictions", "Sessions dropped to make room (least recently used first)"),
+    "statReusedTokens": ("Reused tokens", "Prompt tokens taken from the cache instead of computed, "
+                                          "and their share of all prompt tokens"),
+    "statAvgBatchSize": ("Avg batch size", "Requests served per forward pass (rows per step)"),
+    "statAvgBatchWait": ("Avg batch wait", "Time a request waited in the queue before its first step"),
+    "statQueueDepth": ("Avg queue depth", "Requests waiting, averaged over steps (now: waiting / running)"),
+    "statTokensPerSec": ("Tokens/s", "Generated tokens per second over the last 5 seconds, all tabs"),
+    "statTtft": ("TTFT p50", "Median time from Send to the first token of the reply"),
+}  # fmt: skip
+
+
+def mib(n_bytes: float) -> str:
+    value = n_bytes / MiB
+    return f"{value:,.0f} MiB" if value >= 100 else f"{value:,.1f} MiB" if value >= 1 else f"{value:,.2f} MiB"
+
+
+class StatsDock(QDockWidget):
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__("Engine stats", parent)
+        self.setObjectName("statsDock")
+        self.setAllowedAreas(Qt.DockWidgetArea.LeftDockWidgetArea | Qt.DockWidgetArea.RightDockWidgetArea)
+        self.labels: dict[str, QLabel] = {}
+        self._last_steps = 0
+        self._last_rows = 0.0
+        body = QWidget()
+        layout = QVBoxLayout(body)
+        layout.setContentsMargins(8, 4, 8, 8)
+        layout.addWidget(self._group("KV cache", list(STATS)[:5]))
+        self.memory_bar = QProgressBar(objectName="memoryBar", textVisible=False, maximumHeight=6)
+        layout.addWidget(self.memory_bar)
+        layout.addWidget(self._group("Batcher", list(STATS)[5:]))
+        self.tokens_plot = Sparkline("Tokens/s", "", "#2563eb")
+        self.memory_plot = Sparkline("Memory", "MiB", "#7c3aed")
+        self.batch_plot = Sparkline("Batch size", "", "#059669")
+        for plot in (self.tokens_plot, self.memory_plot, self.batch_plot):
+            layout.addWidget(plot)
+        layout.addWidget(QLabel("<b>Sessions</b> (least recently used first)"))
+        self.table = QTableWidget(0, 4, objectName="sessionTable")
+        self.table.setHorizontalHeaderLabels(["Tab", "Tokens", "MiB", "State"])
+        self.table.verticalHeader().setVisible(False)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
+        self.table.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        for column in (1, 2, 3):
+            header.setSectionResizeMode(column, QHeaderView.ResizeMode.ResizeToContents)
+        self.table.setMinimumHeight(110)
+        layout.addWidget(self.table, 1)
+        self.setWidget(body)
+        self.show_no_model()
+
+    def _group(self, title: str, names: list[str]) -> QGroupBox:
+        box = QGroupBox(title)
+        form = QFormLayout(box)
+        form.setLabelAlignment(Qt.AlignmentFlag.AlignLeft)
+        form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        form.setContentsMargins(8, 6, 8, 6)
+        form.setVerticalSpacing(3)
+        for name in names:
+            label, meaning = STATS[name]
+            value = QLabel("–", objectName=name, wordWrap=True)
+            value.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+            value.setToolTip(meaning)
+            caption = QLabel(label)
+            caption.setToolTip(meaning)
+            form.addRow(caption, value)
+            self.labels[name] = value
+        return box
+
+    def show_no_model(self) -> None:
+        for label in self.labels.values():
+            label.setText("–")
+
+    def update_stats(self, stats: Mapping[str, Any], titles: Mapping[str, str]) -> None:
+        """Show one snapshot from the worker; ``titles`` maps conversation ids to tab names."""
+        kv, metrics, limits = stats["kv"], stats["metrics"], stats["limits"]
+        set_text = {name: label.setText for name, label in self.labels.items()}
+        set_text["statSessions"](f"{kv['current_sessions']}  ({kv['pinned_sessions']} generating)")
+        limit = kv["max_bytes_total"]
+        set_text["statMemory"](
+            f"{mib(kv['current_bytes'])} reserved of {mib(limit)}\n"
+            f"{mib(kv['used_bytes'])} used · peak {mib(kv['peak_bytes'])}"
+        )
+        self.memory_bar.setMaximum(1000)
+        self.memory_bar.setValue(int(1000 * min(1.0, kv["current_bytes"] / limit)) if limit else 0)
+        misses = kv["misses"]
+        set_text["statHitRate"](
+            f"{kv['hit_rate']:.0%}  ({kv['hits']} hit{'s' * (kv['hits'] != 1)}, "
+            f"{misses} miss{'es' * (misses != 1)})"
+        )
+        set_text["statEvictions"](f"{kv['evictions']}")
+        set_text["statReusedTokens"](f"{kv['reused_tokens']:,}  ({kv['token_reuse_ratio']:.0%} of prompt tokens)")
+        set_text["statAvgBatchSize"](f"{metrics['average_batch_size']:.2f}")
+        set_text["statAvgBatchWait"](f"{metrics['average_batch_wait_ms']:.1f} ms")
+        set_text["statQueueDepth"](
+            f"{metrics['average_queue_depth']:.2f}  (now {metrics['queue_depth']} waiting, "
+            f"{metrics['running']} running)"
+        )
+        set_text["statTokensPerSec"](f"{metrics['tokens_per_second']:.1f}")
+        set_text["statTtft"](f"{metrics['ttft_p50_ms']:.0f} ms" if metrics["ttft_p50_ms"] else "–")
+        if not limits.get("enabled", True):
+            set_text["statSessions"]("KV cache disabled")
+        self._add_points(kv, metrics)
+        self._fill_table(stats["sessions"], titles)
+
+    def _add_points(self, kv: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
+        self.tokens_plot.add(metrics["tokens_per_second"])
+        self.memory_plot.ceiling = kv["max_bytes_total"] / MiB
+        self.memory_plot.add(kv["current_bytes"] / MiB)
+        steps = metrics["steps"]
+        rows = metrics["average_batch_size"] * steps
+        if steps < self._last_steps:  # a new engine (another model): counters restarted
+            self._last_steps, self._last_rows = 0, 0.0
+        new_steps = steps - self._last_steps
+        self.batch_plot.add((rows - self._last_rows) / new_steps if new_steps else 0.0)
+        self._last_steps, self._last_rows = steps, rows
+
+    def _fill_table(self, sessions: list[Mapping[str, Any]], titles: Mapping[str, str]) -> None:
+        self.table.setRowCount(len(sessions))
+        next_evicted = next((i for i, s in enumerate(sessions) if not s["pinned"]), None)
+        for row, session in enumerate(sessions):
+            sid = session["session_id"]
+            if session["pinned"]:
+                state = "generating"
+            elif row == next_evicted:
+                state = "idle · evicted next"
+            else:
+                state = "idle"
+            cells = [titles.get(sid, sid[:8]), f"{session['n_tokens']:,}",
+                     f"{session['reserved_bytes'] / MiB:.2f}", state]  # fmt: skip
+            for column, text in enumerate(cells):
+                item = self.table.item(row, column)
+                if item is None:
+                    item = QTableWidgetItem()
+                    self.table.setItem(row, column, item)
+                item.setText(text)
+                if column in (1, 2):
+                    item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                item.setForeground(QColor("#047857" if session["pinned"] else "#111827"))

@@ -1,0 +1,441 @@
+"""Conversations and their messages in one SQLite file.
+
+Durability: the database runs in WAL mode with ``synchronous=NORMAL`` and every write method is its
+own committed transaction. A committed transaction survives a crash of the process (SIGKILL, a
+segfault, the power button of the app); only an OS crash or power loss can lose the last few commits
+(WAL + NORMAL syncs at checkpoints, not at every commit), and even then the file stays consistent.
+A reply is streamed as ``add_message(..., status="streaming")``, then ``update_message(content=...)``
+every second or so, then the final status; at the next start ``mark_interrupted()`` turns a reply
+that a crash cut off from "streaming" into "partial".
+
+Failures: every SQLite error is raised as ``StoreError`` with a sentence for the user naming the
+file ("cannot save the message: the disk is full (/path/conversations.sqlite3)"), so the app can keep
+the conversation in memory and say so. A file that is not a database (or is damaged) raises
+``StoreCorruptError`` at open; ``move_aside(path)`` moves it and its WAL files out of the way.
+Unknown conversation or message ids raise ``KeyError``; bad roles, statuses or orders ``ValueError``.
+
+The schema version is ``PRAGMA user_version``; ``_MIGRATIONS[n]`` takes version n to n + 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from . import paths
+from .settings import default_system_prompt
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+STATUSES = ("complete", "partial", "streaming", "error")
+WAL_SUFFIXES = ("-wal", "-shm")
+BUSY_TIMEOUT_S = 5.0
+
+
+class StoreError(Exception):
+    """The database could not be opened, read or written; the message is meant for the user."""
+
+
+class StoreCorruptError(StoreError):
+    """The file is not a SQLite database or is damaged; `move_aside` it and start a new one."""
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    id: str  # uuid4 hex; also the engine's KV-cache session id
+    title: str
+    system_prompt: str
+    settings: Mapping[str, Any]  # per-tab sampling overrides
+    position: int  # tab order, 0 first
+    created_at: float  # seconds since the epoch
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    id: int  # never reused, so a stale id cannot hit a newer message
+    conversation_id: str
+    role: str
+    content: str
+    status: str
+    stats: Mapping[str, Any]  # n_tokens, tokens_per_s, ttft_ms, reused_tokens, finish_reason, ...
+    created_at: float
+
+
+def _create_v1(db: sqlite3.Connection) -> None:
+    db.execute(
+        """CREATE TABLE conversations (
+            id TEXT PRIMARY KEY,
+            title TEXT NOT NULL,
+            system_prompt TEXT NOT NULL,
+            settings_json TEXT NOT NULL DEFAULT '{}',
+            position INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL)"""
+    )
+    db.execute(
+        f"""CREATE TABLE messages (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            role TEXT NOT NULL CHECK (role IN {ROLES}),
+            content TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN {STATUSES}),
+            stats_json TEXT NOT NULL DEFAULT '{{}}',
+            created_at REAL NOT NULL)"""
+    )
+    db.execute("CREATE INDEX messages_by_conversation ON messages (conversation_id, id)")
+
+
+_MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_v1]
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+def _reason(exc: sqlite3.Error) -> str:
+    """The user-facing reason for a SQLite error, from its error code."""
+    name = getattr(exc, "sqlite_errorname", "")
+    if name == "SQLITE_FULL":
+        return "the disk is full"
+    if name.startswith("SQLITE_READONLY"):
+        return "the database file or its folder is read-only"
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return "the database is locked by another program (is SmallMind already running?)"
+    if name.startswith("SQLITE_CANTOPEN"):
+        return "the file cannot be opened (check that its folder exists and is writable)"
+    if name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
+        return "it is not a SQLite database or it is damaged"
+    if name.startswith("SQLITE_IOERR"):
+        return f"a disk input/output error ({exc})"
+    return str(exc)
+
+
+def _store_error(action: str, path: Path, exc: sqlite3.Error) -> StoreError:
+    name = getattr(exc, "sqlite_errorname", "")
+    cls = StoreCorruptError if name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")) else StoreError
+    return cls(f"cannot {action}: {_reason(exc)} ({path})")
+
+
+def _json(value: Mapping[str, Any] | None, name: str) -> str:
+    try:
+        return json.dumps(dict(value or {}), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a JSON object of plain values, got {value!r}: {exc}") from exc
+
+
+def _conversation(row: sqlite3.Row) -> Conversation:
+    values = dict(row)  # the column names are the field names, but for the JSON column
+    settings = MappingProxyType(json.loads(values.pop("settings_json")))
+    return Conversation(**values, settings=settings)
+
+
+def _message(row: sqlite3.Row) -> Message:
+    values = dict(row)
+    stats = MappingProxyType(json.loads(values.pop("stats_json")))
+    return Message(**values, stats=stats)
+
+
+_STATUS_NOTES = {
+    "partial": "*(reply interrupted)*",
+    "streaming": "*(reply in progress)*",
+    "error": "*(reply failed)*",
+}
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+class ConversationStore:
+    """Conversations (tabs) and their messages, persisted at `path`. Safe to share between threads."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._db: sqlite3.Connection | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create the folder for the conversations database ({self.path}): {exc}"
+            ) from exc
+        try:
+            self._db = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S
+            )
+            self._db.row_factory = sqlite3.Row
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                logger.warning("%s: journal_mode is %s, not wal", self.path, mode)
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.Error as exc:
+            self.close()
+            raise _store_error("open the conversations database", self.path, exc) from exc
+        except StoreError:
+            self.close()
+            raise
+
+    def _migrate(self) -> None:
+        version = self.schema_version
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"cannot open the conversations database: it was written by a newer SmallMind "
+                f"(schema {version}; this one reads up to {SCHEMA_VERSION}) ({self.path})"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        with self._transaction("update the conversations database") as db:
+            for step in range(version, SCHEMA_VERSION):
+                logger.info("%s: migrating schema %d -> %d", self.path, step, step + 1)
+                _MIGRATIONS[step](db)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @property
+    def schema_version(self) -> int:
+        with self._reading() as db:
+            return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+    @contextmanager
+    def _transaction(self, action: str) -> Iterator[sqlite3.Connection]:
+        """One committed write transaction; any SQLite error rolls back and becomes a StoreError."""
+        with self._lock:
+            db = self._connection()
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                yield db
+                db.execute("COMMIT")
+            except BaseException as exc:
+                if db.in_transaction:  # SQLite may already have rolled back (e.g. after SQLITE_FULL)
+                    db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise _store_error(action, self.path, exc) from exc
+                raise
+
+    @contextmanager
+    def _reading(self, action: str = "read the conversations") -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                yield self._connection()
+            except sqlite3.Error as exc:
+                raise _store_error(action, self.path, exc) from exc
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError(f"the conversations database is closed ({self.path})")
+        return self._db
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def __enter__(self) -> ConversationStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- conversations -------------------------------------------------------------------------------
+
+    def create_conversation(
+        self,
+        title: str = "New chat",
+        system_prompt: str | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> Conversation:
+        """A new conversation after the existing ones; system_prompt None means the default prompt."""
+        prompt = default_system_prompt() if system_prompt is None else system_prompt
+        settings_json = _json(settings, "settings")
+        now = time.time()
+        conversation_id = uuid.uuid4().hex
+        with self._transaction("create the conversation") as db:
+            position = db.execute("SELECT COALESCE(MAX(position) + 1, 0) FROM conversations").fetchone()[0]
+            db.execute(
+                "INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (conversation_id, title, prompt, settings_json, position, now, now),
+            )
+            row = db.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        return _conversation(row)
+
+    def list_conversations(self) -> list[Conversation]:
+        with self._reading() as db:
+            rows = db.execute("SELECT * FROM conversations ORDER BY position, created_at").fetchall()
+        return [_conversation(row) for row in rows]
+
+    def get_conversation(self, conversation_id: str) -> Conversation | None:
+        with self._reading() as db:
+            row = db.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        return _conversation(row) if row else None
+
+    def _update_conversation(self, conversation_id: str, action: str, column: str, value: Any) -> None:
+        with self._transaction(action) as db:
+            cursor = db.execute(
+                f"UPDATE conversations SET {column} = ?, updated_at = ? WHERE id = ?",
+                (value, time.time(), conversation_id),
+            )
+            if cursor.rowcount == 0:
+                raise KeyError(f"no conversation {conversation_id!r}")
+
+    def rename(self, conversation_id: str, title: str) -> None:
+        self._update_conversation(conversation_id, "rename the conversation", "title", title)
+
+    def set_system_prompt(self, conversation_id: str, text: str) -> None:
+        self._update_conversation(conversation_id, "save the system prompt", "system_prompt", text)
+
+    def set_conversation_settings(self, conversation_id: str, settings: Mapping[str, Any]) -> None:
+        """Replace the conversation's settings (a JSON object: per-tab sampling overrides)."""
+        settings_json = _json(settings, "settings")
+        self._update_conversation(
+            conversation_id, "save the conversation settings", "settings_json", settings_json
+        )
+
+    def reorder(self, ids_in_order: Sequence[str]) -> None:
+        """Set the tab order; `ids_in_order` must name every conversation exactly once."""
+        with self._transaction("save the tab order") as db:
+            existing = {row[0] for row in db.execute("SELECT id FROM conversations")}
+            if len(ids_in_order) != len(set(ids_in_order)) or set(ids_in_order) != existing:
+                raise ValueError(
+                    f"reorder needs every conversation id exactly once; got {list(ids_in_order)}, "
+                    f"have {sorted(existing)}"
+                )
+            db.executemany(
+                "UPDATE conversations SET position = ? WHERE id = ?", list(enumerate(ids_in_order))
+            )
+
+    def delete_conversation(self, conversation_id: str) -> None:
+        """Delete the conversation and (by cascade) its messages."""
+        with self._transaction("delete the conversation") as db:
+            if db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,)).rowcount == 0:
+                raise KeyError(f"no conversation {conversation_id!r}")
+
+    # -- messages ------------------------------------------------------------------------------------
+
+    def add_message(
+        self,
+        conversation_id: str,
+        role: str,
+        content: str,
+        status: str = "complete",
+        stats: Mapping[str, Any] | None = None,
+    ) -> Message:
+        _check_choice("role", role, ROLES)
+        _check_choice("status", status, STATUSES)
+        stats_json = _json(stats, "stats")
+        now = time.time()
+        with self._transaction("save the message") as db:
+            touched = db.execute(
+                "UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id)
+            )
+            if touched.rowcount == 0:
+                raise KeyError(f"no conversation {conversation_id!r}")
+            cursor = db.execute(
+                "INSERT INTO messages (conversation_id, role, content, status, stats_json, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (conversation_id, role, content, status, stats_json, now),
+            )
+            row = db.execute("SELECT * FROM messages WHERE id = ?", (cursor.lastrowid,)).fetchone()
+        return _message(row)
+
+    def update_message(
+        self,
+        message_id: int,
+        *,
+        content: str | None = None,
+        status: str | None = None,
+        stats: Mapping[str, Any] | None = None,
+    ) -> Message:
+        """Change the given fields of a message (stats are replaced, not merged); the updated message."""
+        changes: dict[str, Any] = {}
+        if content is not None:
+            changes["content"] = content
+        if status is not None:
+            changes["status"] = _check_choice("status", status, STATUSES)
+        if stats is not None:
+            changes["stats_json"] = _json(stats, "stats")
+        with self._transaction("save the message") as db:
+            if changes:
+                assignments = ", ".join(f"{column} = ?" for column in changes)
+                db.execute(f"UPDATE messages SET {assignments} WHERE id = ?", (*changes.values(), message_id))
+            row = db.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
+            if row is None:
+                raise KeyError(f"no message {message_id}")
+            db.execute(
+                "UPDATE conversations SET updated_at = ? WHERE id = ?", (time.time(), row["conversation_id"])
+            )
+        return _message(row)
+
+    def messages(self, conversation_id: str) -> list[Message]:
+        """The conversation's messages, oldest first (empty for an unknown id)."""
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
+            ).fetchall()
+        return [_message(row) for row in rows]
+
+    def delete_messages_from(self, conversation_id: str, message_id: int) -> int:
+        """Delete `message_id` and every later message of the conversation (regenerate, edit and resend)."""
+        with self._transaction("delete the messages") as db:
+            owner = db.execute("SELECT conversation_id FROM messages WHERE id = ?", (message_id,)).fetchone()
+            if owner is None or owner[0] != conversation_id:
+                raise KeyError(f"no message {message_id} in conversation {conversation_id!r}")
+            cursor = db.execute(
+                "DELETE FROM messages WHERE conversation_id = ? AND id >= ?", (conversation_id, message_id)
+            )
+            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (time.time(), conversation_id))
+            return cursor.rowcount
+
+    def mark_interrupted(self) -> int:
+        """At startup: every 'streaming' message (a reply a crash cut off) becomes 'partial'; how many."""
+        with self._transaction("mark interrupted replies") as db:
+            return db.execute("UPDATE messages SET status = 'partial' WHERE status = 'streaming'").rowcount
+
+    # -- export and maintenance ----------------------------------------------------------------------
+
+    def export_markdown(self, conversation_id: str) -> str:
+        conversation = self.get_conversation(conversation_id)
+        if conversation is None:
+            raise KeyError(f"no conversation {conversation_id!r}")
+        parts = [f"# {conversation.title}"]
+        if conversation.system_prompt:
+            parts.append(f"## System\n\n{conversation.system_prompt}")
+        for message in self.messages(conversation_id):
+            text = f"## {message.role.capitalize()}\n\n{message.content}"
+            note = _STATUS_NOTES.get(message.status)
+            parts.append(f"{text}\n\n{note}" if note else text)
+        return "\n\n".join(parts) + "\n"
+
+    def integrity_check(self) -> str:
+        """SQLite's own check of the whole file: "ok", or one line per problem found."""
+        with self._reading("check the conversations database") as db:
+            return "\n".join(row[0] for row in db.execute("PRAGMA integrity_check"))
+
+
+def move_aside(path: Path | str) -> Path:
+    """Rename a damaged database (and its -wal/-shm files) to ``<name>.corrupt-<timestamp>``; the new path."""
+    path = Path(path)
+    aside = paths.aside_path(path)
+    try:
+        os.replace(path, aside)
+        for suffix in WAL_SUFFIXES:
+            companion = path.with_name(path.name + suffix)
+            if companion.exists():
+                os.replace(companion, aside.with_name(aside.name + suffix))
+    except OSError as exc:
+        raise StoreError(f"cannot move the damaged database {path} aside: {exc}") from exc
+    logger.warning("moved the damaged database %s to %s", path, aside)
+    return aside

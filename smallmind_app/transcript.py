@@ -1,0 +1,184 @@
+"""The transcript of one conversation: a QTextBrowser showing the messages as chat bubbles.
+
+Assistant replies are Markdown (Qt's own parser, ``QTextDocument.setMarkdown``) with monospace code
+blocks on a grey background; user messages are plain text. Every bubble has a "Copy" link (the raw
+text goes to the clipboard) and every reply a line of numbers: tokens, tokens/s, time to first
+token, tokens reused from the KV cache. Each entry's HTML is cached, so while a reply streams only
+that reply is converted again, and ``render`` is throttled by the tab.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from PySide6.QtCore import QUrl, Signal, Slot
+from PySide6.QtGui import QGuiApplication, QTextDocument
+from PySide6.QtWidgets import QTextBrowser, QWidget
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_BODY = re.compile(r"<body[^>]*>(.*)</body>", re.S)
+
+COLORS = {
+    "user": "#e8effd",
+    "assistant": "#f7f7f8",
+    "notice": "#fff4e5",
+    "error": "#fdecec",
+    "muted": "#6b7280",
+    "code": "#eceef1",
+    "user_name": "#1d4ed8",
+    "assistant_name": "#047857",
+}
+FINISH_NOTES = {
+    "length": "stopped at the token limit",
+    "cancelled": "stopped",
+    "timeout": "stopped: time limit",
+    "error": "failed",
+}
+
+
+@dataclass(eq=False)
+class Entry:
+    """One bubble: a stored message, the reply being generated, or a notice (never sent to the model)."""
+
+    role: str  # "user", "assistant" or "notice"
+    content: str
+    status: str = "complete"  # complete | partial | streaming | error (notices: info | error)
+    stats: dict[str, Any] = field(default_factory=dict)
+    message_id: int | None = None  # None: not in the database (a notice, or a failed save)
+    progress: tuple[int, int] | None = None  # prompt tokens processed / total, while prefilling
+
+    def cache_key(self) -> tuple[Any, ...]:
+        return (self.role, self.content, self.status, tuple(sorted(self.stats.items())), self.progress)
+
+
+def sanitize(text: str) -> str:
+    """Drop control characters a model may emit (they render as boxes or break the layout)."""
+    return _CONTROL_CHARS.sub("", text)
+
+
+def markdown_html(text: str) -> str:
+    """Markdown -> the HTML body Qt renders, with code blocks on a grey background."""
+    document = QTextDocument()
+    document.setMarkdown(sanitize(text))
+    match = _BODY.search(document.toHtml())
+    body = match.group(1) if match else html.escape(text)
+    return body.replace("<pre style=\"", f"<pre style=\" background-color:{COLORS['code']};")
+
+
+def plain_html(text: str) -> str:
+    escaped = html.escape(sanitize(text)).replace("\n", "<br />")
+    return f'<p style="margin:0px; white-space:pre-wrap;">{escaped}</p>'
+
+
+def stats_line(stats: dict[str, Any]) -> str:
+    """'42 tokens · 18.3 tokens/s · first token 120 ms · 96 tokens reused from cache'."""
+    parts = []
+    if "n_tokens" in stats:
+        parts.append(f"{stats['n_tokens']} tokens")
+    if stats.get("tokens_per_s"):
+        parts.append(f"{stats['tokens_per_s']:.1f} tokens/s")
+    if stats.get("ttft_ms") is not None:
+        parts.append(f"first token {stats['ttft_ms']:.0f} ms")
+    if "reused_tokens" in stats:
+        parts.append(f"{stats['reused_tokens']} of {stats.get('prompt_tokens', '?')} prompt tokens reused")
+    note = FINISH_NOTES.get(str(stats.get("finish_reason", "")))
+    if note:
+        parts.append(note)
+    if stats.get("context_trimmed"):
+        parts.append("older messages trimmed to fit the context")
+    return " · ".join(parts)
+
+
+def entry_html(index: int, entry: Entry) -> str:
+    muted = COLORS["muted"]
+    if entry.role == "notice":
+        color = COLORS["error"] if entry.status == "error" else COLORS["notice"]
+        return (
+            f'<table width="100%" cellpadding="8" cellspacing="0" bgcolor="{color}" '
+            f'style="margin-top:6px; margin-bottom:6px;"><tr><td>{plain_html(entry.content)}</td></tr></table>'
+        )
+    user = entry.role == "user"
+    name = "You" if user else "Assistant"
+    name_color = COLORS["user_name"] if user else COLORS["assistant_name"]
+    if user:
+        body = plain_html(entry.content)
+    elif entry.content:
+        body = markdown_html(entry.content)
+    else:
+        body = ""
+    footer = ""
+    if entry.status == "streaming":
+        if entry.progress is not None and entry.progress[0] < entry.progress[1]:
+            footer = f"processing prompt {entry.progress[0]}/{entry.progress[1]}…"
+        else:
+            footer = "generating…" if entry.content else "waiting for the engine…"
+    elif not user:
+        footer = stats_line(entry.stats)
+        if entry.stats.get("error"):
+            footer += f"<br />{html.escape(str(entry.stats['error']))}"
+        elif entry.status == "partial" and "finish_reason" not in entry.stats:
+            footer = "interrupted (the app closed while this reply was generated)"
+    header = (
+        f'<p style="margin:0px 0px 4px 0px;"><span style="color:{name_color}; font-weight:600;">{name}</span>'
+        f'&nbsp;&nbsp;<a href="copy:{index}" style="color:{muted}; text-decoration:none;">Copy</a></p>'
+    )
+    foot = f'<p style="margin:6px 0px 0px 0px; color:{muted}; font-size:small;">{footer}</p>' if footer else ""
+    bg = COLORS["error"] if entry.status == "error" else COLORS["user" if user else "assistant"]
+    return (
+        f'<table width="100%" cellpadding="10" cellspacing="0" bgcolor="{bg}" '
+        f'style="margin-top:6px; margin-bottom:6px;"><tr><td>{header}{body}{foot}</td></tr></table>'
+    )
+
+
+class TranscriptView(QTextBrowser):
+    """Read-only view of a list of entries; ``render`` rebuilds only the entries that changed."""
+
+    copied = Signal(int)  # index of the entry whose text went to the clipboard
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setObjectName("transcriptView")
+        self.setOpenLinks(False)
+        self.setOpenExternalLinks(False)
+        self.setAccessibleName("Conversation transcript")
+        self.document().setDocumentMargin(12)
+        self._entries: list[Entry] = []
+        self._cache: dict[int, tuple[tuple[Any, ...], str]] = {}
+        self.anchorClicked.connect(self._on_anchor_clicked)
+
+    def render(self, entries: list[Entry]) -> None:
+        self._entries = list(entries)
+        parts = []
+        for index, entry in enumerate(self._entries):
+            key = entry.cache_key()
+            cached = self._cache.get(index)
+            if cached is None or cached[0] != key:
+                cached = (key, entry_html(index, entry))
+                self._cache[index] = cached
+            parts.append(cached[1])
+        for stale in [i for i in self._cache if i >= len(self._entries)]:
+            del self._cache[stale]
+        bar = self.verticalScrollBar()
+        at_bottom = bar.value() >= bar.maximum() - 4
+        position = bar.value()
+        self.setHtml("".join(parts) if parts else self._placeholder())
+        bar.setValue(bar.maximum() if at_bottom else position)
+
+    def copy_entry(self, index: int) -> None:
+        if 0 <= index < len(self._entries):
+            QGuiApplication.clipboard().setText(self._entries[index].content)
+            self.copied.emit(index)
+
+    def _placeholder(self) -> str:
+        return (
+            f'<p align="center" style="color:{COLORS["muted"]}; margin-top:40px;">'
+            "Type a message below and press Enter.<br />Shift+Enter starts a new line.</p>"
+        )
+
+    @Slot(QUrl)
+    def _on_anchor_clicked(self, url: QUrl) -> None:
+        if url.scheme() == "copy":
+            self.copy_entry(int(url.path() or -1))

@@ -1,0 +1,459 @@
+"""The engine worker: the only module of the app that imports ``engine``.
+
+``EngineWorker`` is a QObject moved to one long-lived QThread (see ``engine_client.py``). The GUI
+calls its slots through queued signals; it answers with signals that carry plain values (str, int,
+float, dict, list). It drives ``BatchedInferenceEngine.step()`` from a zero-interval QTimer that
+runs while the engine has work and stops when it is idle, so queued submit/cancel/settings calls
+are handled between two steps. Engine events arrive inside ``step()`` on this thread; they are
+buffered and sent on as one signal per conversation (text pieces joined), at most every
+``TEXT_FLUSH_S`` seconds, and at once when a request ends.
+
+The two plain functions ``validate_settings`` and ``session_limits`` are what the settings dialog
+needs from the engine's option classes, so the dialog never imports engine types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QCoreApplication, QObject, QTimer, Signal, Slot
+
+from engine import (
+    BatchedInferenceEngine,
+    BatchingOptions,
+    EngineError,
+    GenerationEvent,
+    GenerationResult,
+    GgufFile,
+    InferenceOptions,
+    InMemoryRuntimeMetrics,
+    KvCacheOptions,
+    LruKvCacheStore,
+    Model,
+    ModelFileError,
+    ModelNotFoundError,
+    SessionId,
+    Tokenizer,
+)
+from engine import download
+from engine.kv_cache import KV_DTYPES, ModelShape
+
+log = logging.getLogger(__name__)
+
+STATS_INTERVAL_MS = 250
+TEXT_FLUSH_S = 0.03  # text of several steps is joined into one signal per conversation
+DOWNLOAD_PROGRESS_S = 0.1  # at most 10 progress signals a second
+DOWNLOAD_JOIN_S = 8.0  # pull_model stops pip within 5 s of a cancel
+
+
+class EngineWorker(QObject):
+    """Owns the model and the batched engine; lives on the worker thread. See the module docstring."""
+
+    model_loading = Signal(str)  # path
+    model_loaded = Signal(dict)  # model_info(): name, path, n_layers, context_length, bytes_per_token...
+    model_load_failed = Signal(str, str)  # path, reason
+    model_missing = Signal(str)  # no model given and the default one is not installed: the message
+    prompt_progressed = Signal(str, int, int)  # conversation id, prompt tokens done, prompt tokens
+    text_generated = Signal(str, str)  # conversation id, new text (pieces of one or more steps joined)
+    request_finished = Signal(str, dict)  # conversation id, result_dict()
+    request_failed = Signal(str, str)  # conversation id, message (not accepted at submit)
+    stats_updated = Signal(dict)  # stats_dict(): "kv", "metrics", "sessions", "limits"
+    settings_applied = Signal(dict)  # {"kv_cache", "batching", "session_token_limit", "bytes_per_token"}
+    settings_rejected = Signal(str)
+    download_progressed = Signal(str, int, int)  # phase, done, total (bytes; total 0 = unknown)
+    download_finished = Signal(str)  # path of the installed model
+    download_failed = Signal(str)
+    shut_down = Signal()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._engine: BatchedInferenceEngine | None = None
+        self._model_path = ""
+        self._kv = KvCacheOptions()
+        self._batching = BatchingOptions()
+        self._handles: dict[str, Any] = {}  # conversation id -> RequestHandle
+        self._events: list[tuple[str, GenerationEvent]] = []  # filled inside step()
+        self._text: dict[str, list[str]] = {}  # pending text pieces per conversation
+        self._last_text_flush = 0.0
+        self._step_timer: QTimer | None = None
+        self._wait_timer: QTimer | None = None
+        self._stats_timer: QTimer | None = None
+        self._download: threading.Thread | None = None
+        self._download_cancel = threading.Event()
+        self.pull_model: Callable[..., Path] = download.pull_model  # tests swap in a fake (no network)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    @Slot()
+    def initialize(self) -> None:
+        """Connected to ``QThread.started``: timers are made here so they belong to this thread."""
+        self._step_timer = QTimer(self, interval=0)
+        self._step_timer.timeout.connect(self._run_step)
+        self._wait_timer = QTimer(self, singleShot=True)
+        self._wait_timer.timeout.connect(self._run_step)
+        self._stats_timer = QTimer(self, interval=STATS_INTERVAL_MS)
+        self._stats_timer.timeout.connect(self._emit_stats)
+
+    @Slot()
+    def shutdown(self) -> None:
+        """Stop everything (running requests fail with a clear message), then end the thread."""
+        for timer in (self._step_timer, self._wait_timer, self._stats_timer):
+            if timer is not None:
+                timer.stop()
+        self.cancel_download()
+        if self._download is not None:
+            self._download.join(DOWNLOAD_JOIN_S)
+        if self._engine is not None:
+            self._engine.stop()
+            self._flush(force=True)
+            self._engine = None
+        self._handles.clear()
+        thread = self.thread()
+        app = QCoreApplication.instance()
+        if app is not None:
+            self.moveToThread(app.thread())  # so that the GUI thread may delete it after the join
+        self.shut_down.emit()
+        thread.quit()
+
+    # -- model ----------------------------------------------------------------------------------
+    @Slot(str)
+    def load_model(self, path: str) -> None:
+        """Load ``path`` ("" = $SMALLMIND_MODEL, else the installed default model) and start serving."""
+        try:
+            resolved = download.resolve_model_path(path or None)
+        except ModelNotFoundError as exc:
+            if path:
+                self.model_load_failed.emit(path, "the file does not exist")
+            else:
+                self.model_missing.emit(str(exc))
+            return
+        except ModelFileError as exc:
+            self.model_load_failed.emit(exc.path, exc.reason)
+            return
+        self.model_loading.emit(str(resolved))
+        try:
+            gguf = GgufFile(resolved)
+            model = Model.from_gguf(gguf)
+            tokenizer = Tokenizer.from_gguf(gguf)
+        except ModelFileError as exc:
+            log.warning("cannot load %s: %s", resolved, exc.reason)
+            self.model_load_failed.emit(str(resolved), exc.reason)
+            return
+        except Exception as exc:  # an unreadable file may fail in many ways; report it, keep serving
+            log.exception("cannot load %s", resolved)
+            self.model_load_failed.emit(str(resolved), f"{type(exc).__name__}: {exc}")
+            return
+        self._replace_engine(model, tokenizer, str(resolved))
+
+    def _replace_engine(self, model: Model, tokenizer: Tokenizer, path: str) -> None:
+        if self._engine is not None:
+            self._engine.stop()  # requests of the old model fail with "the engine was stopped..."
+            self._flush(force=True)
+            self._handles.clear()
+        store = LruKvCacheStore(self._kv)
+        self._engine = BatchedInferenceEngine(model, tokenizer, self._batching, store, InMemoryRuntimeMetrics())
+        self._model_path = path
+        self.model_loaded.emit(self.model_info())
+        self._emit_stats()
+        if self._stats_timer is not None:
+            self._stats_timer.start()
+
+    def model_info(self) -> dict[str, Any]:
+        assert self._engine is not None
+        c = self._engine.model.config
+        return {
+            "name": c.name,
+            "path": self._model_path,
+            "file_name": Path(self._model_path).name,
+            "architecture": c.architecture,
+            "n_layers": c.n_layers,
+            "n_heads": c.n_heads,
+            "n_kv_heads": c.n_kv_heads,
+            "head_dim": c.head_dim,
+            "hidden_size": c.hidden_size,
+            "vocab_size": c.vocab_size,
+            "context_length": c.context_length,
+            "bytes_per_token": self._engine.model.kv_shape(self._kv.dtype).bytes_per_token,
+            "session_token_limit": self._engine.session_token_limit(),
+        }
+
+    # -- requests -------------------------------------------------------------------------------
+    @Slot(str, list, dict)
+    def submit(self, conversation_id: str, messages: list, sampling: dict) -> None:
+        """Queue a reply for the conversation (its KV session id is the conversation id)."""
+        if self._engine is None:
+            self.request_failed.emit(conversation_id, "No model is loaded; open Settings to choose one.")
+            return
+        if conversation_id in self._handles:
+            self.request_failed.emit(conversation_id, "A reply is already being generated here.")
+            return
+        try:
+            options = InferenceOptions.from_dict(sampling)
+        except ValueError as exc:
+            self.request_failed.emit(conversation_id, f"Invalid sampling settings: {exc}")
+            return
+        try:
+            handle = self._engine.submit(
+                messages, options, session_id=SessionId(conversation_id),
+                on_event=partial(self._on_engine_event, conversation_id),
+            )  # fmt: skip
+        except (EngineError, ValueError) as exc:
+            self.request_failed.emit(conversation_id, submit_error_message(exc))
+            return
+        self._handles[conversation_id] = handle
+        self._schedule()
+
+    @Slot(str)
+    def cancel(self, conversation_id: str) -> None:
+        handle = self._handles.get(conversation_id)
+        if handle is not None:
+            handle.cancel()
+            self._schedule()
+
+    @Slot(str)
+    def remove_session(self, conversation_id: str) -> None:
+        """A closed tab: stop its request and forget its KV entry (at once, or when the request ends)."""
+        self.cancel(conversation_id)
+        if self._engine is not None:
+            self._engine.store.remove(SessionId(conversation_id))
+            self._emit_stats()
+
+    @Slot(dict, dict)
+    def apply_settings(self, kv: dict, batching: dict) -> None:
+        """New KV cache and batching options, live; shrinking the byte budget evicts at once."""
+        try:
+            kv_options = KvCacheOptions.from_dict(dict(kv))
+            batching_options = BatchingOptions.from_dict(dict(batching))
+        except ValueError as exc:
+            self.settings_rejected.emit(str(exc))
+            return
+        self._kv, self._batching = kv_options, batching_options
+        applied: dict[str, Any] = {"kv_cache": kv_options.to_dict(), "batching": batching_options.to_dict()}
+        if self._engine is not None:
+            self._engine.update_options(batching=batching_options, cache=kv_options)
+            applied["session_token_limit"] = self._engine.session_token_limit()
+            applied["bytes_per_token"] = self._engine.model.kv_shape(kv_options.dtype).bytes_per_token
+            self._emit_stats()
+            self._schedule()
+        self.settings_applied.emit(applied)
+
+    # -- stepping -------------------------------------------------------------------------------
+    def _on_engine_event(self, conversation_id: str, event: GenerationEvent) -> None:
+        self._events.append((conversation_id, event))  # inside step(): just buffer
+
+    def _schedule(self) -> None:
+        """Step now (zero-interval timer), after the batch wait (single shot), or not at all (idle)."""
+        if self._step_timer is None or self._wait_timer is None:
+            return
+        wait = self._engine.seconds_until_ready() if self._engine is not None else None
+        if wait is None:
+            self._step_timer.stop()
+            self._wait_timer.stop()
+        elif wait > 0:
+            self._step_timer.stop()
+            if not self._wait_timer.isActive():
+                self._wait_timer.start(max(1, math.ceil(wait * 1000)))
+        else:
+            self._wait_timer.stop()
+            if not self._step_timer.isActive():
+                self._step_timer.start()
+
+    @Slot()
+    def _run_step(self) -> None:
+        engine = self._engine
+        if engine is None:
+            self._schedule()
+            return
+        try:
+            worked = engine.step()
+        except Exception:  # the engine fails requests itself; this is a bug: log it, keep serving
+            log.exception("engine step failed")
+            worked = False
+        self._flush(force=not engine.has_work)
+        if not worked and engine.has_work and self._step_timer is not None and self._wait_timer is not None:
+            self._step_timer.stop()  # nothing ran: never spin, look again in a moment
+            wait = engine.seconds_until_ready() or 0.0
+            self._wait_timer.start(max(1, math.ceil(wait * 1000)))
+            return
+        self._schedule()
+
+    def _flush(self, force: bool = False) -> None:
+        """Send what the last steps produced: progress, joined text, then the results."""
+        events, self._events = self._events, []
+        progress: dict[str, tuple[int, int]] = {}
+        finished: list[tuple[str, GenerationResult]] = []
+        for conversation_id, event in events:
+            if event.kind == "prefill":
+                progress[conversation_id] = (event.prompt_done, event.prompt_total)
+            if event.text:
+                self._text.setdefault(conversation_id, []).append(event.text)
+            if event.result is not None:
+                finished.append((conversation_id, event.result))
+        for conversation_id, (done, total) in progress.items():
+            self.prompt_progressed.emit(conversation_id, done, total)
+        now = time.perf_counter()
+        if force or finished or now - self._last_text_flush >= TEXT_FLUSH_S:
+            pending, self._text = self._text, {}
+            for conversation_id, pieces in pending.items():
+                self.text_generated.emit(conversation_id, "".join(pieces))
+            self._last_text_flush = now
+        for conversation_id, result in finished:
+            self._handles.pop(conversation_id, None)
+            self.request_finished.emit(conversation_id, result_dict(result))
+        if finished:
+            self._emit_stats()  # the dock shows the session unpinned at once
+
+    # -- stats ----------------------------------------------------------------------------------
+    @Slot()
+    def _emit_stats(self) -> None:
+        if self._engine is not None:
+            self.stats_updated.emit(stats_dict(self._engine))
+
+    # -- download -------------------------------------------------------------------------------
+    @Slot()
+    def start_download(self) -> None:
+        """Fetch the default model on a plain Python thread (the same code as `smallmind models pull`)."""
+        if self._download is not None and self._download.is_alive():
+            return
+        self._download_cancel = threading.Event()
+        self._download = threading.Thread(
+            target=self._download_main, args=(self._download_cancel,), name="smallmind-download", daemon=True
+        )
+        self._download.start()
+
+    @Slot()
+    def cancel_download(self) -> None:
+        self._download_cancel.set()
+
+    def _download_main(self, cancel: threading.Event) -> None:
+        last = [0.0, ""]
+
+        def progress(phase: str, done: int, total: int) -> None:
+            now = time.monotonic()
+            if phase != last[1] or now - float(last[0]) >= DOWNLOAD_PROGRESS_S or (total and done >= total):
+                last[0], last[1] = now, phase
+                self.download_progressed.emit(phase, int(done), int(total))
+
+        try:
+            path = self.pull_model(progress=progress, cancel=cancel)
+        except EngineError as exc:
+            self.download_failed.emit(str(exc))
+        except Exception as exc:  # report anything; the dialog must not hang on a lost error
+            log.exception("model download failed")
+            self.download_failed.emit(f"{type(exc).__name__}: {exc}")
+        else:
+            self.download_finished.emit(str(path))
+
+
+# -- plain values for the signals -------------------------------------------------------------------
+def result_dict(result: GenerationResult) -> dict[str, Any]:
+    data = result.to_dict()
+    data["token_ids"] = list(result.token_ids)
+    data["generated_tokens"] = result.generated_tokens
+    return data
+
+
+def stats_dict(engine: BatchedInferenceEngine) -> dict[str, Any]:
+    kv = engine.store.get_stats()
+    metrics = engine.metrics.snapshot()
+    sessions = [
+        {
+            "session_id": info.session_id.value,
+            "n_tokens": info.n_tokens,
+            "max_tokens": info.max_tokens,
+            "reserved_bytes": info.reserved_bytes,
+            "used_bytes": info.used_bytes,
+            "pinned": info.pinned,
+            "last_used": info.last_used,
+        }
+        for info in engine.store.sessions()
+    ]
+    kv_values = dataclasses.asdict(kv) | {"hit_rate": kv.hit_rate, "token_reuse_ratio": kv.token_reuse_ratio}
+    options = engine.cache_options
+    return {
+        "kv": kv_values,
+        "metrics": dataclasses.asdict(metrics),
+        "sessions": sessions,  # least recently used (next to be evicted) first
+        "limits": {
+            "enabled": options.enabled,
+            "max_bytes_total": options.max_bytes_total,
+            "max_sessions": options.max_sessions,
+            "session_token_limit": engine.session_token_limit(),
+        },
+    }
+
+
+def submit_error_message(exc: Exception) -> str:
+    """A sentence for the tab: what happened, the engine's numbers, what the user can do."""
+    name = type(exc).__name__
+    if name == "QueueFullError":
+        return f"Not sent: the engine is busy ({exc}). Press Send again in a moment."
+    if name == "ContextOverflowError":
+        return f"Not sent: the conversation is too long for one KV session ({exc})."
+    if name == "CacheBudgetError":
+        return f"Not sent: the KV cache budget is exhausted ({exc})."
+    return f"Not sent: {exc}"
+
+
+def default_model_description() -> dict[str, Any]:
+    """What the first-run dialog offers to download."""
+    spec = download.DEFAULT_MODEL
+    return {"name": spec.name, "size_bytes": spec.size_bytes, "license": spec.license}
+
+
+# -- what the settings dialog needs ---------------------------------------------------------------
+_OPTION_CLASSES: dict[str, Any] = {"kv": KvCacheOptions, "batching": BatchingOptions, "sampling": InferenceOptions}
+_CLASS_PREFIX = re.compile(r"^(KvCacheOptions|BatchingOptions|InferenceOptions)\.")
+
+
+def validate_settings(kv: Mapping[str, Any], batching: Mapping[str, Any], sampling: Mapping[str, Any]) -> dict:
+    """Every problem with these option values, as {"<section>.<field name>": message}; {} when valid.
+
+    The engine's option classes are the judges; an invalid field is reset to its default and the
+    rest checked again, so several problems are reported at once.
+    """
+    errors: dict[str, str] = {}
+    for section, values in (("kv", kv), ("batching", batching), ("sampling", sampling)):
+        cls = _OPTION_CLASSES[section]
+        names = [f.name for f in dataclasses.fields(cls)]
+        defaults = cls()
+        current = {k: v for k, v in values.items() if k in names}
+        for unknown in sorted(set(values) - set(names)):
+            errors[f"{section}.{unknown}"] = f"unknown setting {unknown!r}"
+        for _ in range(len(names) + 1):
+            try:
+                cls(**current)
+                break
+            except (ValueError, TypeError) as exc:
+                message = _CLASS_PREFIX.sub("", str(exc))
+                field = _field_named(message, names) or next(iter(current), names[0])
+                errors[f"{section}.{field}"] = message
+                current[field] = getattr(defaults, field)
+    return errors
+
+
+def _field_named(message: str, names: list[str]) -> str | None:
+    """The field an engine message is about: the option name it mentions first."""
+    found = [(m.start(), name) for name in names if (m := re.search(rf"\b{name}\b", message))]
+    return min(found)[1] if found else None
+
+
+def session_limits(kv: Mapping[str, Any], model_info: Mapping[str, Any]) -> tuple[int, int]:
+    """(tokens one conversation may hold, KV bytes per token) for these KV options and this model."""
+    dtype = str(kv.get("dtype", "float32"))
+    shape = ModelShape(int(model_info["n_layers"]), int(model_info["n_kv_heads"]), int(model_info["head_dim"]),
+                       dtype if dtype in KV_DTYPES else "float32")  # fmt: skip
+    context = int(model_info["context_length"])
+    if not kv.get("enabled", True):
+        return context, shape.bytes_per_token
+    by_tokens = int(kv.get("max_tokens_per_session", context))
+    by_bytes = int(kv.get("max_bytes_per_session", 0)) // shape.bytes_per_token
+    return max(0, min(by_tokens, by_bytes, context)), shape.bytes_per_token

@@ -1,0 +1,261 @@
+"""The batched engine: batched greedy output equals each request alone, in every mode; multi-turn
+reuse; per-request sampling; cancellation, timeouts, queue limits, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from engine import (
+    BatchedInferenceEngine,
+    BatchingOptions,
+    EngineStoppedError,
+    InferenceOptions,
+    KvCacheOptions,
+    LruKvCacheStore,
+    QueueFullError,
+    SessionId,
+)
+
+GREEDY = InferenceOptions(temperature=0.0, max_new_tokens=12, stop_on_eos=False)
+MODES = {
+    "continuous": BatchingOptions(max_batch_wait_ms=0),
+    "prefill_only": BatchingOptions(prefill_only=True, max_batch_wait_ms=0),
+    "sequential": BatchingOptions(enabled=False),
+}
+WORDS = "the quick brown fox jumps over a lazy dog while seven small birds sing".split()
+
+
+def prompts(n: int) -> list[str]:
+    """n raw prompts of different lengths (3 .. 40 words)."""
+    return [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(3 + 5 * i)) for i in range(n)]
+
+
+def make_engine(pair, batching=None, cache=None, **kw) -> BatchedInferenceEngine:
+    model, tok = pair
+    store = LruKvCacheStore(cache or KvCacheOptions())
+    return BatchedInferenceEngine(model, tok, batching or BatchingOptions(max_batch_wait_ms=0), store, **kw)
+
+
+def run_all(engine: BatchedInferenceEngine, handles, max_steps: int = 10_000):
+    """Drive the engine from this thread until every handle is done."""
+    for _ in range(max_steps):
+        if all(h.done() for h in handles):
+            return [h.result(0) for h in handles]
+        engine.step()
+    raise AssertionError("requests did not finish")
+
+
+def alone(pair, prompt, options=GREEDY):
+    engine = make_engine(pair)
+    return run_all(engine, [engine.submit(prompt, options)])[0]
+
+
+# -- equality with running alone -----------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_eight_concurrent_greedy_requests_equal_each_alone(tiny, mode):
+    texts = prompts(8)
+    solo = [alone(tiny, p).token_ids for p in texts]
+    engine = make_engine(tiny, MODES[mode], max_concurrent_sessions=8)
+    results = run_all(engine, [engine.submit(p, GREEDY) for p in texts])
+    assert [r.token_ids for r in results] == solo
+    assert all(r.finish_reason == "length" and r.generated_tokens == 12 for r in results)
+    batch = engine.metrics.snapshot().average_batch_size
+    assert batch > 3 if mode == "continuous" else batch >= 1
+
+
+def test_cache_disabled_recomputes_and_still_matches(tiny):
+    texts = prompts(3)
+    solo = [alone(tiny, p).token_ids for p in texts]
+    engine = make_engine(tiny, cache=KvCacheOptions(enabled=False))
+    results = run_all(engine, [engine.submit(p, GREEDY) for p in texts])
+    assert [r.token_ids for r in results] == solo
+    assert engine.store.get_stats().current_sessions == 0  # no cache at all
+
+
+def test_chunked_prefill_equals_one_shot(tiny):
+    long_prompt = " ".join(WORDS * 3)
+    solo = alone(tiny, long_prompt)
+    engine = make_engine(tiny, BatchingOptions(max_prefill_chunk_tokens=16, max_batch_wait_ms=0))
+    events = []
+    handle = engine.submit(long_prompt, GREEDY, on_event=events.append)
+    result = run_all(engine, [handle])[0]
+    assert result.token_ids == solo.token_ids
+    progress = [(e.prompt_done, e.prompt_total) for e in events if e.kind == "prefill"]
+    assert progress and all(done < total for done, total in progress)
+    assert [d for d, _ in progress] == sorted(d for d, _ in progress)
+
+
+@pytest.mark.smollm2
+@pytest.mark.parametrize("mode", MODES)
+def test_smollm2_batched_greedy_equals_reference(smollm2, reference_prompts, mode):
+    """All six reference prompts at once (different lengths): each equals the reference alone."""
+    engine = make_engine(smollm2, MODES[mode])
+    n_new = 32 if mode == "continuous" else 12  # the slow baselines check a shorter continuation
+    options = InferenceOptions(temperature=0.0, max_new_tokens=n_new, stop_on_eos=False)
+    handles = [engine.submit(p["messages"], options) for p in reference_prompts]
+    results = run_all(engine, handles)
+    for prompt, result in zip(reference_prompts, results, strict=True):
+        assert list(result.token_ids) == prompt["greedy_ids"][:n_new], prompt["key"]
+
+
+# -- multi-turn ----------------------------------------------------------------------------------
+def test_second_turn_reuses_the_first_and_equals_a_cold_run(tiny):
+    model, tok = tiny
+    engine = make_engine(tiny)
+    session = SessionId.new_id()
+    turn1 = [{"role": "user", "content": "hello there, how are you"}]
+    r1 = run_all(engine, [engine.submit(turn1, GREEDY, session_id=session)])[0]
+    turn2 = [*turn1, {"role": "assistant", "content": r1.text}, {"role": "user", "content": "tell me more"}]
+    r2 = run_all(engine, [engine.submit(turn2, GREEDY, session_id=session)])[0]
+    cold = alone(tiny, turn2)
+    assert r2.token_ids == cold.token_ids
+    # turn 1's prompt is a prefix of turn 2's; the reply's tokens are reused as far as they re-tokenize alike
+    ids1, ids2 = tok.encode_messages(turn1), tok.encode_messages(turn2)
+    assert ids2[: len(ids1)] == ids1
+    assert r2.reused_tokens >= len(ids1)
+    assert engine.store.get_stats().reused_tokens == r2.reused_tokens
+
+
+# -- sampling in a shared batch ------------------------------------------------------------------
+def test_seeded_sampling_is_the_same_with_or_without_company(tiny):
+    sampled = InferenceOptions(temperature=1.0, top_k=0, top_p=1.0, seed=1234, max_new_tokens=12)
+    target = "the quick brown fox"
+    solo = alone(tiny, target, sampled)
+    engine = make_engine(tiny)
+    others = [
+        engine.submit(p, InferenceOptions(temperature=t, seed=i, max_new_tokens=8))
+        for i, (p, t) in enumerate(zip(prompts(4), (0.0, 0.5, 1.5, 0.9), strict=True))
+    ]
+    mine = engine.submit(target, sampled)
+    results = run_all(engine, [*others, mine])
+    assert results[-1].token_ids == solo.token_ids
+    assert (
+        results[0].token_ids
+        == alone(tiny, prompts(4)[0], InferenceOptions(temperature=0, max_new_tokens=8)).token_ids
+    )
+
+
+# -- cancellation, timeouts, queue, shutdown ----------------------------------------------------
+def test_cancelling_one_request_leaves_the_others_unchanged(tiny):
+    texts = prompts(4)
+    solo = [alone(tiny, p).token_ids for p in texts]
+    engine = make_engine(tiny)
+    handles = [engine.submit(p, GREEDY) for p in texts]
+    for _ in range(4):
+        engine.step()
+    handles[1].cancel()
+    results = run_all(engine, handles)
+    assert results[1].finish_reason == "cancelled"
+    assert results[1].token_ids == solo[1][: len(results[1].token_ids)]
+    assert [results[i].token_ids for i in (0, 2, 3)] == [solo[i] for i in (0, 2, 3)]
+    assert engine.store.get_stats().pinned_sessions == 0
+
+
+def test_cancel_mid_prefill_keeps_the_session_consistent(tiny):
+    engine = make_engine(tiny, BatchingOptions(max_prefill_chunk_tokens=8, max_batch_wait_ms=0))
+    session = SessionId.new_id()
+    messages = [{"role": "user", "content": " ".join(WORDS * 3)}]
+    handle = engine.submit(messages, GREEDY, session_id=session)
+    engine.step()
+    engine.step()
+    handle.cancel()
+    assert run_all(engine, [handle])[0].finish_reason == "cancelled"
+    entry = engine.store.try_get(session)
+    assert entry is not None and 0 < entry.n_tokens < len(engine.tokenizer.encode_messages(messages))
+    again = run_all(engine, [engine.submit(messages, GREEDY, session_id=session)])[0]
+    assert again.reused_tokens == 16  # the two chunks computed before the cancel
+    assert again.token_ids == alone(tiny, messages).token_ids
+
+
+def test_timeout_ends_a_request_with_its_partial_output(tiny):
+    engine = make_engine(tiny)
+    handle = engine.submit("the quick", InferenceOptions(max_new_tokens=10_000, max_time_ms=5, temperature=0))
+    result = run_all(engine, [handle])[0]
+    assert result.finish_reason == "timeout"
+    assert result.total_ms >= 5
+    assert engine.metrics.snapshot().timed_out == 1
+
+
+def test_queue_full_is_refused_at_submit(tiny):
+    engine = make_engine(tiny, BatchingOptions(max_total_queued_requests=2))
+    engine.submit("a", GREEDY)
+    engine.submit("b", GREEDY)
+    with pytest.raises(QueueFullError, match=r"queue is full \(2 waiting\); try again later"):
+        engine.submit("c", GREEDY)
+    snap = engine.metrics.snapshot()
+    assert (snap.submitted, snap.rejected) == (3, 1)
+
+
+def test_same_session_twice_waits_behind_the_first(tiny):
+    engine = make_engine(tiny)
+    session = SessionId.new_id()
+    first = engine.submit([{"role": "user", "content": "hello"}], GREEDY, session_id=session)
+    second = engine.submit([{"role": "user", "content": "hello again"}], GREEDY, session_id=session)
+    engine.step()
+    assert [r.seq.request_id for r in engine._running] == [first.request_id]
+    r1, r2 = run_all(engine, [first, second])
+    assert r1.finish_reason == r2.finish_reason == "length"
+    assert r2.queue_wait_ms >= r1.total_ms * 0.5
+
+
+def test_stop_fails_waiting_and_running_requests_clearly(tiny):
+    engine = make_engine(tiny)
+    running = engine.submit("the quick brown", InferenceOptions(max_new_tokens=500))
+    engine.step()
+    waiting = [engine.submit(p, GREEDY) for p in prompts(2)]
+    engine.stop()
+    for handle in [running, *waiting]:
+        result = handle.result(1)
+        assert result.finish_reason == "error" and "stopped" in (result.error or "")
+    with pytest.raises(EngineStoppedError):
+        engine.submit("more", GREEDY)
+    assert engine.store.get_stats().pinned_sessions == 0
+
+
+def test_background_driver_and_asyncio_api(tiny):
+    engine = make_engine(tiny)
+    engine.start()
+    try:
+        texts = prompts(3)
+
+        async def main():
+            results = await asyncio.gather(*(engine.generate(p, GREEDY) for p in texts))
+            pieces = [ev.text async for ev in engine.generate_streaming(texts[0], GREEDY)]
+            return results, pieces
+
+        results, pieces = asyncio.run(main())
+        assert [r.token_ids for r in results] == [alone(tiny, p).token_ids for p in texts]
+        assert "".join(pieces) == results[0].text
+    finally:
+        engine.stop()
+    assert not any(t.name == "smallmind-engine" for t in threading.enumerate())
+
+
+def test_context_trimming_drops_oldest_turns(tiny):
+    model, tok = tiny
+    engine = make_engine(tiny, cache=KvCacheOptions(max_tokens_per_session=120))
+    system = {"role": "system", "content": "be brief"}
+    history = []
+    for i in range(12):
+        history += [{"role": "user", "content": f"question {i} " + " ".join(WORDS)},
+                    {"role": "assistant", "content": "answer " + " ".join(WORDS[:5])}]  # fmt: skip
+    messages = [system, *history, {"role": "user", "content": "last question"}]
+    options = InferenceOptions(temperature=0, max_new_tokens=10)
+    result = run_all(engine, [engine.submit(messages, options)])[0]
+    assert result.context_trimmed and result.finish_reason == "length"
+    assert result.prompt_tokens + 10 <= 120
+
+
+def test_mixed_stats_arithmetic(tiny):
+    engine = make_engine(tiny, BatchingOptions(max_batch_size=4, max_batch_wait_ms=0))
+    handles = [engine.submit(p, GREEDY) for p in prompts(6)]
+    run_all(engine, handles)
+    snap = engine.metrics.snapshot()
+    assert snap.submitted == snap.completed == 6 and snap.in_flight == 0
+    assert 1 < snap.average_batch_size <= 4 and snap.max_batch_size_seen == 4
+    assert snap.generated_tokens == 6 * 12
+    assert np.isfinite(snap.ttft_p50_ms) and snap.inter_token_p95_ms >= snap.inter_token_p50_ms
