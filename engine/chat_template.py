@@ -147,36 +147,41 @@ def _unused_tag(contents: Any) -> str:
             return tag
 
 
-def _split_on_tags(skeleton: str, tag: str, n_contents: int) -> list[str | int] | None:
-    """Template text and content indices, alternating, from a rendering with tagged markers.
+def _split_on_tags(skeleton: str, tag: str, n_contents: int) -> tuple[list[str], list[int]] | None:
+    """(template pieces, content indices) from a rendering with tagged markers; one more piece than index.
 
     None if a marker came out altered (the template changed the content's text).
     """
     pieces = skeleton.split(tag)
-    parts: list[str | int] = [pieces[0]]
+    texts, indices = [pieces[0]], []
     for piece in pieces[1:]:
         index, sep, rest = piece.partition("\ue001")
         if not sep or not index.isdecimal() or int(index) >= n_contents:
             return None
-        parts += [int(index), rest]
-    return parts
+        indices.append(int(index))
+        texts.append(rest)
+    return texts, indices
 
 
-def _anchor(rendered: str, skeleton: list[str | int], contents: list[Any]) -> list[Segment] | None:
-    """Match the skeleton against the rendering left to right; None where it does not fit."""
+def _anchor(
+    rendered: str, skeleton: tuple[list[str], list[int]], contents: list[Any]
+) -> list[Segment] | None:
+    """Match template pieces and contents against the rendering left to right; None where they do not fit."""
+    texts, indices = skeleton
     segments: list[Segment] = []
     pos = 0
-    for k, part in enumerate(skeleton):
-        if isinstance(part, str):
-            if not rendered.startswith(part, pos):
-                return None
-            segments.append((part, True))
-            pos += len(part)
-            continue
-        content, following = str(contents[part]), skeleton[k + 1]  # a template piece follows each content
-        assert isinstance(following, str)
+    for k, text in enumerate(texts):
+        if not rendered.startswith(text, pos):
+            return None
+        segments.append((text, True))
+        pos += len(text)
+        if k == len(indices):
+            break
+        content = str(contents[indices[k]])
         for candidate in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
-            if rendered.startswith(candidate, pos) and rendered.startswith(following, pos + len(candidate)):
+            if rendered.startswith(candidate, pos) and rendered.startswith(
+                texts[k + 1], pos + len(candidate)
+            ):
                 segments.append((candidate, False))
                 pos += len(candidate)
                 break

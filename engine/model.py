@@ -91,7 +91,7 @@ def softmax_inplace(scores: np.ndarray) -> np.ndarray:
 def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -> np.ndarray:
     """Causal grouped-query attention of T new queries against S = start + T cached positions.
 
-    q: (T, H, Hd), already scaled by 1/sqrt(Hd); keys, values: (KVH, S, Hd), any float dtype.
+    q: (T, H, Hd), already scaled by 1/sqrt(Hd) (folded into the weights at load); keys, values: (KVH, S, Hd), any float dtype.
     Returns (T, H * Hd).
     """
     T, H, Hd = q.shape
@@ -116,7 +116,7 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -
 @dataclass(slots=True)
 class LayerWeights:
     attn_norm: np.ndarray  # (D,)
-    wqkv: np.ndarray  # (D, (H + 2*KVH) * Hd), q and k columns in rotate-half order
+    wqkv: np.ndarray  # (D, (H + 2*KVH) * Hd), q and k columns in rotate-half order, q scaled by 1/sqrt(Hd)
     wo: np.ndarray  # (H*Hd, D)
     ffn_norm: np.ndarray  # (D,)
     w_gate_up: np.ndarray  # (D, 2F)
@@ -162,7 +162,8 @@ def _load_layer(f: gguf_io.GgufFile, c: ModelConfig, i: int) -> LayerWeights:
         _check_shape(f, name, t[short], expected[short])
     q_order = rotate_half_order(c.n_heads, c.head_dim)
     k_order = rotate_half_order(c.n_kv_heads, c.head_dim)
-    wqkv = np.concatenate([t["attn_q"][q_order], t["attn_k"][k_order], t["attn_v"]], axis=0)  # (out, D)
+    q_scale = F32(1.0 / np.sqrt(c.head_dim))  # attention's 1/sqrt(Hd), folded into the query weights
+    wqkv = np.concatenate([t["attn_q"][q_order] * q_scale, t["attn_k"][k_order], t["attn_v"]], axis=0)  # (out, D)
     return LayerWeights(
         attn_norm=t["attn_norm"],
         wqkv=np.ascontiguousarray(wqkv.T),  # (D, (H+2KVH)*Hd)
@@ -224,7 +225,6 @@ class Model:
         self.weights = weights
         self.path = path
         self._cos, self._sin = rope_tables(config, weights.rope_freq_factors)  # (ctx, Hd/2) each
-        self._q_scale = F32(1.0 / np.sqrt(config.head_dim))
 
     @classmethod
     def from_gguf(cls, source: str | os.PathLike[str] | gguf_io.GgufFile) -> Model:
@@ -303,9 +303,8 @@ class Model:
         H, KVH, Hd = c.n_heads, c.n_kv_heads, c.head_dim
         N = x.shape[0]
         qkv = rms_norm(x, w.attn_norm, c.rms_eps) @ w.wqkv  # (N, (H+2KVH)*Hd)
-        q = apply_rope(qkv[:, : H * Hd].reshape(N, H, Hd), cos, sin)  # (N, H, Hd)
-        q *= self._q_scale
-        k = apply_rope(qkv[:, H * Hd : (H + KVH) * Hd].reshape(N, KVH, Hd), cos, sin)  # (N, KVH, Hd)
+        qk = apply_rope(qkv[:, : (H + KVH) * Hd].reshape(N, H + KVH, Hd), cos, sin)  # (N, H+KVH, Hd)
+        q, k = qk[:, :H], qk[:, H:]  # (N, H, Hd), (N, KVH, Hd); q is pre-scaled by 1/sqrt(Hd)
         v = qkv[:, (H + KVH) * Hd :].reshape(N, KVH, Hd)  # (N, KVH, Hd)
         attn = np.empty((N, H * Hd), dtype=F32)  # (N, H*Hd)
         r0 = 0

@@ -42,7 +42,9 @@ def setup_logging(level: int = logging.INFO) -> Path | None:
     path = paths.log_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.handlers.RotatingFileHandler(path, maxBytes=2_000_000, backupCount=3, encoding="utf-8")
+        handler = logging.handlers.RotatingFileHandler(
+            path, maxBytes=2_000_000, backupCount=3, encoding="utf-8"
+        )
     except OSError as exc:
         log.warning("cannot write the log file %s: %s", path, exc)
         return None
@@ -74,8 +76,11 @@ def install_excepthook() -> None:
 
 
 def _error_box(summary: str, details: str) -> None:
-    box = QMessageBox(QMessageBox.Icon.Critical, "SmallMind: unexpected error",
-                      f"Something went wrong; the details are in the log file {paths.log_file()}.\n\n{summary}")  # fmt: skip
+    box = QMessageBox(
+        QMessageBox.Icon.Critical,
+        "SmallMind: unexpected error",
+        f"Something went wrong; the details are in the log file {paths.log_file()}.\n\n{summary}",
+    )
     box.setObjectName("unexpectedErrorDialog")
     box.setDetailedText(details)
     box.exec()
@@ -88,7 +93,9 @@ def open_store() -> tuple[ConversationStore, str | None]:
         return ConversationStore(path), None
     except StoreCorruptError as exc:
         aside = move_aside(path)
-        return ConversationStore(path), f"{exc}\nThe damaged file was moved to {aside}; a new one was started."
+        return ConversationStore(
+            path
+        ), f"{exc}\nThe damaged file was moved to {aside}; a new one was started."
     except StoreError as exc:
         return ConversationStore(":memory:"), f"{exc}\nConversations are kept in memory only until you quit."
 
@@ -125,8 +132,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``smallmind [--model PATH] [-v]``: show the window and run the event loop; the exit status."""
     argv = list(sys.argv if argv is None else argv)
     parser = argparse.ArgumentParser(prog="smallmind", description="SmallMind, the desktop chat app")
-    parser.add_argument("--model", metavar="PATH", help="GGUF model file (default: $SMALLMIND_MODEL, "
-                        "else the settings, else the installed default model)")  # fmt: skip
+    parser.add_argument(
+        "--model",
+        metavar="PATH",
+        help="GGUF model file (default: $SMALLMIND_MODEL, "
+        "else the settings, else the installed default model)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     args, qt_args = parser.parse_known_args(argv[1:])
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from PySide6.QtCore import Qt, QTimer, Signal, Slot
-from PySide6.QtGui import QKeyEvent, QShowEvent
+from PySide6.QtGui import QKeyEvent, QShowEvent, QTextCursor
 from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
@@ -94,7 +94,8 @@ class ChatTab(QWidget):
 
     # -- layout ---------------------------------------------------------------------------------
     def _build(self, system_prompt: str) -> None:
-        self.system_toggle = QToolButton(objectName="systemPromptToggle", checkable=True)
+        self.system_toggle = QToolButton(objectName="systemPromptToggle")
+        self.system_toggle.setCheckable(True)
         self.system_toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
         self.system_toggle.setArrowType(Qt.ArrowType.RightArrow)
         self.system_toggle.setAutoRaise(True)
@@ -106,7 +107,8 @@ class ChatTab(QWidget):
         self.system_edit.setMaximumHeight(90)
         self.system_edit.setVisible(False)
         self.system_edit.textChanged.connect(self._on_system_edit_changed)
-        self._system_save = QTimer(self, singleShot=True, interval=SYSTEM_PROMPT_SAVE_DELAY_MS)
+        self._system_save = QTimer(self, interval=SYSTEM_PROMPT_SAVE_DELAY_MS)
+        self._system_save.setSingleShot(True)
         self._system_save.timeout.connect(self._save_system_prompt)
 
         self.transcript = TranscriptView(self)
@@ -119,7 +121,8 @@ class ChatTab(QWidget):
         self.prompt_edit.setAccessibleName("Message")
         self.prompt_edit.setFixedHeight(78)
         self.prompt_edit.submitted.connect(self.send)
-        self.send_button = QPushButton("Send", objectName="sendButton", default=True)
+        self.send_button = QPushButton("Send", objectName="sendButton")
+        self.send_button.setDefault(True)
         self.send_button.clicked.connect(self.send)
         self.stop_button = QPushButton("Stop", objectName="stopButton")
         self.stop_button.clicked.connect(self.stop)
@@ -228,6 +231,7 @@ class ChatTab(QWidget):
         text = self.entries[last_user].content
         self._drop_from(last_user)
         self.prompt_edit.setPlainText(text)
+        self.prompt_edit.moveCursor(QTextCursor.MoveOperation.End)
         self.prompt_edit.setFocus()
         self._update_buttons()
         self.render_now()
@@ -285,17 +289,23 @@ class ChatTab(QWidget):
         reply.status = FINISH_STATUS.get(stats["finish_reason"], "error")
         if reply.message_id is not None:
             self._save(
-                self._store.update_message, reply.message_id,
-                content=reply.content, status=reply.status, stats=stats,
-            )  # fmt: skip
+                self._store.update_message,
+                reply.message_id,
+                content=reply.content,
+                status=reply.status,
+                stats=stats,
+            )
         self._set_busy(None)
         if stats.get("error"):
             self.status_label.setText(f"The reply failed: {stats['error']}")
         elif stats["context_trimmed"]:
             self.status_label.setText("Older messages were left out to fit the model's context.")
         else:
-            self.status_label.setText({"cancelled": "Stopped.", "length": "Stopped at the token limit."}.get(
-                stats["finish_reason"], ""))  # fmt: skip
+            self.status_label.setText(
+                {"cancelled": "Stopped.", "length": "Stopped at the token limit."}.get(
+                    stats["finish_reason"], ""
+                )
+            )
         self.render_now()
 
     def fail_request(self, message: str) -> None:
@@ -328,9 +338,12 @@ class ChatTab(QWidget):
         reply.stats = {"finish_reason": "cancelled", "n_tokens": reply.stats.get("n_tokens", 0)}
         if reply.message_id is not None:
             self._save(
-                self._store.update_message, reply.message_id,
-                content=reply.content, status="partial", stats=reply.stats,
-            )  # fmt: skip
+                self._store.update_message,
+                reply.message_id,
+                content=reply.content,
+                status="partial",
+                stats=reply.stats,
+            )
         self._reply = None
         self._update_buttons()
 

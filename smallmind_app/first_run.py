@@ -26,7 +26,9 @@ PHASES = {"download": "Downloading", "extract": "Extracting", "verify": "Verifyi
 
 def choose_model_file(parent: QWidget | None) -> str:
     """Ask for a GGUF file; "" when the user cancels. (Tests replace this function.)"""
-    path, _ = QFileDialog.getOpenFileName(parent, "Open a GGUF model file", "", "GGUF models (*.gguf);;All files (*)")
+    path, _ = QFileDialog.getOpenFileName(
+        parent, "Open a GGUF model file", "", "GGUF models (*.gguf);;All files (*)"
+    )
     return path
 
 
@@ -47,19 +49,24 @@ class FirstRunDialog(QDialog):
             f"<h3>SmallMind needs a language model</h3>"
             f"<p>No model file was found. SmallMind can download <b>{model['name']}</b> "
             f"({size_mb:.0f} MB, {model['license']}) and check its SHA-256, or open a GGUF model file "
-            f"you already have.</p>",
-            wordWrap=True,
+            f"you already have.</p>"
         )
+        intro.setWordWrap(True)
         intro.setTextFormat(Qt.TextFormat.RichText)
-        self.reason_label = QLabel(reason, objectName="firstRunReason", wordWrap=True)
+        self.reason_label = QLabel(reason, objectName="firstRunReason")
+        self.reason_label.setWordWrap(True)
         self.reason_label.setStyleSheet("color: #6b7280;")
         self.reason_label.setVisible(bool(reason))
-        self.download_button = QPushButton(f"Download {model['name']}", objectName="downloadButton", default=True)
+        self.download_button = QPushButton(f"Download {model['name']}", objectName="downloadButton")
+        self.download_button.setDefault(True)
         self.open_button = QPushButton("Open a GGUF file…", objectName="openFileButton")
         self.later_button = QPushButton("Not now", objectName="laterButton")
-        self.progress = QProgressBar(objectName="downloadProgress", visible=False)
-        self.phase_label = QLabel(objectName="downloadPhase", wordWrap=True)
-        self.cancel_button = QPushButton("Cancel download", objectName="cancelDownloadButton", visible=False)
+        self.progress = QProgressBar(objectName="downloadProgress")
+        self.progress.setVisible(False)
+        self.phase_label = QLabel(objectName="downloadPhase")
+        self.phase_label.setWordWrap(True)
+        self.cancel_button = QPushButton("Cancel download", objectName="cancelDownloadButton")
+        self.cancel_button.setVisible(False)
         self.download_button.clicked.connect(self._on_download_clicked)
         self.open_button.clicked.connect(self._on_open_clicked)
         self.later_button.clicked.connect(self.reject)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from PySide6.QtCore import Qt, Signal, Slot
+from PySide6.QtCore import Signal, Slot
 from PySide6.QtWidgets import (
     QAbstractButton,
     QCheckBox,
@@ -35,14 +35,15 @@ from .worker import session_limits, validate_settings
 
 MiB = 1 << 20
 INT_MAX = 2_147_483_647
+MIB_RANGE = (0, 1_048_576, 2)  # MiB, two decimals
 
 # (section, option name, objectName, label, kind, (minimum, maximum, step/decimals))
 FIELDS: list[tuple[str, str, str, str, str, tuple[float, ...]]] = [
     ("kv", "enabled", "kvEnabled", "Use the KV cache", "bool", ()),
     ("kv", "max_tokens_per_session", "kvMaxTokensPerSession", "Max tokens per session", "int", (0, INT_MAX)),
     ("kv", "max_sessions", "kvMaxSessions", "Max sessions", "int", (0, 1_000_000)),
-    ("kv", "max_bytes_total", "kvMaxBytesTotal", "Memory limit, all sessions", "mib", (0, 1_048_576, 2)),
-    ("kv", "max_bytes_per_session", "kvMaxBytesPerSession", "Memory limit per session", "mib", (0, 1_048_576, 2)),
+    ("kv", "max_bytes_total", "kvMaxBytesTotal", "Memory limit, all sessions", "mib", MIB_RANGE),
+    ("kv", "max_bytes_per_session", "kvMaxBytesPerSession", "Memory limit per session", "mib", MIB_RANGE),
     ("kv", "persist_across_requests", "kvPersistAcrossRequests", "Keep sessions between replies", "bool", ()),
     ("kv", "share_prefixes", "kvSharePrefixes", "Share common prompt prefixes between tabs", "bool", ()),
     ("kv", "dtype", "kvDtype", "Cache precision", "choice", ()),
@@ -60,8 +61,10 @@ FIELDS: list[tuple[str, str, str, str, str, tuple[float, ...]]] = [
     ("sampling", "top_k", "topK", "Top-k (0 = off)", "int", (0, 1_000_000)),
     ("sampling", "top_p", "topP", "Top-p", "float", (0, 1, 3)),
     ("sampling", "min_p", "minP", "Min-p (0 = off)", "float", (0, 1, 3)),
-    ("sampling", "repetition_penalty", "repetitionPenalty", "Repetition penalty (1 = off)", "float", (0, 100, 2)),
-    ("sampling", "repetition_window", "repetitionWindow", "Repetition window (0 = all)", "int", (0, 1_000_000)),
+    ("sampling", "repetition_penalty", "repetitionPenalty", "Repetition penalty (1 = off)", "float",
+     (0, 100, 2)),
+    ("sampling", "repetition_window", "repetitionWindow", "Repetition window (0 = all)", "int",
+     (0, 1_000_000)),
     ("sampling", "seed", "seed", "Seed", "optional int", (-1, INT_MAX)),
     ("sampling", "stop", "stopStrings", "Stop strings (one per line)", "lines", ()),
     ("sampling", "max_time_ms", "maxTimeMs", "Time limit per reply", "optional int", (0, INT_MAX)),
@@ -112,7 +115,9 @@ def _model_text(info: Mapping[str, Any]) -> str:
 class SettingsDialog(QDialog):
     settings_chosen = Signal(object)  # AppSettings, on OK or Apply
 
-    def __init__(self, settings: AppSettings, model_info: Mapping[str, Any] | None, parent: QWidget | None = None):
+    def __init__(
+        self, settings: AppSettings, model_info: Mapping[str, Any] | None, parent: QWidget | None = None
+    ):
         super().__init__(parent)
         self.setObjectName("settingsDialog")
         self.setWindowTitle("SmallMind settings")
@@ -126,7 +131,8 @@ class SettingsDialog(QDialog):
         for section, title in PAGES.items():
             tabs.addTab(self._options_page(section), title)
         tabs.addTab(self._prompt_page(), "System prompt")
-        self.error_label = QLabel(objectName="settingsError", wordWrap=True)
+        self.error_label = QLabel(objectName="settingsError")
+        self.error_label.setWordWrap(True)
         self.error_label.setStyleSheet("color: #b91c1c;")
         buttons = QDialogButtonBox(
             QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Apply
@@ -158,10 +164,12 @@ class SettingsDialog(QDialog):
         row.addWidget(self.model_path, 1)
         row.addWidget(browse)
         form.addRow("Model file (GGUF)", row)
-        self.model_label = QLabel(_model_text(self.model_info), objectName="loadedModel", wordWrap=True)
+        self.model_label = QLabel(_model_text(self.model_info), objectName="loadedModel")
+        self.model_label.setWordWrap(True)
         form.addRow("Loaded", self.model_label)
         self.bytes_per_token = QLabel(objectName="bytesPerToken")
-        self.token_limit = QLabel(objectName="effectiveTokenLimit", wordWrap=True)
+        self.token_limit = QLabel(objectName="effectiveTokenLimit")
+        self.token_limit.setWordWrap(True)
         form.addRow("KV bytes per token", self.bytes_per_token)
         form.addRow("Tokens per session", self.token_limit)
         return page
@@ -195,7 +203,7 @@ class SettingsDialog(QDialog):
 
     # -- values ---------------------------------------------------------------------------------
     def load(self, settings: AppSettings) -> None:
-        for name, (section, key, kind, widget) in self.fields.items():
+        for section, key, kind, widget in self.fields.values():
             value = getattr(settings, SECTION_KEYS[section])[key]
             widget.blockSignals(True)
             if isinstance(widget, QCheckBox):

@@ -20,7 +20,6 @@ class Sparkline(QWidget):
         self.unit = unit
         self.color = QColor(color)
         self.values: deque[float] = deque(maxlen=HISTORY_POINTS)
-        self.ceiling: float | None = None  # a fixed top of the scale (e.g. the memory limit)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
         self.setMinimumHeight(58)
         self.setAccessibleName(title)
@@ -49,11 +48,15 @@ class Sparkline(QWidget):
         text_height = painter.fontMetrics().height()
         latest = self.values[-1] if self.values else 0.0
         painter.setPen(QColor("#4b5563"))
-        painter.drawText(rect.adjusted(6, 2, -6, 0), Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop,
-                         self.title)  # fmt: skip
+        painter.drawText(
+            rect.adjusted(6, 2, -6, 0), Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop, self.title
+        )
         painter.setPen(QColor("#111827"))
-        painter.drawText(rect.adjusted(6, 2, -6, 0), Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignTop,
-                         self._format(latest))  # fmt: skip
+        painter.drawText(
+            rect.adjusted(6, 2, -6, 0),
+            Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignTop,
+            self._format(latest),
+        )
         plot = rect.adjusted(4, text_height + 4, -4, -4)
         if len(self.values) >= 2 and plot.height() > 4:
             self._draw_line(painter, plot)
@@ -61,11 +64,12 @@ class Sparkline(QWidget):
 
     def _draw_line(self, painter: QPainter, plot: QRectF) -> None:
         values = list(self.values)
-        top = max(self.ceiling or 0.0, max(values), 1e-9) * (1.0 if self.ceiling else 1.1)
+        top = max(max(values), 1e-9) * 1.15  # scaled to the data: the trend, not the limit
         step = plot.width() / (HISTORY_POINTS - 1)
         x0 = plot.right() - step * (len(values) - 1)
         points = [
-            QPointF(x0 + i * step, plot.bottom() - min(v / top, 1.0) * plot.height()) for i, v in enumerate(values)
+            QPointF(x0 + i * step, plot.bottom() - min(v / top, 1.0) * plot.height())
+            for i, v in enumerate(values)
         ]
         line = QPainterPath(points[0])
         for point in points[1:]:

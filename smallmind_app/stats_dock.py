@@ -32,18 +32,23 @@ MiB = 1 << 20
 # objectName -> (label, what it means: the tooltip, also in the README)
 STATS: dict[str, tuple[str, str]] = {
     "statSessions": ("Sessions", "Conversations with K/V in the cache (generating ones are pinned)"),
-    "statMemory": ("Memory", "K/V bytes reserved by sessions, of them holding tokens, and the peak, "
-                             "against the byte limit (max_bytes_total)"),
+    "statMemory": (
+        "Memory",
+        "K/V bytes reserved by sessions, of them holding tokens, and the peak, "
+        "against the byte limit (max_bytes_total)",
+    ),
     "statHitRate": ("Hit rate", "Requests that reused at least one cached token, of all requests"),
     "statEvictions": ("Evictions", "Sessions dropped to make room (least recently used first)"),
-    "statReusedTokens": ("Reused tokens", "Prompt tokens taken from the cache instead of computed, "
-                                          "and their share of all prompt tokens"),
+    "statReusedTokens": (
+        "Reused tokens",
+        "Prompt tokens taken from the cache instead of computed, and their share of all prompt tokens",
+    ),
     "statAvgBatchSize": ("Avg batch size", "Requests served per forward pass (rows per step)"),
     "statAvgBatchWait": ("Avg batch wait", "Time a request waited in the queue before its first step"),
     "statQueueDepth": ("Avg queue depth", "Requests waiting, averaged over steps (now: waiting / running)"),
     "statTokensPerSec": ("Tokens/s", "Generated tokens per second over the last 5 seconds, all tabs"),
     "statTtft": ("TTFT p50", "Median time from Send to the first token of the reply"),
-}  # fmt: skip
+}
 
 
 def mib(n_bytes: float) -> str:
@@ -62,9 +67,10 @@ class StatsDock(QDockWidget):
         body = QWidget()
         layout = QVBoxLayout(body)
         layout.setContentsMargins(8, 4, 8, 8)
+        self.memory_bar = QProgressBar(objectName="memoryBar", maximumHeight=8)
+        self.memory_bar.setTextVisible(False)
+        self.memory_bar.setToolTip("Reserved K/V memory against the limit (max_bytes_total)")
         layout.addWidget(self._group("KV cache", list(STATS)[:5]))
-        self.memory_bar = QProgressBar(objectName="memoryBar", textVisible=False, maximumHeight=6)
-        layout.addWidget(self.memory_bar)
         layout.addWidget(self._group("Batcher", list(STATS)[5:]))
         self.tokens_plot = Sparkline("Tokens/s", "", "#2563eb")
         self.memory_plot = Sparkline("Memory", "MiB", "#7c3aed")
@@ -75,6 +81,7 @@ class StatsDock(QDockWidget):
         self.table = QTableWidget(0, 4, objectName="sessionTable")
         self.table.setHorizontalHeaderLabels(["Tab", "Tokens", "MiB", "State"])
         self.table.verticalHeader().setVisible(False)
+        self.table.verticalHeader().setDefaultSectionSize(self.fontMetrics().height() + 8)
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
         self.table.setFocusPolicy(Qt.FocusPolicy.NoFocus)
@@ -96,13 +103,16 @@ class StatsDock(QDockWidget):
         form.setVerticalSpacing(3)
         for name in names:
             label, meaning = STATS[name]
-            value = QLabel("–", objectName=name, wordWrap=True)
+            value = QLabel("–", objectName=name)
+            value.setWordWrap(True)
             value.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
             value.setToolTip(meaning)
             caption = QLabel(label)
             caption.setToolTip(meaning)
             form.addRow(caption, value)
             self.labels[name] = value
+            if name == "statMemory":
+                form.addRow("", self.memory_bar)
         return box
 
     def show_no_model(self) -> None:
@@ -127,7 +137,9 @@ class StatsDock(QDockWidget):
             f"{misses} miss{'es' * (misses != 1)})"
         )
         set_text["statEvictions"](f"{kv['evictions']}")
-        set_text["statReusedTokens"](f"{kv['reused_tokens']:,}  ({kv['token_reuse_ratio']:.0%} of prompt tokens)")
+        set_text["statReusedTokens"](
+            f"{kv['reused_tokens']:,}  ({kv['token_reuse_ratio']:.0%} of prompt tokens)"
+        )
         set_text["statAvgBatchSize"](f"{metrics['average_batch_size']:.2f}")
         set_text["statAvgBatchWait"](f"{metrics['average_batch_wait_ms']:.1f} ms")
         set_text["statQueueDepth"](
@@ -143,7 +155,6 @@ class StatsDock(QDockWidget):
 
     def _add_points(self, kv: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
         self.tokens_plot.add(metrics["tokens_per_second"])
-        self.memory_plot.ceiling = kv["max_bytes_total"] / MiB
         self.memory_plot.add(kv["current_bytes"] / MiB)
         steps = metrics["steps"]
         rows = metrics["average_batch_size"] * steps
@@ -164,8 +175,12 @@ class StatsDock(QDockWidget):
                 state = "idle · evicted next"
             else:
                 state = "idle"
-            cells = [titles.get(sid, sid[:8]), f"{session['n_tokens']:,}",
-                     f"{session['reserved_bytes'] / MiB:.2f}", state]  # fmt: skip
+            cells = [
+                titles.get(sid, sid[:8]),
+                f"{session['n_tokens']:,}",
+                f"{session['reserved_bytes'] / MiB:.2f}",
+                state,
+            ]
             for column, text in enumerate(cells):
                 item = self.table.item(row, column)
                 if item is None:

@@ -65,7 +65,7 @@ def markdown_html(text: str) -> str:
     document.setMarkdown(sanitize(text))
     match = _BODY.search(document.toHtml())
     body = match.group(1) if match else html.escape(text)
-    return body.replace("<pre style=\"", f"<pre style=\" background-color:{COLORS['code']};")
+    return body.replace('<pre style="', f'<pre style=" background-color:{COLORS["code"]};')
 
 
 def plain_html(text: str) -> str:
@@ -98,7 +98,8 @@ def entry_html(index: int, entry: Entry) -> str:
         color = COLORS["error"] if entry.status == "error" else COLORS["notice"]
         return (
             f'<table width="100%" cellpadding="8" cellspacing="0" bgcolor="{color}" '
-            f'style="margin-top:6px; margin-bottom:6px;"><tr><td>{plain_html(entry.content)}</td></tr></table>'
+            f'style="margin-top:6px; margin-bottom:6px;"><tr><td>{plain_html(entry.content)}</td></tr>'
+            "</table>"
         )
     user = entry.role == "user"
     name = "You" if user else "Assistant"
@@ -125,7 +126,9 @@ def entry_html(index: int, entry: Entry) -> str:
         f'<p style="margin:0px 0px 4px 0px;"><span style="color:{name_color}; font-weight:600;">{name}</span>'
         f'&nbsp;&nbsp;<a href="copy:{index}" style="color:{muted}; text-decoration:none;">Copy</a></p>'
     )
-    foot = f'<p style="margin:6px 0px 0px 0px; color:{muted}; font-size:small;">{footer}</p>' if footer else ""
+    foot = (
+        f'<p style="margin:6px 0px 0px 0px; color:{muted}; font-size:small;">{footer}</p>' if footer else ""
+    )
     bg = COLORS["error"] if entry.status == "error" else COLORS["user" if user else "assistant"]
     return (
         f'<table width="100%" cellpadding="10" cellspacing="0" bgcolor="{bg}" '

@@ -43,9 +43,11 @@ from engine import (
     ModelNotFoundError,
     SessionId,
     Tokenizer,
+    download,
 )
-from engine import download
 from engine.kv_cache import KV_DTYPES, ModelShape
+
+from .snapshots import result_dict, stats_dict, submit_error_message
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,8 @@ class EngineWorker(QObject):
         """Connected to ``QThread.started``: timers are made here so they belong to this thread."""
         self._step_timer = QTimer(self, interval=0)
         self._step_timer.timeout.connect(self._run_step)
-        self._wait_timer = QTimer(self, singleShot=True)
+        self._wait_timer = QTimer(self)
+        self._wait_timer.setSingleShot(True)
         self._wait_timer.timeout.connect(self._run_step)
         self._stats_timer = QTimer(self, interval=STATS_INTERVAL_MS)
         self._stats_timer.timeout.connect(self._emit_stats)
@@ -159,7 +162,9 @@ class EngineWorker(QObject):
             self._flush(force=True)
             self._handles.clear()
         store = LruKvCacheStore(self._kv)
-        self._engine = BatchedInferenceEngine(model, tokenizer, self._batching, store, InMemoryRuntimeMetrics())
+        self._engine = BatchedInferenceEngine(
+            model, tokenizer, self._batching, store, InMemoryRuntimeMetrics()
+        )
         self._model_path = path
         self.model_loaded.emit(self.model_info())
         self._emit_stats()
@@ -202,9 +207,11 @@ class EngineWorker(QObject):
             return
         try:
             handle = self._engine.submit(
-                messages, options, session_id=SessionId(conversation_id),
+                messages,
+                options,
+                session_id=SessionId(conversation_id),
                 on_event=partial(self._on_engine_event, conversation_id),
-            )  # fmt: skip
+            )
         except (EngineError, ValueError) as exc:
             self.request_failed.emit(conversation_id, submit_error_message(exc))
             return
@@ -353,56 +360,6 @@ class EngineWorker(QObject):
             self.download_finished.emit(str(path))
 
 
-# -- plain values for the signals -------------------------------------------------------------------
-def result_dict(result: GenerationResult) -> dict[str, Any]:
-    data = result.to_dict()
-    data["token_ids"] = list(result.token_ids)
-    data["generated_tokens"] = result.generated_tokens
-    return data
-
-
-def stats_dict(engine: BatchedInferenceEngine) -> dict[str, Any]:
-    kv = engine.store.get_stats()
-    metrics = engine.metrics.snapshot()
-    sessions = [
-        {
-            "session_id": info.session_id.value,
-            "n_tokens": info.n_tokens,
-            "max_tokens": info.max_tokens,
-            "reserved_bytes": info.reserved_bytes,
-            "used_bytes": info.used_bytes,
-            "pinned": info.pinned,
-            "last_used": info.last_used,
-        }
-        for info in engine.store.sessions()
-    ]
-    kv_values = dataclasses.asdict(kv) | {"hit_rate": kv.hit_rate, "token_reuse_ratio": kv.token_reuse_ratio}
-    options = engine.cache_options
-    return {
-        "kv": kv_values,
-        "metrics": dataclasses.asdict(metrics),
-        "sessions": sessions,  # least recently used (next to be evicted) first
-        "limits": {
-            "enabled": options.enabled,
-            "max_bytes_total": options.max_bytes_total,
-            "max_sessions": options.max_sessions,
-            "session_token_limit": engine.session_token_limit(),
-        },
-    }
-
-
-def submit_error_message(exc: Exception) -> str:
-    """A sentence for the tab: what happened, the engine's numbers, what the user can do."""
-    name = type(exc).__name__
-    if name == "QueueFullError":
-        return f"Not sent: the engine is busy ({exc}). Press Send again in a moment."
-    if name == "ContextOverflowError":
-        return f"Not sent: the conversation is too long for one KV session ({exc})."
-    if name == "CacheBudgetError":
-        return f"Not sent: the KV cache budget is exhausted ({exc})."
-    return f"Not sent: {exc}"
-
-
 def default_model_description() -> dict[str, Any]:
     """What the first-run dialog offers to download."""
     spec = download.DEFAULT_MODEL
@@ -410,11 +367,17 @@ def default_model_description() -> dict[str, Any]:
 
 
 # -- what the settings dialog needs ---------------------------------------------------------------
-_OPTION_CLASSES: dict[str, Any] = {"kv": KvCacheOptions, "batching": BatchingOptions, "sampling": InferenceOptions}
+_OPTION_CLASSES: dict[str, Any] = {
+    "kv": KvCacheOptions,
+    "batching": BatchingOptions,
+    "sampling": InferenceOptions,
+}
 _CLASS_PREFIX = re.compile(r"^(KvCacheOptions|BatchingOptions|InferenceOptions)\.")
 
 
-def validate_settings(kv: Mapping[str, Any], batching: Mapping[str, Any], sampling: Mapping[str, Any]) -> dict:
+def validate_settings(
+    kv: Mapping[str, Any], batching: Mapping[str, Any], sampling: Mapping[str, Any]
+) -> dict:
     """Every problem with these option values, as {"<section>.<field name>": message}; {} when valid.
 
     The engine's option classes are the judges; an invalid field is reset to its default and the
@@ -449,8 +412,12 @@ def _field_named(message: str, names: list[str]) -> str | None:
 def session_limits(kv: Mapping[str, Any], model_info: Mapping[str, Any]) -> tuple[int, int]:
     """(tokens one conversation may hold, KV bytes per token) for these KV options and this model."""
     dtype = str(kv.get("dtype", "float32"))
-    shape = ModelShape(int(model_info["n_layers"]), int(model_info["n_kv_heads"]), int(model_info["head_dim"]),
-                       dtype if dtype in KV_DTYPES else "float32")  # fmt: skip
+    shape = ModelShape(
+        int(model_info["n_layers"]),
+        int(model_info["n_kv_heads"]),
+        int(model_info["head_dim"]),
+        dtype if dtype in KV_DTYPES else "float32",
+    )
     context = int(model_info["context_length"])
     if not kv.get("enabled", True):
         return context, shape.bytes_per_token

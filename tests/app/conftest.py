@@ -11,13 +11,13 @@ import os
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # before any QApplication exists
 
-from collections.abc import Callable, Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
-import pytest  # noqa: E402
+import pytest
 
-from tests.fixtures.tiny_model import write_tiny_gguf  # noqa: E402
+from tests.fixtures.tiny_model import write_tiny_gguf
 
 MODEL_TIMEOUT_MS = 60_000  # the machine is shared and noisy: generous timeouts, never sleeps
 REPLY_TIMEOUT_MS = 60_000
@@ -43,7 +43,9 @@ def write_settings() -> Callable[..., None]:
 
 
 @pytest.fixture
-def make_window(qtbot: Any, monkeypatch: pytest.MonkeyPatch, app_model_path: Path) -> Iterator[Callable[..., Any]]:
+def make_window(
+    qtbot: Any, monkeypatch: pytest.MonkeyPatch, app_model_path: Path
+) -> Iterator[Callable[..., Any]]:
     """make_window(model=app model | path | None, wait_model=True) -> a shown MainWindow."""
     from smallmind_app import create_window
 

@@ -26,7 +26,22 @@ MODES = {
     "prefill_only": BatchingOptions(prefill_only=True, max_batch_wait_ms=0),
     "sequential": BatchingOptions(enabled=False),
 }
-WORDS = "the quick brown fox jumps over a lazy dog while seven small birds sing".split()
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "small",
+    "birds",
+    "sing",
+]
 
 
 def prompts(n: int) -> list[str]:
@@ -104,7 +119,7 @@ def test_smollm2_batched_greedy_equals_reference(smollm2, reference_prompts, mod
 
 # -- multi-turn ----------------------------------------------------------------------------------
 def test_second_turn_reuses_the_first_and_equals_a_cold_run(tiny):
-    model, tok = tiny
+    _, tok = tiny
     engine = make_engine(tiny)
     session = SessionId.new_id()
     turn1 = [{"role": "user", "content": "hello there, how are you"}]
@@ -236,7 +251,6 @@ def test_background_driver_and_asyncio_api(tiny):
 
 
 def test_context_trimming_drops_oldest_turns(tiny):
-    model, tok = tiny
     engine = make_engine(tiny, cache=KvCacheOptions(max_tokens_per_session=120))
     system = {"role": "system", "content": "be brief"}
     history = []

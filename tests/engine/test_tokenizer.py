@@ -235,10 +235,15 @@ def test_template_that_changes_content(tmp_path: Path, transform: str) -> None:
     assert tok.encode_messages(plain) == tok.encode(tok.apply_chat_template(plain))
     forged = [{"role": "user", "content": f"  {FORGED}  "}]
     if "replace" in transform:
-        with pytest.raises(ChatTemplateError, match="special-token text"):
+        with pytest.raises(ChatTemplateError, match="spells a special token"):
             tok.encode_messages([{"role": "user", "content": f"  {FORGED}  x  y"}])
     ids = tok.encode_messages(forged)
     assert [i for i in ids if tok.is_special(i)] == [1, 2]
+    # A content that spells the marker the template writes just before it must not swap places with it.
+    two = [{"role": "user", "content": " hi "}, {"role": "assistant", "content": " <|im_end|> "}]
+    ids = tok.encode_messages(two)
+    assert [i for i in ids if tok.is_special(i)] == [1, 2, 1, 2]
+    assert tok.decode(ids) == tok.apply_chat_template(two)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,253 @@
+"""The engine worker on its own QThread, driven through EngineClient's queued signals (no window).
+
+Receivers of the worker's signals are QObject slots (``Recorder``) so that they run on the test's
+(GUI) thread, as the window's do.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PySide6.QtCore import QObject, Slot
+
+from smallmind_app.engine_client import EngineClient
+from smallmind_app.worker import session_limits, validate_settings
+from tests.app.conftest import MODEL_TIMEOUT_MS, REPLY_TIMEOUT_MS
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+class Recorder(QObject):
+    """Collects what the worker says, on the GUI thread."""
+
+    def __init__(self, client: EngineClient) -> None:
+        super().__init__()
+        self.texts: dict[str, list[str]] = {}
+        self.results: dict[str, dict[str, Any]] = {}
+        self.failures: dict[str, str] = {}
+        self.stats: list[dict[str, Any]] = []
+        self.loaded: dict[str, Any] = {}
+        self.load_failed: tuple[str, str] | None = None
+        self.missing = ""
+        self.rejected = ""
+        w = client.worker
+        w.text_generated.connect(self.on_text)
+        w.request_finished.connect(self.on_finished)
+        w.request_failed.connect(self.on_failed)
+        w.stats_updated.connect(self.on_stats)
+        w.model_loaded.connect(self.on_loaded)
+        w.model_load_failed.connect(self.on_load_failed)
+        w.model_missing.connect(self.on_missing)
+        w.settings_rejected.connect(self.on_rejected)
+
+    @Slot(str, str)
+    def on_text(self, conversation_id: str, text: str) -> None:
+        self.texts.setdefault(conversation_id, []).append(text)
+
+    @Slot(str, dict)
+    def on_finished(self, conversation_id: str, result: dict) -> None:
+        self.results[conversation_id] = result
+
+    @Slot(str, str)
+    def on_failed(self, conversation_id: str, message: str) -> None:
+        self.failures[conversation_id] = message
+
+    @Slot(dict)
+    def on_stats(self, stats: dict) -> None:
+        self.stats.append(stats)
+
+    @Slot(dict)
+    def on_loaded(self, info: dict) -> None:
+        self.loaded = info
+
+    @Slot(str, str)
+    def on_load_failed(self, path: str, reason: str) -> None:
+        self.load_failed = (path, reason)
+
+    @Slot(str)
+    def on_missing(self, message: str) -> None:
+        self.missing = message
+
+    @Slot(str)
+    def on_rejected(self, message: str) -> None:
+        self.rejected = message
+
+
+@pytest.fixture
+def client(qtbot: Any) -> Any:
+    client = EngineClient()
+    client.recorder = Recorder(client)
+    client.start()
+    yield client
+    assert client.shutdown(), "the engine thread did not stop"
+    assert not client.thread.isRunning()
+
+
+@pytest.fixture
+def loaded(qtbot: Any, client: Any, app_model_path: Path) -> Any:
+    client.load_model(str(app_model_path))
+    qtbot.waitUntil(lambda: bool(client.recorder.loaded), timeout=MODEL_TIMEOUT_MS)
+    return client
+
+
+def test_model_info_and_the_dialogs_limits(loaded: Any, app_model_path: Path) -> None:
+    info = loaded.recorder.loaded
+    assert (info["path"], info["n_layers"], info["context_length"]) == (str(app_model_path), 4, 1024)
+    assert info["bytes_per_token"] == 2 * 4 * 2 * 32 * 4  # K and V, layers, KV heads, head dim, float32
+    kv = {
+        "enabled": True,
+        "max_tokens_per_session": 4096,
+        "max_bytes_per_session": 256 << 20,
+        "dtype": "float32",
+    }
+    assert session_limits(kv, info) == (info["session_token_limit"], info["bytes_per_token"]) == (1024, 2048)
+    assert session_limits({**kv, "max_bytes_per_session": 100 * 2048}, info) == (100, 2048)
+    assert session_limits({**kv, "dtype": "float16"}, info)[1] == 1024
+
+
+def test_text_arrives_coalesced_and_in_order(qtbot: Any, loaded: Any) -> None:
+    sampling = {"max_new_tokens": 300, "stop_on_eos": False, "seed": 4}
+    loaded.submit("a", HELLO, sampling)
+    loaded.submit("b", [{"role": "user", "content": "Why is the sky blue?"}], sampling)
+    rec = loaded.recorder
+    qtbot.waitUntil(lambda: {"a", "b"} <= set(rec.results), timeout=REPLY_TIMEOUT_MS)
+    for conversation_id in ("a", "b"):
+        result, pieces = rec.results[conversation_id], rec.texts[conversation_id]
+        assert result["finish_reason"] == "length" and result["generated_tokens"] == 300
+        assert "".join(pieces) == result["text"]  # every piece, once, in order
+        assert len(pieces) < result["generated_tokens"] / 2, len(pieces)  # coalesced: not one per token
+    assert rec.texts["a"] != rec.texts["b"]
+
+
+def test_submit_errors_are_reported_per_conversation(qtbot: Any, client: Any, app_model_path: Path) -> None:
+    rec = client.recorder
+    client.submit("early", HELLO, {})
+    qtbot.waitUntil(lambda: "early" in rec.failures, timeout=10_000)
+    assert "No model is loaded" in rec.failures["early"]
+    client.apply_settings({"max_tokens_per_session": 16}, {})
+    client.load_model(str(app_model_path))
+    qtbot.waitUntil(lambda: bool(rec.loaded), timeout=MODEL_TIMEOUT_MS)
+    long_prompt = [{"role": "user", "content": "word " * 200}]
+    client.submit("long", long_prompt, {"max_new_tokens": 4})
+    client.submit("bad", HELLO, {"temperature": -1})
+    qtbot.waitUntil(lambda: {"long", "bad"} <= set(rec.failures) or "long" in rec.results, timeout=10_000)
+    assert "bad" in rec.failures and "temperature" in rec.failures["bad"]
+    message = rec.failures.get("long") or str(rec.results["long"].get("context_trimmed"))
+    assert "too long" in message or message == "True"  # refused, or trimmed to fit the session
+
+
+def test_invalid_settings_are_rejected_and_the_old_ones_kept(qtbot: Any, loaded: Any) -> None:
+    loaded.apply_settings({"max_sessions": 0}, {})
+    qtbot.waitUntil(lambda: bool(loaded.recorder.rejected), timeout=10_000)
+    assert "max_sessions" in loaded.recorder.rejected
+    loaded.submit("c", HELLO, {"max_new_tokens": 5})
+    qtbot.waitUntil(lambda: "c" in loaded.recorder.results, timeout=REPLY_TIMEOUT_MS)
+
+
+def test_no_steps_while_idle(qtbot: Any, loaded: Any) -> None:
+    rec = loaded.recorder
+    loaded.submit("a", HELLO, {"max_new_tokens": 20})
+    qtbot.waitUntil(lambda: "a" in rec.results, timeout=REPLY_TIMEOUT_MS)
+    qtbot.waitUntil(lambda: len(rec.stats) >= 2, timeout=5000)
+    steps = rec.stats[-1]["metrics"]["steps"]
+    n_stats = len(rec.stats)
+    qtbot.waitUntil(lambda: len(rec.stats) >= n_stats + 3, timeout=5000)  # ~0.75 s later
+    assert rec.stats[-1]["metrics"]["steps"] == steps
+    assert not loaded.worker._step_timer.isActive() and not loaded.worker._wait_timer.isActive()
+    session = rec.stats[-1]["sessions"][0]
+    assert session["session_id"] == "a" and not session["pinned"] and session["n_tokens"] > 0
+
+
+def test_cancel_and_remove_session(qtbot: Any, loaded: Any) -> None:
+    rec = loaded.recorder
+    loaded.submit("a", HELLO, {"max_new_tokens": 900, "stop_on_eos": False})
+    qtbot.waitUntil(lambda: bool(rec.texts.get("a")), timeout=REPLY_TIMEOUT_MS)
+    loaded.cancel("a")
+    qtbot.waitUntil(lambda: "a" in rec.results, timeout=REPLY_TIMEOUT_MS)
+    assert rec.results["a"]["finish_reason"] == "cancelled" and rec.results["a"]["text"]
+    loaded.remove_session("a")
+    qtbot.waitUntil(lambda: rec.stats and rec.stats[-1]["kv"]["current_sessions"] == 0, timeout=5000)
+
+
+def test_shutdown_while_generating_fails_requests_cleanly(qtbot: Any, loaded: Any) -> None:
+    rec = loaded.recorder
+    for conversation_id in ("a", "b"):
+        loaded.submit(conversation_id, HELLO, {"max_new_tokens": 900, "stop_on_eos": False})
+    qtbot.waitUntil(lambda: bool(rec.texts.get("a")), timeout=REPLY_TIMEOUT_MS)
+    assert loaded.shutdown(timeout_ms=10_000)
+    assert not loaded.thread.isRunning()
+    qtbot.waitUntil(lambda: {"a", "b"} <= set(rec.results), timeout=5000)  # posted before the thread ended
+    assert {rec.results[c]["finish_reason"] for c in ("a", "b")} == {"error"}
+    assert "stopped" in rec.results["a"]["error"]
+    assert loaded.shutdown()  # twice is harmless
+
+
+def test_missing_and_corrupt_models_are_reported(
+    qtbot: Any, client: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    monkeypatch.delenv("SMALLMIND_MODEL", raising=False)
+    rec = client.recorder
+    client.load_model("")
+    qtbot.waitUntil(lambda: bool(rec.missing), timeout=10_000)
+    assert "models pull" in rec.missing
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"this is not a model")
+    client.load_model(str(bad))
+    qtbot.waitUntil(lambda: rec.load_failed is not None, timeout=10_000)
+    assert rec.load_failed[0] == str(bad) and rec.load_failed[1]
+    client.load_model(str(tmp_path / "nowhere.gguf"))
+    qtbot.waitUntil(lambda: rec.load_failed[0].endswith("nowhere.gguf"), timeout=10_000)
+    assert "does not exist" in rec.load_failed[1]
+
+
+def test_validate_settings_names_each_bad_field() -> None:
+    assert validate_settings({}, {}, {}) == {}
+    errors = validate_settings(
+        {"max_bytes_total": 1000, "max_bytes_per_session": 2000, "max_sessions": 0},
+        {"max_batch_size": 0, "max_batch_wait_ms": 5.0},
+        {"temperature": -0.5, "top_p": 2.0, "seed": None},
+    )
+    assert set(errors) == {
+        "kv.max_bytes_per_session",
+        "kv.max_sessions",
+        "batching.max_batch_size",
+        "sampling.temperature",
+        "sampling.top_p",
+    }
+    assert "must not exceed max_bytes_total" in errors["kv.max_bytes_per_session"]
+    assert "[1, 256]" in errors["batching.max_batch_size"] and "got 0" in errors["batching.max_batch_size"]
+    assert not errors["kv.max_sessions"].startswith("KvCacheOptions.")
+    assert validate_settings({"bogus": 1}, {}, {}) == {"kv.bogus": "unknown setting 'bogus'"}
+
+
+@pytest.mark.smollm2
+def test_download_of_an_installed_model_runs_the_real_pull(
+    qtbot: Any, client: Any, smollm2_path: Path, tmp_path: Path
+) -> None:
+    """``pull_model`` with the file already in place verifies it (SHA-256) instead of downloading."""
+    from smallmind_app import paths
+
+    models = paths.data_dir() / "models"
+    models.mkdir(parents=True)
+    shutil.copy(smollm2_path, models / smollm2_path.name)
+    done: list[str] = []
+    phases: list[str] = []
+
+    class Sink(QObject):
+        @Slot(str)
+        def finished(self, path: str) -> None:
+            done.append(path)
+
+        @Slot(str, int, int)
+        def progressed(self, phase: str, n: int, total: int) -> None:
+            phases.append(phase)
+
+    sink = Sink()
+    client.worker.download_finished.connect(sink.finished)
+    client.worker.download_progressed.connect(sink.progressed)
+    client.start_download()
+    qtbot.waitUntil(lambda: bool(done), timeout=120_000)
+    assert done == [str(models / smollm2_path.name)] and "verify" in phases
