@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from PySide6.QtCore import QTimer
+from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import QApplication, QMessageBox
 
 from . import paths
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 STYLE_FILE = Path(__file__).resolve().parent.parent / "resources" / "smallmind.qss"
 _app: QApplication | None = None  # keeps a QApplication made by create_window alive
+_error_boxes: list[QMessageBox] = []  # open unexpected-error dialogs (kept alive until closed)
 
 
 def setup_logging(level: int = logging.INFO) -> Path | None:
@@ -76,14 +77,14 @@ def install_excepthook() -> None:
 
 
 def _error_box(summary: str, details: str) -> None:
-    box = QMessageBox(
-        QMessageBox.Icon.Critical,
-        "SmallMind: unexpected error",
-        f"Something went wrong; the details are in the log file {paths.log_file()}.\n\n{summary}",
-    )
+    text = f"Something went wrong; the details are in the log file {paths.log_file()}.\n\n{summary}"
+    box = QMessageBox(QMessageBox.Icon.Critical, "SmallMind: unexpected error", text)
     box.setObjectName("unexpectedErrorDialog")
     box.setDetailedText(details)
-    box.exec()
+    box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+    _error_boxes.append(box)
+    box.finished.connect(lambda _result: _error_boxes.remove(box))
+    box.open()  # not exec(): the app goes on (generations keep streaming) behind the dialog
 
 
 def open_store() -> tuple[ConversationStore, str | None]:

@@ -400,6 +400,35 @@ def test_event_loop_stays_responsive_while_four_tabs_generate(
     assert p99 < 50.0
 
 
+def test_unexpected_errors_are_logged_and_shown(
+    qtbot: Any, make_window: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import sys
+    import threading
+
+    from smallmind_app import app
+
+    window = make_window()
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # restored after the test
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    app.install_excepthook()
+    try:
+        raise RuntimeError("boom in a slot")
+    except RuntimeError as exc:
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+    assert "boom in a slot" in caplog.text and "Traceback" in caplog.text
+
+    def shown() -> QMessageBox | None:
+        boxes = [w for w in QApplication.topLevelWidgets() if w.objectName() == "unexpectedErrorDialog"]
+        return next((b for b in boxes if b.isVisible()), None)
+
+    qtbot.waitUntil(lambda: shown() is not None, timeout=5000)
+    box = shown()
+    assert "RuntimeError: boom in a slot" in box.text() and "Traceback" in box.detailedText()
+    box.accept()
+    assert window.isVisible()  # the app goes on
+
+
 @pytest.mark.smollm2
 def test_two_tabs_at_once_give_the_replies_each_gives_alone(
     qtbot: Any, make_window: Any, write_settings: Any, smollm2_path: Path
