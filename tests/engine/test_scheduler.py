@@ -1,0 +1,175 @@
+"""The scheduler's policy, checked without the model: a scripted model records every forward pass
+(which rows, how many tokens) and predicts "previous token + 1", so outputs are known in advance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from engine import BatchedInferenceEngine, BatchingOptions, InferenceOptions, KvCacheOptions, LruKvCacheStore
+from engine.gguf import ModelConfig
+from engine.kv_cache import ModelShape
+from engine.model import Row
+
+VOCAB = 300
+
+
+@dataclass
+class ScriptedModel:
+    """Stands in for Model: appends to the caches like the real one; logits favour last id + 1."""
+
+    config: ModelConfig = field(
+        default_factory=lambda: ModelConfig("llama", 1, 1, 1, 2, 2, 2, VOCAB, 4096, 1e4, 1e-5)
+    )
+    calls: list[list[tuple[int, int]]] = field(default_factory=list)  # per forward: (start, n_tokens) per row
+    caches: list[list[int]] = field(default_factory=list)  # per forward: id() of each row's cache
+    fail_next: bool = False
+
+    def kv_shape(self, dtype: str = "float32") -> ModelShape:
+        return ModelShape(1, 1, 2, dtype)
+
+    def forward_last(self, rows: list[Row]) -> np.ndarray:
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("scripted failure")
+        self.calls.append([(r.cache.n_tokens, len(r.ids)) for r in rows])
+        self.caches.append([id(r.cache) for r in rows])
+        logits = np.zeros((len(rows), VOCAB), dtype=np.float32)
+        for i, row in enumerate(rows):
+            row.cache.ensure_capacity(row.cache.n_tokens + len(row.ids))
+            row.cache.append(row.ids)
+            logits[i, (int(row.ids[-1]) + 1) % VOCAB] = 10.0
+        return logits
+
+
+GREEDY = InferenceOptions(temperature=0.0, max_new_tokens=3, stop_on_eos=False)
+
+
+@pytest.fixture
+def scripted(tiny):
+    _, tok = tiny
+
+    def make(batching: BatchingOptions, cache: KvCacheOptions | None = None):
+        model = ScriptedModel()
+        engine = BatchedInferenceEngine(model, tok, batching, LruKvCacheStore(cache or KvCacheOptions()))  # type: ignore[arg-type]
+        return model, engine
+
+    return make
+
+
+def raw(n_tokens: int, start: int = 0) -> str:
+    """A raw prompt of exactly n_tokens tokens: the pre-tokenizer splits digits one by one."""
+    return "".join(str((start + i) % 10) for i in range(n_tokens))
+
+
+def drive(engine, handles, max_steps=1000):
+    for _ in range(max_steps):
+        if all(h.done() for h in handles):
+            return [h.result(0) for h in handles]
+        engine.step()
+    raise AssertionError("not finished")
+
+
+def test_fifo_admission_within_max_batch_size(scripted):
+    model, engine = scripted(BatchingOptions(max_batch_size=2, max_batch_wait_ms=0))
+    handles = [engine.submit(raw(4, i), GREEDY) for i in range(5)]
+    engine.step()
+    assert len(model.calls[0]) == 2  # two rows admitted, three wait
+    assert [r.seq.request_id for r in engine._running] == [h.request_id for h in handles[:2]]
+    results = drive(engine, handles)
+    assert all(len(call) <= 2 for call in model.calls)
+    assert all(r.generated_tokens == 3 for r in results)
+    # FIFO: the queue waits grow with submission order
+    waits = [r.queue_wait_ms for r in results]
+    assert waits[0] <= waits[2] <= waits[4]
+
+
+def test_prefill_budget_is_shared_and_decoders_keep_streaming(scripted):
+    model, engine = scripted(BatchingOptions(max_prefill_chunk_tokens=8, max_batch_wait_ms=0))
+    decoder = engine.submit(raw(4), InferenceOptions(temperature=0, max_new_tokens=40, stop_on_eos=False))
+    engine.step()  # the short prompt is prefilled in one chunk
+    decoder_cache = id(engine._running[0].seq.cache)
+    long_a, long_b = engine.submit(raw(30, 1), GREEDY), engine.submit(raw(30, 2), GREEDY)
+    model.calls.clear()
+    model.caches.clear()
+    for _ in range(4):  # 60 prompt tokens at 8 per step: both long prompts are still prefilling
+        engine.step()
+    for call, caches in zip(model.calls, model.caches, strict=True):
+        mine = caches.index(decoder_cache)  # the decoding request gets its token every step
+        assert call[mine][1] == 1
+        assert sum(n for i, (_, n) in enumerate(call) if i != mine) <= 8
+    # the older long prompt gets the budget first: 8, 8, 8, then 6 + 2 for the younger one
+    firsts = [[n for i, (_, n) in enumerate(call) if caches[i] != decoder_cache]
+              for call, caches in zip(model.calls, model.caches, strict=True)]  # fmt: skip
+    assert firsts == [[8], [8], [8], [6, 2]]
+    drive(engine, [decoder, long_a, long_b])
+
+
+def test_prefill_only_mode_batches_prompts_and_decodes_one_by_one(scripted):
+    model, engine = scripted(BatchingOptions(prefill_only=True, max_batch_wait_ms=0))
+    handles = [engine.submit(raw(6, i), GREEDY) for i in range(3)]
+    drive(engine, handles)
+    assert [n for _, n in model.calls[0]] == [6, 6, 6]  # one forward with the three prompts
+    assert all(len(call) == 1 and call[0][1] == 1 for call in model.calls[1:])  # then one row each
+
+
+def test_sequential_mode_runs_one_request_at_a_time(scripted):
+    model, engine = scripted(BatchingOptions(enabled=False))
+    handles = [engine.submit(raw(6, i), GREEDY) for i in range(3)]
+    results = drive(engine, handles)
+    assert all(len(call) == 1 for call in model.calls)
+    assert len(model.calls) == 3 * 3  # per request: prefill+first token, then 2 decode steps
+    assert results[2].queue_wait_ms > results[0].queue_wait_ms
+
+
+def test_idle_engine_waits_for_company_then_runs(scripted):
+    model, engine = scripted(BatchingOptions(max_batch_size=3, max_batch_wait_ms=10_000))
+    first = engine.submit(raw(4), GREEDY)
+    assert engine.step() is False and model.calls == []  # waits for others to batch with
+    assert 0 < engine.seconds_until_ready() <= 10.0
+    others = [engine.submit(raw(4, i), GREEDY) for i in (1, 2)]
+    assert engine.seconds_until_ready() == 0.0  # a full batch need not wait
+    assert engine.step() is True and len(model.calls[0]) == 3
+    drive(engine, [first, *others])
+
+
+def test_tokens_come_out_in_order_with_the_scripted_rule(scripted, tiny):
+    _, tok = tiny
+    _, engine = scripted(BatchingOptions(max_batch_wait_ms=0))
+    prompt = raw(5)
+    result = drive(engine, [engine.submit(prompt, GREEDY)])[0]
+    last = tok.encode(prompt)[-1]
+    assert list(result.token_ids) == [last + 1, last + 2, last + 3]
+
+
+def test_a_failed_forward_fails_its_batch_and_the_engine_keeps_serving(scripted):
+    model, engine = scripted(BatchingOptions(max_batch_wait_ms=0))
+    doomed = [engine.submit(raw(4, i), GREEDY) for i in range(2)]
+    model.fail_next = True
+    engine.step()
+    for handle in doomed:
+        result = handle.result(0)
+        assert result.finish_reason == "error" and "scripted failure" in (result.error or "")
+    after = drive(engine, [engine.submit(raw(4), GREEDY)])[0]
+    assert after.finish_reason == "length"
+    stats = engine.store.get_stats()
+    assert stats.pinned_sessions == 0 and stats.current_sessions == 0  # anonymous sessions released
+    snap = engine.metrics.snapshot()
+    assert (snap.failed, snap.completed, snap.in_flight) == (2, 1, 0)
+
+
+def test_cache_budget_error_ends_only_the_request_that_needs_room(scripted):
+    shape = ModelShape(1, 1, 2)
+    per_256 = 256 * shape.bytes_per_token
+    cache = KvCacheOptions(max_bytes_total=per_256, max_bytes_per_session=per_256)
+    model, engine = scripted(BatchingOptions(max_batch_wait_ms=0), cache)
+    first = engine.submit(raw(4), InferenceOptions(temperature=0, max_new_tokens=20, stop_on_eos=False))
+    engine.step()  # the first request holds the whole budget (256 tokens reserved) and is pinned
+    second = engine.submit(raw(4, 3), GREEDY)
+    engine.step()
+    r2 = second.result(0)
+    assert r2.finish_reason == "error" and "budget" in (r2.error or "")
+    r1 = drive(engine, [first])[0]
+    assert r1.finish_reason == "length" and r1.generated_tokens == 20
