@@ -591,7 +591,7 @@ def test_reader_thread_sees_consistent_snapshots(tiny: tuple[Model, Tokenizer]) 
 # ---------------------------------------------------------------------------------------------
 # Property test: random operation sequences keep the byte budget and the LRU order
 # ---------------------------------------------------------------------------------------------
-NAMES = ("a", "b", "c", "d")
+NAMES = ("a", "b", "c")
 BASE = list(range(1, 700))  # prompts start with a prefix of BASE, so sessions share prefixes
 
 
@@ -689,7 +689,7 @@ class StoreMachine(RuleBasedStateMachine):
         self._adopt(touched=name, keep=name, spared={s for s, n in shared.items() if n >= n_reused})
         self._prefill(name, entry, prompt[n_reused:])
 
-    @rule(name=st.sampled_from(NAMES), n_tokens=st.integers(1, 300))
+    @rule(name=st.sampled_from(NAMES), n_tokens=st.integers(1, 600))
     def grow(self, name: str, n_tokens: int) -> None:
         entry = self.store.try_get(sid(name))
         if entry is None:
@@ -781,5 +781,5 @@ class StoreMachine(RuleBasedStateMachine):
         assert stats.reused_tokens == sum(n for _, n in self.lookups)
 
 
-StoreMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+StoreMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=30, deadline=None)
 TestStoreMachine = StoreMachine.TestCase
