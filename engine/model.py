@@ -91,7 +91,8 @@ def softmax_inplace(scores: np.ndarray) -> np.ndarray:
 def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -> np.ndarray:
     """Causal grouped-query attention of T new queries against S = start + T cached positions.
 
-    q: (T, H, Hd), already scaled by 1/sqrt(Hd) (folded into the weights at load); keys, values: (KVH, S, Hd), any float dtype.
+    q: (T, H, Hd), already scaled by 1/sqrt(Hd) (folded into the weights at load);
+    keys, values: (KVH, S, Hd), any float dtype.
     Returns (T, H * Hd).
     """
     T, H, Hd = q.shape
@@ -163,7 +164,8 @@ def _load_layer(f: gguf_io.GgufFile, c: ModelConfig, i: int) -> LayerWeights:
     q_order = rotate_half_order(c.n_heads, c.head_dim)
     k_order = rotate_half_order(c.n_kv_heads, c.head_dim)
     q_scale = F32(1.0 / np.sqrt(c.head_dim))  # attention's 1/sqrt(Hd), folded into the query weights
-    wqkv = np.concatenate([t["attn_q"][q_order] * q_scale, t["attn_k"][k_order], t["attn_v"]], axis=0)  # (out, D)
+    q = t["attn_q"][q_order] * q_scale
+    wqkv = np.concatenate([q, t["attn_k"][k_order], t["attn_v"]], axis=0)  # (out, D)
     return LayerWeights(
         attn_norm=t["attn_norm"],
         wqkv=np.ascontiguousarray(wqkv.T),  # (D, (H+2KVH)*Hd)
