@@ -327,6 +327,9 @@ class LruKvCacheStore:
         source.pins += 1  # the copy may need room: never evict the source meanwhile
         try:
             entry.copy_prefix_from(source.entry, best_n)
+        except CacheBudgetError:
+            log.debug("no room to copy %d shared tokens from %s; computing them instead", best_n, best_id)
+            return n_own  # sharing only saves work: without room for a copy, compute the prefix
         finally:
             source.pins -= 1
         self._shared_prefix_tokens += best_n

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import logging.handlers
+import signal
 import sys
 import threading
 import traceback
@@ -146,4 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     app = ensure_application([argv[0], *qt_args])
     window = create_window(args.model)
     window.show()
+    signal.signal(signal.SIGINT, lambda *_: app.quit())  # Ctrl+C in the terminal: a clean shutdown
+    wake = QTimer(app, interval=250)  # lets Python run its signal handlers while Qt's loop runs
+    wake.timeout.connect(lambda: None)
+    wake.start()
     return app.exec()

@@ -296,7 +296,8 @@ class MainWindow(QMainWindow):
     @Slot(str)
     def _on_worker_model_missing(self, message: str) -> None:
         self.model_label.setText("No model loaded")
-        dialog = FirstRunDialog(default_model_description(), message, self)
+        reason = message.split(" Run `")[0]  # the command-line hints do not apply here
+        dialog = FirstRunDialog(default_model_description(), reason, self)
         dialog.download_requested.connect(self.client.start_download)
         dialog.download_cancel_requested.connect(self.client.cancel_download)
         dialog.model_file_chosen.connect(self.use_model_file)

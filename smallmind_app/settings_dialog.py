@@ -94,6 +94,7 @@ def _make_field(name: str, kind: str, limits: tuple[float, ...]) -> QWidget:
         widget.setSpecialValueText(SPECIAL.get(name, ""))
     else:
         widget = QDoubleSpinBox(minimum=limits[0], maximum=limits[1], decimals=int(limits[2]))
+        widget.setGroupSeparatorShown(True)
         widget.setSingleStep(10 ** -int(limits[2]) * (5 if limits[2] >= 2 else 1))
     widget.setObjectName(name)
     if isinstance(widget, QSpinBox | QDoubleSpinBox):
@@ -172,6 +173,10 @@ class SettingsDialog(QDialog):
         self.token_limit.setWordWrap(True)
         form.addRow("KV bytes per token", self.bytes_per_token)
         form.addRow("Tokens per session", self.token_limit)
+        note = QLabel("A new model file is loaded when you press Apply or OK; conversations stay open.")
+        note.setWordWrap(True)
+        note.setStyleSheet("color: #6b7280;")
+        form.addRow("", note)
         return page
 
     def _options_page(self, section: str) -> QWidget:
@@ -261,7 +266,7 @@ class SettingsDialog(QDialog):
         self.errors = {by_key.get(key, key): message for key, message in problems.items()}
         self._show_limits(values["kv"])
         for name, (_, _, _, widget) in self.fields.items():
-            widget.setStyleSheet("border: 1px solid #dc2626;" if name in self.errors else "")
+            widget.setStyleSheet("background-color: #fde2e2;" if name in self.errors else "")
             widget.setToolTip(self.errors.get(name, ""))
         labels = {name: label for _, _, name, label, _, _ in FIELDS}
         self.error_label.setText("\n".join(f"{labels.get(n, n)}: {m}" for n, m in self.errors.items()))

@@ -9,6 +9,7 @@ from PySide6.QtGui import QColor, QFont, QPainter, QPainterPath, QPaintEvent, QP
 from PySide6.QtWidgets import QSizePolicy, QWidget
 
 HISTORY_POINTS = 4 * 60 * 5  # five minutes at four updates a second
+MIN_SPAN_POINTS = 4 * 60  # the x axis spans at least one minute
 
 
 class Sparkline(QWidget):
@@ -65,7 +66,8 @@ class Sparkline(QWidget):
     def _draw_line(self, painter: QPainter, plot: QRectF) -> None:
         values = list(self.values)
         top = max(max(values), 1e-9) * 1.15  # scaled to the data: the trend, not the limit
-        step = plot.width() / (HISTORY_POINTS - 1)
+        span = min(HISTORY_POINTS, max(len(values), MIN_SPAN_POINTS))  # one minute, growing to five
+        step = plot.width() / (span - 1)
         x0 = plot.right() - step * (len(values) - 1)
         points = [
             QPointF(x0 + i * step, plot.bottom() - min(v / top, 1.0) * plot.height())
@@ -82,4 +84,5 @@ class Sparkline(QWidget):
         fill.setAlpha(40)
         painter.fillPath(area, fill)
         painter.setPen(QPen(self.color, 1.5))
+        painter.setBrush(Qt.BrushStyle.NoBrush)  # an open path would be filled with the frame's brush
         painter.drawPath(line)

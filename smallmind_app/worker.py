@@ -97,6 +97,7 @@ class EngineWorker(QObject):
     @Slot()
     def initialize(self) -> None:
         """Connected to ``QThread.started``: timers are made here so they belong to this thread."""
+        threading.current_thread().name = "smallmind-engine"  # for the log file
         self._step_timer = QTimer(self, interval=0)
         self._step_timer.timeout.connect(self._run_step)
         self._wait_timer = QTimer(self)

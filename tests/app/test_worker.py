@@ -151,7 +151,7 @@ def test_no_steps_while_idle(qtbot: Any, loaded: Any) -> None:
     rec = loaded.recorder
     loaded.submit("a", HELLO, {"max_new_tokens": 20})
     qtbot.waitUntil(lambda: "a" in rec.results, timeout=REPLY_TIMEOUT_MS)
-    qtbot.waitUntil(lambda: rec.stats and rec.stats[-1]["kv"]["pinned_sessions"] == 0, timeout=5000)
+    qtbot.waitUntil(lambda: rec.stats and rec.stats[-1]["metrics"]["completed"] == 1, timeout=5000)
     steps = rec.stats[-1]["metrics"]["steps"]
     n_stats = len(rec.stats)
     qtbot.waitUntil(lambda: len(rec.stats) >= n_stats + 3, timeout=5000)  # ~0.75 s later
