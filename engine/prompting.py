@@ -4,10 +4,12 @@ Chat messages are rendered with the model's own chat template; message contents 
 plain text (``Tokenizer.encode_messages``), so text a user types that spells a special token cannot
 forge a role turn. A conversation longer than the session's token limit loses its oldest whole turns
 after the system prompt (``context_trimmed``); what still does not fit is refused with the numbers.
+How many turns go is found by bisection, so a 400-turn chat is tokenized about 10 times, not 400.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -45,20 +47,38 @@ def check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]
     return out
 
 
-def drop_oldest_turn(messages: list[dict[str, str]]) -> list[dict[str, str]] | None:
-    """The conversation without its oldest turn after the system prompt(s), or None if none can go.
+class TurnTrimmer:
+    """A conversation and its shorter versions: ``version(k)`` is it without its k oldest turns.
 
-    A turn is a user message and the assistant reply after it; the last message always stays.
+    A turn is a user message and the assistant reply after it; system messages and the last message
+    always stay. Finding every cut point costs O(len(messages)) and only the versions asked for are
+    built, so bisecting over a long chat stays cheap.
     """
-    first = 0
-    while first < len(messages) and messages[first]["role"] == "system":
-        first += 1
-    if first >= len(messages) - 1:
-        return None
-    end = first + 1
-    if messages[first]["role"] == "user" and end < len(messages) - 1 and messages[end]["role"] == "assistant":
-        end += 1
-    return messages[:first] + messages[end:]
+
+    def __init__(self, messages: list[dict[str, str]]) -> None:
+        self._messages = messages
+        self._systems: list[int] = []  # indices of the system messages (kept in every version)
+        self._cuts: list[tuple[int, int]] = []  # per version: (n of _systems before the tail, tail start)
+        tail, last = 0, len(messages) - 1
+        while True:
+            while tail <= last and messages[tail]["role"] == "system":
+                self._systems.append(tail)
+                tail += 1
+            self._cuts.append((len(self._systems), tail))
+            if tail >= last:
+                break
+            end = tail + 1
+            if messages[tail]["role"] == "user" and end < last and messages[end]["role"] == "assistant":
+                end += 1
+            tail = end
+
+    def __len__(self) -> int:
+        """How many versions: the whole conversation, then one per droppable turn."""
+        return len(self._cuts)
+
+    def version(self, k: int) -> list[dict[str, str]]:
+        n_systems, tail = self._cuts[k]
+        return [self._messages[i] for i in self._systems[:n_systems]] + self._messages[tail:]
 
 
 class PromptBuilder:
@@ -72,24 +92,28 @@ class PromptBuilder:
     ) -> tuple[list[int], bool]:
         """(prompt ids, whether old turns were dropped). A str is raw text (special tokens parsed)."""
         if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("the prompt is empty")
+            if not prompt.strip():
+                raise ValueError(f"the prompt is {'only whitespace' if prompt else 'empty'}; write something")
             ids = list(self.tokenizer.encode(clean_text(prompt)))
             if len(ids) > limit:
                 raise ContextOverflowError(len(ids), limit)
             return ids, False
-        messages = check_messages(prompt)
+        trimmer = TurnTrimmer(check_messages(prompt))
         reserve = min(options.max_new_tokens, limit // 2)  # room left for the reply
-        ids = list(self.tokenizer.encode_messages(messages, add_generation_prompt=True))
-        trimmed = False
-        while len(ids) + reserve > limit:
-            shorter = drop_oldest_turn(messages)
-            if shorter is None:
-                break
-            messages, trimmed = shorter, True
-            ids = list(self.tokenizer.encode_messages(messages, add_generation_prompt=True))
+        encoded = functools.cache(lambda k: self._encode(trimmer.version(k)))
+        low, high = 0, len(trimmer) - 1  # bisect: the fewest dropped turns that fit, else all droppable
+        while low < high:
+            middle = (low + high) // 2
+            if len(encoded(middle)) + reserve <= limit:
+                high = middle
+            else:
+                low = middle + 1
+        ids = encoded(low)
         if len(ids) > limit:
             raise ContextOverflowError(
                 len(ids), limit, what="the conversation, even without its older turns,"
             )
-        return ids, trimmed
+        return ids, low > 0
+
+    def _encode(self, messages: list[dict[str, str]]) -> list[int]:
+        return list(self.tokenizer.encode_messages(messages, add_generation_prompt=True))

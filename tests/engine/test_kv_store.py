@@ -131,7 +131,8 @@ def check_three_turns(model: Model, tok: Tokenizer) -> tuple[LruKvCacheStore, Kv
     """A 3-turn chat through prepare + forward equals the uncached forward of every prompt.
 
     Turn 1 reuses 0 (a miss); turn k+1 reuses prompt_k + reply_k, the whole previous turn, since the
-    template only appends. On the tiny model: prompts of 50, 82 and 122 tokens.
+    template only appends. On the tiny model: prompts of 50, 82 and 122 tokens, replies of 15 and 20,
+    so reused 0, 50 + 15 = 65 and 82 + 20 = 102: hits 2, misses 1, token_reuse_ratio 167/254.
     """
     prompts, replies = conversation(tok, TURNS)
     expected = [0] + [len(p) + len(r) for p, r in zip(prompts, replies, strict=False)]
@@ -152,7 +153,10 @@ def check_three_turns(model: Model, tok: Tokenizer) -> tuple[LruKvCacheStore, Kv
 
 
 def check_divergence(model: Model, tok: Tokenizer) -> None:
-    """An edited first message: the entry is trimmed to the common prefix and stays correct."""
+    """An edited first message: the entry is trimmed to the common prefix and stays correct.
+
+    On the tiny model the 31-token system turn and "<|im_start|>user\nWhat is a" are kept: 38 tokens.
+    """
     store, entry, last_prompt = check_three_turns(model, tok)
     edited = [("What is a small language model?", TURNS[0][1]), *TURNS[1:]]
     prompt = conversation(tok, edited)[0][-1]
@@ -177,13 +181,14 @@ def check_prefix_sharing(model: Model, tok: Tokenizer) -> None:
     n_system = len(tok.encode_messages([system], add_generation_prompt=False))
     shared = first_difference(prompt_a, prompt_b)  # the system turn plus "<|im_start|>user\n"
     assert shared > n_system
-    logits_a, reused_a, entry_a = chat_turn(model, store, sid("tab-a"), prompt_a)
+    _, reused_a, entry_a = chat_turn(model, store, sid("tab-a"), prompt_a)
     logits_b, reused_b, entry_b = chat_turn(model, store, sid("tab-b"), prompt_b)
     assert (reused_a, reused_b) == (0, shared)
     assert_matches_uncached(model, prompt_b, logits_b, reused_b)
     assert not np.shares_memory(entry_a.keys(0), entry_b.keys(0))  # a copy, not an alias
     stats = store.get_stats()
-    assert (stats.hits, stats.misses, stats.shared_prefix_tokens, stats.reused_tokens) == (1, 1, shared, shared)
+    assert (stats.hits, stats.misses) == (1, 1)
+    assert stats.shared_prefix_tokens == stats.reused_tokens == shared
     # tab A's rows were not touched by tab B's prefill: its next turn is still exact
     follow_up = [*prompt_a, *tok.encode("Because of the air."), *tok.encode("<|im_end|>")]
     logits, n_reused, _ = chat_turn(model, store, sid("tab-a"), follow_up)
@@ -247,9 +252,25 @@ def test_stats_hand_worked(tiny: tuple[Model, Tokenizer]) -> None:
     assert stats.max_bytes_total == KvCacheOptions().max_bytes_total
 
 
+def test_longer_shared_prefix_replaces_own_shorter_one() -> None:
+    store = LruKvCacheStore()
+    for name, ids in (("s1", list(range(100))), ("s2", [*range(10), 999])):
+        entry, _ = store.prepare(sid(name), SMALL, ids)
+        entry.ensure_capacity(len(ids))
+        entry.append(ids)
+    entry, n_reused = store.prepare(sid("s2"), SMALL, [*range(60), 7])
+    # s2's own prefix is 10 tokens, s1 holds the first 60: all 60 rows are copied from s1
+    assert n_reused == 60 and entry.token_ids.tolist() == list(range(60))
+    # lookups: s1 a miss; s2's first prompt copied s1's [0..9] (10); then the 60 above
+    stats = store.get_stats()
+    assert (stats.shared_prefix_tokens, stats.reused_tokens, stats.prompt_tokens) == (70, 70, 100 + 11 + 61)
+    assert (stats.hits, stats.misses) == (2, 1)
+
+
 def test_stats_start_at_zero() -> None:
     stats = LruKvCacheStore().get_stats()
-    assert (stats.hit_rate, stats.token_reuse_ratio, stats.current_bytes, stats.peak_bytes) == (0.0, 0.0, 0, 0)
+    assert (stats.hit_rate, stats.token_reuse_ratio) == (0.0, 0.0)
+    assert (stats.current_bytes, stats.peak_bytes, stats.hits, stats.misses) == (0, 0, 0, 0)
 
 
 def test_pinned_sessions_and_peak_bytes() -> None:
@@ -633,7 +654,11 @@ class StoreMachine(RuleBasedStateMachine):
         return self.pins[name] > 0
 
     def _adopt(
-        self, touched: str | None = None, keep: str | None = None, removed: Sequence[str] = (), spared: Any = ()
+        self,
+        touched: str | None = None,
+        keep: str | None = None,
+        removed: Sequence[str] = (),
+        spared: Any = (),
     ) -> None:
         """Check the store's order after a rule against the expected one, then adopt it.
 
@@ -655,6 +680,10 @@ class StoreMachine(RuleBasedStateMachine):
             self.doomed.discard(name)
         self.order = actual
 
+    def _cached_ids(self, name: str) -> list[int]:
+        entry = self.store.try_get(sid(name))
+        return [] if entry is None else entry.token_ids.tolist()
+
     def _prefill(self, name: str, entry: KvCacheEntry, new_ids: Sequence[int]) -> None:
         before = snapshot(self.store)
         try:
@@ -667,8 +696,7 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule(name=st.sampled_from(NAMES), prompt=prompts, pin=st.booleans())
     def prepare(self, name: str, prompt: list[int], pin: bool) -> None:
-        own = self.store.try_get(sid(name))
-        own_ids = [] if own is None else own.token_ids.tolist()
+        own_ids = self._cached_ids(name)
         try:
             entry, n_reused = self.store.prepare(sid(name), SMALL, prompt, pin=pin)
         except ContextOverflowError as exc:
@@ -677,10 +705,9 @@ class StoreMachine(RuleBasedStateMachine):
         except CacheBudgetError:
             return self._adopt(touched=name if name in order(self.store) else None, keep=name)
         assert len(prompt) <= token_limit(self.store.options)
-        others = {i.session_id.value: self.store.try_get(i.session_id) for i in self.store.sessions()}
-        others.pop(name)
-        cap = len(prompt) - 1
-        shared = {s: min(first_difference(e.token_ids.tolist(), prompt), cap) for s, e in others.items()}  # type: ignore[union-attr]
+        cap = len(prompt) - 1  # the last prompt token is always computed
+        others = [s for s in order(self.store) if s != name]
+        shared = {s: min(first_difference(self._cached_ids(s), prompt), cap) for s in others}
         assert n_reused == max([min(first_difference(own_ids, prompt), cap), *shared.values()])
         assert entry.token_ids.tolist() == prompt[:n_reused]
         self.pins[name] += pin
@@ -744,7 +771,9 @@ class StoreMachine(RuleBasedStateMachine):
     def update_options(self, options: KvCacheOptions) -> None:
         limit = token_limit(options)
         over = [
-            i.session_id.value for i in self.store.sessions() if not i.pinned and i.reserved_bytes // BPT > limit
+            i.session_id.value
+            for i in self.store.sessions()
+            if not i.pinned and i.reserved_bytes // BPT > limit
         ]
         self.store.update_options(options)
         self._adopt(removed=over)
