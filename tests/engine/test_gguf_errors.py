@@ -67,8 +67,9 @@ def test_missing_metadata_key_is_named(tmp_path):
         load(path)
 
 
-def _rewrite_tensor(src: Path, dst: Path, name: str, data: np.ndarray, raw_dtype=None) -> Path:
-    """Copy a GGUF, replacing one tensor (how tests make a wrong shape or type)."""
+def rewrite_gguf(src: Path, dst: Path, replace=None, add=None, raw_dtype=None) -> Path:
+    """Copy a GGUF, replacing or adding tensors (how tests make a wrong shape or type)."""
+    replace, add = replace or {}, add or {}
     reader = GgufFile(src)
     writer = gguf.GGUFWriter(dst, "llama")
     writer.kv_data[0].pop("general.architecture", None)
@@ -79,16 +80,22 @@ def _rewrite_tensor(src: Path, dst: Path, name: str, data: np.ndarray, raw_dtype
         sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(key, value, field.types[0], sub_type=sub)
     for t in reader._reader.tensors:
-        if t.name == name:
-            writer.add_tensor(name, data, raw_dtype=raw_dtype)
+        if t.name in replace:
+            writer.add_tensor(t.name, replace[t.name], raw_dtype=raw_dtype)
         else:
             writer.add_tensor(t.name, np.asarray(t.data), raw_shape=list(reversed(t.shape.tolist())),
                               raw_dtype=t.tensor_type)  # fmt: skip
+    for name, data in add.items():
+        writer.add_tensor(name, data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return dst
+
+
+def _rewrite_tensor(src: Path, dst: Path, name: str, data: np.ndarray, raw_dtype=None) -> Path:
+    return rewrite_gguf(src, dst, replace={name: data}, raw_dtype=raw_dtype)
 
 
 def test_wrong_tensor_shape(tiny_model_path, tmp_path):

@@ -25,6 +25,8 @@ def naive_forward(path: Path, ids: list[int]) -> np.ndarray:
     w = {name: f.load(name).astype(np.float64) for name in f.tensor_names()}
     hd, T = c.head_dim, len(ids)
     inv = c.rope_theta ** (-np.arange(0, hd, 2) / hd)
+    if "rope_freqs.weight" in w:  # Llama 3.x: per-dimension frequency factors divide the frequencies
+        inv = inv / w["rope_freqs.weight"]
 
     def norm(x: np.ndarray, g: np.ndarray) -> np.ndarray:
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + c.rms_eps) * g
@@ -71,6 +73,19 @@ def test_untied_output_and_gqa_variants_match(tmp_path):
     path = write_tiny_gguf(tmp_path / "untied.gguf", tied_embeddings=False, n_heads=8, n_kv_heads=2, seed=3)
     model = Model.from_gguf(path)
     assert rel_diff(model.forward(IDS), naive_forward(path, IDS)) < 1e-5
+
+
+def test_rope_frequency_factors_are_applied(tiny_model_path, tmp_path):
+    """A ``rope_freqs.weight`` tensor (Llama 3.x GGUFs) scales each RoPE frequency."""
+    from tests.engine.test_gguf_errors import rewrite_gguf
+
+    factors = np.linspace(1.0, 8.0, 8, dtype=np.float32)  # head_dim 16 -> 8 frequencies
+    path = rewrite_gguf(tiny_model_path, tmp_path / "freqs.gguf", add={"rope_freqs.weight": factors})
+    model = Model.from_gguf(path)
+    np.testing.assert_array_equal(model.weights.rope_freq_factors, factors)
+    logits = model.forward(IDS)
+    assert rel_diff(logits, naive_forward(path, IDS)) < 1e-5
+    assert rel_diff(logits, Model.from_gguf(tiny_model_path).forward(IDS)) > 1e-3  # the factors matter
 
 
 def test_config_read_from_metadata(tiny):
