@@ -381,20 +381,27 @@ def test_failed_growth_evicts_nothing_when_eviction_cannot_help() -> None:
     assert store.get_stats().evictions == 0
 
 
-def test_failed_shared_prefix_copy_keeps_own_tokens() -> None:
-    """Bug fixed: copy_prefix_from emptied the entry before asking for room, so a CacheBudgetError
-    during a shared-prefix copy also threw away the session's own cached prefix."""
+def test_shared_prefix_copy_without_room_keeps_own_tokens() -> None:
+    """With no room to copy a longer shared prefix, prepare falls back to the session's own prefix.
+
+    Bug fixed: copy_prefix_from emptied the entry before asking for room, so after a failed copy the
+    entry held 0 tokens while prepare reported its own prefix as reused: the caller would have
+    prefilled the rest of the prompt at the wrong positions, on top of an empty cache.
+    """
     store = LruKvCacheStore(KvCacheOptions(max_bytes_total=3 * BUF, max_bytes_per_session=3 * BUF))
-    a, _ = store.prepare(sid("a"), SMALL, list(range(300)), pin=True)
+    a, _ = store.prepare(sid("a"), SMALL, list(range(300)), pin=True)  # a miss
     a.ensure_capacity(300)  # 512 tokens = 8,192
     a.append(range(300))
     b, _ = store.prepare(sid("b"), SMALL, [0, 1, 2, 3, 500])  # copies [0..3] from a
     b.ensure_capacity(5)  # 256 tokens = 4,096: the budget is full
     b.append([500])
-    with pytest.raises(CacheBudgetError):  # copying a's 290 tokens needs b to grow to 8,192
-        store.prepare(sid("b"), SMALL, [*range(290), 7])
-    assert b.token_ids.tolist() == [0, 1, 2, 3]  # trimmed to its own common prefix, not emptied
-    assert sid("a") in store and a.n_tokens == 300
+    # copying a's first 290 tokens needs b to grow to 512 tokens (+4,096): nothing may be evicted
+    entry, n_reused = store.prepare(sid("b"), SMALL, [*range(290), 7])
+    assert entry is b and n_reused == 4
+    assert b.n_tokens == 4 and b.token_ids.tolist() == [0, 1, 2, 3]  # its own prefix, intact
+    stats = store.get_stats()
+    assert (stats.shared_prefix_tokens, stats.reused_tokens, stats.hits, stats.misses) == (4, 8, 2, 1)
+    assert stats.current_bytes == 3 * BUF and stats.evictions == 0 and a.n_tokens == 300
 
 
 def test_new_session_over_max_sessions_with_all_pinned() -> None:
@@ -697,6 +704,7 @@ class StoreMachine(RuleBasedStateMachine):
     @rule(name=st.sampled_from(NAMES), prompt=prompts, pin=st.booleans())
     def prepare(self, name: str, prompt: list[int], pin: bool) -> None:
         own_ids = self._cached_ids(name)
+        shared_before = self.store.get_stats().shared_prefix_tokens
         try:
             entry, n_reused = self.store.prepare(sid(name), SMALL, prompt, pin=pin)
         except ContextOverflowError as exc:
@@ -708,8 +716,12 @@ class StoreMachine(RuleBasedStateMachine):
         cap = len(prompt) - 1  # the last prompt token is always computed
         others = [s for s in order(self.store) if s != name]
         shared = {s: min(first_difference(self._cached_ids(s), prompt), cap) for s in others}
-        assert n_reused == max([min(first_difference(own_ids, prompt), cap), *shared.values()])
-        assert entry.token_ids.tolist() == prompt[:n_reused]
+        own_n = min(first_difference(own_ids, prompt), cap)
+        copied = self.store.get_stats().shared_prefix_tokens - shared_before
+        # the longest prefix anywhere, or the own one when the budget had no room for the copy
+        assert n_reused == (max([own_n, *shared.values()]) if copied else own_n)
+        assert copied in (0, n_reused)
+        assert entry.token_ids.tolist() == prompt[:n_reused]  # what the caller builds on
         self.pins[name] += pin
         self.doomed.discard(name)
         self.lookups.append((len(prompt), n_reused))
