@@ -215,7 +215,7 @@ _SCALAR_FORMATS: dict[int, str] = {
     _VT.FLOAT32: "f", _VT.BOOL: "?", _VT.UINT64: "Q", _VT.INT64: "q", _VT.FLOAT64: "d",
 }  # fmt: skip
 _MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, the smallest value
-_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, dimension count, type, data offset
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # name length, dimension count, one dimension, type, offset
 
 
 class _HeaderScan:
