@@ -212,7 +212,9 @@ class BatchedInferenceEngine:
             context_trimmed=trimmed,
         )
         handle = RequestHandle(seq, self, on_event)
-        with self._queue_lock:
+        with self._queue_lock:  # stop() drains the queue under this lock: check again here
+            if self._stopped:
+                raise EngineStoppedError("the engine is stopped; no new requests are accepted")
             self._check_room(session_id)
             self._waiting.append((seq, handle))
             self.metrics.record_submitted()
@@ -290,8 +292,9 @@ class BatchedInferenceEngine:
                 self._waiting.remove(item)
         for seq, handle in ended:
             reason = "cancelled" if handle.cancel_requested else "timeout"
-            self._deliver(handle, seq.finish(reason, now))  # type: ignore[arg-type]
-            self.metrics.record_finished(reason, seq.n_prompt)
+            event = seq.finish(reason, now)  # type: ignore[arg-type]
+            self.metrics.record_finished(reason, seq.n_prompt)  # counted before the caller hears of it
+            handle._deliver(event)
         for run in list(self._running):
             if run.handle.cancel_requested:
                 self._retire(run, run.seq.finish("cancelled", now))
@@ -314,8 +317,9 @@ class BatchedInferenceEngine:
             try:
                 run = self._attach_cache(seq, handle)
             except (EngineError, ValueError) as exc:
-                self._deliver(handle, seq.finish("error", now, error=str(exc)))
+                event = seq.finish("error", now, error=str(exc))
                 self.metrics.record_finished("error", seq.n_prompt)
+                handle._deliver(event)
                 continue
             self._running.append(run)
             if seq.session_id is not None:
@@ -410,7 +414,7 @@ class BatchedInferenceEngine:
         if event.result is not None:
             self._retire(run, event)
         else:
-            self._deliver(run.handle, event)
+            run.handle._deliver(event)
 
     def _retire(self, run: _Running, final: GenerationEvent) -> None:
         """A running request ended: release its session, count it, tell the caller."""
@@ -422,11 +426,7 @@ class BatchedInferenceEngine:
                 self.store.remove(run.store_session)
         assert final.result is not None
         self.metrics.record_finished(final.result.finish_reason, final.result.prompt_tokens)
-        self._deliver(run.handle, final)
-
-    @staticmethod
-    def _deliver(handle: RequestHandle, event: GenerationEvent) -> None:
-        handle._deliver(event)
+        run.handle._deliver(final)  # counted before the caller hears of it
 
     # -- drivers -------------------------------------------------------------------------------
     def _wake(self) -> None:
@@ -454,7 +454,8 @@ class BatchedInferenceEngine:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the driver thread and fail every waiting or running request with a clear message."""
-        self._stopped = True
+        with self._queue_lock:
+            self._stopped = True
         self._stop_requested.set()
         self._wake()
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -466,8 +467,9 @@ class BatchedInferenceEngine:
             with self._queue_lock:
                 waiting, self._waiting = list(self._waiting), deque()
             for seq, handle in waiting:
-                self._deliver(handle, seq.finish("error", now, error=message))
+                event = seq.finish("error", now, error=message)
                 self.metrics.record_finished("error", seq.n_prompt)
+                handle._deliver(event)
             for run in list(self._running):
                 self._retire(run, run.seq.finish("error", now, error=message))
 

@@ -174,8 +174,10 @@ def _apply_repetition_penalty(
     if seen[0] < 0 or seen[-1] >= x.size:
         raise ValueError(f"context_ids hold a token id outside [0, {x.size}): {seen[0]}..{seen[-1]}")
     x = x.copy()
-    v = x[seen]
-    x[seen] = np.where(v > 0, v / penalty, v * penalty)
+    v = x[seen].astype(np.float64)  # float64: -3e38 * 1.3 must not overflow to -inf
+    penalized = np.where(v > 0, v / penalty, v * penalty)
+    limits = np.finfo(x.dtype)
+    x[seen] = np.where(np.isfinite(v), np.clip(penalized, limits.min, limits.max), v)  # ±inf stay as they are
     return x
 
 
