@@ -59,24 +59,28 @@ def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
 
 
 def rope_tables(config: ModelConfig, freq_factors: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of every position's rotation angles, (context_length, Hd/2) each."""
+    """RoPE tables for every position, (context_length, Hd) each, laid out for ``apply_rope``:
+    cos of each pair's angle twice ([cos, cos]) and sin with the rotation's signs ([-sin, sin])."""
     half = config.head_dim // 2
     inv_freq = config.rope_theta ** (-np.arange(half, dtype=np.float64) * 2.0 / config.head_dim)  # (Hd/2,)
     if freq_factors is not None:
         inv_freq = inv_freq / freq_factors.astype(np.float64)
     positions = np.arange(config.context_length, dtype=np.float64) / config.rope_scale  # (ctx,)
     angles = np.outer(positions, inv_freq)  # (ctx, Hd/2)
-    return np.cos(angles).astype(F32), np.sin(angles).astype(F32)
+    cos, sin = np.cos(angles), np.sin(angles)
+    return np.concatenate([cos, cos], axis=1).astype(F32), np.concatenate([-sin, sin], axis=1).astype(F32)
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate-half RoPE. x: (N, heads, Hd); cos, sin: (N, Hd/2) -> (N, heads, Hd)."""
+    """Rotate-half RoPE: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), with x1, x2 the two halves.
+
+    x: (N, heads, Hd); cos, sin: (N, Hd) from ``rope_tables`` -> (N, heads, Hd).
+    """
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]  # (N, heads, Hd/2) each
-    c, s = cos[:, None, :], sin[:, None, :]  # (N, 1, Hd/2)
-    out = np.empty_like(x)
-    np.subtract(x1 * c, x2 * s, out=out[..., :half])
-    np.add(x2 * c, x1 * s, out=out[..., half:])
+    swapped = np.concatenate([x[..., half:], x[..., :half]], axis=-1)  # (N, heads, Hd): (x2, x1)
+    out = x * cos[:, None, :]
+    swapped *= sin[:, None, :]  # (-x2 sin, x1 sin)
+    out += swapped
     return out
 
 
@@ -100,6 +104,9 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -
     G = H // KVH
     if keys.dtype != F32:  # a float16 cache: attention still computes in float32
         keys, values = keys.astype(F32), values.astype(F32)
+    if T == 1:  # decoding: one query per head, nothing to mask
+        scores = q.reshape(KVH, G, Hd) @ keys.transpose(0, 2, 1)  # (KVH, G, S)
+        return (softmax_inplace(scores) @ values).reshape(1, H * Hd)  # (1, H*Hd)
     qg = q.reshape(T, KVH, G, Hd).transpose(1, 2, 0, 3).reshape(KVH, G * T, Hd)  # (KVH, G*T, Hd)
     scores = qg @ keys.transpose(0, 2, 1)  # (KVH, G*T, S)
     if T > 1:
@@ -226,7 +233,7 @@ class Model:
         self.config = config
         self.weights = weights
         self.path = path
-        self._cos, self._sin = rope_tables(config, weights.rope_freq_factors)  # (ctx, Hd/2) each
+        self._cos, self._sin = rope_tables(config, weights.rope_freq_factors)  # (ctx, Hd) each
 
     @classmethod
     def from_gguf(cls, source: str | os.PathLike[str] | gguf_io.GgufFile) -> Model:
@@ -279,7 +286,7 @@ class Model:
         positions = np.concatenate([np.arange(s, s + len(r.ids)) for r, s in zip(rows, starts, strict=True)])
         if positions.max() >= self.config.context_length:
             raise ContextOverflowError(int(positions.max()) + 1, self.config.context_length, "sequence")
-        cos, sin = self._cos[positions], self._sin[positions]  # (N, Hd/2) each
+        cos, sin = self._cos[positions], self._sin[positions]  # (N, Hd) each
         x = self.weights.embedding[ids].astype(F32)  # (N, D)
         for i, layer in enumerate(self.weights.layers):
             x = self._block(i, layer, x, rows, starts, cos, sin)
