@@ -86,10 +86,20 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 def softmax_inplace(scores: np.ndarray) -> np.ndarray:
     """Softmax over the last axis, in place (scores may hold -inf where masked)."""
-    scores -= scores.max(axis=-1, keepdims=True)
+    scores -= np.maximum.reduce(scores, axis=-1, keepdims=True)  # ufunc reductions: no wrapper overhead
     np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
+    scores /= np.add.reduce(scores, axis=-1, keepdims=True)
     return scores
+
+
+def decode_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Attention of one new token (nothing to mask): q (H, Hd) pre-scaled; keys, values (KVH, S, Hd).
+    Returns (H * Hd,)."""
+    KVH, Hd = keys.shape[0], keys.shape[2]
+    if keys.dtype != F32:  # a float16 cache: attention still computes in float32
+        keys, values = keys.astype(F32), values.astype(F32)
+    scores = q.reshape(KVH, -1, Hd) @ keys.transpose(0, 2, 1)  # (KVH, G, S)
+    return (softmax_inplace(scores) @ values).reshape(-1)  # (KVH, G, Hd) -> (H*Hd,)
 
 
 def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -> np.ndarray:
@@ -104,9 +114,8 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -
     G = H // KVH
     if keys.dtype != F32:  # a float16 cache: attention still computes in float32
         keys, values = keys.astype(F32), values.astype(F32)
-    if T == 1:  # decoding: one query per head, nothing to mask
-        scores = q.reshape(KVH, G, Hd) @ keys.transpose(0, 2, 1)  # (KVH, G, S)
-        return (softmax_inplace(scores) @ values).reshape(1, H * Hd)  # (1, H*Hd)
+    if T == 1:
+        return decode_attention(q[0], keys, values).reshape(1, H * Hd)
     qg = q.reshape(T, KVH, G, Hd).transpose(1, 2, 0, 3).reshape(KVH, G * T, Hd)  # (KVH, G*T, Hd)
     scores = qg @ keys.transpose(0, 2, 1)  # (KVH, G*T, S)
     if T > 1:
@@ -321,9 +330,14 @@ class Model:
             T = len(row.ids)
             r1, end = r0 + T, start + T
             keys, values = row.cache.keys(index), row.cache.values(index)  # (KVH, cap, Hd)
-            keys[:, start:end] = k[r0:r1].transpose(1, 0, 2)  # (KVH, T, Hd)
-            values[:, start:end] = v[r0:r1].transpose(1, 0, 2)
-            attn[r0:r1] = attention(q[r0:r1], keys[:, :end], values[:, :end], start)
+            if T == 1:  # decoding: the most common row, kept to the fewest array operations
+                keys[:, start] = k[r0]  # (KVH, Hd)
+                values[:, start] = v[r0]
+                attn[r0] = decode_attention(q[r0], keys[:, :end], values[:, :end])
+            else:
+                keys[:, start:end] = k[r0:r1].transpose(1, 0, 2)  # (KVH, T, Hd)
+                values[:, start:end] = v[r0:r1].transpose(1, 0, 2)
+                attn[r0:r1] = attention(q[r0:r1], keys[:, :end], values[:, :end], start)
             r0 = r1
         x = x + attn @ w.wo  # (N, D)
         gate_up = rms_norm(x, w.ffn_norm, c.rms_eps) @ w.w_gate_up  # (N, 2F)
