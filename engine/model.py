@@ -118,10 +118,10 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -
         return decode_attention(q[0], keys, values).reshape(1, H * Hd)
     qg = q.reshape(T, KVH, G, Hd).transpose(1, 2, 0, 3).reshape(KVH, G * T, Hd)  # (KVH, G*T, Hd)
     scores = qg @ keys.transpose(0, 2, 1)  # (KVH, G*T, S)
-    if T > 1:
-        # query t sits at position start + t and may see keys 0 .. start + t
-        future = np.arange(S)[None, :] > (start + np.arange(T))[:, None]  # (T, S)
-        scores.reshape(KVH, G, T, S)[:, :, future] = -np.inf
+    # query t sits at position start + t and sees keys 0 .. start + t: every cached key, and the new
+    # keys up to its own (a causal mask over the last T columns only)
+    causal = np.triu(np.full((T, T), -np.inf, dtype=F32), k=1)  # (T, T)
+    scores.reshape(KVH, G, T, S)[..., start:] += causal
     softmax_inplace(scores)
     out = scores @ values  # (KVH, G*T, Hd)
     return out.reshape(KVH, G, T, Hd).transpose(2, 0, 1, 3).reshape(T, H * Hd)  # (T, H*Hd)
