@@ -18,7 +18,10 @@ from tests.fixtures.tiny_model import write_tiny_gguf
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Resolved now, before the autouse fixture below points SMALLMIND_HOME at a temporary directory.
 _INSTALLED_SMOLLM2 = paths.models_dir() / SMOLLM2_FILE
-_REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared/reference/smollm2-135m"
+# The reference data: the shared copy beside the repository when there is one (it is the source of
+# truth), else the copy kept in the repository (tests/fixtures/reference), so a clone anywhere runs.
+_SHARED_REFERENCE = Path(__file__).resolve().parents[1].parent / "shared/reference/smollm2-135m"
+_VENDORED_REFERENCE = Path(__file__).resolve().parent / "fixtures/reference/smollm2-135m"
 
 
 @pytest.fixture(autouse=True)
@@ -49,9 +52,12 @@ def smollm2_path() -> Path:
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    """The shared SmolLM2 reference data (HF transformers outputs); $SMALLMIND_REFERENCE_DIR overrides."""
+    """The SmolLM2 reference data (HF transformers outputs); $SMALLMIND_REFERENCE_DIR overrides."""
     override = os.environ.get("SMALLMIND_REFERENCE_DIR", "").strip()
-    path = Path(override).expanduser() if override else _REFERENCE_DIR
+    if override:
+        path = Path(override).expanduser()
+    else:
+        path = _SHARED_REFERENCE if (_SHARED_REFERENCE / "prompts.json").is_file() else _VENDORED_REFERENCE
     if not (path / "prompts.json").is_file():
         pytest.fail(f"reference data not found in {path}; set SMALLMIND_REFERENCE_DIR")
     return path
