@@ -137,7 +137,7 @@ class LayerWeights:
     wo: np.ndarray  # (H*Hd, D)
     ffn_norm: np.ndarray  # (D,)
     w_gate_up: np.ndarray  # (D, 2F)
-    w_down: np.ndarray  # (F, D)
+    w_down: np.ndarray  # (F, D), a transposed view of a C-contiguous (D, F) array (see _load_layer)
 
 
 @dataclass(slots=True)
@@ -188,7 +188,9 @@ def _load_layer(f: gguf_io.GgufFile, c: ModelConfig, i: int) -> LayerWeights:
         wo=np.ascontiguousarray(t["attn_output"].T),  # (H*Hd, D)
         ffn_norm=t["ffn_norm"],
         w_gate_up=np.ascontiguousarray(np.concatenate([t["ffn_gate"], t["ffn_up"]], axis=0).T),  # (D, 2F)
-        w_down=np.ascontiguousarray(t["ffn_down"].T),  # (F, D)
+        # (F, D) as the transpose of the file's (D, F) rows: for this one shape OpenBLAS is faster that
+        # way at batch 1-8 (measured 195 vs 320 us per call at batch 1, 469 vs 556 at 8; 12% slower at 256)
+        w_down=np.ascontiguousarray(t["ffn_down"]).T,
     )
 
 

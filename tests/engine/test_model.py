@@ -109,7 +109,7 @@ def test_weights_laid_out_for_x_at_w(tiny, tiny_model_path):
     np.testing.assert_array_equal(layer.w_down, f.load("blk.1.ffn_down.weight").T)
     F = model.config.ffn_size
     np.testing.assert_array_equal(layer.w_gate_up[:, :F], f.load("blk.1.ffn_gate.weight").T)
-    assert all(a.flags.c_contiguous for a in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down))
+    assert all(a.flags.c_contiguous for a in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down.T))
     assert model.weights.lm_head.shape == (64, model.config.vocab_size)
 
 
