@@ -126,7 +126,7 @@ def streaming_latency(
 def bigger_batches(model: Model, tok: Tokenizer, n_new: int) -> dict[str, Any]:
     requests = [[{"role": "user", "content": QUESTIONS[i % 8] + f" (request {i})"}] for i in range(32)]
     out = {}
-    for size in (8, 16):
+    for size in (8, 16, 32):
         seconds, results = serve(model, tok, BatchingOptions(max_batch_size=size), requests, n_new)
         out[f"max_batch_size={size}, 32 requests"] = sum(r.generated_tokens for r in results) / seconds
     return out
