@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import regex
@@ -114,24 +114,25 @@ def merge_scan(symbols: list[str], ranks: dict[str, int]) -> list[str]:
     return parts
 
 
-def merge_heap(symbols: list[str], ranks: dict[str, int]) -> list[str]:
-    """Same result as ``merge_scan`` in O(n log n): a heap of (rank, left position) over a linked list."""
+def merge_pairs(symbols: list[str], priority: Callable[[str, str], float | None]) -> list[str]:
+    """Repeatedly merge the adjacent pair of lowest ``priority`` (ties: leftmost) until no pair has one.
+
+    O(n log n): a heap of (priority, left position) over a linked list of symbols. Byte-level BPE ranks
+    pairs by merge rank, SentencePiece by the negated score of the joined piece.
+    """
     sym: list[str | None] = list(symbols)
     n = len(sym)
     nxt = [*range(1, n), -1]
     prv = list(range(-1, n - 1))
-    heap = [
-        (r, i, symbols[i], symbols[i + 1])
-        for i in range(n - 1)
-        if (r := ranks.get(symbols[i] + " " + symbols[i + 1])) is not None
-    ]
-    heapq.heapify(heap)
+    heap: list[tuple[float, int, str, str]] = []
 
     def push(i: int, j: int) -> None:
         left, right = sym[i], sym[j]
-        if left is not None and right is not None and (r := ranks.get(left + " " + right)) is not None:
-            heapq.heappush(heap, (r, i, left, right))
+        if left is not None and right is not None and (p := priority(left, right)) is not None:
+            heapq.heappush(heap, (p, i, left, right))
 
+    for i in range(n - 1):
+        push(i, i + 1)
     while heap:
         _, i, left, right = heapq.heappop(heap)
         j = nxt[i]
@@ -146,6 +147,11 @@ def merge_heap(symbols: list[str], ranks: dict[str, int]) -> list[str]:
         if nxt[i] >= 0:
             push(i, nxt[i])
     return [s for s in sym if s is not None]
+
+
+def merge_heap(symbols: list[str], ranks: dict[str, int]) -> list[str]:
+    """Same result as ``merge_scan``: byte-level BPE merges in rank order."""
+    return merge_pairs(symbols, lambda left, right: ranks.get(left + " " + right))
 
 
 class ByteLevelBpe:

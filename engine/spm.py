@@ -9,9 +9,10 @@ unknown token if the vocabulary has no byte tokens. This is SentencePiece's and 
 
 from __future__ import annotations
 
-import heapq
 import logging
 from collections.abc import Sequence
+
+from .bpe import merge_pairs
 
 log = logging.getLogger(__name__)
 
@@ -23,33 +24,12 @@ _MAX_CACHED_CHARS = 4096  # longer runs are not cached
 
 def merge_by_score(chars: list[str], scores: dict[str, float]) -> list[str]:
     """Merge the adjacent pair that makes the best-scored piece, leftmost first, until none does."""
-    sym: list[str | None] = list(chars)
-    n = len(sym)
-    nxt = [*range(1, n), -1]
-    prv = list(range(-1, n - 1))
-    heap: list[tuple[float, int, str, str]] = []
 
-    def push(i: int, j: int) -> None:
-        left, right = sym[i], sym[j]
-        if left is not None and right is not None and (s := scores.get(left + right)) is not None:
-            heapq.heappush(heap, (-s, i, left, right))
+    def priority(left: str, right: str) -> float | None:
+        score = scores.get(left + right)
+        return None if score is None else -score
 
-    for i in range(n - 1):
-        push(i, i + 1)
-    while heap:
-        _, i, left, right = heapq.heappop(heap)
-        j = nxt[i]
-        if sym[i] != left or j < 0 or sym[j] != right:
-            continue  # stale: one side was merged since this entry was pushed
-        sym[i], sym[j] = left + right, None
-        nxt[i] = nxt[j]
-        if nxt[j] >= 0:
-            prv[nxt[j]] = i
-        if prv[i] >= 0:
-            push(prv[i], i)
-        if nxt[i] >= 0:
-            push(i, nxt[i])
-    return [s for s in sym if s is not None]
+    return merge_pairs(chars, priority)
 
 
 class SentencePieceBpe:
