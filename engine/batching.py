@@ -244,16 +244,18 @@ class BatchedInferenceEngine:
             self._external_driver = True
         with self._step_lock:
             now = time.perf_counter()
-            self._reap(now)
-            if not self._running and self._waiting_for_company(now):
-                return False
-            self._admit(now)
-            if not self._running:
-                return False
-            for batch in self._plan():
-                self._run(batch)
-            self.metrics.set_queue_state(len(self._waiting), len(self._running))
-            return True
+            try:
+                self._reap(now)
+                if not self._running and self._waiting_for_company(now):
+                    return False
+                self._admit(now)
+                if not self._running:
+                    return False
+                for batch in self._plan():
+                    self._run(batch)
+                return True
+            finally:  # also after a step that only reaped or admitted: the dock shows these
+                self.metrics.set_queue_state(len(self._waiting), len(self._running))
 
     def seconds_until_ready(self) -> float | None:
         """0 when a step would run now, the time left to wait for company, or None when idle."""

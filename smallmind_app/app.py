@@ -24,8 +24,9 @@ from PySide6.QtWidgets import QApplication, QMessageBox
 from . import paths
 from .engine_client import EngineClient
 from .main_window import MainWindow
-from .settings import load_settings
+from .settings import AppSettings, load_settings
 from .store import ConversationStore, StoreCorruptError, StoreError, move_aside
+from .worker import validate_settings
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +115,17 @@ def ensure_application(argv: Sequence[str] | None = None) -> QApplication:
     return app
 
 
+def settings_problems(settings: AppSettings) -> dict[str, str]:
+    """The engine's range check of a settings file: {"<section>.<key>": what is wrong}, {} when valid."""
+    sections = {"kv": "kv_cache", "batching": "batching", "sampling": "sampling"}
+    problems = validate_settings(settings.kv_cache, settings.batching, settings.sampling)
+    return {f"{sections[key.split('.')[0]]}.{key.split('.', 1)[1]}": m for key, m in problems.items()}
+
+
 def create_window(model_path: str | None = None) -> MainWindow:
     """Build the main window with a running engine worker; the caller shows it and runs the loop."""
     ensure_application()
-    settings, settings_notice = load_settings()
+    settings, settings_notice = load_settings(check=settings_problems)
     try:
         store, store_notice = open_store()
     except StoreError as exc:  # even the fallback failed: say so, run with a memory-only store

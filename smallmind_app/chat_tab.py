@@ -248,7 +248,10 @@ class ChatTab(QWidget):
 
     def _request_reply(self) -> None:
         messages = self.chat_messages()
-        stored = self._save(self._store.add_message, self.conversation_id, "assistant", "", "streaming")
+        last_user = self._last_index("user")
+        stored = None  # a question that could not be saved keeps its reply in memory too (no orphan reply)
+        if last_user is None or self.entries[last_user].message_id is not None:
+            stored = self._save(self._store.add_message, self.conversation_id, "assistant", "", "streaming")
         reply = Entry("assistant", "", "streaming", message_id=stored.id if stored else None)
         self.entries.append(reply)
         self._last_partial_save = time.monotonic()

@@ -7,7 +7,9 @@ number belongs); whether a value is in range is the engine's call, made by the w
 
 ``load_settings`` never fails: a missing file gives the defaults; a file it cannot use gives the
 defaults too, is moved aside to ``settings.json.corrupt-<timestamp>`` (never overwritten) and the
-returned notice says so. ``save_settings`` writes atomically and raises ``SettingsError``.
+returned notice says so. Its ``check`` argument is the range check (the app passes the engine's, see
+``app.settings_problems``): a file with a value out of range is treated as unusable in the same way.
+``save_settings`` writes atomically and raises ``SettingsError``.
 """
 
 from __future__ import annotations
@@ -205,11 +207,20 @@ def _parse(text: str) -> tuple[AppSettings, list[str]]:
     return AppSettings(**data), dropped
 
 
-def load_settings(path: Path | str | None = None) -> tuple[AppSettings, str | None]:
-    """(settings, notice): the defaults when the file is missing or unusable; notice is for the user."""
+def load_settings(
+    path: Path | str | None = None, check: Callable[[AppSettings], Mapping[str, str]] | None = None
+) -> tuple[AppSettings, str | None]:
+    """(settings, notice): the defaults when the file is missing or unusable; notice is for the user.
+
+    ``check(settings)`` returns {setting name: what is wrong} for values out of range; any makes the
+    file unusable (kept aside, defaults used), as a value of the wrong type does.
+    """
     path = Path(path) if path is not None else paths.settings_file()
     try:
         settings, dropped = _parse(path.read_text(encoding="utf-8"))
+        problems = dict(check(settings)) if check is not None else {}
+        if problems:
+            raise ValueError("; ".join(f"{name}: {message}" for name, message in problems.items()))
     except FileNotFoundError:
         return AppSettings(), None
     except UnicodeDecodeError:

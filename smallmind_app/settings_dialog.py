@@ -104,6 +104,11 @@ def _make_field(name: str, kind: str, limits: tuple[float, ...]) -> QWidget:
     return widget
 
 
+def _clamped(widget: Any, value: float) -> float:
+    """``value`` within the spin box's range."""
+    return min(max(value, widget.minimum()), widget.maximum())
+
+
 def _model_text(info: Mapping[str, Any]) -> str:
     if not info:
         return "no model loaded"
@@ -220,9 +225,9 @@ class SettingsDialog(QDialog):
             elif kind == "mib":
                 widget.setValue(value / MiB)  # type: ignore[attr-defined]
             elif kind == "optional int":
-                widget.setValue(widget.minimum() if value is None else value)  # type: ignore[attr-defined]
-            else:
-                widget.setValue(value)  # type: ignore[attr-defined]
+                widget.setValue(widget.minimum() if value is None else _clamped(widget, value))
+            else:  # a hand-edited file may hold more than the box shows (a QSpinBox holds 32 bits)
+                widget.setValue(_clamped(widget, value))
             widget.blockSignals(False)
         self.model_path.setText(settings.model_path or "")
         self.system_prompt.setPlainText(settings.system_prompt)

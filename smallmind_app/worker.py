@@ -228,8 +228,16 @@ class EngineWorker(QObject):
 
     @Slot(str)
     def remove_session(self, conversation_id: str) -> None:
-        """A closed tab: stop its request and forget its KV entry (at once, or when the request ends)."""
-        self.cancel(conversation_id)
+        """A closed tab: stop its request and forget it and its KV entry (at once, or when it ends).
+
+        The request's later events are dropped: the tab may be reopened and send a new message before
+        the engine has reaped the old request, and the old reply must not land in the new one.
+        """
+        handle = self._handles.pop(conversation_id, None)
+        self._text.pop(conversation_id, None)
+        if handle is not None:
+            handle.cancel()
+            self._schedule()
         if self._engine is not None:
             self._engine.store.remove(SessionId(conversation_id))
             self._emit_stats()
@@ -255,7 +263,10 @@ class EngineWorker(QObject):
 
     # -- stepping -------------------------------------------------------------------------------
     def _on_engine_event(self, conversation_id: str, event: GenerationEvent) -> None:
-        self._events.append((conversation_id, event))  # inside step(): just buffer
+        """Inside step(): buffer the event, unless its request was given up (its tab was closed)."""
+        handle = self._handles.get(conversation_id)
+        if handle is not None and handle.request_id == event.request_id:
+            self._events.append((conversation_id, event))
 
     def _schedule(self) -> None:
         """Step now (zero-interval timer), after the batch wait (single shot), or not at all (idle)."""
