@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from PySide6.QtCore import Qt, QTimer, Signal, Slot
@@ -66,9 +66,32 @@ def reply_stats(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+SHORT_NAMES = {
+    "max_new_tokens": "max tokens",
+    "repetition_penalty": "repetition",
+    "max_time_ms": "time limit",
+}
+
+
+def overrides_summary(overrides: Mapping[str, Any]) -> str:
+    """A line for the tab: which options this chat sets itself, e.g. 'temperature 0.2 · max tokens 64'."""
+    if not overrides:
+        return "app defaults"
+    parts = []
+    for key, value in overrides.items():
+        shown = ("random" if key == "seed" else "none") if value is None else value
+        if isinstance(shown, float):
+            shown = f"{shown:g}"
+        elif isinstance(shown, list):
+            shown = " / ".join(repr(s) for s in shown) or "none"
+        parts.append(f"{SHORT_NAMES.get(key, key.replace('_', ' '))} {shown}")
+    return " · ".join(parts)
+
+
 class ChatTab(QWidget):
     generation_requested = Signal(str, list)  # conversation id, chat messages (system prompt first)
     cancel_requested = Signal(str)
+    chat_settings_requested = Signal(str)  # conversation id: the user wants this chat's own settings
     busy_changed = Signal(str, bool)
 
     def __init__(
@@ -111,6 +134,11 @@ class ChatTab(QWidget):
         self._system_save.setSingleShot(True)
         self._system_save.timeout.connect(self._save_system_prompt)
 
+        self.settings_button = QToolButton(objectName="chatSettingsButton")
+        self.settings_button.setAutoRaise(True)
+        self.settings_button.setToolTip("This chat's own sampling settings (temperature, max tokens, …)")
+        self.settings_button.clicked.connect(lambda: self.chat_settings_requested.emit(self.conversation_id))
+
         self.transcript = TranscriptView(self)
         self.status_label = QLabel(objectName="tabStatus")
         self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -151,12 +179,16 @@ class ChatTab(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(10, 6, 10, 10)
         layout.setSpacing(6)
-        layout.addWidget(self.system_toggle)
+        header = QHBoxLayout()
+        header.addWidget(self.system_toggle, 1)
+        header.addWidget(self.settings_button)
+        layout.addLayout(header)
         layout.addWidget(self.system_edit)
         layout.addWidget(self.transcript, 1)
         layout.addLayout(actions_row)
         layout.addLayout(prompt_row)
         self._update_system_toggle()
+        self._update_settings_button()
 
     # -- state ----------------------------------------------------------------------------------
     @property
@@ -166,6 +198,19 @@ class ChatTab(QWidget):
     @property
     def system_prompt(self) -> str:
         return self.system_edit.toPlainText()
+
+    @property
+    def sampling_overrides(self) -> dict[str, Any]:
+        """The sampling options this chat sets itself (the rest follow the app's settings)."""
+        return dict(self.conversation_settings.get("sampling", {}))
+
+    def set_sampling_overrides(self, overrides: Mapping[str, Any]) -> None:
+        """Use these for the next replies and save them with the conversation."""
+        self.conversation_settings = {**self.conversation_settings, "sampling": dict(overrides)}
+        if not overrides:
+            del self.conversation_settings["sampling"]
+        self._update_settings_button()
+        self._save(self._store.set_conversation_settings, self.conversation_id, self.conversation_settings)
 
     def chat_messages(self) -> list[dict[str, str]]:
         """What the model sees: the system prompt, then every kept user message and reply."""
@@ -385,6 +430,11 @@ class ChatTab(QWidget):
         short = text if len(text) <= 90 else text[:87] + "…"
         self.system_toggle.setText(f"System prompt: {short}")
         self.system_toggle.setToolTip("Show or edit this conversation's system prompt")
+
+    def _update_settings_button(self) -> None:
+        summary = overrides_summary(self.sampling_overrides)
+        short = summary if len(summary) <= 60 else summary[:57] + "…"
+        self.settings_button.setText(f"Sampling: {short}")
 
     # -- rendering ------------------------------------------------------------------------------
     def schedule_render(self) -> None:

@@ -7,6 +7,7 @@ settings dialog are driven from here; every engine call goes through ``EngineCli
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -24,6 +25,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from .chat_settings_dialog import ChatSettingsDialog
 from .chat_tab import ChatTab
 from .conversation_tabs import ConversationTabs
 from .engine_client import EngineClient
@@ -50,6 +52,7 @@ class MainWindow(QMainWindow):
         self.model_info: dict[str, Any] = {}
         self.first_run_dialog: FirstRunDialog | None = None
         self.settings_dialog: SettingsDialog | None = None
+        self.chat_settings_dialog: ChatSettingsDialog | None = None
         self.error_dialog: QMessageBox | None = None
         self._closed = False
         self.tabs = ConversationTabs(store)
@@ -88,6 +91,9 @@ class MainWindow(QMainWindow):
         self.action_delete = self._action(
             "actionDeleteChat", "&Delete conversation…", self._on_delete_triggered
         )
+        self.action_chat_settings = self._action(
+            "actionChatSettings", "Chat sa&mpling…", self._on_chat_settings_triggered, "Ctrl+Shift+,"
+        )
         self.action_settings = self._action("actionSettings", "&Settings…", self.open_settings, "Ctrl+,")
         self.action_quit = self._action("actionQuit", "&Quit", self.close, "Ctrl+Q")
         chat = self.menuBar().addMenu("&Chat")
@@ -97,6 +103,7 @@ class MainWindow(QMainWindow):
         self.reopen_menu.setObjectName("reopenMenu")
         self.reopen_menu.aboutToShow.connect(self._on_reopen_menu_about_to_show)
         chat.addSeparator()
+        chat.addAction(self.action_chat_settings)
         chat.addAction(self.action_export)
         chat.addAction(self.action_delete)
         chat.addSeparator()
@@ -164,6 +171,7 @@ class MainWindow(QMainWindow):
     def _on_tabs_tab_opened(self, tab: ChatTab) -> None:
         tab.generation_requested.connect(self._on_tab_generation_requested)
         tab.cancel_requested.connect(self.client.cancel)
+        tab.chat_settings_requested.connect(self.open_chat_settings)
         tab.busy_changed.connect(self._on_tab_busy_changed)
 
     @Slot(str)
@@ -336,6 +344,38 @@ class MainWindow(QMainWindow):
             self.settings_dialog = dialog
         self.settings_dialog.open()
         return self.settings_dialog
+
+    @Slot()
+    def _on_chat_settings_triggered(self) -> None:
+        tab = self.tabs.currentWidget()
+        if isinstance(tab, ChatTab):
+            self.open_chat_settings(tab.conversation_id)
+
+    @Slot(str)
+    def open_chat_settings(self, conversation_id: str) -> ChatSettingsDialog | None:
+        """The dialog of one conversation's own sampling settings (used from its next reply on)."""
+        tab = self.tabs.tab_for(conversation_id)
+        if tab is None:
+            return None
+        if self.chat_settings_dialog is not None:
+            self.chat_settings_dialog.reject()
+        dialog = ChatSettingsDialog(tab.title, self.settings.sampling, tab.sampling_overrides, self)
+        dialog.overrides_chosen.connect(functools.partial(self._set_chat_overrides, conversation_id))
+        dialog.finished.connect(self._on_chat_settings_dialog_finished)
+        self.chat_settings_dialog = dialog
+        dialog.open()
+        return dialog
+
+    def _set_chat_overrides(self, conversation_id: str, overrides: dict) -> None:
+        tab = self.tabs.tab_for(conversation_id)  # the tab may have been closed while the dialog was open
+        if tab is not None:
+            tab.set_sampling_overrides(overrides)
+
+    @Slot(int)
+    def _on_chat_settings_dialog_finished(self, _result: int) -> None:
+        if self.chat_settings_dialog is not None:
+            self.chat_settings_dialog.deleteLater()
+            self.chat_settings_dialog = None
 
     @Slot(int)
     def _on_settings_dialog_finished(self, _result: int) -> None:

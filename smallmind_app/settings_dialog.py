@@ -78,7 +78,7 @@ SECTION_KEYS = {"kv": "kv_cache", "batching": "batching", "sampling": "sampling"
 PAGES = {"kv": "KV cache", "batching": "Batching", "sampling": "Sampling"}
 
 
-def _make_field(name: str, kind: str, limits: tuple[float, ...]) -> QWidget:
+def make_field(name: str, kind: str, limits: tuple[float, ...]) -> QWidget:
     widget: QWidget
     if kind == "bool":
         widget = QCheckBox()
@@ -107,6 +107,51 @@ def _make_field(name: str, kind: str, limits: tuple[float, ...]) -> QWidget:
 def _clamped(widget: Any, value: float) -> float:
     """``value`` within the spin box's range."""
     return min(max(value, widget.minimum()), widget.maximum())
+
+
+def set_field_value(widget: Any, kind: str, value: Any) -> None:
+    """Show an option's value in its field (made by ``make_field``) without emitting change signals."""
+    widget.blockSignals(True)
+    if isinstance(widget, QCheckBox):
+        widget.setChecked(bool(value))
+    elif isinstance(widget, QComboBox):
+        widget.setCurrentText(str(value))
+    elif isinstance(widget, QPlainTextEdit):
+        widget.setPlainText("\n".join(value))
+    elif kind == "mib":
+        widget.setValue(value / MiB)
+    elif kind == "optional int":
+        widget.setValue(widget.minimum() if value is None else _clamped(widget, value))
+    else:  # a hand-edited file may hold more than the box shows (a QSpinBox holds 32 bits)
+        widget.setValue(_clamped(widget, value))
+    widget.blockSignals(False)
+
+
+def field_value(widget: Any, kind: str) -> Any:
+    """The option value a field (made by ``make_field``) holds."""
+    if isinstance(widget, QCheckBox):
+        return widget.isChecked()
+    if isinstance(widget, QComboBox):
+        return widget.currentText()
+    if isinstance(widget, QPlainTextEdit):
+        return [line for line in widget.toPlainText().split("\n") if line]
+    value = widget.value()
+    if kind == "mib":
+        return round(value * MiB)
+    if kind == "optional int":
+        return None if value == widget.minimum() else int(value)
+    return value
+
+
+def changed_signal(widget: QWidget) -> Any:
+    """The signal a field emits when the user changes its value."""
+    if isinstance(widget, QCheckBox):
+        return widget.toggled
+    if isinstance(widget, QComboBox):
+        return widget.currentIndexChanged
+    if isinstance(widget, QPlainTextEdit):
+        return widget.textChanged
+    return widget.valueChanged  # type: ignore[attr-defined]
 
 
 def _model_text(info: Mapping[str, Any]) -> str:
@@ -190,7 +235,7 @@ class SettingsDialog(QDialog):
         for sec, key, name, label, kind, limits in FIELDS:
             if sec != section:
                 continue
-            widget = _make_field(name, kind, limits)
+            widget = make_field(name, kind, limits)
             self.fields[name] = (sec, key, kind, widget)
             if kind == "bool":
                 assert isinstance(widget, QCheckBox)
@@ -199,8 +244,7 @@ class SettingsDialog(QDialog):
                 widget.toggled.connect(self._revalidate)
             else:
                 form.addRow(label, widget)
-                signal = getattr(widget, "valueChanged", None) or getattr(widget, "currentIndexChanged", None)
-                (signal or widget.textChanged).connect(self._revalidate)  # type: ignore[union-attr]
+                changed_signal(widget).connect(self._revalidate)
         return page
 
     def _prompt_page(self) -> QWidget:
@@ -214,39 +258,14 @@ class SettingsDialog(QDialog):
     # -- values ---------------------------------------------------------------------------------
     def load(self, settings: AppSettings) -> None:
         for section, key, kind, widget in self.fields.values():
-            value = getattr(settings, SECTION_KEYS[section])[key]
-            widget.blockSignals(True)
-            if isinstance(widget, QCheckBox):
-                widget.setChecked(bool(value))
-            elif isinstance(widget, QComboBox):
-                widget.setCurrentText(str(value))
-            elif isinstance(widget, QPlainTextEdit):
-                widget.setPlainText("\n".join(value))
-            elif kind == "mib":
-                widget.setValue(value / MiB)  # type: ignore[attr-defined]
-            elif kind == "optional int":
-                widget.setValue(widget.minimum() if value is None else _clamped(widget, value))
-            else:  # a hand-edited file may hold more than the box shows (a QSpinBox holds 32 bits)
-                widget.setValue(_clamped(widget, value))
-            widget.blockSignals(False)
+            set_field_value(widget, kind, getattr(settings, SECTION_KEYS[section])[key])
         self.model_path.setText(settings.model_path or "")
         self.system_prompt.setPlainText(settings.system_prompt)
         self._revalidate()
 
     def _value(self, name: str) -> Any:
         _, _, kind, widget = self.fields[name]
-        if isinstance(widget, QCheckBox):
-            return widget.isChecked()
-        if isinstance(widget, QComboBox):
-            return widget.currentText()
-        if isinstance(widget, QPlainTextEdit):
-            return [line for line in widget.toPlainText().split("\n") if line]
-        value = widget.value()  # type: ignore[attr-defined]
-        if kind == "mib":
-            return round(value * MiB)
-        if kind == "optional int":
-            return None if value == widget.minimum() else int(value)  # type: ignore[attr-defined]
-        return value
+        return field_value(widget, kind)
 
     def sections(self) -> dict[str, dict[str, Any]]:
         values: dict[str, dict[str, Any]] = {"kv": {}, "batching": {}, "sampling": {}}
