@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from PySide6.QtCore import QUrl, Signal, Slot
-from PySide6.QtGui import QGuiApplication, QTextDocument
+from PySide6.QtGui import QGuiApplication, QTextCursor, QTextDocument
 from PySide6.QtWidgets import QTextBrowser, QWidget
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -167,8 +167,23 @@ class TranscriptView(QTextBrowser):
         bar = self.verticalScrollBar()
         at_bottom = bar.value() >= bar.maximum() - 4
         position = bar.value()
+        cursor = self.textCursor()
+        selection = (cursor.anchor(), cursor.position()) if cursor.hasSelection() else None
+        before = self.toPlainText() if selection else ""
         self.setHtml("".join(parts) if parts else self._placeholder())
+        if selection is not None:  # a streaming reply must not take away what the user is selecting
+            self._restore_selection(*selection, before)
         bar.setValue(bar.maximum() if at_bottom else position)
+
+    def _restore_selection(self, anchor: int, position: int, before: str) -> None:
+        """Select ``anchor``..``position`` again when the text up to there is unchanged."""
+        end = max(anchor, position)
+        if self.toPlainText()[:end] != before[:end]:
+            return
+        cursor = QTextCursor(self.document())
+        cursor.setPosition(anchor)
+        cursor.setPosition(position, QTextCursor.MoveMode.KeepAnchor)
+        self.setTextCursor(cursor)
 
     def copy_entry(self, index: int) -> None:
         if 0 <= index < len(self._entries):

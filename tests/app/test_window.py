@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from PySide6.QtCore import QElapsedTimer, Qt, QTimer
+from PySide6.QtGui import QTextCursor
 from PySide6.QtWidgets import QApplication, QMessageBox
 
 from smallmind_app import paths
@@ -448,3 +449,30 @@ def test_two_tabs_at_once_give_the_replies_each_gives_alone(
     wait_idle(qtbot, *together, timeout=300_000)
     assert [tab.entries[-1].content for tab in together] == alone
     assert all(text.strip() for text in alone)
+
+
+def test_a_selection_survives_a_streaming_reply(qtbot: Any, make_window: Any, write_settings: Any) -> None:
+    write_settings(sampling={"max_new_tokens": 400, "stop_on_eos": False, "seed": 2})
+    window = make_window()
+    tab = window.chat_tabs[0]
+    send(tab, "Select this sentence while the next reply streams")
+    wait_idle(qtbot, tab)
+    view = tab.transcript
+    start = view.toPlainText().index("Select this sentence")
+    cursor = view.textCursor()
+    cursor.setPosition(start)
+    cursor.setPosition(start + len("Select this sentence"), QTextCursor.MoveMode.KeepAnchor)
+    view.setTextCursor(cursor)
+    renders = []
+    original_render = view.render
+
+    def counting_render(entries: list) -> None:
+        original_render(entries)
+        renders.append(view.textCursor().selectedText())
+
+    view.render = counting_render  # type: ignore[method-assign]
+    send(tab, "Go on")
+    wait_idle(qtbot, tab)
+    assert len(renders) >= 3  # the transcript was rebuilt while the reply streamed
+    assert set(renders) == {"Select this sentence"}
+    assert view.textCursor().selectedText() == "Select this sentence"
