@@ -43,9 +43,13 @@ F32 = np.float32
 # ---------------------------------------------------------------------------------------------
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x * weight / sqrt(mean(x²) + eps), row-wise. (N, D) -> (N, D)"""
-    mean_sq = np.einsum("nd,nd->n", x, x) / F32(x.shape[-1])  # (N,)
-    scale = (F32(1.0) / np.sqrt(mean_sq + F32(eps))).astype(F32, copy=False)  # (N,)
-    return (x * scale[:, None]) * weight  # (N, D)
+    rms = np.vecdot(x, x)  # (N,) sums of squares; vecdot: the fewest passes and no einsum parsing
+    rms /= F32(x.shape[-1])
+    rms += F32(eps)
+    np.sqrt(rms, out=rms)
+    out = x / rms[:, None]  # (N, D)
+    out *= weight
+    return out
 
 
 def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
