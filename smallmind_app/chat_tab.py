@@ -206,9 +206,8 @@ class ChatTab(QWidget):
 
     def set_sampling_overrides(self, overrides: Mapping[str, Any]) -> None:
         """Use these for the next replies and save them with the conversation."""
-        self.conversation_settings = {**self.conversation_settings, "sampling": dict(overrides)}
-        if not overrides:
-            del self.conversation_settings["sampling"]
+        settings = {key: value for key, value in self.conversation_settings.items() if key != "sampling"}
+        self.conversation_settings = {**settings, "sampling": dict(overrides)} if overrides else settings
         self._update_settings_button()
         self._save(self._store.set_conversation_settings, self.conversation_id, self.conversation_settings)
 
