@@ -110,6 +110,7 @@ class ChatTab(QWidget):
         self.entries = [Entry(m.role, m.content, m.status, dict(m.stats), m.id) for m in messages]
         self._reply: Entry | None = None  # the reply being generated
         self._last_partial_save = 0.0
+        self._unsaved = False  # a write failed: the database is behind what the tab shows
         self._render_pending = False
         self._build(conversation.system_prompt)
         self._update_buttons()
@@ -242,6 +243,7 @@ class ChatTab(QWidget):
         if not text or self.is_generating:
             return
         self.entries = [e for e in self.entries if e.role != "notice"]
+        self._catch_up()
         message = self._save(self._store.add_message, self.conversation_id, "user", text)
         self.entries.append(Entry("user", text, message_id=message.id if message else None))
         self.prompt_edit.clear()
@@ -261,6 +263,7 @@ class ChatTab(QWidget):
         last_user = self._last_index("user")
         if last_user is None:
             return
+        self._catch_up()
         self._drop_from(last_user + 1)
         self._request_reply()
 
@@ -273,6 +276,7 @@ class ChatTab(QWidget):
         if last_user is None:
             return
         text = self.entries[last_user].content
+        self._catch_up()
         self._drop_from(last_user)
         self.prompt_edit.setPlainText(text)
         self.prompt_edit.moveCursor(QTextCursor.MoveOperation.End)
@@ -343,6 +347,7 @@ class ChatTab(QWidget):
                 stats=stats,
             )
         self._set_busy(None)
+        self._catch_up()
         if stats.get("error"):
             self.status_label.setText(f"The reply failed: {stats['error']}")
         elif stats["context_trimmed"]:
@@ -375,6 +380,7 @@ class ChatTab(QWidget):
         if self._system_save.isActive():
             self._system_save.stop()
             self._save_system_prompt()
+        self._catch_up()
 
     def save_partial_now(self) -> None:
         """The tab closes or the app quits while generating: keep the text so far, marked partial."""
@@ -393,6 +399,7 @@ class ChatTab(QWidget):
             )
         self._reply = None
         self._update_buttons()
+        self._catch_up()
 
     # -- store ----------------------------------------------------------------------------------
     def _save(self, write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -401,12 +408,34 @@ class ChatTab(QWidget):
             return write(*args, **kwargs)
         except (StoreError, KeyError) as exc:
             log.warning("store write failed: %s", exc)
+            self._unsaved = True
             detail = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
             self.entries.append(
                 Entry("notice", f"{detail}. This conversation is kept in memory only for now.", "error")
             )
             self.schedule_render()
             return None
+
+    def _catch_up(self) -> None:
+        """After a failed write, once writing works again (space freed, file writable): store the
+        conversation as the tab shows it, so nothing typed or generated meanwhile is lost."""
+        if not self._unsaved or self._reply is not None:
+            return
+        kept = [e for e in self.entries if e.role in ("user", "assistant")]
+        try:
+            stored = self._store.replace_messages(
+                self.conversation_id,
+                [(e.role, e.content, e.status, e.stats) for e in kept],
+                system_prompt=self.system_prompt,
+                settings=self.conversation_settings,
+            )
+        except (StoreError, KeyError) as exc:  # still failing: the tab's notice already says so
+            log.info("conversation %s still not saved: %s", self.conversation_id, exc)
+            return
+        for entry, message in zip(kept, stored, strict=True):
+            entry.message_id = message.id
+        self._unsaved = False
+        log.info("conversation %s saved again (%d messages)", self.conversation_id, len(stored))
 
     @Slot()
     def _on_system_edit_changed(self) -> None:

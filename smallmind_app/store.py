@@ -399,6 +399,52 @@ class ConversationStore:
             db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (time.time(), conversation_id))
             return cursor.rowcount
 
+    def replace_messages(
+        self,
+        conversation_id: str,
+        messages: Sequence[tuple[str, str, str, Mapping[str, Any]]],
+        system_prompt: str | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> list[Message]:
+        """Make the stored conversation what the caller holds, in one transaction: its messages
+        (role, content, status, stats), oldest first, and its system prompt and settings when given.
+
+        For a tab whose earlier writes failed (a full disk, a read-only file) once writing works again.
+        Returns the stored messages (new ids, all dated now).
+        """
+        now = time.time()
+        rows = [
+            (conversation_id, _check_choice("role", role, ROLES), content,
+             _check_choice("status", status, STATUSES), _json(stats, "stats"), now)
+            for role, content, status, stats in messages
+        ]  # fmt: skip
+        with self._transaction("save the conversation") as db:
+            touched = db.execute(
+                "UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id)
+            )
+            if touched.rowcount == 0:
+                raise KeyError(f"no conversation {conversation_id!r}")
+            if system_prompt is not None:
+                db.execute(
+                    "UPDATE conversations SET system_prompt = ? WHERE id = ?",
+                    (system_prompt, conversation_id),
+                )
+            if settings is not None:
+                db.execute(
+                    "UPDATE conversations SET settings_json = ? WHERE id = ?",
+                    (_json(settings, "settings"), conversation_id),
+                )
+            db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
+            db.executemany(
+                "INSERT INTO messages (conversation_id, role, content, status, stats_json, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            stored = db.execute(
+                "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
+            ).fetchall()
+        return [_message(row) for row in stored]
+
     def mark_interrupted(self) -> int:
         """At startup: every 'streaming' message (a reply a crash cut off) becomes 'partial'; how many."""
         with self._transaction("mark interrupted replies") as db:

@@ -162,6 +162,29 @@ def test_delete_messages_from_removes_that_message_and_later_ones(store: Convers
     assert store.add_message(conversation.id, "user", "again").id > max(ids)
 
 
+def test_replace_messages_makes_the_stored_conversation_what_the_tab_holds(store: ConversationStore) -> None:
+    conversation, other = store.create_conversation(), store.create_conversation()
+    untouched = store.add_message(other.id, "user", "other tab")
+    old = [store.add_message(conversation.id, "user", "saved before the disk filled").id]
+    held = [
+        ("user", "saved before the disk filled", "complete", {}),
+        ("assistant", "kept in memory", "partial", {"n_tokens": 3, "finish_reason": "cancelled"}),
+        ("user", "typed while the disk was full", "complete", {}),
+    ]
+    stored = store.replace_messages(conversation.id, held, system_prompt="Be brief.", settings={"a": 1})
+    assert [(m.role, m.content, m.status, dict(m.stats)) for m in stored] == held
+    assert stored == store.messages(conversation.id) and min(m.id for m in stored) > max(old)
+    saved = store.get_conversation(conversation.id)
+    assert saved is not None and saved.system_prompt == "Be brief." and dict(saved.settings) == {"a": 1}
+    assert store.messages(other.id) == [untouched]
+
+    with pytest.raises(ValueError, match="status must be one of"):  # nothing half-written
+        store.replace_messages(conversation.id, [("user", "x", "complete", {}), ("user", "y", "done", {})])
+    assert store.messages(conversation.id) == stored
+    with pytest.raises(KeyError, match="no conversation"):
+        store.replace_messages("nope", held)
+
+
 def test_mark_interrupted_turns_streaming_into_partial(store: ConversationStore) -> None:
     conversation = store.create_conversation()
     complete = store.add_message(conversation.id, "assistant", "done")
