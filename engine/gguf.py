@@ -169,6 +169,12 @@ class GgufFile:
             out = gguf.quants.dequantize(t.data, t.tensor_type)
         return out.reshape(shape).astype(np.float32, copy=False)
 
+    def load_raw(self, name: str) -> np.ndarray:
+        """A block-quantized tensor's bytes as stored: (rows, bytes per row) uint8, memory-mapped."""
+        t = self._require(name)
+        rows = self.tensor_shape(name)[0]
+        return np.asarray(t.data, dtype=np.uint8).reshape(rows, -1)
+
     def _require(self, name: str) -> Any:
         try:
             return self._tensors[name]

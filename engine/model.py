@@ -7,9 +7,10 @@ Dimension legend
     H    query heads     KVH  KV heads   G    query heads per KV head (H // KVH)
     Hd   head dim        V    vocabulary
 
-Weights are laid out once at load for ``x @ W`` ((in, out), measured fastest with OpenBLAS), with
-q/k/v fused into one matrix and gate/up into another. The model holds no cache and makes no policy:
-the caller owns one ``KvCacheEntry`` per sequence and passes it in.
+Every projection is ``linear(x, W)`` (``engine.kernels``): on the numba path quantized weights stay
+quantized in memory and small steps run JIT kernels; on the NumPy path weights are float32, laid out
+once at load for ``x @ W``. q/k/v are fused into one matrix and gate/up into another. The model holds
+no cache and makes no policy: the caller owns one ``KvCacheEntry`` per sequence and passes it in.
 
 Q/K in GGUF: llama.cpp's converter permutes the rows of attn_q/attn_k so RoPE rotates adjacent pairs
 (x[2i], x[2i+1]). At load we reorder each head's output dims to [0, 2, 4, ..., 1, 3, 5, ...], so the
@@ -29,8 +30,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import gguf as gguf_io
+from . import kernels
 from .errors import ContextOverflowError
 from .gguf import ModelConfig
+from .kernels import linear
+from .kernels import weights as kw
 from .kv_cache import KvCacheEntry, ModelShape
 
 log = logging.getLogger(__name__)
@@ -136,21 +140,31 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -
 # ---------------------------------------------------------------------------------------------
 @dataclass(slots=True)
 class LayerWeights:
+    """One block's weights; matrices are ``kernels.Weight`` objects for ``linear()``, shapes (out, in)."""
+
     attn_norm: np.ndarray  # (D,)
-    wqkv: np.ndarray  # (D, (H + 2*KVH) * Hd), q and k columns in rotate-half order, q scaled by 1/sqrt(Hd)
-    wo: np.ndarray  # (H*Hd, D)
+    wqkv: kernels.Weight  # ((H + 2*KVH) * Hd, D): q and k rows in rotate-half order, q scaled by 1/sqrt(Hd)
+    wo: kernels.Weight  # (D, H*Hd)
     ffn_norm: np.ndarray  # (D,)
-    w_gate_up: np.ndarray  # (D, 2F)
-    w_down: np.ndarray  # (F, D), a transposed view of a C-contiguous (D, F) array (see _load_layer)
+    w_gate_up: kernels.Weight  # (2F, D)
+    w_down: kernels.Weight  # (D, F)
 
 
 @dataclass(slots=True)
 class ModelWeights:
-    lm_head: np.ndarray  # (D, V); the embedding table is its transpose when tied
-    embedding: np.ndarray  # (V, D), a view of lm_head.T when tied (rows gathered per token)
+    lm_head: kernels.Weight  # (V, D)
+    embedding: kernels.Weight  # (V, D): the same object as lm_head when tied (rows gathered per token)
     output_norm: np.ndarray  # (D,)
     layers: list[LayerWeights]
     rope_freq_factors: np.ndarray | None = None  # (Hd/2,)
+    kernels: str = "numpy"  # the path the matrices were built for: "numba" or "numpy"
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the weights (the embedding counted once when tied)."""
+        mats = [m for layer in self.layers for m in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)]
+        mats += [self.lm_head] if self.embedding is self.lm_head else [self.lm_head, self.embedding]
+        return sum(m.nbytes for m in mats)
 
 
 def rotate_half_order(n_heads: int, head_dim: int) -> np.ndarray:
@@ -173,52 +187,73 @@ def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     }  # fmt: skip
 
 
-def _load_layer(f: gguf_io.GgufFile, c: ModelConfig, i: int) -> LayerWeights:
-    """Dequantize block ``i`` and lay it out for ``x @ W`` (runs on a worker thread)."""
+def _load_matrix(
+    f: gguf_io.GgufFile, name: str, expected: tuple[int, ...], path: str
+) -> kw.BlockWeight | np.ndarray:
+    """A weight matrix (out, in): kept in its blocks on the numba path when its type allows, else
+    dequantized to float32."""
+    shape = f.tensor_shape(name)
+    if shape != expected:
+        raise gguf_io.ModelFileError(f.path, f"tensor {name!r} has shape {shape}, expected {expected}")
+    tensor_type = f.tensor_type(name)
+    if path == "numba" and tensor_type in kernels.BLOCK_TYPES and shape[1] % kw.QK == 0:
+        return kw.blocks_from_gguf(tensor_type, f.load_raw(name), (shape[0], shape[1]))
+    return f.load(name)
+
+
+def _load_layer(f: gguf_io.GgufFile, c: ModelConfig, i: int, path: str) -> LayerWeights:
+    """Read block ``i`` and lay it out for ``linear()`` (runs on a worker thread)."""
     expected = _expected_shapes(c)
-    t = {}
+    norms: dict[str, np.ndarray] = {}
+    t: dict[str, kw.BlockWeight | np.ndarray] = {}
     for short, pattern in gguf_io.TENSOR_NAMES.items():
         name = pattern.format(i=i)
-        t[short] = f.load(name)
-        _check_shape(f, name, t[short], expected[short])
+        if short.endswith("_norm"):
+            norms[short] = f.load(name)
+            _check_shape(f, name, norms[short], expected[short])
+        else:
+            t[short] = _load_matrix(f, name, expected[short], path)
     q_order = rotate_half_order(c.n_heads, c.head_dim)
     k_order = rotate_half_order(c.n_kv_heads, c.head_dim)
-    q_scale = F32(1.0 / np.sqrt(c.head_dim))  # attention's 1/sqrt(Hd), folded into the query weights
-    q = t["attn_q"][q_order] * q_scale
-    wqkv = np.concatenate([q, t["attn_k"][k_order], t["attn_v"]], axis=0)  # (out, D)
+    q_scale = 1.0 / np.sqrt(c.head_dim)  # attention's 1/sqrt(Hd), folded into the query weights
+    q = kw.scale_rows(kw.take_rows(t["attn_q"], q_order), q_scale)
+    wqkv = kw.concat_rows([q, kw.take_rows(t["attn_k"], k_order), t["attn_v"]])  # ((H+2KVH)*Hd, D)
     return LayerWeights(
-        attn_norm=t["attn_norm"],
-        wqkv=np.ascontiguousarray(wqkv.T),  # (D, (H+2KVH)*Hd)
-        wo=np.ascontiguousarray(t["attn_output"].T),  # (H*Hd, D)
-        ffn_norm=t["ffn_norm"],
-        w_gate_up=np.ascontiguousarray(np.concatenate([t["ffn_gate"], t["ffn_up"]], axis=0).T),  # (D, 2F)
-        # (F, D) as the transpose of the file's (D, F) rows: for this one shape OpenBLAS is faster that
-        # way at batch 1-8 (measured 195 vs 320 us per call at batch 1, 469 vs 556 at 8; 12% slower at 256)
-        w_down=np.ascontiguousarray(t["ffn_down"]).T,
+        attn_norm=norms["attn_norm"],
+        wqkv=kw.finish(wqkv),
+        wo=kw.finish(t["attn_output"]),
+        ffn_norm=norms["ffn_norm"],
+        w_gate_up=kw.finish(kw.concat_rows([t["ffn_gate"], t["ffn_up"]])),  # (2F, D)
+        # float32: used as the transpose of the file's (D, F) rows: for this one shape OpenBLAS is faster
+        # that way at batch 1-8 (measured 195 vs 320 us per call at batch 1, 469 vs 556 at 8; 12% slower
+        # at 256)
+        w_down=kw.finish(t["ffn_down"], transposed_view=True),
     )
 
 
-def _load_output(f: gguf_io.GgufFile, c: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(lm_head (D, V), embedding (V, D)); with tied weights the embedding is a view of lm_head."""
-    embedding = f.load(gguf_io.TOKEN_EMBD)  # (V, D)
-    _check_shape(f, gguf_io.TOKEN_EMBD, embedding, (c.vocab_size, c.hidden_size))
-    if f.has_tensor(gguf_io.OUTPUT):
-        output = f.load(gguf_io.OUTPUT)  # (V, D)
-        _check_shape(f, gguf_io.OUTPUT, output, (c.vocab_size, c.hidden_size))
-        return np.ascontiguousarray(output.T), embedding
-    lm_head = np.ascontiguousarray(embedding.T)  # (D, V)
-    return lm_head, lm_head.T  # tied: the (V, D) view, no second copy
+def _load_output(f: gguf_io.GgufFile, c: ModelConfig, path: str) -> tuple[kernels.Weight, kernels.Weight]:
+    """(lm_head, embedding), both (V, D); with tied weights they are one object."""
+    shape = (c.vocab_size, c.hidden_size)
+    embedding = _load_matrix(f, gguf_io.TOKEN_EMBD, shape, path)
+    if f.has_tensor(gguf_io.OUTPUT):  # float32 rows of the embedding stay (V, D): gathered by token id
+        return kw.finish(_load_matrix(f, gguf_io.OUTPUT, shape, path)), kw.finish(embedding, True)
+    tied = kw.finish(embedding)
+    return tied, tied
 
 
-def load_weights(f: gguf_io.GgufFile, config: ModelConfig, n_threads: int = 2) -> ModelWeights:
-    """Dequantize every tensor to float32 and lay it out for ``x @ W``, on a small thread pool."""
+def load_weights(
+    f: gguf_io.GgufFile, config: ModelConfig, n_threads: int = 2, kernel_path: str | None = None
+) -> ModelWeights:
+    """Read every tensor and lay it out for ``linear()`` on the kernel path chosen by
+    ``kernels.backend(kernel_path)``, on a small thread pool."""
     c = config
+    path = kernels.backend(kernel_path)
     names = [p.format(i=i) for i in range(c.n_layers) for p in gguf_io.TENSOR_NAMES.values()]
     for name in (gguf_io.TOKEN_EMBD, gguf_io.OUTPUT_NORM, *names):
         f.tensor_shape(name)  # a missing tensor fails now, before any slow work
     with ThreadPoolExecutor(max_workers=n_threads) as pool:  # NumPy releases the GIL while copying
-        output = pool.submit(_load_output, f, c)
-        layers = list(pool.map(lambda i: _load_layer(f, c, i), range(c.n_layers)))
+        output = pool.submit(_load_output, f, c, path)
+        layers = list(pool.map(lambda i: _load_layer(f, c, i, path), range(c.n_layers)))
         lm_head, embedding = output.result()
     output_norm = f.load(gguf_io.OUTPUT_NORM)
     _check_shape(f, gguf_io.OUTPUT_NORM, output_norm, (c.hidden_size,))
@@ -227,7 +262,7 @@ def load_weights(f: gguf_io.GgufFile, config: ModelConfig, n_threads: int = 2) -
         raise gguf_io.ModelFileError(
             f.path, f"rope_freqs has {freqs.size} values, expected {c.head_dim // 2}"
         )
-    return ModelWeights(lm_head, embedding, output_norm, layers, freqs)
+    return ModelWeights(lm_head, embedding, output_norm, layers, freqs, kernels=path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,12 +286,19 @@ class Model:
         self._cos, self._sin = rope_tables(config, weights.rope_freq_factors)  # (ctx, Hd) each
 
     @classmethod
-    def from_gguf(cls, source: str | os.PathLike[str] | gguf_io.GgufFile) -> Model:
+    def from_gguf(
+        cls, source: str | os.PathLike[str] | gguf_io.GgufFile, kernel_path: str | None = None
+    ) -> Model:
+        """Load a model; ``kernel_path`` "numba" or "numpy" (default: ``kernels.backend()``)."""
         started = time.perf_counter()
         f = source if isinstance(source, gguf_io.GgufFile) else gguf_io.GgufFile(source)
         config = gguf_io.read_config(f)
-        model = cls(config, load_weights(f, config), path=str(f.path))
-        log.info("loaded %s (%s) in %.2f s", f.path.name, config.name, time.perf_counter() - started)
+        model = cls(config, load_weights(f, config, kernel_path=kernel_path), path=str(f.path))
+        log.info(
+            "loaded %s (%s) in %.2f s: %s kernels, %.0f MiB of weights",
+            f.path.name, config.name, time.perf_counter() - started, model.weights.kernels,
+            model.weights.nbytes / 2**20,
+        )  # fmt: skip
         return model
 
     def kv_shape(self, dtype: str = "float32") -> ModelShape:
@@ -302,7 +344,7 @@ class Model:
         if positions.max() >= self.config.context_length:
             raise ContextOverflowError(int(positions.max()) + 1, self.config.context_length, "sequence")
         cos, sin = self._cos[positions], self._sin[positions]  # (N, Hd) each
-        x = self.weights.embedding[ids].astype(F32)  # (N, D)
+        x = kw.embed(self.weights.embedding, ids)  # (N, D)
         for i, layer in enumerate(self.weights.layers):
             x = self._block(i, layer, x, rows, starts, cos, sin)
         for row in rows:
@@ -311,7 +353,7 @@ class Model:
             ends = np.cumsum([len(r.ids) for r in rows]) - 1  # index of each sequence's last row
             x = x[ends]  # (B, D)
         h = rms_norm(x, self.weights.output_norm, self.config.rms_eps)
-        return h @ self.weights.lm_head  # (N or B, V)
+        return linear(h, self.weights.lm_head)  # (N or B, V)
 
     def _block(
         self,
@@ -326,7 +368,7 @@ class Model:
         c = self.config
         H, KVH, Hd = c.n_heads, c.n_kv_heads, c.head_dim
         N = x.shape[0]
-        qkv = rms_norm(x, w.attn_norm, c.rms_eps) @ w.wqkv  # (N, (H+2KVH)*Hd)
+        qkv = linear(rms_norm(x, w.attn_norm, c.rms_eps), w.wqkv)  # (N, (H+2KVH)*Hd)
         qk = apply_rope(qkv[:, : (H + KVH) * Hd].reshape(N, H + KVH, Hd), cos, sin)  # (N, H+KVH, Hd)
         q, k = qk[:, :H], qk[:, H:]  # (N, H, Hd), (N, KVH, Hd); q is pre-scaled by 1/sqrt(Hd)
         v = qkv[:, (H + KVH) * Hd :].reshape(N, KVH, Hd)  # (N, KVH, Hd)
@@ -345,7 +387,7 @@ class Model:
                 values[:, start:end] = v[r0:r1].transpose(1, 0, 2)
                 attn[r0:r1] = attention(q[r0:r1], keys[:, :end], values[:, :end], start)
             r0 = r1
-        x = x + attn @ w.wo  # (N, D)
-        gate_up = rms_norm(x, w.ffn_norm, c.rms_eps) @ w.w_gate_up  # (N, 2F)
+        x = x + linear(attn, w.wo)  # (N, D)
+        gate_up = linear(rms_norm(x, w.ffn_norm, c.rms_eps), w.w_gate_up)  # (N, 2F)
         F = c.ffn_size
-        return x + silu_mul(gate_up[:, :F], gate_up[:, F:]) @ w.w_down  # (N, D)
+        return x + linear(silu_mul(gate_up[:, :F], gate_up[:, F:]), w.w_down)  # (N, D)

@@ -40,3 +40,9 @@ def log_dir() -> Path:
 
 def models_dir() -> Path:
     return data_dir() / "models"
+
+
+def cache_dir() -> Path:
+    """Things that can be rebuilt: compiled kernels."""
+    home = _home()
+    return home / "cache" if home else Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))

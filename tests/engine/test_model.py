@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import ContextOverflowError, Model
+from engine import ContextOverflowError, Model, kernels
 from engine.gguf import GgufFile, read_config
 from engine.model import Row
 from tests.engine.conftest import rel_diff
@@ -101,16 +101,18 @@ def test_config_read_from_metadata(tiny):
     assert (c.context_length, c.vocab_size, c.architecture) == (256, tiny[1].vocab_size, "llama")
 
 
-def test_weights_laid_out_for_x_at_w(tiny, tiny_model_path):
+def test_weights_laid_out_for_linear(tiny, tiny_model_path):
+    """Every matrix reads back (out, in) as the file holds it; float32 ones are laid out for x @ W."""
     model, _ = tiny
     f = GgufFile(tiny_model_path)
     layer = model.weights.layers[1]
-    np.testing.assert_array_equal(layer.wo, f.load("blk.1.attn_output.weight").T)
-    np.testing.assert_array_equal(layer.w_down, f.load("blk.1.ffn_down.weight").T)
+    np.testing.assert_array_equal(layer.wo.dequantize(), f.load("blk.1.attn_output.weight"))
+    np.testing.assert_array_equal(layer.w_down.dequantize(), f.load("blk.1.ffn_down.weight"))
     F = model.config.ffn_size
-    np.testing.assert_array_equal(layer.w_gate_up[:, :F], f.load("blk.1.ffn_gate.weight").T)
-    assert all(a.flags.c_contiguous for a in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down.T))
-    assert model.weights.lm_head.shape == (64, model.config.vocab_size)
+    np.testing.assert_array_equal(layer.w_gate_up.dequantize()[:F], f.load("blk.1.ffn_gate.weight"))
+    dense = [w for w in (layer.wqkv, layer.wo, layer.w_gate_up) if isinstance(w, kernels.DenseWeight)]
+    assert all(w.wt.flags.c_contiguous for w in dense)
+    assert model.weights.lm_head.shape == (model.config.vocab_size, 64)
 
 
 @pytest.mark.parametrize("weight_type", [t for t in WEIGHT_TYPES if t != "F32"])

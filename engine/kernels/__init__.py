@@ -1,0 +1,118 @@
+"""``linear()``: the one entry point for every projection of the model, and the weights it reads.
+
+Two paths, chosen when a model is loaded (``backend()``):
+
+- ``"numba"``: quantized weights stay quantized in memory (``BlockWeight``); decode-sized steps (up
+  to ``SMALL_ROWS`` rows) run JIT kernels that read each weight once for all rows (``jit.py``);
+  larger steps (prefill chunks) expand one tile of weights at a time to float32 and use BLAS.
+- ``"numpy"``: every weight dequantized to float32 at load and multiplied by BLAS: the reference
+  path and the fallback where numba is not installed. ``SMALLMIND_KERNELS=numpy`` selects it.
+
+Both give the same results up to float32 summation order (tests hold them together).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from functools import cache
+
+import numpy as np
+
+from .. import paths
+from .weights import BLOCK_TYPES, BlockWeight, DenseWeight, Weight, embed
+
+log = logging.getLogger(__name__)
+
+F32 = np.float32
+KERNELS_ENV = "SMALLMIND_KERNELS"
+BACKENDS = ("numba", "numpy")
+SMALL_ROWS = 16  # up to this many rows a step runs the JIT kernel; above, BLAS on expanded tiles
+TILE_VALUES = 1 << 22  # weights expanded per BLAS tile (16 MiB of float32: stays in the last-level cache)
+
+__all__ = ["BLOCK_TYPES", "BlockWeight", "DenseWeight", "Weight", "backend", "embed", "linear"]
+
+
+@cache
+def _numba_available() -> bool:
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(paths.cache_dir() / "numba"))
+    try:
+        from . import jit  # noqa: F401  (compiles lazily, on first call)
+    except ImportError as exc:
+        log.warning("numba is not available (%s): using the NumPy kernels", exc)
+        return False
+    return True
+
+
+def backend(requested: str | None = None) -> str:
+    """The kernel path a model loaded now would use: ``requested``, else ``$SMALLMIND_KERNELS``, else
+    numba when it imports."""
+    choice = (requested or os.environ.get(KERNELS_ENV, "") or "auto").strip().lower()
+    if choice not in (*BACKENDS, "auto"):
+        raise ValueError(f"{KERNELS_ENV}={choice!r}: expected one of numba, numpy, auto")
+    if choice == "numpy":
+        return "numpy"
+    if _numba_available():
+        return "numba"
+    if choice == "numba":
+        raise ValueError(f"{KERNELS_ENV}=numba but numba cannot be imported")
+    return "numpy"
+
+
+_EMPTY = np.empty((0, 0), dtype=F32)
+_scratch = threading.local()
+
+
+def _tile_buffer(n_values: int) -> np.ndarray:
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.size < n_values:
+        buf = _scratch.buf = np.empty(n_values, dtype=F32)
+    return buf[:n_values]
+
+
+def linear(x: np.ndarray, w: Weight) -> np.ndarray:
+    """x @ W.T for W stored (out, in): (N, in) float32 -> (N, out) float32."""
+    if isinstance(w, DenseWeight):
+        return x @ w.wt
+    if x.shape[0] <= SMALL_ROWS:
+        return _small(x, w)
+    return _large(x, w)
+
+
+def _small(x: np.ndarray, w: BlockWeight) -> np.ndarray:
+    from .jit import MATVEC
+
+    N, K = x.shape
+    group = 1 if N == 1 else 2 if N == 2 else 4 if N <= 4 else 8
+    padded = -(-N // group) * group
+    if padded != N or not x.flags.c_contiguous or x.dtype != F32:
+        xp = np.zeros((padded, K), dtype=F32)
+        xp[:N] = x
+        x = xp
+    if w.m is None:
+        xs, m = _EMPTY, _EMPTY
+    else:
+        xs, m = x.reshape(padded, K // 32, 32).sum(axis=2), w.m  # (padded, nb) per-block sums of x
+    out = np.empty((padded, w.q.shape[0]), dtype=F32)
+    MATVEC[group](x, xs, w.q, w.d, m, out)
+    return out[:N] if padded != N else out
+
+
+def _large(x: np.ndarray, w: BlockWeight) -> np.ndarray:
+    from .jit import dequantize_rows
+
+    O, K = w.q.shape
+    m = _EMPTY if w.m is None else w.m
+    rows = max(1, min(O, TILE_VALUES // K))
+    buf = _tile_buffer(rows * K)
+    if rows == O:
+        dequantize_rows(w.q, w.d, m, 0, buf.reshape(O, K))
+        return x @ buf.reshape(O, K).T
+    out = np.empty((x.shape[0], O), dtype=F32)
+    for r0 in range(0, O, rows):
+        n = min(rows, O - r0)
+        tile = buf[: n * K].reshape(n, K)
+        dequantize_rows(w.q, w.d, m, r0, tile)
+        out[:, r0 : r0 + n] = x @ tile.T
+    return out
