@@ -25,6 +25,7 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -325,6 +326,10 @@ class Model:
         checked = [Row(self._check_ids(r.ids), r.cache) for r in rows]
         return self._forward_rows(checked, all_logits=False)
 
+    def _threads(self) -> AbstractContextManager[object]:
+        """On the numba path, the kernels' thread settings for the length of one forward."""
+        return kernels.compute() if self.weights.kernels == "numba" else nullcontext()
+
     def _check_ids(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         arr = np.asarray(ids, dtype=np.int64).reshape(-1)  # (T,)
         if arr.size == 0:
@@ -336,6 +341,10 @@ class Model:
 
     # -- the forward pass ------------------------------------------------------------------------
     def _forward_rows(self, rows: Sequence[Row], all_logits: bool) -> np.ndarray:
+        with self._threads():
+            return self._forward_rows_now(rows, all_logits)
+
+    def _forward_rows_now(self, rows: Sequence[Row], all_logits: bool) -> np.ndarray:
         starts = [r.cache.n_tokens for r in rows]
         for row, start in zip(rows, starts, strict=True):
             row.cache.ensure_capacity(start + len(row.ids))

@@ -13,6 +13,7 @@ Both give the same results up to float32 summation order (tests hold them togeth
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -21,6 +22,7 @@ from functools import cache
 import numpy as np
 
 from .. import paths
+from .cpu import available_cpus, compute, set_threads, threads
 from .weights import BLOCK_TYPES, BlockWeight, DenseWeight, Weight, embed
 
 log = logging.getLogger(__name__)
@@ -29,14 +31,29 @@ F32 = np.float32
 KERNELS_ENV = "SMALLMIND_KERNELS"
 BACKENDS = ("numba", "numpy")
 SMALL_ROWS = 16  # up to this many rows a step runs the JIT kernel; above, BLAS on expanded tiles
-TILE_VALUES = 1 << 22  # weights expanded per BLAS tile (16 MiB of float32: stays in the last-level cache)
+TILE_VALUES = 1 << 20  # weights expanded per BLAS tile and thread (4 MiB of float32: stays in cache)
 
-__all__ = ["BLOCK_TYPES", "BlockWeight", "DenseWeight", "Weight", "backend", "embed", "linear"]
+__all__ = [
+    "BLOCK_TYPES",
+    "BlockWeight",
+    "DenseWeight",
+    "Weight",
+    "available_cpus",
+    "backend",
+    "compute",
+    "embed",
+    "linear",
+    "set_threads",
+    "threads",
+]
 
 
 @cache
 def _numba_available() -> bool:
     os.environ.setdefault("NUMBA_CACHE_DIR", str(paths.cache_dir() / "numba"))
+    # numba's OpenMP workers sleep between kernels instead of spinning: spinning workers starve BLAS
+    # and, on a busy machine, a descheduled worker stalls the others at every barrier
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         from . import jit  # noqa: F401  (compiles lazily, on first call)
     except ImportError as exc:
@@ -100,19 +117,31 @@ def _small(x: np.ndarray, w: BlockWeight) -> np.ndarray:
 
 
 def _large(x: np.ndarray, w: BlockWeight) -> np.ndarray:
+    """Rows of W split over the engine's threads; each expands tiles of its rows and runs BLAS."""
+    from . import cpu
+
+    O = w.q.shape[0]
+    out = np.empty((x.shape[0], O), dtype=F32)
+    n = cpu.threads()
+    bounds = np.linspace(0, O, n + 1).astype(int)
+    jobs = [(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
+    if len(jobs) == 1:
+        _expand_and_multiply(x, w, *jobs[0], out)
+    else:
+        for done in [cpu.pool().submit(_expand_and_multiply, x, w, a, b, out) for a, b in jobs]:
+            done.result()
+    return out
+
+
+def _expand_and_multiply(x: np.ndarray, w: BlockWeight, row0: int, row1: int, out: np.ndarray) -> None:
     from .jit import dequantize_rows
 
-    O, K = w.q.shape
+    K = w.q.shape[1]
     m = _EMPTY if w.m is None else w.m
-    rows = max(1, min(O, TILE_VALUES // K))
+    rows = max(1, min(row1 - row0, TILE_VALUES // K))
     buf = _tile_buffer(rows * K)
-    if rows == O:
-        dequantize_rows(w.q, w.d, m, 0, buf.reshape(O, K))
-        return x @ buf.reshape(O, K).T
-    out = np.empty((x.shape[0], O), dtype=F32)
-    for r0 in range(0, O, rows):
-        n = min(rows, O - r0)
+    for r0 in range(row0, row1, rows):
+        n = min(rows, row1 - r0)
         tile = buf[: n * K].reshape(n, K)
         dequantize_rows(w.q, w.d, m, r0, tile)
         out[:, r0 : r0 + n] = x @ tile.T
-    return out

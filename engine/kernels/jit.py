@@ -11,7 +11,8 @@ per group width (1, 2, 4, 8) keeps them in registers.
 The "_1" types' minimum is applied as ``sum_k m[o, k] * xsum[b, k]`` with the per-block sums of x
 computed once per call (llama.cpp's factoring of ``vec_dot_q4_1``).
 
-``dequantize_rows`` serves prefill: a tile of rows is expanded to float32 and BLAS does the GEMM.
+``dequantize_rows`` serves prefill: a tile of rows is expanded to float32 and BLAS does the GEMM
+(each of the engine's threads expands and multiplies its own tiles).
 
 Compiled code is cached on disk (``NUMBA_CACHE_DIR``, set by ``engine.kernels`` to the app's cache
 directory), so only the first start pays the compile.
@@ -26,6 +27,7 @@ from numba import njit, prange
 # in summation order (held to the float32 reference by the tests).
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 kernel = njit(fastmath=FASTMATH, boundscheck=False, parallel=True, cache=True, nogil=True)
+serial_kernel = njit(fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
 
 
 @kernel
@@ -139,12 +141,13 @@ def matvec_8(x, xs, q, d, m, out):  # pragma: no cover - compiled
             out[g + 7, o] = a7
 
 
-@kernel
+@serial_kernel
 def dequantize_rows(q, d, m, row0, out):  # pragma: no cover - compiled
-    """out[r] = W[row0 + r] as float32. q (O, K) i8; d, m (O, nb); out (R, K)."""
+    """out[r] = W[row0 + r] as float32. q (O, K) i8; d, m (O, nb); out (R, K). One thread: callers
+    run one tile per thread."""
     R, K = out.shape
     nm = m.shape[1]
-    for r in prange(R):
+    for r in range(R):
         o = row0 + r
         if nm:
             for j in range(K):
