@@ -87,7 +87,7 @@ def compute() -> Iterator[int]:
 
     n = threads()
     if getattr(_local, "numba_threads", None) != n:
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
         _local.numba_threads = n
     libs = _blas()
     before = [lib.num_threads for lib in libs] if libs else []
