@@ -156,7 +156,7 @@ class GgufFile:
         return self._require(name).tensor_type
 
     def load(self, name: str) -> np.ndarray:
-        """The tensor as float32 in NumPy order (for a weight matrix: (out_features, in_features))."""
+        """The tensor as a float32 copy in NumPy order (for a weight matrix: (out_features, in_features))."""
         t = self._require(name)
         if not _dequantizable(t.tensor_type):
             raise UnsupportedModelError(
@@ -167,7 +167,9 @@ class GgufFile:
             out = np.asarray(t.data, dtype=np.float32)
         else:
             out = gguf.quants.dequantize(t.data, t.tensor_type)
-        return out.reshape(shape).astype(np.float32, copy=False)
+        # a copy, never a view of the memory map: a weight that kept a view would keep every page of
+        # the file resident for as long as the model lives
+        return np.array(out.reshape(shape), dtype=np.float32, copy=True)
 
     def load_raw(self, name: str) -> np.ndarray:
         """A block-quantized tensor's bytes as stored: (rows, bytes per row) uint8, memory-mapped."""

@@ -6,14 +6,19 @@ thread. BLAS is held to one thread while the engine computes (``compute()``), be
 workers spin after each call and starve numba's workers on a 2-core machine (measured: a 17-row
 product of expanded weights took 36 ms interleaved with numba calls against 1.3 ms alone).
 
-``set_threads(0)`` (auto) uses every core this process may run on; the count can change at any time
-(Settings → CPU threads) and takes effect at the next step.
+``set_threads(0)`` (auto) uses every core this process may run on, less the cores other processes
+keep busy (read from ``/proc/stat`` against this process's own CPU time, at most twice a second): on
+2 cores with one busy program beside it the engine drops to one thread, which keeps ~90% of its
+speed where two threads fall to a third (a parallel step waits for its slowest thread, and a thread
+sharing a core with a busy program is slow). ``set_threads(n)`` fixes the count. It can change at
+any time (Settings → CPU threads) and takes effect at the next step.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -52,9 +57,55 @@ def set_threads(n: int) -> int:
 
 
 def threads() -> int:
-    """The thread count in effect: the requested one, capped by the cores available."""
+    """The thread count in effect: the requested one, capped by the cores available; in auto mode,
+    the cores available less those other processes keep busy (at least one)."""
     cpus = available_cpus()
-    return min(_state.requested, cpus) if _state.requested else cpus
+    if _state.requested:
+        return min(_state.requested, cpus)
+    busy = _load.others_busy()
+    return max(1, cpus - int(busy + 0.4)) if busy is not None else cpus
+
+
+class _LoadMonitor:
+    """Cores kept busy by other processes: all CPU time the system spent (/proc/stat) less this
+    process's own, over the last interval. None where /proc/stat does not exist."""
+
+    INTERVAL_S = 0.5
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.last: tuple[float, float, float] | None = None  # (wall, system busy s, own cpu s)
+        self.busy: float | None = None
+
+    @staticmethod
+    def _system_busy_s() -> float | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                fields = f.readline().split()[1:]
+        except OSError:
+            return None
+        ticks = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+        busy = sum(ticks) - ticks[3] - ticks[4]
+        return busy / os.sysconf("SC_CLK_TCK")
+
+    def others_busy(self) -> float | None:
+        now = time.monotonic()
+        with self.lock:
+            if self.last is not None and now - self.last[0] < self.INTERVAL_S:
+                return self.busy
+            system = self._system_busy_s()
+            if system is None:
+                return None
+            times = os.times()
+            own = times.user + times.system
+            if self.last is not None:
+                wall, system0, own0 = self.last
+                self.busy = max(0.0, ((system - system0) - (own - own0)) / (now - wall))
+            self.last = (now, system, own)
+            return self.busy
+
+
+_load = _LoadMonitor()
 
 
 def pool() -> ThreadPoolExecutor:
