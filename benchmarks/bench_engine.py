@@ -53,7 +53,11 @@ print(json.dumps({"rss_before_mb": before, "rss_after_load_mb": rss_mb(),
 
 def memory(path: str, kernel_path: str) -> dict[str, float]:
     out = subprocess.run(
-        [sys.executable, "-c", RSS_SCRIPT, path, kernel_path], cwd=ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-c", RSS_SCRIPT, path, kernel_path],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
@@ -241,13 +245,21 @@ def table(results: dict[str, Any]) -> list[tuple[str, ...]]:
         rows.append((f"projections only, {n} rows", f"{a:.1f} ms", f"{b:.1f} ms", f"{a / b:.2f}x"))
     for n, b in ref["context_decode_tokens_per_s"].items():
         a = fast["context_decode_tokens_per_s"][n] if fast else float("nan")
-        rows.append((f"decode at {n:,} tokens of context", f"{a:.1f} tok/s", f"{b:.1f} tok/s", f"{a / b:.2f}x"))
+        rows.append(
+            (f"decode at {n:,} tokens of context", f"{a:.1f} tok/s", f"{b:.1f} tok/s", f"{a / b:.2f}x")
+        )
     busy = results.get("busy")
     if busy:
         base = busy["quiet_1_thread"]
         rows.append(("decode quiet, 1 thread / auto", f"{base:.1f} / {busy['quiet_auto']:.1f} tok/s", "", ""))
-        rows.append((f"decode beside a busy process, auto ({busy['busy_auto_threads']} thread)",
-                     f"{busy['busy_auto']:.1f} tok/s ({busy['busy_auto'] / base:.0%} of quiet 1-thread)", "", ""))
+        rows.append(
+            (
+                f"decode beside a busy process, auto ({busy['busy_auto_threads']} thread)",
+                f"{busy['busy_auto']:.1f} tok/s ({busy['busy_auto'] / base:.0%} of quiet 1-thread)",
+                "",
+                "",
+            )
+        )
         rows.append(("decode beside a busy process, 2 threads",
                      f"{busy['busy_2_threads']:.1f} tok/s ({busy['busy_2_threads'] / base:.0%})", "", ""))  # fmt: skip
     lcpp = results.get("llama_cpp_decode_tokens_per_s")

@@ -252,10 +252,14 @@ def load_weights(
     names = [p.format(i=i) for i in range(c.n_layers) for p in gguf_io.TENSOR_NAMES.values()]
     for name in (gguf_io.TOKEN_EMBD, gguf_io.OUTPUT_NORM, *names):
         f.tensor_shape(name)  # a missing tensor fails now, before any slow work
-    with ThreadPoolExecutor(max_workers=n_threads) as pool:  # NumPy releases the GIL while copying
+    with ThreadPoolExecutor(max_workers=n_threads + 1) as pool:  # NumPy releases the GIL while copying
+        # the kernels compile (first start) or load from the disk cache while the weights are read
+        warm = pool.submit(kernels.warm_up) if path == "numba" else None
         output = pool.submit(_load_output, f, c, path)
         layers = list(pool.map(lambda i: _load_layer(f, c, i, path), range(c.n_layers)))
         lm_head, embedding = output.result()
+        if warm is not None:
+            log.info("kernels ready after %.2f s", warm.result())
     output_norm = f.load(gguf_io.OUTPUT_NORM)
     _check_shape(f, gguf_io.OUTPUT_NORM, output_norm, (c.hidden_size,))
     freqs = f.load(gguf_io.ROPE_FREQS).reshape(-1) if f.has_tensor(gguf_io.ROPE_FREQS) else None

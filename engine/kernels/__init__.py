@@ -17,7 +17,9 @@ import itertools
 import logging
 import os
 import threading
+import time
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 
@@ -40,17 +42,19 @@ __all__ = [
     "Weight",
     "available_cpus",
     "backend",
+    "compiled_on_disk",
     "compute",
     "embed",
     "linear",
     "set_threads",
     "threads",
+    "warm_up",
 ]
 
 
 @cache
 def _numba_available() -> bool:
-    os.environ.setdefault("NUMBA_CACHE_DIR", str(paths.cache_dir() / "numba"))
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(cache_dir()))
     # numba's OpenMP workers sleep between kernels instead of spinning: spinning workers starve BLAS
     # and, on a busy machine, a descheduled worker stalls the others at every barrier
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -75,6 +79,31 @@ def backend(requested: str | None = None) -> str:
     if choice == "numba":
         raise ValueError(f"{KERNELS_ENV}=numba but numba cannot be imported")
     return "numpy"
+
+
+def cache_dir() -> Path:
+    """Where numba keeps the compiled kernels (the app's cache directory unless NUMBA_CACHE_DIR is set)."""
+    return Path(os.environ.get("NUMBA_CACHE_DIR") or paths.cache_dir() / "numba")
+
+
+def compiled_on_disk() -> bool:
+    """Whether compiled kernels are on disk already (else the next ``warm_up()`` compiles them)."""
+    return any(cache_dir().rglob("jit.*.nbi"))
+
+
+def warm_up() -> float:
+    """Compile every kernel (the first start, ~10-30 s) or load it from the disk cache (well under a
+    second), by running each once on a tiny matrix. Returns the seconds it took."""
+    started = time.perf_counter()
+    if backend() == "numba":
+        rng = np.random.default_rng(0)
+        q = rng.integers(-8, 8, (4, 64), dtype=np.int8)
+        d = np.ones((4, 2), dtype=F32)
+        for m in (None, d):
+            w = BlockWeight(q, d, m)
+            for n in (1, 2, 4, 8, SMALL_ROWS + 1):
+                linear(np.ones((n, 64), dtype=F32), w)
+    return time.perf_counter() - started
 
 
 _EMPTY = np.empty((0, 0), dtype=F32)
