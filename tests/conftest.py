@@ -22,6 +22,9 @@ _INSTALLED_SMOLLM2 = paths.models_dir() / SMOLLM2_FILE
 # truth), else the copy kept in the repository (tests/fixtures/reference), so a clone anywhere runs.
 _SHARED_REFERENCE = Path(__file__).resolve().parents[1].parent / "shared/reference/smollm2-135m"
 _VENDORED_REFERENCE = Path(__file__).resolve().parent / "fixtures/reference/smollm2-135m"
+# Compiled kernels (numba) kept between test runs beside the repository's other caches, never in the
+# user's cache directory; subprocesses started by tests inherit it.
+os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "numba"))
 
 
 @pytest.fixture(autouse=True)
