@@ -330,6 +330,13 @@ class Model:
         checked = [Row(self._check_ids(r.ids), r.cache) for r in rows]
         return self._forward_rows(checked, all_logits=False)
 
+    def _decode_attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+        """One decode row's attention over n cached positions: NumPy for short caches, the kernel for
+        long ones and for float16 caches (read once, in place, instead of copied to float32 first)."""
+        if self.weights.kernels == "numba" and (n >= kernels.ATTENTION_MIN_TOKENS or keys.dtype != F32):
+            return kernels.decode_attention(q, keys, values, n)
+        return decode_attention(q, keys[:, :n], values[:, :n])
+
     def _threads(self) -> AbstractContextManager[object]:
         """On the numba path, the kernels' thread settings for the length of one forward."""
         return kernels.compute() if self.weights.kernels == "numba" else nullcontext()
@@ -394,7 +401,7 @@ class Model:
             if T == 1:  # decoding: the most common row, kept to the fewest array operations
                 keys[:, start] = k[r0]  # (KVH, Hd)
                 values[:, start] = v[r0]
-                attn[r0] = decode_attention(q[r0], keys[:, :end], values[:, :end])
+                attn[r0] = self._decode_attention(q[r0], keys, values, end)
             else:
                 keys[:, start:end] = k[r0:r1].transpose(1, 0, 2)  # (KVH, T, Hd)
                 values[:, start:end] = v[r0:r1].transpose(1, 0, 2)
