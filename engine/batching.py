@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from . import kernels
 from .errors import CacheBudgetError, ContextOverflowError, EngineError, EngineStoppedError, QueueFullError
 from .generation import GenerationEvent, GenerationResult
 from .generation import Sequence as Seq
@@ -52,13 +53,15 @@ class BatchingOptions:
     max_total_queued_requests: int = 100
     prefill_only: bool = False
     max_prefill_chunk_tokens: int = 256
+    cpu_threads: int = 0  # threads the kernels compute on; 0 = auto (cores free of other work)
 
     def __post_init__(self) -> None:
         for name in ("enabled", "prefill_only"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BatchingOptions.{name} must be true or false, got {getattr(self, name)!r}")
         limits = {"max_batch_size": (1, 256), "max_total_queued_requests": (1, 100_000),
-                  "max_prefill_chunk_tokens": (1, 65_536)}  # fmt: skip
+                  "max_prefill_chunk_tokens": (1, 65_536),
+                  "cpu_threads": (0, kernels.MAX_THREADS)}  # fmt: skip
         for name, (low, high) in limits.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -151,6 +154,7 @@ class BatchedInferenceEngine:
         self.metrics = metrics if metrics is not None else InMemoryRuntimeMetrics()
         self.max_concurrent_sessions = max_concurrent_sessions
         self._batching = batching_options or BatchingOptions()
+        kernels.set_threads(self._batching.cpu_threads)
         self._prompts = PromptBuilder(tokenizer)
         self._queue_lock = threading.Lock()  # guards _waiting
         self._step_lock = threading.RLock()  # held for a whole step; options change between steps
@@ -178,6 +182,7 @@ class BatchedInferenceEngine:
         with self._step_lock:
             if batching is not None:
                 self._batching = batching
+                kernels.set_threads(batching.cpu_threads)
             if cache is not None:
                 self.store.update_options(cache)
         self._wake()

@@ -77,6 +77,7 @@ SECTIONS: dict[str, dict[str, tuple[Any, str]]] = {
         "max_total_queued_requests": (100, "int"),
         "prefill_only": (False, "bool"),
         "max_prefill_chunk_tokens": (256, "int"),
+        "cpu_threads": (0, "int"),
     },
     "sampling": {
         "max_new_tokens": (256, "int"),

@@ -56,6 +56,7 @@ FIELDS: list[tuple[str, str, str, str, str, tuple[float, ...]]] = [
     ("batching", "prefill_only", "batchPrefillOnly", "Batch prompts only (decode one by one)", "bool", ()),
     ("batching", "max_prefill_chunk_tokens", "batchMaxPrefillChunkTokens", "Prompt tokens per step", "int",
      (0, 1_000_000)),
+    ("batching", "cpu_threads", "cpuThreads", "CPU threads", "int", (0, 256)),
     ("sampling", "max_new_tokens", "maxNewTokens", "Max new tokens", "int", (0, 1_000_000)),
     ("sampling", "temperature", "temperature", "Temperature (0 = greedy)", "float", (0, 100, 2)),
     ("sampling", "top_k", "topK", "Top-k (0 = off)", "int", (0, 1_000_000)),
@@ -73,7 +74,7 @@ FIELDS: list[tuple[str, str, str, str, str, tuple[float, ...]]] = [
 CHOICES = {"kvDtype": ["float32", "float16"], "kvPolicy": ["lru"]}
 SUFFIXES = {"kvMaxBytesTotal": " MiB", "kvMaxBytesPerSession": " MiB", "batchMaxWaitMs": " ms",
             "maxTimeMs": " ms"}  # fmt: skip
-SPECIAL = {"seed": "random", "maxTimeMs": "no limit"}  # shown at the minimum of "optional int" fields
+SPECIAL = {"seed": "random", "maxTimeMs": "no limit", "cpuThreads": "auto"}  # shown at the minimum
 SECTION_KEYS = {"kv": "kv_cache", "batching": "batching", "sampling": "sampling"}
 PAGES = {"kv": "KV cache", "batching": "Batching", "sampling": "Sampling"}
 

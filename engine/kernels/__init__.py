@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import paths
-from .cpu import available_cpus, compute, set_threads, threads
+from .cpu import MAX_THREADS, available_cpus, compute, set_threads, threads
 from .weights import BLOCK_TYPES, BlockWeight, DenseWeight, Weight, embed
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ TILE_VALUES = 1 << 20  # weights expanded per BLAS tile and thread (4 MiB of flo
 
 __all__ = [
     "BLOCK_TYPES",
+    "MAX_THREADS",
     "BlockWeight",
     "DenseWeight",
     "Weight",
