@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import paths
-from .cpu import MAX_THREADS, available_cpus, compute, set_threads, threads
+from .cpu import MAX_THREADS, available_cpus, compute, requested_threads, set_threads, threads
 from .weights import BLOCK_TYPES, BlockWeight, DenseWeight, Weight, embed
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ __all__ = [
     "decode_attention",
     "embed",
     "linear",
+    "requested_threads",
     "set_threads",
     "threads",
     "warm_up",

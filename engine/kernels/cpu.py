@@ -56,6 +56,11 @@ def set_threads(n: int) -> int:
     return threads()
 
 
+def requested_threads() -> int:
+    """The count asked for with ``set_threads`` (0 = auto)."""
+    return _state.requested
+
+
 def threads() -> int:
     """The thread count in effect: the requested one, capped by the cores available; in auto mode,
     the cores available less those other processes keep busy (at least one)."""

@@ -164,3 +164,44 @@ def test_half_to_float_is_exact_for_every_finite_float16():
     converted = np.array([_half(b) for b in bits[finite]], dtype=np.float32)
     np.testing.assert_array_equal(converted, halves[finite].astype(np.float32))
     assert np.signbit(converted[bits[finite] == 0x8000]).all()  # -0.0 keeps its sign
+
+
+def test_thread_count_auto_fixed_and_invalid():
+    try:
+        assert kernels.set_threads(1) == 1 and kernels.threads() == 1
+        assert kernels.set_threads(kernels.MAX_THREADS) == kernels.available_cpus()  # capped by the cores
+        assert kernels.set_threads(0) >= 1 and kernels.requested_threads() == 0
+        for bad in (-1, kernels.MAX_THREADS + 1, 1.5, True):
+            with pytest.raises(ValueError, match="cpu_threads"):
+                kernels.set_threads(bad)  # type: ignore[arg-type]
+    finally:
+        kernels.set_threads(0)
+
+
+def test_busy_neighbour_lowers_the_automatic_thread_count():
+    """A process spinning on every core but one leaves the engine one thread fewer (Linux only)."""
+    import subprocess
+    import sys
+    import time
+
+    from engine.kernels import cpu
+
+    cpus = kernels.available_cpus()
+    if cpus < 2 or cpu._LoadMonitor._system_busy_s() is None:
+        pytest.skip("needs 2+ cores and /proc/stat")
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cpus)]
+    try:
+        kernels.set_threads(0)
+        deadline = time.monotonic() + 20
+        count = kernels.threads()
+        while count == cpus and time.monotonic() < deadline:  # bounded; a reading needs one interval
+            time.sleep(cpu._LoadMonitor.INTERVAL_S + 0.1)
+            count = kernels.threads()
+        assert count < cpus, (count, cpu._load.busy)
+        kernels.set_threads(cpus)
+        assert kernels.threads() == cpus  # a fixed count is kept however busy the machine is
+    finally:
+        kernels.set_threads(0)
+        for hog in hogs:
+            hog.kill()
+            hog.wait(timeout=10)

@@ -1,0 +1,29 @@
+"""Settings → Batching → CPU threads: shown as "auto" at 0, applied live to the engine's kernels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from PySide6.QtWidgets import QSpinBox
+
+from engine import kernels
+
+
+def test_cpu_threads_setting_applies_live_and_is_saved(qtbot: Any, make_window: Any) -> None:
+    window = make_window()
+    dialog = window.open_settings()
+    box = dialog.fields["cpuThreads"][3]
+    assert isinstance(box, QSpinBox) and box.value() == 0 and box.text() == "auto"
+    box.setValue(1)
+    with qtbot.waitSignal(window.client.worker.settings_applied, timeout=5000) as applied:
+        dialog.ok_button.click()
+    assert applied.args[0]["batching"]["cpu_threads"] == 1  # in the engine's options
+    assert kernels.requested_threads() == 1 and kernels.threads() == 1  # from the next step on
+    assert window.settings.batching["cpu_threads"] == 1
+    dialog = window.open_settings()
+    box = dialog.fields["cpuThreads"][3]
+    box.setValue(0)
+    with qtbot.waitSignal(window.client.worker.settings_applied, timeout=5000):
+        dialog.ok_button.click()
+    assert kernels.requested_threads() == 0 and 1 <= kernels.threads() <= kernels.available_cpus()
+    assert window.settings.batching["cpu_threads"] == 0
