@@ -271,9 +271,9 @@ class MainWindow(QMainWindow):
             self.stats_dock.update_stats(stats, self.tabs.titles())
 
     # -- model ----------------------------------------------------------------------------------
-    @Slot(str)
-    def _on_worker_model_loading(self, path: str) -> None:
-        self.model_label.setText(f"Loading {Path(path).name}…")
+    @Slot(str, str)
+    def _on_worker_model_loading(self, path: str, note: str) -> None:
+        self.model_label.setText(f"Loading {Path(path).name}…" + (f" ({note})" if note else ""))
         self.load_bar.setVisible(True)
 
     @Slot(dict)

@@ -44,6 +44,7 @@ from engine import (
     SessionId,
     Tokenizer,
     download,
+    kernels,
 )
 from engine.kv_cache import KV_DTYPES, ModelShape
 
@@ -60,7 +61,7 @@ DOWNLOAD_JOIN_S = 8.0  # pull_model stops pip within 5 s of a cancel
 class EngineWorker(QObject):
     """Owns the model and the batched engine; lives on the worker thread. See the module docstring."""
 
-    model_loading = Signal(str)  # path
+    model_loading = Signal(str, str)  # path, what the load does besides reading it ("" or a note)
     model_loaded = Signal(dict)  # model_info(): name, path, n_layers, context_length, bytes_per_token...
     model_load_failed = Signal(str, str)  # path, reason
     model_missing = Signal(str)  # no model given and the default one is not installed: the message
@@ -142,7 +143,8 @@ class EngineWorker(QObject):
         except ModelFileError as exc:
             self.model_load_failed.emit(exc.path, exc.reason)
             return
-        self.model_loading.emit(str(resolved))
+        compiling = kernels.backend() == "numba" and not kernels.compiled_on_disk()
+        self.model_loading.emit(str(resolved), "compiling the kernels for this computer, once" if compiling else "")
         try:
             gguf = GgufFile(resolved)
             model = Model.from_gguf(gguf)
