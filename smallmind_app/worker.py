@@ -144,7 +144,8 @@ class EngineWorker(QObject):
             self.model_load_failed.emit(exc.path, exc.reason)
             return
         compiling = kernels.backend() == "numba" and not kernels.compiled_on_disk()
-        self.model_loading.emit(str(resolved), "compiling the kernels for this computer, once" if compiling else "")
+        note = "compiling the kernels for this computer, once" if compiling else ""
+        self.model_loading.emit(str(resolved), note)
         try:
             gguf = GgufFile(resolved)
             model = Model.from_gguf(gguf)
