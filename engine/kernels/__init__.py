@@ -13,6 +13,7 @@ Both give the same results up to float32 summation order (tests hold them togeth
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -171,11 +172,7 @@ def _large(x: np.ndarray, w: BlockWeight) -> np.ndarray:
     n = cpu.threads()
     bounds = np.linspace(0, O, n + 1).astype(int)
     jobs = [(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
-    if len(jobs) == 1:
-        _expand_and_multiply(x, w, *jobs[0], out)
-    else:
-        for done in [cpu.pool().submit(_expand_and_multiply, x, w, a, b, out) for a, b in jobs]:
-            done.result()
+    cpu.run_split([functools.partial(_expand_and_multiply, x, w, a, b, out) for a, b in jobs])
     return out
 
 

@@ -1,10 +1,10 @@
 """How many CPU threads the kernels use, and keeping two thread pools off each other's cores.
 
 The numba path runs every matrix product on the engine's own threads: the JIT kernels through numba's
-pool, prefill GEMMs split by rows over a small pool of Python threads, each calling BLAS on one
-thread. BLAS is held to one thread while the engine computes (``compute()``), because OpenBLAS's
-workers spin after each call and starve numba's workers on a 2-core machine (measured: a 17-row
-product of expanded weights took 36 ms interleaved with numba calls against 1.3 ms alone).
+pool, prefill GEMMs split by rows over short-lived Python threads, each calling BLAS on one thread.
+BLAS is held to one thread while the engine computes (``compute()``), because OpenBLAS's workers
+spin after each call and starve numba's workers on a 2-core machine (measured: a 17-row product of
+expanded weights took 36 ms interleaved with numba calls against 1.3 ms alone).
 
 ``set_threads(0)`` (auto) uses every core this process may run on, less the cores other processes
 keep busy (read from ``/proc/stat`` against this process's own CPU time, at most twice a second): on
@@ -19,8 +19,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
 from typing import Any
@@ -40,8 +39,6 @@ class _State:
     def __init__(self) -> None:
         self.requested = 0  # 0 = auto
         self.lock = threading.Lock()
-        self.pool: ThreadPoolExecutor | None = None
-        self.pool_size = 0
 
 
 _state = _State()
@@ -113,16 +110,25 @@ class _LoadMonitor:
 _load = _LoadMonitor()
 
 
-def pool() -> ThreadPoolExecutor:
-    """A pool of ``threads()`` workers for row-split GEMMs (rebuilt when the count changes)."""
-    n = threads()
-    with _state.lock:
-        if _state.pool is None or _state.pool_size != n:
-            old = _state.pool
-            _state.pool, _state.pool_size = ThreadPoolExecutor(n, thread_name_prefix="smallmind-gemm"), n
-            if old is not None:
-                old.shutdown(wait=False)
-        return _state.pool
+def run_split(jobs: list[Callable[[], None]]) -> None:
+    """Run ``jobs`` at once: the first on the calling thread, each other on a short-lived thread (a
+    persistent pool would outlive the engine; a thread costs ~0.1 ms, a prefill GEMM ~10 ms)."""
+    errors: list[BaseException] = []
+
+    def guarded(job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as exc:  # re-raised on the calling thread below
+            errors.append(exc)
+
+    helpers = [threading.Thread(target=guarded, args=(job,), name="smallmind-gemm") for job in jobs[1:]]
+    for t in helpers:
+        t.start()
+    guarded(jobs[0])
+    for t in helpers:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 @cache
