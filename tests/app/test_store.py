@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,7 +56,8 @@ def test_create_get_and_list_conversations(store: ConversationStore) -> None:
     )
 
     assert first.title == "New chat" and first.system_prompt == default_system_prompt()
-    assert len(first.id) == 32 and int(first.id, 16) >= 0  # uuid hex: also the KV session id
+    assert uuid.UUID(hex=first.id).hex == first.id  # 32 lowercase hex digits: also the KV session id
+    assert first.id != second.id
     assert (first.position, second.position) == (0, 1)
     assert second.settings == {"temperature": 0.2}
     assert store.get_conversation(second.id) == second
@@ -63,16 +65,25 @@ def test_create_get_and_list_conversations(store: ConversationStore) -> None:
     assert store.list_conversations() == [first, second]
 
 
-def test_rename_prompt_and_settings_update_the_conversation(store: ConversationStore) -> None:
+def test_rename_prompt_and_settings_update_the_conversation(store: ConversationStore, db_path: Path) -> None:
     conversation = store.create_conversation()
-    store.rename(conversation.id, "Renamed")
-    store.set_system_prompt(conversation.id, "Be brief.")
-    store.set_conversation_settings(conversation.id, {"top_k": 5, "stop": ["END"]})
+    changes = [
+        lambda: store.rename(conversation.id, "Renamed"),
+        lambda: store.set_system_prompt(conversation.id, "Be brief."),
+        lambda: store.set_conversation_settings(conversation.id, {"top_k": 5, "stop": ["END"]}),
+    ]
+    for change in changes:  # each change stamps updated_at: set it back to 0 first, so it must move
+        with sqlite3.connect(db_path) as db:
+            db.execute("UPDATE conversations SET updated_at = 0 WHERE id = ?", (conversation.id,))
+        db.close()
+        before = time.time()
+        change()
+        stamped = store.get_conversation(conversation.id)
+        assert stamped is not None and before <= stamped.updated_at <= time.time()
     changed = store.get_conversation(conversation.id)
     assert changed is not None
     assert (changed.title, changed.system_prompt) == ("Renamed", "Be brief.")
     assert changed.settings == {"top_k": 5, "stop": ["END"]}
-    assert changed.updated_at >= conversation.updated_at
     with pytest.raises(ValueError, match="settings must be a JSON object"):
         store.set_conversation_settings(conversation.id, {"bad": object()})
 

@@ -6,6 +6,7 @@ Receivers of the worker's signals are QObject slots (``Recorder``) so that they 
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -135,8 +136,12 @@ def test_submit_errors_are_reported_per_conversation(qtbot: Any, client: Any, ap
     client.submit("bad", HELLO, {"temperature": -1})
     qtbot.waitUntil(lambda: {"long", "bad"} <= set(rec.failures) or "long" in rec.results, timeout=10_000)
     assert "bad" in rec.failures and "temperature" in rec.failures["bad"]
-    message = rec.failures.get("long") or str(rec.results["long"].get("context_trimmed"))
-    assert "too long" in message or message == "True"  # refused, or trimmed to fit the session
+    # one message longer than the session cannot be trimmed (only older turns are): it is refused,
+    # with both numbers, and nothing is generated
+    assert "long" not in rec.results
+    message = rec.failures["long"]
+    assert message.startswith("Not sent: the conversation is too long for one KV session"), message
+    assert re.search(r"has \d+ tokens, more than the limit of 16 tokens", message), message
 
 
 def test_invalid_settings_are_rejected_and_the_old_ones_kept(qtbot: Any, loaded: Any) -> None:
