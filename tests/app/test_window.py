@@ -6,13 +6,11 @@ never the text itself (except the SmolLM2 test at the end, which compares batche
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from PySide6.QtCore import QElapsedTimer, Qt, QTimer
+from PySide6.QtCore import Qt, QTimer
 from PySide6.QtGui import QTextCursor
 from PySide6.QtWidgets import QApplication, QMessageBox
 
@@ -374,37 +372,31 @@ def test_corrupt_model_file_shows_a_dialog_and_the_app_stays_usable(
 def test_event_loop_stays_responsive_while_four_tabs_generate(
     qtbot: Any, make_window: Any, write_settings: Any
 ) -> None:
+    """The GUI thread goes on serving its events while four tabs generate: a 5 ms probe timer keeps
+    firing and sees every reply grow in many steps, not all at once at the end. How late the probe
+    fires is a figure of the machine: ``benchmarks/bench_app.py`` measures it in this scenario."""
     write_settings(sampling={"max_new_tokens": 600, "stop_on_eos": False, "seed": 11})
     window = make_window()
     tabs = [window.chat_tabs[0]] + [window.new_chat() for _ in range(3)]
-    lateness_ms: list[float] = []
-    clock = QElapsedTimer()
-    probe = QTimer(interval=5, timerType=Qt.TimerType.PreciseTimer)
+    seen: list[set[int]] = [set() for _ in tabs]  # reply lengths each probe saw while the tab generated
 
     def tick() -> None:
-        if clock.isValid():
-            lateness_ms.append(max(0.0, clock.nsecsElapsed() / 1e6 - 5.0))
-        clock.restart()
+        for tab, lengths in zip(tabs, seen, strict=True):
+            if tab.is_generating and tab.entries[-1].role == "assistant":
+                lengths.add(len(tab.entries[-1].content))
 
+    probe = QTimer(interval=5, timerType=Qt.TimerType.PreciseTimer)
     probe.timeout.connect(tick)
     for i, tab in enumerate(tabs):
         send(tab, f"Write a long story number {i}")
-    started = time.perf_counter()
     probe.start()
-    wait_idle(qtbot, *tabs)
+    wait_idle(qtbot, *tabs)  # the hang bound: REPLY_TIMEOUT_MS
     probe.stop()
-    elapsed_s = time.perf_counter() - started
-    lateness_ms.sort()
-    p99 = lateness_ms[int(0.99 * (len(lateness_ms) - 1))]
-    tokens = sum(tab.entries[-1].stats["n_tokens"] for tab in tabs)
-    print(
-        f"\nevent-loop latency while 4 tabs generate {tokens} tokens in {elapsed_s:.1f} s: "
-        f"{len(lateness_ms)} probes of 5 ms, lateness median {statistics.median(lateness_ms):.1f} ms, "
-        f"p99 {p99:.1f} ms, max {lateness_ms[-1]:.1f} ms"
-    )
     assert all(tab.entries[-1].status == "complete" for tab in tabs)
-    assert len(lateness_ms) > 50
-    assert p99 < 50.0
+    for tab, lengths in zip(tabs, seen, strict=True):
+        final = len(tab.entries[-1].content)
+        partial = {n for n in lengths if 0 < n < final}
+        assert len(partial) >= 5, (tab.title, sorted(lengths), final)  # the GUI ran between text updates
 
 
 def test_unexpected_errors_are_logged_and_shown(

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from PySide6.QtCore import QObject, Slot
 
+from smallmind_app import worker as worker_module
 from smallmind_app.engine_client import EngineClient
 from smallmind_app.worker import session_limits, validate_settings
 from tests.app.conftest import MODEL_TIMEOUT_MS, REPLY_TIMEOUT_MS
@@ -109,18 +110,39 @@ def test_model_info_and_the_dialogs_limits(loaded: Any, app_model_path: Path) ->
     assert session_limits({**kv, "dtype": "float16"}, info)[1] == 1024
 
 
-def test_text_arrives_coalesced_and_in_order(qtbot: Any, loaded: Any) -> None:
+def two_replies(qtbot: Any, client: Any, prefix: str) -> dict[str, tuple[list[str], dict[str, Any]]]:
+    """Two 300-token replies generated together: {conversation id: (text pieces, result)}."""
     sampling = {"max_new_tokens": 300, "stop_on_eos": False, "seed": 4}
-    loaded.submit("a", HELLO, sampling)
-    loaded.submit("b", [{"role": "user", "content": "Why is the sky blue?"}], sampling)
-    rec = loaded.recorder
-    qtbot.waitUntil(lambda: {"a", "b"} <= set(rec.results), timeout=REPLY_TIMEOUT_MS)
-    for conversation_id in ("a", "b"):
-        result, pieces = rec.results[conversation_id], rec.texts[conversation_id]
-        assert result["finish_reason"] == "length" and result["generated_tokens"] == 300
-        assert "".join(pieces) == result["text"]  # every piece, once, in order
-        assert len(pieces) < result["generated_tokens"] / 2, len(pieces)  # coalesced: not one per token
-    assert rec.texts["a"] != rec.texts["b"]
+    a, b = f"{prefix}a", f"{prefix}b"
+    client.submit(a, HELLO, sampling)
+    client.submit(b, [{"role": "user", "content": "Why is the sky blue?"}], sampling)
+    rec = client.recorder
+    qtbot.waitUntil(lambda: {a, b} <= set(rec.results), timeout=REPLY_TIMEOUT_MS)
+    return {c: (rec.texts[c], rec.results[c]) for c in (a, b)}
+
+
+def test_text_arrives_coalesced_and_in_order(qtbot: Any, loaded: Any, monkeypatch: Any) -> None:
+    """Text is joined per conversation until the flush interval has passed, and sent at once when a
+    request ends. Counted by events, not by the clock: with an interval longer than the test, a reply
+    arrives in at most three signals (the first step's, when the other request ends, when it ends);
+    with no interval, one per step that made text. The pieces per reply at the real interval are a
+    figure of the machine (``benchmarks/bench_app.py``)."""
+    monkeypatch.setattr(worker_module, "TEXT_FLUSH_S", 3600.0)
+    joined = two_replies(qtbot, loaded, "joined-")
+    monkeypatch.setattr(worker_module, "TEXT_FLUSH_S", 0.0)
+    each_step = two_replies(qtbot, loaded, "each-")
+    for replies, max_pieces in ((joined, 3), (each_step, None)):
+        for pieces, result in replies.values():
+            assert result["finish_reason"] == "length" and result["generated_tokens"] == 300
+            assert "".join(pieces) == result["text"]  # every piece, once, in order
+            assert all(pieces)  # no empty signals
+            if max_pieces is not None:
+                assert len(pieces) <= max_pieces, len(pieces)
+            else:
+                assert len(pieces) > 3 * max(len(p) for p, _ in joined.values()), len(pieces)
+    assert joined["joined-a"][1]["text"] != joined["joined-b"][1]["text"]
+    # the interval changes how text is cut into signals, never the text
+    assert [r["text"] for _, r in joined.values()] == [r["text"] for _, r in each_step.values()]
 
 
 def test_submit_errors_are_reported_per_conversation(qtbot: Any, client: Any, app_model_path: Path) -> None:

@@ -119,11 +119,18 @@ def test_prefill_only_mode_batches_prompts_and_decodes_one_by_one(scripted):
 
 def test_sequential_mode_runs_one_request_at_a_time(scripted):
     model, engine = scripted(BatchingOptions(enabled=False))
-    handles = [engine.submit(raw(6, i), GREEDY) for i in range(3)]
-    results = drive(engine, handles)
+    events: list[int] = []  # the request id of every event, in the order the engine emitted them
+    handles = [engine.submit(raw(6, i), GREEDY, on_event=lambda ev: events.append(ev.request_id))
+               for i in range(3)]  # fmt: skip
+    drive(engine, handles)
     assert all(len(call) == 1 for call in model.calls)
     assert len(model.calls) == 3 * 3  # per request: prefill+first token, then 2 decode steps
-    assert results[2].queue_wait_ms > results[0].queue_wait_ms
+    # admitted in submission order, each one run to its end before the next one starts
+    caches = [c for (c,) in model.caches]
+    assert caches[0:3] == [caches[0]] * 3 and caches[3:6] == [caches[3]] * 3 and caches[6:] == [caches[6]] * 3
+    ids = [h.request_id for h in handles]
+    assert list(dict.fromkeys(events)) == ids  # first events in submission order
+    assert events == sorted(events, key=ids.index)  # and never interleaved
 
 
 def test_idle_engine_waits_for_company_then_runs(scripted):

@@ -621,7 +621,6 @@ def check(result: tuple[dict[str, Any], list[str]]) -> None:
         )
     assert figures["requests_served"] > 0 and figures["settings_changes"] > 0
     assert figures["rejected_queue_full"] > 0 or not figures["bursts"], "a burst never filled the queue"
-    assert figures["rss_end_mb"] - figures["rss_start_mb"] < 256, "RSS grew by more than 256 MB"
 
 
 def test_soak_threads_ci(soak_model):
