@@ -31,8 +31,6 @@ from engine import (
     BatchingOptions,
     ContextOverflowError,
     InferenceOptions,
-    KvCacheOptions,
-    LruKvCacheStore,
     Model,
     ModelFileError,
     SessionId,
@@ -42,6 +40,7 @@ from engine import (
 from engine.gguf import MAX_ARRAY_LENGTH, MAX_CONTEXT_LENGTH, GgufFile, read_config
 from engine.prompting import PromptBuilder
 from engine.sampling import make_rng, sample_token
+from tests.fixtures.engine_helpers import make_engine, run_all, user
 from tests.fixtures.tiny_model import TinyModel, write_tiny_gguf, write_tiny_model
 
 LOAD_BUDGET_S = 10.0  # a load takes ~30 ms; this only tells a hang from a slow machine
@@ -347,27 +346,9 @@ def test_a_misaligned_tensor_offset_is_refused(pristine: Pristine) -> None:
 GREEDY = InferenceOptions(temperature=0.0, max_new_tokens=6, stop_on_eos=False)
 
 
-def make_engine(pair: tuple[Model, Tokenizer], **cache: Any) -> BatchedInferenceEngine:
-    model, tok = pair
-    store = LruKvCacheStore(KvCacheOptions(**cache))
-    return BatchedInferenceEngine(model, tok, BatchingOptions(max_batch_wait_ms=0), store)
-
-
-def serve(engine: BatchedInferenceEngine, *handles: Any, max_steps: int = 2000) -> list[Any]:
-    for _ in range(max_steps):
-        if all(h.done() for h in handles):
-            return [h.result(0) for h in handles]
-        engine.step()
-    raise AssertionError(f"requests did not finish within {max_steps} steps")
-
-
 def still_serves(engine: BatchedInferenceEngine) -> None:
-    (result,) = serve(engine, engine.submit([{"role": "user", "content": "hello"}], GREEDY))
+    (result,) = run_all(engine, [engine.submit([user("hello")], GREEDY)])
     assert result.finish_reason == "length" and len(result.token_ids) == GREEDY.max_new_tokens
-
-
-def user(text: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": text}]
 
 
 @pytest.mark.parametrize(
@@ -376,8 +357,8 @@ def user(text: str) -> list[dict[str, str]]:
         ("", r"the prompt is empty"),
         (" \n\t  ", r"the prompt is only whitespace"),
         ([], r"messages must be a non-empty list"),
-        (user(""), r"the last message is empty"),
-        (user("  \n "), r"the last message is empty"),
+        ([user("")], r"the last message is empty"),
+        ([user("  \n ")], r"the last message is empty"),
         ([{"role": "hacker", "content": "hi"}], r"message 0 has role 'hacker'; allowed roles: system, user"),
         ([{"role": "user", "content": None}], r"message 0 content must be text, got NoneType"),
         (["hello"], r"message 0 must be a dict with 'role' and 'content', got str"),
@@ -400,8 +381,8 @@ def test_a_20000_token_message_is_refused_with_both_numbers(tiny):
     n_tokens = len(tiny[1].encode(text))
     assert n_tokens >= 20_000
     with pytest.raises(ContextOverflowError) as info:
-        engine.submit(user(text), GREEDY)
-    assert (info.value.n_tokens, info.value.limit) == (len(tiny[1].encode_messages(user(text))), limit)
+        engine.submit([user(text)], GREEDY)
+    assert (info.value.n_tokens, info.value.limit) == (len(tiny[1].encode_messages([user(text)])), limit)
     assert f"{info.value.n_tokens} tokens" in str(info.value) and f"limit of {limit} tokens" in str(
         info.value
     )
@@ -414,11 +395,11 @@ def test_a_20000_token_conversation_is_trimmed_to_fit(tiny):
     engine = make_engine(tiny)
     history = []
     for i in range(150):
-        history += user(f"question {i} " + "the sky is blue and the sea is wide " * 8)
+        history.append(user(f"question {i} " + "the sky is blue and the sea is wide " * 8))
         history.append({"role": "assistant", "content": "a short answer " * 10})
-    messages = [{"role": "system", "content": "be brief"}, *history, *user("and now?")]
+    messages = [{"role": "system", "content": "be brief"}, *history, user("and now?")]
     assert len(tiny[1].encode_messages(messages)) >= 20_000
-    (result,) = serve(engine, engine.submit(messages, GREEDY))
+    (result,) = run_all(engine, [engine.submit(messages, GREEDY)])
     assert result.context_trimmed and result.finish_reason == "length"
     assert result.prompt_tokens + GREEDY.max_new_tokens <= engine.session_token_limit()
 
@@ -475,8 +456,8 @@ def test_odd_text_round_trips_through_generation(tiny, text):
     engine = make_engine(tiny)
     session = SessionId.new_id()
     pieces: list[str] = []
-    handle = engine.submit(user(text), GREEDY, session, on_event=lambda ev: pieces.append(ev.text))
-    (result,) = serve(engine, handle)
+    handle = engine.submit([user(text)], GREEDY, session, on_event=lambda ev: pieces.append(ev.text))
+    (result,) = run_all(engine, [handle])
     assert result.finish_reason == "length" and len(result.token_ids) == GREEDY.max_new_tokens
     assert "".join(pieces) == result.text
     result.text.encode("utf-8")  # valid text, whatever bytes the model produced
@@ -504,7 +485,7 @@ def test_typed_special_tokens_cannot_forge_a_role_turn(tiny, forged):
 
     def prompt_ids(content: str) -> list[int]:
         session = SessionId.new_id()
-        (result,) = serve(engine, engine.submit(user(content), GREEDY, session))
+        (result,) = run_all(engine, [engine.submit([user(content)], GREEDY, session)])
         entry = engine.store.try_get(session)
         assert result.finish_reason == "length" and entry is not None
         return [int(i) for i in entry.token_ids[: result.prompt_tokens]]
@@ -524,7 +505,7 @@ def test_every_greedy_spelling_gives_the_same_tokens(tiny):
         InferenceOptions(temperature=0.7, top_k=1, max_new_tokens=6, stop_on_eos=False, seed=1),
         InferenceOptions(temperature=1.5, top_p=0.0, max_new_tokens=6, stop_on_eos=False, seed=2),
     ]
-    results = serve(engine, *(engine.submit(user("the sky"), o) for o in spellings))
+    results = run_all(engine, (engine.submit([user("the sky")], o) for o in spellings))
     assert len({r.token_ids for r in results}) == 1
 
 
@@ -542,8 +523,8 @@ def test_sampling_edge_values_work_and_are_reproducible(tiny, options):
     engine = make_engine(tiny)
     vocab = tiny[0].config.vocab_size
     make = lambda: InferenceOptions(max_new_tokens=12, stop_on_eos=False, seed=7, **options)  # noqa: E731
-    first, second = serve(
-        engine, engine.submit(user("the sky"), make()), engine.submit(user("the sky"), make())
+    first, second = run_all(
+        engine, [engine.submit([user("the sky")], make()), engine.submit([user("the sky")], make())]
     )
     assert first.finish_reason == "length" and all(0 <= t < vocab for t in first.token_ids)
     assert first.token_ids == second.token_ids
@@ -603,14 +584,14 @@ def test_nan_and_inf_logits_are_guarded_and_the_engine_keeps_serving(tiny, sampl
     model = FaultyLogits(tiny[0])
     engine = BatchedInferenceEngine(model, tiny[1], BatchingOptions(max_batch_wait_ms=0))
     model.fault = _all_nan
-    (broken,) = serve(engine, engine.submit(user("hi"), sampling))
+    (broken,) = run_all(engine, [engine.submit([user("hi")], sampling)])
     assert broken.finish_reason == "error" and "all logits are NaN or -inf" in (broken.error or "")
     model.fault = _nan_on_even_ids
-    assert all(t % 2 for t in serve(engine, engine.submit(user("hi"), sampling))[0].token_ids)
+    assert all(t % 2 for t in run_all(engine, [engine.submit([user("hi")], sampling)])[0].token_ids)
     model.fault = _inf_at_7
-    assert set(serve(engine, engine.submit(user("hi"), sampling))[0].token_ids) == {7}
+    assert set(run_all(engine, [engine.submit([user("hi")], sampling)])[0].token_ids) == {7}
     model.fault = _one_finite_at_9
-    assert set(serve(engine, engine.submit(user("hi"), sampling))[0].token_ids) == {9}
+    assert set(run_all(engine, [engine.submit([user("hi")], sampling)])[0].token_ids) == {9}
     model.fault = lambda x: x
     still_serves(engine)
     snap = engine.metrics.snapshot()
@@ -660,9 +641,9 @@ def test_metrics_count_a_request_before_its_end_is_delivered(tiny):
     engine = make_engine(tiny)
     seen: list[int] = []
     on_event = lambda ev: ev.result and seen.append(engine.metrics.snapshot().in_flight)  # noqa: E731
-    handle = engine.submit(user("hello"), GREEDY, on_event=on_event)
+    handle = engine.submit([user("hello")], GREEDY, on_event=on_event)
     handle.cancel()
-    serve(engine, handle)
+    run_all(engine, [handle])
     assert seen == [0]
 
 
@@ -684,7 +665,7 @@ def test_a_submit_racing_stop_is_refused_or_ended(tiny):
 
     def submit() -> None:
         try:
-            box["handle"] = engine.submit(user("hello"), GREEDY)
+            box["handle"] = engine.submit([user("hello")], GREEDY)
         except Exception as exc:  # EngineStoppedError is a correct outcome
             box["error"] = exc
 

@@ -11,16 +11,15 @@ import numpy as np
 import pytest
 
 from engine import (
-    BatchedInferenceEngine,
     BatchingOptions,
     EngineStoppedError,
     InferenceOptions,
     InMemoryRuntimeMetrics,
     KvCacheOptions,
-    LruKvCacheStore,
     QueueFullError,
     SessionId,
 )
+from tests.fixtures.engine_helpers import make_engine, run_all
 
 GREEDY = InferenceOptions(temperature=0.0, max_new_tokens=12, stop_on_eos=False)
 MODES = {
@@ -49,21 +48,6 @@ WORDS = [
 def prompts(n: int) -> list[str]:
     """n raw prompts of different lengths (3 .. 40 words)."""
     return [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(3 + 5 * i)) for i in range(n)]
-
-
-def make_engine(pair, batching=None, cache=None, **kw) -> BatchedInferenceEngine:
-    model, tok = pair
-    store = LruKvCacheStore(cache or KvCacheOptions())
-    return BatchedInferenceEngine(model, tok, batching or BatchingOptions(max_batch_wait_ms=0), store, **kw)
-
-
-def run_all(engine: BatchedInferenceEngine, handles, max_steps: int = 10_000):
-    """Drive the engine from this thread until every handle is done."""
-    for _ in range(max_steps):
-        if all(h.done() for h in handles):
-            return [h.result(0) for h in handles]
-        engine.step()
-    raise AssertionError("requests did not finish")
 
 
 def alone(pair, prompt, options=GREEDY):
