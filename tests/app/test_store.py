@@ -25,6 +25,7 @@ from smallmind_app.store import (
     StoreError,
     move_aside,
 )
+from tests.fixtures.store_faults import fill_the_disk, free_the_disk
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -325,24 +326,13 @@ def test_sigkill_mid_stream_loses_no_committed_message(db_path: Path) -> None:
         assert [m.status for m in store.messages(conversation.id)][-1] == "partial"
 
 
-def _fill_the_disk(store: ConversationStore) -> None:
-    """Simulate a full disk: cap this connection's database size at its current page count.
-
-    SQLite then fails every write that needs a new page with SQLITE_FULL ("database or disk is full"),
-    the same error a full file system gives. max_page_count is per connection, hence the private _db.
-    """
-    assert store._db is not None
-    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
-    store._db.execute(f"PRAGMA max_page_count = {pages}")
-
-
 def test_disk_full_raises_a_clear_store_error_and_the_store_stays_usable(
     store: ConversationStore, db_path: Path
 ) -> None:
     conversation = store.create_conversation("full")
     kept = store.add_message(conversation.id, "user", "small")
     reply = store.add_message(conversation.id, "assistant", "", status="streaming")
-    _fill_the_disk(store)
+    fill_the_disk(store)
 
     with pytest.raises(StoreError, match="cannot save the message: the disk is full") as raised:
         store.add_message(conversation.id, "assistant", "x" * 200_000)
@@ -354,8 +344,7 @@ def test_disk_full_raises_a_clear_store_error_and_the_store_stays_usable(
     assert store.integrity_check() == "ok"
     store.update_message(reply.id, content="a short reply", status="partial")  # fits: no new page needed
     assert store.messages(conversation.id)[-1].content == "a short reply"
-    assert store._db is not None
-    store._db.execute("PRAGMA max_page_count = 1073741823")  # space freed
+    free_the_disk(store)
     assert store.add_message(conversation.id, "assistant", "x" * 200_000).content == "x" * 200_000
 
 

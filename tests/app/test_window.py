@@ -16,40 +16,16 @@ from PySide6.QtWidgets import QApplication, QMessageBox
 
 from smallmind_app import paths
 from smallmind_app.store import ConversationStore
-from tests.app.conftest import MODEL_TIMEOUT_MS, REPLY_TIMEOUT_MS
-
-LONG = {"max_new_tokens": 900, "stop_on_eos": False, "seed": 7}  # about a second of generation
-
-
-def send(tab: Any, text: str) -> None:
-    tab.prompt_edit.setPlainText(text)
-    tab.send_button.click()
-
-
-def wait_idle(qtbot: Any, *tabs: Any, timeout: int = REPLY_TIMEOUT_MS) -> None:
-    qtbot.waitUntil(lambda: not any(tab.is_generating for tab in tabs), timeout=timeout)
-
-
-def wait_text(qtbot: Any, tab: Any) -> None:
-    """Until the reply being generated shows some text (the request is mid-reply)."""
-    qtbot.waitUntil(lambda: tab.is_generating and tab.entries[-1].content != "", timeout=REPLY_TIMEOUT_MS)
-
-
-def stat_number(window: Any, name: str) -> float:
-    """The first number shown by a stats label ("2.31", "3  (1 generating)", "12%  (...)")."""
-    text = window.stats_dock.labels[name].text().replace(",", "")
-    number = ""
-    for char in text:
-        if char.isdigit() or (char == "." and number):
-            number += char
-        elif number:
-            break
-    return float(number) if number else float("nan")
-
-
-def stored_messages(conversation_id: str) -> list[Any]:
-    with ConversationStore(paths.database_file()) as store:
-        return store.messages(conversation_id)
+from tests.fixtures.window import (
+    LONG,
+    MODEL_TIMEOUT_MS,
+    REPLY_TIMEOUT_MS,
+    send,
+    stat_number,
+    stored_messages,
+    wait_idle,
+    wait_text,
+)
 
 
 def test_names_tests_and_accessibility_rely_on(make_window: Any) -> None:

@@ -1,7 +1,7 @@
 """The engine worker on its own QThread, driven through EngineClient's queued signals (no window).
 
-Receivers of the worker's signals are QObject slots (``Recorder``) so that they run on the test's
-(GUI) thread, as the window's do.
+Receivers of the worker's signals are QObject slots (``tests/fixtures/qt_recorder.Recorder``) so that
+they run on the test's (GUI) thread, as the window's do.
 """
 
 from __future__ import annotations
@@ -17,71 +17,16 @@ from PySide6.QtCore import QObject, Slot
 from smallmind_app import worker as worker_module
 from smallmind_app.engine_client import EngineClient
 from smallmind_app.worker import session_limits, validate_settings
-from tests.app.conftest import MODEL_TIMEOUT_MS, REPLY_TIMEOUT_MS
+from tests.fixtures.qt_recorder import Recorder
+from tests.fixtures.window import MODEL_TIMEOUT_MS, REPLY_TIMEOUT_MS
 
 HELLO = [{"role": "user", "content": "Hello there"}]
-
-
-class Recorder(QObject):
-    """Collects what the worker says, on the GUI thread."""
-
-    def __init__(self, client: EngineClient) -> None:
-        super().__init__()
-        self.texts: dict[str, list[str]] = {}
-        self.results: dict[str, dict[str, Any]] = {}
-        self.failures: dict[str, str] = {}
-        self.stats: list[dict[str, Any]] = []
-        self.loaded: dict[str, Any] = {}
-        self.load_failed: tuple[str, str] | None = None
-        self.missing = ""
-        self.rejected = ""
-        w = client.worker
-        w.text_generated.connect(self.on_text)
-        w.request_finished.connect(self.on_finished)
-        w.request_failed.connect(self.on_failed)
-        w.stats_updated.connect(self.on_stats)
-        w.model_loaded.connect(self.on_loaded)
-        w.model_load_failed.connect(self.on_load_failed)
-        w.model_missing.connect(self.on_missing)
-        w.settings_rejected.connect(self.on_rejected)
-
-    @Slot(str, str)
-    def on_text(self, conversation_id: str, text: str) -> None:
-        self.texts.setdefault(conversation_id, []).append(text)
-
-    @Slot(str, dict)
-    def on_finished(self, conversation_id: str, result: dict) -> None:
-        self.results[conversation_id] = result
-
-    @Slot(str, str)
-    def on_failed(self, conversation_id: str, message: str) -> None:
-        self.failures[conversation_id] = message
-
-    @Slot(dict)
-    def on_stats(self, stats: dict) -> None:
-        self.stats.append(stats)
-
-    @Slot(dict)
-    def on_loaded(self, info: dict) -> None:
-        self.loaded = info
-
-    @Slot(str, str)
-    def on_load_failed(self, path: str, reason: str) -> None:
-        self.load_failed = (path, reason)
-
-    @Slot(str)
-    def on_missing(self, message: str) -> None:
-        self.missing = message
-
-    @Slot(str)
-    def on_rejected(self, message: str) -> None:
-        self.rejected = message
 
 
 @pytest.fixture
 def client(qtbot: Any) -> Any:
     client = EngineClient()
-    client.recorder = Recorder(client)
+    client.recorder = Recorder(client.worker)
     client.start()
     yield client
     assert client.shutdown(), "the engine thread did not stop"
