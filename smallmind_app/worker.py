@@ -8,8 +8,8 @@ are handled between two steps. Engine events arrive inside ``step()`` on this th
 buffered and sent on as one signal per conversation (text pieces joined), at most every
 ``TEXT_FLUSH_S`` seconds, and at once when a request ends.
 
-The two plain functions ``validate_settings`` and ``session_limits`` are what the settings dialog
-needs from the engine's option classes, so the dialog never imports engine types.
+The plain functions ``engine_options``, ``validate_settings`` and ``session_limits`` are what the
+settings and their dialog need from the engine's option classes, so they never import engine types.
 """
 
 from __future__ import annotations
@@ -378,7 +378,25 @@ def default_model_description() -> dict[str, Any]:
     return {"name": spec.name, "size_bytes": spec.size_bytes, "license": spec.license}
 
 
-# -- what the settings dialog needs ---------------------------------------------------------------
+# -- what the settings and their dialog need ------------------------------------------------------
+_SETTINGS_SECTIONS: dict[str, Any] = {
+    "kv_cache": KvCacheOptions,
+    "batching": BatchingOptions,
+    "sampling": InferenceOptions,
+}
+
+
+def engine_options() -> dict[str, dict[str, tuple[Any, str]]]:
+    """Each settings section's engine options: {section: {name: (default, type as annotated)}}.
+
+    The types are the dataclass annotations as text ("int", "float", "int | None", ...).
+    """
+    return {
+        section: {f.name: (getattr(cls(), f.name), str(f.type)) for f in dataclasses.fields(cls)}
+        for section, cls in _SETTINGS_SECTIONS.items()
+    }
+
+
 _OPTION_CLASSES: dict[str, Any] = {
     "kv": KvCacheOptions,
     "batching": BatchingOptions,
