@@ -30,6 +30,8 @@ from PySide6.QtCore import QCoreApplication, QObject, QTimer, Signal, Slot
 from engine import (
     BatchedInferenceEngine,
     BatchingOptions,
+    CacheBudgetError,
+    ContextOverflowError,
     EngineError,
     GenerationEvent,
     GenerationResult,
@@ -41,13 +43,14 @@ from engine import (
     Model,
     ModelFileError,
     ModelNotFoundError,
+    QueueFullError,
     SessionId,
     Tokenizer,
     download,
 )
 from engine.kv_cache import KV_DTYPES, ModelShape
 
-from .snapshots import result_dict, stats_dict, submit_error_message
+from .snapshots import result_dict, stats_dict
 
 log = logging.getLogger(__name__)
 
@@ -370,6 +373,17 @@ class EngineWorker(QObject):
             self.download_failed.emit(f"{type(exc).__name__}: {exc}")
         else:
             self.download_finished.emit(str(path))
+
+
+def submit_error_message(exc: Exception) -> str:
+    """A sentence for the tab: what happened, the engine's numbers, what the user can do."""
+    if isinstance(exc, QueueFullError):
+        return f"Not sent: the engine is busy ({exc}). Press Regenerate to send it again in a moment."
+    if isinstance(exc, ContextOverflowError):
+        return f"Not sent: the conversation is too long for one KV session ({exc})."
+    if isinstance(exc, CacheBudgetError):
+        return f"Not sent: the KV cache budget is exhausted ({exc})."
+    return f"Not sent: {exc}"
 
 
 def default_model_description() -> dict[str, Any]:

@@ -16,7 +16,7 @@ from PySide6.QtCore import QObject, Slot
 
 from smallmind_app import worker as worker_module
 from smallmind_app.engine_client import EngineClient
-from smallmind_app.worker import session_limits, validate_settings
+from smallmind_app.worker import session_limits, submit_error_message, validate_settings
 from tests.fixtures.qt_recorder import Recorder
 from tests.fixtures.window import MODEL_TIMEOUT_MS, REPLY_TIMEOUT_MS
 
@@ -109,6 +109,28 @@ def test_submit_errors_are_reported_per_conversation(qtbot: Any, client: Any, ap
     message = rec.failures["long"]
     assert message.startswith("Not sent: the conversation is too long for one KV session"), message
     assert re.search(r"has \d+ tokens, more than the limit of 16 tokens", message), message
+
+
+def test_submit_errors_are_told_apart_by_the_engines_error_types() -> None:
+    """isinstance on the engine's types, not their names: a subclass reads as its base."""
+    from engine import CacheBudgetError, ContextOverflowError, QueueFullError
+
+    class Busier(QueueFullError):
+        pass
+
+    for busy in (QueueFullError("queue is full (2 waiting)"), Busier("queue is full (2 waiting)")):
+        assert submit_error_message(busy) == (
+            "Not sent: the engine is busy (queue is full (2 waiting)). "
+            "Press Regenerate to send it again in a moment."
+        )
+    assert submit_error_message(ContextOverflowError(435, 16, "the conversation")) == (
+        "Not sent: the conversation is too long for one KV session "
+        "(the conversation has 435 tokens, more than the limit of 16 tokens)."
+    )
+    assert submit_error_message(CacheBudgetError("every session is pinned")) == (
+        "Not sent: the KV cache budget is exhausted (every session is pinned)."
+    )
+    assert submit_error_message(ValueError("the prompt is empty")) == "Not sent: the prompt is empty"
 
 
 def test_invalid_settings_are_rejected_and_the_old_ones_kept(qtbot: Any, loaded: Any) -> None:
