@@ -13,7 +13,7 @@ from engine import ContextOverflowError, Model
 from engine.gguf import GgufFile, read_config
 from engine.model import Row
 from tests.engine.conftest import rel_diff
-from tests.fixtures.tiny_model import WEIGHT_TYPES, TinyConfig, TinyModel, write_tiny_model
+from tests.fixtures.tiny_model import WEIGHT_TYPES, TinyConfig, TinyModel, rewrite_gguf, write_tiny_model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,8 +117,6 @@ def test_rope_theta_rms_eps_and_head_dim_are_read_not_assumed(tmp_path):
 
 def test_rope_frequency_factors_are_applied(tiny_model, tmp_path):
     """A ``rope_freqs.weight`` tensor (Llama 3.x GGUFs) scales each RoPE frequency."""
-    from tests.engine.test_gguf_errors import rewrite_gguf
-
     factors = np.linspace(1.0, 8.0, 8, dtype=np.float32)  # head_dim 16 -> 8 frequencies
     path = rewrite_gguf(tiny_model.path, tmp_path / "freqs.gguf", add={"rope_freqs.weight": factors})
     model = Model.from_gguf(path)
