@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import functools
 import json
 import logging
 import os
@@ -30,12 +29,12 @@ from types import MappingProxyType
 from typing import Any
 
 from . import paths
+from .paths import default_system_prompt
 from .worker import engine_options
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-RESOURCES_DIR = Path(__file__).resolve().parent.parent / "resources"
 
 
 class SettingsError(Exception):
@@ -76,12 +75,6 @@ SECTIONS: dict[str, dict[str, tuple[Any, str]]] = {
     section: {name: (default, _KIND_OF_TYPE[type_name]) for name, (default, type_name) in options.items()}
     for section, options in engine_options().items()
 }
-
-
-@functools.cache
-def default_system_prompt() -> str:
-    """SmolLM2's own default system prompt (the model was trained with it), from resources/."""
-    return (RESOURCES_DIR / "default_system_prompt.txt").read_text(encoding="utf-8").strip()
 
 
 def section_defaults(section: str) -> Mapping[str, Any]:
