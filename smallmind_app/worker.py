@@ -411,12 +411,11 @@ def engine_options() -> dict[str, dict[str, tuple[Any, str]]]:
     }
 
 
+# validate_settings's section names: the settings sections, "kv_cache" as "kv"
 _OPTION_CLASSES: dict[str, Any] = {
-    "kv": KvCacheOptions,
-    "batching": BatchingOptions,
-    "sampling": InferenceOptions,
+    "kv" if section == "kv_cache" else section: cls for section, cls in _SETTINGS_SECTIONS.items()
 }
-_CLASS_PREFIX = re.compile(r"^(KvCacheOptions|BatchingOptions|InferenceOptions)\.")
+_CLASS_PREFIX = re.compile(rf"^({'|'.join(cls.__name__ for cls in _OPTION_CLASSES.values())})\.")
 
 
 def validate_settings(
