@@ -1,5 +1,6 @@
 """The long soak, for the README's "Reliability" section: 8 conversations x 30 turns against the real
-engine under cancels, closed tabs, queue bursts and live settings changes (see tests/engine/test_soak.py).
+engine under cancels, closed tabs, queue bursts and live settings changes (the driver is
+tests/fixtures/soak.py, shared with tests/engine/test_soak.py).
 
     python benchmarks/soak.py [--model tiny|PATH] [--driver threads|step|both] [--conversations 8]
                               [--turns 30] [--max-prompt-tokens 1500] [--max-new-tokens 16]
@@ -24,7 +25,7 @@ from common import report
 
 from engine import Model, Tokenizer
 from engine.gguf import GgufFile
-from tests.engine.test_soak import SoakConfig, SoakFailure, soak
+from tests.fixtures.soak import SoakConfig, SoakFailure, soak
 from tests.fixtures.tiny_model import write_tiny_gguf
 
 COLUMNS = (

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ from .kv_cache import KvCacheEntry
 from .kv_store import KvCacheOptions, LruKvCacheStore, SessionId
 from .metrics import InMemoryRuntimeMetrics
 from .model import Model, Row
+from .options import options_from_dict, options_to_dict
 from .prompting import PromptBuilder
 from .sampling import InferenceOptions
 
@@ -74,13 +75,10 @@ class BatchingOptions:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BatchingOptions:
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown batching setting(s): {', '.join(sorted(unknown))}")
-        return cls(**data)
+        return options_from_dict(cls, data)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return options_to_dict(self)
 
 
 class RequestHandle:

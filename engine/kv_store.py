@@ -17,13 +17,15 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from .errors import CacheBudgetError, ContextOverflowError
 from .kv_cache import KV_DTYPES, KvCacheEntry, ModelShape
+from .options import options_from_dict, options_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +89,11 @@ class KvCacheOptions:
         return min(limit, context_length) if context_length else limit
 
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> KvCacheOptions:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown KV cache setting(s): {', '.join(sorted(unknown))}")
-        return cls(**data)  # type: ignore[arg-type]
+    def from_dict(cls, data: Mapping[str, Any]) -> KvCacheOptions:
+        return options_from_dict(cls, data)
 
-    def to_dict(self) -> dict[str, object]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    def to_dict(self) -> dict[str, Any]:
+        return options_to_dict(self)
 
 
 @dataclass(frozen=True, slots=True)

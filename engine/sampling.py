@@ -15,7 +15,6 @@ clear either way, so the app never shows half of a stop string.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -23,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from .options import options_from_dict, options_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -107,17 +108,11 @@ class InferenceOptions:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> InferenceOptions:
         """Build from a JSON-style dict; missing keys take their defaults, unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown inference option(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**d)
+        return options_from_dict(cls, d)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (`stop` as a list) that `from_dict` turns back into equal options."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["stop"] = list(self.stop)
-        return d
+        return options_to_dict(self)
 
 
 def make_rng(options: InferenceOptions) -> np.random.Generator:

@@ -10,6 +10,7 @@ This mirrors ``engine/paths.py`` (same variable, same layout) on purpose instead
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import platformdirs
 
 APP_NAME = "smallmind"
+RESOURCES_DIR = Path(__file__).resolve().parent.parent / "resources"
 HOME_ENV = "SMALLMIND_HOME"
 
 
@@ -63,3 +65,13 @@ def aside_path(path: Path, tag: str = "corrupt") -> Path:
         candidate = path.with_name(f"{stem}-{n}")
         n += 1
     return candidate
+
+
+@functools.cache
+def default_system_prompt() -> str:
+    """SmolLM2's own default system prompt (the model was trained with it), from resources/.
+
+    Here rather than in settings.py, which takes the engine's options from the worker: the store
+    needs the prompt too and stays free of the engine.
+    """
+    return (RESOURCES_DIR / "default_system_prompt.txt").read_text(encoding="utf-8").strip()

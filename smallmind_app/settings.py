@@ -2,8 +2,10 @@
 
 ``AppSettings`` holds the model path, the default system prompt and three sections of engine
 options (``kv_cache``, ``batching``, ``sampling``) as read-only mappings whose keys are the engine's
-option names. This module checks structure and JSON types only (unknown keys, a string where a
-number belongs); whether a value is in range is the engine's call, made by the worker.
+option names; the names, defaults and types come from the engine's option dataclasses (through
+``worker.engine_options``, the app's one door to the engine), never declared here. This module
+checks structure and JSON types only (unknown keys, a string where a number belongs); whether a
+value is in range is the engine's call, made by the worker.
 
 ``load_settings`` never fails: a missing file gives the defaults; a file it cannot use gives the
 defaults too, is moved aside to ``settings.json.corrupt-<timestamp>`` (never overwritten) and the
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import functools
 import json
 import logging
 import os
@@ -28,11 +29,12 @@ from types import MappingProxyType
 from typing import Any
 
 from . import paths
+from .paths import default_system_prompt
+from .worker import engine_options
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-RESOURCES_DIR = Path(__file__).resolve().parent.parent / "resources"
 
 
 class SettingsError(Exception):
@@ -57,48 +59,22 @@ _KINDS: dict[str, tuple[str, Callable[[Any], bool], Callable[[Any], Any]]] = {
     "str list": ("a list of strings", _is_str_list, tuple),
 }
 
-# section -> key -> (default, kind); the keys and defaults are the engine's option names and defaults.
-SECTIONS: dict[str, dict[str, tuple[Any, str]]] = {
-    "kv_cache": {
-        "enabled": (True, "bool"),
-        "max_tokens_per_session": (4096, "int"),
-        "max_sessions": (1000, "int"),
-        "max_bytes_total": (1_073_741_824, "int"),
-        "max_bytes_per_session": (268_435_456, "int"),
-        "policy": ("lru", "str"),
-        "persist_across_requests": (True, "bool"),
-        "share_prefixes": (True, "bool"),
-        "dtype": ("float32", "str"),
-    },
-    "batching": {
-        "enabled": (True, "bool"),
-        "max_batch_size": (8, "int"),
-        "max_batch_wait_ms": (10.0, "number"),
-        "max_total_queued_requests": (100, "int"),
-        "prefill_only": (False, "bool"),
-        "max_prefill_chunk_tokens": (256, "int"),
-        "cpu_threads": (0, "int"),
-    },
-    "sampling": {
-        "max_new_tokens": (256, "int"),
-        "temperature": (0.7, "number"),
-        "top_k": (40, "int"),
-        "top_p": (0.95, "number"),
-        "min_p": (0.0, "number"),
-        "repetition_penalty": (1.0, "number"),
-        "repetition_window": (64, "int"),
-        "seed": (None, "int|null"),
-        "stop": ((), "str list"),
-        "max_time_ms": (None, "int|null"),
-        "stop_on_eos": (True, "bool"),
-    },
+# The engine's option types (dataclass annotations) as the JSON kinds above; a new type fails at import.
+_KIND_OF_TYPE = {
+    "bool": "bool",
+    "int": "int",
+    "float": "number",
+    "str": "str",
+    "int | None": "int|null",
+    "tuple[str, ...]": "str list",
 }
 
-
-@functools.cache
-def default_system_prompt() -> str:
-    """SmolLM2's own default system prompt (the model was trained with it), from resources/."""
-    return (RESOURCES_DIR / "default_system_prompt.txt").read_text(encoding="utf-8").strip()
+# section -> key -> (default, kind): the names, defaults and types of the engine's option dataclasses
+# (KvCacheOptions, BatchingOptions, InferenceOptions), handed over by the worker as plain values.
+SECTIONS: dict[str, dict[str, tuple[Any, str]]] = {
+    section: {name: (default, _KIND_OF_TYPE[type_name]) for name, (default, type_name) in options.items()}
+    for section, options in engine_options().items()
+}
 
 
 def section_defaults(section: str) -> Mapping[str, Any]:

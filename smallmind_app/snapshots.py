@@ -45,15 +45,3 @@ def stats_dict(engine: Any) -> dict[str, Any]:
             "session_token_limit": engine.session_token_limit(),
         },
     }
-
-
-def submit_error_message(exc: Exception) -> str:
-    """A sentence for the tab: what happened, the engine's numbers, what the user can do."""
-    name = type(exc).__name__
-    if name == "QueueFullError":
-        return f"Not sent: the engine is busy ({exc}). Press Regenerate to send it again in a moment."
-    if name == "ContextOverflowError":
-        return f"Not sent: the conversation is too long for one KV session ({exc})."
-    if name == "CacheBudgetError":
-        return f"Not sent: the KV cache budget is exhausted ({exc})."
-    return f"Not sent: {exc}"

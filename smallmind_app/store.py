@@ -34,7 +34,7 @@ from types import MappingProxyType
 from typing import Any
 
 from . import paths
-from .settings import default_system_prompt
+from .paths import default_system_prompt
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ are handled between two steps. Engine events arrive inside ``step()`` on this th
 buffered and sent on as one signal per conversation (text pieces joined), at most every
 ``TEXT_FLUSH_S`` seconds, and at once when a request ends.
 
-The two plain functions ``validate_settings`` and ``session_limits`` are what the settings dialog
-needs from the engine's option classes, so the dialog never imports engine types.
+The plain functions ``engine_options``, ``validate_settings`` and ``session_limits`` are what the
+settings and their dialog need from the engine's option classes, so they never import engine types.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from PySide6.QtCore import QCoreApplication, QObject, QTimer, Signal, Slot
 from engine import (
     BatchedInferenceEngine,
     BatchingOptions,
+    CacheBudgetError,
+    ContextOverflowError,
     EngineError,
     GenerationEvent,
     GenerationResult,
@@ -41,6 +43,7 @@ from engine import (
     Model,
     ModelFileError,
     ModelNotFoundError,
+    QueueFullError,
     SessionId,
     Tokenizer,
     download,
@@ -48,7 +51,7 @@ from engine import (
 )
 from engine.kv_cache import KV_DTYPES, ModelShape
 
-from .snapshots import result_dict, stats_dict, submit_error_message
+from .snapshots import result_dict, stats_dict
 
 log = logging.getLogger(__name__)
 
@@ -375,19 +378,47 @@ class EngineWorker(QObject):
             self.download_finished.emit(str(path))
 
 
+def submit_error_message(exc: Exception) -> str:
+    """A sentence for the tab: what happened, the engine's numbers, what the user can do."""
+    if isinstance(exc, QueueFullError):
+        return f"Not sent: the engine is busy ({exc}). Press Regenerate to send it again in a moment."
+    if isinstance(exc, ContextOverflowError):
+        return f"Not sent: the conversation is too long for one KV session ({exc})."
+    if isinstance(exc, CacheBudgetError):
+        return f"Not sent: the KV cache budget is exhausted ({exc})."
+    return f"Not sent: {exc}"
+
+
 def default_model_description() -> dict[str, Any]:
     """What the first-run dialog offers to download."""
     spec = download.DEFAULT_MODEL
     return {"name": spec.name, "size_bytes": spec.size_bytes, "license": spec.license}
 
 
-# -- what the settings dialog needs ---------------------------------------------------------------
-_OPTION_CLASSES: dict[str, Any] = {
-    "kv": KvCacheOptions,
+# -- what the settings and their dialog need ------------------------------------------------------
+_SETTINGS_SECTIONS: dict[str, Any] = {
+    "kv_cache": KvCacheOptions,
     "batching": BatchingOptions,
     "sampling": InferenceOptions,
 }
-_CLASS_PREFIX = re.compile(r"^(KvCacheOptions|BatchingOptions|InferenceOptions)\.")
+
+
+def engine_options() -> dict[str, dict[str, tuple[Any, str]]]:
+    """Each settings section's engine options: {section: {name: (default, type as annotated)}}.
+
+    The types are the dataclass annotations as text ("int", "float", "int | None", ...).
+    """
+    return {
+        section: {f.name: (getattr(cls(), f.name), str(f.type)) for f in dataclasses.fields(cls)}
+        for section, cls in _SETTINGS_SECTIONS.items()
+    }
+
+
+# validate_settings's section names: the settings sections, "kv_cache" as "kv"
+_OPTION_CLASSES: dict[str, Any] = {
+    "kv" if section == "kv_cache" else section: cls for section, cls in _SETTINGS_SECTIONS.items()
+}
+_CLASS_PREFIX = re.compile(rf"^({'|'.join(cls.__name__ for cls in _OPTION_CLASSES.values())})\.")
 
 
 def validate_settings(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from engine import paths
-from tests.fixtures.tiny_model import write_tiny_gguf
+from tests.fixtures.tiny_model import TinyModel, write_tiny_model
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Resolved now, before the autouse fixture below points SMALLMIND_HOME at a temporary directory.
@@ -36,9 +36,15 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
 
 
 @pytest.fixture(scope="session")
-def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default tiny random-weight Llama (F32, 2 layers, vocab 559), written once per session."""
-    return write_tiny_gguf(tmp_path_factory.mktemp("tiny_model") / "tiny.gguf")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    """The default tiny random-weight Llama (F32, 2 layers, vocab 559), written once per session,
+    with the config and weights the fixture wrote."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny_model") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tiny_model: TinyModel) -> Path:
+    return tiny_model.path
 
 
 @pytest.fixture(scope="session")

@@ -18,12 +18,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures.tiny_model import write_tiny_gguf
-
-MODEL_TIMEOUT_MS = 60_000  # the machine is shared and noisy: generous timeouts, never sleeps
-REPLY_TIMEOUT_MS = 60_000
-# A tiny random-weight Llama a little bigger than the engine tests' one: 4 layers, context 1024,
-# so that a reply of a few hundred tokens takes a second or so and a step takes milliseconds.
-APP_MODEL = {"n_layers": 4, "hidden_size": 128, "ffn_size": 256, "context_length": 1024}
+from tests.fixtures.window import APP_MODEL, MODEL_TIMEOUT_MS
 
 
 @pytest.fixture(scope="session")

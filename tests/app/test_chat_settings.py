@@ -10,7 +10,7 @@ from typing import Any
 
 from smallmind_app import paths
 from smallmind_app.store import ConversationStore
-from tests.app.test_window import send, wait_idle
+from tests.fixtures.window import send, wait_idle
 
 APP_SAMPLING = {"max_new_tokens": 24, "stop_on_eos": False, "seed": 3, "temperature": 0.7}
 

@@ -86,7 +86,8 @@ def test_defaults() -> None:
 
 
 def test_section_keys_and_defaults_are_the_engines() -> None:
-    """The settings sections mirror the engine's option dataclasses, so a rename there fails here."""
+    """The settings sections are taken from the engine's option dataclasses (worker.engine_options):
+    every name and default, and a typed value of the settings is one the engine accepts."""
     for section, options in (
         ("kv_cache", KvCacheOptions),
         ("batching", BatchingOptions),

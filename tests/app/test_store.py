@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from smallmind_app.store import (
     StoreError,
     move_aside,
 )
+from tests.fixtures.store_faults import fill_the_disk, free_the_disk
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,7 +57,8 @@ def test_create_get_and_list_conversations(store: ConversationStore) -> None:
     )
 
     assert first.title == "New chat" and first.system_prompt == default_system_prompt()
-    assert len(first.id) == 32 and int(first.id, 16) >= 0  # uuid hex: also the KV session id
+    assert uuid.UUID(hex=first.id).hex == first.id  # 32 lowercase hex digits: also the KV session id
+    assert first.id != second.id
     assert (first.position, second.position) == (0, 1)
     assert second.settings == {"temperature": 0.2}
     assert store.get_conversation(second.id) == second
@@ -63,16 +66,25 @@ def test_create_get_and_list_conversations(store: ConversationStore) -> None:
     assert store.list_conversations() == [first, second]
 
 
-def test_rename_prompt_and_settings_update_the_conversation(store: ConversationStore) -> None:
+def test_rename_prompt_and_settings_update_the_conversation(store: ConversationStore, db_path: Path) -> None:
     conversation = store.create_conversation()
-    store.rename(conversation.id, "Renamed")
-    store.set_system_prompt(conversation.id, "Be brief.")
-    store.set_conversation_settings(conversation.id, {"top_k": 5, "stop": ["END"]})
+    changes = [
+        lambda: store.rename(conversation.id, "Renamed"),
+        lambda: store.set_system_prompt(conversation.id, "Be brief."),
+        lambda: store.set_conversation_settings(conversation.id, {"top_k": 5, "stop": ["END"]}),
+    ]
+    for change in changes:  # each change stamps updated_at: set it back to 0 first, so it must move
+        with sqlite3.connect(db_path) as db:
+            db.execute("UPDATE conversations SET updated_at = 0 WHERE id = ?", (conversation.id,))
+        db.close()
+        before = time.time()
+        change()
+        stamped = store.get_conversation(conversation.id)
+        assert stamped is not None and before <= stamped.updated_at <= time.time()
     changed = store.get_conversation(conversation.id)
     assert changed is not None
     assert (changed.title, changed.system_prompt) == ("Renamed", "Be brief.")
     assert changed.settings == {"top_k": 5, "stop": ["END"]}
-    assert changed.updated_at >= conversation.updated_at
     with pytest.raises(ValueError, match="settings must be a JSON object"):
         store.set_conversation_settings(conversation.id, {"bad": object()})
 
@@ -314,24 +326,13 @@ def test_sigkill_mid_stream_loses_no_committed_message(db_path: Path) -> None:
         assert [m.status for m in store.messages(conversation.id)][-1] == "partial"
 
 
-def _fill_the_disk(store: ConversationStore) -> None:
-    """Simulate a full disk: cap this connection's database size at its current page count.
-
-    SQLite then fails every write that needs a new page with SQLITE_FULL ("database or disk is full"),
-    the same error a full file system gives. max_page_count is per connection, hence the private _db.
-    """
-    assert store._db is not None
-    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
-    store._db.execute(f"PRAGMA max_page_count = {pages}")
-
-
 def test_disk_full_raises_a_clear_store_error_and_the_store_stays_usable(
     store: ConversationStore, db_path: Path
 ) -> None:
     conversation = store.create_conversation("full")
     kept = store.add_message(conversation.id, "user", "small")
     reply = store.add_message(conversation.id, "assistant", "", status="streaming")
-    _fill_the_disk(store)
+    fill_the_disk(store)
 
     with pytest.raises(StoreError, match="cannot save the message: the disk is full") as raised:
         store.add_message(conversation.id, "assistant", "x" * 200_000)
@@ -343,8 +344,7 @@ def test_disk_full_raises_a_clear_store_error_and_the_store_stays_usable(
     assert store.integrity_check() == "ok"
     store.update_message(reply.id, content="a short reply", status="partial")  # fits: no new page needed
     assert store.messages(conversation.id)[-1].content == "a short reply"
-    assert store._db is not None
-    store._db.execute("PRAGMA max_page_count = 1073741823")  # space freed
+    free_the_disk(store)
     assert store.add_message(conversation.id, "assistant", "x" * 200_000).content == "x" * 200_000
 
 

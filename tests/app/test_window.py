@@ -6,52 +6,26 @@ never the text itself (except the SmolLM2 test at the end, which compares batche
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from PySide6.QtCore import QElapsedTimer, Qt, QTimer
+from PySide6.QtCore import Qt, QTimer
 from PySide6.QtGui import QTextCursor
 from PySide6.QtWidgets import QApplication, QMessageBox
 
 from smallmind_app import paths
 from smallmind_app.store import ConversationStore
-from tests.app.conftest import MODEL_TIMEOUT_MS, REPLY_TIMEOUT_MS
-
-LONG = {"max_new_tokens": 900, "stop_on_eos": False, "seed": 7}  # about a second of generation
-
-
-def send(tab: Any, text: str) -> None:
-    tab.prompt_edit.setPlainText(text)
-    tab.send_button.click()
-
-
-def wait_idle(qtbot: Any, *tabs: Any, timeout: int = REPLY_TIMEOUT_MS) -> None:
-    qtbot.waitUntil(lambda: not any(tab.is_generating for tab in tabs), timeout=timeout)
-
-
-def wait_text(qtbot: Any, tab: Any) -> None:
-    """Until the reply being generated shows some text (the request is mid-reply)."""
-    qtbot.waitUntil(lambda: tab.is_generating and tab.entries[-1].content != "", timeout=REPLY_TIMEOUT_MS)
-
-
-def stat_number(window: Any, name: str) -> float:
-    """The first number shown by a stats label ("2.31", "3  (1 generating)", "12%  (...)")."""
-    text = window.stats_dock.labels[name].text().replace(",", "")
-    number = ""
-    for char in text:
-        if char.isdigit() or (char == "." and number):
-            number += char
-        elif number:
-            break
-    return float(number) if number else float("nan")
-
-
-def stored_messages(conversation_id: str) -> list[Any]:
-    with ConversationStore(paths.database_file()) as store:
-        return store.messages(conversation_id)
+from tests.fixtures.window import (
+    LONG,
+    MODEL_TIMEOUT_MS,
+    REPLY_TIMEOUT_MS,
+    send,
+    stat_number,
+    stored_messages,
+    wait_idle,
+    wait_text,
+)
 
 
 def test_names_tests_and_accessibility_rely_on(make_window: Any) -> None:
@@ -278,14 +252,19 @@ def test_prompt_progress_regenerate_edit_copy_export(
     send(tab, "The sea is wide and the waves are white; " * 12)
     wait_idle(qtbot, tab)
     assert any(text.startswith("processing prompt ") and "/" in text for text in seen), seen
-    first_reply = tab.entries[-1].content
+    first_reply = tab.entries[-1]
+    first_stored = stored_messages(tab.conversation_id)[-1]
+    assert first_reply.status == "complete" and first_reply.content
     tab.regenerate_button.click()
     wait_idle(qtbot, tab)
     assert [e.role for e in tab.entries] == ["user", "assistant"] and len(
         stored_messages(tab.conversation_id)
     ) == 2
     assert tab.entries[-1].stats["reused_tokens"] > 0  # the same prompt again: its K/V came from the cache
-    del first_reply
+    # the same prompt and seed give the same reply, from the cache as cold; it replaced the old one
+    regenerated = stored_messages(tab.conversation_id)[-1]
+    assert tab.entries[-1].content == first_reply.content == regenerated.content
+    assert regenerated.id != first_stored.id and tab.entries[-1] is not first_reply
     tab.edit_button.click()
     assert tab.prompt_edit.toPlainText().startswith("The sea is wide") and tab.entries == []
     assert stored_messages(tab.conversation_id) == []
@@ -355,7 +334,8 @@ def test_corrupt_model_file_shows_a_dialog_and_the_app_stays_usable(
 
     qtbot.waitUntil(error_shown, timeout=MODEL_TIMEOUT_MS)
     text = window.error_dialog.text()
-    assert str(broken) in text and len(text) > len(str(broken)) + 40  # the file and the reason
+    assert str(broken) in text  # the file and the reason: the header's version field is 0
+    assert "GGUF version 0 is not supported; this engine reads versions 2, 3" in text
     assert isinstance(window.error_dialog, QMessageBox)
     window.error_dialog.accept()
     tab = window.new_chat()
@@ -368,37 +348,31 @@ def test_corrupt_model_file_shows_a_dialog_and_the_app_stays_usable(
 def test_event_loop_stays_responsive_while_four_tabs_generate(
     qtbot: Any, make_window: Any, write_settings: Any
 ) -> None:
+    """The GUI thread goes on serving its events while four tabs generate: a 5 ms probe timer keeps
+    firing and sees every reply grow in many steps, not all at once at the end. How late the probe
+    fires is a figure of the machine: ``benchmarks/bench_app.py`` measures it in this scenario."""
     write_settings(sampling={"max_new_tokens": 600, "stop_on_eos": False, "seed": 11})
     window = make_window()
     tabs = [window.chat_tabs[0]] + [window.new_chat() for _ in range(3)]
-    lateness_ms: list[float] = []
-    clock = QElapsedTimer()
-    probe = QTimer(interval=5, timerType=Qt.TimerType.PreciseTimer)
+    seen: list[set[int]] = [set() for _ in tabs]  # reply lengths each probe saw while the tab generated
 
     def tick() -> None:
-        if clock.isValid():
-            lateness_ms.append(max(0.0, clock.nsecsElapsed() / 1e6 - 5.0))
-        clock.restart()
+        for tab, lengths in zip(tabs, seen, strict=True):
+            if tab.is_generating and tab.entries[-1].role == "assistant":
+                lengths.add(len(tab.entries[-1].content))
 
+    probe = QTimer(interval=5, timerType=Qt.TimerType.PreciseTimer)
     probe.timeout.connect(tick)
     for i, tab in enumerate(tabs):
         send(tab, f"Write a long story number {i}")
-    started = time.perf_counter()
     probe.start()
-    wait_idle(qtbot, *tabs)
+    wait_idle(qtbot, *tabs)  # the hang bound: REPLY_TIMEOUT_MS
     probe.stop()
-    elapsed_s = time.perf_counter() - started
-    lateness_ms.sort()
-    p99 = lateness_ms[int(0.99 * (len(lateness_ms) - 1))]
-    tokens = sum(tab.entries[-1].stats["n_tokens"] for tab in tabs)
-    print(
-        f"\nevent-loop latency while 4 tabs generate {tokens} tokens in {elapsed_s:.1f} s: "
-        f"{len(lateness_ms)} probes of 5 ms, lateness median {statistics.median(lateness_ms):.1f} ms, "
-        f"p99 {p99:.1f} ms, max {lateness_ms[-1]:.1f} ms"
-    )
     assert all(tab.entries[-1].status == "complete" for tab in tabs)
-    assert len(lateness_ms) > 50
-    assert p99 < 50.0
+    for tab, lengths in zip(tabs, seen, strict=True):
+        final = len(tab.entries[-1].content)
+        partial = {n for n in lengths if 0 < n < final}
+        assert len(partial) >= 5, (tab.title, sorted(lengths), final)  # the GUI ran between text updates
 
 
 def test_unexpected_errors_are_logged_and_shown(

@@ -1,11 +1,12 @@
 """The engine worker on its own QThread, driven through EngineClient's queued signals (no window).
 
-Receivers of the worker's signals are QObject slots (``Recorder``) so that they run on the test's
-(GUI) thread, as the window's do.
+Receivers of the worker's signals are QObject slots (``tests/fixtures/qt_recorder.Recorder``) so that
+they run on the test's (GUI) thread, as the window's do.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,73 +14,19 @@ from typing import Any
 import pytest
 from PySide6.QtCore import QObject, Slot
 
+from smallmind_app import worker as worker_module
 from smallmind_app.engine_client import EngineClient
-from smallmind_app.worker import session_limits, validate_settings
-from tests.app.conftest import MODEL_TIMEOUT_MS, REPLY_TIMEOUT_MS
+from smallmind_app.worker import session_limits, submit_error_message, validate_settings
+from tests.fixtures.qt_recorder import Recorder
+from tests.fixtures.window import MODEL_TIMEOUT_MS, REPLY_TIMEOUT_MS
 
 HELLO = [{"role": "user", "content": "Hello there"}]
-
-
-class Recorder(QObject):
-    """Collects what the worker says, on the GUI thread."""
-
-    def __init__(self, client: EngineClient) -> None:
-        super().__init__()
-        self.texts: dict[str, list[str]] = {}
-        self.results: dict[str, dict[str, Any]] = {}
-        self.failures: dict[str, str] = {}
-        self.stats: list[dict[str, Any]] = []
-        self.loaded: dict[str, Any] = {}
-        self.load_failed: tuple[str, str] | None = None
-        self.missing = ""
-        self.rejected = ""
-        w = client.worker
-        w.text_generated.connect(self.on_text)
-        w.request_finished.connect(self.on_finished)
-        w.request_failed.connect(self.on_failed)
-        w.stats_updated.connect(self.on_stats)
-        w.model_loaded.connect(self.on_loaded)
-        w.model_load_failed.connect(self.on_load_failed)
-        w.model_missing.connect(self.on_missing)
-        w.settings_rejected.connect(self.on_rejected)
-
-    @Slot(str, str)
-    def on_text(self, conversation_id: str, text: str) -> None:
-        self.texts.setdefault(conversation_id, []).append(text)
-
-    @Slot(str, dict)
-    def on_finished(self, conversation_id: str, result: dict) -> None:
-        self.results[conversation_id] = result
-
-    @Slot(str, str)
-    def on_failed(self, conversation_id: str, message: str) -> None:
-        self.failures[conversation_id] = message
-
-    @Slot(dict)
-    def on_stats(self, stats: dict) -> None:
-        self.stats.append(stats)
-
-    @Slot(dict)
-    def on_loaded(self, info: dict) -> None:
-        self.loaded = info
-
-    @Slot(str, str)
-    def on_load_failed(self, path: str, reason: str) -> None:
-        self.load_failed = (path, reason)
-
-    @Slot(str)
-    def on_missing(self, message: str) -> None:
-        self.missing = message
-
-    @Slot(str)
-    def on_rejected(self, message: str) -> None:
-        self.rejected = message
 
 
 @pytest.fixture
 def client(qtbot: Any) -> Any:
     client = EngineClient()
-    client.recorder = Recorder(client)
+    client.recorder = Recorder(client.worker)
     client.start()
     yield client
     assert client.shutdown(), "the engine thread did not stop"
@@ -108,18 +55,39 @@ def test_model_info_and_the_dialogs_limits(loaded: Any, app_model_path: Path) ->
     assert session_limits({**kv, "dtype": "float16"}, info)[1] == 1024
 
 
-def test_text_arrives_coalesced_and_in_order(qtbot: Any, loaded: Any) -> None:
+def two_replies(qtbot: Any, client: Any, prefix: str) -> dict[str, tuple[list[str], dict[str, Any]]]:
+    """Two 300-token replies generated together: {conversation id: (text pieces, result)}."""
     sampling = {"max_new_tokens": 300, "stop_on_eos": False, "seed": 4}
-    loaded.submit("a", HELLO, sampling)
-    loaded.submit("b", [{"role": "user", "content": "Why is the sky blue?"}], sampling)
-    rec = loaded.recorder
-    qtbot.waitUntil(lambda: {"a", "b"} <= set(rec.results), timeout=REPLY_TIMEOUT_MS)
-    for conversation_id in ("a", "b"):
-        result, pieces = rec.results[conversation_id], rec.texts[conversation_id]
-        assert result["finish_reason"] == "length" and result["generated_tokens"] == 300
-        assert "".join(pieces) == result["text"]  # every piece, once, in order
-        assert len(pieces) < result["generated_tokens"] / 2, len(pieces)  # coalesced: not one per token
-    assert rec.texts["a"] != rec.texts["b"]
+    a, b = f"{prefix}a", f"{prefix}b"
+    client.submit(a, HELLO, sampling)
+    client.submit(b, [{"role": "user", "content": "Why is the sky blue?"}], sampling)
+    rec = client.recorder
+    qtbot.waitUntil(lambda: {a, b} <= set(rec.results), timeout=REPLY_TIMEOUT_MS)
+    return {c: (rec.texts[c], rec.results[c]) for c in (a, b)}
+
+
+def test_text_arrives_coalesced_and_in_order(qtbot: Any, loaded: Any, monkeypatch: Any) -> None:
+    """Text is joined per conversation until the flush interval has passed, and sent at once when a
+    request ends. Counted by events, not by the clock: with an interval longer than the test, a reply
+    arrives in at most three signals (the first step's, when the other request ends, when it ends);
+    with no interval, one per step that made text. The pieces per reply at the real interval are a
+    figure of the machine (``benchmarks/bench_app.py``)."""
+    monkeypatch.setattr(worker_module, "TEXT_FLUSH_S", 3600.0)
+    joined = two_replies(qtbot, loaded, "joined-")
+    monkeypatch.setattr(worker_module, "TEXT_FLUSH_S", 0.0)
+    each_step = two_replies(qtbot, loaded, "each-")
+    for replies, max_pieces in ((joined, 3), (each_step, None)):
+        for pieces, result in replies.values():
+            assert result["finish_reason"] == "length" and result["generated_tokens"] == 300
+            assert "".join(pieces) == result["text"]  # every piece, once, in order
+            assert all(pieces)  # no empty signals
+            if max_pieces is not None:
+                assert len(pieces) <= max_pieces, len(pieces)
+            else:
+                assert len(pieces) > 3 * max(len(p) for p, _ in joined.values()), len(pieces)
+    assert joined["joined-a"][1]["text"] != joined["joined-b"][1]["text"]
+    # the interval changes how text is cut into signals, never the text
+    assert [r["text"] for _, r in joined.values()] == [r["text"] for _, r in each_step.values()]
 
 
 def test_submit_errors_are_reported_per_conversation(qtbot: Any, client: Any, app_model_path: Path) -> None:
@@ -135,8 +103,34 @@ def test_submit_errors_are_reported_per_conversation(qtbot: Any, client: Any, ap
     client.submit("bad", HELLO, {"temperature": -1})
     qtbot.waitUntil(lambda: {"long", "bad"} <= set(rec.failures) or "long" in rec.results, timeout=10_000)
     assert "bad" in rec.failures and "temperature" in rec.failures["bad"]
-    message = rec.failures.get("long") or str(rec.results["long"].get("context_trimmed"))
-    assert "too long" in message or message == "True"  # refused, or trimmed to fit the session
+    # one message longer than the session cannot be trimmed (only older turns are): it is refused,
+    # with both numbers, and nothing is generated
+    assert "long" not in rec.results
+    message = rec.failures["long"]
+    assert message.startswith("Not sent: the conversation is too long for one KV session"), message
+    assert re.search(r"has \d+ tokens, more than the limit of 16 tokens", message), message
+
+
+def test_submit_errors_are_told_apart_by_the_engines_error_types() -> None:
+    """isinstance on the engine's types, not their names: a subclass reads as its base."""
+    from engine import CacheBudgetError, ContextOverflowError, QueueFullError
+
+    class Busier(QueueFullError):
+        pass
+
+    for busy in (QueueFullError("queue is full (2 waiting)"), Busier("queue is full (2 waiting)")):
+        assert submit_error_message(busy) == (
+            "Not sent: the engine is busy (queue is full (2 waiting)). "
+            "Press Regenerate to send it again in a moment."
+        )
+    assert submit_error_message(ContextOverflowError(435, 16, "the conversation")) == (
+        "Not sent: the conversation is too long for one KV session "
+        "(the conversation has 435 tokens, more than the limit of 16 tokens)."
+    )
+    assert submit_error_message(CacheBudgetError("every session is pinned")) == (
+        "Not sent: the KV cache budget is exhausted (every session is pinned)."
+    )
+    assert submit_error_message(ValueError("the prompt is empty")) == "Not sent: the prompt is empty"
 
 
 def test_invalid_settings_are_rejected_and_the_old_ones_kept(qtbot: Any, loaded: Any) -> None:

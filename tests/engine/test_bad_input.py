@@ -31,18 +31,17 @@ from engine import (
     BatchingOptions,
     ContextOverflowError,
     InferenceOptions,
-    KvCacheOptions,
-    LruKvCacheStore,
     Model,
     ModelFileError,
     SessionId,
     Tokenizer,
     UnsupportedModelError,
 )
-from engine.gguf import MAX_ARRAY_LENGTH, MAX_CONTEXT_LENGTH, GgufFile
+from engine.gguf import MAX_ARRAY_LENGTH, MAX_CONTEXT_LENGTH, GgufFile, read_config
 from engine.prompting import PromptBuilder
 from engine.sampling import make_rng, sample_token
-from tests.fixtures.tiny_model import write_tiny_gguf
+from tests.fixtures.engine_helpers import make_engine, run_all, user
+from tests.fixtures.tiny_model import TinyModel, write_tiny_gguf, write_tiny_model
 
 LOAD_BUDGET_S = 10.0  # a load takes ~30 ms; this only tells a hang from a slow machine
 MEMORY_BUDGET = 64 << 20  # bytes traced while refusing a file whose header asks for terabytes
@@ -104,9 +103,12 @@ def refusal(path: Path, kind: type[ModelFileError] = ModelFileError) -> str:
 
 
 class Pristine:
-    """The tiny model's bytes and where its header's numbers are (offset, width in bytes)."""
+    """The tiny model's bytes, where its header's numbers are (offset, width in bytes), and where each
+    metadata field and tensor description lies (``spans``: name -> range of bytes)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, tiny: TinyModel) -> None:
+        path = tiny.path
+        self.tiny = tiny
         self.data = path.read_bytes()
         reader = GgufFile(path)._reader
         base = reader.data.__array_interface__["data"][0]
@@ -117,6 +119,9 @@ class Pristine:
         self.numbers = sorted({(p.__array_interface__["data"][0] - base, p.itemsize) for p in numbers})
         self.fields = {name: fld.offset for name, fld in reader.fields.items()}
         self.tensors = {t.name: t.field.offset for t in reader.tensors}
+        starts = sorted([*self.fields.items(), *self.tensors.items()], key=lambda item: item[1])
+        ends = [start for _, start in starts[1:]] + [self.header_end]
+        self.spans = {name: range(start, end) for (name, start), end in zip(starts, ends, strict=True)}
         self.dir = path.parent
 
     def write(self, data: bytes | bytearray) -> Path:
@@ -132,7 +137,48 @@ class Pristine:
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> Pristine:
-    return Pristine(write_tiny_gguf(tmp_path_factory.mktemp("fuzz") / "tiny.gguf"))
+    return Pristine(write_tiny_model(tmp_path_factory.mktemp("fuzz") / "tiny.gguf"))
+
+
+# The config fields and the header entries each is read from (the fixture's names for them).
+CONFIG_SOURCES = {
+    "architecture": ["general.architecture"],
+    "n_layers": ["llama.block_count"],
+    "hidden_size": ["llama.embedding_length"],
+    "n_heads": ["llama.attention.head_count"],
+    "n_kv_heads": ["llama.attention.head_count_kv"],
+    "head_dim": ["llama.embedding_length", "llama.attention.head_count", "llama.rope.dimension_count"],
+    "ffn_size": ["llama.feed_forward_length"],
+    "context_length": ["llama.context_length"],
+    "vocab_size": ["token_embd.weight"],
+    "rope_theta": ["llama.rope.freq_base"],
+    "rms_eps": ["llama.attention.layer_norm_rms_epsilon"],
+}
+
+
+def check_what_loaded(pristine: Pristine, path: Path, touched: set[int]) -> None:
+    """A fuzzed file that loads: every config value whose header entry the mutation left alone is the
+    unfuzzed file's, and when the weights are the unfuzzed ones, a forward gives finite logits."""
+    f = GgufFile(path)
+    config, true = read_config(f), pristine.tiny.config
+    for name, sources in CONFIG_SOURCES.items():
+        if not any(touched.intersection(pristine.spans[source]) for source in sources):
+            assert getattr(config, name) == getattr(true, name), (name, sorted(touched))
+    model = Model.from_gguf(f)
+    # A rewritten tensor type or offset can make the bytes read as NaN or 1e38 (a misaligned offset is
+    # a known hole: see test_a_misaligned_tensor_offset_is_refused); those weights are not checked.
+    same_weights = all(
+        f.has_tensor(name) and np.array_equal(f.load(name), value, equal_nan=True)
+        for name, value in pristine.tiny.weights.items()
+    )
+    if same_weights:
+        ids = [i % config.vocab_size for i in (1, 40, 300, 7, 99)]
+        assert np.isfinite(model.forward(ids)).all(), sorted(touched)
+
+
+def loads_or_refuses_and_checks(pristine: Pristine, path: Path, touched: set[int]) -> None:
+    if loads_or_refuses(path) == "ok":
+        within_budget(lambda: check_what_loaded(pristine, path, touched))
 
 
 @FUZZ
@@ -145,7 +191,8 @@ def test_fuzzed_header_bytes_load_or_raise_model_file_error(pristine: Pristine, 
     ):
         mutated[position] = value
     path = pristine.write(mutated)
-    loads_or_refuses(path)
+    touched = {i for i in range(pristine.header_end) if mutated[i] != pristine.data[i]}
+    loads_or_refuses_and_checks(pristine, path, touched)
     path.unlink()
 
 
@@ -168,7 +215,7 @@ def test_huge_numbers_in_header_fields_load_or_raise(pristine: Pristine, data: s
     offset, width = data.draw(st.sampled_from(pristine.numbers))
     value = data.draw(st.one_of(st.sampled_from(HUGE), st.integers(0, 2**64 - 1)))
     path = pristine.with_number(offset, width, value)
-    loads_or_refuses(path)
+    loads_or_refuses_and_checks(pristine, path, set(range(offset, offset + width)))
     path.unlink()
 
 
@@ -276,7 +323,22 @@ def test_bad_config_values_are_named_before_anything_is_allocated(tmp_path, extr
 
 
 def test_engine_loads_the_pristine_file_after_the_fuzzing(pristine: Pristine) -> None:
-    assert loads_or_refuses(pristine.write(pristine.data)) == "ok"
+    path = pristine.write(pristine.data)
+    assert loads_or_refuses(path) == "ok"
+    check_what_loaded(pristine, path, set())  # the check holds on the unfuzzed file, every field compared
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine/gguf.py does not check that a tensor's data offset is a multiple of the file's "
+    "alignment: a misaligned offset loads bytes that read as NaN (found by the fuzz checks above)",
+)
+def test_a_misaligned_tensor_offset_is_refused(pristine: Pristine) -> None:
+    embd = pristine.tensors["token_embd.weight"] + 8 + len(b"token_embd.weight")  # at its n_dims
+    offset_at = embd + 4 + 16 + 4  # n_dims, two dims, type, then the data offset
+    tensor_offset = struct.unpack_from("<Q", pristine.data, offset_at)[0]
+    path = pristine.with_number(offset_at, 8, tensor_offset + 1)
+    assert re.search(r"token_embd\.weight.*align", refusal(path))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -284,27 +346,9 @@ def test_engine_loads_the_pristine_file_after_the_fuzzing(pristine: Pristine) ->
 GREEDY = InferenceOptions(temperature=0.0, max_new_tokens=6, stop_on_eos=False)
 
 
-def make_engine(pair: tuple[Model, Tokenizer], **cache: Any) -> BatchedInferenceEngine:
-    model, tok = pair
-    store = LruKvCacheStore(KvCacheOptions(**cache))
-    return BatchedInferenceEngine(model, tok, BatchingOptions(max_batch_wait_ms=0), store)
-
-
-def serve(engine: BatchedInferenceEngine, *handles: Any, max_steps: int = 2000) -> list[Any]:
-    for _ in range(max_steps):
-        if all(h.done() for h in handles):
-            return [h.result(0) for h in handles]
-        engine.step()
-    raise AssertionError(f"requests did not finish within {max_steps} steps")
-
-
 def still_serves(engine: BatchedInferenceEngine) -> None:
-    (result,) = serve(engine, engine.submit([{"role": "user", "content": "hello"}], GREEDY))
+    (result,) = run_all(engine, [engine.submit([user("hello")], GREEDY)])
     assert result.finish_reason == "length" and len(result.token_ids) == GREEDY.max_new_tokens
-
-
-def user(text: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": text}]
 
 
 @pytest.mark.parametrize(
@@ -313,8 +357,8 @@ def user(text: str) -> list[dict[str, str]]:
         ("", r"the prompt is empty"),
         (" \n\t  ", r"the prompt is only whitespace"),
         ([], r"messages must be a non-empty list"),
-        (user(""), r"the last message is empty"),
-        (user("  \n "), r"the last message is empty"),
+        ([user("")], r"the last message is empty"),
+        ([user("  \n ")], r"the last message is empty"),
         ([{"role": "hacker", "content": "hi"}], r"message 0 has role 'hacker'; allowed roles: system, user"),
         ([{"role": "user", "content": None}], r"message 0 content must be text, got NoneType"),
         (["hello"], r"message 0 must be a dict with 'role' and 'content', got str"),
@@ -337,8 +381,8 @@ def test_a_20000_token_message_is_refused_with_both_numbers(tiny):
     n_tokens = len(tiny[1].encode(text))
     assert n_tokens >= 20_000
     with pytest.raises(ContextOverflowError) as info:
-        engine.submit(user(text), GREEDY)
-    assert (info.value.n_tokens, info.value.limit) == (len(tiny[1].encode_messages(user(text))), limit)
+        engine.submit([user(text)], GREEDY)
+    assert (info.value.n_tokens, info.value.limit) == (len(tiny[1].encode_messages([user(text)])), limit)
     assert f"{info.value.n_tokens} tokens" in str(info.value) and f"limit of {limit} tokens" in str(
         info.value
     )
@@ -351,11 +395,11 @@ def test_a_20000_token_conversation_is_trimmed_to_fit(tiny):
     engine = make_engine(tiny)
     history = []
     for i in range(150):
-        history += user(f"question {i} " + "the sky is blue and the sea is wide " * 8)
+        history.append(user(f"question {i} " + "the sky is blue and the sea is wide " * 8))
         history.append({"role": "assistant", "content": "a short answer " * 10})
-    messages = [{"role": "system", "content": "be brief"}, *history, *user("and now?")]
+    messages = [{"role": "system", "content": "be brief"}, *history, user("and now?")]
     assert len(tiny[1].encode_messages(messages)) >= 20_000
-    (result,) = serve(engine, engine.submit(messages, GREEDY))
+    (result,) = run_all(engine, [engine.submit(messages, GREEDY)])
     assert result.context_trimmed and result.finish_reason == "length"
     assert result.prompt_tokens + GREEDY.max_new_tokens <= engine.session_token_limit()
 
@@ -412,8 +456,8 @@ def test_odd_text_round_trips_through_generation(tiny, text):
     engine = make_engine(tiny)
     session = SessionId.new_id()
     pieces: list[str] = []
-    handle = engine.submit(user(text), GREEDY, session, on_event=lambda ev: pieces.append(ev.text))
-    (result,) = serve(engine, handle)
+    handle = engine.submit([user(text)], GREEDY, session, on_event=lambda ev: pieces.append(ev.text))
+    (result,) = run_all(engine, [handle])
     assert result.finish_reason == "length" and len(result.token_ids) == GREEDY.max_new_tokens
     assert "".join(pieces) == result.text
     result.text.encode("utf-8")  # valid text, whatever bytes the model produced
@@ -441,7 +485,7 @@ def test_typed_special_tokens_cannot_forge_a_role_turn(tiny, forged):
 
     def prompt_ids(content: str) -> list[int]:
         session = SessionId.new_id()
-        (result,) = serve(engine, engine.submit(user(content), GREEDY, session))
+        (result,) = run_all(engine, [engine.submit([user(content)], GREEDY, session)])
         entry = engine.store.try_get(session)
         assert result.finish_reason == "length" and entry is not None
         return [int(i) for i in entry.token_ids[: result.prompt_tokens]]
@@ -461,7 +505,7 @@ def test_every_greedy_spelling_gives_the_same_tokens(tiny):
         InferenceOptions(temperature=0.7, top_k=1, max_new_tokens=6, stop_on_eos=False, seed=1),
         InferenceOptions(temperature=1.5, top_p=0.0, max_new_tokens=6, stop_on_eos=False, seed=2),
     ]
-    results = serve(engine, *(engine.submit(user("the sky"), o) for o in spellings))
+    results = run_all(engine, (engine.submit([user("the sky")], o) for o in spellings))
     assert len({r.token_ids for r in results}) == 1
 
 
@@ -479,8 +523,8 @@ def test_sampling_edge_values_work_and_are_reproducible(tiny, options):
     engine = make_engine(tiny)
     vocab = tiny[0].config.vocab_size
     make = lambda: InferenceOptions(max_new_tokens=12, stop_on_eos=False, seed=7, **options)  # noqa: E731
-    first, second = serve(
-        engine, engine.submit(user("the sky"), make()), engine.submit(user("the sky"), make())
+    first, second = run_all(
+        engine, [engine.submit([user("the sky")], make()), engine.submit([user("the sky")], make())]
     )
     assert first.finish_reason == "length" and all(0 <= t < vocab for t in first.token_ids)
     assert first.token_ids == second.token_ids
@@ -540,14 +584,14 @@ def test_nan_and_inf_logits_are_guarded_and_the_engine_keeps_serving(tiny, sampl
     model = FaultyLogits(tiny[0])
     engine = BatchedInferenceEngine(model, tiny[1], BatchingOptions(max_batch_wait_ms=0))
     model.fault = _all_nan
-    (broken,) = serve(engine, engine.submit(user("hi"), sampling))
+    (broken,) = run_all(engine, [engine.submit([user("hi")], sampling)])
     assert broken.finish_reason == "error" and "all logits are NaN or -inf" in (broken.error or "")
     model.fault = _nan_on_even_ids
-    assert all(t % 2 for t in serve(engine, engine.submit(user("hi"), sampling))[0].token_ids)
+    assert all(t % 2 for t in run_all(engine, [engine.submit([user("hi")], sampling)])[0].token_ids)
     model.fault = _inf_at_7
-    assert set(serve(engine, engine.submit(user("hi"), sampling))[0].token_ids) == {7}
+    assert set(run_all(engine, [engine.submit([user("hi")], sampling)])[0].token_ids) == {7}
     model.fault = _one_finite_at_9
-    assert set(serve(engine, engine.submit(user("hi"), sampling))[0].token_ids) == {9}
+    assert set(run_all(engine, [engine.submit([user("hi")], sampling)])[0].token_ids) == {9}
     model.fault = lambda x: x
     still_serves(engine)
     snap = engine.metrics.snapshot()
@@ -555,8 +599,9 @@ def test_nan_and_inf_logits_are_guarded_and_the_engine_keeps_serving(tiny, sampl
 
 
 special_floats = st.one_of(
-    st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -0.0, 1e30, -1e30]), st.floats(-100, 100)
-)  # ±3.4e38 times a repetition penalty overflows float32: see the xfail test at the end
+    st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -0.0, 1e30, -1e30, 3.4e38, -3.4e38]),
+    st.floats(-100, 100),
+)  # ±3.4e38 times a repetition penalty overflowed float32 once (the last test of this file)
 
 
 @settings(max_examples=300, deadline=None)
@@ -596,9 +641,9 @@ def test_metrics_count_a_request_before_its_end_is_delivered(tiny):
     engine = make_engine(tiny)
     seen: list[int] = []
     on_event = lambda ev: ev.result and seen.append(engine.metrics.snapshot().in_flight)  # noqa: E731
-    handle = engine.submit(user("hello"), GREEDY, on_event=on_event)
+    handle = engine.submit([user("hello")], GREEDY, on_event=on_event)
     handle.cancel()
-    serve(engine, handle)
+    run_all(engine, [handle])
     assert seen == [0]
 
 
@@ -620,7 +665,7 @@ def test_a_submit_racing_stop_is_refused_or_ended(tiny):
 
     def submit() -> None:
         try:
-            box["handle"] = engine.submit(user("hello"), GREEDY)
+            box["handle"] = engine.submit([user("hello")], GREEDY)
         except Exception as exc:  # EngineStoppedError is a correct outcome
             box["error"] = exc
 

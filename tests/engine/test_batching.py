@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from engine import (
-    BatchedInferenceEngine,
     BatchingOptions,
     EngineStoppedError,
     InferenceOptions,
+    InMemoryRuntimeMetrics,
     KvCacheOptions,
-    LruKvCacheStore,
     QueueFullError,
     SessionId,
 )
+from tests.fixtures.engine_helpers import make_engine, run_all
 
 GREEDY = InferenceOptions(temperature=0.0, max_new_tokens=12, stop_on_eos=False)
 MODES = {
@@ -49,21 +50,6 @@ def prompts(n: int) -> list[str]:
     return [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(3 + 5 * i)) for i in range(n)]
 
 
-def make_engine(pair, batching=None, cache=None, **kw) -> BatchedInferenceEngine:
-    model, tok = pair
-    store = LruKvCacheStore(cache or KvCacheOptions())
-    return BatchedInferenceEngine(model, tok, batching or BatchingOptions(max_batch_wait_ms=0), store, **kw)
-
-
-def run_all(engine: BatchedInferenceEngine, handles, max_steps: int = 10_000):
-    """Drive the engine from this thread until every handle is done."""
-    for _ in range(max_steps):
-        if all(h.done() for h in handles):
-            return [h.result(0) for h in handles]
-        engine.step()
-    raise AssertionError("requests did not finish")
-
-
 def alone(pair, prompt, options=GREEDY):
     engine = make_engine(pair)
     return run_all(engine, [engine.submit(prompt, options)])[0]
@@ -78,8 +64,13 @@ def test_eight_concurrent_greedy_requests_equal_each_alone(tiny, mode):
     results = run_all(engine, [engine.submit(p, GREEDY) for p in texts])
     assert [r.token_ids for r in results] == solo
     assert all(r.finish_reason == "length" and r.generated_tokens == 12 for r in results)
-    batch = engine.metrics.snapshot().average_batch_size
-    assert batch > 3 if mode == "continuous" else batch >= 1
+    snap = engine.metrics.snapshot()
+    if mode == "continuous":
+        assert snap.average_batch_size > 3
+    elif mode == "prefill_only":  # prompts together, then every decode step one row
+        assert snap.max_batch_size_seen > 1 and snap.average_batch_size < 1.5
+    else:  # one request at a time: its prompt and first token in one step, then 11 decode steps
+        assert (snap.average_batch_size, snap.max_batch_size_seen, snap.steps) == (1.0, 1, 8 * 12)
 
 
 def test_cache_disabled_recomputes_and_still_matches(tiny):
@@ -208,13 +199,20 @@ def test_queue_full_is_refused_at_submit(tiny):
 def test_same_session_twice_waits_behind_the_first(tiny):
     engine = make_engine(tiny)
     session = SessionId.new_id()
-    first = engine.submit([{"role": "user", "content": "hello"}], GREEDY, session_id=session)
-    second = engine.submit([{"role": "user", "content": "hello again"}], GREEDY, session_id=session)
+    events: list[tuple[int, str]] = []  # (request id, kind) in the order the engine emitted them
+    on_event = lambda ev: events.append((ev.request_id, "end" if ev.result else ev.kind))  # noqa: E731
+    first, second = (
+        engine.submit([{"role": "user", "content": text}], GREEDY, session_id=session, on_event=on_event)
+        for text in ("hello", "hello again")
+    )
     engine.step()
     assert [r.seq.request_id for r in engine._running] == [first.request_id]
     r1, r2 = run_all(engine, [first, second])
     assert r1.finish_reason == r2.finish_reason == "length"
-    assert r2.queue_wait_ms >= r1.total_ms * 0.5
+    # admission order, not clocks: the second's first event comes after the first's end
+    first_end = events.index((first.request_id, "end"))
+    second_start = next(i for i, (rid, _) in enumerate(events) if rid == second.request_id)
+    assert second_start > first_end, events
 
 
 def test_stop_fails_waiting_and_running_requests_clearly(tiny):
@@ -265,11 +263,33 @@ def test_context_trimming_drops_oldest_turns(tiny):
 
 
 def test_mixed_stats_arithmetic(tiny):
+    """6 requests of 12 tokens, 4 at a time: 12 steps of 4 rows (2 waiting), then 12 steps of 2 rows."""
     engine = make_engine(tiny, BatchingOptions(max_batch_size=4, max_batch_wait_ms=0))
-    handles = [engine.submit(p, GREEDY) for p in prompts(6)]
-    run_all(engine, handles)
+    texts = prompts(6)
+    handles = [engine.submit(p, GREEDY) for p in texts]
+    results = run_all(engine, handles)
     snap = engine.metrics.snapshot()
     assert snap.submitted == snap.completed == 6 and snap.in_flight == 0
-    assert 1 < snap.average_batch_size <= 4 and snap.max_batch_size_seen == 4
+    assert (snap.steps, snap.average_batch_size, snap.max_batch_size_seen) == (24, 3.0, 4)
+    assert snap.average_queue_depth == (12 * 2 + 12 * 0) / 24
     assert snap.generated_tokens == 6 * 12
-    assert np.isfinite(snap.ttft_p50_ms) and snap.inter_token_p95_ms >= snap.inter_token_p50_ms
+    assert [r.prompt_tokens for r in results] == [len(engine.tokenizer.encode(p)) for p in texts]
+    assert snap.prompt_tokens == sum(r.prompt_tokens for r in results)
+    assert np.isfinite(snap.ttft_p50_ms) and snap.ttft_p50_ms > 0
+
+
+def test_latency_percentiles_hand_worked():
+    """The percentiles are NumPy's linear interpolation over the recent samples."""
+    metrics = InMemoryRuntimeMetrics()
+    for gap in [40.0, 10.0, 30.0, 20.0, 1000.0]:
+        metrics.record_inter_token(gap)
+    for ttft in [100.0, 300.0]:
+        metrics.record_ttft(ttft)
+    metrics.record_tokens(7, now=time.monotonic())
+    snap = metrics.snapshot()
+    # sorted gaps 10, 20, 30, 40, 1000: p50 is the middle one; p95 sits at rank 0.95 * 4 = 3.8,
+    # 80% of the way from 40 to 1000
+    assert (snap.inter_token_p50_ms, snap.inter_token_max_ms) == (30.0, 1000.0)
+    assert snap.inter_token_p95_ms == pytest.approx(40.0 + 0.8 * 960.0)
+    assert (snap.ttft_p50_ms, snap.ttft_p95_ms) == (200.0, pytest.approx(100.0 + 0.95 * 200.0))
+    assert snap.tokens_per_second == 7 / 5.0  # tokens over the last WINDOW_S = 5 s

@@ -10,7 +10,7 @@ import pytest
 
 from engine import Model, ModelFileError, Tokenizer, UnsupportedModelError
 from engine.gguf import GgufFile
-from tests.fixtures.tiny_model import write_tiny_gguf
+from tests.fixtures.tiny_model import rewrite_gguf, write_tiny_gguf
 
 
 def load(path: Path) -> Model:
@@ -65,33 +65,6 @@ def test_missing_metadata_key_is_named(tmp_path):
     path = write_tiny_gguf(tmp_path / "m.gguf", extra_metadata={"llama.block_count": None})
     with pytest.raises(ModelFileError, match=r"llama\.block_count"):
         load(path)
-
-
-def rewrite_gguf(src: Path, dst: Path, replace=None, add=None, raw_dtype=None) -> Path:
-    """Copy a GGUF, replacing or adding tensors (how tests make a wrong shape or type)."""
-    replace, add = replace or {}, add or {}
-    reader = GgufFile(src)
-    writer = gguf.GGUFWriter(dst, "llama")
-    writer.kv_data[0].pop("general.architecture", None)
-    for key, field in reader._reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        value = field.contents()
-        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, value, field.types[0], sub_type=sub)
-    for t in reader._reader.tensors:
-        if t.name in replace:
-            writer.add_tensor(t.name, replace[t.name], raw_dtype=raw_dtype)
-        else:
-            writer.add_tensor(t.name, np.asarray(t.data), raw_shape=list(reversed(t.shape.tolist())),
-                              raw_dtype=t.tensor_type)  # fmt: skip
-    for name, data in add.items():
-        writer.add_tensor(name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return dst
 
 
 def _rewrite_tensor(src: Path, dst: Path, name: str, data: np.ndarray, raw_dtype=None) -> Path:

@@ -3,6 +3,7 @@ transformers reference on SmolLM2; cached = uncached; batched = one at a time.""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -12,17 +13,16 @@ from engine import ContextOverflowError, Model, kernels
 from engine.gguf import GgufFile, read_config
 from engine.model import Row
 from tests.engine.conftest import rel_diff
-from tests.fixtures.tiny_model import WEIGHT_TYPES, write_tiny_gguf
+from tests.fixtures.tiny_model import WEIGHT_TYPES, TinyConfig, TinyModel, rewrite_gguf, write_tiny_model
 
 
 # ---------------------------------------------------------------------------------------------
 # An independent, deliberately plain forward pass: GGUF layout as stored, adjacent-pair RoPE, one
-# head at a time, no cache. Shares no code with engine/model.py.
+# head at a time, no cache. Shares no code with engine/: the config and the weights are the ones
+# the fixture wrote (tests/fixtures/tiny_model.py), not the engine's reading of the file.
 # ---------------------------------------------------------------------------------------------
-def naive_forward(path: Path, ids: list[int]) -> np.ndarray:
-    f = GgufFile(path)
-    c = read_config(f)
-    w = {name: f.load(name).astype(np.float64) for name in f.tensor_names()}
+def naive_forward(c: TinyConfig, w: dict[str, np.ndarray], ids: list[int]) -> np.ndarray:
+    w = {name: value.astype(np.float64) for name, value in w.items()}
     hd, T = c.head_dim, len(ids)
     inv = c.rope_theta ** (-np.arange(0, hd, 2) / hd)
     if "rope_freqs.weight" in w:  # Llama 3.x: per-dimension frequency factors divide the frequencies
@@ -57,72 +57,109 @@ def naive_forward(path: Path, ids: list[int]) -> np.ndarray:
         h = norm(x, w[p + "ffn_norm.weight"])
         g, u = h @ w[p + "ffn_gate.weight"].T, h @ w[p + "ffn_up.weight"].T
         x = x + (g / (1 + np.exp(-g)) * u) @ w[p + "ffn_down.weight"].T
-    out_w = w.get("output.weight", w["token_embd.weight"])
+    out_w = w["token_embd.weight"] if c.tied_embeddings else w["output.weight"]
     return norm(x, w["output_norm.weight"]) @ out_w.T  # (T, V)
 
 
+def reference(tm: TinyModel, ids: list[int]) -> np.ndarray:
+    return naive_forward(tm.config, tm.weights, ids)
+
+
+def engine_config_fields(path: Path) -> dict[str, object]:
+    """read_config's view of a file, in the fixture's field names."""
+    c = read_config(GgufFile(path))
+    return {
+        "architecture": c.architecture, "n_layers": c.n_layers, "hidden_size": c.hidden_size,
+        "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads, "head_dim": c.head_dim, "ffn_size": c.ffn_size,
+        "context_length": c.context_length, "vocab_size": c.vocab_size, "rope_theta": c.rope_theta,
+        "rms_eps": c.rms_eps,
+    }  # fmt: skip
+
+
 IDS = [1, 40, 300, 7, 99, 250, 3, 150, 42, 8, 400, 2]
+# A model whose every hyper-parameter differs from the engine's fallbacks and from the usual
+# derivations: RoPE base 1000 (fallback 10000), rms_eps 0.25 (fallback 1e-5; large enough to move the
+# logits), head_dim 32 != hidden_size / n_heads = 16 (written as attention.key_length).
+UNUSUAL = {"rope_theta": 1000.0, "rms_eps": 0.25, "head_dim": 32, "seed": 5}
 
 
-def test_tiny_model_matches_independent_forward(tiny, tiny_model_path):
+def test_tiny_model_matches_independent_forward(tiny, tiny_model):
     model, _ = tiny
-    assert rel_diff(model.forward(IDS), naive_forward(tiny_model_path, IDS)) < 1e-5
+    assert rel_diff(model.forward(IDS), reference(tiny_model, IDS)) < 1e-5
 
 
 def test_untied_output_and_gqa_variants_match(tmp_path):
-    path = write_tiny_gguf(tmp_path / "untied.gguf", tied_embeddings=False, n_heads=8, n_kv_heads=2, seed=3)
-    model = Model.from_gguf(path)
-    assert rel_diff(model.forward(IDS), naive_forward(path, IDS)) < 1e-5
+    tm = write_tiny_model(tmp_path / "untied.gguf", tied_embeddings=False, n_heads=8, n_kv_heads=2, seed=3)
+    assert "output.weight" in tm.weights
+    model = Model.from_gguf(tm.path)
+    assert rel_diff(model.forward(IDS), reference(tm, IDS)) < 1e-5
 
 
-def test_rope_frequency_factors_are_applied(tiny_model_path, tmp_path):
+@pytest.mark.parametrize("options", [{}, UNUSUAL], ids=["default", "unusual"])
+def test_read_config_returns_what_the_fixture_wrote(tmp_path, options):
+    tm = write_tiny_model(tmp_path / "m.gguf", **options)
+    expected = {name: getattr(tm.config, name) for name in engine_config_fields(tm.path)}
+    assert engine_config_fields(tm.path) == expected
+
+
+def test_rope_theta_rms_eps_and_head_dim_are_read_not_assumed(tmp_path):
+    """A misread RoPE base, RMS epsilon or head dimension changes the logits past the 1e-5 bar."""
+    tm = write_tiny_model(tmp_path / "unusual.gguf", **UNUSUAL)
+    logits = Model.from_gguf(tm.path).forward(IDS)
+    assert rel_diff(logits, reference(tm, IDS)) < 1e-5
+    # the test can fail: the engine's fallbacks in place of the file's values move the logits
+    for wrong in ({"rope_theta": 10000.0}, {"rms_eps": 1e-5}):
+        misread = dataclasses.replace(tm.config, **wrong)
+        assert rel_diff(naive_forward(misread, tm.weights, IDS), logits) > 1e-3, wrong
+    # and a head_dim derived as hidden_size / n_heads cannot even shape the weights
+    assert tm.weights["blk.0.attn_q.weight"].shape == (4 * 32, 64)
+
+
+def test_rope_frequency_factors_are_applied(tiny_model, tmp_path):
     """A ``rope_freqs.weight`` tensor (Llama 3.x GGUFs) scales each RoPE frequency."""
-    from tests.engine.test_gguf_errors import rewrite_gguf
-
     factors = np.linspace(1.0, 8.0, 8, dtype=np.float32)  # head_dim 16 -> 8 frequencies
-    path = rewrite_gguf(tiny_model_path, tmp_path / "freqs.gguf", add={"rope_freqs.weight": factors})
+    path = rewrite_gguf(tiny_model.path, tmp_path / "freqs.gguf", add={"rope_freqs.weight": factors})
     model = Model.from_gguf(path)
     np.testing.assert_array_equal(model.weights.rope_freq_factors, factors)
     logits = model.forward(IDS)
-    assert rel_diff(logits, naive_forward(path, IDS)) < 1e-5
-    assert rel_diff(logits, Model.from_gguf(tiny_model_path).forward(IDS)) > 1e-3  # the factors matter
+    weights = {**tiny_model.weights, "rope_freqs.weight": factors}
+    assert rel_diff(logits, naive_forward(tiny_model.config, weights, IDS)) < 1e-5
+    assert rel_diff(logits, Model.from_gguf(tiny_model.path).forward(IDS)) > 1e-3  # the factors matter
 
 
-def test_config_read_from_metadata(tiny):
-    c = tiny[0].config
-    assert (c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_size, c.ffn_size) == (
-        2,
-        4,
-        2,
-        16,
-        64,
-        128,
-    )
+def test_config_read_from_metadata(tiny, tiny_model):
+    c, t = tiny[0].config, tiny_model.config
+    shape = (c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_size, c.ffn_size)
+    assert shape == (2, 4, 2, 16, 64, 128)
     assert (c.context_length, c.vocab_size, c.architecture) == (256, tiny[1].vocab_size, "llama")
+    assert (c.rope_theta, c.rms_eps) == (t.rope_theta, t.rms_eps) and c.vocab_size == t.vocab_size
 
 
-def test_weights_laid_out_for_linear(tiny, tiny_model_path):
-    """Every matrix reads back (out, in) as the file holds it; float32 ones are laid out for x @ W."""
+def test_weights_laid_out_for_linear(tiny, tiny_model):
+    """Every matrix reads back (out, in) as the fixture wrote it; float32 ones are laid out for x @ W."""
     model, _ = tiny
-    f = GgufFile(tiny_model_path)
+    w = tiny_model.weights
     layer = model.weights.layers[1]
-    np.testing.assert_array_equal(layer.wo.dequantize(), f.load("blk.1.attn_output.weight"))
-    np.testing.assert_array_equal(layer.w_down.dequantize(), f.load("blk.1.ffn_down.weight"))
+    np.testing.assert_array_equal(layer.wo.dequantize(), w["blk.1.attn_output.weight"])
+    np.testing.assert_array_equal(layer.w_down.dequantize(), w["blk.1.ffn_down.weight"])
     F = model.config.ffn_size
-    np.testing.assert_array_equal(layer.w_gate_up.dequantize()[:F], f.load("blk.1.ffn_gate.weight"))
-    dense = [w for w in (layer.wqkv, layer.wo, layer.w_gate_up) if isinstance(w, kernels.DenseWeight)]
-    assert all(w.wt.flags.c_contiguous for w in dense)
+    np.testing.assert_array_equal(layer.w_gate_up.dequantize()[:F], w["blk.1.ffn_gate.weight"])
+    dense = [m for m in (layer.wqkv, layer.wo, layer.w_gate_up) if isinstance(m, kernels.DenseWeight)]
+    assert all(m.wt.flags.c_contiguous for m in dense)
     assert model.weights.lm_head.shape == (model.config.vocab_size, 64)
 
 
 @pytest.mark.parametrize("weight_type", [t for t in WEIGHT_TYPES if t != "F32"])
-def test_every_writable_weight_type_loads_and_runs(tmp_path, weight_type):
-    path = write_tiny_gguf(tmp_path / f"{weight_type}.gguf", weight_type=weight_type)
-    model = Model.from_gguf(path)
+def test_every_writable_weight_type_loads_and_runs(tmp_path, weight_type, tiny_model):
+    tm = write_tiny_model(tmp_path / f"{weight_type}.gguf", weight_type=weight_type)
+    model = Model.from_gguf(tm.path)
     logits = model.forward(IDS)
     assert np.isfinite(logits).all()
-    # the quantized model is the dequantized weights: the independent forward agrees on them too
-    assert rel_diff(logits, naive_forward(path, IDS)) < 1e-5
+    # the quantized model is the values the file holds: the independent forward on them agrees
+    assert rel_diff(logits, reference(tm, IDS)) < 1e-5
+    # and they are the F32 model's weights rounded: the same draw, not some other tensor
+    for name, value in tm.weights.items():
+        assert rel_diff(value, tiny_model.weights[name]) < 0.2, name
 
 
 def test_cached_decoding_equals_uncached_forward(tiny):

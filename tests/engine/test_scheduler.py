@@ -12,6 +12,7 @@ from engine import BatchedInferenceEngine, BatchingOptions, InferenceOptions, Kv
 from engine.gguf import ModelConfig
 from engine.kv_cache import ModelShape
 from engine.model import Row
+from tests.fixtures.engine_helpers import run_all
 
 VOCAB = 300
 
@@ -64,14 +65,6 @@ def raw(n_tokens: int, start: int = 0) -> str:
     return "".join(str((start + i) % 10) for i in range(n_tokens))
 
 
-def drive(engine, handles, max_steps=1000):
-    for _ in range(max_steps):
-        if all(h.done() for h in handles):
-            return [h.result(0) for h in handles]
-        engine.step()
-    raise AssertionError("not finished")
-
-
 def test_fifo_admission_within_max_batch_size(scripted):
     model, engine = scripted(BatchingOptions(max_batch_size=2, max_batch_wait_ms=0))
     finished: list[int] = []
@@ -82,7 +75,7 @@ def test_fifo_admission_within_max_batch_size(scripted):
     engine.step()
     assert len(model.calls[0]) == 2  # two rows admitted, three wait
     assert [r.seq.request_id for r in engine._running] == [h.request_id for h in handles[:2]]
-    results = drive(engine, handles)
+    results = run_all(engine, handles)
     assert all(len(call) <= 2 for call in model.calls)
     assert all(r.generated_tokens == 3 for r in results)
     assert finished == [h.request_id for h in handles]  # FIFO: equal work, so they end in submission order
@@ -106,24 +99,31 @@ def test_prefill_budget_is_shared_and_decoders_keep_streaming(scripted):
     firsts = [[n for i, (_, n) in enumerate(call) if caches[i] != decoder_cache]
               for call, caches in zip(model.calls, model.caches, strict=True)]  # fmt: skip
     assert firsts == [[8], [8], [8], [6, 2]]
-    drive(engine, [decoder, long_a, long_b])
+    run_all(engine, [decoder, long_a, long_b])
 
 
 def test_prefill_only_mode_batches_prompts_and_decodes_one_by_one(scripted):
     model, engine = scripted(BatchingOptions(prefill_only=True, max_batch_wait_ms=0))
     handles = [engine.submit(raw(6, i), GREEDY) for i in range(3)]
-    drive(engine, handles)
+    run_all(engine, handles)
     assert [n for _, n in model.calls[0]] == [6, 6, 6]  # one forward with the three prompts
     assert all(len(call) == 1 and call[0][1] == 1 for call in model.calls[1:])  # then one row each
 
 
 def test_sequential_mode_runs_one_request_at_a_time(scripted):
     model, engine = scripted(BatchingOptions(enabled=False))
-    handles = [engine.submit(raw(6, i), GREEDY) for i in range(3)]
-    results = drive(engine, handles)
+    events: list[int] = []  # the request id of every event, in the order the engine emitted them
+    handles = [engine.submit(raw(6, i), GREEDY, on_event=lambda ev: events.append(ev.request_id))
+               for i in range(3)]  # fmt: skip
+    run_all(engine, handles)
     assert all(len(call) == 1 for call in model.calls)
     assert len(model.calls) == 3 * 3  # per request: prefill+first token, then 2 decode steps
-    assert results[2].queue_wait_ms > results[0].queue_wait_ms
+    # admitted in submission order, each one run to its end before the next one starts
+    caches = [c for (c,) in model.caches]
+    assert caches[0:3] == [caches[0]] * 3 and caches[3:6] == [caches[3]] * 3 and caches[6:] == [caches[6]] * 3
+    ids = [h.request_id for h in handles]
+    assert list(dict.fromkeys(events)) == ids  # first events in submission order
+    assert events == sorted(events, key=ids.index)  # and never interleaved
 
 
 def test_idle_engine_waits_for_company_then_runs(scripted):
@@ -134,14 +134,14 @@ def test_idle_engine_waits_for_company_then_runs(scripted):
     others = [engine.submit(raw(4, i), GREEDY) for i in (1, 2)]
     assert engine.seconds_until_ready() == 0.0  # a full batch need not wait
     assert engine.step() is True and len(model.calls[0]) == 3
-    drive(engine, [first, *others])
+    run_all(engine, [first, *others])
 
 
 def test_tokens_come_out_in_order_with_the_scripted_rule(scripted, tiny):
     _, tok = tiny
     _, engine = scripted(BatchingOptions(max_batch_wait_ms=0))
     prompt = raw(5)
-    result = drive(engine, [engine.submit(prompt, GREEDY)])[0]
+    result = run_all(engine, [engine.submit(prompt, GREEDY)])[0]
     last = tok.encode(prompt)[-1]
     assert list(result.token_ids) == [last + 1, last + 2, last + 3]
 
@@ -154,7 +154,7 @@ def test_a_failed_forward_fails_its_batch_and_the_engine_keeps_serving(scripted)
     for handle in doomed:
         result = handle.result(0)
         assert result.finish_reason == "error" and "scripted failure" in (result.error or "")
-    after = drive(engine, [engine.submit(raw(4), GREEDY)])[0]
+    after = run_all(engine, [engine.submit(raw(4), GREEDY)])[0]
     assert after.finish_reason == "length"
     stats = engine.store.get_stats()
     assert stats.pinned_sessions == 0 and stats.current_sessions == 0  # anonymous sessions released
@@ -173,5 +173,5 @@ def test_cache_budget_error_ends_only_the_request_that_needs_room(scripted):
     engine.step()
     r2 = second.result(0)
     assert r2.finish_reason == "error" and "budget" in (r2.error or "")
-    r1 = drive(engine, [first])[0]
+    r1 = run_all(engine, [first])[0]
     assert r1.finish_reason == "length" and r1.generated_tokens == 20

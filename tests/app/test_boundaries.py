@@ -1,0 +1,46 @@
+"""The layering the house style asks for, read from the source: the GUI reaches the engine only
+through smallmind_app/worker.py, and the engine never imports Qt or the app."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+# __main__.py hands the command-line subcommands to engine.cli without starting the GUI.
+MAY_IMPORT_ENGINE = {"worker.py", "__main__.py"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every absolute module a file imports, anywhere in it (functions included)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+    return found
+
+
+def top_level(modules: set[str]) -> set[str]:
+    return {name.split(".")[0] for name in modules}
+
+
+def test_only_the_worker_imports_the_engine() -> None:
+    app_files = sorted((ROOT / "smallmind_app").glob("*.py"))
+    assert any(p.name == "worker.py" for p in app_files)
+    importers = [p.name for p in app_files if "engine" in top_level(imported_modules(p))]
+    offenders = [name for name in importers if name not in MAY_IMPORT_ENGINE]
+    assert offenders == []
+    assert "engine" in top_level(imported_modules(ROOT / "smallmind_app" / "worker.py"))
+
+
+def test_the_engine_imports_neither_qt_nor_the_app() -> None:
+    engine_files = sorted((ROOT / "engine").rglob("*.py"))
+    assert engine_files
+    offenders = {
+        str(p.relative_to(ROOT)): sorted(bad)
+        for p in engine_files
+        if (bad := top_level(imported_modules(p)) & {"PySide6", "smallmind_app"})
+    }
+    assert offenders == {}
