@@ -302,6 +302,11 @@ class _HeaderScan:
         tensors = [self.tensor_info() for _ in range(n_tensors)]
         data_start = -(-self.pos // self.alignment) * self.alignment
         for name, dims, tensor_type, offset in tensors:
+            if offset % self.alignment:  # llama.cpp refuses these too; the data would be read shifted
+                raise self.fail(
+                    f"tensor {name!r} starts at data offset {offset:,}, not a multiple of the file's "
+                    f"alignment {self.alignment}"
+                )
             self.check_extent(name, dims, tensor_type, data_start + offset)
 
     def value(self, value_type: int, key: str, nested: bool) -> None:
