@@ -28,11 +28,22 @@ MAX_THREADS = 256
 
 
 def available_cpus() -> int:
-    """Cores this process may run on."""
+    """Physical cores this process may run on (SMT siblings share a core's memory port and FMA units:
+    a second thread on one core adds nothing to a memory-bound kernel)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
+        allowed = os.sched_getaffinity(0)
+    except AttributeError:  # macOS, Windows: logical CPUs
         return max(1, os.cpu_count() or 1)
+    cores = set()
+    for cpu in allowed:
+        try:
+            with open(
+                f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list", encoding="ascii"
+            ) as f:
+                cores.add(f.read().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
 
 
 class _State:
