@@ -27,6 +27,7 @@ from typing import Any
 MAX_THREADS = 256
 
 
+@cache
 def available_cpus() -> int:
     """Physical cores this process may run on (SMT siblings share a core's memory port and FMA units:
     a second thread on one core adds nothing to a memory-bound kernel)."""
