@@ -25,12 +25,13 @@ from typing import Any
 import gguf
 import numpy as np
 
+from .architectures import ARCHITECTURES, Architecture
 from .errors import ModelFileError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 SUPPORTED_VERSIONS = (2, 3)
 MAX_ARRAY_LENGTH = 1 << 22  # items in one metadata array (vocabularies hold 32k-260k tokens)
 MAX_TENSOR_DIMS = 4  # GGML_MAX_DIMS
@@ -47,6 +48,13 @@ TENSOR_NAMES = {
     "ffn_gate": "blk.{i}.ffn_gate.weight",
     "ffn_up": "blk.{i}.ffn_up.weight",
     "ffn_down": "blk.{i}.ffn_down.weight",
+}
+# Per-block tensors some families add (``Architecture.extra_block_tensors``).
+EXTRA_TENSOR_NAMES = {
+    "attn_q_norm": "blk.{i}.attn_q_norm.weight",
+    "attn_k_norm": "blk.{i}.attn_k_norm.weight",
+    "post_attention_norm": "blk.{i}.post_attention_norm.weight",
+    "post_ffw_norm": "blk.{i}.post_ffw_norm.weight",
 }
 TOKEN_EMBD = "token_embd.weight"
 OUTPUT_NORM = "output_norm.weight"
@@ -99,6 +107,21 @@ class ModelConfig:
     rms_eps: float
     rope_scale: float = 1.0  # linear RoPE scaling: positions are divided by this
     name: str = ""
+    sliding_window: int = 0  # tokens a local layer attends to (0: no local layers)
+
+    @property
+    def arch(self) -> Architecture:
+        """What this family does differently (``engine.architectures``)."""
+        return ARCHITECTURES[self.architecture]
+
+    def block_tensor_names(self) -> dict[str, str]:
+        """Short name -> GGUF name pattern of every per-block tensor this family has."""
+        return {**TENSOR_NAMES, **{k: EXTRA_TENSOR_NAMES[k] for k in self.arch.extra_block_tensors}}
+
+    def is_local_layer(self, index: int) -> bool:
+        """Whether block ``index`` attends only to the last ``sliding_window`` tokens."""
+        every = self.arch.global_every
+        return bool(self.sliding_window and every and (index + 1) % every)
 
     @property
     def n_groups(self) -> int:
@@ -420,6 +443,7 @@ def read_config(f: GgufFile) -> ModelConfig:
         rms_eps=real("attention.layer_norm_rms_epsilon", 1e-5),
         rope_scale=real("rope.scaling.factor", 1.0) if scaling == "linear" else 1.0,
         name=str(f.get("general.name", "")),
+        sliding_window=whole("attention.sliding_window", 0) if ARCHITECTURES[arch].global_every else 0,
     )
 
 

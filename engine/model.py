@@ -67,23 +67,43 @@ def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return out
 
 
-def rope_tables(config: ModelConfig, freq_factors: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """RoPE tables for every position, (context_length, Hd) each, laid out for ``apply_rope``:
-    cos of each pair's angle twice ([cos, cos]) and sin with the rotation's signs ([-sin, sin])."""
-    half = config.head_dim // 2
-    inv_freq = config.rope_theta ** (-np.arange(half, dtype=np.float64) * 2.0 / config.head_dim)  # (Hd/2,)
-    if freq_factors is not None:
-        inv_freq = inv_freq / freq_factors.astype(np.float64)
-    positions = np.arange(config.context_length, dtype=np.float64) / config.rope_scale  # (ctx,)
-    angles = np.outer(positions, inv_freq)  # (ctx, Hd/2)
-    cos, sin = np.cos(angles), np.sin(angles)
-    return np.concatenate([cos, cos], axis=1).astype(F32), np.concatenate([-sin, sin], axis=1).astype(F32)
+class Rope:
+    """RoPE angles of one base: ``tables(positions)`` gives cos of each pair's angle twice
+    ([cos, cos]) and sin with the rotation's signs ([-sin, sin]), (N, Hd) each, for ``apply_rope``.
+    Computed per step in float64 for the positions in it (a table for a 32k context would take 64 MiB)."""
+
+    def __init__(self, head_dim: int, theta: float, scale: float, freq_factors: np.ndarray | None) -> None:
+        half = head_dim // 2
+        inv_freq = theta ** (-np.arange(half, dtype=np.float64) * 2.0 / head_dim)  # (Hd/2,)
+        if freq_factors is not None:
+            inv_freq = inv_freq / freq_factors.astype(np.float64)
+        self.inv_freq, self.scale = inv_freq, scale
+
+    def tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        angles = np.outer(positions.astype(np.float64) / self.scale, self.inv_freq)  # (N, Hd/2)
+        cos, sin = np.cos(angles), np.sin(angles)
+        return np.concatenate([cos, cos], axis=1).astype(F32), np.concatenate([-sin, sin], axis=1).astype(F32)
+
+
+def gelu_tanh_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """gelu(gate) * up with GELU's tanh approximation (Gemma). (N, F) -> (N, F)"""
+    inner = gate * gate
+    inner *= F32(0.044715)
+    inner += F32(1.0)
+    inner *= gate
+    inner *= F32(np.sqrt(2.0 / np.pi))
+    np.tanh(inner, out=inner)
+    inner += F32(1.0)
+    inner *= gate
+    inner *= F32(0.5)
+    inner *= up
+    return inner
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """Rotate-half RoPE: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), with x1, x2 the two halves.
 
-    x: (N, heads, Hd); cos, sin: (N, Hd) from ``rope_tables`` -> (N, heads, Hd).
+    x: (N, heads, Hd); cos, sin: (N, Hd) from ``Rope.tables`` -> (N, heads, Hd).
     """
     half = x.shape[-1] // 2
     swapped = np.concatenate([x[..., half:], x[..., :half]], axis=-1)  # (N, heads, Hd): (x2, x1)
@@ -111,11 +131,14 @@ def decode_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.
     return (softmax_inplace(scores) @ values).reshape(-1)  # (KVH, G, Hd) -> (H*Hd,)
 
 
-def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -> np.ndarray:
+def attention(
+    q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int, window: int = 0
+) -> np.ndarray:
     """Causal grouped-query attention of T new queries against S = start + T cached positions.
 
     q: (T, H, Hd), already scaled by 1/sqrt(Hd) (folded into the weights at load);
-    keys, values: (KVH, S, Hd), any float dtype.
+    keys, values: (KVH, S, Hd), any float dtype. With ``window`` > 0 a query at position p sees only
+    the keys at positions p - window + 1 .. p (a sliding-window layer).
     Returns (T, H * Hd).
     """
     T, H, Hd = q.shape
@@ -124,13 +147,18 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -
     if keys.dtype != F32:  # a float16 cache: attention still computes in float32
         keys, values = keys.astype(F32), values.astype(F32)
     if T == 1:
-        return decode_attention(q[0], keys, values).reshape(1, H * Hd)
+        first = max(0, S - window) if window else 0
+        return decode_attention(q[0], keys[:, first:], values[:, first:]).reshape(1, H * Hd)
     qg = q.reshape(T, KVH, G, Hd).transpose(1, 2, 0, 3).reshape(KVH, G * T, Hd)  # (KVH, G*T, Hd)
     scores = qg @ keys.transpose(0, 2, 1)  # (KVH, G*T, S)
     # query t sits at position start + t and sees keys 0 .. start + t: every cached key, and the new
     # keys up to its own (a causal mask over the last T columns only)
     causal = np.triu(np.full((T, T), -np.inf, dtype=F32), k=1)  # (T, T)
     scores.reshape(KVH, G, T, S)[..., start:] += causal
+    if window and start + T > window:  # keys more than window - 1 positions behind the query
+        query_pos = np.arange(start, start + T)[:, None]  # (T, 1)
+        too_old = np.arange(S)[None, :] <= query_pos - window  # (T, S)
+        scores.reshape(KVH, G, T, S)[..., too_old] = -np.inf
     softmax_inplace(scores)
     out = scores @ values  # (KVH, G*T, Hd)
     return out.reshape(KVH, G, T, Hd).transpose(2, 0, 1, 3).reshape(T, H * Hd)  # (T, H*Hd)
@@ -149,6 +177,10 @@ class LayerWeights:
     ffn_norm: np.ndarray  # (D,)
     w_gate_up: kernels.Weight  # (2F, D)
     w_down: kernels.Weight  # (D, F)
+    q_norm: np.ndarray | None = None  # (Hd,) QK-norm (Gemma 3), times 1/sqrt(Hd): attention's scale
+    k_norm: np.ndarray | None = None  # (Hd,)
+    post_attn_norm: np.ndarray | None = None  # (D,) on the attention output (Gemma 3)
+    post_ffn_norm: np.ndarray | None = None  # (D,) on the MLP output
 
 
 @dataclass(slots=True)
@@ -185,6 +217,7 @@ def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
         "attn_norm": (D,), "ffn_norm": (D,),
         "attn_q": (c.n_heads * Hd, D), "attn_k": (c.n_kv_heads * Hd, D), "attn_v": (c.n_kv_heads * Hd, D),
         "attn_output": (D, c.n_heads * Hd), "ffn_gate": (F, D), "ffn_up": (F, D), "ffn_down": (D, F),
+        "attn_q_norm": (Hd,), "attn_k_norm": (Hd,), "post_attention_norm": (D,), "post_ffw_norm": (D,),
     }  # fmt: skip
 
 
@@ -207,18 +240,24 @@ def _load_layer(f: gguf_io.GgufFile, c: ModelConfig, i: int, path: str) -> Layer
     expected = _expected_shapes(c)
     norms: dict[str, np.ndarray] = {}
     t: dict[str, kw.BlockWeight | np.ndarray] = {}
-    for short, pattern in gguf_io.TENSOR_NAMES.items():
+    for short, pattern in c.block_tensor_names().items():
         name = pattern.format(i=i)
         if short.endswith("_norm"):
             norms[short] = f.load(name)
             _check_shape(f, name, norms[short], expected[short])
         else:
             t[short] = _load_matrix(f, name, expected[short], path)
-    q_order = rotate_half_order(c.n_heads, c.head_dim)
-    k_order = rotate_half_order(c.n_kv_heads, c.head_dim)
-    q_scale = 1.0 / np.sqrt(c.head_dim)  # attention's 1/sqrt(Hd), folded into the query weights
-    q = kw.scale_rows(kw.take_rows(t["attn_q"], q_order), q_scale)
-    wqkv = kw.concat_rows([q, kw.take_rows(t["attn_k"], k_order), t["attn_v"]])  # ((H+2KVH)*Hd, D)
+    q, k = t["attn_q"], t["attn_k"]
+    if c.arch.qk_rows_permuted:
+        q = kw.take_rows(q, rotate_half_order(c.n_heads, c.head_dim))
+        k = kw.take_rows(k, rotate_half_order(c.n_kv_heads, c.head_dim))
+    q_scale = 1.0 / np.sqrt(c.head_dim)  # attention's 1/sqrt(Hd), folded into the query weights, or
+    q_norm = norms.get("attn_q_norm")  # into the query's norm when q is normalised after projection
+    if q_norm is not None:
+        q_norm = q_norm * F32(q_scale)
+    else:
+        q = kw.scale_rows(q, q_scale)
+    wqkv = kw.concat_rows([q, k, t["attn_v"]])  # ((H+2KVH)*Hd, D)
     return LayerWeights(
         attn_norm=norms["attn_norm"],
         wqkv=kw.finish(wqkv),
@@ -229,6 +268,10 @@ def _load_layer(f: gguf_io.GgufFile, c: ModelConfig, i: int, path: str) -> Layer
         # that way at batch 1-8 (measured 195 vs 320 us per call at batch 1, 469 vs 556 at 8; 12% slower
         # at 256)
         w_down=kw.finish(t["ffn_down"], transposed_view=True),
+        q_norm=q_norm,
+        k_norm=norms.get("attn_k_norm"),
+        post_attn_norm=norms.get("post_attention_norm"),
+        post_ffn_norm=norms.get("post_ffw_norm"),
     )
 
 
@@ -249,7 +292,7 @@ def load_weights(
     ``kernels.backend(kernel_path)``, on a small thread pool."""
     c = config
     path = kernels.backend(kernel_path)
-    names = [p.format(i=i) for i in range(c.n_layers) for p in gguf_io.TENSOR_NAMES.values()]
+    names = [p.format(i=i) for i in range(c.n_layers) for p in c.block_tensor_names().values()]
     for name in (gguf_io.TOKEN_EMBD, gguf_io.OUTPUT_NORM, *names):
         f.tensor_shape(name)  # a missing tensor fails now, before any slow work
     with ThreadPoolExecutor(max_workers=n_threads + 1) as pool:  # NumPy releases the GIL while copying
@@ -288,7 +331,8 @@ class Model:
         self.config = config
         self.weights = weights
         self.path = path
-        self._cos, self._sin = rope_tables(config, weights.rope_freq_factors)  # (ctx, Hd) each
+        self._rope = Rope(config.head_dim, config.rope_theta, config.rope_scale, weights.rope_freq_factors)
+        self._local_rope = Rope(config.head_dim, config.arch.local_rope_theta, config.rope_scale, None)
 
     @classmethod
     def from_gguf(
@@ -363,10 +407,14 @@ class Model:
         positions = np.concatenate([np.arange(s, s + len(r.ids)) for r, s in zip(rows, starts, strict=True)])
         if positions.max() >= self.config.context_length:
             raise ContextOverflowError(int(positions.max()) + 1, self.config.context_length, "sequence")
-        cos, sin = self._cos[positions], self._sin[positions]  # (N, Hd) each
+        ropes = {False: self._rope.tables(positions)}  # (cos, sin), (N, Hd) each
+        if any(self.config.is_local_layer(i) for i in range(self.config.n_layers)):
+            ropes[True] = self._local_rope.tables(positions)
         x = kw.embed(self.weights.embedding, ids)  # (N, D)
+        if self.config.arch.scale_embeddings:
+            x *= F32(np.sqrt(self.config.hidden_size))
         for i, layer in enumerate(self.weights.layers):
-            x = self._block(i, layer, x, rows, starts, cos, sin)
+            x = self._block(i, layer, x, rows, starts, *ropes[self.config.is_local_layer(i)])
         for row in rows:
             row.cache.append(row.ids)
         if not all_logits:
@@ -388,8 +436,14 @@ class Model:
         c = self.config
         H, KVH, Hd = c.n_heads, c.n_kv_heads, c.head_dim
         N = x.shape[0]
+        window = c.sliding_window if c.is_local_layer(index) else 0
         qkv = linear(rms_norm(x, w.attn_norm, c.rms_eps), w.wqkv)  # (N, (H+2KVH)*Hd)
-        qk = apply_rope(qkv[:, : (H + KVH) * Hd].reshape(N, H + KVH, Hd), cos, sin)  # (N, H+KVH, Hd)
+        qk = qkv[:, : (H + KVH) * Hd].reshape(N, H + KVH, Hd)  # (N, H+KVH, Hd)
+        if w.q_norm is not None and w.k_norm is not None:  # QK-norm: each head's q and k normalised
+            q_normed = rms_norm(qk[:, :H].reshape(N * H, Hd), w.q_norm, c.rms_eps)  # (N*H, Hd), scaled
+            k_normed = rms_norm(qk[:, H:].reshape(N * KVH, Hd), w.k_norm, c.rms_eps)  # (N*KVH, Hd)
+            qk = np.concatenate([q_normed.reshape(N, H, Hd), k_normed.reshape(N, KVH, Hd)], axis=1)
+        qk = apply_rope(qk, cos, sin)  # (N, H+KVH, Hd)
         q, k = qk[:, :H], qk[:, H:]  # (N, H, Hd), (N, KVH, Hd); q is pre-scaled by 1/sqrt(Hd)
         v = qkv[:, (H + KVH) * Hd :].reshape(N, KVH, Hd)  # (N, KVH, Hd)
         attn = np.empty((N, H * Hd), dtype=F32)  # (N, H*Hd)
@@ -401,13 +455,21 @@ class Model:
             if T == 1:  # decoding: the most common row, kept to the fewest array operations
                 keys[:, start] = k[r0]  # (KVH, Hd)
                 values[:, start] = v[r0]
-                attn[r0] = self._decode_attention(q[r0], keys, values, end)
+                first = max(0, end - window) if window else 0  # a local layer sees the last window keys
+                attn[r0] = self._decode_attention(q[r0], keys[:, first:], values[:, first:], end - first)
             else:
                 keys[:, start:end] = k[r0:r1].transpose(1, 0, 2)  # (KVH, T, Hd)
                 values[:, start:end] = v[r0:r1].transpose(1, 0, 2)
-                attn[r0:r1] = attention(q[r0:r1], keys[:, :end], values[:, :end], start)
+                attn[r0:r1] = attention(q[r0:r1], keys[:, :end], values[:, :end], start, window)
             r0 = r1
-        x = x + linear(attn, w.wo)  # (N, D)
+        out = linear(attn, w.wo)  # (N, D)
+        if w.post_attn_norm is not None:
+            out = rms_norm(out, w.post_attn_norm, c.rms_eps)
+        x = x + out
         gate_up = linear(rms_norm(x, w.ffn_norm, c.rms_eps), w.w_gate_up)  # (N, 2F)
         F = c.ffn_size
-        return x + linear(silu_mul(gate_up[:, :F], gate_up[:, F:]), w.w_down)  # (N, D)
+        act = gelu_tanh_mul if c.arch.activation == "gelu_tanh" else silu_mul
+        out = linear(act(gate_up[:, :F], gate_up[:, F:]), w.w_down)  # (N, D)
+        if w.post_ffn_norm is not None:
+            out = rms_norm(out, w.post_ffn_norm, c.rms_eps)
+        return x + out  # (N, D)
