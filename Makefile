@@ -6,12 +6,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench venv model clean-venv
+.PHONY: run test lint bench venv model test-models clean-venv
 
 run: model
 	$(BIN)/smallmind
 
-test: model
+test: model test-models
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
@@ -27,6 +27,11 @@ bench: model
 # The default model (a no-op when it is already installed and verified).
 model: $(STAMP)
 	$(BIN)/smallmind models pull
+
+# Models the reference tests also need: Gemma 3 270M, under the Gemma Terms of Use, which running the
+# test suite accepts (https://ai.google.dev/gemma/terms).
+test-models: $(STAMP)
+	$(BIN)/smallmind models pull gemma3-270m --accept-license
 
 venv: $(STAMP)
 

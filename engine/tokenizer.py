@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import regex
 
+from .architectures import ARCHITECTURES, PLAIN_TRANSCRIPT_TEMPLATE
 from .bpe import ByteLevelBpe
 from .chat_template import CHATML_TEMPLATE, ChatTemplate, ChatTemplateError, Messages, Segment
 from .errors import ModelFileError, UnsupportedModelError
@@ -101,6 +102,7 @@ class Tokenizer:
         eos_ids: Iterable[int],
         add_bos: bool,
         chat_template: ChatTemplate,
+        has_own_template: bool = True,
     ) -> None:
         self._model = model
         self._tokens = tokens
@@ -117,6 +119,9 @@ class Tokenizer:
         self._special_re = regex.compile("|".join(map(regex.escape, by_length))) if by_length else None
         self._skip_ids = frozenset(i for i, t in enumerate(token_types) if t in _SKIPPED)
         self.chat_template = chat_template
+        # False for a file without a chat template: usually a base model, which continues text rather
+        # than following instructions (the app says so)
+        self.has_own_template = has_own_template
 
     @classmethod
     def from_gguf(
@@ -219,11 +224,20 @@ def _from_metadata(meta: Mapping[str, Any], path: os.PathLike[str], chat_templat
     n = len(tokens)
     special = {name: _token_id(meta, f"tokenizer.ggml.{name}_token_id", n, path) for name in _SPECIAL_NAMES}
     eos_ids = [i for name in ("eos", "eot", "eom") if (i := special[name]) is not None]
+    template = chat_template or meta.get("tokenizer.chat_template")
+    if not template:  # a base model: its family's turn format, else ChatML (as llama.cpp), else plain text
+        arch = ARCHITECTURES.get(str(meta.get("general.architecture", "")))
+        if arch is not None and arch.chat_template:
+            template = arch.chat_template
+            if arch.end_of_turn in tokens:
+                eos_ids.append(tokens.index(arch.end_of_turn))
+        elif "<|im_start|>" in tokens:
+            template = CHATML_TEMPLATE
+        else:
+            template = PLAIN_TRANSCRIPT_TEMPLATE
+        log.warning("%s: no chat template (a base model?); using %s", path, _template_name(template))
     if not eos_ids:
         log.warning("%s: no end-of-sequence token; generation stops only at the token limit", path)
-    template = chat_template or meta.get("tokenizer.chat_template")
-    if not template:
-        log.warning("%s: no chat template; using ChatML", path)
     variables = {f"{name}_token": tokens[i] for name, i in special.items() if i is not None}
     return Tokenizer(
         model,
@@ -232,8 +246,15 @@ def _from_metadata(meta: Mapping[str, Any], path: os.PathLike[str], chat_templat
         bos_id=special["bos"],
         eos_ids=eos_ids,
         add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)),
-        chat_template=ChatTemplate(str(template or CHATML_TEMPLATE), variables),
+        chat_template=ChatTemplate(str(template), variables),
+        has_own_template=bool(chat_template or meta.get("tokenizer.chat_template")),
     )
+
+
+def _template_name(template: str) -> str:
+    if template == CHATML_TEMPLATE:
+        return "ChatML"
+    return "a plain transcript" if template == PLAIN_TRANSCRIPT_TEMPLATE else "the family's turn format"
 
 
 def _text_model(

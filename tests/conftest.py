@@ -18,6 +18,8 @@ from tests.fixtures.tiny_model import TinyModel, write_tiny_model
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Resolved now, before the autouse fixture below points SMALLMIND_HOME at a temporary directory.
 _INSTALLED_SMOLLM2 = paths.models_dir() / SMOLLM2_FILE
+_INSTALLED_GEMMA3 = paths.models_dir() / "gemma-3-270m-q4_k_m.gguf"
+_SHARED_GEMMA3_REFERENCE = Path(__file__).resolve().parents[1].parent / "shared/reference/gemma3-270m"
 # The reference data: the shared copy beside the repository when there is one (it is the source of
 # truth), else the copy kept in the repository (tests/fixtures/reference), so a clone anywhere runs.
 _SHARED_REFERENCE = Path(__file__).resolve().parents[1].parent / "shared/reference/smollm2-135m"
@@ -56,6 +58,26 @@ def smollm2_path() -> Path:
         pytest.fail(
             f"SmolLM2 model not installed; run `smallmind models pull` (make test does this) [{path}]"
         )
+    return path
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    """The real Gemma 3 270M Q4_K_M file (`smallmind models pull gemma3-270m`; make test does this)."""
+    if not _INSTALLED_GEMMA3.is_file():
+        pytest.fail(
+            "Gemma 3 270M not installed; run `smallmind models pull gemma3-270m --accept-license` "
+            f"(make test does this) [{_INSTALLED_GEMMA3}]"
+        )
+    return _INSTALLED_GEMMA3
+
+
+@pytest.fixture(scope="session")
+def gemma3_reference_dir() -> Path:
+    """The Gemma 3 reference data beside the repository (shared/reference/gemma3-270m)."""
+    path = Path(os.environ.get("SMALLMIND_GEMMA3_REFERENCE_DIR", "") or _SHARED_GEMMA3_REFERENCE)
+    if not (path / "prompts.json").is_file():
+        pytest.skip(f"no Gemma 3 reference data at {path}")
     return path
 
 

@@ -26,6 +26,33 @@ class Architecture:
     global_every: int = 0  # 0: every layer is global
     local_rope_theta: float = 10_000.0
     extra_block_tensors: tuple[str, ...] = ()  # short names beyond Llama's, e.g. "attn_q_norm"
+    # the family's turn format, for files without a chat template (a base model), and its end-of-turn
+    # token; None: a plain transcript
+    chat_template: str | None = None
+    end_of_turn: str | None = None
+
+
+# Gemma's own turn format (no system role: a system message opens the first user turn).
+GEMMA_TEMPLATE = (
+    "{% set ns = namespace(system='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set ns.system = message['content'] + '\n\n' %}"
+    "{% else %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' }}{{ ns.system if role == 'user' else '' }}"
+    "{{ message['content'] | trim }}"
+    "{{ '<end_of_turn>\n' }}{% if role == 'user' %}{% set ns.system = '' %}{% endif %}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+# A base model's conversation as plain text: it continues the transcript.
+PLAIN_TRANSCRIPT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize + ': ' + message['content'] + '\n\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
 
 
 LLAMA = Architecture("llama")
@@ -40,6 +67,8 @@ GEMMA3 = Architecture(
     global_every=6,  # layers 5, 11, 17, ... (0-based) are global, as in llama.cpp and transformers
     local_rope_theta=10_000.0,
     extra_block_tensors=("attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm"),
+    chat_template=GEMMA_TEMPLATE,
+    end_of_turn="<end_of_turn>",
 )
 
 ARCHITECTURES = {a.name: a for a in (LLAMA, GEMMA3)}
