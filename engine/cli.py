@@ -79,9 +79,9 @@ def _add_models_parser(commands: argparse._SubParsersAction, verbose: argparse.A
         f"SHA-256. Does nothing when it is already installed. Models: {catalog}.",
     )
     pull.add_argument(
-        "model",
+        "model_key",
         nargs="?",
-        default=spec.key,
+        default=None,
         choices=sorted(download.CATALOG),
         metavar="MODEL",
         help=f"one of {', '.join(sorted(download.CATALOG))} (default: {spec.key})",
@@ -162,7 +162,7 @@ def _license_accepted(spec: download.ModelSpec, accept: bool) -> bool:
 
 
 def _cmd_models_pull(args: argparse.Namespace) -> int:
-    spec = download.CATALOG[args.model]
+    spec = download.DEFAULT_MODEL if args.model_key is None else download.CATALOG[args.model_key]
     if not _license_accepted(spec, args.accept_license):
         return 2
     if not args.force and download.verify_installed(spec):
