@@ -21,10 +21,11 @@ def chunk_wheel(directory: Path, index: int, data: bytes) -> None:
     """A minimal wheel of the distribution tiny-part<index> holding one chunk."""
     package, version = f"tiny_part{index}", "1.0.0"
     dist_info = f"{package}-{version}.dist-info"
+    metadata = f"Metadata-Version: 2.1\nName: tiny-part{index}\nVersion: {version}\n".encode()
     files = {
         f"{package}/__init__.py": b"",
         f"{package}/data/model.gguf.part{index:02d}": data,
-        f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: tiny-part{index}\nVersion: {version}\n".encode(),
+        f"{dist_info}/METADATA": metadata,
         f"{dist_info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: smallmind-tests\nRoot-Is-Purelib: true\n"
         b"Tag: py3-none-any\n",
     }
