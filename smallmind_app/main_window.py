@@ -281,9 +281,10 @@ class MainWindow(QMainWindow):
         self.model_info = dict(info)
         self.load_bar.setVisible(False)
         name = Path(info["file_name"]).stem
+        base = " · base model: it continues your text, it was not trained to follow instructions"
         self.model_label.setText(
             f"{name} · {info['n_layers']} layers · context {info['context_length']:,} · "
-            f"{info['session_token_limit']:,} tokens per tab"
+            f"{info['session_token_limit']:,} tokens per tab" + (base if info.get("base_model") else "")
         )
         self.model_label.setToolTip(f"{info['name']}\n{info['path']}")
         self.setWindowTitle(f"SmallMind — {name}")

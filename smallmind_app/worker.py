@@ -195,6 +195,8 @@ class EngineWorker(QObject):
             "context_length": c.context_length,
             "bytes_per_token": self._engine.model.kv_shape(self._kv.dtype).bytes_per_token,
             "session_token_limit": self._engine.session_token_limit(),
+            # no chat template in the file: a base model, which continues text (the window says so)
+            "base_model": not self._engine.tokenizer.has_own_template,
         }
 
     # -- requests -------------------------------------------------------------------------------

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from PySide6.QtWidgets import QSpinBox
 
 from engine import kernels
+from tests.fixtures.window import send, wait_idle
 
 
 def test_cpu_threads_setting_applies_live_and_is_saved(qtbot: Any, make_window: Any) -> None:
@@ -43,3 +45,18 @@ def test_first_start_says_the_kernels_are_compiling(
         window.client.load_model("")
     assert notes and "compiling the kernels" in notes[0]
     assert "compiling" not in window.model_label.text()  # loaded: the label names the model again
+
+
+@pytest.mark.gemma3
+def test_a_base_model_is_named_as_one(qtbot: Any, make_window: Any, gemma3_path: Any) -> None:
+    """Gemma 3 270M has no chat template: the window says it continues text; SmolLM2's does not."""
+    window = make_window(model=gemma3_path)
+    assert window.model_info["architecture"] == "gemma3" and window.model_info["base_model"]
+    assert "base model" in window.model_label.text()
+    tab = window.chat_tabs[0]
+    tab.set_sampling_overrides({"max_new_tokens": 6, "temperature": 0.0})
+    send(tab, "What is the capital of France?")
+    wait_idle(qtbot, tab)
+    reply = tab.entries[-1]
+    assert reply.role == "assistant" and reply.status in ("complete", "partial"), reply.stats
+    assert reply.content.strip()  # the base model answered in Gemma's turn format
