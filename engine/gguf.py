@@ -55,6 +55,9 @@ EXTRA_TENSOR_NAMES = {
     "attn_k_norm": "blk.{i}.attn_k_norm.weight",
     "post_attention_norm": "blk.{i}.post_attention_norm.weight",
     "post_ffw_norm": "blk.{i}.post_ffw_norm.weight",
+    "attn_q_bias": "blk.{i}.attn_q.bias",
+    "attn_k_bias": "blk.{i}.attn_k.bias",
+    "attn_v_bias": "blk.{i}.attn_v.bias",
 }
 TOKEN_EMBD = "token_embd.weight"
 OUTPUT_NORM = "output_norm.weight"

@@ -179,6 +179,7 @@ class LayerWeights:
     k_norm: np.ndarray | None = None  # (Hd,)
     post_attn_norm: np.ndarray | None = None  # (D,) on the attention output (Gemma 3)
     post_ffn_norm: np.ndarray | None = None  # (D,) on the MLP output
+    qkv_bias: np.ndarray | None = None  # ((H+2KVH)*Hd,) added to the fused projection (Qwen 2)
 
 
 @dataclass(slots=True)
@@ -216,6 +217,8 @@ def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
         "attn_q": (c.n_heads * Hd, D), "attn_k": (c.n_kv_heads * Hd, D), "attn_v": (c.n_kv_heads * Hd, D),
         "attn_output": (D, c.n_heads * Hd), "ffn_gate": (F, D), "ffn_up": (F, D), "ffn_down": (D, F),
         "attn_q_norm": (Hd,), "attn_k_norm": (Hd,), "post_attention_norm": (D,), "post_ffw_norm": (D,),
+        "attn_q_bias": (c.n_heads * Hd,), "attn_k_bias": (c.n_kv_heads * Hd,),
+        "attn_v_bias": (c.n_kv_heads * Hd,),
     }  # fmt: skip
 
 
@@ -240,21 +243,27 @@ def _load_layer(f: gguf_io.GgufFile, c: ModelConfig, i: int, path: str) -> Layer
     t: dict[str, kw.BlockWeight | np.ndarray] = {}
     for short, pattern in c.block_tensor_names().items():
         name = pattern.format(i=i)
-        if short.endswith("_norm"):
+        if short.endswith(("_norm", "_bias")):  # vectors
             norms[short] = f.load(name)
             _check_shape(f, name, norms[short], expected[short])
         else:
             t[short] = _load_matrix(f, name, expected[short], path)
     q, k = t["attn_q"], t["attn_k"]
+    q_bias, k_bias, v_bias = norms.get("attn_q_bias"), norms.get("attn_k_bias"), norms.get("attn_v_bias")
     if c.arch.qk_rows_permuted:
-        q = kw.take_rows(q, rotate_half_order(c.n_heads, c.head_dim))
-        k = kw.take_rows(k, rotate_half_order(c.n_kv_heads, c.head_dim))
+        q_order = rotate_half_order(c.n_heads, c.head_dim)
+        k_order = rotate_half_order(c.n_kv_heads, c.head_dim)
+        q, k = kw.take_rows(q, q_order), kw.take_rows(k, k_order)
+        q_bias, k_bias = (None if b is None else b[o] for b, o in ((q_bias, q_order), (k_bias, k_order)))
     q_scale = 1.0 / np.sqrt(c.head_dim)  # attention's 1/sqrt(Hd), folded into the query weights, or
     q_norm = norms.get("attn_q_norm")  # into the query's norm when q is normalised after projection
     if q_norm is not None:
         q_norm = q_norm * F32(q_scale)
     else:
         q = kw.scale_rows(q, q_scale)
+        q_bias = None if q_bias is None else q_bias * F32(q_scale)
+    biases = [b for b in (q_bias, k_bias, v_bias) if b is not None]
+    qkv_bias = np.concatenate(biases).astype(F32) if len(biases) == 3 else None
     wqkv = kw.concat_rows([q, k, t["attn_v"]])  # ((H+2KVH)*Hd, D)
     return LayerWeights(
         attn_norm=norms["attn_norm"],
@@ -270,6 +279,7 @@ def _load_layer(f: gguf_io.GgufFile, c: ModelConfig, i: int, path: str) -> Layer
         k_norm=norms.get("attn_k_norm"),
         post_attn_norm=norms.get("post_attention_norm"),
         post_ffn_norm=norms.get("post_ffw_norm"),
+        qkv_bias=qkv_bias,
     )
 
 
@@ -436,6 +446,8 @@ class Model:
         N = x.shape[0]
         window = c.sliding_window if c.is_local_layer(index) else 0
         qkv = linear(rms_norm(x, w.attn_norm, c.rms_eps), w.wqkv)  # (N, (H+2KVH)*Hd)
+        if w.qkv_bias is not None:
+            qkv += w.qkv_bias
         qk = qkv[:, : (H + KVH) * Hd].reshape(N, H + KVH, Hd)  # (N, H+KVH, Hd)
         if w.q_norm is not None and w.k_norm is not None:  # QK-norm: each head's q and k normalised
             q_normed = rms_norm(qk[:, :H].reshape(N * H, Hd), w.q_norm, c.rms_eps)  # (N*H, Hd), scaled

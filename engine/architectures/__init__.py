@@ -18,6 +18,7 @@ class Architecture:
     # them back in rotate-half order at load. Families converted without the permutation are left as is.
     qk_rows_permuted: bool = True
     qk_norm: bool = False  # RMSNorm over each head's q and k (attn_q_norm / attn_k_norm)
+    qkv_bias: bool = False  # q, k and v projections have biases (attn_q.bias, ...)
     post_norms: bool = False  # RMSNorm on the attention and MLP outputs before the residual add
     activation: Literal["silu", "gelu_tanh"] = "silu"
     scale_embeddings: bool = False  # token embeddings multiplied by sqrt(hidden_size)
@@ -71,4 +72,20 @@ GEMMA3 = Architecture(
     end_of_turn="<end_of_turn>",
 )
 
-ARCHITECTURES = {a.name: a for a in (LLAMA, GEMMA3)}
+# Qwen 2 / 2.5: Llama with biases on q, k and v; rotate-half RoPE as converted (no row permutation).
+QWEN2 = Architecture(
+    "qwen2",
+    qk_rows_permuted=False,
+    qkv_bias=True,
+    extra_block_tensors=("attn_q_bias", "attn_k_bias", "attn_v_bias"),
+)
+
+# Qwen 3: QK-norm instead of the biases.
+QWEN3 = Architecture(
+    "qwen3",
+    qk_rows_permuted=False,
+    qk_norm=True,
+    extra_block_tensors=("attn_q_norm", "attn_k_norm"),
+)
+
+ARCHITECTURES = {a.name: a for a in (LLAMA, GEMMA3, QWEN2, QWEN3)}

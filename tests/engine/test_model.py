@@ -31,13 +31,18 @@ def naive_forward(c: TinyConfig, w: dict[str, np.ndarray], ids: list[int]) -> np
     def norm(x: np.ndarray, g: np.ndarray) -> np.ndarray:
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + c.rms_eps) * g
 
-    def rope_pairs(x: np.ndarray) -> np.ndarray:  # x: (T, hd), pairs (2i, 2i+1)
+    # Llama files (as llama.cpp converts them) rotate adjacent pairs (2i, 2i+1); Qwen files rotate the
+    # two halves of each head (i, i + hd/2)
+    halves = c.architecture in ("qwen2", "qwen3")
+
+    def rope_pairs(x: np.ndarray) -> np.ndarray:  # x: (T, hd)
         out = x.copy()
         for t in range(T):
             for i in range(hd // 2):
-                a, b, th = x[t, 2 * i], x[t, 2 * i + 1], t * inv[i]
-                out[t, 2 * i] = a * np.cos(th) - b * np.sin(th)
-                out[t, 2 * i + 1] = a * np.sin(th) + b * np.cos(th)
+                j, k = (i, i + hd // 2) if halves else (2 * i, 2 * i + 1)
+                a, b, th = x[t, j], x[t, k], t * inv[i]
+                out[t, j] = a * np.cos(th) - b * np.sin(th)
+                out[t, k] = a * np.sin(th) + b * np.cos(th)
         return out
 
     x = w["token_embd.weight"][ids]
@@ -45,11 +50,15 @@ def naive_forward(c: TinyConfig, w: dict[str, np.ndarray], ids: list[int]) -> np
         p = f"blk.{layer}."
         h = norm(x, w[p + "attn_norm.weight"])
         q, k, v = h @ w[p + "attn_q.weight"].T, h @ w[p + "attn_k.weight"].T, h @ w[p + "attn_v.weight"].T
+        if p + "attn_q.bias" in w:  # Qwen 2
+            q, k, v = q + w[p + "attn_q.bias"], k + w[p + "attn_k.bias"], v + w[p + "attn_v.bias"]
         heads = []
         for head in range(c.n_heads):
             kv = head // (c.n_heads // c.n_kv_heads)
-            qh = rope_pairs(q[:, head * hd : (head + 1) * hd])
-            kh = rope_pairs(k[:, kv * hd : (kv + 1) * hd])
+            qh, kh = q[:, head * hd : (head + 1) * hd], k[:, kv * hd : (kv + 1) * hd]
+            if p + "attn_q_norm.weight" in w:  # Qwen 3: each head's q and k normalised
+                qh, kh = norm(qh, w[p + "attn_q_norm.weight"]), norm(kh, w[p + "attn_k_norm.weight"])
+            qh, kh = rope_pairs(qh), rope_pairs(kh)
             s = qh @ kh.T / np.sqrt(hd) + np.triu(np.full((T, T), -np.inf), 1)
             pr = np.exp(s - s.max(-1, keepdims=True))
             heads.append((pr / pr.sum(-1, keepdims=True)) @ v[:, kv * hd : (kv + 1) * hd])
@@ -147,6 +156,23 @@ def test_weights_laid_out_for_linear(tiny, tiny_model):
     dense = [m for m in (layer.wqkv, layer.wo, layer.w_gate_up) if isinstance(m, kernels.DenseWeight)]
     assert all(m.wt.flags.c_contiguous for m in dense)
     assert model.weights.lm_head.shape == (model.config.vocab_size, 64)
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("weight_type", ["F32", "Q8_0"])
+def test_qwen_families_match_the_independent_forward(tmp_path, architecture, weight_type):
+    """Qwen 2 (q/k/v biases) and Qwen 3 (QK-norm), written in llama.cpp's layout (no q/k row
+    permutation: rotate-half RoPE), against the plain forward on the weights the fixture wrote."""
+    tm = write_tiny_model(
+        tmp_path / f"{architecture}.gguf", architecture=architecture, weight_type=weight_type, seed=11,
+        hidden_size=64, ffn_size=128, n_heads=4, n_kv_heads=2,
+    )  # fmt: skip
+    model = Model.from_gguf(tm.path)
+    assert model.config.architecture == architecture
+    assert rel_diff(model.forward(IDS), reference(tm, IDS)) < 1e-5
+    cache = model.new_cache(64)  # cached decoding equals the full forward for these families too
+    steps = np.concatenate([model.forward(IDS[:5], cache), *(model.forward([i], cache) for i in IDS[5:])])
+    assert rel_diff(steps, reference(tm, IDS)) < 1e-5
 
 
 @pytest.mark.parametrize("weight_type", [t for t in WEIGHT_TYPES if t != "F32"])
