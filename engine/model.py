@@ -231,7 +231,7 @@ def _load_matrix(
     if shape != expected:
         raise gguf_io.ModelFileError(f.path, f"tensor {name!r} has shape {shape}, expected {expected}")
     tensor_type = f.tensor_type(name)
-    if path == "numba" and tensor_type in kernels.BLOCK_TYPES and shape[1] % kw.QK == 0:
+    if path == "numba" and tensor_type in kernels.BLOCK_TYPES and shape[1] % kw.block_row(tensor_type) == 0:
         return kw.blocks_from_gguf(tensor_type, f.load_raw(name), (shape[0], shape[1]))
     return f.load(name)
 

@@ -157,7 +157,8 @@ def _small(x: np.ndarray, w: BlockWeight) -> np.ndarray:
     if w.m is None:
         xs, m = _EMPTY, _EMPTY
     else:
-        xs, m = x.reshape(padded, K // 32, 32).sum(axis=2), w.m  # (padded, nb) per-block sums of x
+        nb = w.d.shape[1]
+        xs, m = x.reshape(padded, nb, K // nb).sum(axis=2), w.m  # (padded, nb) per-block sums of x
     out = np.empty((padded, w.q.shape[0]), dtype=F32)
     MATVEC[group](x, xs, w.q, w.d, m, out)
     return out[:N] if padded != N else out

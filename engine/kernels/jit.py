@@ -3,7 +3,7 @@
 ``matvec`` serves decode-sized steps: each weight row is read once from memory and multiplied into
 up to 8 activation rows at a time, so a step of 8 sequences streams the weights once, not 8 times
 (OpenBLAS packs the whole weight for every call of 2 rows or more). The inner loop runs over a whole
-row with the block's scale gathered per value (``d[o, j >> 5]``): that is the form LLVM turns into
+row with the block's scale gathered per value (``d[o, j >> sh]``): that is the form LLVM turns into
 wide SIMD here (measured 19 G weights/s on one core, against ~1.5 for a loop per 32-value block with
 a reduction per block). Each activation row keeps its own accumulator (``a0`` .. ``a7``); a kernel
 per group width (1, 2, 4, 8) keeps them in registers.
@@ -32,15 +32,22 @@ kernel = njit(fastmath=FASTMATH, boundscheck=False, parallel=True, cache=True, n
 serial_kernel = njit(fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
 
 
+@serial_kernel
+def block_shift(K, n_blocks):  # pragma: no cover - compiled
+    """log2 of the values per scale: 5 for 32-value blocks, 4 for Q6_K's 16-value ones."""
+    return 4 if n_blocks * 16 == K else 5
+
+
 @kernel
 def matvec_1(x, xs, q, d, m, out):  # pragma: no cover - compiled
     """out[0, o] = sum_j x[0, j] W[o, j]. x (1, K) f32; xs (1, nb); q (O, K) i8; d, m (O, nb)."""
     O, K = q.shape
     nm = m.shape[1]
+    sh = block_shift(K, d.shape[1])
     for o in prange(O):
         a0 = np.float32(0.0)
         for j in range(K):
-            a0 += x[0, j] * (np.float32(q[o, j]) * d[o, j >> 5])
+            a0 += x[0, j] * (np.float32(q[o, j]) * d[o, j >> sh])
         for k in range(nm):
             a0 += m[o, k] * xs[0, k]
         out[0, o] = a0
@@ -52,12 +59,13 @@ def matvec_2(x, xs, q, d, m, out):  # pragma: no cover - compiled
     O, K = q.shape
     B = x.shape[0]
     nm = m.shape[1]
+    sh = block_shift(K, d.shape[1])
     for o in prange(O):
         for g in range(0, B, 2):
             a0 = np.float32(0.0)
             a1 = np.float32(0.0)
             for j in range(K):
-                w = np.float32(q[o, j]) * d[o, j >> 5]
+                w = np.float32(q[o, j]) * d[o, j >> sh]
                 a0 += x[g, j] * w
                 a1 += x[g + 1, j] * w
             for k in range(nm):
@@ -73,6 +81,7 @@ def matvec_4(x, xs, q, d, m, out):  # pragma: no cover - compiled
     O, K = q.shape
     B = x.shape[0]
     nm = m.shape[1]
+    sh = block_shift(K, d.shape[1])
     for o in prange(O):
         for g in range(0, B, 4):
             a0 = np.float32(0.0)
@@ -80,7 +89,7 @@ def matvec_4(x, xs, q, d, m, out):  # pragma: no cover - compiled
             a2 = np.float32(0.0)
             a3 = np.float32(0.0)
             for j in range(K):
-                w = np.float32(q[o, j]) * d[o, j >> 5]
+                w = np.float32(q[o, j]) * d[o, j >> sh]
                 a0 += x[g, j] * w
                 a1 += x[g + 1, j] * w
                 a2 += x[g + 2, j] * w
@@ -103,6 +112,7 @@ def matvec_8(x, xs, q, d, m, out):  # pragma: no cover - compiled
     O, K = q.shape
     B = x.shape[0]
     nm = m.shape[1]
+    sh = block_shift(K, d.shape[1])
     for o in prange(O):
         for g in range(0, B, 8):
             a0 = np.float32(0.0)
@@ -114,7 +124,7 @@ def matvec_8(x, xs, q, d, m, out):  # pragma: no cover - compiled
             a6 = np.float32(0.0)
             a7 = np.float32(0.0)
             for j in range(K):
-                w = np.float32(q[o, j]) * d[o, j >> 5]
+                w = np.float32(q[o, j]) * d[o, j >> sh]
                 a0 += x[g, j] * w
                 a1 += x[g + 1, j] * w
                 a2 += x[g + 2, j] * w
@@ -149,14 +159,15 @@ def dequantize_rows(q, d, m, row0, out):  # pragma: no cover - compiled
     run one tile per thread."""
     R, K = out.shape
     nm = m.shape[1]
+    sh = block_shift(K, d.shape[1])
     for r in range(R):
         o = row0 + r
         if nm:
             for j in range(K):
-                out[r, j] = np.float32(q[o, j]) * d[o, j >> 5] + m[o, j >> 5]
+                out[r, j] = np.float32(q[o, j]) * d[o, j >> sh] + m[o, j >> sh]
         else:
             for j in range(K):
-                out[r, j] = np.float32(q[o, j]) * d[o, j >> 5]
+                out[r, j] = np.float32(q[o, j]) * d[o, j >> sh]
 
 
 MATVEC = {1: matvec_1, 2: matvec_2, 4: matvec_4, 8: matvec_8}

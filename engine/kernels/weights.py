@@ -25,16 +25,22 @@ F32 = np.float32
 QK = 32  # values per block, for every type kept as blocks
 
 T = gguf.GGMLQuantizationType
-BLOCK_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)
+BLOCK_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K)
+QK_K = 256  # values per K-quant super-block
 
 
 @dataclass(frozen=True, slots=True)
 class BlockWeight:
-    """A quantized (out, in) matrix: int8 values, a float32 scale (and minimum) per 32 values."""
+    """A quantized (out, in) matrix: int8 values, a float32 scale (and minimum) per 32 values (per 16
+    for Q6_K: the block size is K / d.shape[1])."""
 
     q: np.ndarray  # (O, K) int8
     d: np.ndarray  # (O, K/32) float32
     m: np.ndarray | None  # (O, K/32) float32, or None for types without a minimum
+
+    @property
+    def block(self) -> int:
+        return self.q.shape[1] // self.d.shape[1]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -48,7 +54,7 @@ class BlockWeight:
         """float32 (O, K) (or the chosen rows): the values the kernels multiply by."""
         q, d = self.q[rows], self.d[rows]
         O, K = q.shape
-        w = q.reshape(O, K // QK, QK).astype(F32)  # (O, nb, 32)
+        w = q.reshape(O, d.shape[1], self.block).astype(F32)  # (O, nb, block)
         w *= d[:, :, None]
         if self.m is not None:
             w += self.m[rows][:, :, None]
@@ -95,12 +101,23 @@ def _high_bits(qh: np.ndarray) -> np.ndarray:
     return ((bits >> np.arange(QK, dtype=np.uint32)) & 1).astype(np.uint8)  # (.., 32)
 
 
+def block_row(tensor_type: gguf.GGMLQuantizationType) -> int:
+    """What a row's length must be a multiple of for ``tensor_type`` to be kept as blocks."""
+    return QK_K if tensor_type in (T.Q4_K, T.Q5_K, T.Q6_K) else QK
+
+
 def blocks_from_gguf(
     tensor_type: gguf.GGMLQuantizationType, raw: np.ndarray, shape: tuple[int, int]
 ) -> BlockWeight:
     """Unpack a Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 tensor's bytes (rows of blocks) into a ``BlockWeight``."""
     O, K = shape
     block_size, block_bytes = gguf.GGML_QUANT_SIZES[tensor_type]
+    if tensor_type in (T.Q4_K, T.Q5_K, T.Q6_K):
+        if K % QK_K:
+            raise ValueError(f"{tensor_type.name}: rows of {K} values do not split into {QK_K}-value blocks")
+        return _k_quant_blocks(
+            tensor_type, np.asarray(raw, dtype=np.uint8).reshape(O, K // QK_K, block_bytes)
+        )
     if block_size != QK or K % QK:
         raise ValueError(f"{tensor_type.name}: rows of {K} values do not split into {QK}-value blocks")
     nb = K // QK
@@ -124,6 +141,41 @@ def blocks_from_gguf(
     return BlockWeight(np.ascontiguousarray(q.reshape(O, K)), d, m)
 
 
+def _k_quant_blocks(tensor_type: gguf.GGMLQuantizationType, blocks: np.ndarray) -> BlockWeight:
+    """Q4_K / Q5_K (8 sub-blocks of 32: 6-bit scale and minimum each) and Q6_K (16 sub-blocks of 16:
+    an int8 scale each) as int8 values with a float32 scale (and minimum) per sub-block: the same
+    values as the ``gguf`` package's dequantization (``d * sc * q - dmin * m``)."""
+    O, n_super, _ = blocks.shape  # (O, K/256, bytes)
+    if tensor_type == T.Q6_K:
+        ql, qh = blocks[..., :128], blocks[..., 128:192]
+        scales = blocks[..., 192:208].view(np.int8).astype(F32)  # (O, n, 16)
+        d = _f16(blocks, 208)[..., None] * scales  # (O, n, 16)
+        low = (ql.reshape(O, n_super, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)) & 0x0F
+        high = (
+            qh.reshape(O, n_super, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)
+        ) & 3
+        q = (low.reshape(O, n_super, 2, 128) | (high.reshape(O, n_super, 2, 128) << 4)).astype(np.int8) - 32
+        return BlockWeight(np.ascontiguousarray(q.reshape(O, -1)), d.reshape(O, -1), None)
+    d, dmin = _f16(blocks, 0)[..., None], _f16(blocks, 2)[..., None]  # (O, n, 1)
+    packed = blocks[..., 4:16].reshape(O * n_super, 3, 4)
+    a, b, c = packed[:, 0], packed[:, 1], packed[:, 2]  # ggml's 6-bit scales and minimums
+    sc = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 2) & 0x30)], axis=-1).reshape(O, n_super, 8)
+    mn = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 2) & 0x30)], axis=-1).reshape(O, n_super, 8)
+    if tensor_type == T.Q4_K:
+        qs = blocks[..., 16:].reshape(O, n_super, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(
+            1, 1, 1, 2, 1
+        )
+        q = (qs & 0x0F).reshape(O, -1)
+    else:  # Q5_K: the fifth bit of value j of sub-block i is bit i of qh[j]
+        qh, qs = blocks[..., 16:48], blocks[..., 48:]
+        low = (qs.reshape(O, n_super, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)) & 0x0F
+        high = (qh.reshape(O, n_super, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)) & 1
+        q = (low.reshape(O, n_super, 8, 32) | (high << 4)).reshape(O, -1)
+    scales = (d * sc.astype(F32)).reshape(O, -1)
+    minimums = -(dmin * mn.astype(F32)).reshape(O, -1)
+    return BlockWeight(np.ascontiguousarray(q.astype(np.int8)), scales, minimums)
+
+
 # ---------------------------------------------------------------------------------------------
 # Assembling a layer's matrices (row reorders, folded scales, fused projections)
 # ---------------------------------------------------------------------------------------------
@@ -144,12 +196,23 @@ def concat_rows(parts: Sequence[BlockWeight | np.ndarray]) -> BlockWeight | np.n
     """Stack (out_i, K) matrices into one (sum out_i, K). Mixed kinds fall back to float32."""
     if all(isinstance(p, BlockWeight) for p in parts):
         blocks = [p for p in parts if isinstance(p, BlockWeight)]
+        block = min(b.block for b in blocks)  # Q6_K's 16-value blocks beside 32-value ones: scales repeated
+        blocks = [_with_block(b, block) for b in blocks]
         if all(b.m is None for b in blocks):
             m = None
         else:
             m = np.concatenate([np.zeros_like(b.d) if b.m is None else b.m for b in blocks])
         return BlockWeight(np.concatenate([b.q for b in blocks]), np.concatenate([b.d for b in blocks]), m)
     return np.concatenate([p if isinstance(p, np.ndarray) else p.dequantize() for p in parts])
+
+
+def _with_block(w: BlockWeight, block: int) -> BlockWeight:
+    """The same matrix with one scale (and minimum) per ``block`` values (a divisor of its own)."""
+    if w.block == block:
+        return w
+    repeat = w.block // block
+    m = None if w.m is None else np.repeat(w.m, repeat, axis=1)
+    return BlockWeight(w.q, np.repeat(w.d, repeat, axis=1), m)
 
 
 def finish(w: BlockWeight | np.ndarray, transposed_view: bool = False) -> Weight:

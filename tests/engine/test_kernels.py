@@ -205,3 +205,51 @@ def test_busy_neighbour_lowers_the_automatic_thread_count():
         for hog in hogs:
             hog.kill()
             hog.wait(timeout=10)
+
+
+K_QUANTS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}  # byte offsets of each super-block's f16 scales
+
+
+def random_k_quant(type_name: str, shape: tuple[int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random K-quant bytes with finite scales (the gguf package cannot quantize K-quants), and the
+    float32 values the package's own dequantization reads from them."""
+    qtype = gguf.GGMLQuantizationType[type_name]
+    _, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    n_out, K = shape
+    raw = rng.integers(0, 256, (n_out, K // 256, block_bytes), dtype=np.uint8)
+    for offset in K_QUANTS[type_name]:
+        scale = (rng.random((n_out, K // 256)) * 0.05 + 0.001).astype(np.float16)
+        raw[:, :, offset : offset + 2] = scale.view(np.uint8).reshape(n_out, K // 256, 2)
+    raw = raw.reshape(n_out, -1)
+    return raw, gguf.quants.dequantize(raw, qtype).reshape(shape)
+
+
+@pytest.mark.parametrize("type_name", list(K_QUANTS))
+def test_k_quants_unpack_to_the_gguf_packages_values(type_name):
+    raw, expected = random_k_quant(type_name, (24, 512))
+    blocks = kw.blocks_from_gguf(gguf.GGMLQuantizationType[type_name], raw, (24, 512))
+    assert blocks.block == (16 if type_name == "Q6_K" else 32)
+    np.testing.assert_allclose(blocks.dequantize(), expected, rtol=2e-6, atol=1e-6)
+
+
+@needs_numba
+@pytest.mark.parametrize("type_name", list(K_QUANTS))
+@pytest.mark.parametrize("n_rows", [1, 3, 8, 17])
+def test_linear_on_k_quants_equals_the_dequantized_product(type_name, n_rows):
+    raw, dense = random_k_quant(type_name, (40, 512), seed=n_rows)
+    w = kw.blocks_from_gguf(gguf.GGMLQuantizationType[type_name], raw, (40, 512))
+    x = np.random.default_rng(n_rows).standard_normal((n_rows, 512), dtype=np.float32)
+    expected = x.astype(np.float64) @ dense.astype(np.float64).T
+    assert rel_diff(linear(x, w), expected) < 2e-6
+
+
+def test_mixed_block_sizes_fuse_into_the_smaller_blocks():
+    raw, dense6 = random_k_quant("Q6_K", (16, 256))
+    q6 = kw.blocks_from_gguf(gguf.GGMLQuantizationType.Q6_K, raw, (16, 256))
+    q4 = random_blocks("Q4_1", (8, 256), seed=9)
+    fused = kw.concat_rows([q4, q6])
+    assert isinstance(fused, BlockWeight) and fused.block == 16
+    np.testing.assert_allclose(
+        fused.dequantize(), np.concatenate([q4.dequantize(), dense6]), rtol=2e-6, atol=1e-6
+    )
