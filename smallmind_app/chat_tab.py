@@ -247,6 +247,7 @@ class ChatTab(QWidget):
         message = self._save(self._store.add_message, self.conversation_id, "user", text)
         self.entries.append(Entry("user", text, message_id=message.id if message else None))
         self.prompt_edit.clear()
+        self.transcript.jump_to_latest()  # the user's own message and the reply are followed
         self._request_reply()
 
     @Slot()

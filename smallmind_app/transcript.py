@@ -14,9 +14,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from PySide6.QtCore import QUrl, Signal, Slot
-from PySide6.QtGui import QGuiApplication, QTextCursor, QTextDocument
-from PySide6.QtWidgets import QTextBrowser, QWidget
+from PySide6.QtCore import Qt, QUrl, Signal, Slot
+from PySide6.QtGui import QGuiApplication, QResizeEvent, QShowEvent, QTextCursor, QTextDocument
+from PySide6.QtWidgets import QTextBrowser, QToolButton, QWidget
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _BODY = re.compile(r"<body[^>]*>(.*)</body>", re.S)
@@ -137,9 +137,15 @@ def entry_html(index: int, entry: Entry) -> str:
 
 
 class TranscriptView(QTextBrowser):
-    """Read-only view of a list of entries; ``render`` rebuilds only the entries that changed."""
+    """Read-only view of a list of entries; ``render`` rebuilds only the entries that changed.
+
+    It follows the conversation like every chat app: while the user is at the bottom (``following``)
+    the view stays there as a reply grows (also when the layout grows later, ``rangeChanged``);
+    scrolling up stops following and shows the "Jump to latest" button, which scrolls back down.
+    """
 
     copied = Signal(int)  # index of the entry whose text went to the clipboard
+    following_changed = Signal(bool)
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -150,7 +156,76 @@ class TranscriptView(QTextBrowser):
         self.document().setDocumentMargin(12)
         self._entries: list[Entry] = []
         self._cache: dict[int, tuple[tuple[Any, ...], str]] = {}
+        self._rendering = False
+        self.following = True
+        self.jump_button = QToolButton(self, objectName="jumpToLatestButton")
+        self.jump_button.setText("↓ Jump to latest")
+        self.jump_button.setToolTip("Scroll to the newest message and follow the reply again")
+        self.jump_button.setCursor(Qt.CursorShape.PointingHandCursor)
+        self.jump_button.setStyleSheet(
+            "QToolButton { background: #1d4ed8; color: white; border-radius: 12px; padding: 4px 12px; }"
+        )
+        self.jump_button.clicked.connect(self.jump_to_latest)
+        self.jump_button.hide()
+        bar = self.verticalScrollBar()
+        bar.valueChanged.connect(self._on_scroll_bar_value_changed)
+        bar.rangeChanged.connect(self._on_scroll_bar_range_changed)
         self.anchorClicked.connect(self._on_anchor_clicked)
+
+    # -- following the latest message ---------------------------------------------------------
+    def at_bottom(self) -> bool:
+        bar = self.verticalScrollBar()
+        return bar.value() >= bar.maximum() - 4
+
+    @Slot()
+    def jump_to_latest(self) -> None:
+        self._set_following(True)
+        self.verticalScrollBar().setValue(self.verticalScrollBar().maximum())
+
+    def _set_following(self, following: bool) -> None:
+        self.jump_button.setVisible(not following)
+        if following != self.following:
+            self.following = following
+            self.following_changed.emit(following)
+        self._place_jump_button()
+
+    @Slot(int)
+    def _on_scroll_bar_value_changed(self, _value: int) -> None:
+        if not self._rendering:  # the user scrolled (wheel, keys, drag): follow only at the bottom
+            self._set_following(self.at_bottom())
+
+    @Slot(int, int)
+    def _on_scroll_bar_range_changed(self, _minimum: int, maximum: int) -> None:
+        if self.following:  # the document grew (a reply, a late layout pass): stay at the bottom
+            self._rendering, was = True, self._rendering
+            self.verticalScrollBar().setValue(maximum)
+            self._rendering = was
+
+    def _place_jump_button(self) -> None:
+        hint = self.jump_button.sizeHint()
+        viewport = self.viewport().geometry()
+        self.jump_button.setGeometry(
+            viewport.right() - hint.width() - 16,
+            viewport.bottom() - hint.height() - 12,
+            hint.width(),
+            hint.height(),
+        )
+        self.jump_button.raise_()
+
+    def resizeEvent(self, event: QResizeEvent) -> None:
+        super().resizeEvent(event)
+        self._place_jump_button()
+        if self.following:
+            self.verticalScrollBar().setValue(self.verticalScrollBar().maximum())
+
+    def showEvent(self, event: QShowEvent) -> None:
+        self._rendering = True  # QTextEdit scrolls to the text cursor (the top) on its first show
+        try:
+            super().showEvent(event)
+        finally:
+            self._rendering = False
+        if self.following:  # a restored or switched-to tab shows its latest message
+            self.verticalScrollBar().setValue(self.verticalScrollBar().maximum())
 
     def render(self, entries: list[Entry]) -> None:
         self._entries = list(entries)
@@ -165,15 +240,18 @@ class TranscriptView(QTextBrowser):
         for stale in [i for i in self._cache if i >= len(self._entries)]:
             del self._cache[stale]
         bar = self.verticalScrollBar()
-        at_bottom = bar.value() >= bar.maximum() - 4
         position = bar.value()
         cursor = self.textCursor()
         selection = (cursor.anchor(), cursor.position()) if cursor.hasSelection() else None
         before = self.toPlainText() if selection else ""
-        self.setHtml("".join(parts) if parts else self._placeholder())
-        if selection is not None:  # a streaming reply must not take away what the user is selecting
-            self._restore_selection(*selection, before)
-        bar.setValue(bar.maximum() if at_bottom else position)
+        self._rendering = True
+        try:
+            self.setHtml("".join(parts) if parts else self._placeholder())
+            if selection is not None:  # a streaming reply must not take away what the user is selecting
+                self._restore_selection(*selection, before)
+            bar.setValue(bar.maximum() if self.following else position)
+        finally:
+            self._rendering = False
 
     def _restore_selection(self, anchor: int, position: int, before: str) -> None:
         """Select ``anchor``..``position`` again when the text up to there is unchanged."""
