@@ -29,6 +29,7 @@ from PySide6.QtWidgets import (
 
 from .store import Conversation, ConversationStore, Message, StoreError
 from .transcript import Entry, TranscriptView
+from .wording import LABELS, mib
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,8 @@ class ChatTab(QWidget):
     cancel_requested = Signal(str)
     chat_settings_requested = Signal(str)  # conversation id: the user wants this chat's own settings
     busy_changed = Signal(str, bool)
+    settings_requested = Signal(str)  # a setting ("kv_cache.max_bytes_total") the user wants to change
+    setting_change_requested = Signal(str, str, int)  # conversation id, setting, value: then send again
 
     def __init__(
         self,
@@ -163,6 +166,14 @@ class ChatTab(QWidget):
         self.edit_button.clicked.connect(self.edit_last)
         for button in (self.send_button, self.stop_button, self.regenerate_button, self.edit_button):
             button.setMinimumWidth(96)
+        self.fix_button = QPushButton(
+            objectName="openSettingsButton"
+        )  # shown when a setting caused a problem
+        self.fix_button.clicked.connect(lambda: self.settings_requested.emit(self._problem[0]))
+        self.raise_button = QPushButton(objectName="raiseLimitButton")
+        self.raise_button.clicked.connect(self._on_raise_button_clicked)
+        self._problem: tuple[str, int | None] = ("", None)  # the setting to change, a value that would do
+        self._show_problem("", None)
 
         buttons = QVBoxLayout()
         buttons.addWidget(self.send_button)
@@ -176,6 +187,8 @@ class ChatTab(QWidget):
         actions_row.addWidget(self.edit_button)
         actions_row.addSpacing(12)
         actions_row.addWidget(self.status_label, 1)
+        actions_row.addWidget(self.raise_button)
+        actions_row.addWidget(self.fix_button)
 
         layout = QVBoxLayout(self)
         layout.setContentsMargins(10, 6, 10, 10)
@@ -243,6 +256,7 @@ class ChatTab(QWidget):
         if not text or self.is_generating:
             return
         self.entries = [e for e in self.entries if e.role != "notice"]
+        self._show_problem("", None)
         self._catch_up()
         message = self._save(self._store.add_message, self.conversation_id, "user", text)
         self.entries.append(Entry("user", text, message_id=message.id if message else None))
@@ -266,6 +280,8 @@ class ChatTab(QWidget):
             return
         self._catch_up()
         self._drop_from(last_user + 1)
+        self.entries = [e for e in self.entries if e.role != "notice"]
+        self._show_problem("", None)
         self._request_reply()
 
     @Slot()
@@ -351,6 +367,7 @@ class ChatTab(QWidget):
         self._catch_up()
         if stats.get("error"):
             self.status_label.setText(f"The reply failed: {stats['error']}")
+            self._show_problem(str(result.get("error_setting") or ""), None)
         elif stats["context_trimmed"]:
             self.status_label.setText("Older messages were left out to fit the model's context.")
         else:
@@ -361,8 +378,9 @@ class ChatTab(QWidget):
             )
         self.render_now()
 
-    def fail_request(self, message: str) -> None:
-        """The engine did not take the request (queue full, too long, no model): say so in the tab."""
+    def fail_request(self, message: str, info: Mapping[str, Any] | None = None) -> None:
+        """The engine did not take the request (queue full, too long, no model): say so in the tab;
+        ``info`` may name the setting that caused it ("setting") and a value that would do ("suggested")."""
         reply = self._reply
         if reply is not None:
             if reply.message_id is not None:
@@ -371,6 +389,30 @@ class ChatTab(QWidget):
             self._set_busy(None)
         self.add_notice(message, "error")
         self.status_label.setText(message)
+        info = info or {}
+        self._show_problem(str(info.get("setting") or ""), info.get("suggested"))
+
+    def _show_problem(self, setting: str, suggested: int | None) -> None:
+        """Offer the buttons that fix the last problem: open Settings at ``setting``, or raise it."""
+        self._problem = (setting, suggested)
+        key = setting.split(".", 1)[-1]
+        self.fix_button.setText(f"Settings: {LABELS.get(key, key)}…")
+        self.fix_button.setToolTip("Open Settings at the setting that caused this")
+        self.fix_button.setVisible(bool(setting))
+        if suggested:
+            shown = mib(suggested) if "bytes" in key else f"{suggested:,} tokens"
+            self.raise_button.setText(f"Raise to {shown} and send")
+            self.raise_button.setToolTip(
+                f"Set “{LABELS.get(key, key)}” to {shown} and send the message again"
+            )
+        self.raise_button.setVisible(bool(setting and suggested))
+
+    @Slot()
+    def _on_raise_button_clicked(self) -> None:
+        setting, suggested = self._problem
+        if setting and suggested:
+            self._show_problem("", None)
+            self.setting_change_requested.emit(self.conversation_id, setting, int(suggested))
 
     def add_notice(self, text: str, kind: str = "info") -> None:
         self.entries.append(Entry("notice", text, kind))

@@ -34,7 +34,8 @@ from .settings import AppSettings, SettingsError, save_settings
 from .settings_dialog import SettingsDialog
 from .stats_dock import StatsDock
 from .store import ConversationStore
-from .worker import default_model_description
+from .wording import MiB, setting_problem
+from .worker import default_model_description, validate_settings
 
 log = logging.getLogger(__name__)
 MODEL_ENV = "SMALLMIND_MODEL"
@@ -94,7 +95,9 @@ class MainWindow(QMainWindow):
         self.action_chat_settings = self._action(
             "actionChatSettings", "Chat sa&mpling…", self._on_chat_settings_triggered, "Ctrl+Shift+,"
         )
-        self.action_settings = self._action("actionSettings", "&Settings…", self.open_settings, "Ctrl+,")
+        self.action_settings = self._action(
+            "actionSettings", "&Settings…", lambda: self.open_settings(), "Ctrl+,"
+        )
         self.action_quit = self._action("actionQuit", "&Quit", self.close, "Ctrl+Q")
         chat = self.menuBar().addMenu("&Chat")
         for action in (self.action_new, self.action_close, self.action_rename):
@@ -173,6 +176,8 @@ class MainWindow(QMainWindow):
         tab.cancel_requested.connect(self.client.cancel)
         tab.chat_settings_requested.connect(self.open_chat_settings)
         tab.busy_changed.connect(self._on_tab_busy_changed)
+        tab.settings_requested.connect(self.open_settings)
+        tab.setting_change_requested.connect(self._on_tab_setting_change_requested)
 
     @Slot(str)
     def _on_tabs_tab_closed(self, conversation_id: str) -> None:
@@ -260,10 +265,29 @@ class MainWindow(QMainWindow):
         if (tab := self.tabs.tab_for(conversation_id)) is not None:
             tab.finish_reply(result)
 
-    @Slot(str, str)
-    def _on_worker_request_failed(self, conversation_id: str, message: str) -> None:
+    @Slot(str, str, dict)
+    def _on_worker_request_failed(self, conversation_id: str, message: str, info: dict) -> None:
         if (tab := self.tabs.tab_for(conversation_id)) is not None:
-            tab.fail_request(message)
+            tab.fail_request(message, info)
+
+    @Slot(str, str, int)
+    def _on_tab_setting_change_requested(self, conversation_id: str, setting: str, value: int) -> None:
+        """The tab's "Raise to … and send": change the limit (and the memory it needs), send again."""
+        section, key = setting.split(".", 1)
+        changes = {key: value}
+        per_token = int(self.model_info.get("bytes_per_token", 0))
+        kv = {**self.settings.kv_cache, **changes} if section == "kv_cache" else dict(self.settings.kv_cache)
+        if key == "max_tokens_per_session" and per_token:  # the memory per session must hold them too
+            needed = -(-value * per_token // MiB) * MiB
+            kv["max_bytes_per_session"] = max(kv["max_bytes_per_session"], needed)
+        kv["max_bytes_total"] = max(kv["max_bytes_total"], kv["max_bytes_per_session"])
+        problems = validate_settings(kv, self.settings.batching, self.settings.sampling)
+        if problems:
+            self.show_error("Setting not changed", "\n".join(setting_problem(m) for m in problems.values()))
+            return
+        self.apply_settings(self.settings.with_changes(kv_cache=kv))
+        if (tab := self.tabs.tab_for(conversation_id)) is not None:
+            tab.regenerate()
 
     @Slot(dict)
     def _on_worker_stats_updated(self, stats: dict) -> None:
@@ -335,14 +359,17 @@ class MainWindow(QMainWindow):
             self.first_run_dialog.show_failed(message)
 
     # -- settings -------------------------------------------------------------------------------
-    @Slot()
-    def open_settings(self) -> SettingsDialog:
+    @Slot(str)
+    def open_settings(self, setting: str = "") -> SettingsDialog:
+        """The settings dialog; ``setting`` ("kv_cache.max_bytes_total") opens it at that field."""
         if self.settings_dialog is None:
             dialog = SettingsDialog(self.settings, self.model_info, self)
             dialog.settings_chosen.connect(self.apply_settings)
             dialog.finished.connect(self._on_settings_dialog_finished)
             self.settings_dialog = dialog
         self.settings_dialog.open()
+        if setting:
+            self.settings_dialog.show_setting(setting)
         return self.settings_dialog
 
     @Slot()

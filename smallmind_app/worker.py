@@ -30,6 +30,8 @@ from PySide6.QtCore import QCoreApplication, QObject, QTimer, Signal, Slot
 from engine import (
     BatchedInferenceEngine,
     BatchingOptions,
+    CacheBudgetError,
+    ContextOverflowError,
     EngineError,
     GenerationEvent,
     GenerationResult,
@@ -48,6 +50,7 @@ from engine import (
 from engine.kv_cache import KV_DTYPES, ModelShape
 
 from .snapshots import result_dict, stats_dict, submit_error_message
+from .wording import Problem, engine_problem, too_long
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +70,7 @@ class EngineWorker(QObject):
     prompt_progressed = Signal(str, int, int)  # conversation id, prompt tokens done, prompt tokens
     text_generated = Signal(str, str)  # conversation id, new text (pieces of one or more steps joined)
     request_finished = Signal(str, dict)  # conversation id, result_dict()
-    request_failed = Signal(str, str)  # conversation id, message (not accepted at submit)
+    request_failed = Signal(str, str, dict)  # conversation id, message, {"setting", "suggested"} (at submit)
     stats_updated = Signal(dict)  # stats_dict(): "kv", "metrics", "sessions", "limits"
     settings_applied = Signal(dict)  # {"kv_cache", "batching", "session_token_limit", "bytes_per_token"}
     settings_rejected = Signal(str)
@@ -196,15 +199,15 @@ class EngineWorker(QObject):
     def submit(self, conversation_id: str, messages: list, sampling: dict) -> None:
         """Queue a reply for the conversation (its KV session id is the conversation id)."""
         if self._engine is None:
-            self.request_failed.emit(conversation_id, "No model is loaded; open Settings to choose one.")
+            self._refuse(conversation_id, Problem("No model is loaded; open Settings to choose one."))
             return
         if conversation_id in self._handles:
-            self.request_failed.emit(conversation_id, "A reply is already being generated here.")
+            self._refuse(conversation_id, Problem("A reply is already being generated here."))
             return
         try:
             options = InferenceOptions.from_dict(sampling)
         except ValueError as exc:
-            self.request_failed.emit(conversation_id, f"Invalid sampling settings: {exc}")
+            self._refuse(conversation_id, Problem(f"Invalid sampling settings: {exc}"))
             return
         try:
             handle = self._engine.submit(
@@ -213,11 +216,43 @@ class EngineWorker(QObject):
                 session_id=SessionId(conversation_id),
                 on_event=partial(self._on_engine_event, conversation_id),
             )
+        except ContextOverflowError as exc:
+            log.info("request of %s refused: %s", conversation_id, exc)
+            self._refuse(conversation_id, self._too_long(exc, options.max_new_tokens))
+            return
         except (EngineError, ValueError) as exc:
-            self.request_failed.emit(conversation_id, submit_error_message(exc))
+            log.info("request of %s refused: %s", conversation_id, exc)
+            problem = engine_problem(str(exc))
+            if isinstance(exc, CacheBudgetError):
+                problem = dataclasses.replace(problem, text=f"Not sent: {problem.text}")
+            else:
+                problem = dataclasses.replace(problem, text=engine_problem(submit_error_message(exc)).text)
+            self._refuse(conversation_id, problem)
             return
         self._handles[conversation_id] = handle
         self._schedule()
+
+    def _refuse(self, conversation_id: str, problem: Problem) -> None:
+        info = {"setting": problem.setting, "suggested": problem.suggested}
+        self.request_failed.emit(conversation_id, problem.text, info)
+
+    def _too_long(self, exc: ContextOverflowError, max_new_tokens: int) -> Problem:
+        """A message over the tab's limit: which setting set that limit, and a value that fits it."""
+        assert self._engine is not None
+        context = self._engine.model.config.context_length
+        per_token = self._engine.model.kv_shape(self._kv.dtype).bytes_per_token
+        needed = exc.n_tokens + min(max_new_tokens, 1024)  # the message and room for a reply
+        if not self._kv.enabled or exc.limit >= context or needed > context:
+            return too_long(exc.n_tokens, exc.limit, context, "", None)
+        if exc.limit == self._kv.max_tokens_per_session:
+            suggested = min(context, -(-needed // 1024) * 1024)
+            return too_long(exc.n_tokens, exc.limit, context, "kv_cache.max_tokens_per_session", suggested)
+        mib = 1 << 20
+        suggested = min(self._kv.max_bytes_total, -(-needed * per_token // mib) * mib)
+        ok = suggested >= needed * per_token
+        return too_long(
+            exc.n_tokens, exc.limit, context, "kv_cache.max_bytes_per_session", suggested if ok else None
+        )
 
     @Slot(str)
     def cancel(self, conversation_id: str) -> None:
@@ -326,7 +361,12 @@ class EngineWorker(QObject):
             self._last_text_flush = now
         for conversation_id, result in finished:
             self._handles.pop(conversation_id, None)
-            self.request_finished.emit(conversation_id, result_dict(result))
+            data = result_dict(result)
+            if data.get("error"):  # the precise message to the log, the user's words to the tab
+                log.warning("reply of %s failed: %s", conversation_id, data["error"])
+                problem = engine_problem(str(data["error"]))
+                data.update(error=problem.text, error_detail=data["error"], error_setting=problem.setting)
+            self.request_finished.emit(conversation_id, data)
         if finished:
             self._emit_stats()  # the dock shows the session unpinned at once
 

@@ -4,6 +4,8 @@ model, offscreen. Each test checks what is on screen and what is stored, as the 
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any
 
 from smallmind_app import paths
@@ -94,3 +96,83 @@ def test_restored_and_switched_to_tabs_show_the_latest_message(qtbot: Any, make_
     bar = second.transcript.verticalScrollBar()
     qtbot.waitUntil(lambda: bar.maximum() > 0 and second.transcript.at_bottom(), timeout=5000)
     assert not second.transcript.jump_button.isVisible()
+
+
+# -- 2: errors in the user's words ---------------------------------------------------------------
+HEX_ID = re.compile(r"\b[0-9a-f]{8,}\b")
+
+
+def test_settings_problems_use_the_dialogs_labels_and_mib(qtbot: Any, make_window: Any) -> None:
+    window = make_window()
+    dialog = window.open_settings()
+    dialog.fields["kvMaxBytesTotal"][3].setValue(12)  # MiB, below the 256 MiB per session
+    text = dialog.error_label.text()
+    assert (
+        "Memory limit per session: 256 MiB must not be more than “Memory limit, all sessions” (12 MiB)"
+        in text
+    )
+    assert "max_bytes" not in text and "268,435,456" not in text
+    dialog.fields["kvMaxBytesTotal"][3].setValue(1024)
+    dialog.fields["kvMaxTokensPerSession"][3].setValue(0)  # 0 tokens: that field is flagged, no other
+    assert set(dialog.errors) == {"kvMaxTokensPerSession"}, dialog.errors
+    assert dialog.error_label.text().startswith("Max tokens per session: must be a whole number ≥ 1")
+    dialog.reject()
+
+
+def test_a_failed_reply_says_why_in_the_users_words_and_opens_settings_at_the_field(
+    qtbot: Any, make_window: Any, write_settings: Any, caplog: Any
+) -> None:
+    write_settings(sampling=LONG, batching={"max_batch_wait_ms": 300.0})
+    window = make_window()
+    per_token = window.model_info["bytes_per_token"]
+    budget = {"max_bytes_total": per_token * 400, "max_bytes_per_session": per_token * 300}
+    window.apply_settings(window.settings.with_changes(kv_cache=budget))
+    tabs = [window.chat_tabs[0], window.new_chat()]
+    with caplog.at_level(logging.WARNING, logger="smallmind_app.worker"):
+        for tab in tabs:
+            send(tab, "Tell me a long story")
+        wait_idle(qtbot, *tabs)
+    failed = [tab for tab in tabs if tab.entries[-1].stats.get("error")]
+    assert len(failed) == 1, [tab.entries[-1].stats for tab in tabs]
+    tab = failed[0]
+    error = tab.entries[-1].stats["error"]
+    assert "Not enough cache memory" in error and "“Memory limit, all sessions”" in error and "MiB" in error
+    assert "this conversation and 1 other reply being generated" in error  # the other tab was running
+    shown = tab.transcript.toPlainText() + tab.status_label.text()
+    assert not HEX_ID.search(shown) and "max_bytes_total" not in shown and "bytes" not in shown
+    assert any("KV cache budget exhausted" in r.getMessage() for r in caplog.records)  # precise, in the log
+    window.tabs.setCurrentWidget(tab)
+    assert tab.fix_button.isVisible() and "Memory limit, all sessions" in tab.fix_button.text()
+    tab.fix_button.click()
+    dialog = window.settings_dialog
+    assert dialog is not None and dialog.isVisible()
+    assert dialog.pages.tabText(dialog.pages.currentIndex()) == "KV cache"
+    assert dialog.focusWidget() is dialog.fields["kvMaxBytesTotal"][3]
+    dialog.reject()
+
+
+# -- 4: an over-long paste names the per-tab limit and offers to raise it -------------------------
+def test_a_paste_over_the_tab_limit_names_it_and_offers_to_raise_it(
+    qtbot: Any, make_window: Any, write_settings: Any
+) -> None:
+    write_settings(kv_cache={"max_tokens_per_session": 256}, sampling={"max_new_tokens": 16, "seed": 3})
+    window = make_window()
+    tab = window.chat_tabs[0]
+    pasted = " ".join(f"word{i % 97}" for i in range(100))  # about 400 tokens
+    send(tab, pasted)
+    wait_idle(qtbot, tab)
+    notice = tab.entries[-1]
+    assert notice.role == "notice", [e.role for e in tab.entries]
+    assert "more than the 256 tokens a tab may hold (set by “Max tokens per session”" in notice.content
+    assert "the model's context is 1,024 tokens" in notice.content
+    assert tab.raise_button.isVisible() and tab.raise_button.text() == "Raise to 1,024 tokens and send"
+    assert tab.fix_button.isVisible()
+    tab.raise_button.click()
+    assert window.settings.kv_cache["max_tokens_per_session"] == 1024
+    wait_idle(qtbot, tab)
+    reply = tab.entries[-1]
+    assert (reply.role, reply.status) == ("assistant", "complete") and not reply.stats["context_trimmed"]
+    assert [e.content for e in tab.entries if e.role == "user"] == [pasted]
+    assert not tab.raise_button.isVisible() and not tab.fix_button.isVisible()
+    with ConversationStore(paths.database_file()) as store:
+        assert [m.role for m in store.messages(tab.conversation_id)] == ["user", "assistant"]
