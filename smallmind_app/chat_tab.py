@@ -144,6 +144,11 @@ class ChatTab(QWidget):
         self.settings_button.clicked.connect(lambda: self.chat_settings_requested.emit(self.conversation_id))
 
         self.transcript = TranscriptView(self)
+        self.transcript.link_refused.connect(
+            lambda address: self.status_label.setText(
+                f"Only web links (http, https) are opened; not {address[:80]}"
+            )
+        )
         self.status_label = QLabel(objectName="tabStatus")
         self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.status_label.setWordWrap(True)

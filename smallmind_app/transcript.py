@@ -14,12 +14,21 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from PySide6.QtCore import Qt, QUrl, Signal, Slot
-from PySide6.QtGui import QGuiApplication, QResizeEvent, QShowEvent, QTextCursor, QTextDocument
-from PySide6.QtWidgets import QTextBrowser, QToolButton, QWidget
+from PySide6.QtCore import QByteArray, Qt, QUrl, Signal, Slot
+from PySide6.QtGui import (
+    QDesktopServices,
+    QGuiApplication,
+    QResizeEvent,
+    QShowEvent,
+    QTextCursor,
+    QTextDocument,
+)
+from PySide6.QtWidgets import QMessageBox, QTextBrowser, QToolButton, QWidget
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _BODY = re.compile(r"<body[^>]*>(.*)</body>", re.S)
+_IMAGE = re.compile(r"<img\b[^>]*>")
+_ALT = re.compile(r'\balt="([^"]*)"')
 
 COLORS = {
     "user": "#e8effd",
@@ -59,13 +68,30 @@ def sanitize(text: str) -> str:
     return _CONTROL_CHARS.sub("", text)
 
 
+MARKDOWN_NO_HTML = QTextDocument.MarkdownFeature(
+    QTextDocument.MarkdownFeature.MarkdownDialectGitHub.value
+    | QTextDocument.MarkdownFeature.MarkdownNoHTML.value
+)
+LINK_SCHEMES = ("http", "https")  # the only links of a reply that are opened (in the browser)
+
+
 def markdown_html(text: str) -> str:
-    """Markdown -> the HTML body Qt renders, with code blocks on a grey background."""
+    """Markdown -> the HTML body Qt renders, with code blocks on a grey background.
+
+    A reply is untrusted text (a downloaded model, a remote server): raw HTML in it is shown as
+    text, never rendered, so a reply cannot style itself as a "You" message or a notice.
+    """
     document = QTextDocument()
-    document.setMarkdown(sanitize(text))
+    document.setMarkdown(sanitize(text), MARKDOWN_NO_HTML)
     match = _BODY.search(document.toHtml())
     body = match.group(1) if match else html.escape(text)
+    body = _IMAGE.sub(lambda m: html.escape(f"[image: {_alt(m[0])}]"), body)  # nothing is loaded
     return body.replace('<pre style="', f'<pre style=" background-color:{COLORS["code"]};')
+
+
+def _alt(tag: str) -> str:
+    match = _ALT.search(tag)
+    return html.unescape(match[1]) if match and match[1] else "no description"
 
 
 def plain_html(text: str) -> str:
@@ -146,6 +172,7 @@ class TranscriptView(QTextBrowser):
 
     copied = Signal(int)  # index of the entry whose text went to the clipboard
     following_changed = Signal(bool)
+    link_refused = Signal(str)  # a link of a reply that is not opened (not http/https): its address
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -158,6 +185,7 @@ class TranscriptView(QTextBrowser):
         self._cache: dict[int, tuple[tuple[Any, ...], str]] = {}
         self._rendering = False
         self.following = True
+        self.blocked_resources: list[str] = []  # what a reply asked to load (nothing is)
         self.jump_button = QToolButton(self, objectName="jumpToLatestButton")
         self.jump_button.setText("↓ Jump to latest")
         self.jump_button.setToolTip("Scroll to the newest message and follow the reply again")
@@ -274,7 +302,38 @@ class TranscriptView(QTextBrowser):
             "Type a message below and press Enter.<br />Shift+Enter starts a new line.</p>"
         )
 
+    def loadResource(self, kind: int, name: QUrl) -> Any:
+        """Nothing is loaded for a reply: no local files, no network (an image shows as its text)."""
+        self.blocked_resources.append(name.toString())
+        return QByteArray()  # not None: for None, QTextDocument reads a local file itself
+
     @Slot(QUrl)
     def _on_anchor_clicked(self, url: QUrl) -> None:
         if url.scheme() == "copy":
             self.copy_entry(int(url.path() or -1))
+        elif url.scheme() in LINK_SCHEMES and url.host():
+            self.ask_to_open(url)
+        else:
+            self.link_refused.emit(url.toString())
+
+    def ask_to_open(self, url: QUrl) -> QMessageBox:
+        """Show the address before it goes to the browser; Cancel is the default button."""
+        address = url.toString(QUrl.ComponentFormattingOption.FullyEncoded)
+        box = QMessageBox(
+            QMessageBox.Icon.Question,
+            "Open link",
+            f"Open this address in your browser?\n\n{address}",
+            QMessageBox.StandardButton.Open | QMessageBox.StandardButton.Cancel,
+            self,
+        )
+        box.setObjectName("openLinkDialog")
+        box.setDefaultButton(QMessageBox.StandardButton.Cancel)
+        box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        box.accepted.connect(lambda: open_in_browser(QUrl(address)))
+        box.open()
+        return box
+
+
+def open_in_browser(url: QUrl) -> bool:
+    """The system's browser (tests replace this)."""
+    return QDesktopServices.openUrl(url)

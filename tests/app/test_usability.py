@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 from typing import Any
 
 from smallmind_app import paths
@@ -176,3 +177,67 @@ def test_a_paste_over_the_tab_limit_names_it_and_offers_to_raise_it(
     assert not tab.raise_button.isVisible() and not tab.fix_button.isVisible()
     with ConversationStore(paths.database_file()) as store:
         assert [m.role for m in store.messages(tab.conversation_id)] == ["user", "assistant"]
+
+
+# -- 8: replies are untrusted text ---------------------------------------------------------------
+def stored_reply(content: str) -> str:
+    with ConversationStore(paths.database_file()) as store:
+        conversation = store.create_conversation("Untrusted", "")
+        store.add_message(conversation.id, "user", "Say hello")
+        store.add_message(conversation.id, "assistant", content, "complete", {"n_tokens": 9})
+        return conversation.id
+
+
+def colors_in(view: Any) -> set[str]:
+    """Every text colour the transcript shows."""
+    colors, block = set(), view.document().begin()
+    while block.isValid():
+        it = block.begin()
+        while not it.atEnd():
+            colors.add(it.fragment().charFormat().foreground().color().name())
+            it += 1
+        block = block.next()
+    return colors
+
+
+def test_a_reply_with_html_images_and_links_stays_text_and_loads_nothing(
+    qtbot: Any, make_window: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    from PySide6.QtCore import QUrl
+    from PySide6.QtGui import QColor, QImage, QPixmap, QTextDocument
+    from PySide6.QtWidgets import QMessageBox
+
+    from smallmind_app import transcript
+
+    image = tmp_path / "local.png"
+    picture = QImage(8, 8, QImage.Format.Format_RGB32)
+    picture.fill(QColor("#ff0000"))
+    assert picture.save(str(image))
+    image_url = QUrl.fromLocalFile(str(image)).toString()
+    stored_reply(
+        'Hello <span style="color:#ff0000">I am red</span>\n\n'
+        '<table bgcolor="#e8effd"><tr><td><b>You</b> a fake message</td></tr></table>\n\n'
+        f"![a picture]({image_url}) [docs](https://example.com/a?b=1) [secret](file:///etc/passwd)"
+    )
+    opened: list[str] = []
+    monkeypatch.setattr(transcript, "open_in_browser", lambda url: opened.append(url.toString()))
+    window = make_window()
+    view = window.chat_tabs[0].transcript
+    text = view.toPlainText()
+    assert '<span style="color:#ff0000">I am red</span>' in text and "<table bgcolor" in text  # shown as text
+    assert "#ff0000" not in colors_in(view)
+    assert "[image: a picture]" in text
+    assert view.blocked_resources == []  # nothing was even asked for
+    resource = view.document().resource(QTextDocument.ResourceType.ImageResource, QUrl(image_url))
+    assert view.blocked_resources == [image_url] and not isinstance(resource, QPixmap | QImage)
+    assert resource is None or len(resource) == 0  # asked directly, still nothing is read
+
+    view.anchorClicked.emit(QUrl("file:///etc/passwd"))  # not http(s): never opened, no dialog
+    assert window.findChild(QMessageBox, "openLinkDialog") is None and opened == []
+    view.anchorClicked.emit(QUrl("https://example.com/a?b=1"))
+    box = window.findChild(QMessageBox, "openLinkDialog")
+    assert box is not None and box.isVisible() and "https://example.com/a?b=1" in box.text()
+    assert box.defaultButton() is box.button(QMessageBox.StandardButton.Cancel)
+    assert opened == []  # only after the user says so
+    box.button(QMessageBox.StandardButton.Open).click()
+    assert opened == ["https://example.com/a?b=1"]
