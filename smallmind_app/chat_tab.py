@@ -94,6 +94,7 @@ class ChatTab(QWidget):
     cancel_requested = Signal(str)
     chat_settings_requested = Signal(str)  # conversation id: the user wants this chat's own settings
     busy_changed = Signal(str, bool)
+    first_message_sent = Signal(str, str)  # conversation id, the text of its first user message
     settings_requested = Signal(str)  # a setting ("kv_cache.max_bytes_total") the user wants to change
     setting_change_requested = Signal(str, str, int)  # conversation id, setting, value: then send again
 
@@ -115,6 +116,7 @@ class ChatTab(QWidget):
         self._last_partial_save = 0.0
         self._unsaved = False  # a write failed: the database is behind what the tab shows
         self._render_pending = False
+        self._n_streamed = 0  # tokens of the reply being generated, as the worker counted them
         self._build(conversation.system_prompt)
         self._update_buttons()
         self.render_now()
@@ -264,7 +266,10 @@ class ChatTab(QWidget):
         self._show_problem("", None)
         self._catch_up()
         message = self._save(self._store.add_message, self.conversation_id, "user", text)
+        first = not any(e.role == "user" for e in self.entries)
         self.entries.append(Entry("user", text, message_id=message.id if message else None))
+        if first:
+            self.first_message_sent.emit(self.conversation_id, text)
         self.prompt_edit.clear()
         self.transcript.jump_to_latest()  # the user's own message and the reply are followed
         self._request_reply()
@@ -325,6 +330,7 @@ class ChatTab(QWidget):
         reply = Entry("assistant", "", "streaming", message_id=stored.id if stored else None)
         self.entries.append(reply)
         self._last_partial_save = time.monotonic()
+        self._n_streamed = 0
         self._set_busy(reply)
         self.status_label.setText("waiting for the engine…")
         self.render_now()
@@ -340,16 +346,24 @@ class ChatTab(QWidget):
         )
         self.schedule_render()
 
-    def append_text(self, text: str) -> None:
+    def append_text(self, text: str, n_tokens: int | None = None) -> None:
+        """More text of the reply; ``n_tokens``: the tokens it has so far (kept if the app quits)."""
         if self._reply is None:
             return
         self._reply.content += text
         self._reply.progress = None
+        if n_tokens is not None:
+            self._n_streamed = n_tokens
         self.status_label.setText("generating…")
         now = time.monotonic()
         if self._reply.message_id is not None and now - self._last_partial_save >= SAVE_PARTIAL_EVERY_S:
             self._last_partial_save = now
-            self._save(self._store.update_message, self._reply.message_id, content=self._reply.content)
+            self._save(
+                self._store.update_message,
+                self._reply.message_id,
+                content=self._reply.content,
+                stats={"n_tokens": self._n_streamed},  # a crash keeps the count with the text
+            )
         self.schedule_render()
 
     def finish_reply(self, result: dict[str, Any]) -> None:
@@ -436,7 +450,7 @@ class ChatTab(QWidget):
         if reply is None:
             return
         reply.status = "partial"
-        reply.stats = {"finish_reason": "cancelled", "n_tokens": reply.stats.get("n_tokens", 0)}
+        reply.stats = {"finish_reason": "cancelled", "n_tokens": self._n_streamed}
         if reply.message_id is not None:
             self._save(
                 self._store.update_message,

@@ -255,10 +255,10 @@ class MainWindow(QMainWindow):
         if (tab := self.tabs.tab_for(conversation_id)) is not None:
             tab.show_prompt_progress(done, total)
 
-    @Slot(str, str)
-    def _on_worker_text_generated(self, conversation_id: str, text: str) -> None:
+    @Slot(str, str, int)
+    def _on_worker_text_generated(self, conversation_id: str, text: str, n_tokens: int) -> None:
         if (tab := self.tabs.tab_for(conversation_id)) is not None:
-            tab.append_text(text)
+            tab.append_text(text, n_tokens)
 
     @Slot(str, dict)
     def _on_worker_request_finished(self, conversation_id: str, result: dict) -> None:

@@ -147,7 +147,8 @@ def entry_html(index: int, entry: Entry) -> str:
         if entry.stats.get("error"):
             footer += f"<br />{html.escape(str(entry.stats['error']))}"
         elif entry.status == "partial" and "finish_reason" not in entry.stats:
-            footer = "interrupted (the app closed while this reply was generated)"
+            n_tokens = f"{entry.stats['n_tokens']} tokens · " if entry.stats.get("n_tokens") else ""
+            footer = f"{n_tokens}interrupted (the app closed while this reply was generated)"
     header = (
         f'<p style="margin:0px 0px 4px 0px;"><span style="color:{name_color}; font-weight:600;">{name}</span>'
         f'&nbsp;&nbsp;<a href="copy:{index}" style="color:{muted}; text-decoration:none;">Copy</a></p>'

@@ -68,7 +68,7 @@ class EngineWorker(QObject):
     model_load_failed = Signal(str, str)  # path, reason
     model_missing = Signal(str)  # no model given and the default one is not installed: the message
     prompt_progressed = Signal(str, int, int)  # conversation id, prompt tokens done, prompt tokens
-    text_generated = Signal(str, str)  # conversation id, new text (pieces of one or more steps joined)
+    text_generated = Signal(str, str, int)  # conversation id, new text (pieces joined), tokens so far
     request_finished = Signal(str, dict)  # conversation id, result_dict()
     request_failed = Signal(str, str, dict)  # conversation id, message, {"setting", "suggested"} (at submit)
     stats_updated = Signal(dict)  # stats_dict(): "kv", "metrics", "sessions", "limits"
@@ -88,6 +88,7 @@ class EngineWorker(QObject):
         self._handles: dict[str, Any] = {}  # conversation id -> RequestHandle
         self._events: list[tuple[str, GenerationEvent]] = []  # filled inside step()
         self._text: dict[str, list[str]] = {}  # pending text pieces per conversation
+        self._n_generated: dict[str, int] = {}  # tokens generated so far by each conversation's reply
         self._last_text_flush = 0.0
         self._step_timer: QTimer | None = None
         self._wait_timer: QTimer | None = None
@@ -230,6 +231,7 @@ class EngineWorker(QObject):
             self._refuse(conversation_id, problem)
             return
         self._handles[conversation_id] = handle
+        self._n_generated[conversation_id] = 0
         self._schedule()
 
     def _refuse(self, conversation_id: str, problem: Problem) -> None:
@@ -349,6 +351,10 @@ class EngineWorker(QObject):
                 progress[conversation_id] = (event.prompt_done, event.prompt_total)
             if event.text:
                 self._text.setdefault(conversation_id, []).append(event.text)
+            if event.kind != "prefill" and event.token_ids:
+                self._n_generated[conversation_id] = self._n_generated.get(conversation_id, 0) + len(
+                    event.token_ids
+                )
             if event.result is not None:
                 finished.append((conversation_id, event.result))
         for conversation_id, (done, total) in progress.items():
@@ -357,10 +363,12 @@ class EngineWorker(QObject):
         if force or finished or now - self._last_text_flush >= TEXT_FLUSH_S:
             pending, self._text = self._text, {}
             for conversation_id, pieces in pending.items():
-                self.text_generated.emit(conversation_id, "".join(pieces))
+                n_tokens = self._n_generated.get(conversation_id, 0)
+                self.text_generated.emit(conversation_id, "".join(pieces), n_tokens)
             self._last_text_flush = now
         for conversation_id, result in finished:
             self._handles.pop(conversation_id, None)
+            self._n_generated.pop(conversation_id, None)
             data = result_dict(result)
             if data.get("error"):  # the precise message to the log, the user's words to the tab
                 log.warning("reply of %s failed: %s", conversation_id, data["error"])

@@ -269,6 +269,8 @@ class WindowSoak:
         """Through the Chat > Reopen menu, as a user would; the tab must show what the database holds."""
         menu = self.window.reopen_menu
         menu.aboutToShow.emit()
+        stored = self.window.store.get_conversation(cid)  # a new chat is named after its first message
+        self.titles[cid] = stored.title if stored is not None else self.titles[cid]
         action = next((a for a in menu.actions() if a.text() == self.titles[cid]), None)
         assert action is not None, f"{self.titles[cid]} is not in the Reopen menu"
         action.trigger()

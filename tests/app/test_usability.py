@@ -241,3 +241,61 @@ def test_a_reply_with_html_images_and_links_stays_text_and_loads_nothing(
     assert opened == []  # only after the user says so
     box.button(QMessageBox.StandardButton.Open).click()
     assert opened == ["https://example.com/a?b=1"]
+
+
+# -- 5: names, order and counts survive ----------------------------------------------------------
+def titles(window: Any) -> list[str]:
+    return [window.tabs.tabText(i) for i in range(window.tabs.count())]
+
+
+def test_tab_names_are_unique_and_follow_the_first_message(qtbot: Any, make_window: Any) -> None:
+    window = make_window()
+    window.new_chat()
+    window.new_chat()
+    assert titles(window) == ["New chat", "New chat (2)", "New chat (3)"]
+    window.tabs.close_tab(1)
+    window.new_chat()  # closed conversations keep their names: still no two alike
+    assert len(set(titles(window))) == 3
+    first = window.chat_tabs[0]
+    send(first, "What is the capital of France? Please answer in one short sentence.")
+    assert first.title == window.tabs.tabText(0) == "What is the capital of France? Please…"
+    window.tabs.rename_tab(1, "My notes")  # a name the user gave stays
+    second = window.chat_tabs[1]
+    send(second, "Something else")
+    assert window.tabs.tabText(1) == "My notes"
+    third = window.chat_tabs[2]
+    send(third, "What is the capital of France? Please answer in one short sentence.")
+    assert third.title == "What is the capital of France? Please… (2)"
+    wait_idle(qtbot, first, second, third)
+    with ConversationStore(paths.database_file()) as store:
+        assert {c.title for c in store.list_conversations()} >= {first.title, "My notes", third.title}
+
+
+def test_tab_order_and_a_partial_replys_token_count_survive_a_restart(
+    qtbot: Any, make_window: Any, write_settings: Any
+) -> None:
+    write_settings(sampling=LONG)
+    window = make_window()
+    for name in ("B", "C", "D"):
+        window.tabs.rename_tab(window.tabs.indexOf(window.new_chat()), name)
+    window.tabs.rename_tab(0, "A")
+    window.tabs.tabBar().moveTab(0, 2)  # dragged: B C A D
+    window.tabs.close_tab(0)  # B closed, then reopened: it comes back last
+    reopened = window.tabs.reopen(next(c.id for c in window.store.list_conversations() if c.title == "B"))
+    assert reopened is not None and titles(window) == ["C", "A", "D", "B"]
+    tab = window.chat_tabs[1]
+    send(tab, "Tell me a long story")
+    qtbot.waitUntil(lambda: tab._n_streamed > 20, timeout=REPLY_TIMEOUT_MS)
+    window.close()  # quit during the reply
+    kept = tab.entries[-1]
+    assert kept.status == "partial" and kept.stats["n_tokens"] >= 20
+
+    restarted = make_window()
+    assert titles(restarted) == ["C", "A", "D", "B"]
+    reply = restarted.chat_tabs[1].entries[-1]
+    assert (reply.status, reply.content, reply.stats["n_tokens"]) == (
+        "partial",
+        kept.content,
+        kept.stats["n_tokens"],
+    )
+    assert f"{kept.stats['n_tokens']} tokens · stopped" in restarted.chat_tabs[1].transcript.toPlainText()

@@ -210,7 +210,10 @@ def test_conversations_survive_a_restart(qtbot: Any, make_window: Any, write_set
     assert not window.client.thread.isRunning()
 
     restarted = make_window()
-    assert [restarted.tabs.tabText(i) for i in range(restarted.tabs.count())] == ["Chat 1", "Trip plans"]
+    assert [restarted.tabs.tabText(i) for i in range(restarted.tabs.count())] == [
+        "What is a language model?",  # named after its first message
+        "Trip plans",
+    ]
     after = [[(e.role, e.content, e.status, e.stats) for e in tab.entries] for tab in restarted.chat_tabs]
     assert after == before
     assert restarted.chat_tabs[1].system_prompt == "You are a travel agent."
@@ -298,7 +301,8 @@ def test_prompt_progress_regenerate_edit_copy_export(
     out = tmp_path / "chat.md"
     assert window.tabs.export_conversation(tab.conversation_id, str(out)) is None
     text = out.read_text(encoding="utf-8")
-    assert text.startswith("# Chat 1") and "## User\n\nShort question" in text
+    assert tab.title.startswith("The sea is wide")  # named after its first message
+    assert text.startswith(f"# {tab.title}") and "## User\n\nShort question" in text
 
 
 def test_first_run_dialog_offers_download_or_a_file(
