@@ -28,7 +28,7 @@ from PySide6.QtWidgets import (
 )
 
 from .store import Conversation, ConversationStore, Message, StoreError
-from .transcript import Entry, TranscriptView
+from .transcript import Entry, TranscriptView, limit_reached, tab_limit
 from .wording import LABELS, mib
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,11 @@ def reply_stats(result: dict[str, Any]) -> dict[str, Any]:
         "total_ms": float(result.get("total_ms") or 0.0),
         "context_trimmed": bool(result.get("context_trimmed", False)),
         **({"error": str(result["error"])} if result.get("error") else {}),
+        **{key: result[key] for key in LIMIT_KEYS if result.get(key) is not None},
     }
+
+
+LIMIT_KEYS = ("max_new_tokens", "stopped_by", "session_limit", "limit_setting")
 
 
 SHORT_NAMES = {
@@ -388,13 +392,11 @@ class ChatTab(QWidget):
             self.status_label.setText(f"The reply failed: {stats['error']}")
             self._show_problem(str(result.get("error_setting") or ""), None)
         elif stats["context_trimmed"]:
-            self.status_label.setText("Older messages were left out to fit the model's context.")
+            self.status_label.setText(f"Older messages were left out to fit {tab_limit(stats)}.")
+        elif stats["finish_reason"] == "length":
+            self.status_label.setText(f"Stopped: {limit_reached(stats)}.")
         else:
-            self.status_label.setText(
-                {"cancelled": "Stopped.", "length": "Stopped at the token limit."}.get(
-                    stats["finish_reason"], ""
-                )
-            )
+            self.status_label.setText("Stopped." if stats["finish_reason"] == "cancelled" else "")
         self.render_now()
 
     def fail_request(self, message: str, info: Mapping[str, Any] | None = None) -> None:

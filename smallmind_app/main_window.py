@@ -34,7 +34,7 @@ from .settings import AppSettings, SettingsError, save_settings
 from .settings_dialog import SettingsDialog
 from .stats_dock import StatsDock
 from .store import ConversationStore
-from .wording import MiB, setting_problem
+from .wording import LABELS, MiB, setting_problem
 from .worker import default_model_description, validate_settings
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,7 @@ class MainWindow(QMainWindow):
         w.request_failed.connect(self._on_worker_request_failed)
         w.stats_updated.connect(self._on_worker_stats_updated)
         w.settings_rejected.connect(self._on_worker_settings_rejected)
+        w.settings_applied.connect(self._on_worker_settings_applied)
         w.download_progressed.connect(self._on_worker_download_progressed)
         w.download_finished.connect(self._on_worker_download_finished)
         w.download_failed.connect(self._on_worker_download_failed)
@@ -305,10 +306,7 @@ class MainWindow(QMainWindow):
         self.model_info = dict(info)
         self.load_bar.setVisible(False)
         name = Path(info["file_name"]).stem
-        self.model_label.setText(
-            f"{name} · {info['n_layers']} layers · context {info['context_length']:,} · "
-            f"{info['session_token_limit']:,} tokens per tab"
-        )
+        self._show_model_label()
         self.model_label.setToolTip(f"{info['name']}\n{info['path']}")
         self.setWindowTitle(f"SmallMind — {name}")
         if self.settings_dialog is not None:
@@ -425,6 +423,32 @@ class MainWindow(QMainWindow):
             save_settings(settings)
         except SettingsError as exc:
             self.show_error("Settings not saved", f"{exc}\nThey apply until SmallMind closes.")
+
+    def _show_model_label(self) -> None:
+        info = self.model_info
+        self.model_label.setText(
+            f"{Path(info['file_name']).stem} · {info['n_layers']} layers · "
+            f"context {info['context_length']:,} · {info['session_token_limit']:,} tokens per tab"
+        )
+
+    @Slot(dict)
+    def _on_worker_settings_applied(self, applied: dict) -> None:
+        """The status bar shows the new limit at once; a lower one is said (longer chats get trimmed)."""
+        if not self.model_info or "session_token_limit" not in applied:
+            return
+        old, new = self.model_info["session_token_limit"], applied["session_token_limit"]
+        self.model_info.update(session_token_limit=new, bytes_per_token=applied["bytes_per_token"])
+        self._show_model_label()
+        if self.settings_dialog is not None:
+            self.settings_dialog.set_model_info(self.model_info)
+        if new < old:
+            setting = str(applied.get("limit_setting") or "")
+            cause = f", set by “{LABELS[setting.split('.', 1)[1]]}”" if setting else ""
+            self.statusBar().showMessage(
+                f"Each tab now holds at most {new:,} tokens (was {old:,}){cause}: longer conversations "
+                "leave out their oldest messages.",
+                20_000,
+            )
 
     @Slot(str)
     def _on_worker_settings_rejected(self, message: str) -> None:

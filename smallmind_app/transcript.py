@@ -25,6 +25,8 @@ from PySide6.QtGui import (
 )
 from PySide6.QtWidgets import QMessageBox, QTextBrowser, QToolButton, QWidget
 
+from .wording import LABELS
+
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _BODY = re.compile(r"<body[^>]*>(.*)</body>", re.S)
 _IMAGE = re.compile(r"<img\b[^>]*>")
@@ -41,7 +43,6 @@ COLORS = {
     "assistant_name": "#047857",
 }
 FINISH_NOTES = {
-    "length": "stopped at the token limit",
     "cancelled": "stopped",
     "timeout": "stopped: time limit",
     "error": "failed",
@@ -110,12 +111,31 @@ def stats_line(stats: dict[str, Any]) -> str:
         parts.append(f"first token {stats['ttft_ms']:.0f} ms")
     if "reused_tokens" in stats:
         parts.append(f"{stats['reused_tokens']} of {stats.get('prompt_tokens', '?')} prompt tokens reused")
-    note = FINISH_NOTES.get(str(stats.get("finish_reason", "")))
+    reason = str(stats.get("finish_reason", ""))
+    note = limit_reached(stats) if reason == "length" else FINISH_NOTES.get(reason)
     if note:
-        parts.append(note)
+        parts.append(f"stopped: {note}" if reason == "length" else note)
     if stats.get("context_trimmed"):
-        parts.append("older messages trimmed to fit the context")
+        parts.append(f"older messages trimmed to fit {tab_limit(stats)}")
     return " · ".join(parts)
+
+
+def tab_limit(stats: dict[str, Any]) -> str:
+    """'the model's context', or 'the 273 tokens a tab may hold (“Memory limit per session”)'."""
+    setting = str(stats.get("limit_setting") or "")
+    if not setting or "session_limit" not in stats:
+        return "the model's context"
+    label = LABELS.get(setting.split(".", 1)[1], setting)
+    return f"the {int(stats['session_limit']):,} tokens a tab may hold (set by “{label}”)"
+
+
+def limit_reached(stats: dict[str, Any]) -> str:
+    """Which limit ended a reply: its max new tokens, or a full tab."""
+    if stats.get("stopped_by") == "session":
+        return f"the conversation reached {tab_limit(stats)}"
+    if stats.get("max_new_tokens"):
+        return f"“{LABELS['max_new_tokens']}” ({int(stats['max_new_tokens']):,}) reached"
+    return "the token limit"
 
 
 def entry_html(index: int, entry: Entry) -> str:

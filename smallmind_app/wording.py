@@ -105,6 +105,7 @@ _BUDGET = re.compile(
 )
 _TOO_SMALL = re.compile(r"max_bytes_per_session=([\d,]+) is smaller than one token of K/V \(([\d,]+) bytes\)")
 _SESSIONS = re.compile(r"max_sessions=(\d+) sessions exist and (\d+) are in use")
+_OVERFLOW = re.compile(r"prompt has ([\d,]+) tokens, more than the limit of ([\d,]+) tokens")
 _SESSION_ID = re.compile(r"\b(session )?[0-9a-f]{32}\b")
 
 
@@ -137,6 +138,13 @@ def engine_problem(message: str) -> Problem:
             f"{busy} of them are generating. Wait for a reply to finish, or raise {quoted('max_sessions')} "
             "in Settings.",
             "kv_cache.max_sessions",
+        )
+    if m := _OVERFLOW.search(message):
+        n_tokens, limit = _plain_number(m[1]), _plain_number(m[2])
+        return Problem(
+            f"The conversation is {n_tokens:,} tokens, more than the {limit:,} tokens a tab may hold. "
+            "Start a new chat, or raise the limit in Settings.",
+            "kv_cache.max_tokens_per_session",
         )
     return Problem(_SESSION_ID.sub("this conversation", message))
 

@@ -89,6 +89,7 @@ class EngineWorker(QObject):
         self._events: list[tuple[str, GenerationEvent]] = []  # filled inside step()
         self._text: dict[str, list[str]] = {}  # pending text pieces per conversation
         self._n_generated: dict[str, int] = {}  # tokens generated so far by each conversation's reply
+        self._max_new_tokens: dict[str, int] = {}  # each running reply's own max_new_tokens
         self._last_text_flush = 0.0
         self._step_timer: QTimer | None = None
         self._wait_timer: QTimer | None = None
@@ -232,7 +233,32 @@ class EngineWorker(QObject):
             return
         self._handles[conversation_id] = handle
         self._n_generated[conversation_id] = 0
+        self._max_new_tokens[conversation_id] = options.max_new_tokens
         self._schedule()
+
+    def _limit_setting(self) -> str:
+        """The option that sets a tab's token limit now ("" when it is the model's context)."""
+        assert self._engine is not None
+        limit, kv = self._engine.session_token_limit(), self._kv
+        if not kv.enabled or limit >= self._engine.model.config.context_length:
+            return ""
+        if limit == kv.max_tokens_per_session:
+            return "kv_cache.max_tokens_per_session"
+        return "kv_cache.max_bytes_per_session"
+
+    def _limits_of(self, conversation_id: str, result: GenerationResult) -> dict[str, Any]:
+        """Which limit cut or trimmed a reply: its max new tokens, or the tab's limit (and its setting)."""
+        max_new_tokens = self._max_new_tokens.pop(conversation_id, 0)
+        limits: dict[str, Any] = {"max_new_tokens": max_new_tokens}
+        if self._engine is None:
+            return limits
+        if result.finish_reason == "length":
+            full = result.generated_tokens < max_new_tokens
+            limits["stopped_by"] = "session" if full else "max_new_tokens"
+        if limits.get("stopped_by") == "session" or result.context_trimmed:
+            limits["session_limit"] = self._engine.session_token_limit()
+            limits["limit_setting"] = self._limit_setting()
+        return limits
 
     def _refuse(self, conversation_id: str, problem: Problem) -> None:
         info = {"setting": problem.setting, "suggested": problem.suggested}
@@ -293,6 +319,7 @@ class EngineWorker(QObject):
         if self._engine is not None:
             self._engine.update_options(batching=batching_options, cache=kv_options)
             applied["session_token_limit"] = self._engine.session_token_limit()
+            applied["limit_setting"] = self._limit_setting()
             applied["bytes_per_token"] = self._engine.model.kv_shape(kv_options.dtype).bytes_per_token
             self._emit_stats()
             self._schedule()
@@ -369,11 +396,14 @@ class EngineWorker(QObject):
         for conversation_id, result in finished:
             self._handles.pop(conversation_id, None)
             self._n_generated.pop(conversation_id, None)
-            data = result_dict(result)
+            data = result_dict(result) | self._limits_of(conversation_id, result)
             if data.get("error"):  # the precise message to the log, the user's words to the tab
                 log.warning("reply of %s failed: %s", conversation_id, data["error"])
                 problem = engine_problem(str(data["error"]))
-                data.update(error=problem.text, error_detail=data["error"], error_setting=problem.setting)
+                setting = problem.setting
+                if setting == "kv_cache.max_tokens_per_session" and self._engine is not None:
+                    setting = self._limit_setting()  # the option that sets the tab's limit now
+                data.update(error=problem.text, error_detail=data["error"], error_setting=setting)
             self.request_finished.emit(conversation_id, data)
         if finished:
             self._emit_stats()  # the dock shows the session unpinned at once
@@ -382,7 +412,10 @@ class EngineWorker(QObject):
     @Slot()
     def _emit_stats(self) -> None:
         if self._engine is not None:
-            self.stats_updated.emit(stats_dict(self._engine))
+            stats = stats_dict(self._engine)
+            for session in stats["sessions"]:  # a reply queued for it: it is not the next to be evicted
+                session["waiting"] = not session["pinned"] and session["session_id"] in self._handles
+            self.stats_updated.emit(stats)
 
     # -- download -------------------------------------------------------------------------------
     @Slot()

@@ -47,10 +47,10 @@ WORDS = sorted(set(SAMPLE_TEXT.split()))
 BUSY_TEXTS = ("generating…", "waiting for the engine…", "stopping…")
 ENDED = ("complete", "partial", "error")
 # Why the engine may refuse a message at Send (each names its numbers); anything else is a bug.
-REFUSALS = ("queue is full", "more than the limit of", "KV cache budget")
+REFUSALS = ("queue is full", "tokens a tab may hold", "model's context", "Not enough cache memory")
 # Why a reply may fail once accepted: the budget was shrunk below what the running replies hold, or the
 # token limit per session below its prompt while it waited in the queue.
-REPLY_ERRORS = ("KV cache budget exhausted", "cannot open a new KV cache session", "more than the limit of")
+REPLY_ERRORS = ("Not enough cache memory", "No cache session is free", "tokens a tab may hold")
 
 
 class Recorder(QObject):
@@ -998,7 +998,7 @@ def test_a_paste_beyond_the_context_is_refused_with_the_numbers(
     reply = tab.entries[-1]
     assert reply.status == "complete" and reply.stats["context_trimmed"]
     assert tab.status_label.text() == "Older messages were left out to fit the model's context."
-    assert "older messages trimmed to fit the context" in tab.transcript.toPlainText()
+    assert "older messages trimmed to fit the model's context" in tab.transcript.toPlainText()
     assert reply.stats["prompt_tokens"] < limit
 
 

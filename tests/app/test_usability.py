@@ -299,3 +299,81 @@ def test_tab_order_and_a_partial_replys_token_count_survive_a_restart(
         kept.stats["n_tokens"],
     )
     assert f"{kept.stats['n_tokens']} tokens · stopped" in restarted.chat_tabs[1].transcript.toPlainText()
+
+
+# -- 3: numbers that stay true -------------------------------------------------------------------
+def test_limits_and_rates_shown_are_the_current_ones_and_name_their_cause(
+    qtbot: Any, make_window: Any, write_settings: Any
+) -> None:
+    write_settings(sampling={"max_new_tokens": 64, "stop_on_eos": False, "seed": 2})
+    window = make_window()
+    assert "1,024 tokens per tab" in window.model_label.text()
+    per_token = window.model_info["bytes_per_token"]
+    window.apply_settings(window.settings.with_changes(kv_cache={"max_bytes_per_session": per_token * 100}))
+    qtbot.waitUntil(lambda: "100 tokens per tab" in window.model_label.text(), timeout=5000)
+    assert (
+        window.statusBar()
+        .currentMessage()
+        .startswith("Each tab now holds at most 100 tokens (was 1,024), set by “Memory limit per session”")
+    )
+    tab = window.chat_tabs[0]
+    send(tab, " ".join(f"w{i}" for i in range(12)))
+    wait_idle(qtbot, tab)
+    reply = tab.entries[-1]
+    assert reply.stats["finish_reason"] == "length" and reply.stats["n_tokens"] < 64  # the tab is full
+    full = "the 100 tokens a tab may hold (set by “Memory limit per session”)"
+    assert tab.status_label.text() == f"Stopped: the conversation reached {full}."
+    assert f"stopped: the conversation reached {full}" in tab.transcript.toPlainText()
+    send(tab, "And more")
+    wait_idle(qtbot, tab)
+    assert tab.entries[-1].stats["context_trimmed"]
+    assert tab.status_label.text().startswith(f"Older messages were left out to fit {full}")
+
+    window.apply_settings(window.settings.with_changes(kv_cache={"max_bytes_per_session": per_token * 2000}))
+    qtbot.waitUntil(lambda: "1,024 tokens per tab" in window.model_label.text(), timeout=5000)
+    send(tab, "Short")
+    wait_idle(qtbot, tab)
+    reply = tab.entries[-1]
+    assert (
+        reply.stats["n_tokens"] == 64
+        and "stopped: “Max new tokens” (64) reached" in tab.transcript.toPlainText()
+    )
+    dock = window.stats_dock.labels
+    qtbot.waitUntil(lambda: "hit rate" in dock["statHitRate"].text(), timeout=5000)
+    headline = re.match(r"(\d+)% of prompt tokens  \(hit rate (\d+)%", dock["statHitRate"].text())
+    assert headline is not None, dock[
+        "statHitRate"
+    ].text()  # the token reuse ratio first, the hit rate beside
+    rates = re.match(r"([\d.]+) generated · ([\d,]+) prompt", dock["statTokensPerSec"].text())
+    assert rates is not None and int(rates[2].replace(",", "")) > 0  # prompt tokens of the last seconds
+
+
+def session_states(window: Any) -> dict[str, str]:
+    table = window.stats_dock.table
+    return {table.item(row, 0).text(): table.item(row, 3).text() for row in range(table.rowCount())}
+
+
+def test_the_session_marked_evicted_next_is_the_one_evicted(
+    qtbot: Any, make_window: Any, write_settings: Any
+) -> None:
+    write_settings(sampling={"max_new_tokens": 40, "stop_on_eos": False, "seed": 4})
+    window = make_window()
+    per_token = window.model_info["bytes_per_token"]
+    budget = {"max_bytes_total": per_token * 700, "max_bytes_per_session": per_token * 600}
+    window.apply_settings(window.settings.with_changes(kv_cache=budget))
+    a, b = window.chat_tabs[0], window.new_chat()
+    window.tabs.rename_tab(0, "A")
+    window.tabs.rename_tab(1, "B")
+    for tab in (a, b):  # A is used first: the least recently used session
+        send(tab, "Hello there")
+        wait_idle(qtbot, tab)
+    qtbot.waitUntil(lambda: session_states(window) == {"A": "idle · evicted next", "B": "idle"}, timeout=5000)
+    window.apply_settings(window.settings.with_changes(batching={"max_batch_wait_ms": 1500.0}))
+    window.sampling_for = lambda tab: {**window.settings.sampling, "max_new_tokens": 400}  # A grows past 256
+    send(a, "Now a longer answer please")  # A waits for company for 1.5 s: B is the one to go
+    qtbot.waitUntil(
+        lambda: session_states(window) == {"B": "idle · evicted next", "A": "waiting to run"}, timeout=5000
+    )
+    wait_idle(qtbot, a)
+    qtbot.waitUntil(lambda: "B" not in session_states(window), timeout=5000)  # the policy evicted B
+    assert list(session_states(window)) == ["A"] and a.entries[-1].status == "complete"
