@@ -84,7 +84,7 @@ SECTIONS: dict[str, dict[str, tuple[Any, str]]] = {
         "top_k": (40, "int"),
         "top_p": (0.95, "number"),
         "min_p": (0.0, "number"),
-        "repetition_penalty": (1.0, "number"),
+        "repetition_penalty": (1.1, "number"),
         "repetition_window": (64, "int"),
         "seed": (None, "int|null"),
         "stop": ((), "str list"),

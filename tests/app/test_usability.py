@@ -377,3 +377,19 @@ def test_the_session_marked_evicted_next_is_the_one_evicted(
     wait_idle(qtbot, a)
     qtbot.waitUntil(lambda: "B" not in session_states(window), timeout=5000)  # the policy evicted B
     assert list(session_states(window)) == ["A"] and a.entries[-1].status == "complete"
+
+
+# -- 7: defaults small models need ---------------------------------------------------------------
+def test_a_mild_repetition_penalty_is_the_default_and_shown_in_settings(qtbot: Any, make_window: Any) -> None:
+    window = make_window()
+    sent: list[dict[str, Any]] = []
+    window.client.submit_requested.connect(lambda _cid, _messages, sampling: sent.append(sampling))
+    dialog = window.open_settings()
+    assert dialog.fields["repetitionPenalty"][3].value() == 1.1
+    assert dialog.fields["repetitionWindow"][3].value() == 64
+    dialog.reject()
+    tab = window.chat_tabs[0]
+    send(tab, "Tell me about dragons")
+    wait_idle(qtbot, tab)
+    assert sent and sent[0]["repetition_penalty"] == 1.1
+    assert tab.entries[-1].status == "complete"
