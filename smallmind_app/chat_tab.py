@@ -40,14 +40,18 @@ FINISH_STATUS = {"stop": "complete", "length": "complete", "cancelled": "partial
 
 
 class PromptEdit(QPlainTextEdit):
-    """Enter sends, Shift+Enter inserts a new line."""
+    """Enter sends, Shift+Enter inserts a new line, Esc cancels (an edit of the last message)."""
 
     submitted = Signal()
+    escaped = Signal()
 
     def keyPressEvent(self, event: QKeyEvent) -> None:
         enter = event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter)
         if enter and not event.modifiers() & Qt.KeyboardModifier.ShiftModifier:
             self.submitted.emit()
+            return
+        if event.key() == Qt.Key.Key_Escape:
+            self.escaped.emit()
             return
         super().keyPressEvent(event)
 
@@ -150,6 +154,7 @@ class ChatTab(QWidget):
         self.settings_button.clicked.connect(lambda: self.chat_settings_requested.emit(self.conversation_id))
 
         self.transcript = TranscriptView(self)
+        self.transcript.copied.connect(lambda _index: self.status_label.setText("Copied to the clipboard."))
         self.transcript.link_refused.connect(
             lambda address: self.status_label.setText(
                 f"Only web links (http, https) are opened; not {address[:80]}"
@@ -164,6 +169,17 @@ class ChatTab(QWidget):
         self.prompt_edit.setAccessibleName("Message")
         self.prompt_edit.setFixedHeight(78)
         self.prompt_edit.submitted.connect(self.send)
+        self.prompt_edit.escaped.connect(self.cancel_edit)
+        self.edit_banner = QLabel(objectName="editBanner")
+        self.edit_banner.setText(
+            "Editing your last message: Enter sends it in place of the old one and its reply; Esc cancels."
+        )
+        self.edit_banner.setWordWrap(True)
+        self.edit_banner.setStyleSheet(
+            "background: #fff4e5; color: #92400e; padding: 4px 8px; border-radius: 4px;"
+        )
+        self.edit_banner.setVisible(False)
+        self._editing: str | None = None  # the draft the prompt box held before an edit began
         self.send_button = QPushButton("Send", objectName="sendButton")
         self.send_button.setDefault(True)
         self.send_button.clicked.connect(self.send)
@@ -211,6 +227,7 @@ class ChatTab(QWidget):
         layout.addWidget(self.system_edit)
         layout.addWidget(self.transcript, 1)
         layout.addLayout(actions_row)
+        layout.addWidget(self.edit_banner)
         layout.addLayout(prompt_row)
         self._update_system_toggle()
         self._update_settings_button()
@@ -252,8 +269,8 @@ class ChatTab(QWidget):
         has_user = any(e.role == "user" for e in self.entries)
         self.send_button.setEnabled(not busy)
         self.stop_button.setEnabled(busy)
-        self.regenerate_button.setEnabled(not busy and has_user)
-        self.edit_button.setEnabled(not busy and has_user)
+        self.regenerate_button.setEnabled(not busy and has_user and self._editing is None)
+        self.edit_button.setEnabled(not busy and has_user and self._editing is None)
 
     def _set_busy(self, busy_reply: Entry | None) -> None:
         self._reply = busy_reply
@@ -266,6 +283,12 @@ class ChatTab(QWidget):
         text = self.prompt_edit.toPlainText().strip()
         if not text or self.is_generating:
             return
+        if self._editing is not None:  # the edit is committed now: the old message and its reply go
+            last_user = self._last_index("user")
+            self._end_edit()
+            if last_user is not None:
+                self._catch_up()
+                self._drop_from(last_user)
         self.entries = [e for e in self.entries if e.role != "notice"]
         self._show_problem("", None)
         self._catch_up()
@@ -300,20 +323,41 @@ class ChatTab(QWidget):
 
     @Slot()
     def edit_last(self) -> None:
-        """Take the last user message (and what follows) back into the prompt box."""
+        """Put the last user message in the prompt box to change it; nothing is removed until it is
+        sent (then the old message and its reply are replaced); Esc or Cancel edit keeps them."""
         if self.is_generating:
             return
         last_user = self._last_index("user")
         if last_user is None:
             return
-        text = self.entries[last_user].content
-        self._catch_up()
-        self._drop_from(last_user)
-        self.prompt_edit.setPlainText(text)
+        if self._editing is None:
+            self._editing = self.prompt_edit.toPlainText()
+        self.entries[last_user].editing = True
+        self.prompt_edit.setPlainText(self.entries[last_user].content)
         self.prompt_edit.moveCursor(QTextCursor.MoveOperation.End)
         self.prompt_edit.setFocus()
+        self.edit_banner.setVisible(True)
+        self.send_button.setText("Save && send")
         self._update_buttons()
         self.render_now()
+
+    @Slot()
+    def cancel_edit(self) -> None:
+        """Esc: leave the last message and its reply as they were, give back the draft."""
+        if self._editing is None:
+            return
+        draft = self._editing
+        self._end_edit()
+        self.prompt_edit.setPlainText(draft)
+        self.render_now()
+
+    def _end_edit(self) -> None:
+        self._editing = None
+        for entry in self.entries:
+            entry.editing = False
+        self.edit_banner.setVisible(False)
+        self.send_button.setText("Send")
+        self._update_buttons()
 
     def _last_index(self, role: str) -> int | None:
         return next((i for i in range(len(self.entries) - 1, -1, -1) if self.entries[i].role == role), None)

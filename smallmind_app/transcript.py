@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from PySide6.QtCore import QByteArray, Qt, QUrl, Signal, Slot
+from PySide6.QtCore import QByteArray, Qt, QTimer, QUrl, Signal, Slot
 from PySide6.QtGui import (
     QDesktopServices,
     QGuiApplication,
@@ -41,7 +41,9 @@ COLORS = {
     "code": "#eceef1",
     "user_name": "#1d4ed8",
     "assistant_name": "#047857",
+    "editing": "#b45309",
 }
+COPIED_SHOWN_MS = 1500
 FINISH_NOTES = {
     "cancelled": "stopped",
     "timeout": "stopped: time limit",
@@ -59,9 +61,12 @@ class Entry:
     stats: dict[str, Any] = field(default_factory=dict)
     message_id: int | None = None  # None: not in the database (a notice, or a failed save)
     progress: tuple[int, int] | None = None  # prompt tokens processed / total, while prefilling
+    editing: bool = False  # the user is changing this message in the prompt box
+    copied: bool = False  # its text just went to the clipboard ("Copied ✓" for a moment)
 
     def cache_key(self) -> tuple[Any, ...]:
-        return (self.role, self.content, self.status, tuple(sorted(self.stats.items())), self.progress)
+        stats = tuple(sorted(self.stats.items()))
+        return (self.role, self.content, self.status, stats, self.progress, self.editing, self.copied)
 
 
 def sanitize(text: str) -> str:
@@ -169,9 +174,16 @@ def entry_html(index: int, entry: Entry) -> str:
         elif entry.status == "partial" and "finish_reason" not in entry.stats:
             n_tokens = f"{entry.stats['n_tokens']} tokens · " if entry.stats.get("n_tokens") else ""
             footer = f"{n_tokens}interrupted (the app closed while this reply was generated)"
+    copy = "Copied ✓" if entry.copied else "Copy"
+    editing = (
+        f'&nbsp;&nbsp;<span style="color:{COLORS["editing"]};">being edited below (Esc cancels)</span>'
+        if entry.editing
+        else ""
+    )
     header = (
         f'<p style="margin:0px 0px 4px 0px;"><span style="color:{name_color}; font-weight:600;">{name}</span>'
-        f'&nbsp;&nbsp;<a href="copy:{index}" style="color:{muted}; text-decoration:none;">Copy</a></p>'
+        f'&nbsp;&nbsp;<a href="copy:{index}" style="color:{muted}; text-decoration:none;">{copy}</a>'
+        f"{editing}</p>"
     )
     foot = (
         f'<p style="margin:6px 0px 0px 0px; color:{muted}; font-size:small;">{footer}</p>' if footer else ""
@@ -313,9 +325,19 @@ class TranscriptView(QTextBrowser):
         self.setTextCursor(cursor)
 
     def copy_entry(self, index: int) -> None:
+        """The entry's text to the clipboard; its link says "Copied ✓" for a moment."""
         if 0 <= index < len(self._entries):
-            QGuiApplication.clipboard().setText(self._entries[index].content)
+            entry = self._entries[index]
+            QGuiApplication.clipboard().setText(entry.content)
+            entry.copied = True
+            self.render(self._entries)
+            QTimer.singleShot(COPIED_SHOWN_MS, self, lambda: self._uncopy(entry))
             self.copied.emit(index)
+
+    def _uncopy(self, entry: Entry) -> None:
+        entry.copied = False
+        if entry in self._entries:
+            self.render(self._entries)
 
     def _placeholder(self) -> str:
         return (

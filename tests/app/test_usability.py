@@ -393,3 +393,52 @@ def test_a_mild_repetition_penalty_is_the_default_and_shown_in_settings(qtbot: A
     wait_idle(qtbot, tab)
     assert sent and sent[0]["repetition_penalty"] == 1.1
     assert tab.entries[-1].status == "complete"
+
+
+# -- 6: rough edges ------------------------------------------------------------------------------
+def test_edit_last_message_in_place_commits_on_send_and_esc_cancels(
+    qtbot: Any, make_window: Any, write_settings: Any
+) -> None:
+    from PySide6.QtCore import Qt
+
+    write_settings(sampling={"max_new_tokens": 12, "seed": 5})
+    window = make_window()
+    tab = window.chat_tabs[0]
+    send(tab, "The first question")
+    wait_idle(qtbot, tab)
+    before = [(e.role, e.content) for e in tab.entries]
+    tab.prompt_edit.setPlainText("a draft")
+    tab.edit_button.click()
+    assert tab.prompt_edit.toPlainText() == "The first question" and tab.edit_banner.isVisible()
+    assert [(e.role, e.content) for e in tab.entries] == before  # nothing removed yet
+    assert "being edited below (Esc cancels)" in tab.transcript.toPlainText()
+    qtbot.keyClick(tab.prompt_edit, Qt.Key.Key_Escape)
+    assert tab.prompt_edit.toPlainText() == "a draft" and not tab.edit_banner.isVisible()
+    assert [(e.role, e.content) for e in tab.entries] == before
+    assert "being edited" not in tab.transcript.toPlainText()
+    with ConversationStore(paths.database_file()) as store:
+        assert [m.content for m in store.messages(tab.conversation_id)] == [c for _, c in before]
+    tab.edit_button.click()
+    tab.prompt_edit.setPlainText("The changed question")
+    qtbot.keyClick(tab.prompt_edit, Qt.Key.Key_Return)
+    wait_idle(qtbot, tab)
+    assert [e.role for e in tab.entries] == ["user", "assistant"]
+    assert tab.entries[0].content == "The changed question" and tab.entries[1].status == "complete"
+    with ConversationStore(paths.database_file()) as store:
+        stored = store.messages(tab.conversation_id)
+    assert [m.content for m in stored] == [e.content for e in tab.entries]
+
+
+def test_copy_says_it_copied(qtbot: Any, make_window: Any) -> None:
+    from PySide6.QtCore import QUrl
+    from PySide6.QtWidgets import QApplication
+
+    stored_reply("A reply worth copying")
+    window = make_window()
+    tab = window.chat_tabs[0]
+    tab.transcript.anchorClicked.emit(QUrl("copy:1"))
+    assert QApplication.clipboard().text() == "A reply worth copying"
+    assert (
+        "Copied ✓" in tab.transcript.toPlainText() and tab.status_label.text() == "Copied to the clipboard."
+    )
+    qtbot.waitUntil(lambda: "Copied ✓" not in tab.transcript.toPlainText(), timeout=5000)
