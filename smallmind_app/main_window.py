@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import QCoreApplication, Qt, Slot
-from PySide6.QtGui import QAction, QCloseEvent, QKeySequence
+from PySide6.QtGui import QAction, QCloseEvent, QIcon, QKeySequence, QResizeEvent
 from PySide6.QtWidgets import (
     QFileDialog,
     QLabel,
@@ -30,7 +30,7 @@ from .chat_tab import ChatTab
 from .conversation_tabs import ConversationTabs
 from .engine_client import EngineClient
 from .first_run import FirstRunDialog
-from .settings import AppSettings, SettingsError, save_settings
+from .settings import RESOURCES_DIR, AppSettings, SettingsError, save_settings
 from .settings_dialog import SettingsDialog
 from .stats_dock import StatsDock
 from .store import ConversationStore
@@ -39,6 +39,13 @@ from .worker import default_model_description, validate_settings
 
 log = logging.getLogger(__name__)
 MODEL_ENV = "SMALLMIND_MODEL"
+DOCK_SHARE, DOCK_WIDTH = 0.3, (300, 600)
+ICON_FILE = RESOURCES_DIR / "icon.png"
+
+
+def app_icon() -> QIcon:
+    """SmallMind's icon (resources/icon.png; icon.svg is its source)."""
+    return QIcon(str(ICON_FILE))
 
 
 class MainWindow(QMainWindow):
@@ -64,6 +71,7 @@ class MainWindow(QMainWindow):
         self.stats_dock = StatsDock(self)
         self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.stats_dock)
         self.resizeDocks([self.stats_dock], [400], Qt.Orientation.Horizontal)
+        self.setWindowIcon(app_icon())
         self._build_actions()
         self._build_status_bar()
         self._connect_worker()
@@ -147,6 +155,7 @@ class MainWindow(QMainWindow):
         w.stats_updated.connect(self._on_worker_stats_updated)
         w.settings_rejected.connect(self._on_worker_settings_rejected)
         w.settings_applied.connect(self._on_worker_settings_applied)
+        w.tokens_counted.connect(self._on_worker_tokens_counted)
         w.download_progressed.connect(self._on_worker_download_progressed)
         w.download_finished.connect(self._on_worker_download_finished)
         w.download_failed.connect(self._on_worker_download_failed)
@@ -178,6 +187,7 @@ class MainWindow(QMainWindow):
         tab.chat_settings_requested.connect(self.open_chat_settings)
         tab.busy_changed.connect(self._on_tab_busy_changed)
         tab.settings_requested.connect(self.open_settings)
+        tab.token_count_requested.connect(self.client.count_tokens)
         tab.setting_change_requested.connect(self._on_tab_setting_change_requested)
 
     @Slot(str)
@@ -225,9 +235,18 @@ class MainWindow(QMainWindow):
         if not isinstance(tab, ChatTab):
             return
         question = f"Delete “{tab.title}” and all its messages? This cannot be undone."
-        answer = QMessageBox.question(self, "Delete conversation", question)
-        if answer == QMessageBox.StandardButton.Yes:
-            self.tabs.delete_conversation(tab.conversation_id)
+        box = QMessageBox(QMessageBox.Icon.Warning, "Delete conversation", question, parent=self)
+        box.setObjectName("deleteDialog")
+        delete = box.addButton("Delete", QMessageBox.ButtonRole.DestructiveRole)
+        keep = box.addButton(QMessageBox.StandardButton.Cancel)
+        box.setDefaultButton(keep)  # Enter keeps the conversation: deleting takes a deliberate click
+        box.setEscapeButton(keep)
+        box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        conversation_id = tab.conversation_id
+        box.buttonClicked.connect(
+            lambda button: self.tabs.delete_conversation(conversation_id) if button is delete else None
+        )
+        box.open()
 
     # -- tabs -> worker -------------------------------------------------------------------------
     def sampling_for(self, tab: ChatTab) -> dict[str, Any]:
@@ -270,6 +289,11 @@ class MainWindow(QMainWindow):
     def _on_worker_request_failed(self, conversation_id: str, message: str, info: dict) -> None:
         if (tab := self.tabs.tab_for(conversation_id)) is not None:
             tab.fail_request(message, info)
+
+    @Slot(str, str, int, int)
+    def _on_worker_tokens_counted(self, conversation_id: str, text: str, n_tokens: int, limit: int) -> None:
+        if (tab := self.tabs.tab_for(conversation_id)) is not None:
+            tab.show_token_count(text, n_tokens, limit)
 
     @Slot(str, str, int)
     def _on_tab_setting_change_requested(self, conversation_id: str, setting: str, value: int) -> None:
@@ -463,6 +487,13 @@ class MainWindow(QMainWindow):
         self.error_dialog = box
         box.open()
         return box
+
+    def resizeEvent(self, event: QResizeEvent) -> None:
+        """The dock keeps its share of the window (30%, 300 to 600 px) as the window grows or shrinks."""
+        super().resizeEvent(event)
+        if self.stats_dock.isVisible() and not self.stats_dock.isFloating():
+            width = min(DOCK_WIDTH[1], max(DOCK_WIDTH[0], int(self.width() * DOCK_SHARE)))
+            self.resizeDocks([self.stats_dock], [width], Qt.Orientation.Horizontal)
 
     # -- shutdown -------------------------------------------------------------------------------
     def closeEvent(self, event: QCloseEvent) -> None:

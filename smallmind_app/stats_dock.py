@@ -15,10 +15,12 @@ from PySide6.QtWidgets import (
     QAbstractItemView,
     QDockWidget,
     QFormLayout,
+    QFrame,
     QGroupBox,
     QHeaderView,
     QLabel,
     QProgressBar,
+    QScrollArea,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -28,6 +30,7 @@ from PySide6.QtWidgets import (
 from .sparkline import Sparkline
 
 MiB = 1 << 20
+MIN_WIDTH = 300
 
 # objectName -> (label, what it means: the tooltip, also in the README)
 STATS: dict[str, tuple[str, str]] = {
@@ -98,7 +101,14 @@ class StatsDock(QDockWidget):
             header.setSectionResizeMode(column, QHeaderView.ResizeMode.ResizeToContents)
         self.table.setMinimumHeight(110)
         layout.addWidget(self.table, 1)
-        self.setWidget(body)
+        scroll = QScrollArea(objectName="statsScroll")  # a small window scrolls the dock, never clips it
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroll.setWidget(body)
+        self.body = body
+        self.setWidget(scroll)
+        self.setMinimumWidth(MIN_WIDTH)
         self.show_no_model()
 
     def _group(self, title: str, names: list[str]) -> QGroupBox:

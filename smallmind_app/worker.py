@@ -74,6 +74,7 @@ class EngineWorker(QObject):
     stats_updated = Signal(dict)  # stats_dict(): "kv", "metrics", "sessions", "limits"
     settings_applied = Signal(dict)  # {"kv_cache", "batching", "session_token_limit", "bytes_per_token"}
     settings_rejected = Signal(str)
+    tokens_counted = Signal(str, str, int, int)  # conversation id, text, its tokens, the tab's token limit
     download_progressed = Signal(str, int, int)  # phase, done, total (bytes; total 0 = unknown)
     download_finished = Signal(str)  # path of the installed model
     download_failed = Signal(str)
@@ -281,6 +282,13 @@ class EngineWorker(QObject):
         return too_long(
             exc.n_tokens, exc.limit, context, "kv_cache.max_bytes_per_session", suggested if ok else None
         )
+
+    @Slot(str, str)
+    def count_tokens(self, conversation_id: str, text: str) -> None:
+        """How many tokens the prompt box's text is (the tab shows it under the box)."""
+        if self._engine is not None:
+            n_tokens = len(self._engine.tokenizer.encode(text))
+            self.tokens_counted.emit(conversation_id, text, n_tokens, self._engine.session_token_limit())
 
     @Slot(str)
     def cancel(self, conversation_id: str) -> None:

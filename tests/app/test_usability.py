@@ -442,3 +442,70 @@ def test_copy_says_it_copied(qtbot: Any, make_window: Any) -> None:
         "Copied ✓" in tab.transcript.toPlainText() and tab.status_label.text() == "Copied to the clipboard."
     )
     qtbot.waitUntil(lambda: "Copied ✓" not in tab.transcript.toPlainText(), timeout=5000)
+
+
+def test_the_prompt_box_grows_with_its_text_and_shows_its_token_count(qtbot: Any, make_window: Any) -> None:
+    window = make_window()
+    tab = window.chat_tabs[0]
+    edit = tab.prompt_edit
+    empty = edit.height()
+    edit.setPlainText("one line")
+    assert edit.height() == empty
+    qtbot.waitUntil(lambda: re.fullmatch(r"\d+ tokens", tab.token_count.text()) is not None, timeout=5000)
+    edit.setPlainText("\n".join(f"line {i}" for i in range(6)))
+    assert edit.height() > empty + 3 * edit.fontMetrics().lineSpacing()
+    edit.setPlainText("\n".join(f"line {i}" for i in range(200)))
+    assert (
+        edit.height() <= 0.4 * tab.height() + 1 and edit.verticalScrollBar().maximum() > 0
+    )  # capped, scrolls
+    limit = window.model_info["session_token_limit"]
+    qtbot.waitUntil(lambda: f"more than the {limit:,} a tab holds" in tab.token_count.text(), timeout=5000)
+    n_tokens = int(tab.token_count.text().split()[0].replace(",", ""))
+    assert n_tokens > limit
+    edit.clear()
+    assert tab.token_count.text() == "" and edit.height() == empty
+
+
+def test_deleting_a_conversation_asks_and_defaults_to_keeping_it(qtbot: Any, make_window: Any) -> None:
+    from PySide6.QtCore import Qt
+    from PySide6.QtWidgets import QMessageBox
+
+    window = make_window()
+    tab = window.chat_tabs[0]
+    window.action_delete.trigger()
+    box = window.findChild(QMessageBox, "deleteDialog")
+    assert box is not None and box.isVisible() and box.defaultButton().text() == "Cancel"
+    qtbot.keyClick(box, Qt.Key.Key_Return)  # Enter: the safe button
+    assert window.store.get_conversation(tab.conversation_id) is not None
+    window.action_delete.trigger()
+    box = next(b for b in window.findChildren(QMessageBox, "deleteDialog") if b.isVisible())
+    next(b for b in box.buttons() if b.text() == "Delete").click()
+    assert window.store.get_conversation(tab.conversation_id) is None
+
+
+def test_the_dock_scrolls_instead_of_clipping_and_keeps_its_share_of_the_window(
+    qtbot: Any, make_window: Any
+) -> None:
+    from PySide6.QtWidgets import QScrollArea
+
+    window = make_window()
+    dock = window.stats_dock
+    scroll = dock.widget()
+    assert isinstance(scroll, QScrollArea)
+    window.resize(1000, 560)
+    qtbot.waitUntil(lambda: dock.width() >= 300, timeout=2000)
+    qtbot.waitUntil(lambda: scroll.widget().width() <= scroll.viewport().width(), timeout=2000)  # no clipping
+    assert scroll.verticalScrollBar().maximum() > 0  # a short window scrolls the dock
+    window.resize(1800, 900)
+    qtbot.waitUntil(lambda: dock.width() >= 500, timeout=2000)  # it grows with the window
+
+
+def test_the_app_has_its_icon_and_the_readme_names_only_resources_that_exist(make_window: Any) -> None:
+    from smallmind_app.settings import RESOURCES_DIR
+
+    window = make_window()
+    assert not window.windowIcon().isNull() and window.windowIcon().availableSizes()
+    readme = (RESOURCES_DIR.parent / "README.md").read_text(encoding="utf-8")
+    line = next(line for line in readme.splitlines() if line.startswith("resources/ "))
+    named = re.findall(r"\b[\w-]+\.(?:svg|png|qss|txt|ico)\b", line) + (["*.qss"] if ".qss" in line else [])
+    assert named and all((RESOURCES_DIR / name).is_file() for name in named), line
