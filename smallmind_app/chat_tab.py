@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from PySide6.QtCore import Qt, QTimer, Signal, Slot
-from PySide6.QtGui import QKeyEvent, QResizeEvent, QShowEvent, QTextCursor
+from PySide6.QtGui import QResizeEvent, QShowEvent, QTextCursor
 from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
@@ -27,6 +27,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from .prompt_box import PromptEdit, TokenCount
 from .store import Conversation, ConversationStore, Message, StoreError
 from .transcript import Entry, TranscriptView, limit_reached, tab_limit
 from .wording import LABELS, mib
@@ -36,26 +37,7 @@ log = logging.getLogger(__name__)
 RENDER_DELAY_MS = 60  # a streaming reply is re-rendered at most ~16 times a second
 SAVE_PARTIAL_EVERY_S = 1.0  # the text of a streaming reply is saved about once a second
 SYSTEM_PROMPT_SAVE_DELAY_MS = 600
-TOKEN_COUNT_DELAY_MS = 250  # the prompt box's tokens are counted once typing pauses
-PROMPT_LINES = (2, 12)  # the prompt box grows with its text between these many lines
 FINISH_STATUS = {"stop": "complete", "length": "complete", "cancelled": "partial", "timeout": "partial"}
-
-
-class PromptEdit(QPlainTextEdit):
-    """Enter sends, Shift+Enter inserts a new line, Esc cancels (an edit of the last message)."""
-
-    submitted = Signal()
-    escaped = Signal()
-
-    def keyPressEvent(self, event: QKeyEvent) -> None:
-        enter = event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter)
-        if enter and not event.modifiers() & Qt.KeyboardModifier.ShiftModifier:
-            self.submitted.emit()
-            return
-        if event.key() == Qt.Key.Key_Escape:
-            self.escaped.emit()
-            return
-        super().keyPressEvent(event)
 
 
 def reply_stats(result: dict[str, Any]) -> dict[str, Any]:
@@ -170,12 +152,10 @@ class ChatTab(QWidget):
         self.prompt_edit = PromptEdit(objectName="promptEdit")
         self.prompt_edit.setPlaceholderText("Message the model…  (Enter sends, Shift+Enter for a new line)")
         self.prompt_edit.setAccessibleName("Message")
-        self.prompt_edit.textChanged.connect(self._on_prompt_edit_text_changed)
-        self.token_count = QLabel(objectName="promptTokenCount")
-        self.token_count.setStyleSheet("color: #6b7280;")
-        self._count_timer = QTimer(self, interval=TOKEN_COUNT_DELAY_MS)
-        self._count_timer.setSingleShot(True)
-        self._count_timer.timeout.connect(self._request_token_count)
+        self.prompt_edit.count_wanted.connect(
+            lambda text: self.token_count_requested.emit(self.conversation_id, text)
+        )
+        self.token_count = TokenCount(self.prompt_edit)
         self.prompt_edit.submitted.connect(self.send)
         self.prompt_edit.escaped.connect(self.cancel_edit)
         self.edit_banner = QLabel(objectName="editBanner")
@@ -581,42 +561,13 @@ class ChatTab(QWidget):
         short = summary if len(summary) <= 60 else summary[:57] + "…"
         self.settings_button.setText(f"Sampling: {short}")
 
-    # -- the prompt box -------------------------------------------------------------------------
-    @Slot()
-    def _on_prompt_edit_text_changed(self) -> None:
-        self._fit_prompt_edit()
-        if self.prompt_edit.toPlainText().strip():
-            self._count_timer.start()
-        else:
-            self._count_timer.stop()
-            self.token_count.setText("")
-
-    def _fit_prompt_edit(self) -> None:
-        """Grow with the text from 2 to 12 lines (and never past 40% of the tab), then scroll."""
-        edit = self.prompt_edit
-        lines = max(PROMPT_LINES[0], min(PROMPT_LINES[1], int(edit.document().size().height())))
-        frame = 2 * (edit.frameWidth() + int(edit.document().documentMargin())) + 4
-        height = lines * edit.fontMetrics().lineSpacing() + frame
-        cap = int(self.height() * 0.4) if self.height() > 200 else height
-        edit.setFixedHeight(max(min(height, cap), PROMPT_LINES[0] * edit.fontMetrics().lineSpacing() + frame))
-
-    @Slot()
-    def _request_token_count(self) -> None:
-        self.token_count_requested.emit(self.conversation_id, self.prompt_edit.toPlainText())
-
     def show_token_count(self, text: str, n_tokens: int, limit: int) -> None:
         """The worker counted the prompt box's tokens (``text`` is what it counted)."""
-        if text != self.prompt_edit.toPlainText():
-            return  # typed on since: a newer count is on its way
-        over = limit and n_tokens > limit
-        self.token_count.setText(
-            f"{n_tokens:,} tokens" + (f": more than the {limit:,} a tab holds" if over else "")
-        )
-        self.token_count.setStyleSheet(f"color: {'#b91c1c' if over else '#6b7280'};")
+        self.token_count.show_count(text, n_tokens, limit)
 
     def resizeEvent(self, event: QResizeEvent) -> None:
         super().resizeEvent(event)
-        self._fit_prompt_edit()
+        self.prompt_edit.fit()  # its cap is a share of the tab's height
 
     # -- rendering ------------------------------------------------------------------------------
     def schedule_render(self) -> None:
