@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 RENDER_DELAY_MS = 60  # a streaming reply is re-rendered at most ~16 times a second
 SAVE_PARTIAL_EVERY_S = 1.0  # the text of a streaming reply is saved about once a second
 SYSTEM_PROMPT_SAVE_DELAY_MS = 600
+STATUS_CHARS = 90  # the status line beside the buttons is cut there (the transcript has the whole text)
 FINISH_STATUS = {"stop": "complete", "length": "complete", "cancelled": "partial", "timeout": "partial"}
 
 
@@ -422,7 +423,7 @@ class ChatTab(QWidget):
         self._set_busy(None)
         self._catch_up()
         if stats.get("error"):
-            self.status_label.setText(f"The reply failed: {stats['error']}")
+            self._set_status(f"The reply failed: {stats['error']}")
             self._show_problem(str(result.get("error_setting") or ""), None)
         elif stats["context_trimmed"]:
             self.status_label.setText(f"Older messages were left out to fit {tab_limit(stats)}.")
@@ -442,7 +443,7 @@ class ChatTab(QWidget):
             self.entries.remove(reply)
             self._set_busy(None)
         self.add_notice(message, "error")
-        self.status_label.setText(message)
+        self._set_status(message)
         info = info or {}
         self._show_problem(str(info.get("setting") or ""), info.get("suggested"))
 
@@ -467,6 +468,12 @@ class ChatTab(QWidget):
         if setting and suggested:
             self._show_problem("", None)
             self.setting_change_requested.emit(self.conversation_id, setting, int(suggested))
+
+    def _set_status(self, text: str) -> None:
+        """A long message in one line beside the buttons (all of it in the tooltip and the transcript)."""
+        short = text if len(text) <= STATUS_CHARS else text[: STATUS_CHARS - 1].rsplit(" ", 1)[0] + "…"
+        self.status_label.setText(short)
+        self.status_label.setToolTip(text if short != text else "")
 
     def add_notice(self, text: str, kind: str = "info") -> None:
         self.entries.append(Entry("notice", text, kind))

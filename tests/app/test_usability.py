@@ -167,6 +167,7 @@ def test_a_paste_over_the_tab_limit_names_it_and_offers_to_raise_it(
     assert "more than the 256 tokens a tab may hold (set by “Max tokens per session”" in notice.content
     assert "the model's context is 1,024 tokens" in notice.content
     assert tab.raise_button.isVisible() and tab.raise_button.text() == "Raise to 1,024 tokens and send"
+    assert len(tab.status_label.text()) <= 90 and tab.status_label.toolTip() == notice.content  # one line
     assert tab.fix_button.isVisible()
     tab.raise_button.click()
     assert window.settings.kv_cache["max_tokens_per_session"] == 1024
