@@ -510,3 +510,21 @@ def test_the_app_has_its_icon_and_the_readme_names_only_resources_that_exist(mak
     line = next(line for line in readme.splitlines() if line.startswith("resources/ "))
     named = re.findall(r"\b[\w-]+\.(?:svg|png|qss|txt|ico)\b", line) + (["*.qss"] if ".qss" in line else [])
     assert named and all((RESOURCES_DIR / name).is_file() for name in named), line
+
+
+def test_settings_saved_by_the_previous_version_get_the_new_default_penalty(make_window: Any) -> None:
+    import json
+
+    from smallmind_app.settings import AppSettings
+
+    data = AppSettings().to_dict()
+    data["schema_version"] = 1
+    data["sampling"] |= {"repetition_penalty": 1.0, "temperature": 0.3}  # 1.0 was that version's default
+    paths.settings_file().parent.mkdir(parents=True, exist_ok=True)
+    paths.settings_file().write_text(json.dumps(data), encoding="utf-8")
+    window = make_window()
+    assert (
+        window.settings.sampling["repetition_penalty"] == 1.1
+        and window.settings.sampling["temperature"] == 0.3
+    )
+    assert window.settings.schema_version == 2
