@@ -222,6 +222,8 @@ class BatchedInferenceEngine:
             self._waiting.append((seq, handle))
             self.metrics.record_submitted()
             self.metrics.set_queue_state(len(self._waiting), len(self._running))
+        if session_id is not None:  # in use from now on: the least recently used session is another one
+            self.store.touch(session_id)
         self._wake()
         return handle
 

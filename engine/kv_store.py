@@ -372,10 +372,11 @@ class LruKvCacheStore:
             if not slot.pinned and session_id != keep
         )
         if self._current_bytes - evictable + n_bytes > limit:
+            others = sum(slot.pinned and sid != needed_for.session_id for sid, slot in self._slots.items())
             raise CacheBudgetError(
                 f"KV cache budget exhausted: session {needed_for.session_id} needs {n_bytes:,} more "
                 f"bytes, {self._current_bytes - evictable:,} of max_bytes_total={limit:,} are held by "
-                f"{self._n_pinned()} session(s) in use by running requests and by the session itself"
+                f"{others} other session(s) in use by running requests and by the session itself"
             )
 
     def _make_room(self, n_bytes: int, keep: object, needed_for: KvCacheEntry) -> None:

@@ -43,6 +43,7 @@ class MetricsSnapshot:
     rejected: int
     prompt_tokens: int
     generated_tokens: int
+    prompt_tokens_per_second: float = 0.0  # prompt tokens computed over the last WINDOW_S seconds
 
     @property
     def in_flight(self) -> int:
@@ -77,6 +78,7 @@ class InMemoryRuntimeMetrics:
             self._decode_tokens = 0
             self._decode_s = 0.0
             self._recent_tokens: deque[tuple[float, int]] = deque()
+            self._recent_prompt_tokens: deque[tuple[float, int]] = deque()
             self._ttft_ms: deque[float] = deque(maxlen=_SAMPLES)
             self._itl_ms: deque[float] = deque(maxlen=_SAMPLES)
             self._itl_max_ms = 0.0
@@ -114,6 +116,7 @@ class InMemoryRuntimeMetrics:
             if n_prefill_tokens:
                 self._prefill_tokens += n_prefill_tokens
                 self._prefill_s += elapsed_s
+                self._recent_prompt_tokens.append((time.monotonic(), n_prefill_tokens))
             if n_decode_tokens:
                 self._decode_tokens += n_decode_tokens
                 self._decode_s += elapsed_s
@@ -147,8 +150,9 @@ class InMemoryRuntimeMetrics:
             self._queue_depth, self._running = queue_depth, n_running
 
     def _trim_window(self, now: float) -> None:
-        while self._recent_tokens and self._recent_tokens[0][0] < now - WINDOW_S:
-            self._recent_tokens.popleft()
+        for recent in (self._recent_tokens, self._recent_prompt_tokens):
+            while recent and recent[0][0] < now - WINDOW_S:
+                recent.popleft()
 
     # -- reading (any thread) ----------------------------------------------------------------
     def snapshot(self) -> MetricsSnapshot:
@@ -174,5 +178,6 @@ class InMemoryRuntimeMetrics:
                 inter_token_max_ms=self._itl_max_ms,
                 prompt_tokens=self._prompt_tokens,
                 generated_tokens=self._generated_tokens,
+                prompt_tokens_per_second=sum(n for _, n in self._recent_prompt_tokens) / WINDOW_S,
                 **self._counts,
             )

@@ -23,7 +23,7 @@ from PySide6.QtWidgets import QApplication, QMessageBox
 
 from . import paths
 from .engine_client import EngineClient
-from .main_window import MainWindow
+from .main_window import MainWindow, app_icon
 from .settings import AppSettings, load_settings
 from .store import ConversationStore, StoreCorruptError, StoreError, move_aside
 from .worker import validate_settings
@@ -109,6 +109,7 @@ def ensure_application(argv: Sequence[str] | None = None) -> QApplication:
     if not isinstance(app, QApplication):
         _app = app = QApplication(list(argv) if argv is not None else sys.argv[:1])
     app.setApplicationName("SmallMind")
+    app.setWindowIcon(app_icon())
     app.setStyle("Fusion")
     if STYLE_FILE.is_file():
         app.setStyleSheet(STYLE_FILE.read_text(encoding="utf-8"))

@@ -21,7 +21,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from .settings_dialog import FIELDS, changed_signal, field_value, make_field, set_field_value
+from .settings_dialog import FIELDS, changed_signal, field_value, make_field, problems_text, set_field_value
 from .worker import validate_settings
 
 SAMPLING_FIELDS = [(key, name, label, kind, limits) for sec, key, name, label, kind, limits in FIELDS
@@ -124,12 +124,12 @@ class ChatSettingsDialog(QDialog):
     @Slot()
     def _revalidate(self) -> None:
         problems = validate_settings({}, {}, self.effective())
-        labels = {key: label for key, _, label, _, _ in SAMPLING_FIELDS}
         self.errors = {key.split(".", 1)[1]: message for key, message in problems.items()}
         for key, (_, _, widget) in self.fields.items():
             widget.setStyleSheet("background-color: #fde2e2;" if key in self.errors else "")
             widget.setToolTip(self.errors.get(key, ""))
-        self.error_label.setText("\n".join(f"{labels.get(k, k)}: {m}" for k, m in self.errors.items()))
+        names = {key: name for key, name, *_ in SAMPLING_FIELDS}
+        self.error_label.setText(problems_text({names.get(k, k): m for k, m in self.errors.items()}))
         self.error_label.setVisible(bool(self.errors))
         self.ok_button.setEnabled(not self.errors)
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from PySide6.QtCore import Qt, QTimer, Signal, Slot
-from PySide6.QtGui import QKeyEvent, QShowEvent, QTextCursor
+from PySide6.QtGui import QResizeEvent, QShowEvent, QTextCursor
 from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
@@ -27,28 +27,18 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from .prompt_box import PromptEdit, TokenCount
 from .store import Conversation, ConversationStore, Message, StoreError
-from .transcript import Entry, TranscriptView
+from .transcript import Entry, TranscriptView, limit_reached, tab_limit
+from .wording import LABELS, mib
 
 log = logging.getLogger(__name__)
 
 RENDER_DELAY_MS = 60  # a streaming reply is re-rendered at most ~16 times a second
 SAVE_PARTIAL_EVERY_S = 1.0  # the text of a streaming reply is saved about once a second
 SYSTEM_PROMPT_SAVE_DELAY_MS = 600
+STATUS_CHARS = 90  # the status line beside the buttons is cut there (the transcript has the whole text)
 FINISH_STATUS = {"stop": "complete", "length": "complete", "cancelled": "partial", "timeout": "partial"}
-
-
-class PromptEdit(QPlainTextEdit):
-    """Enter sends, Shift+Enter inserts a new line."""
-
-    submitted = Signal()
-
-    def keyPressEvent(self, event: QKeyEvent) -> None:
-        enter = event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter)
-        if enter and not event.modifiers() & Qt.KeyboardModifier.ShiftModifier:
-            self.submitted.emit()
-            return
-        super().keyPressEvent(event)
 
 
 def reply_stats(result: dict[str, Any]) -> dict[str, Any]:
@@ -63,7 +53,11 @@ def reply_stats(result: dict[str, Any]) -> dict[str, Any]:
         "total_ms": float(result.get("total_ms") or 0.0),
         "context_trimmed": bool(result.get("context_trimmed", False)),
         **({"error": str(result["error"])} if result.get("error") else {}),
+        **{key: result[key] for key in LIMIT_KEYS if result.get(key) is not None},
     }
+
+
+LIMIT_KEYS = ("max_new_tokens", "stopped_by", "session_limit", "limit_setting")
 
 
 SHORT_NAMES = {
@@ -93,6 +87,10 @@ class ChatTab(QWidget):
     cancel_requested = Signal(str)
     chat_settings_requested = Signal(str)  # conversation id: the user wants this chat's own settings
     busy_changed = Signal(str, bool)
+    token_count_requested = Signal(str, str)  # conversation id, the prompt box's text
+    first_message_sent = Signal(str, str)  # conversation id, the text of its first user message
+    settings_requested = Signal(str)  # a setting ("kv_cache.max_bytes_total") the user wants to change
+    setting_change_requested = Signal(str, str, int)  # conversation id, setting, value: then send again
 
     def __init__(
         self,
@@ -112,6 +110,7 @@ class ChatTab(QWidget):
         self._last_partial_save = 0.0
         self._unsaved = False  # a write failed: the database is behind what the tab shows
         self._render_pending = False
+        self._n_streamed = 0  # tokens of the reply being generated, as the worker counted them
         self._build(conversation.system_prompt)
         self._update_buttons()
         self.render_now()
@@ -141,6 +140,12 @@ class ChatTab(QWidget):
         self.settings_button.clicked.connect(lambda: self.chat_settings_requested.emit(self.conversation_id))
 
         self.transcript = TranscriptView(self)
+        self.transcript.copied.connect(lambda _index: self.status_label.setText("Copied to the clipboard."))
+        self.transcript.link_refused.connect(
+            lambda address: self.status_label.setText(
+                f"Only web links (http, https) are opened; not {address[:80]}"
+            )
+        )
         self.status_label = QLabel(objectName="tabStatus")
         self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.status_label.setWordWrap(True)
@@ -148,8 +153,22 @@ class ChatTab(QWidget):
         self.prompt_edit = PromptEdit(objectName="promptEdit")
         self.prompt_edit.setPlaceholderText("Message the model…  (Enter sends, Shift+Enter for a new line)")
         self.prompt_edit.setAccessibleName("Message")
-        self.prompt_edit.setFixedHeight(78)
+        self.prompt_edit.count_wanted.connect(
+            lambda text: self.token_count_requested.emit(self.conversation_id, text)
+        )
+        self.token_count = TokenCount(self.prompt_edit)
         self.prompt_edit.submitted.connect(self.send)
+        self.prompt_edit.escaped.connect(self.cancel_edit)
+        self.edit_banner = QLabel(objectName="editBanner")
+        self.edit_banner.setText(
+            "Editing your last message: Enter sends it in place of the old one and its reply; Esc cancels."
+        )
+        self.edit_banner.setWordWrap(True)
+        self.edit_banner.setStyleSheet(
+            "background: #fff4e5; color: #92400e; padding: 4px 8px; border-radius: 4px;"
+        )
+        self.edit_banner.setVisible(False)
+        self._editing: str | None = None  # the draft the prompt box held before an edit began
         self.send_button = QPushButton("Send", objectName="sendButton")
         self.send_button.setDefault(True)
         self.send_button.clicked.connect(self.send)
@@ -163,11 +182,20 @@ class ChatTab(QWidget):
         self.edit_button.clicked.connect(self.edit_last)
         for button in (self.send_button, self.stop_button, self.regenerate_button, self.edit_button):
             button.setMinimumWidth(96)
+        self.fix_button = QPushButton(
+            objectName="openSettingsButton"
+        )  # shown when a setting caused a problem
+        self.fix_button.clicked.connect(lambda: self.settings_requested.emit(self._problem[0]))
+        self.raise_button = QPushButton(objectName="raiseLimitButton")
+        self.raise_button.clicked.connect(self._on_raise_button_clicked)
+        self._problem: tuple[str, int | None] = ("", None)  # the setting to change, a value that would do
+        self._show_problem("", None)
 
         buttons = QVBoxLayout()
         buttons.addWidget(self.send_button)
         buttons.addWidget(self.stop_button)
         buttons.addStretch(1)
+        buttons.addWidget(self.token_count, 0, Qt.AlignmentFlag.AlignRight)
         prompt_row = QHBoxLayout()
         prompt_row.addWidget(self.prompt_edit, 1)
         prompt_row.addLayout(buttons)
@@ -176,6 +204,8 @@ class ChatTab(QWidget):
         actions_row.addWidget(self.edit_button)
         actions_row.addSpacing(12)
         actions_row.addWidget(self.status_label, 1)
+        actions_row.addWidget(self.raise_button)
+        actions_row.addWidget(self.fix_button)
 
         layout = QVBoxLayout(self)
         layout.setContentsMargins(10, 6, 10, 10)
@@ -187,6 +217,7 @@ class ChatTab(QWidget):
         layout.addWidget(self.system_edit)
         layout.addWidget(self.transcript, 1)
         layout.addLayout(actions_row)
+        layout.addWidget(self.edit_banner)
         layout.addLayout(prompt_row)
         self._update_system_toggle()
         self._update_settings_button()
@@ -228,8 +259,8 @@ class ChatTab(QWidget):
         has_user = any(e.role == "user" for e in self.entries)
         self.send_button.setEnabled(not busy)
         self.stop_button.setEnabled(busy)
-        self.regenerate_button.setEnabled(not busy and has_user)
-        self.edit_button.setEnabled(not busy and has_user)
+        self.regenerate_button.setEnabled(not busy and has_user and self._editing is None)
+        self.edit_button.setEnabled(not busy and has_user and self._editing is None)
 
     def _set_busy(self, busy_reply: Entry | None) -> None:
         self._reply = busy_reply
@@ -242,11 +273,22 @@ class ChatTab(QWidget):
         text = self.prompt_edit.toPlainText().strip()
         if not text or self.is_generating:
             return
+        if self._editing is not None:  # the edit is committed now: the old message and its reply go
+            last_user = self._last_index("user")
+            self._end_edit()
+            if last_user is not None:
+                self._catch_up()
+                self._drop_from(last_user)
         self.entries = [e for e in self.entries if e.role != "notice"]
+        self._show_problem("", None)
         self._catch_up()
         message = self._save(self._store.add_message, self.conversation_id, "user", text)
+        first = not any(e.role == "user" for e in self.entries)
         self.entries.append(Entry("user", text, message_id=message.id if message else None))
+        if first:
+            self.first_message_sent.emit(self.conversation_id, text)
         self.prompt_edit.clear()
+        self.transcript.jump_to_latest()  # the user's own message and the reply are followed
         self._request_reply()
 
     @Slot()
@@ -265,24 +307,47 @@ class ChatTab(QWidget):
             return
         self._catch_up()
         self._drop_from(last_user + 1)
+        self.entries = [e for e in self.entries if e.role != "notice"]
+        self._show_problem("", None)
         self._request_reply()
 
     @Slot()
     def edit_last(self) -> None:
-        """Take the last user message (and what follows) back into the prompt box."""
+        """Put the last user message in the prompt box to change it; nothing is removed until it is
+        sent (then the old message and its reply are replaced); Esc or Cancel edit keeps them."""
         if self.is_generating:
             return
         last_user = self._last_index("user")
         if last_user is None:
             return
-        text = self.entries[last_user].content
-        self._catch_up()
-        self._drop_from(last_user)
-        self.prompt_edit.setPlainText(text)
+        if self._editing is None:
+            self._editing = self.prompt_edit.toPlainText()
+        self.entries[last_user].editing = True
+        self.prompt_edit.setPlainText(self.entries[last_user].content)
         self.prompt_edit.moveCursor(QTextCursor.MoveOperation.End)
         self.prompt_edit.setFocus()
+        self.edit_banner.setVisible(True)
+        self.send_button.setText("Save && send")
         self._update_buttons()
         self.render_now()
+
+    @Slot()
+    def cancel_edit(self) -> None:
+        """Esc: leave the last message and its reply as they were, give back the draft."""
+        if self._editing is None:
+            return
+        draft = self._editing
+        self._end_edit()
+        self.prompt_edit.setPlainText(draft)
+        self.render_now()
+
+    def _end_edit(self) -> None:
+        self._editing = None
+        for entry in self.entries:
+            entry.editing = False
+        self.edit_banner.setVisible(False)
+        self.send_button.setText("Send")
+        self._update_buttons()
 
     def _last_index(self, role: str) -> int | None:
         return next((i for i in range(len(self.entries) - 1, -1, -1) if self.entries[i].role == role), None)
@@ -303,6 +368,7 @@ class ChatTab(QWidget):
         reply = Entry("assistant", "", "streaming", message_id=stored.id if stored else None)
         self.entries.append(reply)
         self._last_partial_save = time.monotonic()
+        self._n_streamed = 0
         self._set_busy(reply)
         self.status_label.setText("waiting for the engine…")
         self.render_now()
@@ -318,16 +384,24 @@ class ChatTab(QWidget):
         )
         self.schedule_render()
 
-    def append_text(self, text: str) -> None:
+    def append_text(self, text: str, n_tokens: int | None = None) -> None:
+        """More text of the reply; ``n_tokens``: the tokens it has so far (kept if the app quits)."""
         if self._reply is None:
             return
         self._reply.content += text
         self._reply.progress = None
+        if n_tokens is not None:
+            self._n_streamed = n_tokens
         self.status_label.setText("generating…")
         now = time.monotonic()
         if self._reply.message_id is not None and now - self._last_partial_save >= SAVE_PARTIAL_EVERY_S:
             self._last_partial_save = now
-            self._save(self._store.update_message, self._reply.message_id, content=self._reply.content)
+            self._save(
+                self._store.update_message,
+                self._reply.message_id,
+                content=self._reply.content,
+                stats={"n_tokens": self._n_streamed},  # a crash keeps the count with the text
+            )
         self.schedule_render()
 
     def finish_reply(self, result: dict[str, Any]) -> None:
@@ -349,19 +423,19 @@ class ChatTab(QWidget):
         self._set_busy(None)
         self._catch_up()
         if stats.get("error"):
-            self.status_label.setText(f"The reply failed: {stats['error']}")
+            self._set_status(f"The reply failed: {stats['error']}")
+            self._show_problem(str(result.get("error_setting") or ""), None)
         elif stats["context_trimmed"]:
-            self.status_label.setText("Older messages were left out to fit the model's context.")
+            self.status_label.setText(f"Older messages were left out to fit {tab_limit(stats)}.")
+        elif stats["finish_reason"] == "length":
+            self.status_label.setText(f"Stopped: {limit_reached(stats)}.")
         else:
-            self.status_label.setText(
-                {"cancelled": "Stopped.", "length": "Stopped at the token limit."}.get(
-                    stats["finish_reason"], ""
-                )
-            )
+            self.status_label.setText("Stopped." if stats["finish_reason"] == "cancelled" else "")
         self.render_now()
 
-    def fail_request(self, message: str) -> None:
-        """The engine did not take the request (queue full, too long, no model): say so in the tab."""
+    def fail_request(self, message: str, info: Mapping[str, Any] | None = None) -> None:
+        """The engine did not take the request (queue full, too long, no model): say so in the tab;
+        ``info`` may name the setting that caused it ("setting") and a value that would do ("suggested")."""
         reply = self._reply
         if reply is not None:
             if reply.message_id is not None:
@@ -369,7 +443,37 @@ class ChatTab(QWidget):
             self.entries.remove(reply)
             self._set_busy(None)
         self.add_notice(message, "error")
-        self.status_label.setText(message)
+        self._set_status(message)
+        info = info or {}
+        self._show_problem(str(info.get("setting") or ""), info.get("suggested"))
+
+    def _show_problem(self, setting: str, suggested: int | None) -> None:
+        """Offer the buttons that fix the last problem: open Settings at ``setting``, or raise it."""
+        self._problem = (setting, suggested)
+        key = setting.split(".", 1)[-1]
+        self.fix_button.setText(f"Settings: {LABELS.get(key, key)}…")
+        self.fix_button.setToolTip("Open Settings at the setting that caused this")
+        self.fix_button.setVisible(bool(setting))
+        if suggested:
+            shown = mib(suggested) if "bytes" in key else f"{suggested:,} tokens"
+            self.raise_button.setText(f"Raise to {shown} and send")
+            self.raise_button.setToolTip(
+                f"Set “{LABELS.get(key, key)}” to {shown} and send the message again"
+            )
+        self.raise_button.setVisible(bool(setting and suggested))
+
+    @Slot()
+    def _on_raise_button_clicked(self) -> None:
+        setting, suggested = self._problem
+        if setting and suggested:
+            self._show_problem("", None)
+            self.setting_change_requested.emit(self.conversation_id, setting, int(suggested))
+
+    def _set_status(self, text: str) -> None:
+        """A long message in one line beside the buttons (all of it in the tooltip and the transcript)."""
+        short = text if len(text) <= STATUS_CHARS else text[: STATUS_CHARS - 1].rsplit(" ", 1)[0] + "…"
+        self.status_label.setText(short)
+        self.status_label.setToolTip(text if short != text else "")
 
     def add_notice(self, text: str, kind: str = "info") -> None:
         self.entries.append(Entry("notice", text, kind))
@@ -388,7 +492,7 @@ class ChatTab(QWidget):
         if reply is None:
             return
         reply.status = "partial"
-        reply.stats = {"finish_reason": "cancelled", "n_tokens": reply.stats.get("n_tokens", 0)}
+        reply.stats = {"finish_reason": "cancelled", "n_tokens": self._n_streamed}
         if reply.message_id is not None:
             self._save(
                 self._store.update_message,
@@ -463,6 +567,14 @@ class ChatTab(QWidget):
         summary = overrides_summary(self.sampling_overrides)
         short = summary if len(summary) <= 60 else summary[:57] + "…"
         self.settings_button.setText(f"Sampling: {short}")
+
+    def show_token_count(self, text: str, n_tokens: int, limit: int) -> None:
+        """The worker counted the prompt box's tokens (``text`` is what it counted)."""
+        self.token_count.show_count(text, n_tokens, limit)
+
+    def resizeEvent(self, event: QResizeEvent) -> None:
+        super().resizeEvent(event)
+        self.prompt_edit.fit()  # its cap is a share of the tab's height
 
     # -- rendering ------------------------------------------------------------------------------
     def schedule_render(self) -> None:

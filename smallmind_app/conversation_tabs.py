@@ -8,6 +8,7 @@ reopened conversation starts cold. Deleting removes it from the database for goo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import Callable
@@ -22,6 +23,20 @@ from .chat_tab import ChatTab
 from .store import Conversation, ConversationStore, StoreError
 
 log = logging.getLogger(__name__)
+
+
+NEW_CHAT_TITLE = "New chat"
+AUTO_TITLE = "auto_title"  # conversation setting: the title follows the first message
+TITLE_CHARS = 40
+
+
+def title_from(text: str) -> str:
+    """A tab title from a first message: its first line, at most ~40 characters, cut at a word."""
+    line = " ".join(text.strip().splitlines()[0].split()) if text.strip() else ""
+    if len(line) <= TITLE_CHARS:
+        return line or NEW_CHAT_TITLE
+    cut = line[:TITLE_CHARS].rsplit(" ", 1)[0] or line[:TITLE_CHARS]
+    return cut.rstrip(" ,.;:") + "…"
 
 
 class ConversationTabs(QTabWidget):
@@ -73,20 +88,26 @@ class ConversationTabs(QTabWidget):
             messages = []
         tab = ChatTab(conversation, messages, self.store)
         tab.busy_changed.connect(self._on_tab_busy_changed)
+        tab.first_message_sent.connect(self._on_tab_first_message_sent)
         self._by_id[conversation.id] = tab
-        index = self.addTab(tab, conversation.title)
+        index = self.addTab(tab, conversation.title.replace("&", "&&"))
         self.setTabToolTip(index, conversation.title)
         self.tab_opened.emit(tab)
         return tab
 
     def new_chat(self, system_prompt: str) -> ChatTab:
-        title = f"Chat {len(self._by_id) + 1}"
+        """A new conversation named "New chat" (unique), renamed after its first message."""
+        title = self.unique_title(NEW_CHAT_TITLE)
+        settings = {AUTO_TITLE: True}
         try:
             conversation = self.store.create_conversation(title, system_prompt)
+            self.store.set_conversation_settings(conversation.id, settings)
         except StoreError as exc:
             self.store_failed.emit(f"{exc}. The new conversation is kept in memory only.")
             conversation = Conversation(uuid.uuid4().hex, title, system_prompt, {}, self.count(), 0.0, 0.0)
+        conversation = dataclasses.replace(conversation, settings=settings)
         tab = self.add_conversation(conversation)
+        self._save_order()
         self.setCurrentWidget(tab)
         tab.prompt_edit.setFocus()
         return tab
@@ -103,6 +124,7 @@ class ConversationTabs(QTabWidget):
         self._write(self.store.set_conversation_settings, conversation_id, settings)
         tab = self.add_conversation(conversation)
         tab.conversation_settings = settings
+        self._save_order()  # it opens as the last tab, and comes back there after a restart
         self.setCurrentWidget(tab)
         return tab
 
@@ -153,13 +175,44 @@ class ConversationTabs(QTabWidget):
 
     # -- renaming, order, export ----------------------------------------------------------------
     def rename_tab(self, index: int, title: str) -> None:
+        """The user's name for a tab: kept as typed (the title no longer follows the first message)."""
         tab = self.widget(index)
-        title = title.strip()
+        title = " ".join(title.split())
         if isinstance(tab, ChatTab) and title:
-            tab.title = title
-            self.setTabText(index, title)
-            self.setTabToolTip(index, title)
-            self._write(self.store.rename, tab.conversation_id, title)
+            self._set_title(tab, title)
+            if tab.conversation_settings.pop(AUTO_TITLE, None) is not None:
+                self._write(
+                    self.store.set_conversation_settings, tab.conversation_id, tab.conversation_settings
+                )
+
+    def _set_title(self, tab: ChatTab, title: str) -> None:
+        index = self.indexOf(tab)
+        tab.title = title
+        self.setTabText(index, title.replace("&", "&&"))
+        self.setTabToolTip(index, title)
+        self._write(self.store.rename, tab.conversation_id, title)
+
+    def unique_title(self, base: str, exclude: str | None = None) -> str:
+        """``base``, or ``base (2)``, ``(3)``…: no two conversations (open or closed) share a name."""
+        try:
+            taken = {c.title for c in self.store.list_conversations() if c.id != exclude}
+        except StoreError:
+            taken = set()
+        taken |= {t.title for cid, t in self._by_id.items() if cid != exclude}
+        n, title = 1, base
+        while title in taken:
+            n += 1
+            title = f"{base} ({n})"
+        return title
+
+    @Slot(str, str)
+    def _on_tab_first_message_sent(self, conversation_id: str, text: str) -> None:
+        """Name a new chat after its first message, as LM Studio and Jan do (F2 renames it)."""
+        tab = self._by_id.get(conversation_id)
+        if tab is None or not tab.conversation_settings.pop(AUTO_TITLE, False):
+            return
+        self._write(self.store.set_conversation_settings, conversation_id, tab.conversation_settings)
+        self._set_title(tab, self.unique_title(title_from(text), exclude=conversation_id))
 
     def ask_rename(self, index: int) -> None:
         tab = self.widget(index)
@@ -179,6 +232,9 @@ class ConversationTabs(QTabWidget):
 
     @Slot(int, int)
     def _on_tab_bar_moved(self, _from: int, _to: int) -> None:
+        self._save_order()
+
+    def _save_order(self) -> None:
         """Save the order: the open tabs as shown, then the closed conversations as they were."""
         try:
             ids = [c.id for c in self.store.list_conversations()]

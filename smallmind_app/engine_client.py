@@ -24,6 +24,7 @@ class EngineClient(QObject):
     load_model_requested = Signal(str)
     submit_requested = Signal(str, list, dict)
     cancel_requested = Signal(str)
+    count_tokens_requested = Signal(str, str)
     remove_session_requested = Signal(str)
     apply_settings_requested = Signal(dict, dict)
     download_requested = Signal()
@@ -40,6 +41,7 @@ class EngineClient(QObject):
         self.load_model_requested.connect(self.worker.load_model)
         self.submit_requested.connect(self.worker.submit)
         self.cancel_requested.connect(self.worker.cancel)
+        self.count_tokens_requested.connect(self.worker.count_tokens)
         self.remove_session_requested.connect(self.worker.remove_session)
         self.apply_settings_requested.connect(self.worker.apply_settings)
         self.download_requested.connect(self.worker.start_download)
@@ -59,6 +61,9 @@ class EngineClient(QObject):
 
     def cancel(self, conversation_id: str) -> None:
         self.cancel_requested.emit(conversation_id)
+
+    def count_tokens(self, conversation_id: str, text: str) -> None:
+        self.count_tokens_requested.emit(conversation_id, text)
 
     def remove_session(self, conversation_id: str) -> None:
         self.remove_session_requested.emit(conversation_id)

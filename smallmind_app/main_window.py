@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import QCoreApplication, Qt, Slot
-from PySide6.QtGui import QAction, QCloseEvent, QKeySequence
+from PySide6.QtGui import QAction, QCloseEvent, QIcon, QKeySequence, QResizeEvent
 from PySide6.QtWidgets import (
     QFileDialog,
     QLabel,
@@ -30,14 +30,22 @@ from .chat_tab import ChatTab
 from .conversation_tabs import ConversationTabs
 from .engine_client import EngineClient
 from .first_run import FirstRunDialog
-from .settings import AppSettings, SettingsError, save_settings
+from .settings import RESOURCES_DIR, AppSettings, SettingsError, save_settings
 from .settings_dialog import SettingsDialog
 from .stats_dock import StatsDock
 from .store import ConversationStore
-from .worker import default_model_description
+from .wording import LABELS, MiB, setting_problem
+from .worker import default_model_description, validate_settings
 
 log = logging.getLogger(__name__)
 MODEL_ENV = "SMALLMIND_MODEL"
+DOCK_SHARE, DOCK_WIDTH = 0.3, (300, 600)
+ICON_FILE = RESOURCES_DIR / "icon.png"
+
+
+def app_icon() -> QIcon:
+    """SmallMind's icon (resources/icon.png; icon.svg is its source)."""
+    return QIcon(str(ICON_FILE))
 
 
 class MainWindow(QMainWindow):
@@ -63,6 +71,7 @@ class MainWindow(QMainWindow):
         self.stats_dock = StatsDock(self)
         self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.stats_dock)
         self.resizeDocks([self.stats_dock], [400], Qt.Orientation.Horizontal)
+        self.setWindowIcon(app_icon())
         self._build_actions()
         self._build_status_bar()
         self._connect_worker()
@@ -94,7 +103,9 @@ class MainWindow(QMainWindow):
         self.action_chat_settings = self._action(
             "actionChatSettings", "Chat sa&mpling…", self._on_chat_settings_triggered, "Ctrl+Shift+,"
         )
-        self.action_settings = self._action("actionSettings", "&Settings…", self.open_settings, "Ctrl+,")
+        self.action_settings = self._action(
+            "actionSettings", "&Settings…", lambda: self.open_settings(), "Ctrl+,"
+        )
         self.action_quit = self._action("actionQuit", "&Quit", self.close, "Ctrl+Q")
         chat = self.menuBar().addMenu("&Chat")
         for action in (self.action_new, self.action_close, self.action_rename):
@@ -143,6 +154,8 @@ class MainWindow(QMainWindow):
         w.request_failed.connect(self._on_worker_request_failed)
         w.stats_updated.connect(self._on_worker_stats_updated)
         w.settings_rejected.connect(self._on_worker_settings_rejected)
+        w.settings_applied.connect(self._on_worker_settings_applied)
+        w.tokens_counted.connect(self._on_worker_tokens_counted)
         w.download_progressed.connect(self._on_worker_download_progressed)
         w.download_finished.connect(self._on_worker_download_finished)
         w.download_failed.connect(self._on_worker_download_failed)
@@ -173,6 +186,9 @@ class MainWindow(QMainWindow):
         tab.cancel_requested.connect(self.client.cancel)
         tab.chat_settings_requested.connect(self.open_chat_settings)
         tab.busy_changed.connect(self._on_tab_busy_changed)
+        tab.settings_requested.connect(self.open_settings)
+        tab.token_count_requested.connect(self.client.count_tokens)
+        tab.setting_change_requested.connect(self._on_tab_setting_change_requested)
 
     @Slot(str)
     def _on_tabs_tab_closed(self, conversation_id: str) -> None:
@@ -219,9 +235,18 @@ class MainWindow(QMainWindow):
         if not isinstance(tab, ChatTab):
             return
         question = f"Delete “{tab.title}” and all its messages? This cannot be undone."
-        answer = QMessageBox.question(self, "Delete conversation", question)
-        if answer == QMessageBox.StandardButton.Yes:
-            self.tabs.delete_conversation(tab.conversation_id)
+        box = QMessageBox(QMessageBox.Icon.Warning, "Delete conversation", question, parent=self)
+        box.setObjectName("deleteDialog")
+        delete = box.addButton("Delete", QMessageBox.ButtonRole.DestructiveRole)
+        keep = box.addButton(QMessageBox.StandardButton.Cancel)
+        box.setDefaultButton(keep)  # Enter keeps the conversation: deleting takes a deliberate click
+        box.setEscapeButton(keep)
+        box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        conversation_id = tab.conversation_id
+        box.buttonClicked.connect(
+            lambda button: self.tabs.delete_conversation(conversation_id) if button is delete else None
+        )
+        box.open()
 
     # -- tabs -> worker -------------------------------------------------------------------------
     def sampling_for(self, tab: ChatTab) -> dict[str, Any]:
@@ -250,20 +275,44 @@ class MainWindow(QMainWindow):
         if (tab := self.tabs.tab_for(conversation_id)) is not None:
             tab.show_prompt_progress(done, total)
 
-    @Slot(str, str)
-    def _on_worker_text_generated(self, conversation_id: str, text: str) -> None:
+    @Slot(str, str, int)
+    def _on_worker_text_generated(self, conversation_id: str, text: str, n_tokens: int) -> None:
         if (tab := self.tabs.tab_for(conversation_id)) is not None:
-            tab.append_text(text)
+            tab.append_text(text, n_tokens)
 
     @Slot(str, dict)
     def _on_worker_request_finished(self, conversation_id: str, result: dict) -> None:
         if (tab := self.tabs.tab_for(conversation_id)) is not None:
             tab.finish_reply(result)
 
-    @Slot(str, str)
-    def _on_worker_request_failed(self, conversation_id: str, message: str) -> None:
+    @Slot(str, str, dict)
+    def _on_worker_request_failed(self, conversation_id: str, message: str, info: dict) -> None:
         if (tab := self.tabs.tab_for(conversation_id)) is not None:
-            tab.fail_request(message)
+            tab.fail_request(message, info)
+
+    @Slot(str, str, int, int)
+    def _on_worker_tokens_counted(self, conversation_id: str, text: str, n_tokens: int, limit: int) -> None:
+        if (tab := self.tabs.tab_for(conversation_id)) is not None:
+            tab.show_token_count(text, n_tokens, limit)
+
+    @Slot(str, str, int)
+    def _on_tab_setting_change_requested(self, conversation_id: str, setting: str, value: int) -> None:
+        """The tab's "Raise to … and send": change the limit (and the memory it needs), send again."""
+        section, key = setting.split(".", 1)
+        changes = {key: value}
+        per_token = int(self.model_info.get("bytes_per_token", 0))
+        kv = {**self.settings.kv_cache, **changes} if section == "kv_cache" else dict(self.settings.kv_cache)
+        if key == "max_tokens_per_session" and per_token:  # the memory per session must hold them too
+            needed = -(-value * per_token // MiB) * MiB
+            kv["max_bytes_per_session"] = max(kv["max_bytes_per_session"], needed)
+        kv["max_bytes_total"] = max(kv["max_bytes_total"], kv["max_bytes_per_session"])
+        problems = validate_settings(kv, self.settings.batching, self.settings.sampling)
+        if problems:
+            self.show_error("Setting not changed", "\n".join(setting_problem(m) for m in problems.values()))
+            return
+        self.apply_settings(self.settings.with_changes(kv_cache=kv))
+        if (tab := self.tabs.tab_for(conversation_id)) is not None:
+            tab.regenerate()
 
     @Slot(dict)
     def _on_worker_stats_updated(self, stats: dict) -> None:
@@ -281,11 +330,7 @@ class MainWindow(QMainWindow):
         self.model_info = dict(info)
         self.load_bar.setVisible(False)
         name = Path(info["file_name"]).stem
-        base = " · base model: it continues your text, it was not trained to follow instructions"
-        self.model_label.setText(
-            f"{name} · {info['n_layers']} layers · context {info['context_length']:,} · "
-            f"{info['session_token_limit']:,} tokens per tab" + (base if info.get("base_model") else "")
-        )
+        self._show_model_label()
         self.model_label.setToolTip(f"{info['name']}\n{info['path']}")
         self.setWindowTitle(f"SmallMind — {name}")
         if self.settings_dialog is not None:
@@ -336,14 +381,17 @@ class MainWindow(QMainWindow):
             self.first_run_dialog.show_failed(message)
 
     # -- settings -------------------------------------------------------------------------------
-    @Slot()
-    def open_settings(self) -> SettingsDialog:
+    @Slot(str)
+    def open_settings(self, setting: str = "") -> SettingsDialog:
+        """The settings dialog; ``setting`` ("kv_cache.max_bytes_total") opens it at that field."""
         if self.settings_dialog is None:
             dialog = SettingsDialog(self.settings, self.model_info, self)
             dialog.settings_chosen.connect(self.apply_settings)
             dialog.finished.connect(self._on_settings_dialog_finished)
             self.settings_dialog = dialog
         self.settings_dialog.open()
+        if setting:
+            self.settings_dialog.show_setting(setting)
         return self.settings_dialog
 
     @Slot()
@@ -400,6 +448,34 @@ class MainWindow(QMainWindow):
         except SettingsError as exc:
             self.show_error("Settings not saved", f"{exc}\nThey apply until SmallMind closes.")
 
+    def _show_model_label(self) -> None:
+        info = self.model_info
+        base = " · base model: it continues your text, it was not trained to follow instructions"
+        self.model_label.setText(
+            f"{Path(info['file_name']).stem} · {info['n_layers']} layers · "
+            f"context {info['context_length']:,} · {info['session_token_limit']:,} tokens per tab"
+            + (base if info.get("base_model") else "")
+        )
+
+    @Slot(dict)
+    def _on_worker_settings_applied(self, applied: dict) -> None:
+        """The status bar shows the new limit at once; a lower one is said (longer chats get trimmed)."""
+        if not self.model_info or "session_token_limit" not in applied:
+            return
+        old, new = self.model_info["session_token_limit"], applied["session_token_limit"]
+        self.model_info.update(session_token_limit=new, bytes_per_token=applied["bytes_per_token"])
+        self._show_model_label()
+        if self.settings_dialog is not None:
+            self.settings_dialog.set_model_info(self.model_info)
+        if new < old:
+            setting = str(applied.get("limit_setting") or "")
+            cause = f", set by “{LABELS[setting.split('.', 1)[1]]}”" if setting else ""
+            self.statusBar().showMessage(
+                f"Each tab now holds at most {new:,} tokens (was {old:,}){cause}: longer conversations "
+                "leave out their oldest messages.",
+                20_000,
+            )
+
     @Slot(str)
     def _on_worker_settings_rejected(self, message: str) -> None:
         self.show_error("Settings not applied", message)
@@ -413,6 +489,13 @@ class MainWindow(QMainWindow):
         self.error_dialog = box
         box.open()
         return box
+
+    def resizeEvent(self, event: QResizeEvent) -> None:
+        """The dock keeps its share of the window (30%, 300 to 600 px) as the window grows or shrinks."""
+        super().resizeEvent(event)
+        if self.stats_dock.isVisible() and not self.stats_dock.isFloating():
+            width = min(DOCK_WIDTH[1], max(DOCK_WIDTH[0], int(self.width() * DOCK_SHARE)))
+            self.resizeDocks([self.stats_dock], [width], Qt.Orientation.Horizontal)
 
     # -- shutdown -------------------------------------------------------------------------------
     def closeEvent(self, event: QCloseEvent) -> None:

@@ -34,7 +34,7 @@ from .worker import engine_options
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the repetition penalty's default became 1.1 (see _upgrade)
 
 
 class SettingsError(Exception):
@@ -175,6 +175,8 @@ def _parse(text: str) -> tuple[AppSettings, list[str]]:
         raise ValueError(
             f"it was written by a newer SmallMind (schema_version {version}; this one reads {SCHEMA_VERSION})"
         )
+    if _is_int(version) and version < SCHEMA_VERSION:
+        _upgrade(data, version)
     dropped: list[str] = []
     for section in SECTIONS:
         values = data.get(section)
@@ -182,6 +184,15 @@ def _parse(text: str) -> tuple[AppSettings, list[str]]:
             dropped += [f"{section}.{key}" for key in values if key not in SECTIONS[section]]
             data[section] = {key: v for key, v in values.items() if key in SECTIONS[section]}
     return AppSettings(**data), dropped
+
+
+def _upgrade(data: dict[str, Any], version: int) -> None:
+    """A file of an older SmallMind: version 1 saved the old default repetition penalty (1.0, off) with
+    every other value, so 1.0 there means "the default" and becomes the new one (1.1)."""
+    sampling = data.get("sampling")
+    if version < 2 and isinstance(sampling, dict) and sampling.get("repetition_penalty") == 1.0:
+        sampling["repetition_penalty"] = SECTIONS["sampling"]["repetition_penalty"][0]
+    data["schema_version"] = SCHEMA_VERSION
 
 
 def load_settings(

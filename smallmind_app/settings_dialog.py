@@ -6,6 +6,7 @@ effect at once, without a restart.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,52 +32,27 @@ from PySide6.QtWidgets import (
 
 from . import first_run
 from .settings import AppSettings, default_system_prompt, section_defaults
+from .wording import FIELD_NAMES, FIELDS, INT_MAX, MIB_RANGE, PAGES, SECTION_KEYS, MiB, mib, setting_problem
 from .worker import session_limits, validate_settings
 
-MiB = 1 << 20
-INT_MAX = 2_147_483_647
-MIB_RANGE = (0, 1_048_576, 2)  # MiB, two decimals
+__all__ = ["FIELDS", "INT_MAX", "MIB_RANGE", "SECTION_KEYS", "MiB", "SettingsDialog"]
 
-# (section, option name, objectName, label, kind, (minimum, maximum, step/decimals))
-FIELDS: list[tuple[str, str, str, str, str, tuple[float, ...]]] = [
-    ("kv", "enabled", "kvEnabled", "Use the KV cache", "bool", ()),
-    ("kv", "max_tokens_per_session", "kvMaxTokensPerSession", "Max tokens per session", "int", (0, INT_MAX)),
-    ("kv", "max_sessions", "kvMaxSessions", "Max sessions", "int", (0, 1_000_000)),
-    ("kv", "max_bytes_total", "kvMaxBytesTotal", "Memory limit, all sessions", "mib", MIB_RANGE),
-    ("kv", "max_bytes_per_session", "kvMaxBytesPerSession", "Memory limit per session", "mib", MIB_RANGE),
-    ("kv", "persist_across_requests", "kvPersistAcrossRequests", "Keep sessions between replies", "bool", ()),
-    ("kv", "share_prefixes", "kvSharePrefixes", "Share common prompt prefixes between tabs", "bool", ()),
-    ("kv", "dtype", "kvDtype", "Cache precision", "choice", ()),
-    ("kv", "policy", "kvPolicy", "Eviction policy", "choice", ()),
-    ("batching", "enabled", "batchEnabled", "Batch requests of several tabs", "bool", ()),
-    ("batching", "max_batch_size", "batchMaxBatchSize", "Max batch size", "int", (0, 4096)),
-    ("batching", "max_batch_wait_ms", "batchMaxWaitMs", "Max batch wait", "float", (0, 100_000, 1)),
-    ("batching", "max_total_queued_requests", "batchMaxQueuedRequests", "Max queued requests", "int",
-     (0, 1_000_000)),
-    ("batching", "prefill_only", "batchPrefillOnly", "Batch prompts only (decode one by one)", "bool", ()),
-    ("batching", "max_prefill_chunk_tokens", "batchMaxPrefillChunkTokens", "Prompt tokens per step", "int",
-     (0, 1_000_000)),
-    ("batching", "cpu_threads", "cpuThreads", "CPU threads", "int", (0, 256)),
-    ("sampling", "max_new_tokens", "maxNewTokens", "Max new tokens", "int", (0, 1_000_000)),
-    ("sampling", "temperature", "temperature", "Temperature (0 = greedy)", "float", (0, 100, 2)),
-    ("sampling", "top_k", "topK", "Top-k (0 = off)", "int", (0, 1_000_000)),
-    ("sampling", "top_p", "topP", "Top-p", "float", (0, 1, 3)),
-    ("sampling", "min_p", "minP", "Min-p (0 = off)", "float", (0, 1, 3)),
-    ("sampling", "repetition_penalty", "repetitionPenalty", "Repetition penalty (1 = off)", "float",
-     (0, 100, 2)),
-    ("sampling", "repetition_window", "repetitionWindow", "Repetition window (0 = all)", "int",
-     (0, 1_000_000)),
-    ("sampling", "seed", "seed", "Seed", "optional int", (-1, INT_MAX)),
-    ("sampling", "stop", "stopStrings", "Stop strings (one per line)", "lines", ()),
-    ("sampling", "max_time_ms", "maxTimeMs", "Time limit per reply", "optional int", (0, INT_MAX)),
-    ("sampling", "stop_on_eos", "stopOnEos", "Stop at the end-of-text token", "bool", ()),
-]  # fmt: skip
 CHOICES = {"kvDtype": ["float32", "float16"], "kvPolicy": ["lru"]}
 SUFFIXES = {"kvMaxBytesTotal": " MiB", "kvMaxBytesPerSession": " MiB", "batchMaxWaitMs": " ms",
             "maxTimeMs": " ms"}  # fmt: skip
 SPECIAL = {"seed": "random", "maxTimeMs": "no limit", "cpuThreads": "auto"}  # shown at the minimum
-SECTION_KEYS = {"kv": "kv_cache", "batching": "batching", "sampling": "sampling"}
-PAGES = {"kv": "KV cache", "batching": "Batching", "sampling": "Sampling"}
+
+
+def problems_text(errors: Mapping[str, str]) -> str:
+    """One line per field: the engine's message with the dialog's labels and MiB for sizes."""
+    labels = {name: label for _, _, name, label, _, _ in FIELDS}
+    lines = []
+    for name, message in errors.items():
+        label = labels.get(name, name)
+        text = setting_problem(message).removeprefix(f"“{label}”").strip()
+        value = re.match(r"\((.*?)\) ", text)  # "(256 MiB) must not be more than …"
+        lines.append(f"{label}: {value[1]} {text[value.end() :]}" if value else f"{label}: {text}")
+    return "\n".join(lines)
 
 
 def make_field(name: str, kind: str, limits: tuple[float, ...]) -> QWidget:
@@ -178,7 +154,7 @@ class SettingsDialog(QDialog):
         self.model_info = dict(model_info or {})
         self.fields: dict[str, tuple[str, str, str, QWidget]] = {}  # objectName -> (section, key, kind, w)
         self.errors: dict[str, str] = {}
-        tabs = QTabWidget(objectName="settingsPages")
+        self.pages = tabs = QTabWidget(objectName="settingsPages")
         tabs.addTab(self._model_page(), "Model")
         for section, title in PAGES.items():
             tabs.addTab(self._options_page(section), title)
@@ -293,8 +269,7 @@ class SettingsDialog(QDialog):
         for name, (_, _, _, widget) in self.fields.items():
             widget.setStyleSheet("background-color: #fde2e2;" if name in self.errors else "")
             widget.setToolTip(self.errors.get(name, ""))
-        labels = {name: label for _, _, name, label, _, _ in FIELDS}
-        self.error_label.setText("\n".join(f"{labels.get(n, n)}: {m}" for n, m in self.errors.items()))
+        self.error_label.setText(problems_text(self.errors))
         self.error_label.setVisible(bool(self.errors))
         self.ok_button.setEnabled(not self.errors)
         self.apply_button.setEnabled(not self.errors)
@@ -310,9 +285,10 @@ class SettingsDialog(QDialog):
             f"{tokens:,} tokens (the smallest of max tokens per session, the memory limit per session "
             f"÷ bytes per token, and the model's context of {self.model_info['context_length']:,})"
         )
-        if tokens < 1 and "kvMaxBytesPerSession" not in self.errors and kv.get("enabled", True):
+        by_bytes = int(kv.get("max_bytes_per_session", 0)) // per_token
+        if by_bytes < 1 and "kvMaxBytesPerSession" not in self.errors and kv.get("enabled", True):
             self.errors["kvMaxBytesPerSession"] = (
-                f"smaller than one token of K/V ({per_token:,} bytes for this model)"
+                f"smaller than one token of K/V ({mib(per_token)} for this model)"
             )
 
     # -- buttons --------------------------------------------------------------------------------
@@ -352,6 +328,17 @@ class SettingsDialog(QDialog):
         path = first_run.choose_model_file(self)
         if path:
             self.model_path.setText(path)
+
+    def show_setting(self, setting: str) -> None:
+        """Turn to the page of ``setting`` ("kv_cache.max_bytes_total") and put the cursor in its field."""
+        name = FIELD_NAMES.get(setting)
+        if name is None:
+            return
+        section, _, _, widget = self.fields[name]
+        self.pages.setCurrentIndex(list(PAGES).index(section) + 1)  # page 0 is the model
+        widget.setFocus()
+        if isinstance(widget, QSpinBox | QDoubleSpinBox):
+            widget.selectAll()
 
     def set_model_info(self, info: Mapping[str, Any]) -> None:
         self.model_info = dict(info)

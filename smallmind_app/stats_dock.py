@@ -15,10 +15,12 @@ from PySide6.QtWidgets import (
     QAbstractItemView,
     QDockWidget,
     QFormLayout,
+    QFrame,
     QGroupBox,
     QHeaderView,
     QLabel,
     QProgressBar,
+    QScrollArea,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -28,6 +30,7 @@ from PySide6.QtWidgets import (
 from .sparkline import Sparkline
 
 MiB = 1 << 20
+MIN_WIDTH = 300
 
 # objectName -> (label, what it means: the tooltip, also in the README)
 STATS: dict[str, tuple[str, str]] = {
@@ -37,7 +40,11 @@ STATS: dict[str, tuple[str, str]] = {
         "K/V bytes reserved by sessions, of them holding tokens, and the peak, "
         "against the byte limit (max_bytes_total)",
     ),
-    "statHitRate": ("Hit rate", "Requests that reused at least one cached token, of all requests"),
+    "statHitRate": (
+        "Cache reuse",
+        "Prompt tokens taken from the cache, of all prompt tokens (the token reuse ratio); beside it the "
+        "hit rate: requests that reused at least one cached token, of all requests",
+    ),
     "statEvictions": ("Evictions", "Sessions dropped to make room (least recently used first)"),
     "statReusedTokens": (
         "Reused tokens",
@@ -46,7 +53,10 @@ STATS: dict[str, tuple[str, str]] = {
     "statAvgBatchSize": ("Avg batch size", "Requests served per forward pass (rows per step)"),
     "statAvgBatchWait": ("Avg batch wait", "Time a request waited in the queue before its first step"),
     "statQueueDepth": ("Avg queue depth", "Requests waiting, averaged over steps (now: waiting / running)"),
-    "statTokensPerSec": ("Tokens/s", "Generated tokens per second over the last 5 seconds, all tabs"),
+    "statTokensPerSec": (
+        "Tokens/s",
+        "Generated tokens per second, and prompt tokens computed per second, over the last 5 s, all tabs",
+    ),
     "statTtft": ("TTFT p50", "Median time from Send to the first token of the reply"),
 }
 
@@ -91,7 +101,14 @@ class StatsDock(QDockWidget):
             header.setSectionResizeMode(column, QHeaderView.ResizeMode.ResizeToContents)
         self.table.setMinimumHeight(110)
         layout.addWidget(self.table, 1)
-        self.setWidget(body)
+        scroll = QScrollArea(objectName="statsScroll")  # a small window scrolls the dock, never clips it
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroll.setWidget(body)
+        self.body = body
+        self.setWidget(scroll)
+        self.setMinimumWidth(MIN_WIDTH)
         self.show_no_model()
 
     def _group(self, title: str, names: list[str]) -> QGroupBox:
@@ -133,8 +150,8 @@ class StatsDock(QDockWidget):
         self.memory_bar.setValue(int(1000 * min(1.0, kv["current_bytes"] / limit)) if limit else 0)
         misses = kv["misses"]
         set_text["statHitRate"](
-            f"{kv['hit_rate']:.0%}  ({kv['hits']} hit{'s' * (kv['hits'] != 1)}, "
-            f"{misses} miss{'es' * (misses != 1)})"
+            f"{kv['token_reuse_ratio']:.0%} of prompt tokens  (hit rate {kv['hit_rate']:.0%}: "
+            f"{kv['hits']} hit{'s' * (kv['hits'] != 1)}, {misses} miss{'es' * (misses != 1)})"
         )
         set_text["statEvictions"](f"{kv['evictions']}")
         set_text["statReusedTokens"](
@@ -146,7 +163,10 @@ class StatsDock(QDockWidget):
             f"{metrics['average_queue_depth']:.2f}  (now {metrics['queue_depth']} waiting, "
             f"{metrics['running']} running)"
         )
-        set_text["statTokensPerSec"](f"{metrics['tokens_per_second']:.1f}")
+        prompt_rate = metrics.get("prompt_tokens_per_second", 0.0)
+        set_text["statTokensPerSec"](
+            f"{metrics['tokens_per_second']:.1f} generated · {prompt_rate:,.0f} prompt"
+        )
         set_text["statTtft"](f"{metrics['ttft_p50_ms']:.0f} ms" if metrics["ttft_p50_ms"] else "–")
         if not limits.get("enabled", True):
             set_text["statSessions"]("KV cache disabled")
@@ -166,11 +186,14 @@ class StatsDock(QDockWidget):
 
     def _fill_table(self, sessions: list[Mapping[str, Any]], titles: Mapping[str, str]) -> None:
         self.table.setRowCount(len(sessions))
-        next_evicted = next((i for i, s in enumerate(sessions) if not s["pinned"]), None)
+        idle = [i for i, s in enumerate(sessions) if not s["pinned"] and not s.get("waiting")]
+        next_evicted = idle[0] if idle else None  # the LRU policy's choice: the oldest idle session
         for row, session in enumerate(sessions):
             sid = session["session_id"]
             if session["pinned"]:
                 state = "generating"
+            elif session.get("waiting"):
+                state = "waiting to run"
             elif row == next_evicted:
                 state = "idle · evicted next"
             else:

@@ -14,12 +14,23 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from PySide6.QtCore import QUrl, Signal, Slot
-from PySide6.QtGui import QGuiApplication, QTextCursor, QTextDocument
-from PySide6.QtWidgets import QTextBrowser, QWidget
+from PySide6.QtCore import QByteArray, Qt, QTimer, QUrl, Signal, Slot
+from PySide6.QtGui import (
+    QDesktopServices,
+    QGuiApplication,
+    QResizeEvent,
+    QShowEvent,
+    QTextCursor,
+    QTextDocument,
+)
+from PySide6.QtWidgets import QMessageBox, QTextBrowser, QToolButton, QWidget
+
+from .wording import LABELS
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _BODY = re.compile(r"<body[^>]*>(.*)</body>", re.S)
+_IMAGE = re.compile(r"<img\b[^>]*>")
+_ALT = re.compile(r'\balt="([^"]*)"')
 
 COLORS = {
     "user": "#e8effd",
@@ -30,9 +41,10 @@ COLORS = {
     "code": "#eceef1",
     "user_name": "#1d4ed8",
     "assistant_name": "#047857",
+    "editing": "#b45309",
 }
+COPIED_SHOWN_MS = 1500
 FINISH_NOTES = {
-    "length": "stopped at the token limit",
     "cancelled": "stopped",
     "timeout": "stopped: time limit",
     "error": "failed",
@@ -49,9 +61,12 @@ class Entry:
     stats: dict[str, Any] = field(default_factory=dict)
     message_id: int | None = None  # None: not in the database (a notice, or a failed save)
     progress: tuple[int, int] | None = None  # prompt tokens processed / total, while prefilling
+    editing: bool = False  # the user is changing this message in the prompt box
+    copied: bool = False  # its text just went to the clipboard ("Copied ✓" for a moment)
 
     def cache_key(self) -> tuple[Any, ...]:
-        return (self.role, self.content, self.status, tuple(sorted(self.stats.items())), self.progress)
+        stats = tuple(sorted(self.stats.items()))
+        return (self.role, self.content, self.status, stats, self.progress, self.editing, self.copied)
 
 
 def sanitize(text: str) -> str:
@@ -59,13 +74,30 @@ def sanitize(text: str) -> str:
     return _CONTROL_CHARS.sub("", text)
 
 
+MARKDOWN_NO_HTML = QTextDocument.MarkdownFeature(
+    QTextDocument.MarkdownFeature.MarkdownDialectGitHub.value
+    | QTextDocument.MarkdownFeature.MarkdownNoHTML.value
+)
+LINK_SCHEMES = ("http", "https")  # the only links of a reply that are opened (in the browser)
+
+
 def markdown_html(text: str) -> str:
-    """Markdown -> the HTML body Qt renders, with code blocks on a grey background."""
+    """Markdown -> the HTML body Qt renders, with code blocks on a grey background.
+
+    A reply is untrusted text (a downloaded model, a remote server): raw HTML in it is shown as
+    text, never rendered, so a reply cannot style itself as a "You" message or a notice.
+    """
     document = QTextDocument()
-    document.setMarkdown(sanitize(text))
+    document.setMarkdown(sanitize(text), MARKDOWN_NO_HTML)
     match = _BODY.search(document.toHtml())
     body = match.group(1) if match else html.escape(text)
+    body = _IMAGE.sub(lambda m: html.escape(f"[image: {_alt(m[0])}]"), body)  # nothing is loaded
     return body.replace('<pre style="', f'<pre style=" background-color:{COLORS["code"]};')
+
+
+def _alt(tag: str) -> str:
+    match = _ALT.search(tag)
+    return html.unescape(match[1]) if match and match[1] else "no description"
 
 
 def plain_html(text: str) -> str:
@@ -84,12 +116,31 @@ def stats_line(stats: dict[str, Any]) -> str:
         parts.append(f"first token {stats['ttft_ms']:.0f} ms")
     if "reused_tokens" in stats:
         parts.append(f"{stats['reused_tokens']} of {stats.get('prompt_tokens', '?')} prompt tokens reused")
-    note = FINISH_NOTES.get(str(stats.get("finish_reason", "")))
+    reason = str(stats.get("finish_reason", ""))
+    note = limit_reached(stats) if reason == "length" else FINISH_NOTES.get(reason)
     if note:
-        parts.append(note)
+        parts.append(f"stopped: {note}" if reason == "length" else note)
     if stats.get("context_trimmed"):
-        parts.append("older messages trimmed to fit the context")
+        parts.append(f"older messages trimmed to fit {tab_limit(stats)}")
     return " · ".join(parts)
+
+
+def tab_limit(stats: dict[str, Any]) -> str:
+    """'the model's context', or 'the 273 tokens a tab may hold (“Memory limit per session”)'."""
+    setting = str(stats.get("limit_setting") or "")
+    if not setting or "session_limit" not in stats:
+        return "the model's context"
+    label = LABELS.get(setting.split(".", 1)[1], setting)
+    return f"the {int(stats['session_limit']):,} tokens a tab may hold (set by “{label}”)"
+
+
+def limit_reached(stats: dict[str, Any]) -> str:
+    """Which limit ended a reply: its max new tokens, or a full tab."""
+    if stats.get("stopped_by") == "session":
+        return f"the conversation reached {tab_limit(stats)}"
+    if stats.get("max_new_tokens"):
+        return f"“{LABELS['max_new_tokens']}” ({int(stats['max_new_tokens']):,}) reached"
+    return "the token limit"
 
 
 def entry_html(index: int, entry: Entry) -> str:
@@ -121,10 +172,18 @@ def entry_html(index: int, entry: Entry) -> str:
         if entry.stats.get("error"):
             footer += f"<br />{html.escape(str(entry.stats['error']))}"
         elif entry.status == "partial" and "finish_reason" not in entry.stats:
-            footer = "interrupted (the app closed while this reply was generated)"
+            n_tokens = f"{entry.stats['n_tokens']} tokens · " if entry.stats.get("n_tokens") else ""
+            footer = f"{n_tokens}interrupted (the app closed while this reply was generated)"
+    copy = "Copied ✓" if entry.copied else "Copy"
+    editing = (
+        f'&nbsp;&nbsp;<span style="color:{COLORS["editing"]};">being edited below (Esc cancels)</span>'
+        if entry.editing
+        else ""
+    )
     header = (
         f'<p style="margin:0px 0px 4px 0px;"><span style="color:{name_color}; font-weight:600;">{name}</span>'
-        f'&nbsp;&nbsp;<a href="copy:{index}" style="color:{muted}; text-decoration:none;">Copy</a></p>'
+        f'&nbsp;&nbsp;<a href="copy:{index}" style="color:{muted}; text-decoration:none;">{copy}</a>'
+        f"{editing}</p>"
     )
     foot = (
         f'<p style="margin:6px 0px 0px 0px; color:{muted}; font-size:small;">{footer}</p>' if footer else ""
@@ -137,9 +196,16 @@ def entry_html(index: int, entry: Entry) -> str:
 
 
 class TranscriptView(QTextBrowser):
-    """Read-only view of a list of entries; ``render`` rebuilds only the entries that changed."""
+    """Read-only view of a list of entries; ``render`` rebuilds only the entries that changed.
+
+    It follows the conversation like every chat app: while the user is at the bottom (``following``)
+    the view stays there as a reply grows (also when the layout grows later, ``rangeChanged``);
+    scrolling up stops following and shows the "Jump to latest" button, which scrolls back down.
+    """
 
     copied = Signal(int)  # index of the entry whose text went to the clipboard
+    following_changed = Signal(bool)
+    link_refused = Signal(str)  # a link of a reply that is not opened (not http/https): its address
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -150,7 +216,77 @@ class TranscriptView(QTextBrowser):
         self.document().setDocumentMargin(12)
         self._entries: list[Entry] = []
         self._cache: dict[int, tuple[tuple[Any, ...], str]] = {}
+        self._rendering = False
+        self.following = True
+        self.blocked_resources: list[str] = []  # what a reply asked to load (nothing is)
+        self.jump_button = QToolButton(self, objectName="jumpToLatestButton")
+        self.jump_button.setText("↓ Jump to latest")
+        self.jump_button.setToolTip("Scroll to the newest message and follow the reply again")
+        self.jump_button.setCursor(Qt.CursorShape.PointingHandCursor)
+        self.jump_button.setStyleSheet(
+            "QToolButton { background: #1d4ed8; color: white; border-radius: 12px; padding: 4px 12px; }"
+        )
+        self.jump_button.clicked.connect(self.jump_to_latest)
+        self.jump_button.hide()
+        bar = self.verticalScrollBar()
+        bar.valueChanged.connect(self._on_scroll_bar_value_changed)
+        bar.rangeChanged.connect(self._on_scroll_bar_range_changed)
         self.anchorClicked.connect(self._on_anchor_clicked)
+
+    # -- following the latest message ---------------------------------------------------------
+    def at_bottom(self) -> bool:
+        bar = self.verticalScrollBar()
+        return bar.value() >= bar.maximum() - 4
+
+    @Slot()
+    def jump_to_latest(self) -> None:
+        self._set_following(True)
+        self.verticalScrollBar().setValue(self.verticalScrollBar().maximum())
+
+    def _set_following(self, following: bool) -> None:
+        self.jump_button.setVisible(not following)
+        if following != self.following:
+            self.following = following
+            self.following_changed.emit(following)
+        self._place_jump_button()
+
+    @Slot(int)
+    def _on_scroll_bar_value_changed(self, _value: int) -> None:
+        if not self._rendering:  # the user scrolled (wheel, keys, drag): follow only at the bottom
+            self._set_following(self.at_bottom())
+
+    @Slot(int, int)
+    def _on_scroll_bar_range_changed(self, _minimum: int, maximum: int) -> None:
+        if self.following:  # the document grew (a reply, a late layout pass): stay at the bottom
+            self._rendering, was = True, self._rendering
+            self.verticalScrollBar().setValue(maximum)
+            self._rendering = was
+
+    def _place_jump_button(self) -> None:
+        hint = self.jump_button.sizeHint()
+        viewport = self.viewport().geometry()
+        self.jump_button.setGeometry(
+            viewport.right() - hint.width() - 16,
+            viewport.bottom() - hint.height() - 12,
+            hint.width(),
+            hint.height(),
+        )
+        self.jump_button.raise_()
+
+    def resizeEvent(self, event: QResizeEvent) -> None:
+        super().resizeEvent(event)
+        self._place_jump_button()
+        if self.following:
+            self.verticalScrollBar().setValue(self.verticalScrollBar().maximum())
+
+    def showEvent(self, event: QShowEvent) -> None:
+        self._rendering = True  # QTextEdit scrolls to the text cursor (the top) on its first show
+        try:
+            super().showEvent(event)
+        finally:
+            self._rendering = False
+        if self.following:  # a restored or switched-to tab shows its latest message
+            self.verticalScrollBar().setValue(self.verticalScrollBar().maximum())
 
     def render(self, entries: list[Entry]) -> None:
         self._entries = list(entries)
@@ -165,15 +301,18 @@ class TranscriptView(QTextBrowser):
         for stale in [i for i in self._cache if i >= len(self._entries)]:
             del self._cache[stale]
         bar = self.verticalScrollBar()
-        at_bottom = bar.value() >= bar.maximum() - 4
         position = bar.value()
         cursor = self.textCursor()
         selection = (cursor.anchor(), cursor.position()) if cursor.hasSelection() else None
         before = self.toPlainText() if selection else ""
-        self.setHtml("".join(parts) if parts else self._placeholder())
-        if selection is not None:  # a streaming reply must not take away what the user is selecting
-            self._restore_selection(*selection, before)
-        bar.setValue(bar.maximum() if at_bottom else position)
+        self._rendering = True
+        try:
+            self.setHtml("".join(parts) if parts else self._placeholder())
+            if selection is not None:  # a streaming reply must not take away what the user is selecting
+                self._restore_selection(*selection, before)
+            bar.setValue(bar.maximum() if self.following else position)
+        finally:
+            self._rendering = False
 
     def _restore_selection(self, anchor: int, position: int, before: str) -> None:
         """Select ``anchor``..``position`` again when the text up to there is unchanged."""
@@ -186,9 +325,19 @@ class TranscriptView(QTextBrowser):
         self.setTextCursor(cursor)
 
     def copy_entry(self, index: int) -> None:
+        """The entry's text to the clipboard; its link says "Copied ✓" for a moment."""
         if 0 <= index < len(self._entries):
-            QGuiApplication.clipboard().setText(self._entries[index].content)
+            entry = self._entries[index]
+            QGuiApplication.clipboard().setText(entry.content)
+            entry.copied = True
+            self.render(self._entries)
+            QTimer.singleShot(COPIED_SHOWN_MS, self, lambda: self._uncopy(entry))
             self.copied.emit(index)
+
+    def _uncopy(self, entry: Entry) -> None:
+        entry.copied = False
+        if entry in self._entries:
+            self.render(self._entries)
 
     def _placeholder(self) -> str:
         return (
@@ -196,7 +345,38 @@ class TranscriptView(QTextBrowser):
             "Type a message below and press Enter.<br />Shift+Enter starts a new line.</p>"
         )
 
+    def loadResource(self, kind: int, name: QUrl) -> Any:
+        """Nothing is loaded for a reply: no local files, no network (an image shows as its text)."""
+        self.blocked_resources.append(name.toString())
+        return QByteArray()  # not None: for None, QTextDocument reads a local file itself
+
     @Slot(QUrl)
     def _on_anchor_clicked(self, url: QUrl) -> None:
         if url.scheme() == "copy":
             self.copy_entry(int(url.path() or -1))
+        elif url.scheme() in LINK_SCHEMES and url.host():
+            self.ask_to_open(url)
+        else:
+            self.link_refused.emit(url.toString())
+
+    def ask_to_open(self, url: QUrl) -> QMessageBox:
+        """Show the address before it goes to the browser; Cancel is the default button."""
+        address = url.toString(QUrl.ComponentFormattingOption.FullyEncoded)
+        box = QMessageBox(
+            QMessageBox.Icon.Question,
+            "Open link",
+            f"Open this address in your browser?\n\n{address}",
+            QMessageBox.StandardButton.Open | QMessageBox.StandardButton.Cancel,
+            self,
+        )
+        box.setObjectName("openLinkDialog")
+        box.setDefaultButton(QMessageBox.StandardButton.Cancel)
+        box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        box.accepted.connect(lambda: open_in_browser(QUrl(address)))
+        box.open()
+        return box
+
+
+def open_in_browser(url: QUrl) -> bool:
+    """The system's browser (tests replace this)."""
+    return QDesktopServices.openUrl(url)

@@ -52,6 +52,7 @@ from engine import (
 from engine.kv_cache import KV_DTYPES, ModelShape
 
 from .snapshots import result_dict, stats_dict
+from .wording import Problem, engine_problem, too_long
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +70,13 @@ class EngineWorker(QObject):
     model_load_failed = Signal(str, str)  # path, reason
     model_missing = Signal(str)  # no model given and the default one is not installed: the message
     prompt_progressed = Signal(str, int, int)  # conversation id, prompt tokens done, prompt tokens
-    text_generated = Signal(str, str)  # conversation id, new text (pieces of one or more steps joined)
+    text_generated = Signal(str, str, int)  # conversation id, new text (pieces joined), tokens so far
     request_finished = Signal(str, dict)  # conversation id, result_dict()
-    request_failed = Signal(str, str)  # conversation id, message (not accepted at submit)
+    request_failed = Signal(str, str, dict)  # conversation id, message, {"setting", "suggested"} (at submit)
     stats_updated = Signal(dict)  # stats_dict(): "kv", "metrics", "sessions", "limits"
     settings_applied = Signal(dict)  # {"kv_cache", "batching", "session_token_limit", "bytes_per_token"}
     settings_rejected = Signal(str)
+    tokens_counted = Signal(str, str, int, int)  # conversation id, text, its tokens, the tab's token limit
     download_progressed = Signal(str, int, int)  # phase, done, total (bytes; total 0 = unknown)
     download_finished = Signal(str)  # path of the installed model
     download_failed = Signal(str)
@@ -89,6 +91,8 @@ class EngineWorker(QObject):
         self._handles: dict[str, Any] = {}  # conversation id -> RequestHandle
         self._events: list[tuple[str, GenerationEvent]] = []  # filled inside step()
         self._text: dict[str, list[str]] = {}  # pending text pieces per conversation
+        self._n_generated: dict[str, int] = {}  # tokens generated so far by each conversation's reply
+        self._max_new_tokens: dict[str, int] = {}  # each running reply's own max_new_tokens
         self._last_text_flush = 0.0
         self._step_timer: QTimer | None = None
         self._wait_timer: QTimer | None = None
@@ -204,15 +208,15 @@ class EngineWorker(QObject):
     def submit(self, conversation_id: str, messages: list, sampling: dict) -> None:
         """Queue a reply for the conversation (its KV session id is the conversation id)."""
         if self._engine is None:
-            self.request_failed.emit(conversation_id, "No model is loaded; open Settings to choose one.")
+            self._refuse(conversation_id, Problem("No model is loaded; open Settings to choose one."))
             return
         if conversation_id in self._handles:
-            self.request_failed.emit(conversation_id, "A reply is already being generated here.")
+            self._refuse(conversation_id, Problem("A reply is already being generated here."))
             return
         try:
             options = InferenceOptions.from_dict(sampling)
         except ValueError as exc:
-            self.request_failed.emit(conversation_id, f"Invalid sampling settings: {exc}")
+            self._refuse(conversation_id, Problem(f"Invalid sampling settings: {exc}"))
             return
         try:
             handle = self._engine.submit(
@@ -221,11 +225,76 @@ class EngineWorker(QObject):
                 session_id=SessionId(conversation_id),
                 on_event=partial(self._on_engine_event, conversation_id),
             )
+        except ContextOverflowError as exc:
+            log.info("request of %s refused: %s", conversation_id, exc)
+            self._refuse(conversation_id, self._too_long(exc, options.max_new_tokens))
+            return
         except (EngineError, ValueError) as exc:
-            self.request_failed.emit(conversation_id, submit_error_message(exc))
+            log.info("request of %s refused: %s", conversation_id, exc)
+            problem = engine_problem(str(exc))
+            if isinstance(exc, CacheBudgetError):
+                problem = dataclasses.replace(problem, text=f"Not sent: {problem.text}")
+            else:
+                problem = dataclasses.replace(problem, text=engine_problem(submit_error_message(exc)).text)
+            self._refuse(conversation_id, problem)
             return
         self._handles[conversation_id] = handle
+        self._n_generated[conversation_id] = 0
+        self._max_new_tokens[conversation_id] = options.max_new_tokens
         self._schedule()
+
+    def _limit_setting(self) -> str:
+        """The option that sets a tab's token limit now ("" when it is the model's context)."""
+        assert self._engine is not None
+        limit, kv = self._engine.session_token_limit(), self._kv
+        if not kv.enabled or limit >= self._engine.model.config.context_length:
+            return ""
+        if limit == kv.max_tokens_per_session:
+            return "kv_cache.max_tokens_per_session"
+        return "kv_cache.max_bytes_per_session"
+
+    def _limits_of(self, conversation_id: str, result: GenerationResult) -> dict[str, Any]:
+        """Which limit cut or trimmed a reply: its max new tokens, or the tab's limit (and its setting)."""
+        max_new_tokens = self._max_new_tokens.pop(conversation_id, 0)
+        limits: dict[str, Any] = {"max_new_tokens": max_new_tokens}
+        if self._engine is None:
+            return limits
+        if result.finish_reason == "length":
+            full = result.generated_tokens < max_new_tokens
+            limits["stopped_by"] = "session" if full else "max_new_tokens"
+        if limits.get("stopped_by") == "session" or result.context_trimmed:
+            limits["session_limit"] = self._engine.session_token_limit()
+            limits["limit_setting"] = self._limit_setting()
+        return limits
+
+    def _refuse(self, conversation_id: str, problem: Problem) -> None:
+        info = {"setting": problem.setting, "suggested": problem.suggested}
+        self.request_failed.emit(conversation_id, problem.text, info)
+
+    def _too_long(self, exc: ContextOverflowError, max_new_tokens: int) -> Problem:
+        """A message over the tab's limit: which setting set that limit, and a value that fits it."""
+        assert self._engine is not None
+        context = self._engine.model.config.context_length
+        per_token = self._engine.model.kv_shape(self._kv.dtype).bytes_per_token
+        needed = exc.n_tokens + min(max_new_tokens, 1024)  # the message and room for a reply
+        if not self._kv.enabled or exc.limit >= context or needed > context:
+            return too_long(exc.n_tokens, exc.limit, context, "", None)
+        if exc.limit == self._kv.max_tokens_per_session:
+            suggested = min(context, -(-needed // 1024) * 1024)
+            return too_long(exc.n_tokens, exc.limit, context, "kv_cache.max_tokens_per_session", suggested)
+        mib = 1 << 20
+        suggested = min(self._kv.max_bytes_total, -(-needed * per_token // mib) * mib)
+        ok = suggested >= needed * per_token
+        return too_long(
+            exc.n_tokens, exc.limit, context, "kv_cache.max_bytes_per_session", suggested if ok else None
+        )
+
+    @Slot(str, str)
+    def count_tokens(self, conversation_id: str, text: str) -> None:
+        """How many tokens the prompt box's text is (the tab shows it under the box)."""
+        if self._engine is not None:
+            n_tokens = len(self._engine.tokenizer.encode(text))
+            self.tokens_counted.emit(conversation_id, text, n_tokens, self._engine.session_token_limit())
 
     @Slot(str)
     def cancel(self, conversation_id: str) -> None:
@@ -264,6 +333,7 @@ class EngineWorker(QObject):
         if self._engine is not None:
             self._engine.update_options(batching=batching_options, cache=kv_options)
             applied["session_token_limit"] = self._engine.session_token_limit()
+            applied["limit_setting"] = self._limit_setting()
             applied["bytes_per_token"] = self._engine.model.kv_shape(kv_options.dtype).bytes_per_token
             self._emit_stats()
             self._schedule()
@@ -322,6 +392,10 @@ class EngineWorker(QObject):
                 progress[conversation_id] = (event.prompt_done, event.prompt_total)
             if event.text:
                 self._text.setdefault(conversation_id, []).append(event.text)
+            if event.kind != "prefill" and event.token_ids:
+                self._n_generated[conversation_id] = self._n_generated.get(conversation_id, 0) + len(
+                    event.token_ids
+                )
             if event.result is not None:
                 finished.append((conversation_id, event.result))
         for conversation_id, (done, total) in progress.items():
@@ -330,11 +404,21 @@ class EngineWorker(QObject):
         if force or finished or now - self._last_text_flush >= TEXT_FLUSH_S:
             pending, self._text = self._text, {}
             for conversation_id, pieces in pending.items():
-                self.text_generated.emit(conversation_id, "".join(pieces))
+                n_tokens = self._n_generated.get(conversation_id, 0)
+                self.text_generated.emit(conversation_id, "".join(pieces), n_tokens)
             self._last_text_flush = now
         for conversation_id, result in finished:
             self._handles.pop(conversation_id, None)
-            self.request_finished.emit(conversation_id, result_dict(result))
+            self._n_generated.pop(conversation_id, None)
+            data = result_dict(result) | self._limits_of(conversation_id, result)
+            if data.get("error"):  # the precise message to the log, the user's words to the tab
+                log.warning("reply of %s failed: %s", conversation_id, data["error"])
+                problem = engine_problem(str(data["error"]))
+                setting = problem.setting
+                if setting == "kv_cache.max_tokens_per_session" and self._engine is not None:
+                    setting = self._limit_setting()  # the option that sets the tab's limit now
+                data.update(error=problem.text, error_detail=data["error"], error_setting=setting)
+            self.request_finished.emit(conversation_id, data)
         if finished:
             self._emit_stats()  # the dock shows the session unpinned at once
 
@@ -342,7 +426,10 @@ class EngineWorker(QObject):
     @Slot()
     def _emit_stats(self) -> None:
         if self._engine is not None:
-            self.stats_updated.emit(stats_dict(self._engine))
+            stats = stats_dict(self._engine)
+            for session in stats["sessions"]:  # a reply queued for it: it is not the next to be evicted
+                session["waiting"] = not session["pinned"] and session["session_id"] in self._handles
+            self.stats_updated.emit(stats)
 
     # -- download -------------------------------------------------------------------------------
     @Slot()

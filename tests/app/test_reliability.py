@@ -479,9 +479,10 @@ def test_a_paste_beyond_the_context_is_refused_with_the_numbers(
     tab.send_button.click()
     wait_idle(qtbot, tab)
     limit = window.model_info["session_token_limit"]
-    numbers = re.search(r"has (\d+) tokens, more than the limit of (\d+) tokens", tab.status_label.text())
-    assert numbers is not None, tab.status_label.text()
-    assert int(numbers[1]) > limit == int(numbers[2])
+    notice = tab.entries[-1].content
+    numbers = re.search(r"is ([\d,]+) tokens, more than the model's context of ([\d,]+) tokens", notice)
+    assert numbers is not None, notice
+    assert int(numbers[1].replace(",", "")) > limit == int(numbers[2].replace(",", ""))
     assert (tab.entries[0].role, tab.entries[0].content) == ("user", pasted)
     assert [e.role for e in tab.entries] == ["user", "notice"]  # no empty reply left behind
     assert numbers[0] in tab.transcript.toPlainText()
@@ -491,7 +492,7 @@ def test_a_paste_beyond_the_context_is_refused_with_the_numbers(
     reply = tab.entries[-1]
     assert reply.status == "complete" and reply.stats["context_trimmed"]
     assert tab.status_label.text() == "Older messages were left out to fit the model's context."
-    assert "older messages trimmed to fit the context" in tab.transcript.toPlainText()
+    assert "older messages trimmed to fit the model's context" in tab.transcript.toPlainText()
     assert reply.stats["prompt_tokens"] < limit
 
 

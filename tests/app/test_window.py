@@ -160,13 +160,11 @@ def test_invalid_setting_disables_ok_and_says_why(qtbot: Any, make_window: Any) 
     field["kvMaxBytesPerSession"].setValue(2048)
     field["kvMaxBytesTotal"].setValue(1024)
     assert not dialog.ok_button.isEnabled() and not dialog.apply_button.isEnabled()
-    assert "must not exceed max_bytes_total" in dialog.error_label.text()
+    assert "must not be more than “Memory limit, all sessions” (1,024 MiB)" in dialog.error_label.text()
     field["batchMaxBatchSize"].setValue(0)
     assert "Max batch size" in dialog.error_label.text() and "[1, 256]" in dialog.error_label.text()
     field["kvMaxTokensPerSession"].setValue(0)
-    assert (
-        "Max tokens per session: max_tokens_per_session must be a whole number" in dialog.error_label.text()
-    )
+    assert "Max tokens per session: must be a whole number" in dialog.error_label.text()
     dialog.restore_button.click()
     assert dialog.ok_button.isEnabled() and not dialog.error_label.text()
     assert field["kvMaxBytesTotal"].value() == 1024 and field["batchMaxBatchSize"].value() == 8
@@ -186,7 +184,10 @@ def test_conversations_survive_a_restart(qtbot: Any, make_window: Any, write_set
     assert not window.client.thread.isRunning()
 
     restarted = make_window()
-    assert [restarted.tabs.tabText(i) for i in range(restarted.tabs.count())] == ["Chat 1", "Trip plans"]
+    assert [restarted.tabs.tabText(i) for i in range(restarted.tabs.count())] == [
+        "What is a language model?",  # named after its first message
+        "Trip plans",
+    ]
     after = [[(e.role, e.content, e.status, e.stats) for e in tab.entries] for tab in restarted.chat_tabs]
     assert after == before
     assert restarted.chat_tabs[1].system_prompt == "You are a travel agent."
@@ -265,9 +266,9 @@ def test_prompt_progress_regenerate_edit_copy_export(
     regenerated = stored_messages(tab.conversation_id)[-1]
     assert tab.entries[-1].content == first_reply.content == regenerated.content
     assert regenerated.id != first_stored.id and tab.entries[-1] is not first_reply
-    tab.edit_button.click()
-    assert tab.prompt_edit.toPlainText().startswith("The sea is wide") and tab.entries == []
-    assert stored_messages(tab.conversation_id) == []
+    tab.edit_button.click()  # an in-place edit: nothing is removed until the edited message is sent
+    assert tab.prompt_edit.toPlainText().startswith("The sea is wide") and len(tab.entries) == 2
+    tab.prompt_edit.clear()
     qtbot.keyClick(tab.prompt_edit, Qt.Key.Key_Return, Qt.KeyboardModifier.ShiftModifier)
     assert tab.prompt_edit.toPlainText().endswith("\n") and not tab.is_generating  # Shift+Enter: new line
     tab.prompt_edit.setPlainText("Short question")
@@ -279,7 +280,8 @@ def test_prompt_progress_regenerate_edit_copy_export(
     out = tmp_path / "chat.md"
     assert window.tabs.export_conversation(tab.conversation_id, str(out)) is None
     text = out.read_text(encoding="utf-8")
-    assert text.startswith("# Chat 1") and "## User\n\nShort question" in text
+    assert tab.title.startswith("The sea is wide")  # named after its first message
+    assert text.startswith(f"# {tab.title}") and "## User\n\nShort question" in text
 
 
 def test_first_run_dialog_offers_download_or_a_file(

@@ -101,7 +101,9 @@ def test_smollm2_batched_greedy_equals_reference(smollm2, reference_prompts, mod
     """All six reference prompts at once (different lengths): each equals the reference alone."""
     engine = make_engine(smollm2, MODES[mode])
     n_new = 32 if mode == "continuous" else 12  # the slow baselines check a shorter continuation
-    options = InferenceOptions(temperature=0.0, max_new_tokens=n_new, stop_on_eos=False)
+    options = InferenceOptions(
+        temperature=0.0, max_new_tokens=n_new, stop_on_eos=False, repetition_penalty=1.0
+    )
     handles = [engine.submit(p["messages"], options) for p in reference_prompts]
     results = run_all(engine, handles)
     for prompt, result in zip(reference_prompts, results, strict=True):

@@ -362,7 +362,7 @@ def test_budget_error_when_all_else_is_pinned_disturbs_nothing() -> None:
     with pytest.raises(CacheBudgetError) as info:
         grow(store, "d", 1)
     message = str(info.value)
-    assert "4,096" in message and "max_bytes_total=12,288" in message and "3 session(s)" in message
+    assert "4,096" in message and "max_bytes_total=12,288" in message and "3 other session(s)" in message
     assert snapshot(store) == before
 
 
