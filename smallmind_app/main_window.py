@@ -30,7 +30,8 @@ from .chat_tab import ChatTab
 from .conversation_tabs import ConversationTabs
 from .engine_client import EngineClient
 from .first_run import FirstRunDialog
-from .settings import RESOURCES_DIR, AppSettings, SettingsError, save_settings
+from .paths import RESOURCES_DIR
+from .settings import AppSettings, SettingsError, save_settings
 from .settings_dialog import SettingsDialog
 from .stats_dock import StatsDock
 from .store import ConversationStore

@@ -502,7 +502,7 @@ def test_the_dock_scrolls_instead_of_clipping_and_keeps_its_share_of_the_window(
 
 
 def test_the_app_has_its_icon_and_the_readme_names_only_resources_that_exist(make_window: Any) -> None:
-    from smallmind_app.settings import RESOURCES_DIR
+    from smallmind_app.paths import RESOURCES_DIR
 
     window = make_window()
     assert not window.windowIcon().isNull() and window.windowIcon().availableSizes()
