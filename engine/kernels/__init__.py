@@ -100,7 +100,7 @@ def warm_up() -> float:
     """Compile every kernel (the first start, ~10-30 s) or load it from the disk cache (well under a
     second), by running each once on a tiny matrix. Returns the seconds it took."""
     started = time.perf_counter()
-    if backend() == "numba":
+    if _numba_available():
         rng = np.random.default_rng(0)
         q = rng.integers(-8, 8, (4, 64), dtype=np.int8)
         d = np.ones((4, 2), dtype=F32)
@@ -108,6 +108,9 @@ def warm_up() -> float:
             w = BlockWeight(q, d, m)
             for n in (1, 2, 4, 8, SMALL_ROWS + 1):
                 linear(np.ones((n, 64), dtype=F32), w)
+        for dtype in (F32, np.float16):  # the attention kernel for both cache precisions
+            kv = np.ones((1, 4, 8), dtype=dtype)
+            decode_attention(np.ones((2, 8), dtype=F32), kv, kv, 3)
     return time.perf_counter() - started
 
 
