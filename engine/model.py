@@ -1,4 +1,4 @@
-"""A Llama-architecture transformer in float32 NumPy.
+"""A decoder-only transformer (Llama, Gemma 3, Qwen 2/3) with float32 activations.
 
 Dimension legend
     B    sequences in a batch            T    new tokens of one sequence
@@ -12,10 +12,16 @@ quantized in memory and small steps run JIT kernels; on the NumPy path weights a
 once at load for ``x @ W``. q/k/v are fused into one matrix and gate/up into another. The model holds
 no cache and makes no policy: the caller owns one ``KvCacheEntry`` per sequence and passes it in.
 
-Q/K in GGUF: llama.cpp's converter permutes the rows of attn_q/attn_k so RoPE rotates adjacent pairs
-(x[2i], x[2i+1]). At load we reorder each head's output dims to [0, 2, 4, ..., 1, 3, 5, ...], so the
-pairs become (x[i], x[i + Hd/2]) and RoPE is the contiguous "rotate half" form. Q and K get the same
-reorder, so every q·k product, and the model's output, is unchanged.
+What differs between families (QK-norm, norms after attention and MLP, GELU-tanh, the embedding
+scale, sliding-window layers, q/k/v biases) is declared in ``engine.architectures`` and read here as
+flags on ``config.arch`` and as optional weights (``LayerWeights.q_norm`` ...): one forward, no
+per-family branches.
+
+Q/K in GGUF: llama.cpp's converter permutes the rows of Llama's attn_q/attn_k so RoPE rotates
+adjacent pairs (x[2i], x[2i+1]). At load we reorder each head's output dims to [0, 2, 4, ..., 1, 3,
+5, ...], so the pairs become (x[i], x[i + Hd/2]) and RoPE is the contiguous "rotate half" form. Q and
+K get the same reorder, so every q·k product, and the model's output, is unchanged. Gemma and Qwen
+are converted without the permutation: already rotate-half.
 """
 
 from __future__ import annotations
