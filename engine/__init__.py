@@ -1,4 +1,4 @@
-"""SmallMind's engine: a Llama-architecture LLM in pure NumPy, its KV-cache store and its batcher.
+"""SmallMind's engine: Llama, Gemma 3 and Qwen LLMs in NumPy (+ numba kernels), its KV-cache store and batcher.
 
 No Qt here: everything is usable headless (scripts, tests, the terminal chat).
 """

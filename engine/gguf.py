@@ -95,7 +95,7 @@ def _dequantizable(tensor_type: gguf.GGMLQuantizationType) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    """Hyper-parameters of a Llama-architecture model, read from GGUF metadata."""
+    """Hyper-parameters of a model of a supported family, read from GGUF metadata."""
 
     architecture: str
     n_layers: int
