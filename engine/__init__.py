@@ -1,4 +1,4 @@
-"""SmallMind's engine: Llama, Gemma 3 and Qwen LLMs in NumPy (+ numba kernels), its KV-cache store and batcher.
+"""SmallMind's engine: Llama, Gemma 3 and Qwen models in NumPy (+ numba kernels), KV-cache store, batcher.
 
 No Qt here: everything is usable headless (scripts, tests, the terminal chat).
 """
