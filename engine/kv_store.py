@@ -164,7 +164,7 @@ class LruKvCacheStore:
         self._accounted: dict[int, int] = {}  # id(entry) -> bytes counted in current_bytes
         self._context: dict[SessionId, int | None] = {}  # each session's context-length cap
         self._doomed: set[SessionId] = set()  # removed while pinned: dropped at unpin
-        self._pool: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
+        self._pool: list[np.ndarray] = []  # released buffers, any capacity (few: within max_bytes_total / 4)
         self._pooled_bytes = 0
         self._current_bytes = 0
         self._peak_bytes = 0
@@ -334,25 +334,47 @@ class LruKvCacheStore:
         return best_n
 
     # -- allocator protocol (called by entries) ----------------------------------------------
-    def allocate(self, entry: KvCacheEntry, shape: ModelShape, capacity: int) -> np.ndarray:
+    def allocate(
+        self, entry: KvCacheEntry, shape: ModelShape, capacity: int, min_capacity: int | None = None
+    ) -> np.ndarray:
+        """A buffer of ``capacity`` tokens if the budget allows, else of ``min_capacity`` (the growth
+        step is a convenience, the tokens are a need); a pooled buffer in between is taken first."""
         with self._lock:
-            key = (shape.buffer_shape(capacity), shape.dtype)
-            nbytes = capacity * shape.bytes_per_token
+            low = capacity if min_capacity is None else min(min_capacity, capacity)
             accounted = self._accounted.get(id(entry))
             if accounted is None:  # an entry this store no longer tracks
-                return np.empty(key[0], dtype=shape.dtype)
-            self._check_room(nbytes - accounted, keep=entry.session_id, needed_for=entry)
-            pooled = self._pool.get(key)
-            buffer = pooled.pop() if pooled else None
+                return np.empty(shape.buffer_shape(capacity), dtype=shape.dtype)
+            if capacity > low and not self._has_room(capacity * shape.bytes_per_token - accounted, entry):
+                capacity = low
+            self._check_room(
+                capacity * shape.bytes_per_token - accounted, keep=entry.session_id, needed_for=entry
+            )
+            buffer = self._take_pooled(shape, low, capacity)
             if buffer is not None:
-                self._pooled_bytes -= nbytes
+                capacity = int(buffer.shape[3])
+            nbytes = capacity * shape.bytes_per_token
             self._make_room(nbytes - accounted, keep=entry.session_id, needed_for=entry)
             if buffer is None:
-                buffer = np.empty(key[0], dtype=shape.dtype)
+                buffer = np.empty(shape.buffer_shape(capacity), dtype=shape.dtype)
             self._current_bytes += nbytes - accounted
             self._accounted[id(entry)] = nbytes
             self._peak_bytes = max(self._peak_bytes, self._current_bytes)
             return buffer
+
+    def _take_pooled(self, shape: ModelShape, low: int, high: int) -> np.ndarray | None:
+        """The largest pooled buffer of this shape holding between ``low`` and ``high`` tokens."""
+        fits = [
+            i
+            for i, b in enumerate(self._pool)
+            if b.dtype == np.dtype(shape.dtype)
+            and b.shape[:3] + b.shape[4:] == shape.buffer_shape(0)[:3] + shape.buffer_shape(0)[4:]
+            and low <= b.shape[3] <= high
+        ]
+        if not fits:
+            return None
+        buffer = self._pool.pop(max(fits, key=lambda i: self._pool[i].shape[3]))
+        self._pooled_bytes -= int(buffer.nbytes)
+        return buffer
 
     def release(self, entry: KvCacheEntry, buffer: np.ndarray) -> None:
         with self._lock:
@@ -363,14 +385,21 @@ class LruKvCacheStore:
             self._to_pool(buffer)
 
     # -- budget ------------------------------------------------------------------------------
-    def _check_room(self, n_bytes: int, keep: object, needed_for: KvCacheEntry) -> None:
-        """Raise CacheBudgetError, before anything is evicted, if evicting all that may go is not enough."""
-        limit = self._options.max_bytes_total
-        evictable = sum(
+    def _evictable_bytes(self, keep: object) -> int:
+        return sum(
             self._accounted.get(id(slot.entry), 0)
             for session_id, slot in self._slots.items()
             if not slot.pinned and session_id != keep
         )
+
+    def _has_room(self, n_bytes: int, needed_for: KvCacheEntry) -> bool:
+        held = self._current_bytes - self._evictable_bytes(needed_for.session_id)
+        return held + n_bytes <= self._options.max_bytes_total
+
+    def _check_room(self, n_bytes: int, keep: object, needed_for: KvCacheEntry) -> None:
+        """Raise CacheBudgetError, before anything is evicted, if evicting all that may go is not enough."""
+        limit = self._options.max_bytes_total
+        evictable = self._evictable_bytes(keep)
         if self._current_bytes - evictable + n_bytes > limit:
             raise CacheBudgetError(
                 f"KV cache budget exhausted: session {needed_for.session_id} needs {n_bytes:,} more "
@@ -407,7 +436,7 @@ class LruKvCacheStore:
         nbytes = int(buffer.nbytes)
         room = min(self._options.max_bytes_total // 4, self._options.max_bytes_total - self._current_bytes)
         if self._pooled_bytes + nbytes <= room:
-            self._pool.setdefault((buffer.shape, str(buffer.dtype)), []).append(buffer)
+            self._pool.append(buffer)
             self._pooled_bytes += nbytes
 
     def _drop_pool(self) -> None:

@@ -164,11 +164,11 @@ def test_a_failed_forward_fails_its_batch_and_the_engine_keeps_serving(scripted)
 
 def test_cache_budget_error_ends_only_the_request_that_needs_room(scripted):
     shape = ModelShape(1, 1, 2)
-    per_256 = 256 * shape.bytes_per_token
+    per_256 = 64 * shape.bytes_per_token  # one 64-token growth step
     cache = KvCacheOptions(max_bytes_total=per_256, max_bytes_per_session=per_256)
     _, engine = scripted(BatchingOptions(max_batch_wait_ms=0), cache)
     first = engine.submit(raw(4), InferenceOptions(temperature=0, max_new_tokens=20, stop_on_eos=False))
-    engine.step()  # the first request holds the whole budget (256 tokens reserved) and is pinned
+    engine.step()  # the first request holds the whole budget (64 tokens reserved) and is pinned
     second = engine.submit(raw(4, 3), GREEDY)
     engine.step()
     r2 = second.result(0)
