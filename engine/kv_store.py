@@ -277,6 +277,7 @@ class LruKvCacheStore:
         context_length: int | None = None,
         *,
         pin: bool = False,
+        record: bool = True,
     ) -> tuple[KvCacheEntry, int]:
         """Get the session's entry ready for ``prompt_ids``; returns (entry, n_reused).
 
@@ -284,6 +285,8 @@ class LruKvCacheStore:
         longer matching prefix cached by another session is copied in. The caller prefills
         ``prompt_ids[n_reused:]`` (at least the last prompt token is always left to compute, since
         its logits are needed). ``pin=True`` pins the session for a request in the same breath.
+        ``record=False`` leaves the lookup counters alone (the caller records it with ``record_lookup``
+        once the request is admitted, so a request that waits for memory is counted once).
         """
         n_prompt = len(prompt_ids)
         if n_prompt == 0:
@@ -299,13 +302,24 @@ class LruKvCacheStore:
                 n_reused = self._copy_shared_prefix(session_id, entry, prompt_ids, n_reused)
             if pin:
                 self._slots[session_id].pins += 1
+            if record:
+                self.record_lookup(n_prompt, n_reused)
+            return entry, n_reused
+
+    def record_lookup(self, n_prompt: int, n_reused: int) -> None:
+        """Count one prompt lookup: a hit when it reused at least one token."""
+        with self._lock:
             self._prompt_tokens += n_prompt
             self._reused_tokens += n_reused
             if n_reused:
                 self._hits += 1
             else:
                 self._misses += 1
-            return entry, n_reused
+
+    def bytes_over_budget(self) -> int:
+        """How far the entries are over ``max_bytes_total`` (only pinned ones can be, after a shrink)."""
+        with self._lock:
+            return max(0, self._current_bytes - self._options.max_bytes_total)
 
     def _copy_shared_prefix(
         self, session_id: SessionId, entry: KvCacheEntry, prompt_ids: Sequence[int] | np.ndarray, n_own: int
@@ -337,15 +351,17 @@ class LruKvCacheStore:
     def allocate(
         self, entry: KvCacheEntry, shape: ModelShape, capacity: int, min_capacity: int | None = None
     ) -> np.ndarray:
-        """A buffer of ``capacity`` tokens if the budget allows, else of ``min_capacity`` (the growth
-        step is a convenience, the tokens are a need); a pooled buffer in between is taken first."""
+        """A buffer of ``capacity`` tokens if the budget allows, else as many as fit but at least
+        ``min_capacity`` (the growth step is a convenience, the tokens are a need); a pooled buffer in
+        between is taken first."""
         with self._lock:
             low = capacity if min_capacity is None else min(min_capacity, capacity)
             accounted = self._accounted.get(id(entry))
             if accounted is None:  # an entry this store no longer tracks
                 return np.empty(shape.buffer_shape(capacity), dtype=shape.dtype)
-            if capacity > low and not self._has_room(capacity * shape.bytes_per_token - accounted, entry):
-                capacity = low
+            if capacity > low:  # as much of the step as fits (so a full budget is not a copy per token)
+                room = self._room_bytes(entry) + accounted
+                capacity = max(low, min(capacity, room // shape.bytes_per_token))
             self._check_room(
                 capacity * shape.bytes_per_token - accounted, keep=entry.session_id, needed_for=entry
             )
@@ -392,9 +408,10 @@ class LruKvCacheStore:
             if not slot.pinned and session_id != keep
         )
 
-    def _has_room(self, n_bytes: int, needed_for: KvCacheEntry) -> bool:
+    def _room_bytes(self, needed_for: KvCacheEntry) -> int:
+        """Bytes free for ``needed_for`` once every session that may go is evicted."""
         held = self._current_bytes - self._evictable_bytes(needed_for.session_id)
-        return held + n_bytes <= self._options.max_bytes_total
+        return self._options.max_bytes_total - held
 
     def _check_room(self, n_bytes: int, keep: object, needed_for: KvCacheEntry) -> None:
         """Raise CacheBudgetError, before anything is evicted, if evicting all that may go is not enough."""

@@ -43,6 +43,8 @@ class MetricsSnapshot:
     rejected: int
     prompt_tokens: int
     generated_tokens: int
+    preemptions: int = 0  # running requests that gave up their K/V for an older one and were requeued
+    waiting_for_memory: int = 0  # queued requests the KV budget has no room for now
 
     @property
     def in_flight(self) -> int:
@@ -85,6 +87,8 @@ class InMemoryRuntimeMetrics:
             )
             self._prompt_tokens = 0
             self._generated_tokens = 0
+            self._preemptions = 0
+            self._waiting_for_memory = 0
 
     # -- recording (engine thread) -------------------------------------------------------------
     def record_submitted(self) -> None:
@@ -142,9 +146,17 @@ class InMemoryRuntimeMetrics:
             self._counts[key] += 1
             self._prompt_tokens += prompt_tokens
 
-    def set_queue_state(self, queue_depth: int, n_running: int) -> None:
+    def set_queue_state(
+        self, queue_depth: int, n_running: int, waiting_for_memory: int | None = None
+    ) -> None:
         with self._lock:
             self._queue_depth, self._running = queue_depth, n_running
+            if waiting_for_memory is not None:
+                self._waiting_for_memory = waiting_for_memory
+
+    def record_preemption(self) -> None:
+        with self._lock:
+            self._preemptions += 1
 
     def _trim_window(self, now: float) -> None:
         while self._recent_tokens and self._recent_tokens[0][0] < now - WINDOW_S:
@@ -174,5 +186,7 @@ class InMemoryRuntimeMetrics:
                 inter_token_max_ms=self._itl_max_ms,
                 prompt_tokens=self._prompt_tokens,
                 generated_tokens=self._generated_tokens,
+                preemptions=self._preemptions,
+                waiting_for_memory=self._waiting_for_memory,
                 **self._counts,
             )

@@ -498,15 +498,15 @@ def test_released_buffers_are_reused_and_decode_allocates_once_a_step(
     assert len(handed_out) == 7 and all(buffer is handed_out[0] for buffer in handed_out[4:])
 
 
-def test_growth_takes_only_what_is_needed_when_a_whole_step_does_not_fit() -> None:
+def test_growth_takes_what_fits_when_a_whole_step_does_not() -> None:
     store = LruKvCacheStore(KvCacheOptions(max_bytes_total=200 * BPT, max_bytes_per_session=200 * BPT))
     grow(store, "b", 128)
     store.pin(sid("b"))  # b holds 128 tokens and may not be evicted
     entry = grow(store, "a", 64)
-    entry.ensure_capacity(70)  # a step would be 128 tokens: over the budget, so exactly 70
-    assert entry.capacity == 70 and store.get_stats().current_bytes == 198 * BPT
-    with pytest.raises(CacheBudgetError, match="needs 48 more bytes"):
-        entry.ensure_capacity(73)  # 3 tokens more: 201 > 200
+    entry.ensure_capacity(65)  # a step would be 128 tokens: over the budget, so what fits: 72
+    assert entry.capacity == 72 and store.get_stats().current_bytes == 200 * BPT
+    with pytest.raises(CacheBudgetError, match="needs 16 more bytes"):
+        entry.ensure_capacity(73)  # 1 token more: 201 > 200
 
 
 def test_no_persistence_releases_at_end_of_request() -> None:
