@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from engine import (
     BatchedInferenceEngine,
@@ -15,6 +18,7 @@ from engine import (
     InferenceOptions,
     KvCacheOptions,
     LruKvCacheStore,
+    SessionId,
 )
 from engine.gguf import ModelConfig
 from engine.kv_cache import ModelShape
@@ -259,3 +263,77 @@ def test_a_request_that_cannot_fit_even_alone_is_refused_at_submit(scripted):
     message = str(info.value)
     assert "1,120 bytes" in message and "max_bytes_total=1,024" in message and "max_new_tokens=60" in message
     assert engine.metrics.snapshot().submitted == 0 and not engine.has_work
+
+
+PRESSURE_SEEN: Counter[str] = Counter()  # what the property test's examples exercised
+
+
+@st.composite
+def pressure_cases(draw: st.DrawFn) -> dict:
+    """A KV budget, a batch size and requests that each fit the budget alone (prompt + reply)."""
+    n_budget = draw(st.integers(8, 300))
+    requests = []
+    for _ in range(draw(st.integers(1, 8))):
+        n_prompt = draw(st.integers(1, n_budget - 1))
+        max_new = draw(st.integers(1, min(80, n_budget - n_prompt)))
+        session = draw(st.sampled_from([None, "s0", "s1", "s2"]))  # a session, or anonymous
+        requests.append((n_prompt, max_new, session, draw(st.booleans())))  # last: cancelled later
+    largest = max(p + m for p, m, _, _ in requests)
+    return {
+        "n_budget": n_budget,
+        "batch": draw(st.integers(1, 8)),
+        "chunk": draw(st.sampled_from([4, 16, 256])),
+        "requests": requests,
+        "shrink_to": draw(st.none() | st.integers(largest, n_budget)),  # a live shrink, still fitting
+        "shrink_at": draw(st.integers(0, 30)),
+    }
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=pressure_cases())
+def test_every_request_that_fits_alone_is_served_under_memory_pressure(scripted, case):
+    _, engine = scripted(
+        BatchingOptions(
+            max_batch_size=case["batch"], max_batch_wait_ms=0, max_prefill_chunk_tokens=case["chunk"]
+        ),
+        budget(case["n_budget"]),
+    )
+    handles, cancel_at = [], {}
+    for i, (n_prompt, max_new, session, cancel) in enumerate(case["requests"]):
+        options = InferenceOptions(temperature=0, max_new_tokens=max_new, stop_on_eos=False)
+        sid = None if session is None else SessionId(session)
+        handles.append(engine.submit(raw(n_prompt, i), options, session_id=sid))
+        if cancel:
+            cancel_at[i] = i + 3
+    work = sum(p + m for p, m, _, _ in case["requests"])
+    max_steps = 10 * work + 100  # no starvation: every request ends within a bounded number of steps
+    for n_step in range(max_steps):
+        if all(h.done() for h in handles):
+            break
+        if n_step == case["shrink_at"] and case["shrink_to"] is not None:
+            engine.update_options(cache=budget(case["shrink_to"]))
+        for i, at in cancel_at.items():
+            if n_step == at:
+                handles[i].cancel()
+        engine.step()
+        stats = engine.store.get_stats()
+        assert stats.current_bytes <= stats.max_bytes_total, (n_step, stats)
+    else:
+        raise AssertionError(f"not every request finished within {max_steps} steps")
+    for i, handle in enumerate(handles):
+        result = handle.result(0)
+        allowed = {"length", "cancelled"} if i in cancel_at else {"length"}
+        assert result.finish_reason in allowed, (i, result.finish_reason, result.error)
+        if result.finish_reason == "length":
+            assert result.generated_tokens == case["requests"][i][1]
+    snap = engine.metrics.snapshot()
+    assert snap.failed == 0 and snap.in_flight == 0 and snap.waiting_for_memory == 0
+    assert engine.store.get_stats().pinned_sessions == 0
+    PRESSURE_SEEN["preemptions"] += snap.preemptions
+
+
+def test_the_property_test_exercised_preemption(scripted):
+    """Premise of the test above (run right after it in this module): its examples preempted."""
+    if not PRESSURE_SEEN:
+        pytest.skip("run together with test_every_request_that_fits_alone_is_served_under_memory_pressure")
+    assert PRESSURE_SEEN["preemptions"] > 0
