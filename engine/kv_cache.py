@@ -158,6 +158,20 @@ class KvCacheEntry:
         if old is not None:
             self._allocator.release(self, old)  # after the swap: the allocator sees the new size
 
+    def shrink_to_fit(self, n_total: int) -> None:
+        """Give back room beyond ``n_total`` tokens plus one growth step (a conversation whose older
+        turns were dropped reuses a shorter prefix): keep reserved bytes close to used ones."""
+        target = grown_capacity(0, max(n_total, self._n_tokens), self.max_tokens)
+        if self._buffer is None or self.capacity <= grown_capacity(target, target + 1, self.max_tokens):
+            return
+        new_buffer = self._allocator.allocate(self, self.shape, target)  # smaller: never over budget
+        old, n = self._buffer, self._n_tokens
+        new_buffer[:, :, :, :n] = old[:, :, :, :n]  # (L, 2, KVH, n, Hd)
+        ids = np.zeros(int(new_buffer.shape[3]), dtype=np.int32)
+        ids[:n] = self._token_ids[:n]
+        self._buffer, self._token_ids = new_buffer, ids
+        self._allocator.release(self, old)
+
     def keys(self, layer: int) -> np.ndarray:
         """Layer ``layer``'s key buffer, (KVH, capacity, Hd); rows past n_tokens are scratch."""
         assert self._buffer is not None, "ensure_capacity() first"

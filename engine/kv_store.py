@@ -300,6 +300,7 @@ class LruKvCacheStore:
             entry.trim(n_reused)
             if self._options.share_prefixes and n_reused < n_prompt - 1:
                 n_reused = self._copy_shared_prefix(session_id, entry, prompt_ids, n_reused)
+            entry.shrink_to_fit(n_prompt)
             if pin:
                 self._slots[session_id].pins += 1
             if record:

@@ -860,3 +860,19 @@ class StoreMachine(RuleBasedStateMachine):
 
 StoreMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=30, deadline=None)
 TestStoreMachine = StoreMachine.TestCase
+
+
+def test_a_shorter_prompt_after_older_turns_were_dropped_gives_room_back() -> None:
+    """Bug fixed (found by the soak's reserved/used check): a conversation trimmed to fit its limit
+    reused a short prefix of a long entry and kept the whole long buffer reserved."""
+    store = LruKvCacheStore()
+    entry, _ = store.prepare(sid("a"), SMALL, list(range(600)))
+    entry.ensure_capacity(600)  # 640 tokens
+    entry.append(range(600))
+    assert store.get_stats().current_bytes == 640 * BPT
+    prompt = [*range(30), *range(1000, 1070)]  # 100 tokens, the first 30 cached
+    entry, n_reused = store.prepare(sid("a"), SMALL, prompt)
+    assert n_reused == 30 and entry.token_ids.tolist() == list(range(30))
+    assert entry.capacity == 128 and store.get_stats().current_bytes == 128 * BPT
+    entry, _ = store.prepare(sid("a"), SMALL, prompt[:90])  # a little shorter: no copy for that
+    assert entry.capacity == 128
