@@ -291,8 +291,10 @@ class BatchedInferenceEngine:
                 self._publish_queue_state()
 
     def _publish_queue_state(self) -> None:
-        n_memory = sum(1 for seq, _ in self._waiting if seq.waiting_for_memory)
-        self.metrics.set_queue_state(len(self._waiting), len(self._running), n_memory)
+        with self._queue_lock:  # submit() appends from other threads
+            n_waiting = len(self._waiting)
+            n_memory = sum(1 for seq, _ in self._waiting if seq.waiting_for_memory)
+        self.metrics.set_queue_state(n_waiting, len(self._running), n_memory)
 
     def seconds_until_ready(self) -> float | None:
         """0 when a step would run now, the time left to wait for company, or None when idle."""
@@ -340,6 +342,7 @@ class BatchedInferenceEngine:
 
     def _end_waiting(self, seq: Seq, handle: RequestHandle, event: GenerationEvent) -> None:
         """A queued request ended (cancelled, timed out, failed, engine stopped)."""
+        self._memory_blocked = False  # it may have been the head that found no room
         parked = self._parked.pop(seq.request_id, None)
         if parked is not None and parked.anonymous and parked.store_session is not None:
             self.store.remove(parked.store_session)  # a preempted request's made-up session
