@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -157,7 +157,9 @@ class BatchedInferenceEngine:
         self._queue_lock = threading.Lock()  # guards _waiting
         self._step_lock = threading.RLock()  # held for a whole step; options change between steps
         self._waiting: deque[tuple[Seq, RequestHandle]] = deque()
-        self._running: list[_Running] = []
+        self._running: list[_Running] = []  # in admission order: the last one is preempted first
+        self._parked: dict[int, _Running] = {}  # request id -> its state while it waits for memory
+        self._memory_blocked = False  # the queue's head found no room; look again when room is freed
         self._wakeup = threading.Event()
         self._stop_requested = threading.Event()
         self._stopped = False
@@ -183,6 +185,7 @@ class BatchedInferenceEngine:
                 kernels.set_threads(batching.cpu_threads)
             if cache is not None:
                 self.store.update_options(cache)
+            self._memory_blocked = False
         self._wake()
 
     def session_token_limit(self) -> int:
@@ -206,6 +209,7 @@ class BatchedInferenceEngine:
         if self._stopped:
             raise EngineStoppedError("the engine is stopped; no new requests are accepted")
         prompt_ids, trimmed = self._prompts.build(prompt_or_messages, self.session_token_limit(), options)
+        self._check_fits_alone(len(prompt_ids), options)
         seq = Seq(
             prompt_ids,
             options,
@@ -227,6 +231,21 @@ class BatchedInferenceEngine:
         self._wake()
         return handle
 
+    def _check_fits_alone(self, n_prompt: int, options: InferenceOptions) -> None:
+        """Refuse a request whose K/V could not fit the budget even with nothing else cached; every
+        other request waits or is preempted, never failed, for lack of KV memory."""
+        cache = self.store.options
+        if not cache.enabled:
+            return
+        n_tokens = min(n_prompt + options.max_new_tokens, self.session_token_limit())  # then "length"
+        n_bytes = n_tokens * self.model.kv_shape(cache.dtype).bytes_per_token
+        if n_bytes > cache.max_bytes_total:
+            raise CacheBudgetError(
+                f"the request needs {n_bytes:,} bytes of KV cache ({n_prompt} prompt tokens + "
+                f"max_new_tokens={options.max_new_tokens}), "
+                f"more than max_bytes_total={cache.max_bytes_total:,}"
+            )
+
     def _check_room(self, session_id: SessionId | None) -> None:
         n_waiting = len(self._waiting)
         if n_waiting >= self._batching.max_total_queued_requests:
@@ -244,7 +263,15 @@ class BatchedInferenceEngine:
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> bool:
         """One scheduling step. Returns False when there was nothing to run (idle, or waiting for
-        company for ``max_batch_wait_ms``)."""
+        company for ``max_batch_wait_ms``).
+
+        Memory policy (vLLM's): the running requests' next chunks get room first, oldest admitted
+        first; one that cannot grow preempts the most recently admitted running request (requeued at
+        the head of the queue, resumed later from its prompt + text so far). Then waiting requests
+        are admitted in order while their first chunk has room; the first that has none waits at the
+        head (nothing behind it overtakes it). A resumed request computes in the step it is admitted,
+        so it has made progress before anyone can preempt it again, and the oldest running request
+        is never preempted: every request that fits alone finishes."""
         if self._thread is None or threading.current_thread() is not self._thread:
             self._external_driver = True
         with self._step_lock:
@@ -253,14 +280,23 @@ class BatchedInferenceEngine:
                 self._reap(now)
                 if not self._running and self._waiting_for_company(now):
                     return False
-                self._admit(now)
-                if not self._running:
-                    return False
-                for batch in self._plan():
+                self._fit_budget(now)
+                rows, budget = self._plan(list(self._running), self._batching.max_prefill_chunk_tokens)
+                rows = self._reserve_rows(rows, now)
+                rows += self._admit(now, budget)
+                if not rows:
+                    return bool(self._running)
+                for batch in self._batches(rows):
                     self._run(batch)
                 return True
             finally:  # also after a step that only reaped or admitted: the dock shows these
-                self.metrics.set_queue_state(len(self._waiting), len(self._running))
+                self._publish_queue_state()
+
+    def _publish_queue_state(self) -> None:
+        with self._queue_lock:  # submit() appends from other threads
+            n_waiting = len(self._waiting)
+            n_memory = sum(1 for seq, _ in self._waiting if seq.waiting_for_memory)
+        self.metrics.set_queue_state(n_waiting, len(self._running), n_memory)
 
     def seconds_until_ready(self) -> float | None:
         """0 when a step would run now, the time left to wait for company, or None when idle."""
@@ -299,58 +335,198 @@ class BatchedInferenceEngine:
                 self._waiting.remove(item)
         for seq, handle in ended:
             reason = "cancelled" if handle.cancel_requested else "timeout"
-            event = seq.finish(reason, now)  # type: ignore[arg-type]
-            self.metrics.record_finished(reason, seq.n_prompt)  # counted before the caller hears of it
-            handle._deliver(event)
+            self._end_waiting(seq, handle, seq.finish(reason, now))  # type: ignore[arg-type]
         for run in list(self._running):
             if run.handle.cancel_requested:
                 self._retire(run, run.seq.finish("cancelled", now))
             elif run.seq.timed_out(now):
                 self._retire(run, run.seq.finish("timeout", now))
 
-    def _admit(self, now: float) -> None:
-        """Move waiting requests into the batch (FIFO), one request per session at a time."""
+    def _end_waiting(self, seq: Seq, handle: RequestHandle, event: GenerationEvent) -> None:
+        """A queued request ended (cancelled, timed out, failed, engine stopped)."""
+        self._memory_blocked = False  # it may have been the head that found no room
+        parked = self._parked.pop(seq.request_id, None)
+        if parked is not None and parked.anonymous and parked.store_session is not None:
+            self.store.remove(parked.store_session)  # a preempted request's made-up session
+        assert event.result is not None
+        self.metrics.record_finished(event.result.finish_reason, seq.n_prompt)  # before the caller hears
+        handle._deliver(event)
+
+    # -- memory: room for every row, preemption --------------------------------------------------
+    def _fit_budget(self, now: float) -> None:
+        """After the budget shrank below what running requests hold: preempt the most recent ones."""
+        while self._running and self.store.options.enabled and self.store.bytes_over_budget():
+            self._preempt(self._running[-1], now)
+
+    def _reserve_rows(
+        self, rows: list[tuple[_Running, np.ndarray]], now: float
+    ) -> list[tuple[_Running, np.ndarray]]:
+        """Room for each running request's next chunk, oldest admitted first; one that cannot grow
+        preempts the most recently admitted running request (itself, if it is that one)."""
+        ready = []
+        for run, chunk in rows:
+            while run in self._running:
+                try:
+                    self._grow(run, len(chunk))
+                    ready.append((run, chunk))
+                    break
+                except ContextOverflowError:
+                    self._retire(run, run.seq.finish("length", now))
+                except CacheBudgetError:
+                    self._preempt(self._running[-1], now)
+        return [(run, chunk) for run, chunk in ready if run in self._running]
+
+    @staticmethod
+    def _grow(run: _Running, n_tokens: int) -> None:
+        entry = run.seq.cache
+        assert entry is not None
+        entry.ensure_capacity(entry.n_tokens + n_tokens)
+
+    def _preempt(self, run: _Running, now: float) -> None:
+        """Take a running request off the batch and requeue it at the head. Its session is unpinned,
+        so its K/V stay cached until the store needs the room (LRU): it resumes from what is left."""
+        self._running.remove(run)
+        if run.store_session is not None:
+            self.store.unpin(run.store_session)
+        run.seq.preempt()
+        self.metrics.record_preemption()
+        log.debug("preempted request %d (%d tokens so far)", run.seq.request_id, len(run.seq.all_ids))
+        self._park(run)
+        self._memory_blocked = False  # its room may let the head of the queue in
+
+    def _park(self, run: _Running) -> None:
+        """Requeue a request at the head of the queue, waiting for memory; tell its caller once."""
+        self._parked[run.seq.request_id] = run
+        with self._queue_lock:
+            if (run.seq, run.handle) not in self._waiting:
+                self._waiting.appendleft((run.seq, run.handle))
+        if not run.seq.waiting_for_memory:
+            run.seq.waiting_for_memory = True
+            run.handle._deliver(GenerationEvent(run.seq.request_id, "waiting"))
+
+    # -- admission -------------------------------------------------------------------------------
+    def _admit(self, now: float, budget: int) -> list[tuple[_Running, np.ndarray]]:
+        """Admit waiting requests in order (one per session at a time) while the batch has a slot,
+        the step has prefill budget and the first chunk has room; returns their rows."""
         limit = self._batching.max_batch_size if self._batching.enabled else 1
         busy = {r.seq.session_id for r in self._running if r.seq.session_id is not None}
-        while len(self._running) < limit:
+        rows: list[tuple[_Running, np.ndarray]] = []
+        while len(self._running) < limit and budget > 0 and not self._memory_blocked:
             with self._queue_lock:
                 picked = next(((s, h) for s, h in self._waiting if s.session_id not in busy), None)
-                if picked is None:
-                    return
-                self._waiting.remove(picked)
+            if picked is None:
+                break
             seq, handle = picked
-            seq.started_at = now
-            self.metrics.record_queue_wait((now - seq.submitted_at) * 1000.0)
-            try:
-                run = self._attach_cache(seq, handle)
-            except (EngineError, ValueError) as exc:
-                event = seq.finish("error", now, error=str(exc))
-                self.metrics.record_finished("error", seq.n_prompt)
-                handle._deliver(event)
-                continue
-            self._running.append(run)
+            admitted = self._try_admit(seq, handle, now, budget)
+            if admitted is None:
+                continue  # it ended (an error, or its length); the next one may go
+            if admitted is False:
+                break  # it waits for memory at the head of the queue
+            row, budget = admitted
+            rows.append(row)
             if seq.session_id is not None:
                 busy.add(seq.session_id)
+        return rows
 
-    def _attach_cache(self, seq: Seq, handle: RequestHandle) -> _Running:
+    def _try_admit(
+        self, seq: Seq, handle: RequestHandle, now: float, budget: int
+    ) -> tuple[tuple[_Running, np.ndarray], int] | Literal[False] | None:
+        """Attach the request's cache and reserve its first chunk: (its row, the prefill budget left);
+        None when it ended (an error or, resumed, its length); False when it waits for memory."""
+        previous = self._parked.get(seq.request_id)
+        try:
+            run = self._attach_cache(seq, handle, previous)
+        except CacheBudgetError as exc:  # max_sessions, every session in use by a running request
+            return self._no_room(seq, handle, None, now, exc)
+        except (EngineError, ValueError) as exc:
+            self._refuse(seq, handle, None, now, exc)
+            return None
+        (row,), budget = self._plan([run], budget)
+        try:
+            self._grow(run, len(row[1]))
+        except CacheBudgetError as exc:
+            return self._no_room(seq, handle, run, now, exc)
+        except ContextOverflowError as exc:
+            self._refuse(seq, handle, run, now, exc)
+            return None
+        self._unqueue(seq, handle)
+        self._parked.pop(seq.request_id, None)
+        seq.waiting_for_memory = False
+        if seq.started_at is None:  # the first admission: the queue wait and the cache lookup count
+            seq.started_at = now
+            seq.n_reused = seq.n_computed
+            self.metrics.record_queue_wait((now - seq.submitted_at) * 1000.0)
+            if run.store_session is not None:
+                self.store.record_lookup(seq.n_prompt, seq.n_computed)
+        self._running.append(run)
+        return row, budget
+
+    def _no_room(
+        self, seq: Seq, handle: RequestHandle, run: _Running | None, now: float, exc: CacheBudgetError
+    ) -> Literal[False] | None:
+        """No room for a waiting request: it waits at the head, unless nothing runs (then it cannot
+        fit even alone, and waiting would be forever)."""
+        if run is not None:
+            self._parked[seq.request_id] = run  # keeps a made-up session for when it is admitted
+            if run.store_session is not None:
+                self.store.unpin(run.store_session)
+            seq.cache, seq.n_computed = None, 0
+        if not self._running:
+            message = f"the request does not fit the KV cache budget even alone: {exc}"
+            self._unqueue(seq, handle)
+            self._end_waiting(seq, handle, seq.finish("error", now, error=message))
+            return None
+        self._memory_blocked = True
+        if not seq.waiting_for_memory:
+            seq.waiting_for_memory = True
+            handle._deliver(GenerationEvent(seq.request_id, "waiting"))
+        return False
+
+    def _refuse(
+        self, seq: Seq, handle: RequestHandle, run: _Running | None, now: float, exc: Exception
+    ) -> None:
+        """End a request that cannot be admitted: an error, or "length" for one that has generated
+        text and whose prompt + text no longer fit a shrunk token limit."""
+        if run is not None:
+            self._parked[seq.request_id] = run
+            if run.store_session is not None:
+                self.store.unpin(run.store_session)
+        self._unqueue(seq, handle)
+        if isinstance(exc, ContextOverflowError) and seq.generated:
+            event = seq.finish("length", now)
+        else:
+            event = seq.finish("error", now, error=str(exc))
+        self._end_waiting(seq, handle, event)
+
+    def _unqueue(self, seq: Seq, handle: RequestHandle) -> None:
+        with self._queue_lock:
+            if (seq, handle) in self._waiting:
+                self._waiting.remove((seq, handle))
+
+    def _attach_cache(self, seq: Seq, handle: RequestHandle, previous: _Running | None) -> _Running:
+        """The request's KV entry, reusing what its session caches of prompt + text so far."""
         options = self.store.options
         context = self.model.config.context_length
+        last_token_at = previous.last_token_at if previous is not None else None
         if not options.enabled:
             seq.cache = KvCacheEntry(self.model.kv_shape(), context)
-            return _Running(seq, handle, recompute=True)
-        session = seq.session_id if isinstance(seq.session_id, SessionId) else SessionId.new_id()
+            return _Running(seq, handle, recompute=True, last_token_at=last_token_at)
+        if previous is not None and previous.store_session is not None:
+            session, anonymous = previous.store_session, previous.anonymous
+        else:
+            session = seq.session_id if isinstance(seq.session_id, SessionId) else SessionId.new_id()
+            anonymous = seq.session_id is None
         shape = self.model.kv_shape(options.dtype)
-        entry, n_reused = self.store.prepare(session, shape, seq.prompt_ids, context, pin=True)
-        seq.cache, seq.n_reused = entry, n_reused
+        entry, n_reused = self.store.prepare(session, shape, seq.all_ids, context, pin=True, record=False)
+        seq.cache = entry
         seq.reset_computed(n_reused)
-        return _Running(seq, handle, store_session=session, anonymous=seq.session_id is None)
+        return _Running(seq, handle, store_session=session, anonymous=anonymous, last_token_at=last_token_at)
 
-    def _plan(self) -> list[list[tuple[_Running, np.ndarray]]]:
-        """Each running request's next chunk, grouped into forward passes by the batching mode."""
-        budget = self._batching.max_prefill_chunk_tokens
-        prefill: list[tuple[_Running, np.ndarray]] = []
-        decode: list[tuple[_Running, np.ndarray]] = []
-        for run in self._running:
+    def _plan(self, runs: list[_Running], budget: int) -> tuple[list[tuple[_Running, np.ndarray]], int]:
+        """Each request's next chunk (prefill chunks share ``budget``); returns the rows and what is
+        left of the budget."""
+        rows: list[tuple[_Running, np.ndarray]] = []
+        for run in runs:
             seq = run.seq
             if run.recompute:  # no cache: the whole sequence, every step
                 assert seq.cache is not None
@@ -364,14 +540,20 @@ class BatchedInferenceEngine:
                 budget -= len(chunk)
             else:
                 chunk = seq.next_chunk(1)
-            (prefill if seq.in_prefill else decode).append((run, chunk))
+            rows.append((run, chunk))
+        return rows, budget
+
+    def _batches(self, rows: list[tuple[_Running, np.ndarray]]) -> list[list[tuple[_Running, np.ndarray]]]:
+        """The rows grouped into forward passes by the batching mode."""
+        prefill = [(run, chunk) for run, chunk in rows if run.seq.in_prefill]
+        decode = [(run, chunk) for run, chunk in rows if not run.seq.in_prefill]
         if self._batching.prefill_only:
             return ([prefill] if prefill else []) + [[row] for row in decode]
         return [prefill + decode]
 
     def _run(self, batch: list[tuple[_Running, np.ndarray]]) -> None:
         started = time.perf_counter()
-        ready = [(run, chunk) for run, chunk in batch if self._reserve(run, len(chunk), started)]
+        ready = [(run, chunk) for run, chunk in batch if run in self._running]
         if not ready:
             return
         try:
@@ -390,19 +572,6 @@ class BatchedInferenceEngine:
         for (run, chunk), row_logits in zip(ready, logits, strict=True):
             run.seq.mark_computed(len(chunk))
             self._after_forward(run, row_logits, now)
-
-    def _reserve(self, run: _Running, n_tokens: int, now: float) -> bool:
-        """Make room in the request's cache; a request that cannot grow ends, the others go on."""
-        entry = run.seq.cache
-        assert entry is not None
-        try:
-            entry.ensure_capacity(entry.n_tokens + n_tokens)
-            return True
-        except ContextOverflowError:
-            self._retire(run, run.seq.finish("length", now))
-        except CacheBudgetError as exc:
-            self._retire(run, run.seq.finish("error", now, error=str(exc)))
-        return False
 
     def _after_forward(self, run: _Running, logits: np.ndarray, now: float) -> None:
         seq = run.seq
@@ -425,6 +594,7 @@ class BatchedInferenceEngine:
 
     def _retire(self, run: _Running, final: GenerationEvent) -> None:
         """A running request ended: release its session, count it, tell the caller."""
+        self._memory_blocked = False  # its room may let the head of the queue in
         if run in self._running:
             self._running.remove(run)
         if run.store_session is not None:
@@ -474,9 +644,7 @@ class BatchedInferenceEngine:
             with self._queue_lock:
                 waiting, self._waiting = list(self._waiting), deque()
             for seq, handle in waiting:
-                event = seq.finish("error", now, error=message)
-                self.metrics.record_finished("error", seq.n_prompt)
-                handle._deliver(event)
+                self._end_waiting(seq, handle, seq.finish("error", now, error=message))
             for run in list(self._running):
                 self._retire(run, run.seq.finish("error", now, error=message))
 

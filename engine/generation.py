@@ -50,12 +50,13 @@ class GenerationResult:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
-EventKind = Literal["prefill", "token", "done"]
+EventKind = Literal["prefill", "token", "waiting", "done"]
 
 
 @dataclass(frozen=True, slots=True)
 class GenerationEvent:
-    """A step's news for one request: prompt progress, new text, or the end (``result`` set)."""
+    """A step's news for one request: prompt progress, new text, "waiting" (for KV memory: queued,
+    or preempted and requeued; its next event says it runs again), or the end (``result`` set)."""
 
     request_id: int
     kind: EventKind
@@ -92,6 +93,8 @@ class Sequence:
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self.result: GenerationResult | None = None
+        self.n_preemptions = 0
+        self.waiting_for_memory = False  # queued because the KV budget has no room for it now
 
     # -- scheduling view ---------------------------------------------------------------------
     @property
@@ -100,7 +103,8 @@ class Sequence:
 
     @property
     def in_prefill(self) -> bool:
-        return self.n_computed < self.n_prompt
+        """More than the newest token left to compute: the prompt, or prompt + text after a preemption."""
+        return self.n_computed < self.n_prompt or self.n_computed < len(self.all_ids) - 1
 
     @property
     def finished(self) -> bool:
@@ -109,6 +113,13 @@ class Sequence:
     def reset_computed(self, n_computed: int) -> None:
         """Start computing from ``n_computed`` (what the cache holds after ``prepare``)."""
         self.n_computed = n_computed
+
+    def preempt(self) -> None:
+        """Its K/V were given up: it resumes later from ``all_ids`` (prompt + text so far), with the
+        sampling state (RNG, decoder, stop matcher) kept, so greedy text is the same as uninterrupted."""
+        self.cache = None
+        self.n_computed = 0
+        self.n_preemptions += 1
 
     def next_chunk(self, max_prefill_tokens: int) -> np.ndarray:
         """The token ids to feed next: a prefill chunk, or the newest sampled token."""
@@ -125,9 +136,9 @@ class Sequence:
     # -- after the forward -----------------------------------------------------------------------
     def on_logits(self, logits: np.ndarray, now: float) -> GenerationEvent:
         """Handle the logits of the last token fed: a prefill progress event, or sample a token."""
-        if self.in_prefill:
+        if self.n_computed < len(self.all_ids):  # a chunk before the newest token: its logits are unused
             return GenerationEvent(
-                self.request_id, "prefill", prompt_done=self.n_computed, prompt_total=self.n_prompt
+                self.request_id, "prefill", prompt_done=self.n_computed, prompt_total=len(self.all_ids)
             )
         token = sample_token(logits, self.options, self.rng, self.all_ids)
         if self.first_token_at is None:

@@ -6,7 +6,10 @@ tokens' K/V into ``keys(layer)`` / ``values(layer)`` at rows ``[n_tokens, n_toke
 
 Memory layout: one buffer per entry, shape (n_layers, 2, KVH, capacity, Hd), so each layer's K and V
 are contiguous (KVH, capacity, Hd) blocks and attention reads ``[:, :S]`` views without copying.
-The buffer grows geometrically (amortised O(1) per token, never a full copy per chunk forever).
+Growth: in steps of at least 64 tokens and at least 1/16 of the capacity, so an entry reserves at
+most one step more than it uses (~6% or 64 tokens) while copying stays amortised O(1) per token
+(geometric growth); decoding allocates once per step, never per token. When the store has no room
+for a whole step, the entry takes exactly what it needs (``allocate``'s ``min_capacity``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import numpy as np
 
 from .errors import ContextOverflowError
 
-GROWTH_STEP_TOKENS = 256  # capacities are 256 * 2**k tokens (or exactly max_tokens)
+GROWTH_STEP_TOKENS = 64  # capacities are multiples of 64 tokens (or exactly what is needed / max_tokens)
+GROWTH_DIVISOR = 16  # each growth adds at least capacity / 16: geometric, so copying stays O(1) a token
 KV_DTYPES = ("float32", "float16")
 
 
@@ -56,7 +60,12 @@ class ModelShape:
 class BufferAllocator(Protocol):
     """Where entries get and return their buffers (the store pools them and enforces its budget)."""
 
-    def allocate(self, entry: KvCacheEntry, shape: ModelShape, capacity: int) -> np.ndarray: ...
+    def allocate(
+        self, entry: KvCacheEntry, shape: ModelShape, capacity: int, min_capacity: int | None = None
+    ) -> np.ndarray:
+        """A buffer of ``capacity`` tokens, or of fewer (at least ``min_capacity``) when that is what
+        fits or what the pool holds; its ``shape[3]`` is the capacity given."""
+        ...
 
     def release(self, entry: KvCacheEntry, buffer: np.ndarray) -> None: ...
 
@@ -64,7 +73,9 @@ class BufferAllocator(Protocol):
 class _PlainAllocator:
     """For entries that live outside a store (``Model.new_cache``): plain NumPy allocations."""
 
-    def allocate(self, entry: KvCacheEntry, shape: ModelShape, capacity: int) -> np.ndarray:
+    def allocate(
+        self, entry: KvCacheEntry, shape: ModelShape, capacity: int, min_capacity: int | None = None
+    ) -> np.ndarray:
         return np.empty(shape.buffer_shape(capacity), dtype=shape.dtype)
 
     def release(self, entry: KvCacheEntry, buffer: np.ndarray) -> None:
@@ -75,15 +86,11 @@ PLAIN_ALLOCATOR = _PlainAllocator()
 
 
 def grown_capacity(current: int, needed: int, max_tokens: int) -> int:
-    """Next capacity: 256 * 2**k tokens, at least ``needed`` and double ``current``, capped at max_tokens.
-
-    Keeping capacities on that ladder makes released buffers fit later entries (the store pools them).
-    """
-    target = max(needed, 2 * current, GROWTH_STEP_TOKENS)
-    capacity = GROWTH_STEP_TOKENS
-    while capacity < target:
-        capacity *= 2
-    return min(capacity, max_tokens)
+    """Next capacity: at least ``needed`` and ``current`` plus one step (64 tokens or current / 16,
+    whichever is more), rounded up to a multiple of 64, capped at ``max_tokens``."""
+    step = max(GROWTH_STEP_TOKENS, current // GROWTH_DIVISOR)
+    target = max(needed, current + step)
+    return min(-(-target // GROWTH_STEP_TOKENS) * GROWTH_STEP_TOKENS, max_tokens)
 
 
 class KvCacheEntry:
@@ -139,8 +146,9 @@ class KvCacheEntry:
             raise ContextOverflowError(n_total, self.max_tokens, what="sequence")
         if n_total <= self.capacity:
             return
-        new_capacity = grown_capacity(self.capacity, n_total, self.max_tokens)
-        new_buffer = self._allocator.allocate(self, self.shape, new_capacity)
+        capacity = grown_capacity(self.capacity, n_total, self.max_tokens)
+        new_buffer = self._allocator.allocate(self, self.shape, capacity, min_capacity=n_total)
+        new_capacity = int(new_buffer.shape[3])
         old, n = self._buffer, self._n_tokens
         ids = np.zeros(new_capacity, dtype=np.int32)
         ids[:n] = self._token_ids[:n]
@@ -149,6 +157,20 @@ class KvCacheEntry:
         self._buffer, self._token_ids = new_buffer, ids
         if old is not None:
             self._allocator.release(self, old)  # after the swap: the allocator sees the new size
+
+    def shrink_to_fit(self, n_total: int) -> None:
+        """Give back room beyond ``n_total`` tokens plus one growth step (a conversation whose older
+        turns were dropped reuses a shorter prefix): keep reserved bytes close to used ones."""
+        target = grown_capacity(0, max(n_total, self._n_tokens), self.max_tokens)
+        if self._buffer is None or self.capacity <= grown_capacity(target, target + 1, self.max_tokens):
+            return
+        new_buffer = self._allocator.allocate(self, self.shape, target)  # smaller: never over budget
+        old, n = self._buffer, self._n_tokens
+        new_buffer[:, :, :, :n] = old[:, :, :, :n]  # (L, 2, KVH, n, Hd)
+        ids = np.zeros(int(new_buffer.shape[3]), dtype=np.int32)
+        ids[:n] = self._token_ids[:n]
+        self._buffer, self._token_ids = new_buffer, ids
+        self._allocator.release(self, old)
 
     def keys(self, layer: int) -> np.ndarray:
         """Layer ``layer``'s key buffer, (KVH, capacity, Hd); rows past n_tokens are scratch."""

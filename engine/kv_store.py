@@ -164,7 +164,7 @@ class LruKvCacheStore:
         self._accounted: dict[int, int] = {}  # id(entry) -> bytes counted in current_bytes
         self._context: dict[SessionId, int | None] = {}  # each session's context-length cap
         self._doomed: set[SessionId] = set()  # removed while pinned: dropped at unpin
-        self._pool: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
+        self._pool: list[np.ndarray] = []  # released buffers, any capacity (few: within max_bytes_total / 4)
         self._pooled_bytes = 0
         self._current_bytes = 0
         self._peak_bytes = 0
@@ -277,6 +277,7 @@ class LruKvCacheStore:
         context_length: int | None = None,
         *,
         pin: bool = False,
+        record: bool = True,
     ) -> tuple[KvCacheEntry, int]:
         """Get the session's entry ready for ``prompt_ids``; returns (entry, n_reused).
 
@@ -284,6 +285,8 @@ class LruKvCacheStore:
         longer matching prefix cached by another session is copied in. The caller prefills
         ``prompt_ids[n_reused:]`` (at least the last prompt token is always left to compute, since
         its logits are needed). ``pin=True`` pins the session for a request in the same breath.
+        ``record=False`` leaves the lookup counters alone (the caller records it with ``record_lookup``
+        once the request is admitted, so a request that waits for memory is counted once).
         """
         n_prompt = len(prompt_ids)
         if n_prompt == 0:
@@ -297,15 +300,27 @@ class LruKvCacheStore:
             entry.trim(n_reused)
             if self._options.share_prefixes and n_reused < n_prompt - 1:
                 n_reused = self._copy_shared_prefix(session_id, entry, prompt_ids, n_reused)
+            entry.shrink_to_fit(n_prompt)
             if pin:
                 self._slots[session_id].pins += 1
+            if record:
+                self.record_lookup(n_prompt, n_reused)
+            return entry, n_reused
+
+    def record_lookup(self, n_prompt: int, n_reused: int) -> None:
+        """Count one prompt lookup: a hit when it reused at least one token."""
+        with self._lock:
             self._prompt_tokens += n_prompt
             self._reused_tokens += n_reused
             if n_reused:
                 self._hits += 1
             else:
                 self._misses += 1
-            return entry, n_reused
+
+    def bytes_over_budget(self) -> int:
+        """How far the entries are over ``max_bytes_total`` (only pinned ones can be, after a shrink)."""
+        with self._lock:
+            return max(0, self._current_bytes - self._options.max_bytes_total)
 
     def _copy_shared_prefix(
         self, session_id: SessionId, entry: KvCacheEntry, prompt_ids: Sequence[int] | np.ndarray, n_own: int
@@ -334,25 +349,49 @@ class LruKvCacheStore:
         return best_n
 
     # -- allocator protocol (called by entries) ----------------------------------------------
-    def allocate(self, entry: KvCacheEntry, shape: ModelShape, capacity: int) -> np.ndarray:
+    def allocate(
+        self, entry: KvCacheEntry, shape: ModelShape, capacity: int, min_capacity: int | None = None
+    ) -> np.ndarray:
+        """A buffer of ``capacity`` tokens if the budget allows, else as many as fit but at least
+        ``min_capacity`` (the growth step is a convenience, the tokens are a need); a pooled buffer in
+        between is taken first."""
         with self._lock:
-            key = (shape.buffer_shape(capacity), shape.dtype)
-            nbytes = capacity * shape.bytes_per_token
+            low = capacity if min_capacity is None else min(min_capacity, capacity)
             accounted = self._accounted.get(id(entry))
             if accounted is None:  # an entry this store no longer tracks
-                return np.empty(key[0], dtype=shape.dtype)
-            self._check_room(nbytes - accounted, keep=entry.session_id, needed_for=entry)
-            pooled = self._pool.get(key)
-            buffer = pooled.pop() if pooled else None
+                return np.empty(shape.buffer_shape(capacity), dtype=shape.dtype)
+            if capacity > low:  # as much of the step as fits (so a full budget is not a copy per token)
+                room = self._room_bytes(entry) + accounted
+                capacity = max(low, min(capacity, room // shape.bytes_per_token))
+            self._check_room(
+                capacity * shape.bytes_per_token - accounted, keep=entry.session_id, needed_for=entry
+            )
+            buffer = self._take_pooled(shape, low, capacity)
             if buffer is not None:
-                self._pooled_bytes -= nbytes
+                capacity = int(buffer.shape[3])
+            nbytes = capacity * shape.bytes_per_token
             self._make_room(nbytes - accounted, keep=entry.session_id, needed_for=entry)
             if buffer is None:
-                buffer = np.empty(key[0], dtype=shape.dtype)
+                buffer = np.empty(shape.buffer_shape(capacity), dtype=shape.dtype)
             self._current_bytes += nbytes - accounted
             self._accounted[id(entry)] = nbytes
             self._peak_bytes = max(self._peak_bytes, self._current_bytes)
             return buffer
+
+    def _take_pooled(self, shape: ModelShape, low: int, high: int) -> np.ndarray | None:
+        """The largest pooled buffer of this shape holding between ``low`` and ``high`` tokens."""
+        fits = [
+            i
+            for i, b in enumerate(self._pool)
+            if b.dtype == np.dtype(shape.dtype)
+            and b.shape[:3] + b.shape[4:] == shape.buffer_shape(0)[:3] + shape.buffer_shape(0)[4:]
+            and low <= b.shape[3] <= high
+        ]
+        if not fits:
+            return None
+        buffer = self._pool.pop(max(fits, key=lambda i: self._pool[i].shape[3]))
+        self._pooled_bytes -= int(buffer.nbytes)
+        return buffer
 
     def release(self, entry: KvCacheEntry, buffer: np.ndarray) -> None:
         with self._lock:
@@ -363,14 +402,22 @@ class LruKvCacheStore:
             self._to_pool(buffer)
 
     # -- budget ------------------------------------------------------------------------------
-    def _check_room(self, n_bytes: int, keep: object, needed_for: KvCacheEntry) -> None:
-        """Raise CacheBudgetError, before anything is evicted, if evicting all that may go is not enough."""
-        limit = self._options.max_bytes_total
-        evictable = sum(
+    def _evictable_bytes(self, keep: object) -> int:
+        return sum(
             self._accounted.get(id(slot.entry), 0)
             for session_id, slot in self._slots.items()
             if not slot.pinned and session_id != keep
         )
+
+    def _room_bytes(self, needed_for: KvCacheEntry) -> int:
+        """Bytes free for ``needed_for`` once every session that may go is evicted."""
+        held = self._current_bytes - self._evictable_bytes(needed_for.session_id)
+        return self._options.max_bytes_total - held
+
+    def _check_room(self, n_bytes: int, keep: object, needed_for: KvCacheEntry) -> None:
+        """Raise CacheBudgetError, before anything is evicted, if evicting all that may go is not enough."""
+        limit = self._options.max_bytes_total
+        evictable = self._evictable_bytes(keep)
         if self._current_bytes - evictable + n_bytes > limit:
             others = sum(slot.pinned and sid != needed_for.session_id for sid, slot in self._slots.items())
             raise CacheBudgetError(
@@ -408,7 +455,7 @@ class LruKvCacheStore:
         nbytes = int(buffer.nbytes)
         room = min(self._options.max_bytes_total // 4, self._options.max_bytes_total - self._current_bytes)
         if self._pooled_bytes + nbytes <= room:
-            self._pool.setdefault((buffer.shape, str(buffer.dtype)), []).append(buffer)
+            self._pool.append(buffer)
             self._pooled_bytes += nbytes
 
     def _drop_pool(self) -> None:

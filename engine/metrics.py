@@ -44,6 +44,8 @@ class MetricsSnapshot:
     prompt_tokens: int
     generated_tokens: int
     prompt_tokens_per_second: float = 0.0  # prompt tokens computed over the last WINDOW_S seconds
+    preemptions: int = 0  # running requests that gave up their K/V for an older one and were requeued
+    waiting_for_memory: int = 0  # queued requests the KV budget has no room for now
 
     @property
     def in_flight(self) -> int:
@@ -87,6 +89,8 @@ class InMemoryRuntimeMetrics:
             )
             self._prompt_tokens = 0
             self._generated_tokens = 0
+            self._preemptions = 0
+            self._waiting_for_memory = 0
 
     # -- recording (engine thread) -------------------------------------------------------------
     def record_submitted(self) -> None:
@@ -145,9 +149,17 @@ class InMemoryRuntimeMetrics:
             self._counts[key] += 1
             self._prompt_tokens += prompt_tokens
 
-    def set_queue_state(self, queue_depth: int, n_running: int) -> None:
+    def set_queue_state(
+        self, queue_depth: int, n_running: int, waiting_for_memory: int | None = None
+    ) -> None:
         with self._lock:
             self._queue_depth, self._running = queue_depth, n_running
+            if waiting_for_memory is not None:
+                self._waiting_for_memory = waiting_for_memory
+
+    def record_preemption(self) -> None:
+        with self._lock:
+            self._preemptions += 1
 
     def _trim_window(self, now: float) -> None:
         for recent in (self._recent_tokens, self._recent_prompt_tokens):
@@ -179,5 +191,7 @@ class InMemoryRuntimeMetrics:
                 prompt_tokens=self._prompt_tokens,
                 generated_tokens=self._generated_tokens,
                 prompt_tokens_per_second=sum(n for _, n in self._recent_prompt_tokens) / WINDOW_S,
+                preemptions=self._preemptions,
+                waiting_for_memory=self._waiting_for_memory,
                 **self._counts,
             )

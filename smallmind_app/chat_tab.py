@@ -384,6 +384,12 @@ class ChatTab(QWidget):
         )
         self.schedule_render()
 
+    def show_waiting_for_memory(self) -> None:
+        """The request waits for KV memory (queued behind others, or preempted): say so, not
+        "generating"; its next progress or text puts the usual status back."""
+        if self._reply is not None:
+            self.status_label.setText("waiting for memory…")
+
     def append_text(self, text: str, n_tokens: int | None = None) -> None:
         """More text of the reply; ``n_tokens``: the tokens it has so far (kept if the app quits)."""
         if self._reply is None:

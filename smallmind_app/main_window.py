@@ -151,6 +151,7 @@ class MainWindow(QMainWindow):
         w.model_missing.connect(self._on_worker_model_missing)
         w.prompt_progressed.connect(self._on_worker_prompt_progressed)
         w.text_generated.connect(self._on_worker_text_generated)
+        w.request_waiting.connect(self._on_worker_request_waiting)
         w.request_finished.connect(self._on_worker_request_finished)
         w.request_failed.connect(self._on_worker_request_failed)
         w.stats_updated.connect(self._on_worker_stats_updated)
@@ -275,6 +276,11 @@ class MainWindow(QMainWindow):
     def _on_worker_prompt_progressed(self, conversation_id: str, done: int, total: int) -> None:
         if (tab := self.tabs.tab_for(conversation_id)) is not None:
             tab.show_prompt_progress(done, total)
+
+    @Slot(str)
+    def _on_worker_request_waiting(self, conversation_id: str) -> None:
+        if (tab := self.tabs.tab_for(conversation_id)) is not None:
+            tab.show_waiting_for_memory()
 
     @Slot(str, str, int)
     def _on_worker_text_generated(self, conversation_id: str, text: str, n_tokens: int) -> None:

@@ -58,6 +58,11 @@ STATS: dict[str, tuple[str, str]] = {
         "Generated tokens per second, and prompt tokens computed per second, over the last 5 s, all tabs",
     ),
     "statTtft": ("TTFT p50", "Median time from Send to the first token of the reply"),
+    "statPreemptions": (
+        "Preemptions",
+        "Replies paused to give their K/V memory to an older one; they resume by themselves",
+    ),
+    "statWaitingForMemory": ("Waiting for memory", "Requests queued until the KV budget has room for them"),
 }
 
 
@@ -168,10 +173,16 @@ class StatsDock(QDockWidget):
             f"{metrics['tokens_per_second']:.1f} generated · {prompt_rate:,.0f} prompt"
         )
         set_text["statTtft"](f"{metrics['ttft_p50_ms']:.0f} ms" if metrics["ttft_p50_ms"] else "–")
+        self._show_memory_pressure(metrics)
         if not limits.get("enabled", True):
             set_text["statSessions"]("KV cache disabled")
         self._add_points(kv, metrics)
         self._fill_table(stats["sessions"], titles)
+
+    def _show_memory_pressure(self, metrics: Mapping[str, Any]) -> None:
+        """Preemptions so far, and requests waiting for KV memory now."""
+        self.labels["statPreemptions"].setText(f"{metrics.get('preemptions', 0):,}")
+        self.labels["statWaitingForMemory"].setText(f"{metrics.get('waiting_for_memory', 0)}")
 
     def _add_points(self, kv: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
         self.tokens_plot.add(metrics["tokens_per_second"])

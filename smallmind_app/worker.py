@@ -73,6 +73,7 @@ class EngineWorker(QObject):
     text_generated = Signal(str, str, int)  # conversation id, new text (pieces joined), tokens so far
     request_finished = Signal(str, dict)  # conversation id, result_dict()
     request_failed = Signal(str, str, dict)  # conversation id, message, {"setting", "suggested"} (at submit)
+    request_waiting = Signal(str)  # conversation id: its request waits for KV memory (queued or preempted)
     stats_updated = Signal(dict)  # stats_dict(): "kv", "metrics", "sessions", "limits"
     settings_applied = Signal(dict)  # {"kv_cache", "batching", "session_token_limit", "bytes_per_token"}
     settings_rejected = Signal(str)
@@ -387,6 +388,7 @@ class EngineWorker(QObject):
         events, self._events = self._events, []
         progress: dict[str, tuple[int, int]] = {}
         finished: list[tuple[str, GenerationResult]] = []
+        waiting = self._waiting_after(events)
         for conversation_id, event in events:
             if event.kind == "prefill":
                 progress[conversation_id] = (event.prompt_done, event.prompt_total)
@@ -399,7 +401,10 @@ class EngineWorker(QObject):
             if event.result is not None:
                 finished.append((conversation_id, event.result))
         for conversation_id, (done, total) in progress.items():
-            self.prompt_progressed.emit(conversation_id, done, total)
+            if conversation_id not in waiting:
+                self.prompt_progressed.emit(conversation_id, done, total)
+        for conversation_id in waiting:
+            self.request_waiting.emit(conversation_id)
         now = time.perf_counter()
         if force or finished or now - self._last_text_flush >= TEXT_FLUSH_S:
             pending, self._text = self._text, {}
@@ -421,6 +426,12 @@ class EngineWorker(QObject):
             self.request_finished.emit(conversation_id, data)
         if finished:
             self._emit_stats()  # the dock shows the session unpinned at once
+
+    @staticmethod
+    def _waiting_after(events: list[tuple[str, GenerationEvent]]) -> set[str]:
+        """Conversations whose last event in this batch says they wait for KV memory."""
+        last = {conversation_id: event.kind for conversation_id, event in events}
+        return {conversation_id for conversation_id, kind in last.items() if kind == "waiting"}
 
     # -- stats ----------------------------------------------------------------------------------
     @Slot()

@@ -45,6 +45,8 @@ def test_names_tests_and_accessibility_rely_on(make_window: Any) -> None:
         "statAvgBatchWait",
         "statQueueDepth",
         "statTokensPerSec",
+        "statPreemptions",
+        "statWaitingForMemory",
     ):
         assert window.stats_dock.findChild(type(window.model_label), name) is not None, name
 
@@ -136,13 +138,14 @@ def test_applying_a_smaller_memory_budget_evicts_live(
     assert dialog.objectName() == "settingsDialog" and dialog.isVisible()
     per_session = dialog.findChild(type(dialog.fields["kvMaxBytesTotal"][3]), "kvMaxBytesPerSession")
     per_session.setValue(0.5)
-    dialog.fields["kvMaxBytesTotal"][3].setValue(1.0)  # MiB: room for two 0.5 MiB sessions, not three
+    # MiB: room for two of the three sessions (128 tokens = 0.25 MiB each, in 64-token steps), not three
+    dialog.fields["kvMaxBytesTotal"][3].setValue(0.5)
     assert dialog.ok_button.isEnabled(), dialog.error_label.text()
     dialog.ok_button.click()
     qtbot.waitUntil(lambda: stat_number(window, "statEvictions") == 1, timeout=5000)
     assert stat_number(window, "statSessions") == 2 and window.stats_dock.table.rowCount() == 2
-    assert "1.0 MiB reserved of 1.0 MiB" in window.stats_dock.labels["statMemory"].text()
-    assert window.settings.kv_cache["max_bytes_total"] == 1 << 20
+    assert "0.50 MiB reserved of 0.50 MiB" in window.stats_dock.labels["statMemory"].text()
+    assert window.settings.kv_cache["max_bytes_total"] == 1 << 19
     assert paths.settings_file().is_file()  # saved, restored at the next start
     fresh = window.new_chat()  # the engine serves on within the new budget (evicting the idle session)
     send(fresh, "Still working?")
@@ -452,3 +455,29 @@ def test_a_selection_survives_a_streaming_reply(qtbot: Any, make_window: Any, wr
     assert len(renders) >= 3  # the transcript was rebuilt while the reply streamed
     assert set(renders) == {"Select this sentence"}
     assert view.textCursor().selectedText() == "Select this sentence"
+
+
+def test_tabs_wait_for_memory_instead_of_failing(qtbot: Any, make_window: Any, write_settings: Any) -> None:
+    """A KV budget that holds one reply at a time (256 tokens of the app model): three tabs sent at
+    once all complete; the ones without room say "waiting for memory", and the dock counts it."""
+    write_settings(
+        sampling={"max_new_tokens": 160, "stop_on_eos": False, "seed": 5},
+        kv_cache={"max_bytes_total": 1 << 19, "max_bytes_per_session": 1 << 19},  # 0.5 MiB
+        batching={"max_batch_wait_ms": 200.0},
+    )
+    window = make_window()
+    tabs = [window.chat_tabs[0], window.new_chat(), window.new_chat()]
+    seen: list[str] = []
+    window.client.worker.request_waiting.connect(seen.append)
+    for i, tab in enumerate(tabs):
+        send(tab, f"Hello from tab {i}")
+    qtbot.waitUntil(
+        lambda: any("waiting for memory" in tab.status_label.text() for tab in tabs), timeout=REPLY_TIMEOUT_MS
+    )
+    wait_idle(qtbot, *tabs)
+    for tab in tabs:
+        reply = tab.entries[-1]
+        assert reply.status == "complete", reply.stats.get("error")
+    assert seen  # the worker said which conversations waited
+    qtbot.waitUntil(lambda: stat_number(window, "statWaitingForMemory") == 0, timeout=5000)
+    assert stat_number(window, "statPreemptions") >= 0

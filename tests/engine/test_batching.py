@@ -111,6 +111,35 @@ def test_smollm2_batched_greedy_equals_reference(smollm2, reference_prompts, mod
 
 
 # -- multi-turn ----------------------------------------------------------------------------------
+def check_preempted_equals_alone(pair, prompt_texts, options, n_budget_tokens):
+    """Greedy requests under a KV budget too small for all of them at once: at least one is
+    preempted and resumed from its prompt + text so far, and every output equals the request alone."""
+    model, _ = pair
+    bpt = model.kv_shape().bytes_per_token
+    cache = KvCacheOptions(max_bytes_total=n_budget_tokens * bpt, max_bytes_per_session=n_budget_tokens * bpt)
+    engine = make_engine(pair, cache=cache)
+    handles = [engine.submit(p, options) for p in prompt_texts]
+    results = run_all(engine, handles)
+    assert engine.metrics.snapshot().preemptions >= 1
+    for prompt, result in zip(prompt_texts, results, strict=True):
+        reference = alone(pair, prompt, options)
+        assert result.finish_reason == reference.finish_reason == "length"
+        assert result.token_ids == reference.token_ids
+
+
+def test_preempted_and_resumed_greedy_output_equals_alone(tiny):
+    options = InferenceOptions(temperature=0.0, max_new_tokens=70, stop_on_eos=False)
+    texts = prompts(4)[1:3]  # 8 and 13 words: ~20 and ~30 tokens, ~90 and ~100 with the replies
+    check_preempted_equals_alone(tiny, texts, options, n_budget_tokens=150)
+
+
+@pytest.mark.smollm2
+def test_smollm2_preempted_and_resumed_greedy_output_equals_alone(smollm2):
+    options = InferenceOptions(temperature=0.0, max_new_tokens=48, stop_on_eos=False)
+    texts = ["Explain why the sky is blue.", "Write a haiku about memory."]
+    check_preempted_equals_alone(smollm2, texts, options, n_budget_tokens=100)
+
+
 def test_second_turn_reuses_the_first_and_equals_a_cold_run(tiny):
     _, tok = tiny
     engine = make_engine(tiny)

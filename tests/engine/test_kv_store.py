@@ -4,7 +4,7 @@ and LRU invariants over random sequences of operations.
 
 Byte arithmetic used below: ``bytes_per_token = 2 (K and V) * n_layers * n_kv_heads * head_dim *
 itemsize``. The tiny model (2 layers, 2 KV heads, head dim 16, float32) holds 2*2*2*16*4 = 512 bytes a
-token; its context is 256 tokens, so every tiny session's buffer is 256 tokens = 131,072 bytes.
+token; its context is 256 tokens. Entries grow in 64-token steps (or 1/16 of their capacity, if more).
 Store-only tests use ``ModelShape(1, 1, 2)``: 2*1*1*2*4 = 16 bytes a token, a 256-token buffer 4,096.
 """
 
@@ -245,8 +245,8 @@ def test_stats_hand_worked(tiny: tuple[Model, Tokenizer]) -> None:
     # prompts 30+50+30+35+30 = 175, reused 0+38+20+25+29 = 112; lookups 5, one miss
     assert (stats.prompt_tokens, stats.reused_tokens, stats.shared_prefix_tokens) == (175, 112, 20)
     assert (stats.hits, stats.misses, stats.hit_rate, stats.token_reuse_ratio) == (4, 1, 0.8, 112 / 175)
-    # two 256-token buffers of 512 bytes a token; s1 holds 35 tokens, s2 30
-    assert (stats.current_sessions, stats.current_bytes, stats.peak_bytes) == (2, 262_144, 262_144)
+    # two 64-token buffers of 512 bytes a token (capacities grow in 64-token steps); s1 holds 35, s2 30
+    assert (stats.current_sessions, stats.current_bytes, stats.peak_bytes) == (2, 65_536, 65_536)
     assert stats.used_bytes == (35 + 30) * TINY_BPT == 33_280
     assert (stats.evictions, stats.pinned_sessions, stats.pooled_bytes) == (0, 0, 0)
     assert stats.max_bytes_total == KvCacheOptions().max_bytes_total
@@ -277,8 +277,8 @@ def test_pinned_sessions_and_peak_bytes() -> None:
     store = LruKvCacheStore()
     store.prepare(sid("a"), SMALL, [1, 2, 3], pin=True)
     store.prepare(sid("b"), SMALL, [1, 2, 4], pin=True)
-    grow(store, "a", 300)  # a: 512 tokens = 8,192 bytes
-    grow(store, "b", 3)  # b: 256 tokens = 4,096 bytes
+    grow(store, "a", 512)  # a: 512 tokens = 8,192 bytes
+    grow(store, "b", 256)  # b: 256 tokens = 4,096 bytes
     assert store.get_stats().pinned_sessions == 2
     store.unpin(sid("b"))
     store.remove(sid("a"))  # pinned: it goes when its request ends
@@ -332,11 +332,11 @@ def test_lru_by_session_count() -> None:
 def test_lru_by_bytes() -> None:
     store = LruKvCacheStore(KvCacheOptions(max_bytes_total=3 * BUF, max_bytes_per_session=2 * BUF))
     for name in "abc":
-        grow(store, name, 200)  # 256 tokens each: 3 * 4,096 = 12,288 = the whole budget
+        grow(store, name, 256)  # 256 tokens each: 3 * 4,096 = 12,288 = the whole budget
     store.touch(sid("a"))  # order b, c, a
-    grow(store, "d", 1)  # +4,096: b goes
+    grow(store, "d", 256)  # +4,096: b goes
     assert (order(store), store.get_stats().evictions) == (["c", "a", "d"], 1)
-    grow(store, "a", 300)  # a: 256 -> 512 tokens, +4,096: c goes (a itself is kept; growth is no touch)
+    grow(store, "a", 512)  # a: 256 -> 512 tokens, +4,096: c goes (a itself is kept; growth is no touch)
     stats = store.get_stats()
     assert (order(store), stats.evictions) == (["a", "d"], 2)
     assert (stats.current_bytes, stats.peak_bytes) == (2 * BUF + BUF, 3 * BUF)
@@ -346,21 +346,21 @@ def test_lru_by_bytes() -> None:
 def test_pinned_sessions_are_never_evicted() -> None:
     store = LruKvCacheStore(KvCacheOptions(max_bytes_total=3 * BUF, max_bytes_per_session=3 * BUF))
     for name in "abc":
-        grow(store, name, 1)
+        grow(store, name, 256)
     store.pin(sid("a"))  # a is the LRU but pinned: b goes instead
-    grow(store, "d", 1)
+    grow(store, "d", 256)
     assert order(store) == ["a", "c", "d"]
 
 
 def test_budget_error_when_all_else_is_pinned_disturbs_nothing() -> None:
     store = LruKvCacheStore(KvCacheOptions(max_bytes_total=3 * BUF, max_bytes_per_session=3 * BUF))
     for name in "abc":
-        grow(store, name, 1)
+        grow(store, name, 256)
         store.pin(sid(name))
     store.get_or_create(sid("d"), SMALL)  # no bytes yet: fine
     before = snapshot(store)
     with pytest.raises(CacheBudgetError) as info:
-        grow(store, "d", 1)
+        grow(store, "d", 256)
     message = str(info.value)
     assert "4,096" in message and "max_bytes_total=12,288" in message and "3 other session(s)" in message
     assert snapshot(store) == before
@@ -371,12 +371,12 @@ def test_failed_growth_evicts_nothing_when_eviction_cannot_help() -> None:
     room, so a request that failed anyway had destroyed other tabs' caches."""
     store = LruKvCacheStore(KvCacheOptions(max_bytes_total=3 * BUF, max_bytes_per_session=3 * BUF))
     for name in "abc":
-        grow(store, name, 1)  # 4,096 each, the budget is full
+        grow(store, name, 256)  # 4,096 each, the budget is full
     store.pin(sid("b"))
     store.pin(sid("c"))
     before = snapshot(store)
     with pytest.raises(CacheBudgetError, match="needs 8,192 more bytes"):
-        grow(store, "c", 700)  # c: 768 tokens = 12,288, +8,192; evicting a frees only 4,096
+        grow(store, "c", 768)  # c: 768 tokens = 12,288, +8,192; evicting a frees only 4,096
     assert snapshot(store) == before
     assert store.get_stats().evictions == 0
 
@@ -390,12 +390,12 @@ def test_shared_prefix_copy_without_room_keeps_own_tokens() -> None:
     """
     store = LruKvCacheStore(KvCacheOptions(max_bytes_total=3 * BUF, max_bytes_per_session=3 * BUF))
     a, _ = store.prepare(sid("a"), SMALL, list(range(300)), pin=True)  # a miss
-    a.ensure_capacity(300)  # 512 tokens = 8,192
+    a.ensure_capacity(512)  # 512 tokens = 8,192
     a.append(range(300))
     b, _ = store.prepare(sid("b"), SMALL, [0, 1, 2, 3, 500])  # copies [0..3] from a
-    b.ensure_capacity(5)  # 256 tokens = 4,096: the budget is full
+    b.ensure_capacity(256)  # 256 tokens = 4,096: the budget is full
     b.append([500])
-    # copying a's first 290 tokens needs b to grow to 512 tokens (+4,096): nothing may be evicted
+    # copying a's first 290 tokens needs b to grow to 290 tokens at least (+544): nothing may be evicted
     entry, n_reused = store.prepare(sid("b"), SMALL, [*range(290), 7])
     assert entry is b and n_reused == 4
     assert b.n_tokens == 4 and b.token_ids.tolist() == [0, 1, 2, 3]  # its own prefix, intact
@@ -427,25 +427,47 @@ def test_session_smaller_than_one_token_disturbs_nothing() -> None:
 # ---------------------------------------------------------------------------------------------
 # Capacity ladder, buffer reuse, persistence
 # ---------------------------------------------------------------------------------------------
-def test_capacity_ladder_and_byte_accounting() -> None:
+def test_capacity_steps_and_byte_accounting() -> None:
     store = LruKvCacheStore(KvCacheOptions(max_tokens_per_session=600))
     entry = store.get_or_create(sid("a"), SMALL)
     assert (entry.capacity, store.get_stats().current_bytes) == (0, 0)
-    for needed, capacity in [(1, 256), (256, 256), (257, 512), (513, 600)]:  # capped at max_tokens
+    # 64-token steps (or 1/16 of the capacity, if more), at least what is needed, capped at max_tokens
+    for needed, capacity in [(1, 64), (64, 64), (65, 128), (300, 320), (590, 600)]:
         entry.ensure_capacity(needed)
         assert entry.capacity == capacity
         assert entry.reserved_bytes == store.get_stats().current_bytes == capacity * BPT
     stats = store.get_stats()
-    assert (stats.peak_bytes, stats.pooled_bytes) == (600 * BPT, (256 + 512) * BPT)  # old buffers pooled
+    assert (stats.peak_bytes, stats.pooled_bytes) == (600 * BPT, (64 + 128 + 320) * BPT)  # old buffers pooled
     with pytest.raises(ContextOverflowError):
         entry.ensure_capacity(601)
     big = LruKvCacheStore().get_or_create(sid("b"), SMALL)  # max_tokens_per_session=4096
-    big.ensure_capacity(300)  # 512
-    big.ensure_capacity(1500)  # max(1500, 2 * 512, 256) rounded up the ladder
-    assert (big.capacity, big.max_tokens) == (2048, 4096)
+    big.ensure_capacity(1500)
+    assert (big.capacity, big.max_tokens) == (1536, 4096)
+    big.ensure_capacity(1537)  # a step of 1536 / 16 = 96 tokens, rounded up to 64: 128
+    assert big.capacity == 1664
 
 
-def test_released_buffers_are_reused_and_decode_allocates_nothing(
+@pytest.mark.parametrize("max_tokens", [600, 4096])
+def test_reserved_stays_close_to_used_across_a_growing_conversation(max_tokens: int) -> None:
+    """Reserved bytes stay within 10% plus one 64-token step of used bytes at every token, while the
+    copies made by growth stay bounded (geometric): at most ~17 copied tokens per token held."""
+    store = LruKvCacheStore(KvCacheOptions(max_tokens_per_session=max_tokens))
+    entry = store.get_or_create(sid("a"), SMALL)
+    copied, n_growths = 0, 0
+    for n in range(1, max_tokens + 1):  # a conversation growing one token at a time
+        before = entry.capacity
+        entry.ensure_capacity(n)
+        if entry.capacity != before:
+            copied += entry.n_tokens
+            n_growths += 1
+        entry.append([n % 100])
+        stats = store.get_stats()
+        assert stats.current_bytes <= 1.1 * stats.used_bytes + 64 * BPT, (n, entry.capacity)
+    assert copied <= 17 * max_tokens
+    assert n_growths <= 2 + max_tokens // 64
+
+
+def test_released_buffers_are_reused_and_decode_allocates_once_a_step(
     tiny: tuple[Model, Tokenizer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, _ = tiny
@@ -453,24 +475,38 @@ def test_released_buffers_are_reused_and_decode_allocates_nothing(
     handed_out: list[np.ndarray] = []
     allocate = store.allocate
 
-    def spy(entry: KvCacheEntry, shape: ModelShape, capacity: int) -> np.ndarray:
-        handed_out.append(allocate(entry, shape, capacity))
+    def spy(
+        entry: KvCacheEntry, shape: ModelShape, capacity: int, min_capacity: int | None = None
+    ) -> np.ndarray:
+        handed_out.append(allocate(entry, shape, capacity, min_capacity))
         return handed_out[-1]
 
     monkeypatch.setattr(store, "allocate", spy)
     prompt = list(range(10, 40))
     _, _, entry = chat_turn(model, store, sid("tab-1"), prompt)
-    assert len(handed_out) == 1  # one 256-token buffer for the prefill
-    decode(model, entry, range(100, 150))  # 50 tokens: no allocation per token
-    assert len(handed_out) == 1
+    assert len(handed_out) == 1 and entry.capacity == 64  # one 64-token buffer for the 30-token prefill
+    decode(model, entry, range(100, 300))  # 200 tokens, 230 in all: one allocation per 64-token step
+    assert [b.shape[3] for b in handed_out] == [64, 128, 192, 256]
     store.remove(sid("tab-1"))
-    assert store.get_stats().pooled_bytes == 256 * TINY_BPT  # 131,072 waits for the next session
-    for k in range(3):  # open a tab, chat, close it: the same buffer every time
+    pooled = (64 + 128 + 192 + 256) * TINY_BPT  # the growth leftovers and the last buffer wait for reuse
+    assert store.get_stats().pooled_bytes == pooled
+    for k in range(3):  # open a tab, chat, close it: the same 64-token buffer every time
         _, n_reused, entry = chat_turn(model, store, sid(f"tab-{k + 2}"), prompt)
         decode(model, entry, range(100, 120))
-        assert n_reused == 0 and store.get_stats().pooled_bytes == 0
+        assert n_reused == 0 and store.get_stats().pooled_bytes == pooled - 64 * TINY_BPT
         store.remove(sid(f"tab-{k + 2}"))
-    assert len(handed_out) == 4 and all(buffer is handed_out[0] for buffer in handed_out)
+    assert len(handed_out) == 7 and all(buffer is handed_out[0] for buffer in handed_out[4:])
+
+
+def test_growth_takes_what_fits_when_a_whole_step_does_not() -> None:
+    store = LruKvCacheStore(KvCacheOptions(max_bytes_total=200 * BPT, max_bytes_per_session=200 * BPT))
+    grow(store, "b", 128)
+    store.pin(sid("b"))  # b holds 128 tokens and may not be evicted
+    entry = grow(store, "a", 64)
+    entry.ensure_capacity(65)  # a step would be 128 tokens: over the budget, so what fits: 72
+    assert entry.capacity == 72 and store.get_stats().current_bytes == 200 * BPT
+    with pytest.raises(CacheBudgetError, match="needs 16 more bytes"):
+        entry.ensure_capacity(73)  # 1 token more: 201 > 200
 
 
 def test_no_persistence_releases_at_end_of_request() -> None:
@@ -482,7 +518,7 @@ def test_no_persistence_releases_at_end_of_request() -> None:
     first = entry.keys(0)
     store.unpin(sid("a"))  # the request ended
     stats = store.get_stats()
-    assert (len(store), stats.current_bytes, stats.pooled_bytes) == (0, 0, BUF)
+    assert (len(store), stats.current_bytes, stats.pooled_bytes) == (0, 0, 64 * BPT)  # one 64-token step
     entry, n_reused = store.prepare(sid("a"), SMALL, prompt, pin=True)
     entry.ensure_capacity(len(prompt))
     assert n_reused == 0 and np.shares_memory(first, entry.keys(0))  # a miss, on the pooled buffer
@@ -495,7 +531,7 @@ def test_no_persistence_releases_at_end_of_request() -> None:
 def test_shrinking_max_sessions_evicts_lru_at_once() -> None:
     store = LruKvCacheStore(KvCacheOptions(max_sessions=3))
     for name in "abc":
-        grow(store, name, 1)
+        grow(store, name, 256)
     store.touch(sid("a"))  # order b, c, a
     store.update_options(KvCacheOptions(max_sessions=1))
     assert (order(store), store.get_stats().evictions, store.get_stats().current_bytes) == (["a"], 2, BUF)
@@ -504,7 +540,7 @@ def test_shrinking_max_sessions_evicts_lru_at_once() -> None:
 def test_shrinking_max_bytes_total_evicts_lru_at_once() -> None:
     store = LruKvCacheStore(KvCacheOptions(max_bytes_total=4 * BUF, max_bytes_per_session=BUF))
     for name in "abc":
-        grow(store, name, 1)
+        grow(store, name, 256)
     store.update_options(KvCacheOptions(max_bytes_total=2 * BUF, max_bytes_per_session=BUF))
     stats = store.get_stats()
     assert (order(store), stats.current_bytes, stats.evictions) == (["b", "c"], 2 * BUF, 1)
@@ -512,8 +548,8 @@ def test_shrinking_max_bytes_total_evicts_lru_at_once() -> None:
 
 def test_shrinking_token_limit_drops_bigger_sessions_and_sets_limits() -> None:
     store = LruKvCacheStore(KvCacheOptions(max_tokens_per_session=1024))
-    grow(store, "a", 300)  # 512 tokens
-    grow(store, "b", 100)  # 256 tokens
+    grow(store, "a", 512)  # 512 tokens
+    grow(store, "b", 256)  # 256 tokens
     store.update_options(KvCacheOptions(max_tokens_per_session=256))
     assert order(store) == ["b"] and store.get_stats().evictions == 1
     assert store.try_get(sid("b")).max_tokens == 256  # type: ignore[union-attr]
@@ -525,8 +561,8 @@ def test_pinned_session_over_a_shrunk_limit_goes_at_unpin() -> None:
     """Bug fixed: a session pinned while max_tokens/bytes_per_session shrank kept its oversized buffer
     (and the right to fill it) forever, although update_options promises pinned sessions go at unpin."""
     store = LruKvCacheStore(KvCacheOptions(max_tokens_per_session=1024))
-    grow(store, "a", 300)  # 512 tokens = 8,192 bytes
-    grow(store, "b", 1)
+    grow(store, "a", 512)  # 512 tokens = 8,192 bytes
+    grow(store, "b", 256)
     store.pin(sid("a"))
     store.update_options(KvCacheOptions(max_tokens_per_session=300))
     assert order(store) == ["a", "b"]  # a's request still runs
@@ -541,7 +577,7 @@ def test_pinned_session_over_a_shrunk_limit_goes_at_unpin() -> None:
 def test_option_changes_that_clear_the_store(change: dict[str, object]) -> None:
     store = LruKvCacheStore()
     for name in "ab":
-        grow(store, name, 1)
+        grow(store, name, 256)
     store.pin(sid("b"))
     store.update_options(KvCacheOptions(**change))  # type: ignore[arg-type]
     assert order(store) == ["b"]  # the pinned one goes when its request ends
@@ -561,7 +597,7 @@ def test_float16_cache_halves_bytes_and_stays_close(tiny: tuple[Model, Tokenizer
     logits, n_reused, entry = chat_turn(model, store, sid("tab"), prompts[1])
     assert n_reused == len(prompts[0]) + len(replies[0])
     assert entry.keys(0).dtype == np.float16
-    assert store.get_stats().current_bytes == 256 * TINY_BPT // 2  # 65,536: half the float32 size
+    assert store.get_stats().current_bytes == entry.capacity * TINY_BPT // 2  # half the float32 size
     reference = model.forward(prompts[1])[n_reused:]
     assert rel_diff(logits, reference) <= TOL_F16
 
@@ -581,7 +617,7 @@ def check_snapshot(store: LruKvCacheStore, bpt: int) -> None:
 
 def test_reader_thread_sees_consistent_snapshots(tiny: tuple[Model, Tokenizer]) -> None:
     model, _ = tiny
-    budget = 2 * 256 * TINY_BPT  # two sessions' buffers: the third tab evicts
+    budget = 2 * 64 * TINY_BPT  # two sessions' 64-token buffers (prompts of 21-49 tokens): the third evicts
     store = LruKvCacheStore(KvCacheOptions(max_bytes_total=budget, max_bytes_per_session=budget))
     stop, errors, reads = threading.Event(), [], Counter[str]()
 
@@ -824,3 +860,19 @@ class StoreMachine(RuleBasedStateMachine):
 
 StoreMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=30, deadline=None)
 TestStoreMachine = StoreMachine.TestCase
+
+
+def test_a_shorter_prompt_after_older_turns_were_dropped_gives_room_back() -> None:
+    """Bug fixed (found by the soak's reserved/used check): a conversation trimmed to fit its limit
+    reused a short prefix of a long entry and kept the whole long buffer reserved."""
+    store = LruKvCacheStore()
+    entry, _ = store.prepare(sid("a"), SMALL, list(range(600)))
+    entry.ensure_capacity(600)  # 640 tokens
+    entry.append(range(600))
+    assert store.get_stats().current_bytes == 640 * BPT
+    prompt = [*range(30), *range(1000, 1070)]  # 100 tokens, the first 30 cached
+    entry, n_reused = store.prepare(sid("a"), SMALL, prompt)
+    assert n_reused == 30 and entry.token_ids.tolist() == list(range(30))
+    assert entry.capacity == 128 and store.get_stats().current_bytes == 128 * BPT
+    entry, _ = store.prepare(sid("a"), SMALL, prompt[:90])  # a little shorter: no copy for that
+    assert entry.capacity == 128
