@@ -124,8 +124,8 @@ def test_a_failed_reply_says_why_in_the_users_words_and_opens_settings_at_the_fi
     qtbot: Any, make_window: Any, write_settings: Any, caplog: Any
 ) -> None:
     """Replies no longer fail for lack of KV memory (they wait or are preempted, issue 11); a message
-    the memory limit per session cannot hold is refused at Send, in the dialog's words and MiB, with a
-    button to that setting and one that raises it."""
+    the memory limit per session cannot hold is refused at Send, in the dialog's words, with a button
+    that opens Settings at that setting."""
     write_settings(sampling=LONG, batching={"max_batch_wait_ms": 300.0})
     window = make_window()
     per_token = window.model_info["bytes_per_token"]
