@@ -88,6 +88,7 @@ class EngineWorker(QObject):
         super().__init__()
         self._engine: BatchedInferenceEngine | None = None
         self._model_path = ""
+        self._opened_paths: list[str] = []  # every model file loaded since the start, for list_models
         self._kv = KvCacheOptions()
         self._batching = BatchingOptions()
         self._handles: dict[str, Any] = {}  # conversation id -> RequestHandle
@@ -179,6 +180,8 @@ class EngineWorker(QObject):
             model, tokenizer, self._batching, store, InMemoryRuntimeMetrics()
         )
         self._model_path = path
+        if path not in self._opened_paths:
+            self._opened_paths.append(path)
         self.model_loaded.emit(self.model_info())
         self._emit_stats()
         if self._stats_timer is not None:
@@ -436,8 +439,10 @@ class EngineWorker(QObject):
     # -- models and downloads -------------------------------------------------------------------
     @Slot(list)
     def list_models(self, known_paths: list) -> None:
-        """Emit ``models_listed``: the catalog, then the other GGUF files (`known_paths`, the models dir)."""
-        self.models_listed.emit(list_models(known_paths, self._model_path if self._engine else ""))
+        """Emit ``models_listed``: the catalog, then the other GGUF files (`known_paths`, those loaded
+        since the start, the models directory's)."""
+        loaded = self._model_path if self._engine else ""
+        self.models_listed.emit(list_models([*known_paths, *self._opened_paths], loaded))
 
     @Slot(str, bool)
     def start_download(self, key: str = "", accept_license: bool = False) -> None:
