@@ -341,6 +341,8 @@ class MainWindow(QMainWindow):
         self.setWindowTitle(f"SmallMind — {name}")
         if self.settings_dialog is not None:
             self.settings_dialog.set_model_info(info)
+        if self.models_dialog is not None:
+            self.models_dialog.show_load_result(f"Running {info['file_name']}.")
         self._refresh_models()
 
     @Slot(str, str)
@@ -348,6 +350,8 @@ class MainWindow(QMainWindow):
         self.load_bar.setVisible(False)
         if not self.model_info:
             self.model_label.setText("No model loaded")
+        if self.models_dialog is not None:
+            self.models_dialog.show_load_result(f"Could not load {Path(path).name}: {reason}", error=True)
         self._refresh_models()
         self.show_error(
             "Cannot load the model",

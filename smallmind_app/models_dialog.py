@@ -103,7 +103,8 @@ class ModelsDialog(QDialog):
             item.setData(0, ROW_ROLE, dict(row))
             item.setToolTip(0, row["path"])
             if row["license_url"]:
-                item.setToolTip(2, row["license_url"])
+                accepted = " (accepted)" if row["license_acceptance"] and row["license_accepted"] else ""
+                item.setToolTip(2, row["license_url"] + accepted)
             self.model_list.addTopLevelItem(item)
             if selected is not None and row["path"] == selected["path"]:
                 item.setSelected(True)
@@ -146,7 +147,7 @@ class ModelsDialog(QDialog):
         row = self.selected_row()
         if row is None or not row["key"]:
             return
-        if row["license_acceptance"]:
+        if row["license_acceptance"] and not row["license_accepted"]:
             self._ask_license(row)
         else:
             self._start_download(row, accepted=False)
@@ -236,6 +237,12 @@ class ModelsDialog(QDialog):
         self.refresh_requested.emit()
 
     # -- load -----------------------------------------------------------------------------------
+    def show_load_result(self, text: str, error: bool = False) -> None:
+        """What became of a Load: the window says whether the model runs or why it cannot."""
+        if not self._downloading:
+            self.phase_label.setText(text)
+            self.phase_label.setStyleSheet("color: #b91c1c;" if error else "")
+
     @Slot()
     def _on_load_clicked(self) -> None:
         row = self.selected_row()

@@ -502,8 +502,9 @@ def list_models(known_paths: list[str], loaded_path: str) -> list[dict[str, Any]
     """What the Models dialog lists, as plain dicts: each catalog model (installed = present with its
     size and SHA-256), then every other GGUF file in `known_paths`, the loaded one and the models dir.
 
-    Keys: key ("" for a file), name, path, size_bytes, license, license_url, license_acceptance,
-    installed, loaded.
+    Keys: key ("" for a file), name, path, size_bytes, license, license_url, license_acceptance (it
+    must be accepted before a download), license_accepted (it was, or need not be), installed, loaded.
+    A catalog file is verified from its SHA-256 sidecar; one without a sidecar is hashed once here.
     """
     loaded = str(Path(loaded_path).resolve()) if loaded_path else ""
     rows: list[dict[str, Any]] = []
@@ -513,7 +514,9 @@ def list_models(known_paths: list[str], loaded_path: str) -> list[dict[str, Any]
             {
                 "key": spec.key, "name": spec.name, "path": str(path), "size_bytes": spec.size_bytes,
                 "license": spec.license, "license_url": spec.license_url,
-                "license_acceptance": spec.license_acceptance, "installed": download.verify_installed(spec),
+                "license_acceptance": spec.license_acceptance,
+                "license_accepted": download.license_accepted(spec),
+                "installed": download.verify_installed(spec),
             }
         )  # fmt: skip
     listed = {str(Path(row["path"]).resolve()) for row in rows}
@@ -527,7 +530,8 @@ def list_models(known_paths: list[str], loaded_path: str) -> list[dict[str, Any]
         rows.append(
             {
                 "key": "", "name": path.stem, "path": str(path), "size_bytes": path.stat().st_size,
-                "license": "", "license_url": "", "license_acceptance": False, "installed": True,
+                "license": "", "license_url": "", "license_acceptance": False, "license_accepted": True,
+                "installed": True,
             }
         )  # fmt: skip
     for row in rows:

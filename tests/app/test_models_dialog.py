@@ -132,6 +132,18 @@ def test_accepting_the_license_downloads_with_progress_and_installs(
     assert download.license_accepted(chunked)
     assert cli.main(["models", "pull", "chunked", "--force"]) == 0
     assert "distributed under" not in capsys.readouterr().out
+    # ... and the dialog asks no more either.
+    target.unlink()
+    dialog.refresh_requested.emit()
+    qtbot.waitUntil(
+        lambda: shown(dialog)["Chunked test model"][2] == "not installed", timeout=MODEL_TIMEOUT_MS
+    )
+    dialog.select("chunked")
+    dialog.download_button.click()
+    assert dialog.license_box is None and dialog.downloading
+    qtbot.waitUntil(
+        lambda: shown(dialog)["Chunked test model"][2] == "installed", timeout=DOWNLOAD_TIMEOUT_MS
+    )
 
 
 def test_load_switches_the_model_and_survives_a_restart(
@@ -147,6 +159,7 @@ def test_load_switches_the_model_and_survives_a_restart(
     qtbot.waitUntil(lambda: window.model_info["path"] == str(other), timeout=MODEL_TIMEOUT_MS)
     assert (window.model_info["n_layers"], window.model_info["context_length"]) == (2, 512)
     assert window.settings.model_path == str(other)
+    assert dialog.phase_label.text() == "Running two-layers.gguf."
     qtbot.waitUntil(lambda: shown(dialog)["two-layers"][2] == "loaded", timeout=MODEL_TIMEOUT_MS)
     assert shown(dialog)[app_model_path.stem][2] == "installed"
     dialog.close_button.click()
