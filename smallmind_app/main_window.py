@@ -30,6 +30,7 @@ from .chat_tab import ChatTab
 from .conversation_tabs import ConversationTabs
 from .engine_client import EngineClient
 from .first_run import FirstRunDialog
+from .models_dialog import ModelsDialog
 from .paths import RESOURCES_DIR
 from .settings import AppSettings, SettingsError, save_settings
 from .settings_dialog import SettingsDialog
@@ -62,6 +63,7 @@ class MainWindow(QMainWindow):
         self.first_run_dialog: FirstRunDialog | None = None
         self.settings_dialog: SettingsDialog | None = None
         self.chat_settings_dialog: ChatSettingsDialog | None = None
+        self.models_dialog: ModelsDialog | None = None
         self.error_dialog: QMessageBox | None = None
         self._closed = False
         self.tabs = ConversationTabs(store)
@@ -107,6 +109,7 @@ class MainWindow(QMainWindow):
         self.action_settings = self._action(
             "actionSettings", "&Settings…", lambda: self.open_settings(), "Ctrl+,"
         )
+        self.action_models = self._action("actionModels", "&Models…", lambda: self.open_models())
         self.action_quit = self._action("actionQuit", "&Quit", self.close, "Ctrl+Q")
         chat = self.menuBar().addMenu("&Chat")
         for action in (self.action_new, self.action_close, self.action_rename):
@@ -121,6 +124,7 @@ class MainWindow(QMainWindow):
         chat.addSeparator()
         chat.addAction(self.action_quit)
         tools = self.menuBar().addMenu("&Tools")
+        tools.addAction(self.action_models)
         tools.addAction(self.action_settings)
         dock_action = self.stats_dock.toggleViewAction()
         dock_action.setText("Engine &stats")
@@ -161,6 +165,7 @@ class MainWindow(QMainWindow):
         w.download_progressed.connect(self._on_worker_download_progressed)
         w.download_finished.connect(self._on_worker_download_finished)
         w.download_failed.connect(self._on_worker_download_failed)
+        w.models_listed.connect(self._on_worker_models_listed)
 
     def start(self, model_path: str | None = None) -> None:
         """Start the worker, load the model (on the worker), restore the open conversations."""
@@ -342,12 +347,18 @@ class MainWindow(QMainWindow):
         self.setWindowTitle(f"SmallMind — {name}")
         if self.settings_dialog is not None:
             self.settings_dialog.set_model_info(info)
+        if self.models_dialog is not None:
+            self.models_dialog.show_load_result(f"Running {info['file_name']}.")
+        self._refresh_models()
 
     @Slot(str, str)
     def _on_worker_model_load_failed(self, path: str, reason: str) -> None:
         self.load_bar.setVisible(False)
         if not self.model_info:
             self.model_label.setText("No model loaded")
+        if self.models_dialog is not None:
+            self.models_dialog.show_load_result(f"Could not load {Path(path).name}: {reason}", error=True)
+        self._refresh_models()
         self.show_error(
             "Cannot load the model",
             f"The model file {path} cannot be used:\n\n{reason}",
@@ -375,17 +386,56 @@ class MainWindow(QMainWindow):
     def _on_worker_download_progressed(self, phase: str, done: int, total: int) -> None:
         if self.first_run_dialog is not None:
             self.first_run_dialog.show_progress(phase, done, total)
+        if self.models_dialog is not None:
+            self.models_dialog.show_progress(phase, done, total)
 
     @Slot(str)
     def _on_worker_download_finished(self, path: str) -> None:
         if self.first_run_dialog is not None:
             self.first_run_dialog.show_finished(path)
-        self.client.load_model(path)
+        if self.models_dialog is not None:
+            self.models_dialog.show_finished(path)
+        if not self.model_info:  # the first model: run it; else the Models dialog's Load switches
+            self.client.load_model(path)
 
     @Slot(str)
     def _on_worker_download_failed(self, message: str) -> None:
         if self.first_run_dialog is not None:
             self.first_run_dialog.show_failed(message)
+        if self.models_dialog is not None:
+            self.models_dialog.show_failed(message)
+
+    # -- models dialog --------------------------------------------------------------------------
+    @Slot()
+    def open_models(self) -> ModelsDialog:
+        """Tools → Models…: the catalog and the GGUF files at hand (listed by the worker)."""
+        if self.models_dialog is None:
+            dialog = ModelsDialog(self)
+            dialog.refresh_requested.connect(self._refresh_models)
+            dialog.download_requested.connect(self.client.start_download)
+            dialog.download_cancel_requested.connect(self.client.cancel_download)
+            dialog.load_requested.connect(self.use_model_file)
+            dialog.finished.connect(self._on_models_dialog_finished)
+            self.models_dialog = dialog
+        self._refresh_models()
+        self.models_dialog.open()
+        return self.models_dialog
+
+    @Slot()
+    def _refresh_models(self) -> None:
+        if self.models_dialog is not None:
+            self.client.list_models([self.settings.model_path] if self.settings.model_path else [])
+
+    @Slot(list)
+    def _on_worker_models_listed(self, rows: list) -> None:
+        if self.models_dialog is not None:
+            self.models_dialog.set_models(rows)
+
+    @Slot(int)
+    def _on_models_dialog_finished(self, _result: int) -> None:
+        if self.models_dialog is not None:
+            self.models_dialog.deleteLater()
+            self.models_dialog = None
 
     # -- settings -------------------------------------------------------------------------------
     @Slot(str)

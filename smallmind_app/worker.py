@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -81,12 +82,14 @@ class EngineWorker(QObject):
     download_progressed = Signal(str, int, int)  # phase, done, total (bytes; total 0 = unknown)
     download_finished = Signal(str)  # path of the installed model
     download_failed = Signal(str)
+    models_listed = Signal(list)  # list_models(): one dict per catalog model and GGUF file
     shut_down = Signal()
 
     def __init__(self) -> None:
         super().__init__()
         self._engine: BatchedInferenceEngine | None = None
         self._model_path = ""
+        self._opened_paths: list[str] = []  # every model file loaded since the start, for list_models
         self._kv = KvCacheOptions()
         self._batching = BatchingOptions()
         self._handles: dict[str, Any] = {}  # conversation id -> RequestHandle
@@ -178,6 +181,8 @@ class EngineWorker(QObject):
             model, tokenizer, self._batching, store, InMemoryRuntimeMetrics()
         )
         self._model_path = path
+        if path not in self._opened_paths:
+            self._opened_paths.append(path)
         self.model_loaded.emit(self.model_info())
         self._emit_stats()
         if self._stats_timer is not None:
@@ -442,15 +447,40 @@ class EngineWorker(QObject):
                 session["waiting"] = not session["pinned"] and session["session_id"] in self._handles
             self.stats_updated.emit(stats)
 
-    # -- download -------------------------------------------------------------------------------
-    @Slot()
-    def start_download(self) -> None:
-        """Fetch the default model on a plain Python thread (the same code as `smallmind models pull`)."""
+    # -- models and downloads -------------------------------------------------------------------
+    @Slot(list)
+    def list_models(self, known_paths: list) -> None:
+        """Emit ``models_listed``: the catalog, then the other GGUF files (`known_paths`, those loaded
+        since the start, the models directory's)."""
+        loaded = self._model_path if self._engine else ""
+        self.models_listed.emit(list_models([*known_paths, *self._opened_paths], loaded))
+
+    @Slot(str, bool)
+    def start_download(self, key: str = "", accept_license: bool = False) -> None:
+        """Fetch catalog model `key` ("" = the default) on a plain Python thread (the same code as
+        `smallmind models pull KEY`). A license that must be accepted is remembered when
+        `accept_license`; without it, and not accepted before, the download fails at once."""
         if self._download is not None and self._download.is_alive():
+            return
+        spec = download.CATALOG.get(key or download.DEFAULT_MODEL.key)
+        if spec is None:
+            self.download_failed.emit(f"no model {key!r} in the catalog")
+            return
+        try:
+            if accept_license and not download.license_accepted(spec):
+                download.accept_license(spec)
+        except OSError as exc:
+            self.download_failed.emit(f"could not remember the license acceptance: {exc}")
+            return
+        if not download.license_accepted(spec):
+            self.download_failed.emit(f"the {spec.license} of {spec.name} has not been accepted")
             return
         self._download_cancel = threading.Event()
         self._download = threading.Thread(
-            target=self._download_main, args=(self._download_cancel,), name="smallmind-download", daemon=True
+            target=self._download_main,
+            args=(spec, self._download_cancel),
+            name="smallmind-download",
+            daemon=True,
         )
         self._download.start()
 
@@ -458,7 +488,7 @@ class EngineWorker(QObject):
     def cancel_download(self) -> None:
         self._download_cancel.set()
 
-    def _download_main(self, cancel: threading.Event) -> None:
+    def _download_main(self, spec: download.ModelSpec, cancel: threading.Event) -> None:
         last = [0.0, ""]
 
         def progress(phase: str, done: int, total: int) -> None:
@@ -467,8 +497,9 @@ class EngineWorker(QObject):
                 last[0], last[1] = now, phase
                 self.download_progressed.emit(phase, int(done), int(total))
 
+        pip_args = download.find_links_args(os.environ.get(download.FIND_LINKS_ENV, "").strip())
         try:
-            path = self.pull_model(progress=progress, cancel=cancel)
+            path = self.pull_model(spec, progress=progress, cancel=cancel, pip_args=pip_args)
         except EngineError as exc:
             self.download_failed.emit(str(exc))
         except Exception as exc:  # report anything; the dialog must not hang on a lost error
@@ -476,6 +507,47 @@ class EngineWorker(QObject):
             self.download_failed.emit(f"{type(exc).__name__}: {exc}")
         else:
             self.download_finished.emit(str(path))
+
+
+def list_models(known_paths: list[str], loaded_path: str) -> list[dict[str, Any]]:
+    """What the Models dialog lists, as plain dicts: each catalog model (installed = present with its
+    size and SHA-256), then every other GGUF file in `known_paths`, the loaded one and the models dir.
+
+    Keys: key ("" for a file), name, path, size_bytes, license, license_url, license_acceptance (it
+    must be accepted before a download), license_accepted (it was, or need not be), installed, loaded.
+    A catalog file is verified from its SHA-256 sidecar; one without a sidecar is hashed once here.
+    """
+    loaded = str(Path(loaded_path).resolve()) if loaded_path else ""
+    rows: list[dict[str, Any]] = []
+    for spec in download.CATALOG.values():
+        path = download.default_model_path(spec)
+        rows.append(
+            {
+                "key": spec.key, "name": spec.name, "path": str(path), "size_bytes": spec.size_bytes,
+                "license": spec.license, "license_url": spec.license_url,
+                "license_acceptance": spec.license_acceptance,
+                "license_accepted": download.license_accepted(spec),
+                "installed": download.verify_installed(spec),
+            }
+        )  # fmt: skip
+    listed = {str(Path(row["path"]).resolve()) for row in rows}
+    files = [Path(p) for p in (*known_paths, loaded_path) if p]
+    files += [model.path for model in download.installed_models()]
+    for path in files:
+        resolved = str(path.resolve())
+        if resolved in listed or not path.is_file():
+            continue
+        listed.add(resolved)
+        rows.append(
+            {
+                "key": "", "name": path.stem, "path": str(path), "size_bytes": path.stat().st_size,
+                "license": "", "license_url": "", "license_acceptance": False, "license_accepted": True,
+                "installed": True,
+            }
+        )  # fmt: skip
+    for row in rows:
+        row["loaded"] = bool(loaded) and str(Path(row["path"]).resolve()) == loaded
+    return rows
 
 
 def submit_error_message(exc: Exception) -> str:

@@ -302,7 +302,8 @@ def test_first_run_dialog_offers_download_or_a_file(
         dialog.objectName() == "firstRunDialog" and "SmolLM2-135M-Instruct" in dialog.download_button.text()
     )
 
-    def fake_pull(progress: Any, cancel: Any) -> Path:  # no network in tests: the fault we inject
+    # no network in tests: the fault we inject
+    def fake_pull(spec: Any, progress: Any, cancel: Any, pip_args: Any) -> Path:
         done = 0
         while not cancel.wait(0.01):
             done = min(done + 1_000_000, 98_000_000)
