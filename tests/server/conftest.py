@@ -20,6 +20,7 @@ import uvicorn
 
 from engine import BatchedInferenceEngine, BatchingOptions, GgufFile, Model, Tokenizer
 from smallmind_server import create_app
+from tests.fixtures.tiny_model import write_tiny_gguf
 
 START_TIMEOUT_S = 30.0
 TINY_NAME = "tiny"
@@ -83,8 +84,14 @@ def tiny_engine(tiny_model_path: Path) -> Iterator[BatchedInferenceEngine]:
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny_engine: BatchedInferenceEngine) -> Iterator[LiveServer]:
-    with live_server(tiny_engine, TINY_NAME, max_tokens_cap=200) as server:
+    with live_server(tiny_engine, TINY_NAME, max_tokens_cap=240) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def long_context_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a 4,096-token context: room for replies long enough to interrupt."""
+    return write_tiny_gguf(tmp_path_factory.mktemp("long") / "tiny_long.gguf", context_length=4096)
 
 
 def wait_until(condition: Any, timeout_s: float = 10.0, what: str = "condition") -> None:
