@@ -1,4 +1,7 @@
-"""The command line: ``smallmind models pull|list`` and ``smallmind chat``.
+"""The command line: ``smallmind models pull|list``, ``smallmind chat`` and ``smallmind serve``.
+
+``serve`` is defined here so that ``smallmind --help`` lists it; its handler imports the server
+package (``smallmind_server``) only when it runs, so the engine itself never loads a web framework.
 
 Engine errors are shown as one line on stderr with exit status 1, never as a traceback.
 """
@@ -64,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_models_parser(commands, verbose)
     _add_chat_parser(commands, verbose, model)
+    _add_serve_parser(commands, verbose, model)
     return parser
 
 
@@ -117,6 +121,41 @@ def _add_chat_parser(
     chat.add_argument("--seed", type=int, help="random seed for sampling (default: random)")
     chat.add_argument("--system", metavar="TEXT", help="system prompt (default: the built-in one)")
     chat.set_defaults(handler=_cmd_chat)
+
+
+def _add_serve_parser(
+    commands: argparse._SubParsersAction, verbose: argparse.ArgumentParser, model: argparse.ArgumentParser
+) -> None:
+    serve = commands.add_parser(
+        "serve",
+        parents=[verbose, model],
+        help="serve an OpenAI-compatible API (no window)",
+        description="Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, "
+        "/v1/completions, /v1/models, /health, /metrics, /tokenize). Ctrl+C stops.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=_port, default=8080, help="port to listen on (default: 8080)")
+    serve.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' (required for a non-loopback --host; "
+        "default: $SMALLMIND_API_KEY)",
+    )
+    serve.add_argument(
+        "--cors-origin",
+        metavar="ORIGIN",
+        action="append",
+        default=[],
+        help="allow browser requests from ORIGIN (repeatable; default: none)",
+    )
+    serve.set_defaults(handler=_cmd_serve)
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65_535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {text}")
+    return value
 
 
 def _non_negative_float(text: str) -> float:
@@ -203,6 +242,21 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
     result: int = run_chat(args)
     return result
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from smallmind_server.serve import ServeOptions, run  # lazily: only serving needs the web stack
+
+    model_path = download.resolve_model_path(args.model)
+    api_key = args.api_key or os.environ.get("SMALLMIND_API_KEY") or None
+    try:
+        options = ServeOptions(model_path, args.host, args.port, api_key, tuple(args.cors_origin))
+    except ValueError as exc:
+        print(f"smallmind serve: error: {exc}", file=sys.stderr)
+        return _EXIT_ERROR
+    return run(options)
 
 
 class _ProgressPrinter:

@@ -150,10 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "else the settings, else the installed default model)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    args, qt_args = parser.parse_known_args(argv[1:])
+    args = parser.parse_args(argv[1:])  # an unknown option prints the usage and exits with status 2
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     install_excepthook()
-    app = ensure_application([argv[0], *qt_args])
+    app = ensure_application([argv[0]])
     window = create_window(args.model)
     window.show()
     signal.signal(signal.SIGINT, lambda *_: app.quit())  # Ctrl+C in the terminal: a clean shutdown

@@ -1,0 +1,260 @@
+"""The app factory: ``create_app(engine, model_name, ...)`` builds the FastAPI app around an engine.
+
+The engine is running (driven by its own thread, or by the app's worker): the server only submits
+requests and reads events, so API requests are batched with whatever else the engine serves. Pass
+``engine=None`` to start answering (``/health`` says 503) before the model has loaded, then
+``app.state.server.attach(engine)``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from engine import BatchedInferenceEngine, GenerationResult
+from engine.prompting import check_messages
+
+from . import metrics, serving
+from .protocol import (
+    ApiError,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    Usage,
+)
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: a long conversation is ~100 KB
+DEFAULT_MAX_TOKENS_CAP = 4096
+OPEN_PATHS = frozenset({"/health"})  # answered without an API key
+
+
+def _error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+class _Guard:
+    """ASGI middleware run before routing: the API key, then the body size (413)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        error = self._auth_error(scope)
+        if error is None:
+            receive, error = await self._bounded_body(scope, receive)
+        if error is not None:
+            await _error_response(error)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _auth_error(self, scope: Scope) -> ApiError | None:
+        if self.api_key is None or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+            return None
+        headers = dict(scope["headers"])
+        given = headers.get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            return None
+        what = "no API key was given" if not given else "the API key is wrong"
+        return ApiError(401, f"{what}; send it as 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+    async def _bounded_body(self, scope: Scope, receive: Receive) -> tuple[Receive, ApiError | None]:
+        """Read the body (at most max_body_bytes) and replay it; 413 when it is longer."""
+        limit = self.max_body_bytes
+        too_big = ApiError(413, f"the request body is larger than {limit:,} bytes", code="request_too_large")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return receive, too_big
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return receive, None
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return receive, too_big
+            more = message.get("more_body", False)
+        replay: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replayed() -> Message:
+            return replay.pop() if replay else await receive()
+
+        return replayed, None
+
+
+def create_app(
+    engine: BatchedInferenceEngine | None,
+    model_name: str,
+    api_key: str | None = None,
+    cors_origins: Sequence[str] = (),
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
+) -> FastAPI:
+    """The OpenAI-compatible app serving ``engine`` (None: still loading) under ``model_name``."""
+    if max_body_bytes < 1 or max_tokens_cap < 1:
+        raise ValueError(
+            f"max_body_bytes and max_tokens_cap must be >= 1, got {max_body_bytes}, {max_tokens_cap}"
+        )
+    app = FastAPI(title="SmallMind", docs_url=None, redoc_url=None, openapi_url=None)
+    state = serving.ServerState(None, model_name, max_tokens_cap)
+    if engine is not None:
+        state.attach(engine)
+    app.state.server = state
+    _add_error_handlers(app)
+    _add_routes(app, state)
+    app.add_middleware(_Guard, api_key=api_key or None, max_body_bytes=max_body_bytes)
+    if cors_origins:  # added last: runs first, so preflights get their headers before the key check
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Session-Id"])  # fmt: skip
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = exc.errors()
+        first = problems[0] if problems else {}
+        if first.get("type") == "json_invalid" or tuple(first.get("loc", ())) == ("body",):
+            return _error_response(
+                ApiError(400, f"the request body is not a JSON object: {first.get('msg')}")
+            )
+        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        message = "; ".join(_describe(problem) for problem in problems[:5])
+        return _error_response(ApiError(400, message, param=".".join(loc) or None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error_response(ApiError(exc.status_code, str(exc.detail), kind))
+
+
+def _describe(problem: Any) -> str:
+    loc = ".".join(str(part) for part in problem.get("loc", ()) if part != "body")
+    if problem.get("type") == "extra_forbidden":
+        return f"unknown field {loc!r}"
+    return f"{loc}: {problem.get('msg')} (got {problem.get('input')!r})"[:300]
+
+
+def _usage(result: GenerationResult) -> Usage:
+    return Usage.of(result.prompt_tokens, result.generated_tokens, result.reused_tokens)
+
+
+def _add_routes(app: FastAPI, state: serving.ServerState) -> None:
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ready = state.engine is not None
+        return JSONResponse({"status": "ok" if ready else "loading"}, status_code=200 if ready else 503)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        limit = state.engine.session_token_limit() if state.engine is not None else None
+        return ModelList(data=[ModelCard(id=state.model_name, max_model_len=limit)]).model_dump()
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        text = metrics.render(state.engine, dict(state.finished), len(state.in_flight))
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        state.check_model(body.model)
+        engine, _ = state.require_engine()
+        if body.prompt is not None:
+            ids = list(engine.tokenizer.encode(body.prompt))
+        else:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages or []]
+            try:
+                checked = check_messages(messages)
+            except ValueError as exc:
+                raise ApiError(400, str(exc), param="messages") from exc
+            ids = list(engine.tokenizer.encode_messages(checked, body.add_generation_prompt))
+        limit = engine.session_token_limit()
+        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=limit).model_dump()
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+        state.check_model(body.model)
+        session = serving.session_name(request, body.user)
+        sub = await serving.submit(state, "chat", body.engine_messages(), body, session)
+        reply_id, created = f"chatcmpl-{sub.handle.request_id}-{int(time.time() * 1000)}", int(time.time())
+
+        def chunk(text: str, finish_reason: str | None, role: bool = False) -> dict[str, Any]:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            if text:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            return {"id": reply_id, "object": "chat.completion.chunk", "created": created,
+                    "model": state.model_name, "choices": [choice]}  # fmt: skip
+
+        if body.stream:
+            usage = _usage_chunk(reply_id, created, state.model_name, "chat.completion.chunk")
+            stream = serving.sse_stream(state, sub, chunk, usage if body.include_usage else None,
+                                        first=chunk("", None, role=True))  # fmt: skip
+            return StreamingResponse(stream, media_type="text/event-stream")
+        result = await serving.collect(state, sub, request)
+        serving.check_result(result)
+        reply = ChatCompletion(id=reply_id, created=created, model=state.model_name, usage=_usage(result),
+                               choices=[ChatChoice(message=AssistantMessage(content=result.text),
+                                                   finish_reason=result.finish_reason)])  # fmt: skip
+        return JSONResponse(reply.model_dump())
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+        state.check_model(body.model)
+        session = serving.session_name(request, body.user)
+        sub = await serving.submit(state, "completions", body.prompt_text(), body, session)
+        reply_id, created = f"cmpl-{sub.handle.request_id}-{int(time.time() * 1000)}", int(time.time())
+
+        def chunk(text: str, finish_reason: str | None) -> dict[str, Any]:
+            choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+            return {"id": reply_id, "object": "text_completion", "created": created,
+                    "model": state.model_name, "choices": [choice]}  # fmt: skip
+
+        if body.stream:
+            usage = _usage_chunk(reply_id, created, state.model_name, "text_completion")
+            stream = serving.sse_stream(state, sub, chunk, usage if body.include_usage else None)
+            return StreamingResponse(stream, media_type="text/event-stream")
+        result = await serving.collect(state, sub, request)
+        serving.check_result(result)
+        choice = CompletionChoice(text=result.text, finish_reason=result.finish_reason)
+        reply = Completion(
+            id=reply_id, created=created, model=state.model_name, usage=_usage(result), choices=[choice]
+        )
+        return JSONResponse(reply.model_dump())
+
+
+def _usage_chunk(reply_id: str, created: int, model: str, kind: str) -> Any:
+    def build(result: GenerationResult) -> dict[str, Any]:
+        return {"id": reply_id, "object": kind, "created": created, "model": model, "choices": [],
+                "usage": _usage(result).model_dump()}  # fmt: skip
+
+    return build

@@ -1,0 +1,145 @@
+"""``smallmind serve``: the API server without a window.
+
+The server answers at once (``/health`` says 503 while the model loads); Ctrl+C or SIGTERM cancels
+every request in flight (streams end with ``finish_reason: "cancelled"``), waits briefly for the
+connections to close and stops the engine. Binding anything but a loopback address needs an API
+key. The key is never logged or printed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Generator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import TextIO
+
+import uvicorn
+
+from engine import BatchedInferenceEngine, BatchingOptions, GgufFile, Model, Tokenizer
+
+from .app import create_app
+from .serving import ServerState
+
+log = logging.getLogger(__name__)
+
+GRACEFUL_SHUTDOWN_S = 5
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    model_path: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65_535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not is_loopback(self.host) and not self.api_key:
+            raise ValueError(
+                f"refusing to listen on {self.host} without an API key: anyone on the network could use "
+                "the model. Pass --api-key KEY (clients send 'Authorization: Bearer KEY'), or bind 127.0.0.1"
+            )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def model_name_for(path: Path) -> str:
+    """The name clients use in ``model``: the file name without ``.gguf`` (never a path)."""
+    return path.name.removesuffix(".gguf")
+
+
+def load_engine(model_path: Path) -> BatchedInferenceEngine:
+    gguf_file = GgufFile(model_path)
+    engine = BatchedInferenceEngine(
+        Model.from_gguf(gguf_file), Tokenizer.from_gguf(gguf_file), BatchingOptions()
+    )
+    engine.start()
+    return engine
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, whose first Ctrl+C / SIGTERM cancels the requests in flight."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        n = self.state.in_flight.cancel_all()
+        if not self.should_exit:
+            log.warning("stopping (signal %d): %d request(s) in flight cancelled", sig, n)
+        super().handle_exit(sig, frame)
+
+    @contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        """Like uvicorn's, without re-raising the signal afterwards: we exit with our own status."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
+def run(options: ServeOptions, out: TextIO | None = None) -> int:
+    """Serve until Ctrl+C / SIGTERM; the exit status."""
+    out = out or sys.stdout
+    app = create_app(None, model_name_for(options.model_path), options.api_key, options.cors_origins)
+    state: ServerState = app.state.server
+    config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=False)  # fmt: skip
+    server = _Server(config, state)
+    engines: list[BatchedInferenceEngine] = []
+    failure: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            engines.append(load_engine(options.model_path))
+        except Exception as exc:  # reported below; the server stops
+            failure.append(exc)
+            server.should_exit = True
+            return
+        state.attach(engines[0])
+        out.write(f"model {state.model_name} loaded; ready\n")
+        out.flush()
+
+    loader = threading.Thread(target=load, name="smallmind-load", daemon=True)
+    host = f"[{options.host}]" if ":" in options.host else options.host
+    out.write(f"SmallMind API on http://{host}:{options.port}/v1 (model {state.model_name}; "
+              f"{'API key required' if options.api_key else 'no API key'}); Ctrl+C stops\n")  # fmt: skip
+    out.flush()
+    loader.start()
+    try:
+        server.run()
+    finally:
+        state.in_flight.cancel_all()
+        loader.join(timeout=60)
+        for engine in engines:
+            engine.stop()
+    if failure:
+        raise failure[0]
+    if not server.started:
+        out.write(f"could not listen on {options.host}:{options.port}\n")
+        return 1
+    out.write("stopped\n")
+    return 0
