@@ -481,4 +481,4 @@ def test_tabs_wait_for_memory_instead_of_failing(qtbot: Any, make_window: Any, w
         assert reply.status == "complete", reply.stats.get("error")
     assert seen  # the worker said which conversations waited
     qtbot.waitUntil(lambda: stat_number(window, "statWaitingForMemory") == 0, timeout=5000)
-    assert stat_number(window, "statPreemptions") >= 0
+    assert window.stats_dock.labels["statPreemptions"].text().replace(",", "").isdigit()  # a count, shown

@@ -289,15 +289,38 @@ def pressure_cases(draw: st.DrawFn) -> dict:
     }
 
 
+def watch_progress_before_preemption(engine: BatchedInferenceEngine, model: ScriptedModel) -> None:
+    """Fail if a running request is preempted before a forward pass computed part of it since it was
+    (re)admitted, or if the oldest running request is ever preempted while others run."""
+    admitted_at: dict[int, int] = {}  # request id -> number of forwards when it joined the batch
+    try_admit, preempt = engine._try_admit, engine._preempt
+
+    def on_admit(seq, handle, now, budget):  # type: ignore[no-untyped-def]
+        admitted = try_admit(seq, handle, now, budget)
+        if admitted:
+            admitted_at[seq.request_id] = len(model.caches)
+        return admitted
+
+    def on_preempt(run, now):  # type: ignore[no-untyped-def]
+        since = model.caches[admitted_at[run.seq.request_id] :]
+        assert any(id(run.seq.cache) in caches for caches in since), "preempted before any progress"
+        assert run is not engine._running[0] or len(engine._running) == 1, "the oldest was preempted"
+        preempt(run, now)
+
+    engine._try_admit = on_admit  # type: ignore[method-assign]
+    engine._preempt = on_preempt  # type: ignore[method-assign]
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=pressure_cases())
 def test_every_request_that_fits_alone_is_served_under_memory_pressure(scripted, case):
-    _, engine = scripted(
+    model, engine = scripted(
         BatchingOptions(
             max_batch_size=case["batch"], max_batch_wait_ms=0, max_prefill_chunk_tokens=case["chunk"]
         ),
         budget(case["n_budget"]),
     )
+    watch_progress_before_preemption(engine, model)
     handles, cancel_at = [], {}
     for i, (n_prompt, max_new, session, cancel) in enumerate(case["requests"]):
         options = InferenceOptions(temperature=0, max_new_tokens=max_new, stop_on_eos=False)
