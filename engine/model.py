@@ -306,9 +306,12 @@ def load_weights(
     ``kernels.backend(kernel_path)``, on a small thread pool."""
     c = config
     path = kernels.backend(kernel_path)
-    names = [p.format(i=i) for i in range(c.n_layers) for p in c.block_tensor_names().values()]
-    for name in (gguf_io.TOKEN_EMBD, gguf_io.OUTPUT_NORM, *names):
+    patterns = list(c.block_tensor_names().values())
+    for name in (gguf_io.TOKEN_EMBD, gguf_io.OUTPUT_NORM):
         f.tensor_shape(name)  # a missing tensor fails now, before any slow work
+    for i in range(c.n_layers):  # one layer at a time: a file that claims 4 million blocks fails at its last
+        for pattern in patterns:
+            f.tensor_shape(pattern.format(i=i))
     with ThreadPoolExecutor(max_workers=n_threads + 1) as pool:  # NumPy releases the GIL while copying
         # the kernels compile (first start) or load from the disk cache while the weights are read
         warm = pool.submit(kernels.warm_up) if path == "numba" else None
