@@ -15,11 +15,11 @@ _KV_COUNTERS = ("hits", "misses", "evictions", "reused_tokens", "prompt_tokens",
 _KV_GAUGES = ("current_sessions", "current_bytes", "used_bytes", "peak_bytes", "pooled_bytes",
               "max_bytes_total", "pinned_sessions", "hit_rate", "token_reuse_ratio")  # fmt: skip
 _BATCH_COUNTERS = ("steps", "submitted", "completed", "cancelled", "timed_out", "failed", "rejected",
-                   "prompt_tokens", "generated_tokens")  # fmt: skip
+                   "prompt_tokens", "generated_tokens", "preemptions")  # fmt: skip
 _BATCH_GAUGES = ("average_batch_size", "max_batch_size_seen", "average_batch_wait_ms", "average_queue_depth",
                  "queue_depth", "running", "in_flight", "tokens_per_second", "prefill_tokens_per_second",
                  "decode_tokens_per_second", "ttft_p50_ms", "ttft_p95_ms", "inter_token_p50_ms",
-                 "inter_token_p95_ms", "inter_token_max_ms")  # fmt: skip
+                 "inter_token_p95_ms", "inter_token_max_ms", "waiting_for_memory")  # fmt: skip
 
 
 def _family(name: str, kind: str, samples: Iterable[tuple[str, float]]) -> list[str]:

@@ -173,9 +173,13 @@ def test_metrics_page_has_cache_and_batching_figures(tiny_server: LiveServer, cl
     expected = ["smallmind_kv_cache_hit_rate", "smallmind_kv_cache_reused_tokens",
                 "smallmind_kv_cache_current_bytes", "smallmind_batching_average_batch_size",
                 "smallmind_batching_average_batch_wait_ms", "smallmind_batching_average_queue_depth",
-                "smallmind_batching_tokens_per_second", "smallmind_batching_cancelled"]  # fmt: skip
+                "smallmind_batching_tokens_per_second", "smallmind_batching_cancelled",
+                "smallmind_batching_preemptions", "smallmind_batching_waiting_for_memory"]  # fmt: skip
     for name in expected:
         assert name in values, name
+    assert (
+        values["smallmind_batching_preemptions"] == 0 and values["smallmind_batching_waiting_for_memory"] == 0
+    )
     assert values["smallmind_kv_cache_current_bytes"] > 0
     finished = [n for n in values if n.startswith('smallmind_server_requests_finished{endpoint="chat"')]
     assert finished and sum(values[n] for n in finished) >= 1
