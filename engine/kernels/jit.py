@@ -3,9 +3,11 @@
 ``matvec`` serves decode-sized steps: each weight row is read once from memory and multiplied into
 up to 8 activation rows at a time, so a step of 8 sequences streams the weights once, not 8 times
 (OpenBLAS packs the whole weight for every call of 2 rows or more). The inner loop runs over a whole
-row with the block's scale gathered per value (``d[o, j >> sh]``): that is the form LLVM turns into
+row with the block's scale gathered per value (``d[o, j >> 5]``): that is the form LLVM turns into
 wide SIMD here (measured 19 G weights/s on one core, against ~1.5 for a loop per 32-value block with
-a reduction per block). Each activation row keeps its own accumulator (``a0`` .. ``a7``); a kernel
+a reduction per block). The shift must be a constant in the loop (a variable one, for Q6_K's 16-value
+blocks, made the same loop scalar: 2.7 G weights/s), so each kernel has one loop per block size. Each
+activation row keeps its own accumulator (``a0`` .. ``a7``); a kernel
 per group width (1, 2, 4, 8) keeps them in registers.
 
 The "_1" types' minimum is applied as ``sum_k m[o, k] * xsum[b, k]`` with the per-block sums of x
@@ -46,8 +48,12 @@ def matvec_1(x, xs, q, d, m, out):  # pragma: no cover - compiled
     sh = block_shift(K, d.shape[1])
     for o in prange(O):
         a0 = np.float32(0.0)
-        for j in range(K):
-            a0 += x[0, j] * (np.float32(q[o, j]) * d[o, j >> sh])
+        if sh == 5:  # constant shifts: LLVM vectorizes the scale gather only for a constant
+            for j in range(K):
+                a0 += x[0, j] * (np.float32(q[o, j]) * d[o, j >> 5])
+        else:
+            for j in range(K):
+                a0 += x[0, j] * (np.float32(q[o, j]) * d[o, j >> 4])
         for k in range(nm):
             a0 += m[o, k] * xs[0, k]
         out[0, o] = a0
@@ -64,10 +70,16 @@ def matvec_2(x, xs, q, d, m, out):  # pragma: no cover - compiled
         for g in range(0, B, 2):
             a0 = np.float32(0.0)
             a1 = np.float32(0.0)
-            for j in range(K):
-                w = np.float32(q[o, j]) * d[o, j >> sh]
-                a0 += x[g, j] * w
-                a1 += x[g + 1, j] * w
+            if sh == 5:  # constant shifts: LLVM vectorizes the scale gather only for a constant
+                for j in range(K):
+                    w = np.float32(q[o, j]) * d[o, j >> 5]
+                    a0 += x[g, j] * w
+                    a1 += x[g + 1, j] * w
+            else:
+                for j in range(K):
+                    w = np.float32(q[o, j]) * d[o, j >> 4]
+                    a0 += x[g, j] * w
+                    a1 += x[g + 1, j] * w
             for k in range(nm):
                 a0 += m[o, k] * xs[g, k]
                 a1 += m[o, k] * xs[g + 1, k]
@@ -88,12 +100,20 @@ def matvec_4(x, xs, q, d, m, out):  # pragma: no cover - compiled
             a1 = np.float32(0.0)
             a2 = np.float32(0.0)
             a3 = np.float32(0.0)
-            for j in range(K):
-                w = np.float32(q[o, j]) * d[o, j >> sh]
-                a0 += x[g, j] * w
-                a1 += x[g + 1, j] * w
-                a2 += x[g + 2, j] * w
-                a3 += x[g + 3, j] * w
+            if sh == 5:  # constant shifts: LLVM vectorizes the scale gather only for a constant
+                for j in range(K):
+                    w = np.float32(q[o, j]) * d[o, j >> 5]
+                    a0 += x[g, j] * w
+                    a1 += x[g + 1, j] * w
+                    a2 += x[g + 2, j] * w
+                    a3 += x[g + 3, j] * w
+            else:
+                for j in range(K):
+                    w = np.float32(q[o, j]) * d[o, j >> 4]
+                    a0 += x[g, j] * w
+                    a1 += x[g + 1, j] * w
+                    a2 += x[g + 2, j] * w
+                    a3 += x[g + 3, j] * w
             for k in range(nm):
                 mk = m[o, k]
                 a0 += mk * xs[g, k]
@@ -123,16 +143,28 @@ def matvec_8(x, xs, q, d, m, out):  # pragma: no cover - compiled
             a5 = np.float32(0.0)
             a6 = np.float32(0.0)
             a7 = np.float32(0.0)
-            for j in range(K):
-                w = np.float32(q[o, j]) * d[o, j >> sh]
-                a0 += x[g, j] * w
-                a1 += x[g + 1, j] * w
-                a2 += x[g + 2, j] * w
-                a3 += x[g + 3, j] * w
-                a4 += x[g + 4, j] * w
-                a5 += x[g + 5, j] * w
-                a6 += x[g + 6, j] * w
-                a7 += x[g + 7, j] * w
+            if sh == 5:  # constant shifts: LLVM vectorizes the scale gather only for a constant
+                for j in range(K):
+                    w = np.float32(q[o, j]) * d[o, j >> 5]
+                    a0 += x[g, j] * w
+                    a1 += x[g + 1, j] * w
+                    a2 += x[g + 2, j] * w
+                    a3 += x[g + 3, j] * w
+                    a4 += x[g + 4, j] * w
+                    a5 += x[g + 5, j] * w
+                    a6 += x[g + 6, j] * w
+                    a7 += x[g + 7, j] * w
+            else:
+                for j in range(K):
+                    w = np.float32(q[o, j]) * d[o, j >> 4]
+                    a0 += x[g, j] * w
+                    a1 += x[g + 1, j] * w
+                    a2 += x[g + 2, j] * w
+                    a3 += x[g + 3, j] * w
+                    a4 += x[g + 4, j] * w
+                    a5 += x[g + 5, j] * w
+                    a6 += x[g + 6, j] * w
+                    a7 += x[g + 7, j] * w
             for k in range(nm):
                 mk = m[o, k]
                 a0 += mk * xs[g, k]
@@ -163,11 +195,19 @@ def dequantize_rows(q, d, m, row0, out):  # pragma: no cover - compiled
     for r in range(R):
         o = row0 + r
         if nm:
-            for j in range(K):
-                out[r, j] = np.float32(q[o, j]) * d[o, j >> sh] + m[o, j >> sh]
+            if sh == 5:  # constant shifts: LLVM vectorizes the scale gather only for a constant
+                for j in range(K):
+                    out[r, j] = np.float32(q[o, j]) * d[o, j >> 5] + m[o, j >> 5]
+            else:
+                for j in range(K):
+                    out[r, j] = np.float32(q[o, j]) * d[o, j >> 4] + m[o, j >> 4]
         else:
-            for j in range(K):
-                out[r, j] = np.float32(q[o, j]) * d[o, j >> sh]
+            if sh == 5:  # constant shifts: LLVM vectorizes the scale gather only for a constant
+                for j in range(K):
+                    out[r, j] = np.float32(q[o, j]) * d[o, j >> 5]
+            else:
+                for j in range(K):
+                    out[r, j] = np.float32(q[o, j]) * d[o, j >> 4]
 
 
 MATVEC = {1: matvec_1, 2: matvec_2, 4: matvec_4, 8: matvec_8}
