@@ -253,3 +253,28 @@ def test_mixed_block_sizes_fuse_into_the_smaller_blocks():
     np.testing.assert_allclose(
         fused.dequantize(), np.concatenate([q4.dequantize(), dense6]), rtol=2e-6, atol=1e-6
     )
+
+
+@needs_numba
+@pytest.mark.parametrize("name", ["matvec_1", "matvec_8"])
+def test_kernel_inner_loops_are_vectorized(name):
+    """A guard against the regression found by the benchmark: a runtime block shift (d[o, j >> sh])
+    compiled the inner loop to scalar code, 7x slower. Vectorized code is mostly packed float ops
+    (`mulps`, `vfmadd...ps`); the scalar one mostly `...ss` (measured 124 packed / 28 scalar for
+    matvec_1 as it is, 18 / 30 with the runtime shift)."""
+    import re
+
+    import numba
+
+    from engine.kernels import jit
+
+    # compiled afresh (code loaded from numba's disk cache cannot be inspected), with the same options
+    kernel = numba.njit(fastmath=jit.FASTMATH, boundscheck=False, parallel=True)(getattr(jit, name).py_func)
+    w = random_blocks("Q8_0", (8, 64))
+    x = np.ones((8 if name == "matvec_8" else 1, 64), dtype=np.float32)
+    empty = np.empty((0, 0), dtype=np.float32)
+    kernel(x, empty, w.q, w.d, empty, np.empty((x.shape[0], 8), dtype=np.float32))
+    asm = "\n".join(kernel.inspect_asm().values())
+    packed = len(re.findall(r"\bv?(?:fmadd\w*|mul|add)ps\b", asm))
+    scalar = len(re.findall(r"\bv?(?:fmadd\w*|mul|add)ss\b", asm))
+    assert packed > 2 * scalar, (packed, scalar)
