@@ -165,6 +165,7 @@ class BatchedInferenceEngine:
         self._stopped = False
         self._thread: threading.Thread | None = None
         self._external_driver = False
+        self._wakeup_listeners: list[Callable[[], None]] = []
 
     # -- options -----------------------------------------------------------------------------
     @property
@@ -606,8 +607,15 @@ class BatchedInferenceEngine:
         run.handle._deliver(final)  # counted before the caller hears of it
 
     # -- drivers -------------------------------------------------------------------------------
+    def add_wakeup_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (from the submitting thread) whenever new work arrives: for a driver that
+        steps the engine from its own event loop while others submit (the app's API server)."""
+        self._wakeup_listeners.append(listener)
+
     def _wake(self) -> None:
         self._wakeup.set()
+        for listener in self._wakeup_listeners:
+            listener()
 
     def start(self) -> None:
         """Drive the engine from a background thread (headless and asyncio use)."""

@@ -31,6 +31,8 @@ class EngineClient(QObject):
     list_models_requested = Signal(list)
     download_cancel_requested = Signal()
     shutdown_requested = Signal()
+    server_start_requested = Signal(int, str)  # port, API key ("" = none)
+    server_stop_requested = Signal()
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -49,6 +51,8 @@ class EngineClient(QObject):
         self.download_cancel_requested.connect(self.worker.cancel_download)
         self.list_models_requested.connect(self.worker.list_models)
         self.shutdown_requested.connect(self.worker.shutdown)
+        self.server_start_requested.connect(self.worker.start_server)
+        self.server_stop_requested.connect(self.worker.stop_server)
         self._stopped = False
 
     def start(self) -> None:
@@ -79,6 +83,12 @@ class EngineClient(QObject):
     def list_models(self, known_paths: list[str]) -> None:
         """The worker answers with ``models_listed`` (see ``worker.list_models``)."""
         self.list_models_requested.emit(list(known_paths))
+
+    def start_server(self, port: int, api_key: str = "") -> None:
+        self.server_start_requested.emit(port, api_key)
+
+    def stop_server(self) -> None:
+        self.server_stop_requested.emit()
 
     def cancel_download(self) -> None:
         self.download_cancel_requested.emit()

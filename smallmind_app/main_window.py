@@ -32,6 +32,7 @@ from .engine_client import EngineClient
 from .first_run import FirstRunDialog
 from .models_dialog import ModelsDialog
 from .paths import RESOURCES_DIR
+from .server_dialog import LocalServerDialog
 from .settings import AppSettings, SettingsError, save_settings
 from .settings_dialog import SettingsDialog
 from .stats_dock import StatsDock
@@ -64,6 +65,7 @@ class MainWindow(QMainWindow):
         self.settings_dialog: SettingsDialog | None = None
         self.chat_settings_dialog: ChatSettingsDialog | None = None
         self.models_dialog: ModelsDialog | None = None
+        self.server_dialog: LocalServerDialog | None = None
         self.error_dialog: QMessageBox | None = None
         self._closed = False
         self.tabs = ConversationTabs(store)
@@ -110,6 +112,9 @@ class MainWindow(QMainWindow):
             "actionSettings", "&Settings…", lambda: self.open_settings(), "Ctrl+,"
         )
         self.action_models = self._action("actionModels", "&Models…", lambda: self.open_models())
+        self.action_local_server = self._action(
+            "actionLocalServer", "&Local server…", lambda: self.open_local_server()
+        )
         self.action_quit = self._action("actionQuit", "&Quit", self.close, "Ctrl+Q")
         chat = self.menuBar().addMenu("&Chat")
         for action in (self.action_new, self.action_close, self.action_rename):
@@ -125,6 +130,7 @@ class MainWindow(QMainWindow):
         chat.addAction(self.action_quit)
         tools = self.menuBar().addMenu("&Tools")
         tools.addAction(self.action_models)
+        tools.addAction(self.action_local_server)
         tools.addAction(self.action_settings)
         dock_action = self.stats_dock.toggleViewAction()
         dock_action.setText("Engine &stats")
@@ -404,6 +410,21 @@ class MainWindow(QMainWindow):
             self.first_run_dialog.show_failed(message)
         if self.models_dialog is not None:
             self.models_dialog.show_failed(message)
+
+    # -- local API server -------------------------------------------------------------------------
+    @Slot()
+    def open_local_server(self) -> LocalServerDialog:
+        """Tools → Local server…: serve the loaded model over the OpenAI-compatible API (the worker
+        runs the server on its engine, so API requests are batched with the tabs)."""
+        if self.server_dialog is None:
+            dialog = LocalServerDialog(parent=self)
+            dialog.start_requested.connect(self.client.start_server)
+            dialog.stop_requested.connect(self.client.stop_server)
+            self.client.worker.server_started.connect(dialog.show_running)
+            self.client.worker.server_stopped.connect(dialog.show_stopped)
+            self.server_dialog = dialog
+        self.server_dialog.open()
+        return self.server_dialog
 
     # -- models dialog --------------------------------------------------------------------------
     @Slot()

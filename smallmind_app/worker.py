@@ -26,7 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QCoreApplication, QObject, QTimer, Signal, Slot
+from PySide6.QtCore import QCoreApplication, QObject, Qt, QTimer, Signal, Slot
 
 from engine import (
     BatchedInferenceEngine,
@@ -83,6 +83,9 @@ class EngineWorker(QObject):
     download_finished = Signal(str)  # path of the installed model
     download_failed = Signal(str)
     models_listed = Signal(list)  # list_models(): one dict per catalog model and GGUF file
+    server_started = Signal(str)  # the in-app API server's base URL
+    server_stopped = Signal(str)  # why it stopped or could not start ("" = asked to)
+    _work_arrived = Signal()  # emitted from other threads (the API server's) when they submit
     shut_down = Signal()
 
     def __init__(self) -> None:
@@ -98,6 +101,7 @@ class EngineWorker(QObject):
         self._n_generated: dict[str, int] = {}  # tokens generated so far by each conversation's reply
         self._max_new_tokens: dict[str, int] = {}  # each running reply's own max_new_tokens
         self._last_text_flush = 0.0
+        self._server: Any = None  # smallmind_server.background.BackgroundServer while serving
         self._step_timer: QTimer | None = None
         self._wait_timer: QTimer | None = None
         self._stats_timer: QTimer | None = None
@@ -117,10 +121,48 @@ class EngineWorker(QObject):
         self._wait_timer.timeout.connect(self._run_step)
         self._stats_timer = QTimer(self, interval=STATS_INTERVAL_MS)
         self._stats_timer.timeout.connect(self._emit_stats)
+        self._work_arrived.connect(self._on_work_arrived, Qt.ConnectionType.QueuedConnection)
+
+    # -- the in-app API server ----------------------------------------------------------------------
+    @Slot(int, str)
+    def start_server(self, port: int, api_key: str) -> None:
+        """Serve this engine over the OpenAI-compatible API on 127.0.0.1:``port``; requests from other
+        programs are batched with the tabs' (their submits wake this worker's step loop)."""
+        from smallmind_server.background import BackgroundServer
+
+        if self._engine is None:
+            self.server_stopped.emit("no model is loaded")
+            return
+        if self._server is not None:
+            self.stop_server()
+        server = BackgroundServer(self._engine, Path(self._model_path or "model").stem)
+        try:
+            url = server.start(port=port, api_key=api_key or None)
+        except (OSError, ValueError, RuntimeError) as exc:
+            log.warning("the API server did not start on port %d: %s", port, exc)
+            self.server_stopped.emit(f"could not start on port {port}: {exc}")
+            return
+        self._server = server
+        log.info("API server at %s", url)
+        self.server_started.emit(url)
+
+    @Slot()
+    def stop_server(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+        self.server_stopped.emit("")
+
+    @Slot()
+    def _on_work_arrived(self) -> None:
+        self._schedule()
 
     @Slot()
     def shutdown(self) -> None:
         """Stop everything (running requests fail with a clear message), then end the thread."""
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
         for timer in (self._step_timer, self._wait_timer, self._stats_timer):
             if timer is not None:
                 timer.stop()
@@ -177,9 +219,13 @@ class EngineWorker(QObject):
             self._flush(force=True)
             self._handles.clear()
         store = LruKvCacheStore(self._kv)
+        server = self._server
+        if server is not None:  # the API server serves the engine it was started on: stop it first
+            self.stop_server()
         self._engine = BatchedInferenceEngine(
             model, tokenizer, self._batching, store, InMemoryRuntimeMetrics()
         )
+        self._engine.add_wakeup_listener(self._work_arrived.emit)  # queued: steps on this thread
         self._model_path = path
         if path not in self._opened_paths:
             self._opened_paths.append(path)
