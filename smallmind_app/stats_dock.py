@@ -63,6 +63,11 @@ STATS: dict[str, tuple[str, str]] = {
         "Replies paused to give their K/V memory to an older one; they resume by themselves",
     ),
     "statWaitingForMemory": ("Waiting for memory", "Requests queued until the KV budget has room for them"),
+    "statApiServer": (
+        "API server",
+        "The local OpenAI-compatible server (Tools → Local server…): its address, the API requests it "
+        "has served and those in flight (other programs' requests, batched with the tabs)",
+    ),
 }
 
 
@@ -174,6 +179,7 @@ class StatsDock(QDockWidget):
         )
         set_text["statTtft"](f"{metrics['ttft_p50_ms']:.0f} ms" if metrics["ttft_p50_ms"] else "–")
         self._show_memory_pressure(metrics)
+        self._show_api_server(stats.get("api"))
         if not limits.get("enabled", True):
             set_text["statSessions"]("KV cache disabled")
         self._add_points(kv, metrics)
@@ -183,6 +189,14 @@ class StatsDock(QDockWidget):
         """Preemptions so far, and requests waiting for KV memory now."""
         self.labels["statPreemptions"].setText(f"{metrics.get('preemptions', 0):,}")
         self.labels["statWaitingForMemory"].setText(f"{metrics.get('waiting_for_memory', 0)}")
+
+    def _show_api_server(self, api: Mapping[str, Any] | None) -> None:
+        if not api:
+            self.labels["statApiServer"].setText("off")
+            return
+        self.labels["statApiServer"].setText(
+            f"{api['url']}  ({api['served']:,} served, {api['in_flight']} in flight)"
+        )
 
     def _add_points(self, kv: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
         self.tokens_plot.add(metrics["tokens_per_second"])

@@ -491,6 +491,9 @@ class EngineWorker(QObject):
             stats = stats_dict(self._engine)
             for session in stats["sessions"]:  # a reply queued for it: it is not the next to be evicted
                 session["waiting"] = not session["pinned"] and session["session_id"] in self._handles
+            if self._server is not None:  # the in-app API server: plain values for the dock
+                stats["api"] = {"url": self._server.url, "in_flight": self._server.requests_in_flight,
+                                "served": self._server.requests_served}  # fmt: skip
             self.stats_updated.emit(stats)
 
     # -- models and downloads -------------------------------------------------------------------

@@ -96,3 +96,11 @@ class BackgroundServer:
     @property
     def requests_in_flight(self) -> int:
         return len(self._state.in_flight) if self._state is not None else 0
+
+    @property
+    def requests_served(self) -> int:
+        """API requests that ended (any finish reason) since the server started."""
+        if self._state is None:
+            return 0
+        with self._state.lock:
+            return sum(self._state.finished.values())

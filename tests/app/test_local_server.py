@@ -52,9 +52,13 @@ def test_the_in_app_server_answers_beside_the_tabs_and_stops(qtbot: Any, make_wi
     client.start()
     qtbot.waitUntil(lambda: not client.is_alive(), timeout=60_000)
     assert replies["api"].status_code == 200 and replies["api"].json()["choices"][0]["message"]["content"]
+    api_label = window.stats_dock.labels["statApiServer"]  # the dock counts the API's requests
+    qtbot.waitUntil(lambda: "2 served, 0 in flight" in api_label.text(), timeout=10_000)
+    assert api_label.text().startswith(base.removesuffix("/v1"))
 
     dialog.enabled.setChecked(False)
     qtbot.waitUntil(lambda: dialog.address.text() == "not running", timeout=30_000)
+    qtbot.waitUntil(lambda: api_label.text() == "off", timeout=10_000)
     try:
         httpx.get(base + "/models", timeout=5)
     except httpx.TransportError:
