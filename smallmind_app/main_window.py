@@ -417,14 +417,21 @@ class MainWindow(QMainWindow):
         """Tools → Local server…: serve the loaded model over the OpenAI-compatible API (the worker
         runs the server on its engine, so API requests are batched with the tabs)."""
         if self.server_dialog is None:
-            dialog = LocalServerDialog(parent=self)
-            dialog.start_requested.connect(self.client.start_server)
+            dialog = LocalServerDialog(port=self.settings.server_port, parent=self)
+            dialog.start_requested.connect(self._on_server_dialog_start_requested)
             dialog.stop_requested.connect(self.client.stop_server)
             self.client.worker.server_started.connect(dialog.show_running)
             self.client.worker.server_stopped.connect(dialog.show_stopped)
             self.server_dialog = dialog
         self.server_dialog.open()
         return self.server_dialog
+
+    @Slot(int, str)
+    def _on_server_dialog_start_requested(self, port: int, api_key: str) -> None:
+        """Start the server and remember its port (the key is not saved: it is asked each time)."""
+        if port != self.settings.server_port:
+            self._save_settings(self.settings.with_changes(server_port=port))
+        self.client.start_server(port, api_key)
 
     # -- models dialog --------------------------------------------------------------------------
     @Slot()

@@ -111,6 +111,7 @@ class AppSettings:
     kv_cache: Mapping[str, Any] = field(default_factory=lambda: section_defaults("kv_cache"))
     batching: Mapping[str, Any] = field(default_factory=lambda: section_defaults("batching"))
     sampling: Mapping[str, Any] = field(default_factory=lambda: section_defaults("sampling"))
+    server_port: int = 8080  # Tools → Local server…: the port the in-app API server listens on
 
     def __post_init__(self) -> None:
         if not _is_int(self.schema_version) or not 1 <= self.schema_version <= SCHEMA_VERSION:
@@ -120,12 +121,14 @@ class AppSettings:
         if self.model_path is not None and not isinstance(self.model_path, str):
             raise ValueError(f"model_path must be a string or null, got {self.model_path!r}")
         _check_value("system_prompt", self.system_prompt, "str")
+        if not _is_int(self.server_port) or not 1024 <= self.server_port <= 65_535:
+            raise ValueError(f"server_port must be a port from 1024 to 65535, got {self.server_port!r}")
         for section in SECTIONS:  # frozen: the only way to store the checked, read-only copies
             object.__setattr__(self, section, _freeze_section(section, getattr(self, section)))
 
     def __hash__(self) -> int:  # the mappings are unhashable; their items are not
         sections = tuple(tuple(getattr(self, name).items()) for name in SECTIONS)
-        return hash((self.schema_version, self.model_path, self.system_prompt, sections))
+        return hash((self.schema_version, self.model_path, self.system_prompt, self.server_port, sections))
 
     def with_changes(self, **changes: Any) -> AppSettings:
         """A copy with `changes`; a section given as a dict is merged over the current section."""
@@ -140,6 +143,7 @@ class AppSettings:
             "schema_version": self.schema_version,
             "model_path": self.model_path,
             "system_prompt": self.system_prompt,
+            "server_port": self.server_port,
         }
         for section in SECTIONS:
             data[section] = {

@@ -22,7 +22,8 @@ def test_the_in_app_server_answers_beside_the_tabs_and_stops(qtbot: Any, make_wi
     window = make_window()
     dialog = window.open_local_server()
     assert dialog.objectName() == "localServerDialog" and dialog.address.text() == "not running"
-    dialog.port.setValue(free_port())
+    port = free_port()
+    dialog.port.setValue(port)
     dialog.enabled.setChecked(True)
     qtbot.waitUntil(lambda: dialog.address.text().startswith("http://127.0.0.1:"), timeout=30_000)
     base = dialog.address.text()  # ends in /v1
@@ -65,3 +66,6 @@ def test_the_in_app_server_answers_beside_the_tabs_and_stops(qtbot: Any, make_wi
         pass  # nothing listens any more
     else:
         raise AssertionError("the server still answers after it was stopped")
+    assert window.settings.server_port == port  # saved: the next start offers the same port
+    window.close()
+    assert make_window().open_local_server().port.value() == port
