@@ -128,7 +128,7 @@ def test_smollm2_numba_and_numpy_paths_agree(smollm2, smollm2_path, reference_pr
 
 @needs_numba
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_decode_attention_kernel_equals_numpy(tiny, dtype, monkeypatch):
+def test_decode_attention_kernel_equals_numpy(tiny_model_path, dtype, monkeypatch):
     """Long-cache decode rows (here every row: the threshold lowered) give the NumPy path's logits."""
     from engine.model import decode_attention as numpy_attention
 
@@ -138,9 +138,7 @@ def test_decode_attention_kernel_equals_numpy(tiny, dtype, monkeypatch):
     q = rng.standard_normal((4, 16), dtype=np.float32)
     expected = numpy_attention(q, keys[:, :33], values[:, :33])
     assert rel_diff(kernels.decode_attention(q, keys, values, 33), expected) < 1e-5
-    model, _ = tiny
-    if model.weights.kernels != "numba":
-        pytest.skip("the tiny fixture model is on the NumPy path")
+    model = Model.from_gguf(tiny_model_path, kernel_path="numba")
     monkeypatch.setattr(kernels, "ATTENTION_MIN_TOKENS", 1)
     ids = list(range(3, 60))
     cache = model.new_cache(80, dtype=dtype)
