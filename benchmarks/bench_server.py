@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import socket
 import statistics
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,13 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import openai
-import uvicorn
 from bench_batching import QUESTIONS
 from bench_kv_cache import SYSTEM, USERS
 from common import default_model_path, report
 
 from engine import BatchedInferenceEngine, GenerationEvent, InferenceOptions, SessionId
-from smallmind_server import create_app
+from smallmind_server.background import BackgroundServer
 from smallmind_server.serve import load_engine
 
 NAME = "smollm2"
@@ -46,20 +43,12 @@ TARGETS = {"throughput_ratio": 0.9, "turn5_ttft": 10.0}
 
 @contextmanager
 def running_server(engine: BatchedInferenceEngine) -> Iterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, NAME), log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
+    server = BackgroundServer(engine, NAME)
+    url = server.start(port=0)  # a free port on 127.0.0.1
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+        yield url + "/v1"
     finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
+        server.stop()
 
 
 # 1: throughput ------------------------------------------------------------------------------------

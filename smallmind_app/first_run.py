@@ -122,16 +122,8 @@ class FirstRunDialog(QDialog):
             self.accept()
 
     def show_progress(self, phase: str, done: int, total: int) -> None:
-        if not self._downloading:
-            return
-        if total > 0:
-            self.progress.setRange(0, 1000)
-            self.progress.setValue(int(1000 * min(1.0, done / total)))
-            amount = f"{done / 1e6:.1f} of {total / 1e6:.1f} MB"
-        else:
-            self.progress.setRange(0, 0)
-            amount = f"{done / 1e6:.1f} MB" if done else ""
-        self.phase_label.setText(f"{PHASES.get(phase, phase.capitalize())}… {amount}".strip())
+        if self._downloading:
+            show_download_progress(self.progress, self.phase_label, phase, done, total)
 
     def show_finished(self, path: str) -> None:
         self._set_downloading(False)
@@ -148,3 +140,15 @@ class FirstRunDialog(QDialog):
             self._on_cancel_clicked()
             return
         super().reject()
+
+
+def show_download_progress(bar: QProgressBar, label: QLabel, phase: str, done: int, total: int) -> None:
+    """A download's phase and bytes in ``label``, its share in ``bar`` (busy when the total is unknown)."""
+    if total > 0:
+        bar.setRange(0, 1000)
+        bar.setValue(int(1000 * min(1.0, done / total)))
+        amount = f"{done / 1e6:.1f} of {total / 1e6:.1f} MB"
+    else:
+        bar.setRange(0, 0)
+        amount = f"{done / 1e6:.1f} MB" if done else ""
+    label.setText(f"{PHASES.get(phase, phase.capitalize())}… {amount}".strip())

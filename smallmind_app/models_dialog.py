@@ -27,7 +27,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from .first_run import PHASES, choose_model_file
+from .first_run import choose_model_file, show_download_progress
 
 COLUMNS = ("Model", "Size", "License", "Status")
 ROW_ROLE = Qt.ItemDataRole.UserRole
@@ -210,16 +210,8 @@ class ModelsDialog(QDialog):
         self._update_buttons()
 
     def show_progress(self, phase: str, done: int, total: int) -> None:
-        if not self._downloading:
-            return
-        if total > 0:
-            self.progress.setRange(0, 1000)
-            self.progress.setValue(int(1000 * min(1.0, done / total)))
-            amount = f"{done / 1e6:.1f} of {total / 1e6:.1f} MB"
-        else:
-            self.progress.setRange(0, 0)
-            amount = f"{done / 1e6:.1f} MB" if done else ""
-        self.phase_label.setText(f"{PHASES.get(phase, phase.capitalize())}… {amount}".strip())
+        if self._downloading:
+            show_download_progress(self.progress, self.phase_label, phase, done, total)
 
     def show_finished(self, path: str) -> None:
         if not self._downloading:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import paths
+from . import cpu
 from .cpu import MAX_THREADS, available_cpus, compute, requested_threads, set_threads, threads
 from .weights import BLOCK_TYPES, BlockWeight, DenseWeight, Weight, embed
 
@@ -169,8 +170,6 @@ def _small(x: np.ndarray, w: BlockWeight) -> np.ndarray:
 
 def _large(x: np.ndarray, w: BlockWeight) -> np.ndarray:
     """Rows of W split over the engine's threads; each expands tiles of its rows and runs BLAS."""
-    from . import cpu
-
     O = w.q.shape[0]
     out = np.empty((x.shape[0], O), dtype=F32)
     n = cpu.threads()

@@ -50,7 +50,6 @@ def available_cpus() -> int:
 class _State:
     def __init__(self) -> None:
         self.requested = 0  # 0 = auto
-        self.lock = threading.Lock()
 
 
 _state = _State()

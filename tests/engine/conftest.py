@@ -40,3 +40,14 @@ def reference_logits(reference_dir: Path) -> dict[str, np.ndarray]:
 def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
     """max |a - b| relative to max |b|."""
     return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def greedy_continuation(model: Model, ids: list[int], n_new: int) -> list[int]:
+    """``n_new`` argmax tokens after ``ids``, decoded one at a time with a KV cache."""
+    cache = model.new_cache(len(ids) + n_new)
+    logits = model.forward(ids, cache)[-1]
+    out: list[int] = []
+    for _ in range(n_new):
+        out.append(int(np.argmax(logits)))
+        logits = model.forward([out[-1]], cache)[-1]
+    return out

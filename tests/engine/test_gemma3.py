@@ -15,7 +15,7 @@ from engine.architectures import ARCHITECTURES
 from engine.gguf import GgufFile, read_config
 from engine.model import attention, gelu_tanh_mul
 from engine.sampling import InferenceOptions
-from tests.engine.conftest import rel_diff
+from tests.engine.conftest import greedy_continuation, rel_diff
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +68,7 @@ def test_last_logits_match_the_reference(gemma3, gemma3_prompts, gemma3_referenc
 def test_greedy_continuations_match_the_reference(gemma3, gemma3_prompts) -> None:
     model, _ = gemma3
     for prompt in gemma3_prompts:
-        cache = model.new_cache(128)
-        logits = model.forward(prompt["input_ids"], cache)[-1]
-        out = []
-        for _ in range(len(prompt["greedy_ids"])):
-            out.append(int(np.argmax(logits)))
-            logits = model.forward([out[-1]], cache)[-1]
+        out = greedy_continuation(model, prompt["input_ids"], len(prompt["greedy_ids"]))
         assert out == prompt["greedy_ids"], prompt["key"]
 
 

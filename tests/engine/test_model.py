@@ -12,7 +12,7 @@ import pytest
 from engine import ContextOverflowError, Model, kernels
 from engine.gguf import GgufFile, read_config
 from engine.model import Row
-from tests.engine.conftest import rel_diff
+from tests.engine.conftest import greedy_continuation, rel_diff
 from tests.fixtures.tiny_model import WEIGHT_TYPES, TinyConfig, TinyModel, rewrite_gguf, write_tiny_model
 
 
@@ -265,12 +265,7 @@ def test_smollm2_last_logits_match_reference(smollm2, reference_prompts, referen
 def test_smollm2_greedy_continuations_match_reference(smollm2, reference_prompts):
     model, _ = smollm2
     for prompt in reference_prompts:
-        cache = model.new_cache(256)
-        logits = model.forward(prompt["input_ids"], cache)[-1]
-        out = []
-        for _ in range(len(prompt["greedy_ids"])):
-            out.append(int(np.argmax(logits)))
-            logits = model.forward([out[-1]], cache)[-1]
+        out = greedy_continuation(model, prompt["input_ids"], len(prompt["greedy_ids"]))
         assert out == prompt["greedy_ids"], prompt["key"]
 
 
