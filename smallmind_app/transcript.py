@@ -25,6 +25,7 @@ from PySide6.QtGui import (
 )
 from PySide6.QtWidgets import QMessageBox, QTextBrowser, QToolButton, QWidget
 
+from .theme import colors
 from .wording import LABELS
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -32,17 +33,6 @@ _BODY = re.compile(r"<body[^>]*>(.*)</body>", re.S)
 _IMAGE = re.compile(r"<img\b[^>]*>")
 _ALT = re.compile(r'\balt="([^"]*)"')
 
-COLORS = {
-    "user": "#e8effd",
-    "assistant": "#f7f7f8",
-    "notice": "#fff4e5",
-    "error": "#fdecec",
-    "muted": "#6b7280",
-    "code": "#eceef1",
-    "user_name": "#1d4ed8",
-    "assistant_name": "#047857",
-    "editing": "#b45309",
-}
 COPIED_SHOWN_MS = 1500
 FINISH_NOTES = {
     "cancelled": "stopped",
@@ -92,7 +82,7 @@ def markdown_html(text: str) -> str:
     match = _BODY.search(document.toHtml())
     body = match.group(1) if match else html.escape(text)
     body = _IMAGE.sub(lambda m: html.escape(f"[image: {_alt(m[0])}]"), body)  # nothing is loaded
-    return body.replace('<pre style="', f'<pre style=" background-color:{COLORS["code"]};')
+    return body.replace('<pre style="', f'<pre style=" background-color:{colors()["code"]};')
 
 
 def _alt(tag: str) -> str:
@@ -144,9 +134,9 @@ def limit_reached(stats: dict[str, Any]) -> str:
 
 
 def entry_html(index: int, entry: Entry) -> str:
-    muted = COLORS["muted"]
+    muted = colors()["muted"]
     if entry.role == "notice":
-        color = COLORS["error"] if entry.status == "error" else COLORS["notice"]
+        color = colors()["error"] if entry.status == "error" else colors()["notice"]
         return (
             f'<table width="100%" cellpadding="8" cellspacing="0" bgcolor="{color}" '
             f'style="margin-top:6px; margin-bottom:6px;"><tr><td>{plain_html(entry.content)}</td></tr>'
@@ -154,7 +144,7 @@ def entry_html(index: int, entry: Entry) -> str:
         )
     user = entry.role == "user"
     name = "You" if user else "Assistant"
-    name_color = COLORS["user_name"] if user else COLORS["assistant_name"]
+    name_color = colors()["user_name"] if user else colors()["assistant_name"]
     if user:
         body = plain_html(entry.content)
     elif entry.content:
@@ -176,7 +166,7 @@ def entry_html(index: int, entry: Entry) -> str:
             footer = f"{n_tokens}interrupted (the app closed while this reply was generated)"
     copy = "Copied ✓" if entry.copied else "Copy"
     editing = (
-        f'&nbsp;&nbsp;<span style="color:{COLORS["editing"]};">being edited below (Esc cancels)</span>'
+        f'&nbsp;&nbsp;<span style="color:{colors()["editing"]};">being edited below (Esc cancels)</span>'
         if entry.editing
         else ""
     )
@@ -188,7 +178,7 @@ def entry_html(index: int, entry: Entry) -> str:
     foot = (
         f'<p style="margin:6px 0px 0px 0px; color:{muted}; font-size:small;">{footer}</p>' if footer else ""
     )
-    bg = COLORS["error"] if entry.status == "error" else COLORS["user" if user else "assistant"]
+    bg = colors()["error"] if entry.status == "error" else colors()["user" if user else "assistant"]
     return (
         f'<table width="100%" cellpadding="10" cellspacing="0" bgcolor="{bg}" '
         f'style="margin-top:6px; margin-bottom:6px;"><tr><td>{header}{body}{foot}</td></tr></table>'
@@ -341,7 +331,7 @@ class TranscriptView(QTextBrowser):
 
     def _placeholder(self) -> str:
         return (
-            f'<p align="center" style="color:{COLORS["muted"]}; margin-top:40px;">'
+            f'<p align="center" style="color:{colors()["muted"]}; margin-top:40px;">'
             "Type a message below and press Enter.<br />Shift+Enter starts a new line.</p>"
         )
 
