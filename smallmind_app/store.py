@@ -98,7 +98,21 @@ def _create_v1(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX messages_by_conversation ON messages (conversation_id, id)")
 
 
-_MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_v1]
+def _add_message_versions(db: sqlite3.Connection) -> None:
+    """Versions: every message points to the one it follows (``parent_id``); messages with the same
+    parent are versions of each other (a regenerated reply, an edited question) and ``active`` marks
+    the chosen one. An old database's messages become one thread, each following the one before."""
+    db.execute("ALTER TABLE messages ADD COLUMN parent_id INTEGER")
+    db.execute("ALTER TABLE messages ADD COLUMN active INTEGER NOT NULL DEFAULT 1")
+    db.execute(
+        """UPDATE messages SET parent_id = (
+            SELECT MAX(p.id) FROM messages p WHERE p.conversation_id = messages.conversation_id
+            AND p.id < messages.id)"""
+    )
+    db.execute("CREATE INDEX messages_by_parent ON messages (parent_id, conversation_id)")
+
+
+_MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_v1, _add_message_versions]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
@@ -141,8 +155,37 @@ def _conversation(row: sqlite3.Row) -> Conversation:
 
 def _message(row: sqlite3.Row) -> Message:
     values = dict(row)
+    values.pop("parent_id", None)  # the version tree is read through thread() and version_info()
+    values.pop("active", None)
     stats = MappingProxyType(json.loads(values.pop("stats_json")))
     return Message(**values, stats=stats)
+
+
+# The chosen thread of conversation ?: the chosen first message, then the chosen follower of each.
+_THREAD = (
+    "thread(id) AS (SELECT id FROM messages WHERE conversation_id = ? AND parent_id IS NULL AND active "
+    "UNION ALL SELECT m.id FROM messages m JOIN thread t ON m.parent_id = t.id WHERE m.active)"
+)
+
+
+def _thread_ids(db: sqlite3.Connection, conversation_id: str) -> list[int]:
+    rows = db.execute(f"WITH RECURSIVE {_THREAD} SELECT id FROM thread ORDER BY id", (conversation_id,))
+    return [row[0] for row in rows]
+
+
+def _owned(db: sqlite3.Connection, conversation_id: str, message_id: int) -> sqlite3.Row:
+    row = db.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
+    if row is None or row["conversation_id"] != conversation_id:
+        raise KeyError(f"no message {message_id} in conversation {conversation_id!r}")
+    return row
+
+
+def _versions(db: sqlite3.Connection, conversation_id: str, parent_id: int | None) -> list[int]:
+    rows = db.execute(
+        "SELECT id FROM messages WHERE conversation_id = ? AND parent_id IS ? ORDER BY id",
+        (conversation_id, parent_id),
+    )
+    return [row[0] for row in rows]
 
 
 _STATUS_NOTES = {
@@ -343,10 +386,11 @@ class ConversationStore:
             )
             if touched.rowcount == 0:
                 raise KeyError(f"no conversation {conversation_id!r}")
+            thread = _thread_ids(db, conversation_id)
             cursor = db.execute(
-                "INSERT INTO messages (conversation_id, role, content, status, stats_json, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (conversation_id, role, content, status, stats_json, now),
+                "INSERT INTO messages (conversation_id, role, content, status, stats_json, created_at, "
+                "parent_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (conversation_id, role, content, status, stats_json, now, thread[-1] if thread else None),
             )
             row = db.execute("SELECT * FROM messages WHERE id = ?", (cursor.lastrowid,)).fetchone()
         return _message(row)
@@ -380,24 +424,71 @@ class ConversationStore:
         return _message(row)
 
     def messages(self, conversation_id: str) -> list[Message]:
-        """The conversation's messages, oldest first (empty for an unknown id)."""
+        """The conversation as it continues: the chosen version of every message, oldest first
+        (empty for an unknown id). Older versions are kept; ``version_info`` tells where they are."""
         with self._reading() as db:
             rows = db.execute(
-                "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
+                f"WITH RECURSIVE {_THREAD} SELECT * FROM messages WHERE id IN thread ORDER BY id",
+                (conversation_id,),
             ).fetchall()
         return [_message(row) for row in rows]
 
     def delete_messages_from(self, conversation_id: str, message_id: int) -> int:
-        """Delete `message_id` and every later message of the conversation (regenerate, edit and resend)."""
+        """Delete `message_id` and every message that follows it, in all versions (a reply that was
+        never generated). When it was the chosen version, the newest version left is chosen again."""
         with self._transaction("delete the messages") as db:
-            owner = db.execute("SELECT conversation_id FROM messages WHERE id = ?", (message_id,)).fetchone()
-            if owner is None or owner[0] != conversation_id:
-                raise KeyError(f"no message {message_id} in conversation {conversation_id!r}")
-            cursor = db.execute(
-                "DELETE FROM messages WHERE conversation_id = ? AND id >= ?", (conversation_id, message_id)
-            )
+            row = _owned(db, conversation_id, message_id)
+            below = db.execute(
+                "WITH RECURSIVE below(id) AS (SELECT ? UNION ALL "
+                "SELECT m.id FROM messages m JOIN below ON m.parent_id = below.id) SELECT id FROM below",
+                (message_id,),
+            ).fetchall()
+            cursor = db.executemany("DELETE FROM messages WHERE id = ?", below)
+            if row["active"]:
+                db.execute(
+                    "UPDATE messages SET active = 1 WHERE id = (SELECT MAX(id) FROM messages "
+                    "WHERE conversation_id = ? AND parent_id IS ?)",
+                    (conversation_id, row["parent_id"]),
+                )
             db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (time.time(), conversation_id))
             return cursor.rowcount
+
+    # -- versions ------------------------------------------------------------------------------------
+
+    def start_version(self, conversation_id: str, message_id: int) -> None:
+        """Keep `message_id` and what follows it as an older version: the conversation now ends just
+        before it, and the next message added there is its newest version (regenerate, edit)."""
+        with self._transaction("keep the old version") as db:
+            _owned(db, conversation_id, message_id)
+            db.execute("UPDATE messages SET active = 0 WHERE id = ?", (message_id,))
+
+    def select_version(self, conversation_id: str, message_id: int, step: int) -> int:
+        """Choose the version `step` places after (before, when negative) `message_id` among the
+        versions of its place, clamped to the first and last; the chosen message's id."""
+        with self._transaction("switch the version") as db:
+            row = _owned(db, conversation_id, message_id)
+            group = _versions(db, conversation_id, row["parent_id"])
+            chosen = group[max(0, min(len(group) - 1, group.index(message_id) + step))]
+            db.execute(
+                "UPDATE messages SET active = (id = ?) WHERE conversation_id = ? AND parent_id IS ?",
+                (chosen, conversation_id, row["parent_id"]),
+            )
+            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (time.time(), conversation_id))
+        return chosen
+
+    def version_info(self, conversation_id: str) -> dict[int, tuple[int, int]]:
+        """For each message of the conversation that has other versions: (its number, how many), 1-based."""
+        with self._reading() as db:
+            rows = db.execute(
+                f"WITH RECURSIVE {_THREAD} SELECT m.id, "
+                "(SELECT COUNT(*) FROM messages s WHERE s.conversation_id = m.conversation_id "
+                " AND s.parent_id IS m.parent_id AND s.id <= m.id), "
+                "(SELECT COUNT(*) FROM messages s WHERE s.conversation_id = m.conversation_id "
+                " AND s.parent_id IS m.parent_id) "
+                "FROM messages m WHERE m.id IN thread",
+                (conversation_id,),
+            ).fetchall()
+        return {row[0]: (row[1], row[2]) for row in rows if row[2] > 1}
 
     def replace_messages(
         self,
@@ -435,11 +526,13 @@ class ConversationStore:
                     (_json(settings, "settings"), conversation_id),
                 )
             db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
-            db.executemany(
-                "INSERT INTO messages (conversation_id, role, content, status, stats_json, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+            parent_id = None
+            for values in rows:  # one thread, each message following the one before
+                parent_id = db.execute(
+                    "INSERT INTO messages (conversation_id, role, content, status, stats_json, created_at, "
+                    "parent_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (*values, parent_id),
+                ).lastrowid
             stored = db.execute(
                 "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
             ).fetchall()

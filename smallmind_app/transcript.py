@@ -1,16 +1,16 @@
 """The transcript of one conversation: a QTextBrowser showing the messages as chat bubbles.
 
-Assistant replies are Markdown (Qt's own parser, ``QTextDocument.setMarkdown``) with monospace code
-blocks on a grey background; user messages are plain text. Every bubble has a "Copy" link (the raw
-text goes to the clipboard) and every reply a line of numbers: tokens, tokens/s, time to first
-token, tokens reused from the KV cache. Each entry's HTML is cached, so while a reply streams only
-that reply is converted again, and ``render`` is throttled by the tab.
-"""
+Assistant replies are Markdown (``code_blocks``: Qt's parser for prose, tables and lists, Pygments
+for fenced code blocks, each with its language and a Copy link); user messages are plain text. Every
+bubble has a "Copy" link (the raw text goes to the clipboard), a user message an "Edit" link, a
+message with versions ‹ 2/3 › under it, and every reply a line of numbers: tokens, tokens/s, time to
+first token, tokens reused from the KV cache. Each entry's HTML is cached, so while a reply streams
+only that reply is converted again (and only its last part: ``code_blocks`` caches the others), and
+``render`` is throttled by the tab. Every color comes from ``theme.colors()``."""
 
 from __future__ import annotations
 
 import html
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,17 +21,12 @@ from PySide6.QtGui import (
     QResizeEvent,
     QShowEvent,
     QTextCursor,
-    QTextDocument,
 )
 from PySide6.QtWidgets import QMessageBox, QTextBrowser, QToolButton, QWidget
 
+from .code_blocks import CodeBlock, code_block_html, code_blocks, prose_html, sanitize, split_markdown
 from .theme import colors
 from .wording import LABELS
-
-_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_BODY = re.compile(r"<body[^>]*>(.*)</body>", re.S)
-_IMAGE = re.compile(r"<img\b[^>]*>")
-_ALT = re.compile(r'\balt="([^"]*)"')
 
 COPIED_SHOWN_MS = 1500
 FINISH_NOTES = {
@@ -53,41 +48,34 @@ class Entry:
     progress: tuple[int, int] | None = None  # prompt tokens processed / total, while prefilling
     editing: bool = False  # the user is changing this message in the prompt box
     copied: bool = False  # its text just went to the clipboard ("Copied ✓" for a moment)
+    versions: tuple[int, int] | None = None  # (this one, how many) when the message has other versions
+    copied_block: int = -1  # the code block whose text just went to the clipboard
 
     def cache_key(self) -> tuple[Any, ...]:
         stats = tuple(sorted(self.stats.items()))
-        return (self.role, self.content, self.status, stats, self.progress, self.editing, self.copied)
+        return (
+            self.role, self.content, self.status, stats, self.progress, self.editing, self.copied,
+            self.versions, self.copied_block, tuple(colors().items()),
+        )  # fmt: skip
 
 
-def sanitize(text: str) -> str:
-    """Drop control characters a model may emit (they render as boxes or break the layout)."""
-    return _CONTROL_CHARS.sub("", text)
+def markdown_html(text: str, index: int = 0, copied_block: int = -1, bubble: str = "") -> list[str]:
+    """A reply's Markdown -> HTML parts: prose (one string) and fenced code blocks (a table each, with
+    a Copy link ``copycode:<index>.<block>``); see ``code_blocks``."""
+    parts: list[str] = []
+    n_blocks = 0
+    for part in split_markdown(text):
+        if isinstance(part, CodeBlock):
+            href = f"copycode:{index}.{n_blocks}"
+            parts.append(CODE_MARK + code_block_html(part, href, copied_block == n_blocks, bubble))
+            n_blocks += 1
+        else:
+            parts.append(prose_html(part))
+    return parts
 
 
-MARKDOWN_NO_HTML = QTextDocument.MarkdownFeature(
-    QTextDocument.MarkdownFeature.MarkdownDialectGitHub.value
-    | QTextDocument.MarkdownFeature.MarkdownNoHTML.value
-)
+CODE_MARK = "<!--code-->"  # starts a part that is a table of its own (a code block)
 LINK_SCHEMES = ("http", "https")  # the only links of a reply that are opened (in the browser)
-
-
-def markdown_html(text: str) -> str:
-    """Markdown -> the HTML body Qt renders, with code blocks on a grey background.
-
-    A reply is untrusted text (a downloaded model, a remote server): raw HTML in it is shown as
-    text, never rendered, so a reply cannot style itself as a "You" message or a notice.
-    """
-    document = QTextDocument()
-    document.setMarkdown(sanitize(text), MARKDOWN_NO_HTML)
-    match = _BODY.search(document.toHtml())
-    body = match.group(1) if match else html.escape(text)
-    body = _IMAGE.sub(lambda m: html.escape(f"[image: {_alt(m[0])}]"), body)  # nothing is loaded
-    return body.replace('<pre style="', f'<pre style=" background-color:{colors()["code"]};')
-
-
-def _alt(tag: str) -> str:
-    match = _ALT.search(tag)
-    return html.unescape(match[1]) if match and match[1] else "no description"
 
 
 def plain_html(text: str) -> str:
@@ -134,7 +122,6 @@ def limit_reached(stats: dict[str, Any]) -> str:
 
 
 def entry_html(index: int, entry: Entry) -> str:
-    muted = colors()["muted"]
     if entry.role == "notice":
         color = colors()["error"] if entry.status == "error" else colors()["notice"]
         return (
@@ -143,14 +130,66 @@ def entry_html(index: int, entry: Entry) -> str:
             "</table>"
         )
     user = entry.role == "user"
-    name = "You" if user else "Assistant"
-    name_color = colors()["user_name"] if user else colors()["assistant_name"]
+    bg = colors()["error"] if entry.status == "error" else colors()["user" if user else "assistant"]
     if user:
-        body = plain_html(entry.content)
+        parts = [plain_html(entry.content)]
     elif entry.content:
-        body = markdown_html(entry.content)
+        parts = markdown_html(entry.content, index, entry.copied_block, bg)
     else:
-        body = ""
+        parts = []
+    footer = _footer(index, entry)
+    if footer:
+        muted = colors()["muted"]
+        parts.append(f'<p style="margin:6px 0px 0px 0px; color:{muted}; font-size:small;">{footer}</p>')
+    # The bubble is a column of top-level tables, so a code block's long lines widen only its own.
+    sections: list[str] = [_header(index, entry)]
+    tables: list[str] = []
+    for part in parts:
+        if part.startswith(CODE_MARK):
+            tables.append("".join(sections))
+            tables.append(part)
+            sections = []
+        else:
+            sections.append(part)
+    tables.append("".join(sections))
+    html_parts = []
+    for i, table in enumerate(tables):
+        if table.startswith(CODE_MARK):
+            html_parts.append(table)
+            continue
+        top = 6 if i == 0 else 0
+        bottom = 6 if i == len(tables) - 1 else 0
+        padding = "10" if table else "2"
+        html_parts.append(
+            f'<table width="100%" cellpadding="{padding}" cellspacing="0" border="0" bgcolor="{bg}" '
+            f'style="margin-top:{top}px; margin-bottom:{bottom}px;"><tr><td>{table}</td></tr></table>'
+        )
+    return "".join(html_parts)
+
+
+def _header(index: int, entry: Entry) -> str:
+    """'You  Copy  Edit' / 'Assistant  Copy'."""
+    user = entry.role == "user"
+    muted = colors()["muted"]
+    name_color = colors()["user_name"] if user else colors()["assistant_name"]
+    copy = "Copied ✓" if entry.copied else "Copy"
+    link = f"color:{muted}; text-decoration:none;"
+    edit = f'&nbsp;&nbsp;<a href="edit:{index}" style="{link}">Edit</a>' if user and not entry.editing else ""
+    editing = (
+        f'&nbsp;&nbsp;<span style="color:{colors()["editing"]};">being edited below (Esc cancels)</span>'
+        if entry.editing
+        else ""
+    )
+    return (
+        f'<p style="margin:0px 0px 4px 0px;"><span style="color:{name_color}; font-weight:600;">'
+        f"{'You' if user else 'Assistant'}</span>"
+        f'&nbsp;&nbsp;<a href="copy:{index}" style="{link}">{copy}</a>{edit}{editing}</p>'
+    )
+
+
+def _footer(index: int, entry: Entry) -> str:
+    """The line under a message: its versions (‹ 2/3 ›), then the reply's figures or its state."""
+    user = entry.role == "user"
     footer = ""
     if entry.status == "streaming":
         if entry.progress is not None and entry.progress[0] < entry.progress[1]:
@@ -164,25 +203,15 @@ def entry_html(index: int, entry: Entry) -> str:
         elif entry.status == "partial" and "finish_reason" not in entry.stats:
             n_tokens = f"{entry.stats['n_tokens']} tokens · " if entry.stats.get("n_tokens") else ""
             footer = f"{n_tokens}interrupted (the app closed while this reply was generated)"
-    copy = "Copied ✓" if entry.copied else "Copy"
-    editing = (
-        f'&nbsp;&nbsp;<span style="color:{colors()["editing"]};">being edited below (Esc cancels)</span>'
-        if entry.editing
-        else ""
+    if entry.versions is None or entry.status == "streaming":
+        return footer
+    number, count = entry.versions
+    link = f"color:{colors()['user_name']}; text-decoration:none; font-weight:600;"
+    versions = (
+        f'<a href="version:{index}:-1" style="{link}">&nbsp;‹&nbsp;</a>{number}/{count}'
+        f'<a href="version:{index}:1" style="{link}">&nbsp;›&nbsp;</a>'
     )
-    header = (
-        f'<p style="margin:0px 0px 4px 0px;"><span style="color:{name_color}; font-weight:600;">{name}</span>'
-        f'&nbsp;&nbsp;<a href="copy:{index}" style="color:{muted}; text-decoration:none;">{copy}</a>'
-        f"{editing}</p>"
-    )
-    foot = (
-        f'<p style="margin:6px 0px 0px 0px; color:{muted}; font-size:small;">{footer}</p>' if footer else ""
-    )
-    bg = colors()["error"] if entry.status == "error" else colors()["user" if user else "assistant"]
-    return (
-        f'<table width="100%" cellpadding="10" cellspacing="0" bgcolor="{bg}" '
-        f'style="margin-top:6px; margin-bottom:6px;"><tr><td>{header}{body}{foot}</td></tr></table>'
-    )
+    return f"{versions}&nbsp;&nbsp;{footer}" if footer else versions
 
 
 class TranscriptView(QTextBrowser):
@@ -196,6 +225,8 @@ class TranscriptView(QTextBrowser):
     copied = Signal(int)  # index of the entry whose text went to the clipboard
     following_changed = Signal(bool)
     link_refused = Signal(str)  # a link of a reply that is not opened (not http/https): its address
+    version_requested = Signal(int, int)  # entry index, step (-1 the previous version, 1 the next)
+    edit_requested = Signal(int)  # entry index of a user message to change
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -324,8 +355,22 @@ class TranscriptView(QTextBrowser):
             QTimer.singleShot(COPIED_SHOWN_MS, self, lambda: self._uncopy(entry))
             self.copied.emit(index)
 
+    def copy_code(self, index: int, block: int) -> None:
+        """Exactly the code of the entry's ``block``-th code block to the clipboard ("Copied ✓")."""
+        if not 0 <= index < len(self._entries):
+            return
+        entry = self._entries[index]
+        blocks = code_blocks(entry.content)
+        if 0 <= block < len(blocks):
+            QGuiApplication.clipboard().setText(blocks[block].code)
+            entry.copied_block = block
+            self.render(self._entries)
+            QTimer.singleShot(COPIED_SHOWN_MS, self, lambda: self._uncopy(entry))
+            self.copied.emit(index)
+
     def _uncopy(self, entry: Entry) -> None:
         entry.copied = False
+        entry.copied_block = -1
         if entry in self._entries:
             self.render(self._entries)
 
@@ -342,9 +387,18 @@ class TranscriptView(QTextBrowser):
 
     @Slot(QUrl)
     def _on_anchor_clicked(self, url: QUrl) -> None:
-        if url.scheme() == "copy":
-            self.copy_entry(int(url.path() or -1))
-        elif url.scheme() in LINK_SCHEMES and url.host():
+        scheme, path = url.scheme(), url.path()
+        if scheme == "copy":
+            self.copy_entry(int(path or -1))
+        elif scheme == "copycode":
+            index, _, block = path.partition(".")
+            self.copy_code(int(index), int(block or -1))
+        elif scheme == "version":
+            index, _, step = path.partition(":")
+            self.version_requested.emit(int(index), int(step or 0))
+        elif scheme == "edit":
+            self.edit_requested.emit(int(path or -1))
+        elif scheme in LINK_SCHEMES and url.host():
             self.ask_to_open(url)
         else:
             self.link_refused.emit(url.toString())
