@@ -17,6 +17,7 @@ from typing import Any
 from PySide6.QtCore import Qt, QTimer, Signal, Slot
 from PySide6.QtGui import QResizeEvent, QShowEvent, QTextCursor
 from PySide6.QtWidgets import (
+    QFileDialog,
     QHBoxLayout,
     QLabel,
     QPlainTextEdit,
@@ -27,9 +28,11 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from .attachments import AttachmentError, AttachmentList, read_attachment
 from .prompt_box import PromptEdit, TokenCount
 from .store import Conversation, ConversationStore, Message, StoreError
 from .transcript import Entry, TranscriptView, limit_reached, tab_limit
+from .versions import VersionBar
 from .wording import LABELS, mib
 
 log = logging.getLogger(__name__)
@@ -111,7 +114,9 @@ class ChatTab(QWidget):
         self._unsaved = False  # a write failed: the database is behind what the tab shows
         self._render_pending = False
         self._n_streamed = 0  # tokens of the reply being generated, as the worker counted them
+        self._edited: Entry | None = None  # the user message being edited
         self._build(conversation.system_prompt)
+        self._refresh_versions()
         self._update_buttons()
         self.render_now()
 
@@ -146,6 +151,10 @@ class ChatTab(QWidget):
                 f"Only web links (http, https) are opened; not {address[:80]}"
             )
         )
+        self.transcript.version_requested.connect(self.select_version)
+        self.transcript.edit_requested.connect(self.edit_message)
+        self.version_bar = VersionBar()
+        self.version_bar.step_requested.connect(self.select_version)
         self.status_label = QLabel(objectName="tabStatus")
         self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.status_label.setWordWrap(True)
@@ -158,10 +167,22 @@ class ChatTab(QWidget):
         )
         self.token_count = TokenCount(self.prompt_edit)
         self.prompt_edit.submitted.connect(self.send)
+        self.prompt_edit.files_dropped.connect(self.attach_files)
+        self.prompt_edit.textChanged.connect(
+            lambda: self.attachment_list.forget_missing(self.prompt_edit.toPlainText())
+        )
+        self.attachment_list = AttachmentList()
+        self.attach_button = QToolButton(objectName="attachButton")
+        self.attach_button.setText("Attach…")
+        self.attach_button.setToolTip(
+            "Add a text file (code, Markdown, plain text) to the message; you can also drop files on the box"
+        )
+        self.attach_button.clicked.connect(self._on_attach_button_clicked)
         self.prompt_edit.escaped.connect(self.cancel_edit)
         self.edit_banner = QLabel(objectName="editBanner")
         self.edit_banner.setText(
-            "Editing your last message: Enter sends it in place of the old one and its reply; Esc cancels."
+            "Editing your message: Enter sends it as a new version (the old one and what followed it are "
+            "kept: ‹ › switches back); Esc cancels."
         )
         self.edit_banner.setWordWrap(True)
         self.edit_banner.setStyleSheet(
@@ -194,6 +215,7 @@ class ChatTab(QWidget):
         buttons = QVBoxLayout()
         buttons.addWidget(self.send_button)
         buttons.addWidget(self.stop_button)
+        buttons.addWidget(self.attach_button)
         buttons.addStretch(1)
         buttons.addWidget(self.token_count, 0, Qt.AlignmentFlag.AlignRight)
         prompt_row = QHBoxLayout()
@@ -202,6 +224,7 @@ class ChatTab(QWidget):
         actions_row = QHBoxLayout()
         actions_row.addWidget(self.regenerate_button)
         actions_row.addWidget(self.edit_button)
+        actions_row.addWidget(self.version_bar)
         actions_row.addSpacing(12)
         actions_row.addWidget(self.status_label, 1)
         actions_row.addWidget(self.raise_button)
@@ -218,6 +241,7 @@ class ChatTab(QWidget):
         layout.addWidget(self.transcript, 1)
         layout.addLayout(actions_row)
         layout.addWidget(self.edit_banner)
+        layout.addWidget(self.attachment_list)
         layout.addLayout(prompt_row)
         self._update_system_toggle()
         self._update_settings_button()
@@ -261,6 +285,10 @@ class ChatTab(QWidget):
         self.stop_button.setEnabled(busy)
         self.regenerate_button.setEnabled(not busy and has_user and self._editing is None)
         self.edit_button.setEnabled(not busy and has_user and self._editing is None)
+        last = next((i for i in range(len(self.entries) - 1, -1, -1) if self.entries[i].versions), -1)
+        versions = self.entries[last].versions if last >= 0 else None
+        role = self.entries[last].role if last >= 0 else ""
+        self.version_bar.show_versions(last, role, versions, not busy and self._editing is None)
 
     def _set_busy(self, busy_reply: Entry | None) -> None:
         self._reply = busy_reply
@@ -273,12 +301,12 @@ class ChatTab(QWidget):
         text = self.prompt_edit.toPlainText().strip()
         if not text or self.is_generating:
             return
-        if self._editing is not None:  # the edit is committed now: the old message and its reply go
-            last_user = self._last_index("user")
+        if self._editing is not None:  # the edit is committed: a new version of the edited message
+            edited = self._edited
             self._end_edit()
-            if last_user is not None:
+            if edited in self.entries:
                 self._catch_up()
-                self._drop_from(last_user)
+                self._keep_as_version(self.entries.index(edited))
         self.entries = [e for e in self.entries if e.role != "notice"]
         self._show_problem("", None)
         self._catch_up()
@@ -288,6 +316,7 @@ class ChatTab(QWidget):
         if first:
             self.first_message_sent.emit(self.conversation_id, text)
         self.prompt_edit.clear()
+        self.attachment_list.forget_missing("")
         self.transcript.jump_to_latest()  # the user's own message and the reply are followed
         self._request_reply()
 
@@ -305,25 +334,34 @@ class ChatTab(QWidget):
         last_user = self._last_index("user")
         if last_user is None:
             return
+        last = self.entries[last_user]
         self._catch_up()
-        self._drop_from(last_user + 1)
         self.entries = [e for e in self.entries if e.role != "notice"]
+        self._keep_as_version(self.entries.index(last) + 1)  # the old reply stays a version (‹ 2/2 ›)
         self._show_problem("", None)
         self._request_reply()
 
     @Slot()
     def edit_last(self) -> None:
-        """Put the last user message in the prompt box to change it; nothing is removed until it is
-        sent (then the old message and its reply are replaced); Esc or Cancel edit keeps them."""
-        if self.is_generating:
-            return
+        """Edit the last user message (``edit_message``)."""
         last_user = self._last_index("user")
-        if last_user is None:
+        if last_user is not None:
+            self.edit_message(last_user)
+
+    @Slot(int)
+    def edit_message(self, index: int) -> None:
+        """Put user message ``index`` in the prompt box to change it; nothing changes until it is sent
+        (then it becomes a new version of that message, the old one and all that followed it kept as
+        the previous version); Esc or Cancel edit leaves everything as it was."""
+        if self.is_generating or not 0 <= index < len(self.entries) or self.entries[index].role != "user":
             return
         if self._editing is None:
             self._editing = self.prompt_edit.toPlainText()
-        self.entries[last_user].editing = True
-        self.prompt_edit.setPlainText(self.entries[last_user].content)
+        for entry in self.entries:
+            entry.editing = False
+        self._edited = self.entries[index]
+        self._edited.editing = True
+        self.prompt_edit.setPlainText(self._edited.content)
         self.prompt_edit.moveCursor(QTextCursor.MoveOperation.End)
         self.prompt_edit.setFocus()
         self.edit_banner.setVisible(True)
@@ -343,6 +381,7 @@ class ChatTab(QWidget):
 
     def _end_edit(self) -> None:
         self._editing = None
+        self._edited = None
         for entry in self.entries:
             entry.editing = False
         self.edit_banner.setVisible(False)
@@ -359,6 +398,96 @@ class ChatTab(QWidget):
             self._save(self._store.delete_messages_from, self.conversation_id, first_stored)
         del self.entries[index:]
 
+    # -- versions -------------------------------------------------------------------------------
+    def _keep_as_version(self, index: int) -> None:
+        """entries[index:] leave the tab but stay in the store as the older version of their place;
+        the next message sent or generated there is the new version."""
+        stored = index < len(self.entries) and self.entries[index].message_id is not None
+        if not stored or self._unsaved:  # not in the database: nothing to keep
+            self._drop_from(index)
+            return
+        self._save(self._store.start_version, self.conversation_id, self.entries[index].message_id)
+        del self.entries[index:]
+
+    @Slot(int, int)
+    def select_version(self, index: int, step: int) -> None:
+        """Show the version ``step`` places from entry ``index``'s; the conversation continues from it."""
+        if self.is_generating or self._editing is not None or self._unsaved:
+            self.status_label.setText("Versions can be switched once the reply is done and no edit is open.")
+            return
+        if not 0 <= index < len(self.entries) or self.entries[index].message_id is None:
+            return
+        if self._save(self._store.select_version, self.conversation_id, self.entries[index].message_id, step):
+            self._reload()
+            number, count = self.entries[index].versions or (1, 1)
+            what = "reply" if self.entries[index].role == "assistant" else "message"
+            self.status_label.setText(f"Showing version {number} of {count} of this {what}.")
+
+    def _reload(self) -> None:
+        """The conversation as stored (after a version switch); notices go."""
+        try:
+            messages = self._store.messages(self.conversation_id)
+        except StoreError as exc:
+            log.warning("cannot reload conversation %s: %s", self.conversation_id, exc)
+            return
+        self.entries = [Entry(m.role, m.content, m.status, dict(m.stats), m.id) for m in messages]
+        self._refresh_versions()
+        self.render_now()
+
+    def _refresh_versions(self) -> None:
+        """Mark each entry that has versions with (its number, how many); updates the version bar."""
+        try:
+            info = self._store.version_info(self.conversation_id)
+        except StoreError as exc:
+            log.warning("cannot read the versions of %s: %s", self.conversation_id, exc)
+            info = {}
+        for entry in self.entries:
+            entry.versions = info.get(entry.message_id) if entry.message_id is not None else None
+        self._update_buttons()
+
+    # -- attachments ----------------------------------------------------------------------------
+    @Slot()
+    def _on_attach_button_clicked(self) -> None:
+        paths, _ = QFileDialog.getOpenFileNames(
+            self, "Attach text files", "", "Text files (*.txt *.md *.py *.json *.csv *.log);;All files (*)"
+        )
+        self.attach_files(paths)
+
+    @Slot(list)
+    def attach_files(self, paths: list[str]) -> None:
+        """Add each text file to the prompt as a fenced block with its name; refuse binary or big ones."""
+        for path in paths:
+            try:
+                attachment = read_attachment(path)
+            except AttachmentError as exc:
+                self.add_notice(str(exc), "error")
+                self._set_status(str(exc))
+                continue
+            text = self.prompt_edit.toPlainText()
+            separator = "\n\n" if text.strip() else ""
+            self.prompt_edit.setPlainText(text.rstrip("\n") + separator + attachment.block)
+            self.prompt_edit.moveCursor(QTextCursor.MoveOperation.End)
+            self.attachment_list.add(attachment)
+            self.token_count_requested.emit(self.conversation_id, attachment.block)
+            self.status_label.setText(f"Attached “{attachment.name}”.")
+        self.prompt_edit.setFocus()
+
+    def _attachment_counted(self, block: str, n_tokens: int, limit: int) -> bool:
+        """The worker counted an attachment: show it, or take it out again when it cannot fit."""
+        if not self.attachment_list.counted(block, n_tokens):
+            return False
+        if limit and n_tokens > limit:
+            name = self.attachment_list.items[block][0]
+            self.attachment_list.remove(block)
+            text = self.prompt_edit.toPlainText()
+            self.prompt_edit.setPlainText(text.replace(block, "").strip())
+            message = (
+                f"Cannot attach “{name}”: it is {n_tokens:,} tokens, more than the {limit:,} a tab holds."
+            )
+            self.add_notice(message, "error")
+            self._set_status(message)
+        return True
+
     def _request_reply(self) -> None:
         messages = self.chat_messages()
         last_user = self._last_index("user")
@@ -370,6 +499,7 @@ class ChatTab(QWidget):
         self._last_partial_save = time.monotonic()
         self._n_streamed = 0
         self._set_busy(reply)
+        self._refresh_versions()
         self.status_label.setText("waiting for the engine…")
         self.render_now()
         self.generation_requested.emit(self.conversation_id, messages)
@@ -448,6 +578,8 @@ class ChatTab(QWidget):
                 self._save(self._store.delete_messages_from, self.conversation_id, reply.message_id)
             self.entries.remove(reply)
             self._set_busy(None)
+            if reply.message_id is not None and not self._unsaved:
+                self._reload()  # a regenerated reply that failed: the one it replaced is chosen again
         self.add_notice(message, "error")
         self._set_status(message)
         info = info or {}
@@ -575,8 +707,9 @@ class ChatTab(QWidget):
         self.settings_button.setText(f"Sampling: {short}")
 
     def show_token_count(self, text: str, n_tokens: int, limit: int) -> None:
-        """The worker counted the prompt box's tokens (``text`` is what it counted)."""
-        self.token_count.show_count(text, n_tokens, limit)
+        """The worker counted the prompt box's tokens (``text`` is what it counted), or an attachment's."""
+        if not self._attachment_counted(text, n_tokens, limit):
+            self.token_count.show_count(text, n_tokens, limit)
 
     def resizeEvent(self, event: QResizeEvent) -> None:
         super().resizeEvent(event)

@@ -4,7 +4,7 @@ asks for its token count once typing pauses (the worker counts, ``TokenCount`` s
 from __future__ import annotations
 
 from PySide6.QtCore import Qt, QTimer, Signal, Slot
-from PySide6.QtGui import QKeyEvent, QResizeEvent
+from PySide6.QtGui import QDragEnterEvent, QDragMoveEvent, QDropEvent, QKeyEvent, QResizeEvent
 from PySide6.QtWidgets import QLabel, QPlainTextEdit, QWidget
 
 TOKEN_COUNT_DELAY_MS = 250  # the text's tokens are counted once typing pauses
@@ -19,6 +19,7 @@ class PromptEdit(QPlainTextEdit):
     escaped = Signal()
     count_wanted = Signal(str)  # the text, once typing pauses
     cleared = Signal()
+    files_dropped = Signal(list)  # local file paths dropped on the box (to attach)
 
     def __init__(self, parent: QWidget | None = None, objectName: str = "") -> None:
         super().__init__(parent, objectName=objectName)
@@ -37,6 +38,31 @@ class PromptEdit(QPlainTextEdit):
             self.escaped.emit()
             return
         super().keyPressEvent(event)
+
+    @staticmethod
+    def _local_files(event: QDropEvent | QDragEnterEvent | QDragMoveEvent) -> list[str]:
+        urls = event.mimeData().urls() if event.mimeData().hasUrls() else []
+        return [url.toLocalFile() for url in urls if url.isLocalFile()]
+
+    def dragEnterEvent(self, event: QDragEnterEvent) -> None:
+        if self._local_files(event):
+            event.acceptProposedAction()  # files are attached, not pasted as their addresses
+        else:
+            super().dragEnterEvent(event)
+
+    def dragMoveEvent(self, event: QDragMoveEvent) -> None:
+        if self._local_files(event):
+            event.acceptProposedAction()
+        else:
+            super().dragMoveEvent(event)
+
+    def dropEvent(self, event: QDropEvent) -> None:
+        files = self._local_files(event)
+        if files:
+            event.acceptProposedAction()
+            self.files_dropped.emit(files)
+        else:
+            super().dropEvent(event)
 
     @Slot()
     def _on_text_changed(self) -> None:
