@@ -7,6 +7,9 @@ four tabs generate, how many text signals the worker sends per reply, and RSS ov
 Each scenario is the one of a test, on the same tiny app model (tests/fixtures/window.APP_MODEL):
 - event loop: ``test_window.py::test_event_loop_stays_responsive_while_four_tabs_generate`` (4 tabs x
   600 tokens) with a 5 ms probe timer; lateness = how much later than 5 ms each tick came;
+- event loop, code replies: the same, but each tab shows Python source in fenced blocks (the engine's
+  own model.py, 40 lines a block) instead of the tiny model's text, as many characters at the same
+  moments as the model sent: the transcript highlights a growing code block on every render;
 - text signals: ``test_worker.py::test_text_arrives_coalesced_and_in_order`` (2 replies x 300 tokens)
   at the worker's real flush interval (``TEXT_FLUSH_S``);
 - window soak: ``test_reliability.py::test_window_soak_ci`` (the driver is tests/fixtures/window_soak.py).
@@ -71,9 +74,31 @@ def open_window(waiter: Waiter, model: Path, **sections: Any) -> Any:
     return window
 
 
-def event_loop_run(waiter: Waiter, model: Path) -> dict[str, float]:
+def code_text() -> str:
+    """Python source in fenced blocks of 40 lines, with a sentence between blocks."""
+    lines = (Path(__file__).resolve().parents[1] / "engine" / "model.py").read_text().splitlines()
+    blocks = ["\n".join(lines[i : i + 40]) for i in range(0, len(lines), 40)]
+    return "".join(f"Part {i}:\n\n```python\n{block}\n```\n\n" for i, block in enumerate(blocks))
+
+
+def show_code(tab: Any) -> None:
+    """The tab shows code where the model's text would be: same length, same moments."""
+    source, append = code_text(), tab.append_text
+    shown = [0]
+
+    def append_code(text: str, n_tokens: int | None = None) -> None:
+        start, shown[0] = shown[0], shown[0] + len(text)
+        append(source[start % len(source) : start % len(source) + len(text)], n_tokens)
+
+    tab.append_text = append_code
+
+
+def event_loop_run(waiter: Waiter, model: Path, code: bool = False) -> dict[str, float]:
     window = open_window(waiter, model, sampling={"max_new_tokens": 600, "stop_on_eos": False, "seed": 11})
     tabs = [window.chat_tabs[0]] + [window.new_chat() for _ in range(3)]
+    if code:
+        for tab in tabs:
+            show_code(tab)
     lateness_ms: list[float] = []
     clock = QElapsedTimer()
     probe = QTimer(interval=5, timerType=Qt.TimerType.PreciseTimer)
@@ -143,13 +168,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         root = Path(workdir)
         model = write_tiny_gguf(root / "app-tiny.gguf", **APP_MODEL)
-        loops, texts = [], []
+        loops, codes, texts = [], [], []
         for run in range(args.runs + 1):  # the first run warms up
             fresh_home(root, f"loop{run}")
             loops.append(event_loop_run(waiter, model))
+            fresh_home(root, f"code{run}")
+            codes.append(event_loop_run(waiter, model, code=True))
             fresh_home(root, f"text{run}")
             texts.append(text_signals_run(waiter, model))
         loop, text = median_of(loops[1:] or loops), median_of(texts[1:] or texts)
+        code = median_of(codes[1:] or codes)
 
         fresh_home(root, "soak")
         cfg = WindowSoakConfig(n_tabs=args.soak_tabs, n_turns=args.soak_turns, seed=args.seed)
@@ -162,6 +190,7 @@ def main() -> None:
 
     results = {
         "event_loop": loop,
+        "event_loop_code": code,
         "text_signals": text | {"text_flush_s": worker_module.TEXT_FLUSH_S},
         "window_soak": figures,
         "runs": args.runs,
@@ -171,6 +200,8 @@ def main() -> None:
         ("event loop, 4 tabs x 600 tokens", "probe lateness p50 / p99 / max",
          f"{loop['lateness_p50_ms']:.1f} / {loop['lateness_p99_ms']:.1f} / {loop['lateness_max_ms']:.1f} ms"),
         ("event loop, 4 tabs x 600 tokens", "tokens, duration", f"{loop['tokens']:.0f}, {loop['elapsed_s']:.1f} s"),
+        ("event loop, 4 tabs, code replies", "probe lateness p50 / p99 / max",
+         f"{code['lateness_p50_ms']:.1f} / {code['lateness_p99_ms']:.1f} / {code['lateness_max_ms']:.1f} ms"),
         ("worker text, 2 x 300 tokens", f"signals per reply (flush {worker_module.TEXT_FLUSH_S * 1000:.0f} ms)",
          f"{text['signals_per_reply']:.0f} ({text['tokens_per_signal']:.1f} tokens per signal)"),
         (f"window soak, {cfg.n_tabs} tabs x {cfg.n_turns} turns", "RSS start -> end",
