@@ -5,9 +5,9 @@ A reply is split into parts at its fences (``split_markdown``): prose parts go t
 ``QTextDocument.setMarkdown`` (tables, lists, inline code styled here), code parts through Pygments
 with a light or a dark style chosen by ``theme.is_dark()``; every color comes from
 ``theme.colors()``. Both conversions are cached per part (and per theme), so while a reply streams
-only its last part is converted again; a code block still growing is highlighted in chunks (split at
-blank lines, each cached), so its cost stays that of its last chunk. A finished block is highlighted
-whole once.
+only its last part is converted again. A code block is shown as tables of 16 lines: a block still
+growing is highlighted 16 lines at a time (each group cached), so a render converts and lays out only
+its last group; a finished block is highlighted whole once (its lines split into the same tables).
 
 Horizontal scrolling: a QTextBrowser cannot scroll one block by itself. A code block is therefore
 its own top-level table with ``white-space:pre``: a long line widens that table only, the prose
@@ -35,6 +35,7 @@ from .theme import colors, is_dark
 LIGHT_STYLE = "default"
 DARK_STYLE = "github-dark"
 CACHED_PARTS = 1024  # converted prose parts and highlighted code chunks kept (per theme)
+LINES_PER_TABLE = 16  # a code block is shown as tables of this many lines (see code_block_html)
 
 _OPEN_FENCE = re.compile(r"^( {0,3})(`{3,}|~{3,})[ \t]*([^\s`]*)[^`\n]*$")
 _BODY = re.compile(r"<body[^>]*>(.*)</body>", re.S)
@@ -155,13 +156,16 @@ def _alt(tag: str) -> str:
 
 
 # -- code -------------------------------------------------------------------------------------------
-def highlighted(block: CodeBlock) -> str:
-    """The block's code as HTML spans colored by Pygments (light or dark style, by the theme)."""
+def highlighted(block: CodeBlock) -> list[str]:
+    """The block's code as lines of HTML spans colored by Pygments (light or dark style, by the
+    theme). A block still growing is highlighted in groups of ``LINES_PER_TABLE`` lines, each cached,
+    so only its last group is new; a finished block is highlighted whole (once, cached)."""
     theme = _theme_key()
     if block.closed:
-        return _highlight(block.code, block.language, theme)
-    chunks = re.split(r"(?<=\n\n)", block.code)  # still growing: cached chunks, only the last is new
-    return "".join(_highlight(chunk, block.language, theme) for chunk in chunks)
+        return _highlight(block.code, block.language, theme).split("\n")
+    lines = block.code.split("\n")
+    groups = ["\n".join(lines[i : i + LINES_PER_TABLE]) for i in range(0, len(lines), LINES_PER_TABLE)]
+    return [line for group in groups for line in _highlight(group, block.language, theme).split("\n")]
 
 
 @lru_cache(maxsize=CACHED_PARTS)
@@ -188,20 +192,33 @@ def language_of(filename: str) -> str:
     return str(lexer.aliases[0]) if lexer.aliases and not isinstance(lexer, TextLexer) else ""
 
 
-def code_block_html(block: CodeBlock, href: str, copied: bool, bubble: str) -> str:
-    """A top-level table (the bubble's background around it) holding the language, Copy and the code."""
+def code_block_html(block: CodeBlock, href: str, copied: bool, bubble: str) -> list[str]:
+    """Top-level tables (the bubble's background around them) holding the language, Copy and the
+    code, ``LINES_PER_TABLE`` lines each: a growing block changes only its last table."""
     palette = colors()
     label = html.escape(block.language or "code")
     copy = "Copied ✓" if copied else "Copy"
-    code = highlighted(block)
-    return (
-        f'<table width="100%" cellpadding="0" cellspacing="0" border="0" bgcolor="{bubble}" '
-        f'style="margin:0px;"><tr><td style="padding-left:10px; padding-right:10px; padding-top:2px; '
-        f'padding-bottom:2px;"><table width="100%" cellpadding="6" cellspacing="0" border="0" '
-        f'bgcolor="{palette["code"]}" style="margin:0px;"><tr>'
-        f'<td><span style="color:{palette["muted"]}; font-size:small;">{label}&nbsp;&nbsp;&nbsp;'
+    header = (
+        f'<tr><td style="padding-left:8px; padding-right:8px; padding-top:4px; padding-bottom:2px;">'
+        f'<span style="color:{palette["muted"]}; font-size:small;">{label}&nbsp;&nbsp;&nbsp;'
         f'<a href="{href}" style="color:{palette["user_name"]}; text-decoration:none;">{copy}</a>'
-        f"</span></td></tr>"  # on the left: a long line must not push Copy out of sight
-        f'<tr><td><pre style="margin:0px; white-space:pre; font-family:monospace; '
-        f'color:{palette["text"]};">{code}</pre></td></tr></table></td></tr></table>'
+        "</span></td></tr>"  # on the left: a long line must not push Copy out of sight
     )
+    lines = highlighted(block)
+    starts = range(0, len(lines), LINES_PER_TABLE)
+    tables = []
+    for n, start in enumerate(starts):
+        first, last = n == 0, n == len(starts) - 1
+        code = "\n".join(lines[start : start + LINES_PER_TABLE])
+        tables.append(
+            f'<table width="100%" cellpadding="0" cellspacing="0" border="0" bgcolor="{bubble}" '
+            f'style="margin:0px;"><tr><td style="padding-left:10px; padding-right:10px; '
+            f'padding-top:{2 if first else 0}px; padding-bottom:{2 if last else 0}px;">'
+            f'<table width="100%" cellpadding="0" cellspacing="0" border="0" bgcolor="{palette["code"]}" '
+            f'style="margin:0px;">{header if first else ""}'
+            f'<tr><td style="padding-left:8px; padding-right:8px; padding-top:{2 if first else 0}px; '
+            f'padding-bottom:{8 if last else 0}px;"><pre style="margin:0px; white-space:pre; '
+            f'font-family:monospace; color:{palette["text"]};">{code}</pre></td></tr></table>'
+            "</td></tr></table>"
+        )
+    return tables

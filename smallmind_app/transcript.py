@@ -67,7 +67,8 @@ def markdown_html(text: str, index: int = 0, copied_block: int = -1, bubble: str
     for part in split_markdown(text):
         if isinstance(part, CodeBlock):
             href = f"copycode:{index}.{n_blocks}"
-            parts.append(CODE_MARK + code_block_html(part, href, copied_block == n_blocks, bubble))
+            tables = code_block_html(part, href, copied_block == n_blocks, bubble)
+            parts.extend(CODE_MARK + table for table in tables)
             n_blocks += 1
         else:
             parts.append(prose_html(part))
@@ -122,13 +123,18 @@ def limit_reached(stats: dict[str, Any]) -> str:
 
 
 def entry_html(index: int, entry: Entry) -> str:
+    return "".join(entry_chunks(index, entry))
+
+
+def entry_chunks(index: int, entry: Entry) -> list[str]:
+    """The entry's HTML as top-level tables (a bubble's prose, each code block, ...), in order."""
     if entry.role == "notice":
         color = colors()["error"] if entry.status == "error" else colors()["notice"]
-        return (
+        return [
             f'<table width="100%" cellpadding="8" cellspacing="0" bgcolor="{color}" '
             f'style="margin-top:6px; margin-bottom:6px;"><tr><td>{plain_html(entry.content)}</td></tr>'
             "</table>"
-        )
+        ]
     user = entry.role == "user"
     bg = colors()["error"] if entry.status == "error" else colors()["user" if user else "assistant"]
     if user:
@@ -146,9 +152,10 @@ def entry_html(index: int, entry: Entry) -> str:
     tables: list[str] = []
     for part in parts:
         if part.startswith(CODE_MARK):
-            tables.append("".join(sections))
+            if sections:
+                tables.append("".join(sections))
+                sections = []
             tables.append(part)
-            sections = []
         else:
             sections.append(part)
     tables.append("".join(sections))
@@ -164,7 +171,7 @@ def entry_html(index: int, entry: Entry) -> str:
             f'<table width="100%" cellpadding="{padding}" cellspacing="0" border="0" bgcolor="{bg}" '
             f'style="margin-top:{top}px; margin-bottom:{bottom}px;"><tr><td>{table}</td></tr></table>'
         )
-    return "".join(html_parts)
+    return html_parts
 
 
 def _header(index: int, entry: Entry) -> str:
@@ -236,7 +243,10 @@ class TranscriptView(QTextBrowser):
         self.setAccessibleName("Conversation transcript")
         self.document().setDocumentMargin(12)
         self._entries: list[Entry] = []
-        self._cache: dict[int, tuple[tuple[Any, ...], str]] = {}
+        self._cache: dict[int, tuple[tuple[Any, ...], list[str]]] = {}
+        self._shown: list[str] = []  # the chunks in the document, in order
+        self._starts: list[int] = []  # the document position where each shown chunk begins
+        self.document().setUndoRedoEnabled(False)  # rendering edits the document; nothing to undo
         self._rendering = False
         self.following = True
         self.blocked_resources: list[str] = []  # what a reply asked to load (nothing is)
@@ -316,9 +326,9 @@ class TranscriptView(QTextBrowser):
             key = entry.cache_key()
             cached = self._cache.get(index)
             if cached is None or cached[0] != key:
-                cached = (key, entry_html(index, entry))
+                cached = (key, entry_chunks(index, entry))
                 self._cache[index] = cached
-            parts.append(cached[1])
+            parts.extend(cached[1])
         for stale in [i for i in self._cache if i >= len(self._entries)]:
             del self._cache[stale]
         bar = self.verticalScrollBar()
@@ -328,12 +338,41 @@ class TranscriptView(QTextBrowser):
         before = self.toPlainText() if selection else ""
         self._rendering = True
         try:
-            self.setHtml("".join(parts) if parts else self._placeholder())
+            self._show_chunks(parts)
             if selection is not None:  # a streaming reply must not take away what the user is selecting
                 self._restore_selection(*selection, before)
             bar.setValue(bar.maximum() if self.following else position)
         finally:
             self._rendering = False
+
+    def _show_chunks(self, chunks: list[str]) -> None:
+        """Make the document show ``chunks``: only those from the first that differs are replaced, so
+        a streaming reply costs the layout of its changed part, not of the whole conversation."""
+        if not chunks:
+            self.setHtml(self._placeholder())
+            self._shown, self._starts = [], []
+            return
+        same = 0
+        while same < min(len(chunks), len(self._shown)) and chunks[same] == self._shown[same]:
+            same += 1
+        if same == len(chunks) == len(self._shown):
+            return
+        if not self._shown:
+            self.clear()
+        cursor = QTextCursor(self.document())
+        cursor.beginEditBlock()
+        if same < len(self._starts):
+            cursor.setPosition(self._starts[same])
+            cursor.movePosition(QTextCursor.MoveOperation.End, QTextCursor.MoveMode.KeepAnchor)
+            cursor.removeSelectedText()
+        else:
+            cursor.movePosition(QTextCursor.MoveOperation.End)
+        del self._starts[same:]
+        for chunk in chunks[same:]:
+            self._starts.append(cursor.position())
+            cursor.insertHtml(chunk)
+        cursor.endEditBlock()
+        self._shown = list(chunks)
 
     def _restore_selection(self, anchor: int, position: int, before: str) -> None:
         """Select ``anchor``..``position`` again when the text up to there is unchanged."""

@@ -9,7 +9,15 @@ from typing import Any
 import pytest
 
 from smallmind_app.attachments import AttachmentError, fenced, read_attachment
-from smallmind_app.code_blocks import CodeBlock, _highlight, code_blocks, highlighted, split_markdown
+from smallmind_app.code_blocks import (
+    LINES_PER_TABLE,
+    CodeBlock,
+    _highlight,
+    code_block_html,
+    code_blocks,
+    highlighted,
+    split_markdown,
+)
 
 
 def test_a_reply_splits_at_its_fences_into_prose_and_code() -> None:
@@ -25,15 +33,19 @@ def test_a_reply_splits_at_its_fences_into_prose_and_code() -> None:
     assert [b.code for b in code_blocks("   ```\n   indented\n     more\n   ```")] == ["indented\n  more"]
 
 
-def test_a_growing_block_is_highlighted_in_cached_chunks(qapp: Any) -> None:
-    first = "def a():\n    return 1\n\n"
-    growing = CodeBlock("python", first + "def b(", False)
-    assert '<span style="color: #008000; font-weight: bold">def</span>' in highlighted(growing)
+def test_a_growing_block_is_highlighted_in_cached_groups_of_lines(qapp: Any) -> None:
+    first = "".join(f"def f{i}(): return {i}\n" for i in range(LINES_PER_TABLE))  # one full group
+    lines = highlighted(CodeBlock("python", first + "def b(", False))
+    assert len(lines) == LINES_PER_TABLE + 1 and lines[0].startswith(
+        '<span style="color: #008000; font-weight: bold">def</span>'
+    )
     hits = _highlight.cache_info().hits
-    highlighted(CodeBlock("python", first + "def b():\n    return 2", False))
-    assert _highlight.cache_info().hits == hits + 1  # the finished first chunk was not lexed again
+    grown = highlighted(CodeBlock("python", first + "def b():\n    return 2", False))
+    assert _highlight.cache_info().hits == hits + 1  # the finished first group was not lexed again
     whole = highlighted(CodeBlock("python", first + "def b():\n    return 2", True))
-    assert whole.count("def</span>") == 2 and not whole.endswith("\n")
+    assert whole == grown  # once closed, the same lines: the tables already shown stay as they are
+    tables = code_block_html(CodeBlock("python", first + "x = 1", True), "copycode:0.0", False, "#ffffff")
+    assert len(tables) == 2 and "copycode:0.0" in tables[0] and "copycode" not in tables[1]
 
 
 def test_an_attachment_is_fenced_with_its_language_and_a_fence_longer_than_its_own(tmp_path: Path) -> None:
@@ -53,3 +65,20 @@ def test_an_attachment_is_fenced_with_its_language_and_a_fence_longer_than_its_o
     bom = tmp_path / "bom.txt"
     bom.write_bytes(b"\xef\xbb\xbfhello")
     assert read_attachment(bom).text == "hello"
+
+
+def test_rendering_only_what_changed_gives_the_document_a_full_render_gives(qapp: Any) -> None:
+    from smallmind_app.transcript import Entry, TranscriptView
+
+    reply = "Intro\n\n```python\n" + "".join(f"x{i} = {i}\n" for i in range(40)) + "```\n\nAfter | a |"
+    streamed, fresh = TranscriptView(), TranscriptView()
+    entries = [Entry("user", "Question"), Entry("notice", "A notice"), Entry("assistant", "", "streaming")]
+    for end in range(0, len(reply) + 1, 37):  # grows as a streaming reply does
+        entries[-1].content = reply[:end]
+        streamed.render(entries)
+    entries[-1].status = "complete"
+    streamed.render(entries)
+    fresh.render(entries)
+    assert streamed.toHtml() == fresh.toHtml() and "x39 = 39" in streamed.toPlainText()
+    streamed.render(entries[:1])  # fewer entries: the rest goes
+    assert streamed.toPlainText().strip().endswith("Question")
