@@ -13,7 +13,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from PySide6.QtWidgets import QLabel, QWidget
+from PySide6.QtCore import Signal, Slot
+from PySide6.QtGui import QTextCursor
+from PySide6.QtWidgets import QLabel, QPlainTextEdit
 
 from .code_blocks import language_of
 from .theme import colors
@@ -78,35 +80,68 @@ def fenced(name: str, text: str) -> str:
 
 
 class AttachmentList(QLabel):
-    """'Attached: app.py · 120 tokens   notes.md · counting…' above the prompt box."""
+    """Attaches files to ``prompt`` and shows them above it: 'Attached: app.py · 120 tokens'.
 
-    def __init__(self, parent: QWidget | None = None) -> None:
-        super().__init__(parent, objectName="attachmentList")
+    ``count_wanted(block)`` asks for an attachment's token count (the worker counts); ``counted``
+    takes the answer and, when the file cannot fit the tab, takes it out of the prompt again.
+    ``refused(sentence)``: a file was not attached, the sentence names it and says why.
+    """
+
+    count_wanted = Signal(str)
+    refused = Signal(str)
+
+    def __init__(self, prompt: QPlainTextEdit) -> None:
+        super().__init__(objectName="attachmentList")
+        self._prompt = prompt
         self.setWordWrap(True)
         self.items: dict[str, tuple[str, int | None]] = {}  # block -> (file name, tokens once counted)
         self.setVisible(False)
+        prompt.textChanged.connect(self._on_prompt_text_changed)
 
-    def add(self, attachment: Attachment) -> None:
-        self.items[attachment.block] = (attachment.name, None)
-        self._show()
+    @Slot(list)
+    def attach(self, paths: list[str]) -> None:
+        """Add each text file to the prompt as a fenced block with its name; refuse binary or big ones."""
+        for path in paths:
+            try:
+                attachment = read_attachment(path)
+            except AttachmentError as exc:
+                self.refused.emit(str(exc))
+                continue
+            text = self._prompt.toPlainText()
+            separator = "\n\n" if text.strip() else ""
+            self._prompt.setPlainText(text.rstrip("\n") + separator + attachment.block)
+            self._prompt.moveCursor(QTextCursor.MoveOperation.End)
+            self.items[attachment.block] = (attachment.name, None)
+            self._show()
+            self.count_wanted.emit(attachment.block)
+        self._prompt.setFocus()
 
-    def counted(self, block: str, n_tokens: int) -> bool:
-        """The worker counted ``block``; False when it is not an attachment shown here."""
+    def counted(self, block: str, n_tokens: int, limit: int) -> bool:
+        """The worker counted ``block`` (False: not an attachment shown here); over ``limit``, the
+        file cannot fit the tab: it leaves the prompt and ``refused`` says so."""
         if block not in self.items:
             return False
-        self.items[block] = (self.items[block][0], n_tokens)
+        name = self.items[block][0]
+        if limit and n_tokens > limit:
+            del self.items[block]
+            self._prompt.setPlainText(self._prompt.toPlainText().replace(block, "").strip())
+            self.refused.emit(
+                f"Cannot attach “{name}”: it is {n_tokens:,} tokens, more than the {limit:,} a tab holds."
+            )
+        else:
+            self.items[block] = (name, n_tokens)
         self._show()
         return True
 
-    def remove(self, block: str) -> None:
-        self.items.pop(block, None)
-        self._show()
-
-    def forget_missing(self, prompt: str) -> None:
-        """Drop the files whose block is no longer in the prompt (the user deleted it, or sent it)."""
-        for block in [block for block in self.items if block not in prompt]:
+    @Slot()
+    def _on_prompt_text_changed(self) -> None:
+        """Forget the files whose block left the prompt (the user deleted it, or the message was sent)."""
+        prompt = self._prompt.toPlainText()
+        gone = [block for block in self.items if block not in prompt]
+        for block in gone:
             del self.items[block]
-        self._show()
+        if gone:
+            self._show()
 
     def _show(self) -> None:
         shown = [

@@ -28,7 +28,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from .attachments import AttachmentError, AttachmentList, read_attachment
+from .attachments import AttachmentList
 from .prompt_box import PromptEdit, TokenCount
 from .store import Conversation, ConversationStore, Message, StoreError
 from .transcript import Entry, TranscriptView, limit_reached, tab_limit
@@ -167,11 +167,12 @@ class ChatTab(QWidget):
         )
         self.token_count = TokenCount(self.prompt_edit)
         self.prompt_edit.submitted.connect(self.send)
-        self.prompt_edit.files_dropped.connect(self.attach_files)
-        self.prompt_edit.textChanged.connect(
-            lambda: self.attachment_list.forget_missing(self.prompt_edit.toPlainText())
+        self.attachment_list = AttachmentList(self.prompt_edit)
+        self.attachment_list.count_wanted.connect(
+            lambda block: self.token_count_requested.emit(self.conversation_id, block)
         )
-        self.attachment_list = AttachmentList()
+        self.attachment_list.refused.connect(self._on_attachment_list_refused)
+        self.prompt_edit.files_dropped.connect(self.attachment_list.attach)
         self.attach_button = QToolButton(objectName="attachButton")
         self.attach_button.setText("Attach…")
         self.attach_button.setToolTip(
@@ -316,7 +317,6 @@ class ChatTab(QWidget):
         if first:
             self.first_message_sent.emit(self.conversation_id, text)
         self.prompt_edit.clear()
-        self.attachment_list.forget_missing("")
         self.transcript.jump_to_latest()  # the user's own message and the reply are followed
         self._request_reply()
 
@@ -449,44 +449,18 @@ class ChatTab(QWidget):
     @Slot()
     def _on_attach_button_clicked(self) -> None:
         paths, _ = QFileDialog.getOpenFileNames(
-            self, "Attach text files", "", "Text files (*.txt *.md *.py *.json *.csv *.log);;All files (*)"
+            self, "Attach text files", "", "All files (*);;Text files (*.txt *.md *.py *.json *.csv *.log)"
         )
         self.attach_files(paths)
 
-    @Slot(list)
     def attach_files(self, paths: list[str]) -> None:
-        """Add each text file to the prompt as a fenced block with its name; refuse binary or big ones."""
-        for path in paths:
-            try:
-                attachment = read_attachment(path)
-            except AttachmentError as exc:
-                self.add_notice(str(exc), "error")
-                self._set_status(str(exc))
-                continue
-            text = self.prompt_edit.toPlainText()
-            separator = "\n\n" if text.strip() else ""
-            self.prompt_edit.setPlainText(text.rstrip("\n") + separator + attachment.block)
-            self.prompt_edit.moveCursor(QTextCursor.MoveOperation.End)
-            self.attachment_list.add(attachment)
-            self.token_count_requested.emit(self.conversation_id, attachment.block)
-            self.status_label.setText(f"Attached “{attachment.name}”.")
-        self.prompt_edit.setFocus()
+        """Add text files to the message (``AttachmentList.attach``)."""
+        self.attachment_list.attach(paths)
 
-    def _attachment_counted(self, block: str, n_tokens: int, limit: int) -> bool:
-        """The worker counted an attachment: show it, or take it out again when it cannot fit."""
-        if not self.attachment_list.counted(block, n_tokens):
-            return False
-        if limit and n_tokens > limit:
-            name = self.attachment_list.items[block][0]
-            self.attachment_list.remove(block)
-            text = self.prompt_edit.toPlainText()
-            self.prompt_edit.setPlainText(text.replace(block, "").strip())
-            message = (
-                f"Cannot attach “{name}”: it is {n_tokens:,} tokens, more than the {limit:,} a tab holds."
-            )
-            self.add_notice(message, "error")
-            self._set_status(message)
-        return True
+    @Slot(str)
+    def _on_attachment_list_refused(self, message: str) -> None:
+        self.add_notice(message, "error")
+        self._set_status(message)
 
     def _request_reply(self) -> None:
         messages = self.chat_messages()
@@ -708,7 +682,7 @@ class ChatTab(QWidget):
 
     def show_token_count(self, text: str, n_tokens: int, limit: int) -> None:
         """The worker counted the prompt box's tokens (``text`` is what it counted), or an attachment's."""
-        if not self._attachment_counted(text, n_tokens, limit):
+        if not self.attachment_list.counted(text, n_tokens, limit):
             self.token_count.show_count(text, n_tokens, limit)
 
     def resizeEvent(self, event: QResizeEvent) -> None:

@@ -178,9 +178,11 @@ def _highlight(code: str, language: str, theme: tuple[bool, str, str, str]) -> s
 @lru_cache(maxsize=64)
 def lexer_for(language: str) -> Lexer:
     try:
-        return get_lexer_by_name(language, stripnl=False, ensurenl=False) if language else TextLexer()
+        if language:
+            return get_lexer_by_name(language, stripnl=False, ensurenl=False)
     except ClassNotFound:
-        return TextLexer()
+        pass
+    return TextLexer(stripnl=False, ensurenl=False)  # keeps blank first and last lines
 
 
 def language_of(filename: str) -> str:
