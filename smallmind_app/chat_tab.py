@@ -197,7 +197,7 @@ class ChatTab(QWidget):
         self.stop_button = QPushButton("Stop", objectName="stopButton")
         self.stop_button.clicked.connect(self.stop)
         self.regenerate_button = QPushButton("Regenerate", objectName="regenerateButton")
-        self.regenerate_button.setToolTip("Generate the last reply again")
+        self.regenerate_button.setToolTip("Generate the last reply again (the old one stays: ‹ › switches)")
         self.regenerate_button.clicked.connect(self.regenerate)
         self.edit_button = QPushButton("Edit last message", objectName="editLastButton")
         self.edit_button.setToolTip("Put your last message back in the prompt box to change and resend it")
