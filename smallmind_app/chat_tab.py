@@ -651,6 +651,7 @@ class ChatTab(QWidget):
         for entry, message in zip(kept, stored, strict=True):
             entry.message_id = message.id
         self._unsaved = False
+        self._refresh_versions()  # stored again as one thread: no versions
         log.info("conversation %s saved again (%d messages)", self.conversation_id, len(stored))
 
     @Slot()
