@@ -241,3 +241,29 @@ def test_attaching_a_text_file_and_refusing_a_binary_an_oversized_and_a_too_long
     qtbot.waitUntil(lambda: "long.md" not in tab.attachment_list.text(), timeout=REPLY_TIMEOUT_MS)
     assert "Cannot attach “long.md”: it is " in tab.entries[-1].content
     assert "tokens, more than the" in tab.entries[-1].content and tab.prompt_edit.toPlainText() == ""
+
+
+def test_a_regenerate_the_engine_refuses_gives_the_previous_reply_back(
+    qtbot: Any, make_window: Any, write_settings: Any
+) -> None:
+    # room for one queued request: of three regenerates at once, two are refused at submit
+    write_settings(
+        batching={"max_total_queued_requests": 1, "max_batch_wait_ms": 1000.0},
+        sampling={"max_new_tokens": 6, "seed": 3},
+    )
+    window = make_window()
+    tabs = [window.chat_tabs[0], window.new_chat(), window.new_chat()]
+    for tab in tabs:
+        send(tab, "Hello")
+        wait_idle(qtbot, tab)
+    before = [[(e.role, e.content) for e in tab.entries] for tab in tabs]
+    for tab in tabs:
+        tab.regenerate_button.click()
+    wait_idle(qtbot, *tabs)
+    refused = [i for i, tab in enumerate(tabs) if any(e.role == "notice" for e in tab.entries)]
+    assert len(refused) == 2
+    for i in refused:
+        tab = tabs[i]
+        assert [(e.role, e.content) for e in tab.entries if e.role != "notice"] == before[i]
+        assert tab.entries[-2].versions is None and not tab.version_bar.isVisible()
+        assert [(m.role, m.content) for m in stored_messages(tab.conversation_id)] == before[i]
