@@ -14,6 +14,12 @@ the conversation in memory and say so. A file that is not a database (or is dama
 ``StoreCorruptError`` at open; ``move_aside(path)`` moves it and its WAL files out of the way.
 Unknown conversation or message ids raise ``KeyError``; bad roles, statuses or orders ``ValueError``.
 
+Versions: each message points to the one it follows (``parent_id``); messages following the same
+one are versions of that place (a regenerated reply, an edited question), and ``active`` marks the
+chosen one. ``messages()`` is the chosen thread; ``start_version`` keeps a message (and all after it)
+as an older version before its new one is added; ``select_version`` switches; ``version_info`` says
+which messages have versions. ``replace_messages`` stores one thread (the versions are dropped).
+
 The schema version is ``PRAGMA user_version``; ``_MIGRATIONS[n]`` takes version n to n + 1.
 """
 
