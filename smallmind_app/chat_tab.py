@@ -353,7 +353,10 @@ class ChatTab(QWidget):
         """Put user message ``index`` in the prompt box to change it; nothing changes until it is sent
         (then it becomes a new version of that message, the old one and all that followed it kept as
         the previous version); Esc or Cancel edit leaves everything as it was."""
-        if self.is_generating or not 0 <= index < len(self.entries) or self.entries[index].role != "user":
+        if not 0 <= index < len(self.entries) or self.entries[index].role != "user":
+            return
+        if self.is_generating:
+            self.status_label.setText("A message can be edited once the reply is done (or stopped).")
             return
         if self._editing is None:
             self._editing = self.prompt_edit.toPlainText()

@@ -45,8 +45,9 @@ class VersionBar(QWidget):
         number, count = versions
         what = "reply" if role == "assistant" else "message"
         self.label.setText(f"{what.capitalize()} {number}/{count}")
-        self.prev_button.setToolTip(f"The previous version of this {what}")
-        self.next_button.setToolTip(f"The next version of this {what}")
+        for button, which in ((self.prev_button, "previous"), (self.next_button, "next")):
+            button.setToolTip(f"The {which} version of this {what}")
+            button.setAccessibleName(f"{which.capitalize()} version of the {what}")
         self.prev_button.setEnabled(enabled and number > 1)
         self.next_button.setEnabled(enabled and number < count)
         self.setVisible(True)
