@@ -10,6 +10,9 @@ Each scenario is the one of a test, on the same tiny app model (tests/fixtures/w
 - event loop, code replies: the same, but each tab shows Python source in fenced blocks (the engine's
   own model.py, 40 lines a block) instead of the tiny model's text, as many characters at the same
   moments as the model sent: the transcript highlights a growing code block on every render;
+- transcript render: one view holding 40 messages (20 replies with code) while a 41st streams code,
+  re-rendered 29 times as it grows: the document's changed tail replaced (as the app does) vs
+  rebuilt whole each time (as before issue 17), time per render including the repaint;
 - text signals: ``test_worker.py::test_text_arrives_coalesced_and_in_order`` (2 replies x 300 tokens)
   at the worker's real flush interval (``TEXT_FLUSH_S``);
 - window soak: ``test_reliability.py::test_window_soak_ci`` (the driver is tests/fixtures/window_soak.py).
@@ -93,6 +96,42 @@ def show_code(tab: Any) -> None:
     tab.append_text = append_code
 
 
+def render_run() -> dict[str, float]:
+    from smallmind_app.transcript import Entry, TranscriptView
+
+    source = code_text()
+    entries = []
+    for i in range(20):
+        entries.append(Entry("user", f"Question {i}"))
+        entries.append(
+            Entry("assistant", source[i * 800 : (i + 1) * 800] + "\n```\n", stats={"n_tokens": 99})
+        )
+    reply = Entry("assistant", "", status="streaming")
+    entries += [Entry("user", "One more"), reply]
+    view = TranscriptView()
+    view.resize(700, 600)
+    view.show()
+    figures = {}
+    for mode in ("tail", "whole"):
+        reply.content = ""
+        view.invalidate()
+        view.render(entries)  # the history is shown once before the reply streams
+        QApplication.processEvents()
+        times_ms = []
+        for n_chars in range(100, 3000, 100):
+            reply.content = source[:n_chars]
+            if mode == "whole":
+                view.invalidate()
+            started = time.perf_counter()
+            view.render(entries)
+            QApplication.processEvents()
+            times_ms.append((time.perf_counter() - started) * 1000)
+        figures[f"{mode}_median_ms"] = statistics.median(times_ms)
+        figures[f"{mode}_max_ms"] = max(times_ms)
+    view.close()
+    return figures
+
+
 def event_loop_run(waiter: Waiter, model: Path, code: bool = False) -> dict[str, float]:
     window = open_window(waiter, model, sampling={"max_new_tokens": 600, "stop_on_eos": False, "seed": 11})
     tabs = [window.chat_tabs[0]] + [window.new_chat() for _ in range(3)]
@@ -168,16 +207,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         root = Path(workdir)
         model = write_tiny_gguf(root / "app-tiny.gguf", **APP_MODEL)
-        loops, codes, texts = [], [], []
+        loops, codes, texts, renders = [], [], [], []
         for run in range(args.runs + 1):  # the first run warms up
             fresh_home(root, f"loop{run}")
             loops.append(event_loop_run(waiter, model))
             fresh_home(root, f"code{run}")
             codes.append(event_loop_run(waiter, model, code=True))
+            renders.append(render_run())
             fresh_home(root, f"text{run}")
             texts.append(text_signals_run(waiter, model))
         loop, text = median_of(loops[1:] or loops), median_of(texts[1:] or texts)
         code = median_of(codes[1:] or codes)
+        render = median_of(renders[1:] or renders)
 
         fresh_home(root, "soak")
         cfg = WindowSoakConfig(n_tabs=args.soak_tabs, n_turns=args.soak_turns, seed=args.seed)
@@ -191,6 +232,7 @@ def main() -> None:
     results = {
         "event_loop": loop,
         "event_loop_code": code,
+        "transcript_render": render,
         "text_signals": text | {"text_flush_s": worker_module.TEXT_FLUSH_S},
         "window_soak": figures,
         "runs": args.runs,
@@ -202,6 +244,11 @@ def main() -> None:
         ("event loop, 4 tabs x 600 tokens", "tokens, duration", f"{loop['tokens']:.0f}, {loop['elapsed_s']:.1f} s"),
         ("event loop, 4 tabs, code replies", "probe lateness p50 / p99 / max",
          f"{code['lateness_p50_ms']:.1f} / {code['lateness_p99_ms']:.1f} / {code['lateness_max_ms']:.1f} ms"),
+        ("render, 40 messages + a streaming code reply", "tail replaced: median / max",
+         f"{render['tail_median_ms']:.1f} / {render['tail_max_ms']:.1f} ms"),
+        ("render, 40 messages + a streaming code reply", "whole rebuilt: median / max (ratio)",
+         f"{render['whole_median_ms']:.1f} / {render['whole_max_ms']:.1f} ms "
+         f"({render['whole_median_ms'] / render['tail_median_ms']:.1f}x)"),
         ("worker text, 2 x 300 tokens", f"signals per reply (flush {worker_module.TEXT_FLUSH_S * 1000:.0f} ms)",
          f"{text['signals_per_reply']:.0f} ({text['tokens_per_signal']:.1f} tokens per signal)"),
         (f"window soak, {cfg.n_tabs} tabs x {cfg.n_turns} turns", "RSS start -> end",

@@ -345,6 +345,10 @@ class TranscriptView(QTextBrowser):
         finally:
             self._rendering = False
 
+    def invalidate(self) -> None:
+        """Forget what the document shows: the next ``render`` builds it all again."""
+        self._shown, self._starts = [], []
+
     def _show_chunks(self, chunks: list[str]) -> None:
         """Make the document show ``chunks``: only those from the first that differs are replaced, so
         a streaming reply costs the layout of its changed part, not of the whole conversation."""
