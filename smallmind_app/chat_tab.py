@@ -27,6 +27,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from .engine_picker import ENGINE_KEY, EnginePicker
 from .prompt_box import PromptEdit, TokenCount
 from .store import Conversation, ConversationStore, Message, StoreError
 from .transcript import Entry, TranscriptView, limit_reached, tab_limit
@@ -91,6 +92,7 @@ class ChatTab(QWidget):
     first_message_sent = Signal(str, str)  # conversation id, the text of its first user message
     settings_requested = Signal(str)  # a setting ("kv_cache.max_bytes_total") the user wants to change
     setting_change_requested = Signal(str, str, int)  # conversation id, setting, value: then send again
+    engine_changed = Signal(str, str)  # conversation id, engine id ("local" or an endpoint id)
 
     def __init__(
         self,
@@ -111,6 +113,7 @@ class ChatTab(QWidget):
         self._unsaved = False  # a write failed: the database is behind what the tab shows
         self._render_pending = False
         self._n_streamed = 0  # tokens of the reply being generated, as the worker counted them
+        self._engine_choices: list[tuple[str, str]] = []
         self._build(conversation.system_prompt)
         self._update_buttons()
         self.render_now()
@@ -138,6 +141,8 @@ class ChatTab(QWidget):
         self.settings_button.setAutoRaise(True)
         self.settings_button.setToolTip("This chat's own sampling settings (temperature, max tokens, …)")
         self.settings_button.clicked.connect(lambda: self.chat_settings_requested.emit(self.conversation_id))
+        self.engine_picker = EnginePicker(self)
+        self.engine_picker.engine_picked.connect(self.set_engine)
 
         self.transcript = TranscriptView(self)
         self.transcript.copied.connect(lambda _index: self.status_label.setText("Copied to the clipboard."))
@@ -212,6 +217,7 @@ class ChatTab(QWidget):
         layout.setSpacing(6)
         header = QHBoxLayout()
         header.addWidget(self.system_toggle, 1)
+        header.addWidget(self.engine_picker)
         header.addWidget(self.settings_button)
         layout.addLayout(header)
         layout.addWidget(self.system_edit)
@@ -243,6 +249,30 @@ class ChatTab(QWidget):
         self._update_settings_button()
         self._save(self._store.set_conversation_settings, self.conversation_id, self.conversation_settings)
 
+    @property
+    def saved_engine(self) -> str | None:
+        """The engine this conversation remembers (None: never chosen, a new chat)."""
+        value = self.conversation_settings.get(ENGINE_KEY)
+        return value if isinstance(value, str) else None
+
+    def set_engine(self, engine_id: str) -> None:
+        """Answer with ``engine_id`` from the next reply on; remembered with the conversation."""
+        self.conversation_settings = {**self.conversation_settings, ENGINE_KEY: engine_id}
+        self._save(self._store.set_conversation_settings, self.conversation_id, self.conversation_settings)
+        if self.engine_picker.engine_id != engine_id:
+            self.engine_picker.set_choices(self._engine_choices, engine_id)
+        self.engine_changed.emit(self.conversation_id, engine_id)
+
+    def set_engine_choices(self, choices: list[tuple[str, str]]) -> str:
+        """The engines to pick from (local first); returns the engine the tab uses now (its saved
+        one, or the local engine when that endpoint is gone: the tab says so)."""
+        self._engine_choices = list(choices)
+        saved = self.saved_engine or choices[0][0]
+        if not self.engine_picker.set_choices(choices, saved):
+            self.status_label.setText("This chat's server is no longer in Settings → Engines; "
+                                      "the local engine answers.")  # fmt: skip
+        return self.engine_picker.engine_id
+
     def chat_messages(self) -> list[dict[str, str]]:
         """What the model sees: the system prompt, then every kept user message and reply."""
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt.strip() else []
@@ -261,6 +291,7 @@ class ChatTab(QWidget):
         self.stop_button.setEnabled(busy)
         self.regenerate_button.setEnabled(not busy and has_user and self._editing is None)
         self.edit_button.setEnabled(not busy and has_user and self._editing is None)
+        self.engine_picker.setEnabled(not busy)  # a reply is answered by the engine it was sent to
 
     def _set_busy(self, busy_reply: Entry | None) -> None:
         self._reply = busy_reply

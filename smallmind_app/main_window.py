@@ -28,6 +28,7 @@ from PySide6.QtWidgets import (
 from .chat_settings_dialog import ChatSettingsDialog
 from .chat_tab import ChatTab
 from .conversation_tabs import ConversationTabs
+from .endpoints import LOCAL_ENGINE, ApiKeyStore
 from .engine_client import EngineClient
 from .first_run import FirstRunDialog
 from .models_dialog import ModelsDialog
@@ -68,10 +69,15 @@ class MainWindow(QMainWindow):
         self.server_dialog: LocalServerDialog | None = None
         self.error_dialog: QMessageBox | None = None
         self._closed = False
+        self.api_keys = ApiKeyStore()  # Settings → Engines: the endpoints' keys (keyring, or a 0600 file)
+        self._remote_stats: dict[str, dict[str, Any]] = {}  # endpoint id -> the worker's remote_stats()
+        self._unsaved_keys: dict[str, str] = {}  # keys the key store refused: used until the app closes
+        self._keys_changed = False
         self.tabs = ConversationTabs(store)
         self.tabs.tab_opened.connect(self._on_tabs_tab_opened)
         self.tabs.tab_closed.connect(self._on_tabs_tab_closed)
         self.tabs.store_failed.connect(self._on_tabs_store_failed)
+        self.tabs.currentChanged.connect(self._show_tab_engine)
         self.setCentralWidget(self.tabs)
         self.stats_dock = StatsDock(self)
         self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.stats_dock)
@@ -172,11 +178,14 @@ class MainWindow(QMainWindow):
         w.download_finished.connect(self._on_worker_download_finished)
         w.download_failed.connect(self._on_worker_download_failed)
         w.models_listed.connect(self._on_worker_models_listed)
+        w.endpoint_tested.connect(self._on_worker_endpoint_tested)
+        w.remote_stats_updated.connect(self._on_worker_remote_stats_updated)
 
     def start(self, model_path: str | None = None) -> None:
         """Start the worker, load the model (on the worker), restore the open conversations."""
         self.client.start()
         self.client.apply_settings(dict(self.settings.kv_cache), dict(self.settings.batching))
+        self._send_endpoints()
         if model_path is None:
             model_path = "" if os.environ.get(MODEL_ENV, "").strip() else (self.settings.model_path or "")
         self.client.load_model(model_path)
@@ -202,6 +211,12 @@ class MainWindow(QMainWindow):
         tab.settings_requested.connect(self.open_settings)
         tab.token_count_requested.connect(self.client.count_tokens)
         tab.setting_change_requested.connect(self._on_tab_setting_change_requested)
+        tab.engine_changed.connect(self._on_tab_engine_changed)
+        effective = tab.set_engine_choices(self.engine_choices())
+        if tab.saved_engine is None:  # a new chat: the default engine (remembered with it from now on)
+            tab.set_engine(self.settings.default_engine)
+        else:
+            self.client.set_conversation_engine(tab.conversation_id, effective)
 
     @Slot(str)
     def _on_tabs_tab_closed(self, conversation_id: str) -> None:
@@ -356,6 +371,7 @@ class MainWindow(QMainWindow):
         if self.models_dialog is not None:
             self.models_dialog.show_load_result(f"Running {info['file_name']}.")
         self._refresh_models()
+        self._refresh_engine_choices()  # the local engine's entry names the model
 
     @Slot(str, str)
     def _on_worker_model_load_failed(self, path: str, reason: str) -> None:
@@ -410,6 +426,76 @@ class MainWindow(QMainWindow):
             self.first_run_dialog.show_failed(message)
         if self.models_dialog is not None:
             self.models_dialog.show_failed(message)
+
+    # -- remote engines -------------------------------------------------------------------------
+    def engine_choices(self) -> list[tuple[str, str]]:
+        """The tabs' engine pickers: (engine id, label), the local engine first."""
+        name = Path(self.model_info["file_name"]).stem if self.model_info else "no model loaded"
+        return [(LOCAL_ENGINE, f"Local · {name}")] + [(e.id, e.label) for e in self.settings.engines]
+
+    def _send_endpoints(self) -> None:
+        """The endpoints of the settings, with their keys, to the worker (which makes their engines)."""
+        self.client.set_endpoints(
+            [{**e.to_dict(), "api_key": self._key_of(e.id)} for e in self.settings.engines]
+        )
+
+    def _key_of(self, endpoint_id: str) -> str:
+        return self._unsaved_keys.get(endpoint_id) or self.api_keys.get(endpoint_id)
+
+    def _refresh_engine_choices(self) -> None:
+        choices = self.engine_choices()
+        for tab in self.chat_tabs:
+            self.client.set_conversation_engine(tab.conversation_id, tab.set_engine_choices(choices))
+        self._show_tab_engine()
+
+    @Slot(str, str)
+    def _on_tab_engine_changed(self, conversation_id: str, engine_id: str) -> None:
+        self.client.set_conversation_engine(conversation_id, engine_id)
+        self._show_tab_engine()
+
+    @Slot()
+    def _show_tab_engine(self, *_args: Any) -> None:
+        """The dock's "This tab's engine": the tab shown's engine and, for a server, its own figures."""
+        tab = self.tabs.currentWidget()
+        if not isinstance(tab, ChatTab) or self._closed:
+            return
+        engine_id, label = tab.engine_picker.engine_id, tab.engine_picker.currentText()
+        if engine_id == LOCAL_ENGINE:
+            self.stats_dock.show_tab_engine(label, None)
+            return
+        empty = {"tokens_per_second": 0.0, "ttft_p50_ms": 0.0}
+        figures = self._remote_stats.get(engine_id, empty)
+        url = f" ({figures['url']})" if figures.get("url") else ""
+        self.stats_dock.show_tab_engine(label + url, figures)
+
+    @Slot(dict)
+    def _on_worker_remote_stats_updated(self, stats: dict) -> None:
+        self._remote_stats = dict(stats)
+        self._show_tab_engine()
+
+    @Slot(str, list, str)
+    def _on_worker_endpoint_tested(self, base_url: str, models: list, error: str) -> None:
+        if self.settings_dialog is not None:
+            self.settings_dialog.engines_page.show_test_result(base_url, list(models), error)
+
+    @Slot(dict)
+    def _on_settings_dialog_api_keys_chosen(self, keys: dict) -> None:
+        """Keep the endpoints' keys (keyring or the 0600 file) and forget those of removed endpoints."""
+        for endpoint_id in {e.id for e in self.settings.engines} - set(keys):
+            keys[endpoint_id] = ""  # a removed endpoint: forget its key
+        for endpoint_id, key in keys.items():
+            if key == self._key_of(endpoint_id):
+                continue
+            self._keys_changed = True
+            try:
+                self.api_keys.set(endpoint_id, key)
+                self._unsaved_keys.pop(endpoint_id, None)
+            except Exception as exc:  # keyring errors are of many kinds; none may lose the other settings
+                log.warning("API key not saved: %s", type(exc).__name__)
+                self._unsaved_keys[endpoint_id] = key
+                where = self.api_keys.where
+                self.show_error("API key not saved", f"The API key could not be kept in {where} "
+                                f"({type(exc).__name__}). It is used until SmallMind closes.")  # fmt: skip
 
     # -- local API server -------------------------------------------------------------------------
     @Slot()
@@ -470,7 +556,10 @@ class MainWindow(QMainWindow):
     def open_settings(self, setting: str = "") -> SettingsDialog:
         """The settings dialog; ``setting`` ("kv_cache.max_bytes_total") opens it at that field."""
         if self.settings_dialog is None:
-            dialog = SettingsDialog(self.settings, self.model_info, self)
+            keys = {e.id: self.api_keys.get(e.id) for e in self.settings.engines}
+            dialog = SettingsDialog(self.settings, self.model_info, self, keys, self.api_keys.where)
+            dialog.api_keys_chosen.connect(self._on_settings_dialog_api_keys_chosen)
+            dialog.engines_page.test_requested.connect(self.client.test_endpoint)
             dialog.settings_chosen.connect(self.apply_settings)
             dialog.finished.connect(self._on_settings_dialog_finished)
             self.settings_dialog = dialog
@@ -525,6 +614,13 @@ class MainWindow(QMainWindow):
         self.client.apply_settings(dict(settings.kv_cache), dict(settings.batching))
         if settings.model_path != old.model_path:
             self.client.load_model(settings.model_path or "")
+        if (settings.engines, settings.default_engine) != (
+            old.engines,
+            old.default_engine,
+        ) or self._keys_changed:
+            self._keys_changed = False
+            self._send_endpoints()
+            self._refresh_engine_choices()
 
     def _save_settings(self, settings: AppSettings) -> None:
         self.settings = settings

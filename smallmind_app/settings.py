@@ -29,6 +29,7 @@ from types import MappingProxyType
 from typing import Any
 
 from . import paths
+from .endpoints import LOCAL_ENGINE, Endpoint, endpoints_from
 from .paths import default_system_prompt
 from .worker import engine_options
 
@@ -112,6 +113,8 @@ class AppSettings:
     batching: Mapping[str, Any] = field(default_factory=lambda: section_defaults("batching"))
     sampling: Mapping[str, Any] = field(default_factory=lambda: section_defaults("sampling"))
     server_port: int = 8080  # Tools → Local server…: the port the in-app API server listens on
+    engines: tuple[Endpoint, ...] = ()  # Settings → Engines: remote endpoints (their keys are not here)
+    default_engine: str = LOCAL_ENGINE  # the engine of a new tab: "local" or an endpoint id
 
     def __post_init__(self) -> None:
         if not _is_int(self.schema_version) or not 1 <= self.schema_version <= SCHEMA_VERSION:
@@ -125,10 +128,18 @@ class AppSettings:
             raise ValueError(f"server_port must be a port from 1024 to 65535, got {self.server_port!r}")
         for section in SECTIONS:  # frozen: the only way to store the checked, read-only copies
             object.__setattr__(self, section, _freeze_section(section, getattr(self, section)))
+        object.__setattr__(self, "engines", endpoints_from(self.engines))
+        if self.default_engine not in (LOCAL_ENGINE, *(e.id for e in self.engines)):
+            raise ValueError(
+                f"default_engine must be 'local' or an endpoint's id, got {self.default_engine!r}"
+            )
 
     def __hash__(self) -> int:  # the mappings are unhashable; their items are not
         sections = tuple(tuple(getattr(self, name).items()) for name in SECTIONS)
-        return hash((self.schema_version, self.model_path, self.system_prompt, self.server_port, sections))
+        engines = (self.engines, self.default_engine)
+        return hash(
+            (self.schema_version, self.model_path, self.system_prompt, self.server_port, sections, engines)
+        )
 
     def with_changes(self, **changes: Any) -> AppSettings:
         """A copy with `changes`; a section given as a dict is merged over the current section."""
@@ -144,6 +155,8 @@ class AppSettings:
             "model_path": self.model_path,
             "system_prompt": self.system_prompt,
             "server_port": self.server_port,
+            "engines": [endpoint.to_dict() for endpoint in self.engines],
+            "default_engine": self.default_engine,
         }
         for section in SECTIONS:
             data[section] = {

@@ -31,6 +31,7 @@ from PySide6.QtWidgets import (
 )
 
 from . import first_run
+from .engines_page import EnginesPage
 from .settings import AppSettings, default_system_prompt, section_defaults
 from .wording import FIELD_NAMES, FIELDS, INT_MAX, MIB_RANGE, PAGES, SECTION_KEYS, MiB, mib, setting_problem
 from .worker import session_limits, validate_settings
@@ -142,9 +143,15 @@ def _model_text(info: Mapping[str, Any]) -> str:
 
 class SettingsDialog(QDialog):
     settings_chosen = Signal(object)  # AppSettings, on OK or Apply
+    api_keys_chosen = Signal(dict)  # endpoint id -> API key, on OK or Apply (before settings_chosen)
 
     def __init__(
-        self, settings: AppSettings, model_info: Mapping[str, Any] | None, parent: QWidget | None = None
+        self,
+        settings: AppSettings,
+        model_info: Mapping[str, Any] | None,
+        parent: QWidget | None = None,
+        api_keys: Mapping[str, str] | None = None,
+        key_place: str = "the system keyring",
     ):
         super().__init__(parent)
         self.setObjectName("settingsDialog")
@@ -159,6 +166,9 @@ class SettingsDialog(QDialog):
         for section, title in PAGES.items():
             tabs.addTab(self._options_page(section), title)
         tabs.addTab(self._prompt_page(), "System prompt")
+        self.engines_page = EnginesPage(settings.engines, api_keys or {}, settings.default_engine, key_place)
+        self.engines_page.changed.connect(self._revalidate)
+        tabs.addTab(self.engines_page, "Engines")
         self.error_label = QLabel(objectName="settingsError")
         self.error_label.setWordWrap(True)
         self.error_label.setStyleSheet("color: #b91c1c;")
@@ -256,6 +266,7 @@ class SettingsDialog(QDialog):
             model_path=self.model_path.text().strip() or None,
             system_prompt=self.system_prompt.toPlainText(),
             kv_cache=values["kv"], batching=values["batching"], sampling=values["sampling"],
+            engines=self.engines_page.endpoints(), default_engine=self.engines_page.default_engine_id(),
         )  # fmt: skip
 
     # -- validation -----------------------------------------------------------------------------
@@ -266,6 +277,8 @@ class SettingsDialog(QDialog):
         by_key = {f"{sec}.{key}": name for name, (sec, key, _, _) in self.fields.items()}
         self.errors = {by_key.get(key, key): message for key, message in problems.items()}
         self._show_limits(values["kv"])
+        if engine_problems := self.engines_page.problems():
+            self.errors["Engines"] = "; ".join(engine_problems)
         for name, (_, _, _, widget) in self.fields.items():
             widget.setStyleSheet("background-color: #fde2e2;" if name in self.errors else "")
             widget.setToolTip(self.errors.get(name, ""))
@@ -309,6 +322,7 @@ class SettingsDialog(QDialog):
         if self.errors:
             return False
         self._settings = self.chosen_settings()
+        self.api_keys_chosen.emit(self.engines_page.api_keys())
         self.settings_chosen.emit(self._settings)
         return True
 

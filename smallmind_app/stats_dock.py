@@ -70,6 +70,20 @@ STATS: dict[str, tuple[str, str]] = {
     ),
 }
 
+# The engine of the tab shown: for a remote one, its own figures (the groups above are the local engine's)
+TAB_ENGINE_STATS: dict[str, tuple[str, str]] = {
+    "statTabEngine": (
+        "Engine",
+        "The engine that answers in the tab shown (its picker at the top of the tab)",
+    ),
+    "statTabTokensPerSec": (
+        "Tokens/s",
+        "A server's speed as this app sees it: its last reply's tokens per second after the first token, "
+        "and its generated tokens per second over the last 5 s",
+    ),
+    "statTabTtft": ("TTFT", "Time from Send to the first text of the server's last reply, and the median"),
+}
+
 
 def mib(n_bytes: float) -> str:
     value = n_bytes / MiB
@@ -92,6 +106,7 @@ class StatsDock(QDockWidget):
         self.memory_bar.setToolTip("Reserved K/V memory against the limit (max_bytes_total)")
         layout.addWidget(self._group("KV cache", list(STATS)[:5]))
         layout.addWidget(self._group("Batcher", list(STATS)[5:]))
+        layout.addWidget(self._group("This tab's engine", list(TAB_ENGINE_STATS)))
         self.tokens_plot = Sparkline("Tokens/s", "", "#2563eb")
         self.memory_plot = Sparkline("Memory", "MiB", "#7c3aed")
         self.batch_plot = Sparkline("Batch size", "", "#059669")
@@ -129,7 +144,7 @@ class StatsDock(QDockWidget):
         form.setContentsMargins(8, 6, 8, 6)
         form.setVerticalSpacing(3)
         for name in names:
-            label, meaning = STATS[name]
+            label, meaning = STATS.get(name) or TAB_ENGINE_STATS[name]
             value = QLabel("–", objectName=name)
             value.setWordWrap(True)
             value.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -184,6 +199,21 @@ class StatsDock(QDockWidget):
             set_text["statSessions"]("KV cache disabled")
         self._add_points(kv, metrics)
         self._fill_table(stats["sessions"], titles)
+
+    def show_tab_engine(self, label: str, figures: Mapping[str, Any] | None) -> None:
+        """The engine of the tab shown: ``figures`` is a remote engine's (``worker.remote_stats``),
+        None for the local engine (its figures are the groups above)."""
+        self.labels["statTabEngine"].setText(label)
+        if figures is None:
+            self.labels["statTabTokensPerSec"].setText("see Batcher above")
+            self.labels["statTabTtft"].setText("see Batcher above")
+            return
+        last_rate, last_ttft = figures.get("last_tokens_per_s"), figures.get("last_ttft_ms")
+        rate = f"{last_rate:.1f} last reply · " if last_rate is not None else ""
+        self.labels["statTabTokensPerSec"].setText(f"{rate}{figures['tokens_per_second']:.1f} now")
+        ttft = f"{last_ttft:.0f} ms last reply" if last_ttft is not None else "no reply yet"
+        median = f" · p50 {figures['ttft_p50_ms']:.0f} ms" if figures.get("ttft_p50_ms") else ""
+        self.labels["statTabTtft"].setText(ttft + median)
 
     def _show_memory_pressure(self, metrics: Mapping[str, Any]) -> None:
         """Preemptions so far, and requests waiting for KV memory now."""

@@ -51,7 +51,9 @@ from engine import (
     kernels,
 )
 from engine.kv_cache import KV_DTYPES, ModelShape
+from engine.remote import RemoteEngine, RemoteRequestHandle
 
+from .endpoints import LOCAL_ENGINE
 from .snapshots import result_dict, stats_dict
 from .wording import Problem, engine_problem, too_long
 
@@ -61,6 +63,7 @@ STATS_INTERVAL_MS = 250
 TEXT_FLUSH_S = 0.03  # text of several steps is joined into one signal per conversation
 DOWNLOAD_PROGRESS_S = 0.1  # at most 10 progress signals a second
 DOWNLOAD_JOIN_S = 8.0  # pull_model stops pip within 5 s of a cancel
+ENDPOINT_TEST_TIMEOUT_S = 10.0  # Settings → Engines → Test connection
 
 
 class EngineWorker(QObject):
@@ -86,6 +89,9 @@ class EngineWorker(QObject):
     server_started = Signal(str)  # the in-app API server's base URL
     server_stopped = Signal(str)  # why it stopped or could not start ("" = asked to)
     _work_arrived = Signal()  # emitted from other threads (the API server's) when they submit
+    endpoint_tested = Signal(str, list, str)  # base URL, the model ids it offers, why not ("" = it works)
+    remote_stats_updated = Signal(dict)  # endpoint id -> remote_stats() figures of its engine
+    _remote_event = Signal(str, object)  # conversation id, GenerationEvent: from a remote engine's thread
     shut_down = Signal()
 
     def __init__(self) -> None:
@@ -108,6 +114,12 @@ class EngineWorker(QObject):
         self._download: threading.Thread | None = None
         self._download_cancel = threading.Event()
         self.pull_model: Callable[..., Path] = download.pull_model  # tests swap in a fake (no network)
+        self._remotes: dict[str, RemoteEngine] = {}  # endpoint id -> its engine (see set_endpoints)
+        self._endpoint_of: dict[str, str] = {}  # conversation id -> endpoint id ("local" when absent)
+        self._remote_requests: dict[str, str] = {}  # conversation id -> endpoint id of its running reply
+        self._remote_last: dict[str, dict[str, Any]] = {}  # endpoint id -> its last reply's figures
+        self._remote_flush: QTimer | None = None
+        self._remote_specs: dict[str, tuple[str, str, str, str]] = {}  # what each remote was made from
 
     # -- lifecycle ------------------------------------------------------------------------------
     @Slot()
@@ -122,6 +134,10 @@ class EngineWorker(QObject):
         self._stats_timer = QTimer(self, interval=STATS_INTERVAL_MS)
         self._stats_timer.timeout.connect(self._emit_stats)
         self._work_arrived.connect(self._on_work_arrived, Qt.ConnectionType.QueuedConnection)
+        self._remote_event.connect(self._on_remote_event, Qt.ConnectionType.QueuedConnection)
+        self._remote_flush = QTimer(self, interval=round(TEXT_FLUSH_S * 1000))
+        self._remote_flush.setSingleShot(True)
+        self._remote_flush.timeout.connect(self._flush)
 
     # -- the in-app API server ----------------------------------------------------------------------
     @Slot(int, str)
@@ -157,6 +173,118 @@ class EngineWorker(QObject):
     def _on_work_arrived(self) -> None:
         self._schedule()
 
+    # -- remote engines -------------------------------------------------------------------------
+    @Slot(list)
+    def set_endpoints(self, endpoints: list) -> None:
+        """The remote engines of Settings → Engines: dicts of id, name, base_url, model, api_key. An
+        endpoint that changed or went is stopped (its replies in flight end with an error)."""
+        wanted = {str(e["id"]): (str(e["base_url"]), str(e.get("model") or ""), str(e.get("api_key") or ""),
+                                 str(e.get("name") or "")) for e in endpoints}  # fmt: skip
+        for endpoint_id, remote in list(self._remotes.items()):
+            if wanted.get(endpoint_id) != self._remote_specs.get(endpoint_id):
+                remote.stop()
+                del self._remotes[endpoint_id]
+        for endpoint_id, spec in wanted.items():
+            if endpoint_id in self._remotes:
+                continue
+            base_url, model, api_key, name = spec
+            try:
+                self._remotes[endpoint_id] = RemoteEngine(base_url, model or None, api_key or None, name=name)
+            except ValueError as exc:
+                log.warning("endpoint %s is not usable: %s", name, exc)
+                continue
+            self._remote_specs[endpoint_id] = spec
+        if self._remotes and self._stats_timer is not None and not self._stats_timer.isActive():
+            self._stats_timer.start()
+        self._emit_stats()
+
+    @Slot(str, str)
+    def set_conversation_engine(self, conversation_id: str, engine_id: str) -> None:
+        """Route the conversation's next replies to ``engine_id`` ("local" or an endpoint id)."""
+        if engine_id == LOCAL_ENGINE:
+            self._endpoint_of.pop(conversation_id, None)
+        else:
+            self._endpoint_of[conversation_id] = engine_id
+
+    @Slot(str, str)
+    def test_endpoint(self, base_url: str, api_key: str) -> None:
+        """List a server's models on a short-lived thread (never blocking this one): ``endpoint_tested``."""
+
+        def work() -> None:
+            try:
+                remote = RemoteEngine(base_url, api_key=api_key or None, timeout_s=ENDPOINT_TEST_TIMEOUT_S)
+                models = remote.list_models()
+            except (EngineError, ValueError) as exc:
+                self.endpoint_tested.emit(base_url, [], str(exc))
+                return
+            except Exception as exc:  # report anything: the dialog waits for an answer
+                log.exception("testing %s failed", base_url)
+                self.endpoint_tested.emit(base_url, [], f"{type(exc).__name__}: {exc}")
+                return
+            self.endpoint_tested.emit(base_url, models, "")
+
+        threading.Thread(target=work, name="smallmind-endpoint-test", daemon=True).start()
+
+    def _submit_remote(self, conversation_id: str, messages: list, sampling: dict) -> None:
+        """Send the reply to the tab's server; its events come back through ``_on_remote_event``."""
+        endpoint_id = self._endpoint_of[conversation_id]
+        remote = self._remotes.get(endpoint_id)
+        if remote is None:
+            self._refuse(conversation_id, Problem("This tab's server is not in Settings → Engines any more; "
+                                                  "pick another engine at the top of the tab."))  # fmt: skip
+            return
+        if conversation_id in self._handles:
+            self._refuse(conversation_id, Problem("A reply is already being generated here."))
+            return
+        try:
+            options = InferenceOptions.from_dict(sampling)
+            handle = remote.submit(messages, options, session_id=conversation_id,
+                                   on_event=partial(self._remote_event.emit, conversation_id))  # fmt: skip
+        except (EngineError, ValueError) as exc:
+            log.info("request of %s refused: %s", conversation_id, exc)
+            self._refuse(conversation_id, Problem(f"Not sent: {exc}"))
+            return
+        self._handles[conversation_id] = handle
+        self._n_generated[conversation_id] = 0
+        self._max_new_tokens[conversation_id] = options.max_new_tokens
+        self._remote_requests[conversation_id] = endpoint_id
+
+    @Slot(str, object)
+    def _on_remote_event(self, conversation_id: str, event: GenerationEvent) -> None:
+        """A remote engine's event, now on this thread: buffered and sent on like the local ones."""
+        handle = self._handles.get(conversation_id)
+        if (
+            handle is None
+            or not isinstance(handle, RemoteRequestHandle)
+            or handle.request_id != event.request_id
+        ):
+            return  # its tab was closed, or it was given up
+        if event.kind == "token":  # a chunk of text: one token on most servers (the result has the count)
+            self._n_generated[conversation_id] = self._n_generated.get(conversation_id, 0) + 1
+        result = event.result
+        if result is not None and (endpoint_id := self._remote_requests.get(conversation_id)):
+            self._remote_last[endpoint_id] = {
+                "last_ttft_ms": result.ttft_ms, "last_tokens_per_s": result.decode_tokens_per_s,
+                "last_tokens": result.generated_tokens, "last_finish_reason": result.finish_reason,
+            }  # fmt: skip
+        self._events.append((conversation_id, event))
+        self._flush(force=event.result is not None)
+        if self._text and self._remote_flush is not None and not self._remote_flush.isActive():
+            self._remote_flush.start()  # text held back by the flush interval goes out shortly
+
+    def remote_stats(self) -> dict[str, dict[str, Any]]:
+        """Each remote engine's figures for the stats dock: its own tokens/s and TTFT."""
+        out: dict[str, dict[str, Any]] = {}
+        for endpoint_id, remote in self._remotes.items():
+            m = remote.metrics.snapshot()
+            out[endpoint_id] = {
+                "name": remote.name, "model": remote.model or "", "url": remote.api_url,
+                "tokens_per_second": m.tokens_per_second, "ttft_p50_ms": m.ttft_p50_ms,
+                "in_flight": m.in_flight, "completed": m.completed, "failed": m.failed + m.timed_out,
+                **self._remote_last.get(endpoint_id, {}),
+            }  # fmt: skip
+        return out
+
     @Slot()
     def shutdown(self) -> None:
         """Stop everything (running requests fail with a clear message), then end the thread."""
@@ -173,6 +301,9 @@ class EngineWorker(QObject):
             self._engine.stop()
             self._flush(force=True)
             self._engine = None
+        for remote in self._remotes.values():
+            remote.stop()
+        self._remotes.clear()
         self._handles.clear()
         thread = self.thread()
         app = QCoreApplication.instance()
@@ -259,6 +390,9 @@ class EngineWorker(QObject):
     @Slot(str, list, dict)
     def submit(self, conversation_id: str, messages: list, sampling: dict) -> None:
         """Queue a reply for the conversation (its KV session id is the conversation id)."""
+        if self._endpoint_of.get(conversation_id, LOCAL_ENGINE) != LOCAL_ENGINE:
+            self._submit_remote(conversation_id, messages, sampling)
+            return
         if self._engine is None:
             self._refuse(conversation_id, Problem("No model is loaded; open Settings to choose one."))
             return
@@ -309,8 +443,8 @@ class EngineWorker(QObject):
         """Which limit cut or trimmed a reply: its max new tokens, or the tab's limit (and its setting)."""
         max_new_tokens = self._max_new_tokens.pop(conversation_id, 0)
         limits: dict[str, Any] = {"max_new_tokens": max_new_tokens}
-        if self._engine is None:
-            return limits
+        if self._engine is None or self._remote_requests.pop(conversation_id, None) is not None:
+            return limits  # a remote reply: the local tab limits say nothing about it
         if result.finish_reason == "length":
             full = result.generated_tokens < max_new_tokens
             limits["stopped_by"] = "session" if full else "max_new_tokens"
@@ -364,6 +498,8 @@ class EngineWorker(QObject):
         """
         handle = self._handles.pop(conversation_id, None)
         self._text.pop(conversation_id, None)
+        self._endpoint_of.pop(conversation_id, None)
+        self._remote_requests.pop(conversation_id, None)
         if handle is not None:
             handle.cancel()
             self._schedule()
@@ -487,6 +623,8 @@ class EngineWorker(QObject):
     # -- stats ----------------------------------------------------------------------------------
     @Slot()
     def _emit_stats(self) -> None:
+        if self._remotes:
+            self.remote_stats_updated.emit(self.remote_stats())
         if self._engine is not None:
             stats = stats_dict(self._engine)
             for session in stats["sessions"]:  # a reply queued for it: it is not the next to be evicted
