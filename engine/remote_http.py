@@ -44,8 +44,9 @@ def request_body(
     """(path, JSON body) of a streaming request: chat for messages, completions for plain text.
 
     Every sampling option that OpenAI-compatible servers take is sent (``top_k``, ``min_p`` and
-    ``repetition_penalty`` are extensions vLLM, llama.cpp and SmallMind read and others ignore), so
-    a SmallMind server samples exactly as the local engine would."""
+    ``repetition_penalty`` are extensions vLLM, llama.cpp and SmallMind read and others ignore; the
+    penalty goes under llama.cpp's name ``repeat_penalty`` too), so a SmallMind server samples exactly
+    as the local engine would and llama.cpp's does not fall back to its own defaults."""
     body: dict[str, Any] = {
         "max_tokens": options.max_new_tokens,
         "temperature": options.temperature,
@@ -53,6 +54,7 @@ def request_body(
         "top_k": options.top_k,
         "min_p": options.min_p,
         "repetition_penalty": options.repetition_penalty,
+        "repeat_penalty": options.repetition_penalty,  # llama.cpp's name (its server ignores the other)
         "stream": True,
         "stream_options": {"include_usage": True},
     }

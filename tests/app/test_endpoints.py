@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from smallmind_app import paths
 from smallmind_app.endpoints import KEYRING_SERVICE, ApiKeyStore, Endpoint, _usable_keyring
 from smallmind_app.settings import AppSettings, load_settings, save_settings

@@ -292,3 +292,19 @@ def test_stop_ends_requests_in_flight_with_a_clear_error() -> None:
     )
     with pytest.raises(Exception, match="stopped"):
         engine.submit(MESSAGES, GREEDY)
+
+
+def test_the_server_takes_llama_cpps_name_for_the_repetition_penalty(served: str) -> None:
+    """RemoteEngine sends the penalty under both names; a SmallMind server reads llama.cpp's too."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = {"messages": MESSAGES, "max_tokens": 30, "temperature": 0}
+
+    def reply(**penalty: float) -> httpx.Response:
+        return httpx.post(
+            served + "/v1/chat/completions", json={**body, **penalty}, headers=auth, timeout=TIMEOUT_S
+        )
+
+    by_llama_name = reply(repeat_penalty=1.3).json()["choices"][0]["message"]["content"]
+    assert by_llama_name == reply(repetition_penalty=1.3).json()["choices"][0]["message"]["content"]
+    refused = reply(repeat_penalty=0.0)
+    assert refused.status_code == 400 and "repeat_penalty" in refused.json()["error"]["message"]
