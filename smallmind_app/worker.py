@@ -480,7 +480,9 @@ class EngineWorker(QObject):
         """How many tokens the prompt box's text is (the tab shows it under the box)."""
         if self._engine is not None:
             n_tokens = len(self._engine.tokenizer.encode(text))
-            self.tokens_counted.emit(conversation_id, text, n_tokens, self._engine.session_token_limit())
+            remote = conversation_id in self._endpoint_of  # a server's limit is its own: no local one shown
+            limit = 0 if remote else self._engine.session_token_limit()
+            self.tokens_counted.emit(conversation_id, text, n_tokens, limit)
 
     @Slot(str)
     def cancel(self, conversation_id: str) -> None:
