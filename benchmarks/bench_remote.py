@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 from common import ROOT, default_model_path, report
 
-from engine import BatchedInferenceEngine, GenerationResult, InferenceOptions
+from engine import BatchedInferenceEngine, GenerationResult, InferenceOptions, SessionId
 from engine.remote import RemoteEngine
 from smallmind_server.background import BackgroundServer
 from smallmind_server.serve import load_engine
@@ -46,11 +46,13 @@ def messages(question: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": question}]
 
 
-def one_stream(submit: Any, n_new: int, runs: int) -> dict[str, Any]:
-    """Median TTFT and decode tokens/s of one request at a time."""
+def one_stream(submit: Any, n_new: int, runs: int, session: Any = str) -> dict[str, Any]:
+    """Median TTFT and decode tokens/s of one request at a time. Each run is a new conversation
+    (its own session), so neither side reuses a cached prompt."""
     options = InferenceOptions(temperature=0.0, max_new_tokens=n_new)
     results: list[GenerationResult] = [
-        submit(messages(QUESTIONS[i % 4]), options).result(600) for i in range(runs)
+        submit(messages(QUESTIONS[i % 4]), options, session(f"bench-{time.monotonic_ns()}")).result(600)
+        for i in range(runs)
     ]
     return {
         "ttft_ms": statistics.median(r.ttft_ms or 0.0 for r in results),
@@ -80,7 +82,8 @@ def smallmind_server(engine: BatchedInferenceEngine, n_new: int, runs: int) -> d
     try:
         for submit in (engine.submit, remote.submit):  # warm-up: kernels, the connection
             submit(messages("Hello"), InferenceOptions(temperature=0.0, max_new_tokens=4)).result(600)
-        direct, over_http = one_stream(engine.submit, n_new, runs), one_stream(remote.submit, n_new, runs)
+        direct = one_stream(engine.submit, n_new, runs, SessionId)
+        over_http = one_stream(remote.submit, n_new, runs)  # the id goes as X-Session-Id
         direct_4, over_http_4 = concurrent(engine.submit, n_new), concurrent(remote.submit, n_new)
     finally:
         remote.stop()

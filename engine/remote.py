@@ -24,8 +24,8 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from typing import Any, cast
 
 import httpx
 
@@ -190,6 +190,7 @@ class RemoteEngine:
             loop.run_forever()
         finally:
             loop.run_until_complete(self._client.aclose())
+            loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
@@ -315,16 +316,20 @@ class RemoteEngine:
     async def _read_stream(
         self, handle: RemoteRequestHandle, response: httpx.Response, state: StreamState, clock: _Clock
     ) -> None:
-        async for line in response.aiter_lines():
-            try:
-                text = parse_sse_line(line, state)
-            except RuntimeError as exc:
-                raise _Failure("error", str(exc)) from exc
-            if text:
-                clock.tick(self.metrics)
-                handle._deliver(GenerationEvent(handle.request_id, "token", text=text))
-            if state.done:
-                return
+        lines = cast(AsyncGenerator[str, None], response.aiter_lines())  # an async generator
+        try:
+            async for line in lines:
+                try:
+                    text = parse_sse_line(line, state)
+                except RuntimeError as exc:
+                    raise _Failure("error", str(exc)) from exc
+                if text:
+                    clock.tick(self.metrics)
+                    handle._deliver(GenerationEvent(handle.request_id, "token", text=text))
+                if state.done:
+                    return
+        finally:
+            await lines.aclose()  # now, not when collected: the loop may be gone by then
         if state.finish_reason is None:
             got = f"after {sum(map(len, state.pieces))} characters" if state.pieces else "before any text"
             raise _Failure("error", f"the stream ended before the reply finished ({got})")
