@@ -64,6 +64,8 @@ def request_body(
         body["seed"] = options.seed
     if options.stop:
         body["stop"] = list(options.stop)
+    if not options.stop_on_eos:  # vLLM's and llama.cpp's name; sent only when asked for
+        body["ignore_eos"] = True
     if isinstance(prompt_or_messages, str):
         return "/completions", {**body, "prompt": prompt_or_messages}
     return "/chat/completions", {**body, "messages": check_messages(prompt_or_messages)}

@@ -21,7 +21,7 @@ from PySide6.QtCore import Qt
 
 from smallmind_app import paths
 from smallmind_app.endpoints import KEY_FILE_NAME, Endpoint
-from tests.fixtures.window import REPLY_TIMEOUT_MS, send, stored_messages, wait_idle
+from tests.fixtures.window import LONG, REPLY_TIMEOUT_MS, send, stored_messages, wait_idle, wait_text
 from tests.server.test_serve_cli import free_port, wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -204,3 +204,29 @@ def test_an_endpoint_with_a_bad_url_cannot_be_saved(qtbot: Any, make_window: Any
     assert "must start with http://" in page.test_result.text()
     type_into(qtbot, page.base_url, "http://localhost:8080/v1")
     assert dialog.ok_button.isEnabled()
+
+
+def test_a_remote_reply_and_a_local_one_run_side_by_side(
+    qtbot: Any, make_window: Any, write_settings: Any, server: str
+) -> None:
+    """The worker never waits on HTTP: a local tab keeps generating while a server answers another."""
+    box = Endpoint("5e4e4e", "Box", server + "/v1", "app-tiny")
+    write_settings(engines=(box,), sampling=LONG)
+    window = make_window()
+    window.api_keys.set(box.id, KEY)
+    window._send_endpoints()  # the key was stored after the window started
+    local_tab, remote_tab = window.chat_tabs[0], window.new_chat()
+    pick(qtbot, remote_tab, "Box · app-tiny")
+    before = served_chats(server)
+    send(local_tab, "A long local story")
+    wait_text(qtbot, local_tab)
+    send(remote_tab, "A long remote story")
+    qtbot.waitUntil(lambda: bool(remote_tab.entries[-1].content), timeout=REPLY_TIMEOUT_MS)
+    assert local_tab.is_generating  # both at once
+    wait_idle(qtbot, local_tab, remote_tab)
+    for tab in (local_tab, remote_tab):
+        assert (
+            tab.entries[-1].status == "complete"
+            and tab.entries[-1].stats["n_tokens"] == LONG["max_new_tokens"]
+        )
+    assert served_chats(server) == before + 1

@@ -70,16 +70,22 @@ def finished_with(url: str, reason: str) -> float:
     )
 
 
+# every option the request carries: a seeded sampled reply is the same on both sides too
+SAMPLED = InferenceOptions(temperature=0.9, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.2,
+                           seed=11, max_new_tokens=50, stop_on_eos=False)  # fmt: skip
+
+
 # -- against smallmind serve ----------------------------------------------------------------------
-def test_greedy_reply_equals_the_local_engines(
-    remote: RemoteEngine, local_engine: BatchedInferenceEngine
+@pytest.mark.parametrize("options", [GREEDY, SAMPLED], ids=["greedy", "seeded-sampling"])
+def test_replies_equal_the_local_engines(
+    remote: RemoteEngine, local_engine: BatchedInferenceEngine, options: InferenceOptions
 ) -> None:
-    local = local_engine.submit(MESSAGES, GREEDY).result(TIMEOUT_S)
-    got = remote.submit(MESSAGES, GREEDY).result(TIMEOUT_S)
+    local = local_engine.submit(MESSAGES, options).result(TIMEOUT_S)
+    got = remote.submit(MESSAGES, options).result(TIMEOUT_S)
     assert got.error is None
     assert got.text == local.text and got.text
     assert got.finish_reason == local.finish_reason
-    assert got.generated_tokens == local.generated_tokens == 40  # from the server's usage
+    assert got.generated_tokens == local.generated_tokens == options.max_new_tokens  # the server's usage
     assert got.prompt_tokens == local.prompt_tokens
     assert got.ttft_ms is not None and 0 < got.ttft_ms < got.total_ms
     assert got.decode_tokens_per_s > 0
