@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from PySide6.QtCore import Signal, Slot
+from PySide6.QtCore import Qt, Signal, Slot
 from PySide6.QtWidgets import QComboBox, QSizePolicy, QWidget
 
 from .endpoints import LOCAL_ENGINE
 
 ENGINE_KEY = "engine"  # in a conversation's settings JSON
+MAX_WIDTH_PX = 360
 
 
 class EnginePicker(QComboBox):
@@ -25,7 +26,8 @@ class EnginePicker(QComboBox):
         )
         self.setAccessibleName("Engine")
         self.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)
-        self.setSizePolicy(QSizePolicy.Policy.Maximum, QSizePolicy.Policy.Fixed)
+        self.setSizePolicy(QSizePolicy.Policy.Fixed, QSizePolicy.Policy.Fixed)  # never squeezed by the header
+        self.setMaximumWidth(MAX_WIDTH_PX)  # a long model id does not push the header's other buttons out
         self.addItem("Local engine", LOCAL_ENGINE)
         self.activated.connect(self._on_activated)
 
@@ -40,6 +42,7 @@ class EnginePicker(QComboBox):
         self.clear()
         for engine_id, label in choices:
             self.addItem(label, engine_id)
+            self.setItemData(self.count() - 1, label, Qt.ItemDataRole.ToolTipRole)
         index = self.findData(current)
         self.setCurrentIndex(max(0, index))
         self.blockSignals(False)
