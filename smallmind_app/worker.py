@@ -184,6 +184,7 @@ class EngineWorker(QObject):
             if wanted.get(endpoint_id) != self._remote_specs.get(endpoint_id):
                 remote.stop()
                 del self._remotes[endpoint_id]
+                self._remote_specs.pop(endpoint_id, None)
         for endpoint_id, spec in wanted.items():
             if endpoint_id in self._remotes:
                 continue
