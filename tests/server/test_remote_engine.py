@@ -314,3 +314,22 @@ def test_the_server_takes_llama_cpps_name_for_the_repetition_penalty(served: str
     assert by_llama_name == reply(repetition_penalty=1.3).json()["choices"][0]["message"]["content"]
     refused = reply(repeat_penalty=0.0)
     assert refused.status_code == 400 and "repeat_penalty" in refused.json()["error"]["message"]
+
+
+def test_a_wrong_path_says_to_check_the_base_url(served: str) -> None:
+    engine = RemoteEngine(served + "/api", api_key=KEY)  # the API is at /v1
+    with pytest.raises(RemoteEngineError, match=r"nothing answers at this address \(404 Not Found\).*/v1"):
+        engine.list_models()
+    result = engine.submit(MESSAGES, GREEDY).result(TIMEOUT_S)
+    engine.stop()
+    assert result.finish_reason == "error" and "is the base URL right" in (result.error or "")
+
+
+def test_a_retry_after_longer_than_the_cap_fails_at_once() -> None:
+    def busy(conn: socket.socket, n: int) -> None:
+        conn.sendall(status(503, "Service Unavailable", "model loading", {"Retry-After": "120"}))
+
+    with fault_server(busy) as server:
+        engine = RemoteEngine(server.base_url, max_retry_wait_s=5)
+        message = assert_fails_within(engine, 5, "error", "model loading", "retry after 120 s")
+        assert len(server.requests) == 1 and "503" in message
