@@ -53,13 +53,15 @@ def server(app_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> It
             proc.wait(TIMEOUT_S)
 
 
-def served_chats(url: str) -> float:
-    """Chat requests the server has finished (its /metrics)."""
+def served_chats(url: str, reason: str = "") -> float:
+    """Chat requests the server has finished (with ``reason``, or any), from its /metrics."""
     text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=TIMEOUT_S).text
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
-        if line.startswith("smallmind_server_requests_finished") and 'endpoint="chat"' in line
+        if line.startswith("smallmind_server_requests_finished")
+        and 'endpoint="chat"' in line
+        and f'finish_reason="{reason}' in line
     )
 
 
@@ -230,3 +232,23 @@ def test_a_remote_reply_and_a_local_one_run_side_by_side(
             and tab.entries[-1].stats["n_tokens"] == LONG["max_new_tokens"]
         )
     assert served_chats(server) == before + 1
+
+
+def test_stop_ends_a_remote_reply_and_the_server_sees_it(
+    qtbot: Any, make_window: Any, write_settings: Any, server: str
+) -> None:
+    box = Endpoint("5709aa", "Box", server + "/v1", "app-tiny")
+    write_settings(engines=(box,), default_engine=box.id, sampling=LONG)
+    window = make_window()
+    window.api_keys.set(box.id, KEY)
+    window._send_endpoints()
+    tab = window.new_chat()
+    assert tab.engine_picker.engine_id == box.id  # the default engine
+    cancelled = served_chats(server, "cancelled")
+    send(tab, "A long story, please")
+    wait_text(qtbot, tab)
+    tab.stop_button.click()
+    wait_idle(qtbot, tab)
+    reply = tab.entries[-1]
+    assert reply.status == "partial" and reply.content and tab.status_label.text() == "Stopped."
+    qtbot.waitUntil(lambda: served_chats(server, "cancelled") == cancelled + 1, timeout=10_000)
