@@ -7,10 +7,7 @@ conversations database, the settings file or the log.
 from __future__ import annotations
 
 import logging
-import os
 import stat
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,10 +18,10 @@ from PySide6.QtCore import Qt
 
 from smallmind_app import paths
 from smallmind_app.endpoints import KEY_FILE_NAME, Endpoint
+from tests.fixtures.served import smallmind_serve
 from tests.fixtures.window import LONG, REPLY_TIMEOUT_MS, send, stored_messages, wait_idle, wait_text
-from tests.server.test_serve_cli import free_port, wait_healthy
+from tests.server.test_serve_cli import free_port
 
-REPO = Path(__file__).resolve().parents[2]
 KEY = "sk-remote-test-4d1f9a"
 TIMEOUT_S = 60.0
 
@@ -32,25 +29,8 @@ TIMEOUT_S = 60.0
 @pytest.fixture(scope="module")
 def server(app_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``smallmind serve`` of the app's tiny model, with an API key; yields its base URL (no /v1)."""
-    port = free_port()
-    home = tmp_path_factory.mktemp("serve_home")  # the server's own files, never the user's
-    env = {**os.environ, "PYTHONPATH": str(REPO), paths.HOME_ENV: str(home)}
-    command = [sys.executable, "-m", "smallmind_app", "serve", "--model", str(app_model_path),
-               "--port", str(port), "--api-key", KEY]  # fmt: skip
-    proc = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc)  # type: ignore[arg-type]
+    with smallmind_serve(app_model_path, KEY, tmp_path_factory.mktemp("served")) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(TIMEOUT_S)
 
 
 def served_chats(url: str, reason: str = "") -> float:

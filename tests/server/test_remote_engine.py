@@ -7,7 +7,6 @@ Every failure must end its request within its timeout with a message naming the 
 from __future__ import annotations
 
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -20,8 +19,9 @@ from engine import BatchedInferenceEngine, GenerationEvent, InferenceOptions
 from engine.errors import RemoteEngineError
 from engine.remote import RemoteEngine
 from tests.fixtures.http_faults import STREAM_HEAD, delta, fault_server, sse_chunk, status, whole_stream
+from tests.fixtures.served import smallmind_serve
 from tests.server.conftest import make_engine, wait_until
-from tests.server.test_serve_cli import KEY, free_port, smallmind, wait_healthy
+from tests.server.test_serve_cli import KEY, free_port
 
 TIMEOUT_S = 60.0
 MESSAGES = [{"role": "user", "content": "Tell me about the sea."}]
@@ -29,21 +29,10 @@ GREEDY = InferenceOptions(temperature=0.0, max_new_tokens=40)
 
 
 @pytest.fixture(scope="module")
-def served(long_context_model: Path) -> Iterator[str]:
+def served(long_context_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``smallmind serve`` on a free loopback port, with an API key; yields its base URL (no /v1)."""
-    port = free_port()
-    proc = smallmind("serve", "--model", str(long_context_model), "--port", str(port), "--api-key", KEY)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc)
+    with smallmind_serve(long_context_model, KEY, tmp_path_factory.mktemp("served")) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
