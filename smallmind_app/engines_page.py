@@ -95,8 +95,9 @@ class EnginesPage(QWidget):
         self.form.addRow("", self.test_button)
         self.form.addRow("", self.test_result)
         note = QLabel(
-            "Any OpenAI-compatible server: vLLM, llama.cpp's llama-server, Ollama, or another "
-            "computer's smallmind serve. Each tab picks its engine at its top."
+            f"Any OpenAI-compatible server: vLLM, llama.cpp's llama-server, Ollama, or another "
+            f"computer's smallmind serve. Each tab picks its engine at its top. API keys are kept in "
+            f"{key_place}, never in the settings file or the conversations."
         )
         note.setWordWrap(True)
         note.setStyleSheet("color: #6b7280;")
