@@ -21,6 +21,7 @@ from PySide6.QtWidgets import QInputDialog, QMenu, QTabWidget, QWidget
 
 from .chat_tab import ChatTab
 from .store import Conversation, ConversationStore, StoreError
+from .theme import colors
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class ConversationTabs(QTabWidget):
     tab_opened = Signal(object)  # ChatTab: connect its signals
     tab_closed = Signal(str)  # conversation id: drop its KV session
     store_failed = Signal(str)  # a sentence for the user (the change is kept in memory)
+    title_changed = Signal(str, str)  # conversation id, its new title
 
     def __init__(self, store: ConversationStore, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -191,6 +193,7 @@ class ConversationTabs(QTabWidget):
         self.setTabText(index, title.replace("&", "&&"))
         self.setTabToolTip(index, title)
         self._write(self.store.rename, tab.conversation_id, title)
+        self.title_changed.emit(tab.conversation_id, title)
 
     def unique_title(self, base: str, exclude: str | None = None) -> str:
         """``base``, or ``base (2)``, ``(3)``…: no two conversations (open or closed) share a name."""
@@ -257,7 +260,12 @@ class ConversationTabs(QTabWidget):
     def _on_tab_busy_changed(self, conversation_id: str, busy: bool) -> None:
         tab = self._by_id.get(conversation_id)
         if tab is not None:
-            self.tabBar().setTabTextColor(self.indexOf(tab), QColor("#047857") if busy else QColor())
+            self.tabBar().setTabTextColor(self.indexOf(tab), QColor(colors()["busy"]) if busy else QColor())
+
+    def restyle(self) -> None:
+        """The theme changed: busy tabs take its color."""
+        for tab in self._by_id.values():
+            self._on_tab_busy_changed(tab.conversation_id, tab.is_generating)
 
     def _write(self, write: Callable[..., Any], *args: Any) -> None:
         try:

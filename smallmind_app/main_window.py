@@ -17,6 +17,7 @@ from PySide6.QtCore import QCoreApplication, Qt, Slot
 from PySide6.QtGui import QAction, QCloseEvent, QIcon, QKeySequence, QResizeEvent
 from PySide6.QtWidgets import (
     QFileDialog,
+    QInputDialog,
     QLabel,
     QMainWindow,
     QMessageBox,
@@ -30,19 +31,23 @@ from .chat_tab import ChatTab
 from .conversation_tabs import ConversationTabs
 from .engine_client import EngineClient
 from .first_run import FirstRunDialog
+from .history_sidebar import HistorySidebar
 from .models_dialog import ModelsDialog
 from .paths import RESOURCES_DIR
+from .presets import PresetMenu, clean_name
 from .server_dialog import LocalServerDialog
 from .settings import AppSettings, SettingsError, save_settings
 from .settings_dialog import SettingsDialog
 from .stats_dock import StatsDock
 from .store import ConversationStore
+from .theming import ThemeManager
 from .wording import LABELS, MiB, setting_problem
 from .worker import default_model_description, validate_settings
 
 log = logging.getLogger(__name__)
 MODEL_ENV = "SMALLMIND_MODEL"
 DOCK_SHARE, DOCK_WIDTH = 0.3, (300, 600)
+HISTORY_WIDTH = 290
 ICON_FILE = RESOURCES_DIR / "icon.png"
 
 
@@ -76,8 +81,16 @@ class MainWindow(QMainWindow):
         self.stats_dock = StatsDock(self)
         self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.stats_dock)
         self.resizeDocks([self.stats_dock], [400], Qt.Orientation.Horizontal)
+        self.history = HistorySidebar(store, self.tabs, self)
+        self.history.store_failed.connect(self._on_tabs_store_failed)
+        self.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, self.history)
+        self.resizeDocks([self.history], [HISTORY_WIDTH], Qt.Orientation.Horizontal)
         self.setWindowIcon(app_icon())
         self._build_actions()
+        self._build_history_actions()
+        self.theme = ThemeManager(settings.theme, self)
+        self.theme.theme_changed.connect(self._on_theme_theme_changed)
+        self.theme.set_choice(settings.theme)
         self._build_status_bar()
         self._connect_worker()
         app = QCoreApplication.instance()
@@ -183,6 +196,7 @@ class MainWindow(QMainWindow):
         self.tabs.restore()
         if not self.tabs.count():
             self.new_chat()
+        self.history.refresh()
 
     # -- tabs -----------------------------------------------------------------------------------
     @property
@@ -202,6 +216,7 @@ class MainWindow(QMainWindow):
         tab.settings_requested.connect(self.open_settings)
         tab.token_count_requested.connect(self.client.count_tokens)
         tab.setting_change_requested.connect(self._on_tab_setting_change_requested)
+        self._add_preset_button(tab)
 
     @Slot(str)
     def _on_tabs_tab_closed(self, conversation_id: str) -> None:
@@ -525,6 +540,8 @@ class MainWindow(QMainWindow):
         self.client.apply_settings(dict(settings.kv_cache), dict(settings.batching))
         if settings.model_path != old.model_path:
             self.client.load_model(settings.model_path or "")
+        if settings.theme != self.theme.choice:
+            self.theme.set_choice(settings.theme)
 
     def _save_settings(self, settings: AppSettings) -> None:
         self.settings = settings
@@ -582,6 +599,86 @@ class MainWindow(QMainWindow):
             width = min(DOCK_WIDTH[1], max(DOCK_WIDTH[0], int(self.width() * DOCK_SHARE)))
             self.resizeDocks([self.stats_dock], [width], Qt.Orientation.Horizontal)
 
+    # -- history, theme, presets ----------------------------------------------------------------
+    def _build_history_actions(self) -> None:
+        self.action_toggle_history = self.history.toggleViewAction()
+        self.action_toggle_history.setObjectName("actionToggleHistory")
+        self.action_toggle_history.setText("&History")
+        self.action_toggle_history.setShortcut(QKeySequence("Ctrl+H"))
+        self.addAction(self.action_toggle_history)
+        self.action_search_history = self._action(
+            "actionSearchHistory", "&Search conversations…", self.history.focus_search, "Ctrl+Shift+F"
+        )
+        view = self.menuBar().addMenu("&View")
+        view.addAction(self.action_toggle_history)
+        view.addAction(self.action_search_history)
+        self.preset_menu = self._preset_menu(self)
+        chat = self.menuBar().actions()[0].menu()
+        chat.insertMenu(self.action_chat_settings, self.preset_menu)
+
+    def _preset_menu(self, parent: QWidget, tab: ChatTab | None = None) -> PresetMenu:
+        """The presets menu of ``tab`` (None: the current tab's, for the Chat menu)."""
+
+        def target() -> ChatTab | None:
+            current = self.tabs.currentWidget()
+            return tab if tab is not None else current if isinstance(current, ChatTab) else None
+
+        menu = PresetMenu(
+            lambda: self.settings.prompt_presets, lambda: t.system_prompt if (t := target()) else "", parent
+        )
+        menu.preset_chosen.connect(lambda name, text: self.use_preset(target(), name, text))
+        menu.save_requested.connect(lambda: self.ask_preset_name(target()))
+        menu.delete_requested.connect(self.delete_preset)
+        return menu
+
+    def _add_preset_button(self, tab: ChatTab) -> None:
+        button = QToolButton(tab, objectName="presetButton", text="Presets")
+        button.setAutoRaise(True)
+        button.setToolTip("Pick a saved system prompt for this chat, or save this one")
+        button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        button.setMenu(self._preset_menu(button, tab))
+        tab.header_row.insertWidget(1, button)
+
+    def use_preset(self, tab: ChatTab | None, name: str, text: str) -> None:
+        if tab is not None:
+            tab.set_system_prompt(text)
+            tab.status_label.setText(f"System prompt: “{name}”.")
+
+    def ask_preset_name(self, tab: ChatTab | None) -> QInputDialog | None:
+        if tab is None or not tab.system_prompt.strip():
+            self.statusBar().showMessage("This chat has no system prompt to save.", 6000)
+            return None
+        dialog = QInputDialog(self, objectName="presetNameDialog")
+        dialog.setWindowTitle("Save system prompt")
+        dialog.setLabelText("Name of this preset:")
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        prompt = tab.system_prompt
+        dialog.textValueSelected.connect(lambda name: self.save_preset(name, prompt))
+        dialog.open()
+        return dialog
+
+    def save_preset(self, name: str, text: str) -> None:
+        """Add (or replace) the preset ``name`` and save the settings."""
+        name = clean_name(name)
+        if name:
+            self._save_settings(
+                self.settings.with_changes(prompt_presets={**self.settings.prompt_presets, name: text})
+            )
+            self.statusBar().showMessage(f"Saved the preset “{name}”.", 6000)
+
+    def delete_preset(self, name: str) -> None:
+        presets = {k: v for k, v in self.settings.prompt_presets.items() if k != name}
+        self._save_settings(self.settings.with_changes(prompt_presets=presets))
+
+    @Slot(str)
+    def _on_theme_theme_changed(self, _name: str) -> None:
+        """Redo what was painted with the old colors: transcripts, busy tabs, plots, the history list."""
+        for tab in self.tabs.chat_tabs:
+            tab.transcript.restyle()
+        self.tabs.restyle()
+        self.stats_dock.restyle()
+        self.history.view.viewport().update()
+
     # -- shutdown -------------------------------------------------------------------------------
     def closeEvent(self, event: QCloseEvent) -> None:
         self._shutdown()
@@ -593,6 +690,7 @@ class MainWindow(QMainWindow):
         if self._closed:
             return
         self._closed = True
+        self.history.commit_pending()  # a delete waiting for its undo time is done now
         self.tabs.save_all()
         self.client.shutdown()
         self.store.close()

@@ -30,6 +30,8 @@ from typing import Any
 
 from . import paths
 from .paths import default_system_prompt
+from .presets import DEFAULT_PRESETS, check_presets
+from .theming import check_choice
 from .worker import engine_options
 
 logger = logging.getLogger(__name__)
@@ -112,6 +114,8 @@ class AppSettings:
     batching: Mapping[str, Any] = field(default_factory=lambda: section_defaults("batching"))
     sampling: Mapping[str, Any] = field(default_factory=lambda: section_defaults("sampling"))
     server_port: int = 8080  # Tools → Local server…: the port the in-app API server listens on
+    theme: str = "system"  # "system" (follow the system's color scheme), "light" or "dark"
+    prompt_presets: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(dict(DEFAULT_PRESETS)))
 
     def __post_init__(self) -> None:
         if not _is_int(self.schema_version) or not 1 <= self.schema_version <= SCHEMA_VERSION:
@@ -125,10 +129,14 @@ class AppSettings:
             raise ValueError(f"server_port must be a port from 1024 to 65535, got {self.server_port!r}")
         for section in SECTIONS:  # frozen: the only way to store the checked, read-only copies
             object.__setattr__(self, section, _freeze_section(section, getattr(self, section)))
+        check_choice(self.theme)
+        object.__setattr__(self, "prompt_presets", MappingProxyType(check_presets(self.prompt_presets)))
 
     def __hash__(self) -> int:  # the mappings are unhashable; their items are not
         sections = tuple(tuple(getattr(self, name).items()) for name in SECTIONS)
-        return hash((self.schema_version, self.model_path, self.system_prompt, self.server_port, sections))
+        presets = tuple(self.prompt_presets.items())
+        return hash((self.schema_version, self.model_path, self.system_prompt, self.server_port, sections,
+                     self.theme, presets))  # fmt: skip
 
     def with_changes(self, **changes: Any) -> AppSettings:
         """A copy with `changes`; a section given as a dict is merged over the current section."""
@@ -144,6 +152,8 @@ class AppSettings:
             "model_path": self.model_path,
             "system_prompt": self.system_prompt,
             "server_port": self.server_port,
+            "theme": self.theme,
+            "prompt_presets": dict(self.prompt_presets),
         }
         for section in SECTIONS:
             data[section] = {

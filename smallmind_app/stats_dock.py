@@ -28,6 +28,7 @@ from PySide6.QtWidgets import (
 )
 
 from .sparkline import Sparkline
+from .theme import colors
 
 MiB = 1 << 20
 MIN_WIDTH = 300
@@ -92,9 +93,9 @@ class StatsDock(QDockWidget):
         self.memory_bar.setToolTip("Reserved K/V memory against the limit (max_bytes_total)")
         layout.addWidget(self._group("KV cache", list(STATS)[:5]))
         layout.addWidget(self._group("Batcher", list(STATS)[5:]))
-        self.tokens_plot = Sparkline("Tokens/s", "", "#2563eb")
-        self.memory_plot = Sparkline("Memory", "MiB", "#7c3aed")
-        self.batch_plot = Sparkline("Batch size", "", "#059669")
+        self.tokens_plot = Sparkline("Tokens/s", "", "sparkline_tokens")
+        self.memory_plot = Sparkline("Memory", "MiB", "sparkline_memory")
+        self.batch_plot = Sparkline("Batch size", "", "sparkline_batch")
         for plot in (self.tokens_plot, self.memory_plot, self.batch_plot):
             layout.addWidget(plot)
         layout.addWidget(QLabel("<b>Sessions</b> (least recently used first)"))
@@ -237,4 +238,9 @@ class StatsDock(QDockWidget):
                 item.setText(text)
                 if column in (1, 2):
                     item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-                item.setForeground(QColor("#047857" if session["pinned"] else "#111827"))
+                item.setForeground(QColor(colors()["busy" if session["pinned"] else "text"]))
+
+    def restyle(self) -> None:
+        """The theme changed: the plots repaint with its colors (the table's rows at the next update)."""
+        for plot in (self.tokens_plot, self.memory_plot, self.batch_plot):
+            plot.update()
