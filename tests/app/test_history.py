@@ -13,8 +13,8 @@ from PySide6.QtCore import QPoint, Qt
 from PySide6.QtWidgets import QDockWidget, QLineEdit, QListView
 
 from smallmind_app import history_sidebar, paths
-from smallmind_app.history_model import ID_ROLE, MESSAGE_ROLE, PREVIEW_ROLE, TITLE_ROLE, day_label
 from smallmind_app.history_index import MARK_START, marked_words
+from smallmind_app.history_model import ID_ROLE, MESSAGE_ROLE, PREVIEW_ROLE, TITLE_ROLE, day_label
 from smallmind_app.store import ConversationStore
 from tests.fixtures.history import fill_history
 from tests.fixtures.window import send, wait_idle
@@ -209,9 +209,7 @@ def test_delete_can_be_undone_for_a_few_seconds_then_it_is_real(
     assert window.store.get_conversation(keep) is not None  # not yet deleted: restorable
     sidebar.undo_button.click()
     assert keep in model.conversation_ids() and not sidebar.undo_bar.isVisible()
-    assert (
-        window.tabs.tab_for(keep) is not None and [m.content for m in window.store.messages(keep)][0] == "a"
-    )
+    assert window.tabs.tab_for(keep) is not None and window.store.messages(keep)[0].content == "a"
 
     sidebar._undo_timer.setInterval(200)  # the undo time passes (the real one is a few seconds)
     view = sidebar.view
