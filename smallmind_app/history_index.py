@@ -121,18 +121,16 @@ def _rebuild(db: sqlite3.Connection) -> None:
 def summaries(db: sqlite3.Connection) -> list[ConversationSummary]:
     """Every conversation: pinned ones first (last pinned first), then newest activity first."""
     rows = db.execute(
-        f"""SELECT c.id, c.title, p.pinned_at,
-               COALESCE((SELECT MAX(m.created_at) FROM messages m WHERE m.conversation_id = c.id),
-                        c.created_at) AS last_active,
+        f"""SELECT c.id, c.title, p.pinned_at IS NOT NULL AS pinned,
+               COALESCE((SELECT m.created_at FROM messages m WHERE m.conversation_id = c.id
+                         ORDER BY m.id DESC LIMIT 1), c.created_at) AS last_active,
                (SELECT substr(m.content, 1, {PREVIEW_CHARS}) FROM messages m
                  WHERE m.conversation_id = c.id AND m.role != 'system' AND m.content != ''
                  ORDER BY m.id DESC LIMIT 1) AS preview
-            FROM conversations c LEFT JOIN pinned_conversations p ON p.conversation_id = c.id"""
+            FROM conversations c LEFT JOIN pinned_conversations p ON p.conversation_id = c.id
+            ORDER BY p.pinned_at IS NULL, p.pinned_at DESC, last_active DESC"""
     ).fetchall()
-    rows.sort(key=lambda r: (r[2] is None, -(r[2] or 0.0), -r[3]))
-    return [
-        ConversationSummary(r[0], r[1], one_line(r[4] or ""), float(r[3]), r[2] is not None) for r in rows
-    ]
+    return [ConversationSummary(r[0], r[1], one_line(r[4] or ""), r[3], bool(r[2])) for r in rows]
 
 
 def one_line(text: str) -> str:
@@ -157,9 +155,8 @@ def search(db: sqlite3.Connection, text: str) -> dict[str, SearchHit]:
     if query is None:
         return {}
     newest = db.execute(
-        """SELECT conversation_id, MAX(id) FROM messages
-           WHERE id IN (SELECT rowid FROM message_search WHERE message_search MATCH ?)
-           GROUP BY conversation_id ORDER BY MAX(id) DESC""",
+        """SELECT m.conversation_id, MAX(m.id) FROM message_search s JOIN messages m ON m.id = s.rowid
+           WHERE message_search MATCH ? GROUP BY m.conversation_id ORDER BY MAX(m.id) DESC""",
         (query,),
     ).fetchall()
     titles = dict(

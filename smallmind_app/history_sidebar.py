@@ -33,7 +33,7 @@ from PySide6.QtWidgets import (
 
 from .chat_tab import ChatTab
 from .conversation_tabs import AUTO_TITLE, ConversationTabs
-from .history_index import fts_query
+from .history_index import ConversationSummary, fts_query
 from .history_model import ID_ROLE, MESSAGE_ROLE, PINNED_ROLE, HistoryDelegate, HistoryModel
 from .store import ConversationStore, StoreError
 from .transcript_search import show_entry
@@ -67,9 +67,10 @@ class HistorySidebar(QDockWidget):
         self.hidden: set[str] = set()  # deleted, waiting for the undo time to pass
         self.pending: PendingDelete | None = None
         self.model = HistoryModel(self._snippet, self)
+        self._summaries: list[ConversationSummary] = []  # as last read; a search filters these
         self._build()
         self._refresh_timer = self._timer(REFRESH_DELAY_MS, self.refresh)
-        self._search_timer = self._timer(SEARCH_DELAY_MS, self.refresh)
+        self._search_timer = self._timer(SEARCH_DELAY_MS, self._on_search_timer_timeout)
         self._undo_timer = self._timer(UNDO_MS, self.commit_pending)
         tabs.tab_opened.connect(self._on_tabs_tab_opened)
         tabs.tab_closed.connect(self.schedule_refresh)
@@ -129,20 +130,25 @@ class HistorySidebar(QDockWidget):
         self._refresh_timer.start()
 
     @Slot()
-    def refresh(self) -> None:
+    def _on_search_timer_timeout(self) -> None:
+        self.refresh(reread=False)  # the conversations are as read last time: only the search runs
+
+    @Slot()
+    def refresh(self, reread: bool = True) -> None:
         """Read the conversations again (and search, when there is text), keeping the selection."""
         self._refresh_timer.stop()
         self._search_timer.stop()
         text = self.search.text()
         try:
-            summaries = [s for s in self.store.history() if s.id not in self.hidden]
+            if reread or not self._summaries:
+                self._summaries = self.store.history()
             hits = self.store.search(text) if fts_query(text) is not None else None
         except StoreError as exc:
             self.store_failed.emit(str(exc))
             return
         selected = self.current_id()
         position = self.view.verticalScrollBar().value()
-        self.model.set_conversations(summaries, hits)
+        self.model.set_conversations([s for s in self._summaries if s.id not in self.hidden], hits)
         if selected is not None and (row := self.model.row_of(selected)) is not None:
             self.view.setCurrentIndex(self.model.index(row))
         self.view.verticalScrollBar().setValue(position if hits is None else 0)
