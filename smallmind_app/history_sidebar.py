@@ -136,6 +136,7 @@ class HistorySidebar(QDockWidget):
     @Slot()
     def refresh(self, reread: bool = True) -> None:
         """Read the conversations again (and search, when there is text), keeping the selection."""
+        reread = reread or self._refresh_timer.isActive()  # a change waiting to be read is read now
         self._refresh_timer.stop()
         self._search_timer.stop()
         text = self.search.text()
