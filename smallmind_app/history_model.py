@@ -181,8 +181,8 @@ class HistoryDelegate(QStyledItemDelegate):
     def sizeHint(self, option: QStyleOptionViewItem, index: ModelIndex) -> QSize:
         height = QFontMetrics(option.font).height()
         if index.data(HEADER_ROLE):
-            return QSize(200, height + 2 * self.PADDING + 4)
-        return QSize(200, 2 * height + 2 * self.PADDING + 2)
+            return QSize(1, height + 2 * self.PADDING + 4)  # as wide as the list: long text ends in "…"
+        return QSize(1, 2 * height + 2 * self.PADDING + 2)
 
     def paint(self, painter: QPainter, option: QStyleOptionViewItem, index: ModelIndex) -> None:
         theme = colors()

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 UNDO_MS = 6000  # how long a deleted conversation can be brought back
 REFRESH_DELAY_MS = 150  # changes in the tabs are gathered, then the list is read again once
 SEARCH_DELAY_MS = 120  # typing pauses this long before the search runs
+MIN_WIDTH = 220
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,7 @@ class HistorySidebar(QDockWidget):
         tabs.tab_opened.connect(self._on_tabs_tab_opened)
         tabs.tab_closed.connect(self.schedule_refresh)
         tabs.title_changed.connect(self.schedule_refresh)
+        tabs.currentChanged.connect(self._on_tabs_current_changed)
         self.visibilityChanged.connect(lambda visible: self.schedule_refresh() if visible else None)
 
     def _timer(self, ms: int, slot: object) -> QTimer:
@@ -104,6 +106,7 @@ class HistorySidebar(QDockWidget):
         self.view.setMouseTracking(True)
         self.view.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.view.setVerticalScrollMode(QAbstractItemView.ScrollMode.ScrollPerPixel)
+        self.view.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)  # long lines end in "…"
         self.view.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.view.customContextMenuRequested.connect(self._on_view_context_menu_requested)
         self.view.clicked.connect(self._on_view_activated)
@@ -122,6 +125,7 @@ class HistorySidebar(QDockWidget):
         layout.addWidget(self.count_label)
         layout.addWidget(self.view, 1)
         layout.addWidget(self.undo_bar)
+        body.setMinimumWidth(MIN_WIDTH)
         self.setWidget(body)
 
     # -- reading the store ----------------------------------------------------------------------
@@ -147,7 +151,8 @@ class HistorySidebar(QDockWidget):
         except StoreError as exc:
             self.store_failed.emit(str(exc))
             return
-        selected = self.current_id()
+        current = self.tabs.currentWidget()
+        selected = current.conversation_id if isinstance(current, ChatTab) else self.current_id()
         position = self.view.verticalScrollBar().value()
         self.model.set_conversations([s for s in self._summaries if s.id not in self.hidden], hits)
         if selected is not None and (row := self.model.row_of(selected)) is not None:
@@ -340,6 +345,16 @@ class HistorySidebar(QDockWidget):
         self.raise_()
         self.search.setFocus()
         self.search.selectAll()
+
+    @Slot(int)
+    def _on_tabs_current_changed(self, _index: int) -> None:
+        """The conversation shown in the tabs is the one selected in the list."""
+        tab = self.tabs.currentWidget()
+        row = self.model.row_of(tab.conversation_id) if isinstance(tab, ChatTab) else None
+        if row is None:
+            self.view.clearSelection()
+        elif self.view.currentIndex().row() != row:
+            self.view.setCurrentIndex(self.model.index(row))
 
     @Slot(object)
     def _on_tabs_tab_opened(self, tab: ChatTab) -> None:
