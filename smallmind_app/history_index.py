@@ -137,40 +137,64 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def word_queries(text: str) -> list[str]:
+    """One FTS5 query per word the user typed, quoted (no word is read as FTS syntax); the last one a
+    prefix, so results come while typing."""
+    quoted = ['"' + word.replace('"', '""') + '"' for word in _WORD.findall(text)]
+    if quoted:
+        quoted[-1] += "*"
+    return quoted
+
+
 def fts_query(text: str) -> str | None:
-    """The FTS5 query for what the user typed: every word must appear (the last one as a prefix, so
-    results come while typing); quoted, so no word is read as FTS syntax. None when there is no word."""
-    words = _WORD.findall(text)
-    if not words:
-        return None
-    quoted = ['"' + word.replace('"', '""') + '"' for word in words]
-    quoted[-1] += "*"
-    return " ".join(quoted)
+    """A query matching a text that holds any word of ``text`` (for snippets); None without words."""
+    return " OR ".join(word_queries(text)) or None
+
+
+def _newest_message_by_conversation(db: sqlite3.Connection, query: str) -> dict[str, int]:
+    rows = db.execute(
+        """SELECT m.conversation_id, MAX(m.id) FROM message_search s JOIN messages m ON m.id = s.rowid
+           WHERE message_search MATCH ? GROUP BY m.conversation_id""",
+        (query,),
+    )
+    return dict(rows.fetchall())
+
+
+def _titled(db: sqlite3.Connection, query: str) -> set[str]:
+    return {
+        row[0]
+        for row in db.execute("SELECT conversation_id FROM title_search WHERE title_search MATCH ?", (query,))
+    }
+
+
+def _marked_titles(db: sqlite3.Connection, query: str) -> dict[str, str]:
+    rows = db.execute(
+        "SELECT conversation_id, highlight(title_search, 1, ?, ?) FROM title_search "
+        "WHERE title_search MATCH ?",
+        (MARK_START, MARK_END, query),
+    )
+    return dict(rows.fetchall())
 
 
 def search(db: sqlite3.Connection, text: str) -> dict[str, SearchHit]:
-    """{conversation id: hit} for the conversations whose title or a message holds every word of
-    ``text``, newest hit first. ``snippet`` makes a message's snippet (the sidebar: for rows shown)."""
-    query = fts_query(text)
-    if query is None:
+    """{conversation id: hit} for the conversations holding every word of ``text`` in their title or
+    messages (not necessarily in one message), newest hit first. A hit's message is the newest one
+    holding one of the words; ``snippet`` makes its snippet (the sidebar: for the rows shown)."""
+    queries = word_queries(text)
+    if not queries:
         return {}
-    newest = db.execute(
-        """SELECT m.conversation_id, MAX(m.id) FROM message_search s JOIN messages m ON m.id = s.rowid
-           WHERE message_search MATCH ? GROUP BY m.conversation_id ORDER BY MAX(m.id) DESC""",
-        (query,),
-    ).fetchall()
-    titles = dict(
-        db.execute(
-            "SELECT conversation_id, highlight(title_search, 1, ?, ?) FROM title_search "
-            "WHERE title_search MATCH ?",
-            (MARK_START, MARK_END, query),
-        ).fetchall()
-    )
-    hits = {cid: SearchHit(cid, titles.get(cid), int(mid)) for cid, mid in newest}
-    for cid, title in titles.items():
-        if cid not in hits:
-            hits[cid] = SearchHit(cid, title, None)
-    return hits
+    newest = [_newest_message_by_conversation(db, query) for query in queries]  # per word
+    titled = [_titled(db, query) for query in queries]
+    found = set(newest[0]) | titled[0]
+    for by_message, by_title in zip(newest[1:], titled[1:], strict=True):
+        found &= set(by_message) | by_title
+    marked = _marked_titles(db, " OR ".join(queries)) if found & set().union(*titled) else {}
+    hits = []
+    for cid in found:
+        message_ids = [by_message[cid] for by_message in newest if cid in by_message]
+        hits.append(SearchHit(cid, marked.get(cid), max(message_ids) if message_ids else None))
+    hits.sort(key=lambda hit: -(hit.message_id or 0))
+    return {hit.conversation_id: hit for hit in hits}
 
 
 def snippet(db: sqlite3.Connection, message_id: int, text: str) -> str:

@@ -154,8 +154,10 @@ def _segments(marked: str) -> list[tuple[str, bool]]:
     return parts
 
 
-def draw_marked(painter: QPainter, rect: QRect, marked: str, color: QColor, hit: QColor) -> None:
-    """One line of text, its marked words on ``hit``, cut with "…" where ``rect`` ends."""
+def draw_marked(
+    painter: QPainter, rect: QRect, marked: str, color: QColor, hit: tuple[QColor, QColor]
+) -> None:
+    """One line of text, its marked words in ``hit`` (background, text), cut with "…" where ``rect`` ends."""
     metrics = painter.fontMetrics()
     x, right = rect.left(), rect.right()
     baseline = rect.top() + (rect.height() + metrics.ascent() - metrics.descent()) // 2
@@ -165,8 +167,8 @@ def draw_marked(painter: QPainter, rect: QRect, marked: str, color: QColor, hit:
             text = metrics.elidedText(text, Qt.TextElideMode.ElideRight, max(right - x, 0))
             width = metrics.horizontalAdvance(text)
         if matched and text:
-            painter.fillRect(QRect(x, rect.top() + 1, width, rect.height() - 2), hit)
-        painter.setPen(color)
+            painter.fillRect(QRect(x, rect.top() + 1, width, rect.height() - 2), hit[0])
+        painter.setPen(hit[1] if matched else color)
         painter.drawText(x, baseline, text)
         x += width
         if x >= right:
@@ -204,7 +206,7 @@ class HistoryDelegate(QStyledItemDelegate):
             painter.fillRect(option.rect.adjusted(2, 1, -2, -1), background)
         text = option.palette.highlightedText().color() if selected else QColor(theme["text"])
         muted = text if selected else QColor(theme["muted"])
-        hit = QColor(theme["search_hit"])
+        hit = (QColor(theme["search_hit"]), QColor(theme["search_hit_text"]))
         line = QFontMetrics(font).height()
         font.setBold(True)
         painter.setFont(font)

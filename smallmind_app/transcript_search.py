@@ -48,6 +48,7 @@ def _marks(document: QTextDocument, frame: QTextFrame, words: list[str]) -> list
     marks = []
     char_format = QTextCharFormat()
     char_format.setBackground(QColor(colors()["search_hit"]))
+    char_format.setForeground(QColor(colors()["search_hit_text"]))
     for n, word in enumerate(words):
         tail = r"\w*" if n == len(words) - 1 else r"\b"
         for match in re.finditer(rf"\b{re.escape(word)}{tail}", text[start:end], re.IGNORECASE):

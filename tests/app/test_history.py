@@ -151,7 +151,9 @@ def test_search_finds_a_word_said_three_turns_ago_and_jumps_to_it_also_after_a_r
     assert top > 12 and view.verticalScrollBar().maximum() > top  # the transcript scrolls
     assert abs(view.verticalScrollBar().value() - (top - 12)) <= 2  # scrolled to that message
 
-    _search(qtbot, window, "quetzalcoatl eat")  # every word, in one message
+    _search(qtbot, window, "parrot much")  # every word, in any of its messages
+    assert model.conversation_ids() == [first.conversation_id]
+    _search(qtbot, window, "quetzalcoatl entirely")  # not in one conversation
     assert model.conversation_ids() == []
     assert "No conversation matches" in window.history.count_label.text()
     _search(qtbot, window, "")

@@ -41,7 +41,11 @@ def test_search_finds_words_of_messages_and_titles_with_marked_snippets(db_path:
             set(by_title) == {trip.id} and by_title[trip.id].title == f"Trip to {MARK_START}Lisbon{MARK_END}"
         )
         assert set(store.search("pasteis")) == {trip.id}  # accents do not matter
-        assert store.search("saffron lisbon") == {}  # every word must appear
+        assert store.search("saffron lisbon") == {}  # every word must appear in the conversation
+        both = store.search("lisbon nata")  # in its title and in a message
+        assert set(both) == {trip.id} and both[trip.id].title is not None and both[trip.id].message_id
+        assert set(store.search("paella sure")) == {other.id}  # in two of its messages
+        assert store.search("paella sure")[other.id].message_id == store.messages(other.id)[-1].id
         assert store.search("   ") == {} and store.search("«»") == {}
 
 
