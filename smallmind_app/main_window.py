@@ -17,7 +17,6 @@ from PySide6.QtCore import QCoreApplication, Qt, Slot
 from PySide6.QtGui import QAction, QCloseEvent, QIcon, QKeySequence, QResizeEvent
 from PySide6.QtWidgets import (
     QFileDialog,
-    QInputDialog,
     QLabel,
     QMainWindow,
     QMessageBox,
@@ -34,7 +33,7 @@ from .first_run import FirstRunDialog
 from .history_sidebar import HistorySidebar
 from .models_dialog import ModelsDialog
 from .paths import RESOURCES_DIR
-from .presets import PresetMenu, clean_name
+from .presets import PresetController
 from .server_dialog import LocalServerDialog
 from .settings import AppSettings, SettingsError, save_settings
 from .settings_dialog import SettingsDialog
@@ -216,7 +215,7 @@ class MainWindow(QMainWindow):
         tab.settings_requested.connect(self.open_settings)
         tab.token_count_requested.connect(self.client.count_tokens)
         tab.setting_change_requested.connect(self._on_tab_setting_change_requested)
-        self._add_preset_button(tab)
+        self.presets.add_button(tab)
 
     @Slot(str)
     def _on_tabs_tab_closed(self, conversation_id: str) -> None:
@@ -612,62 +611,18 @@ class MainWindow(QMainWindow):
         view = self.menuBar().addMenu("&View")
         view.addAction(self.action_toggle_history)
         view.addAction(self.action_search_history)
-        self.preset_menu = self._preset_menu(self)
+        self.presets = PresetController(
+            self, lambda: self.settings.prompt_presets, self._save_presets, self._current_chat_tab
+        )
+        self.preset_menu = self.presets.menu(self)  # the current tab's, in the Chat menu
         chat = self.menuBar().actions()[0].menu()
         chat.insertMenu(self.action_chat_settings, self.preset_menu)
 
-    def _preset_menu(self, parent: QWidget, tab: ChatTab | None = None) -> PresetMenu:
-        """The presets menu of ``tab`` (None: the current tab's, for the Chat menu)."""
+    def _current_chat_tab(self) -> ChatTab | None:
+        tab = self.tabs.currentWidget()
+        return tab if isinstance(tab, ChatTab) else None
 
-        def target() -> ChatTab | None:
-            current = self.tabs.currentWidget()
-            return tab if tab is not None else current if isinstance(current, ChatTab) else None
-
-        menu = PresetMenu(
-            lambda: self.settings.prompt_presets, lambda: t.system_prompt if (t := target()) else "", parent
-        )
-        menu.preset_chosen.connect(lambda name, text: self.use_preset(target(), name, text))
-        menu.save_requested.connect(lambda: self.ask_preset_name(target()))
-        menu.delete_requested.connect(self.delete_preset)
-        return menu
-
-    def _add_preset_button(self, tab: ChatTab) -> None:
-        button = QToolButton(tab, objectName="presetButton", text="Presets")
-        button.setAutoRaise(True)
-        button.setToolTip("Pick a saved system prompt for this chat, or save this one")
-        button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
-        button.setMenu(self._preset_menu(button, tab))
-        tab.header_row.insertWidget(1, button)
-
-    def use_preset(self, tab: ChatTab | None, name: str, text: str) -> None:
-        if tab is not None:
-            tab.set_system_prompt(text)
-            tab.status_label.setText(f"System prompt: “{name}”.")
-
-    def ask_preset_name(self, tab: ChatTab | None) -> QInputDialog | None:
-        if tab is None or not tab.system_prompt.strip():
-            self.statusBar().showMessage("This chat has no system prompt to save.", 6000)
-            return None
-        dialog = QInputDialog(self, objectName="presetNameDialog")
-        dialog.setWindowTitle("Save system prompt")
-        dialog.setLabelText("Name of this preset:")
-        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
-        prompt = tab.system_prompt
-        dialog.textValueSelected.connect(lambda name: self.save_preset(name, prompt))
-        dialog.open()
-        return dialog
-
-    def save_preset(self, name: str, text: str) -> None:
-        """Add (or replace) the preset ``name`` and save the settings."""
-        name = clean_name(name)
-        if name:
-            self._save_settings(
-                self.settings.with_changes(prompt_presets={**self.settings.prompt_presets, name: text})
-            )
-            self.statusBar().showMessage(f"Saved the preset “{name}”.", 6000)
-
-    def delete_preset(self, name: str) -> None:
-        presets = {k: v for k, v in self.settings.prompt_presets.items() if k != name}
+    def _save_presets(self, presets: dict[str, str]) -> None:
         self._save_settings(self.settings.with_changes(prompt_presets=presets))
 
     @Slot(str)
