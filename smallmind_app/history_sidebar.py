@@ -131,7 +131,9 @@ class HistorySidebar(QDockWidget):
     # -- reading the store ----------------------------------------------------------------------
     @Slot()
     def schedule_refresh(self) -> None:
-        self._refresh_timer.start()
+        """Read the list again soon; a hidden sidebar reads it when it is shown again."""
+        if self.isVisible():
+            self._refresh_timer.start()
 
     @Slot()
     def _on_search_timer_timeout(self) -> None:

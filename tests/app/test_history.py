@@ -50,7 +50,7 @@ def _search(qtbot: Any, window: Any, text: str) -> None:
     qtbot.waitUntil(lambda: not window.history._search_timer.isActive(), timeout=5000)
 
 
-def test_names_the_issue_asks_for(make_window: Any) -> None:
+def test_names_the_issue_asks_for(qtbot: Any, make_window: Any) -> None:
     window = make_window()
     assert isinstance(window.findChild(QListView, "historySidebar"), QListView)
     assert isinstance(window.findChild(QLineEdit, "historySearch"), QLineEdit)
@@ -63,8 +63,11 @@ def test_names_the_issue_asks_for(make_window: Any) -> None:
     assert dock.isVisible() and toggle.isChecked()
     toggle.trigger()  # collapses the sidebar, and brings it back
     assert not dock.isVisible()
+    tab = window.new_chat()  # while hidden: not read (nobody sees it) until it is shown again
+    assert not window.history._refresh_timer.isActive()
     toggle.trigger()
     assert dock.isVisible()
+    qtbot.waitUntil(lambda: tab.conversation_id in window.history.model.conversation_ids(), timeout=5000)
 
 
 def test_sidebar_lists_every_conversation_newest_first_and_opens_them(qtbot: Any, make_window: Any) -> None:
