@@ -35,7 +35,7 @@ from .chat_tab import ChatTab
 from .conversation_tabs import AUTO_TITLE, ConversationTabs
 from .history_index import ConversationSummary, fts_query
 from .history_model import ID_ROLE, MESSAGE_ROLE, PINNED_ROLE, HistoryDelegate, HistoryModel
-from .store import ConversationStore, StoreError
+from .store import Conversation, ConversationStore, StoreError
 from .transcript_search import show_entry
 
 log = logging.getLogger(__name__)
@@ -249,8 +249,15 @@ class HistorySidebar(QDockWidget):
             self.store_failed.emit(f"Not saved: {exc}")
         self.refresh()
 
+    def _conversation(self, conversation_id: str) -> Conversation | None:
+        try:
+            return self.store.get_conversation(conversation_id)
+        except StoreError as exc:
+            self.store_failed.emit(str(exc))
+            return None
+
     def ask_rename(self, conversation_id: str) -> QInputDialog | None:
-        conversation = self.store.get_conversation(conversation_id)
+        conversation = self._conversation(conversation_id)
         if conversation is None:
             return None
         dialog = QInputDialog(self, objectName="historyRenameDialog")
@@ -284,7 +291,7 @@ class HistorySidebar(QDockWidget):
     def delete(self, conversation_id: str) -> None:
         """Hide the conversation (and close its tab) now; delete it for good when the undo time is up."""
         self.commit_pending()
-        conversation = self.store.get_conversation(conversation_id)
+        conversation = self._conversation(conversation_id)
         if conversation is None:
             return
         tab = self.tabs.tab_for(conversation_id)

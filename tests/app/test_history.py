@@ -13,6 +13,7 @@ from PySide6.QtCore import QPoint, Qt
 from PySide6.QtWidgets import QDockWidget, QLineEdit, QListView
 
 from smallmind_app import history_sidebar, paths
+from smallmind_app.conversation_tabs import title_from
 from smallmind_app.history_index import MARK_START, marked_words
 from smallmind_app.history_model import ID_ROLE, MESSAGE_ROLE, PREVIEW_ROLE, TITLE_ROLE, day_label
 from smallmind_app.store import ConversationStore
@@ -63,6 +64,7 @@ def test_names_the_issue_asks_for(qtbot: Any, make_window: Any) -> None:
     assert dock.isVisible() and toggle.isChecked()
     toggle.trigger()  # collapses the sidebar, and brings it back
     assert not dock.isVisible()
+    window.history._refresh_timer.stop()  # (one may have been waiting from before)
     tab = window.new_chat()  # while hidden: not read (nobody sees it) until it is shown again
     assert not window.history._refresh_timer.isActive()
     toggle.trigger()
@@ -102,6 +104,14 @@ def test_sidebar_lists_every_conversation_newest_first_and_opens_them(qtbot: Any
     qtbot.waitUntil(
         lambda: model.index(model.row_of(new_tab.conversation_id)).data() == "Planning a garden party"
     )
+
+
+def test_a_title_is_the_first_line_of_the_first_message_cut_at_a_word() -> None:
+    assert title_from("  Hello   there \n and more") == "Hello there"
+    text = "Please explain how photosynthesis works in desert plants and cacti"
+    title = title_from(text)
+    assert title == "Please explain how photosynthesis works…"
+    assert title_from("") == "New chat" and title_from("x" * 100) == "x" * 40 + "…"
 
 
 def test_day_groups() -> None:
@@ -179,6 +189,9 @@ def test_enter_in_the_search_opens_the_first_hit(qtbot: Any, make_window: Any) -
     qtbot.keyClick(box, Qt.Key.Key_Return)
     tab = window.tabs.tab_for(target)
     assert tab is not None and window.tabs.currentWidget() is tab
+    view = tab.transcript  # a conversation opened from a hit: the words are marked there too
+    qtbot.waitUntil(lambda: len(view.extraSelections()) == 1, timeout=5000)
+    assert view.extraSelections()[0].cursor.selectedText() == "artichoke"
 
 
 def test_rename_from_the_sidebar_and_from_the_tab(qtbot: Any, make_window: Any) -> None:
