@@ -209,6 +209,7 @@ class ConversationStore:
             for step in range(version, SCHEMA_VERSION):
                 logger.info("%s: migrating schema %d -> %d", self.path, step, step + 1)
                 _MIGRATIONS[step](db)
+            history_index.ensure_search_index(db)  # a later step may have rebuilt a table, dropping triggers
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @property

@@ -205,3 +205,30 @@ def test_a_closed_store_refuses_history_and_search(db_path: Path) -> None:
     for call in (store.history, lambda: store.search("x"), lambda: store.set_pinned("x", True)):
         with pytest.raises(StoreError, match="closed"):
             call()
+
+
+def _rebuild_messages_table(db: sqlite3.Connection) -> None:
+    """A later migration as SQLite's docs do a schema change: new table, copy, drop, rename."""
+    db.execute("CREATE TABLE messages_new AS SELECT * FROM messages")
+    db.execute("DROP TABLE messages")  # its triggers go with it
+    db.execute("ALTER TABLE messages_new RENAME TO messages")
+
+
+def test_a_later_migration_that_rebuilds_the_messages_table_keeps_search_working(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with ConversationStore(db_path) as store:
+        conversation = store.create_conversation()
+        store.add_message(conversation.id, "user", "the okapi is shy")
+    monkeypatch.setattr(store_module, "_MIGRATIONS", [*store_module._MIGRATIONS, _rebuild_messages_table])
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", len(store_module._MIGRATIONS))
+    with ConversationStore(db_path) as store:
+        assert store.schema_version == SCHEMA_VERSION + 1
+        assert set(store.search("okapi")) == {conversation.id}
+        store._db.execute(  # type: ignore[union-attr]
+            "INSERT INTO messages (id, conversation_id, role, content, status, stats_json, created_at) "
+            "VALUES (99, ?, 'user', 'a tapir too', 'complete', '{}', 1.0)",
+            (conversation.id,),
+        )
+        assert set(store.search("tapir")) == {conversation.id}
+        assert _fts_integrity(store)
