@@ -20,9 +20,9 @@ from pathlib import Path
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 from common import median_time, report
-from PySide6.QtWidgets import QApplication
+from PySide6.QtWidgets import QApplication, QListView
 
-from smallmind_app.history_model import PREVIEW_ROLE, HistoryModel
+from smallmind_app.history_model import PREVIEW_ROLE, HistoryDelegate, HistoryModel
 from smallmind_app.store import ConversationStore
 from tests.fixtures.history import fill_history
 
@@ -46,6 +46,11 @@ def main() -> None:
             said = store.add_message(ids[len(ids) // 3], "user", f"my cat is called {RARE}")
             n_messages = len(ids) * args.turns * 2 + 1
             model = HistoryModel(lambda message_id: store.snippet(message_id, "coffee"))
+            view = QListView()  # as the sidebar shows it: one row height for all
+            view.setModel(model)
+            view.setItemDelegate(HistoryDelegate(view))
+            view.setUniformItemSizes(True)
+            view.resize(260, 700)
             summaries = store.history()
             queries = {
                 "search: rare word (1 conversation)": RARE.lower(),
@@ -70,8 +75,18 @@ def main() -> None:
                 "hits": len(summaries),
             }
 
+            def reread() -> None:  # after a message is sent or a reply ends
+                model.set_conversations(store.history())
+                view.doItemsLayout()
+
+            results["sidebar list re-read (history, Qt model, layout)"] = {
+                "ms": median_time(reread, args.runs) * 1000,
+                "hits": model.n_conversations,
+            }
+
             def keystroke() -> None:
                 model.set_conversations(summaries, store.search("coffee"))
+                view.doItemsLayout()
                 for row in range(min(model.rowCount(), 20)):  # the rows on screen ask for their snippet
                     model.data(model.index(row), PREVIEW_ROLE)
 

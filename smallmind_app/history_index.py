@@ -48,9 +48,14 @@ class ConversationSummary:
 
     id: str
     title: str
-    preview: str  # the start of its last message, on one line ("" when it has none)
+    raw_preview: str  # the start of its last message with text ("" when it has none)
     last_active: float  # its newest message's time, else its creation time (seconds since the epoch)
     pinned: bool
+
+    @property
+    def preview(self) -> str:
+        """``raw_preview`` on one line (made when shown: a list of thousands shows a few)."""
+        return one_line(self.raw_preview)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +135,7 @@ def summaries(db: sqlite3.Connection) -> list[ConversationSummary]:
             FROM conversations c LEFT JOIN pinned_conversations p ON p.conversation_id = c.id
             ORDER BY p.pinned_at IS NULL, p.pinned_at DESC, last_active DESC"""
     ).fetchall()
-    return [ConversationSummary(r[0], r[1], one_line(r[4] or ""), r[3], bool(r[2])) for r in rows]
+    return [ConversationSummary(r[0], r[1], r[4] or "", r[3], bool(r[2])) for r in rows]
 
 
 def one_line(text: str) -> str:

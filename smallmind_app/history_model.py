@@ -176,15 +176,14 @@ def draw_marked(
 
 
 class HistoryDelegate(QStyledItemDelegate):
-    """A header: small muted bold text. A conversation: its title and a muted second line."""
+    """A day header: small muted bold text. A conversation: its title and a muted second line."""
 
     PADDING = 6
 
     def sizeHint(self, option: QStyleOptionViewItem, index: ModelIndex) -> QSize:
-        height = QFontMetrics(option.font).height()
-        if index.data(HEADER_ROLE):
-            return QSize(1, height + 2 * self.PADDING + 4)  # as wide as the list: long text ends in "…"
-        return QSize(1, 2 * height + 2 * self.PADDING + 2)
+        """Every row is as high (the list lays out thousands of rows without asking each one); a day
+        header's text sits at the bottom of its row, so the space above it separates the days."""
+        return QSize(1, 2 * QFontMetrics(option.font).height() + 2 * self.PADDING + 2)
 
     def paint(self, painter: QPainter, option: QStyleOptionViewItem, index: ModelIndex) -> None:
         theme = colors()
@@ -196,7 +195,9 @@ class HistoryDelegate(QStyledItemDelegate):
             font.setPointSizeF(font.pointSizeF() * 0.9)
             painter.setFont(font)
             painter.setPen(QColor(theme["muted"]))
-            painter.drawText(rect.adjusted(0, 4, 0, 0), Qt.AlignmentFlag.AlignLeft, str(index.data()))
+            painter.drawText(
+                rect, Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignBottom, str(index.data())
+            )
             painter.restore()
             return
         selected = bool(option.state & QStyle.StateFlag.State_Selected)
