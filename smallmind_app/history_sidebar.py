@@ -192,6 +192,8 @@ class HistorySidebar(QDockWidget):
 
     @Slot()
     def _on_search_return_pressed(self) -> None:
+        if fts_query(self.search.text()) is None:
+            return  # nothing typed: nothing to open
         ids = self.model.conversation_ids()
         if self._search_timer.isActive():
             self.refresh()
