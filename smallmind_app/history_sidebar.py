@@ -330,6 +330,9 @@ class HistorySidebar(QDockWidget):
         if pending is None:
             return
         self.hidden.discard(pending.conversation_id)
+        if self.tabs.tab_for(pending.conversation_id) is not None:
+            self.refresh()  # opened again meanwhile (Chat → Reopen): the user wants it after all
+            return
         try:
             self.store.delete_conversation(pending.conversation_id)
         except KeyError:
@@ -346,6 +349,9 @@ class HistorySidebar(QDockWidget):
                 if not self.view.currentIndex().isValid():
                     row = self.model.row_of(self.model.conversation_ids()[0])
                     self.view.setCurrentIndex(self.model.index(row or 0))
+                return True
+            if watched is self.search and key == Qt.Key.Key_Escape and self.search.text():
+                self.search.clear()  # the whole list again
                 return True
             if watched is self.view and key == Qt.Key.Key_Delete and (cid := self.current_id()):
                 self.delete(cid)

@@ -169,7 +169,8 @@ def test_search_finds_a_word_said_three_turns_ago_and_jumps_to_it_also_after_a_r
     _search(qtbot, window, "quetzalcoatl entirely")  # not in one conversation
     assert model.conversation_ids() == []
     assert "No conversation matches" in window.history.count_label.text()
-    _search(qtbot, window, "")
+    qtbot.keyClick(window.history.search, Qt.Key.Key_Escape)  # Esc clears the search
+    qtbot.waitUntil(lambda: not window.history._search_timer.isActive(), timeout=5000)
     assert len(model.conversation_ids()) == 2 and not window.history.count_label.isVisible()
 
     window.close()  # a restart: the index is in the database file
@@ -238,6 +239,11 @@ def test_delete_can_be_undone_for_a_few_seconds_then_it_is_real(
     qtbot.waitUntil(lambda: window.store.get_conversation(gone) is None, timeout=5000)
     assert not sidebar.undo_bar.isVisible() and window.store.messages(gone) == []
     assert gone not in window.store.search("b")
+
+    sidebar.delete(keep)  # reopened (Chat → Reopen) before the time is up: kept
+    window.tabs.reopen(keep)
+    qtbot.waitUntil(lambda: not sidebar.undo_bar.isVisible(), timeout=5000)
+    assert window.store.get_conversation(keep) is not None and keep in model.conversation_ids()
 
     sidebar._undo_timer.setInterval(history_sidebar.UNDO_MS)
     sidebar.delete(keep)  # pending when the app quits: the delete is done then
