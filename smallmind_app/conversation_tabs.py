@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 NEW_CHAT_TITLE = "New chat"
 AUTO_TITLE = "auto_title"  # conversation setting: the title follows the first message
 TITLE_CHARS = 40
+REOPEN_MENU_ITEMS = 20  # the Reopen menu lists the last closed conversations; the sidebar lists all
 
 
 def title_from(text: str) -> str:
@@ -131,12 +132,17 @@ class ConversationTabs(QTabWidget):
         return tab
 
     def fill_reopen_menu(self, menu: QMenu) -> None:
+        """The most recently changed closed conversations (all of them are in the history sidebar)."""
         menu.clear()
         try:
             closed = [c for c in self.store.list_conversations() if not c.settings.get("open", True)]
         except StoreError as exc:
             closed = []
             self.store_failed.emit(str(exc))
+        closed.sort(key=lambda c: -c.updated_at)
+        if len(closed) > REOPEN_MENU_ITEMS:
+            menu.addAction(f"{len(closed):,} closed: all are in View → History (Ctrl+H)").setEnabled(False)
+            closed = closed[:REOPEN_MENU_ITEMS]
         for conversation in closed:
             action = menu.addAction(conversation.title)
             action.triggered.connect(lambda _=False, cid=conversation.id: self.reopen(cid))
@@ -198,7 +204,7 @@ class ConversationTabs(QTabWidget):
     def unique_title(self, base: str, exclude: str | None = None) -> str:
         """``base``, or ``base (2)``, ``(3)``…: no two conversations (open or closed) share a name."""
         try:
-            taken = {c.title for c in self.store.list_conversations() if c.id != exclude}
+            taken = {title for cid, title in self.store.conversation_titles().items() if cid != exclude}
         except StoreError:
             taken = set()
         taken |= {t.title for cid, t in self._by_id.items() if cid != exclude}
@@ -240,12 +246,14 @@ class ConversationTabs(QTabWidget):
     def _save_order(self) -> None:
         """Save the order: the open tabs as shown, then the closed conversations as they were."""
         try:
-            ids = [c.id for c in self.store.list_conversations()]
+            ids = list(self.store.conversation_titles())
         except StoreError as exc:
             self.store_failed.emit(str(exc))
             return
-        open_ids = [tab.conversation_id for tab in self.chat_tabs if tab.conversation_id in ids]
-        self._write(self.store.reorder, open_ids + [i for i in ids if i not in open_ids])
+        known = set(ids)
+        open_ids = [tab.conversation_id for tab in self.chat_tabs if tab.conversation_id in known]
+        opened = set(open_ids)
+        self._write(self.store.reorder, open_ids + [i for i in ids if i not in opened])
 
     def export_conversation(self, conversation_id: str, path: str) -> str | None:
         """Write the conversation as Markdown; None when done, else what went wrong."""

@@ -285,6 +285,13 @@ class ConversationStore:
             rows = db.execute("SELECT * FROM conversations ORDER BY position, created_at").fetchall()
         return [_conversation(row) for row in rows]
 
+    def conversation_titles(self) -> dict[str, str]:
+        """{id: title} of every conversation in tab order (cheaper than ``list_conversations``)."""
+        with self._reading() as db:
+            return dict(
+                db.execute("SELECT id, title FROM conversations ORDER BY position, created_at").fetchall()
+            )
+
     def get_conversation(self, conversation_id: str) -> Conversation | None:
         with self._reading() as db:
             row = db.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()

@@ -292,3 +292,8 @@ def test_five_thousand_conversations(qtbot: Any, make_window: Any) -> None:
     assert model.n_conversations > 100
     window.history.view.scrollToBottom()  # snippets are made only for the rows drawn
     assert len(window.history.model._snippets) < 200
+    window.tabs.fill_reopen_menu(window.reopen_menu)  # Chat → Reopen: the last ones, not 5,000 items
+    actions = window.reopen_menu.actions()
+    assert len(actions) == 21 and actions[0].text().startswith("5,000 closed") and not actions[0].isEnabled()
+    taken = window.store.get_conversation(ids[7]).title  # names stay unique among 5,000 (read cheaply)
+    assert window.tabs.unique_title(taken) == f"{taken} (2)"
