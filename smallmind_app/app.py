@@ -109,6 +109,7 @@ def ensure_application(argv: Sequence[str] | None = None) -> QApplication:
     if not isinstance(app, QApplication):
         _app = app = QApplication(list(argv) if argv is not None else sys.argv[:1])
     app.setApplicationName("SmallMind")
+    app.setDesktopFileName("smallmind")  # the desktop entry (smallmind install-desktop-entry) of this app
     app.setWindowIcon(app_icon())
     app.setStyle("Fusion")
     if STYLE_FILE.is_file():

@@ -30,6 +30,7 @@ from PySide6.QtWidgets import (
 from .engine_picker import ENGINE_KEY, EnginePicker
 from .prompt_box import PromptEdit, TokenCount
 from .store import Conversation, ConversationStore, Message, StoreError
+from .theme import colors
 from .transcript import Entry, TranscriptView, limit_reached, tab_limit
 from .wording import LABELS, mib
 
@@ -170,7 +171,8 @@ class ChatTab(QWidget):
         )
         self.edit_banner.setWordWrap(True)
         self.edit_banner.setStyleSheet(
-            "background: #fff4e5; color: #92400e; padding: 4px 8px; border-radius: 4px;"
+            f"background: {colors()['notice']}; color: {colors()['notice_text']}; "
+            "padding: 4px 8px; border-radius: 4px;"
         )
         self.edit_banner.setVisible(False)
         self._editing: str | None = None  # the draft the prompt box held before an edit began
@@ -219,6 +221,7 @@ class ChatTab(QWidget):
         header.addWidget(self.system_toggle, 1)
         header.addWidget(self.engine_picker)
         header.addWidget(self.settings_button)
+        self.header_row = header  # the main window adds its presets button here
         layout.addLayout(header)
         layout.addWidget(self.system_edit)
         layout.addWidget(self.transcript, 1)
@@ -227,6 +230,10 @@ class ChatTab(QWidget):
         layout.addLayout(prompt_row)
         self._update_system_toggle()
         self._update_settings_button()
+
+    def set_system_prompt(self, text: str) -> None:
+        """A new system prompt for this conversation (a preset): shown, used from the next reply, saved."""
+        self.system_edit.setPlainText(text)  # textChanged saves it (after a short pause)
 
     # -- state ----------------------------------------------------------------------------------
     @property

@@ -31,19 +31,23 @@ from .conversation_tabs import ConversationTabs
 from .endpoints import LOCAL_ENGINE, ApiKeyStore
 from .engine_client import EngineClient
 from .first_run import FirstRunDialog
+from .history_sidebar import HistorySidebar
 from .models_dialog import ModelsDialog
 from .paths import RESOURCES_DIR
+from .presets import PresetController
 from .server_dialog import LocalServerDialog
 from .settings import AppSettings, SettingsError, save_settings
 from .settings_dialog import SettingsDialog
 from .stats_dock import StatsDock
 from .store import ConversationStore
+from .theming import ThemeManager
 from .wording import LABELS, MiB, setting_problem
 from .worker import default_model_description, validate_settings
 
 log = logging.getLogger(__name__)
 MODEL_ENV = "SMALLMIND_MODEL"
 DOCK_SHARE, DOCK_WIDTH = 0.3, (300, 600)
+HISTORY_WIDTH = 290
 ICON_FILE = RESOURCES_DIR / "icon.png"
 
 
@@ -82,8 +86,16 @@ class MainWindow(QMainWindow):
         self.stats_dock = StatsDock(self)
         self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.stats_dock)
         self.resizeDocks([self.stats_dock], [400], Qt.Orientation.Horizontal)
+        self.history = HistorySidebar(store, self.tabs, self)
+        self.history.store_failed.connect(self._on_tabs_store_failed)
+        self.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, self.history)
+        self.resizeDocks([self.history], [HISTORY_WIDTH], Qt.Orientation.Horizontal)
         self.setWindowIcon(app_icon())
         self._build_actions()
+        self._build_history_actions()
+        self.theme = ThemeManager(settings.theme, self)
+        self.theme.theme_changed.connect(self._on_theme_theme_changed)
+        self.theme.set_choice(settings.theme)
         self._build_status_bar()
         self._connect_worker()
         app = QCoreApplication.instance()
@@ -192,6 +204,7 @@ class MainWindow(QMainWindow):
         self.tabs.restore()
         if not self.tabs.count():
             self.new_chat()
+        self.history.refresh()
 
     # -- tabs -----------------------------------------------------------------------------------
     @property
@@ -217,6 +230,7 @@ class MainWindow(QMainWindow):
             tab.set_engine(self.settings.default_engine)
         else:
             self.client.set_conversation_engine(tab.conversation_id, effective)
+        self.presets.add_button(tab)
 
     @Slot(str)
     def _on_tabs_tab_closed(self, conversation_id: str) -> None:
@@ -621,6 +635,8 @@ class MainWindow(QMainWindow):
             self._keys_changed = False
             self._send_endpoints()
             self._refresh_engine_choices()
+        if settings.theme != self.theme.choice:
+            self.theme.set_choice(settings.theme)
 
     def _save_settings(self, settings: AppSettings) -> None:
         self.settings = settings
@@ -678,6 +694,42 @@ class MainWindow(QMainWindow):
             width = min(DOCK_WIDTH[1], max(DOCK_WIDTH[0], int(self.width() * DOCK_SHARE)))
             self.resizeDocks([self.stats_dock], [width], Qt.Orientation.Horizontal)
 
+    # -- history, theme, presets ----------------------------------------------------------------
+    def _build_history_actions(self) -> None:
+        self.action_toggle_history = self.history.toggleViewAction()
+        self.action_toggle_history.setObjectName("actionToggleHistory")
+        self.action_toggle_history.setText("&History")
+        self.action_toggle_history.setShortcut(QKeySequence("Ctrl+H"))
+        self.addAction(self.action_toggle_history)
+        self.action_search_history = self._action(
+            "actionSearchHistory", "&Search conversations…", self.history.focus_search, "Ctrl+Shift+F"
+        )
+        view = self.menuBar().addMenu("&View")
+        view.addAction(self.action_toggle_history)
+        view.addAction(self.action_search_history)
+        self.presets = PresetController(
+            self, lambda: self.settings.prompt_presets, self._save_presets, self._current_chat_tab
+        )
+        self.preset_menu = self.presets.menu(self)  # the current tab's, in the Chat menu
+        chat = self.menuBar().actions()[0].menu()
+        chat.insertMenu(self.action_chat_settings, self.preset_menu)
+
+    def _current_chat_tab(self) -> ChatTab | None:
+        tab = self.tabs.currentWidget()
+        return tab if isinstance(tab, ChatTab) else None
+
+    def _save_presets(self, presets: dict[str, str]) -> None:
+        self._save_settings(self.settings.with_changes(prompt_presets=presets))
+
+    @Slot(str)
+    def _on_theme_theme_changed(self, _name: str) -> None:
+        """Redo what was painted with the old colors: transcripts, busy tabs, plots, the history list."""
+        for tab in self.tabs.chat_tabs:
+            tab.transcript.restyle()
+        self.tabs.restyle()
+        self.stats_dock.restyle()
+        self.history.view.viewport().update()
+
     # -- shutdown -------------------------------------------------------------------------------
     def closeEvent(self, event: QCloseEvent) -> None:
         self._shutdown()
@@ -689,6 +741,7 @@ class MainWindow(QMainWindow):
         if self._closed:
             return
         self._closed = True
+        self.history.commit_pending()  # a delete waiting for its undo time is done now
         self.tabs.save_all()
         self.client.shutdown()
         self.store.close()

@@ -31,6 +31,8 @@ from typing import Any
 from . import paths
 from .endpoints import LOCAL_ENGINE, Endpoint, endpoints_from
 from .paths import default_system_prompt
+from .presets import DEFAULT_PRESETS, check_presets
+from .theming import check_choice
 from .worker import engine_options
 
 logger = logging.getLogger(__name__)
@@ -115,6 +117,8 @@ class AppSettings:
     server_port: int = 8080  # Tools → Local server…: the port the in-app API server listens on
     engines: tuple[Endpoint, ...] = ()  # Settings → Engines: remote endpoints (their keys are not here)
     default_engine: str = LOCAL_ENGINE  # the engine of a new tab: "local" or an endpoint id
+    theme: str = "system"  # "system" (follow the system's color scheme), "light" or "dark"
+    prompt_presets: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(dict(DEFAULT_PRESETS)))
 
     def __post_init__(self) -> None:
         if not _is_int(self.schema_version) or not 1 <= self.schema_version <= SCHEMA_VERSION:
@@ -133,13 +137,15 @@ class AppSettings:
             raise ValueError(
                 f"default_engine must be 'local' or an endpoint's id, got {self.default_engine!r}"
             )
+        check_choice(self.theme)
+        object.__setattr__(self, "prompt_presets", MappingProxyType(check_presets(self.prompt_presets)))
 
     def __hash__(self) -> int:  # the mappings are unhashable; their items are not
         sections = tuple(tuple(getattr(self, name).items()) for name in SECTIONS)
         engines = (self.engines, self.default_engine)
-        return hash(
-            (self.schema_version, self.model_path, self.system_prompt, self.server_port, sections, engines)
-        )
+        presets = tuple(self.prompt_presets.items())
+        return hash((self.schema_version, self.model_path, self.system_prompt, self.server_port, sections,
+                     engines, self.theme, presets))  # fmt: skip
 
     def with_changes(self, **changes: Any) -> AppSettings:
         """A copy with `changes`; a section given as a dict is merged over the current section."""
@@ -157,6 +163,8 @@ class AppSettings:
             "server_port": self.server_port,
             "engines": [endpoint.to_dict() for endpoint in self.engines],
             "default_engine": self.default_engine,
+            "theme": self.theme,
+            "prompt_presets": dict(self.prompt_presets),
         }
         for section in SECTIONS:
             data[section] = {

@@ -33,6 +33,8 @@ from PySide6.QtWidgets import (
 from . import first_run
 from .engines_page import EnginesPage
 from .settings import AppSettings, default_system_prompt, section_defaults
+from .theme import colors
+from .theming import CHOICES as THEME_CHOICES
 from .wording import FIELD_NAMES, FIELDS, INT_MAX, MIB_RANGE, PAGES, SECTION_KEYS, MiB, mib, setting_problem
 from .worker import session_limits, validate_settings
 
@@ -169,9 +171,10 @@ class SettingsDialog(QDialog):
         self.engines_page = EnginesPage(settings.engines, api_keys or {}, settings.default_engine, key_place)
         self.engines_page.changed.connect(self._revalidate)
         tabs.addTab(self.engines_page, "Engines")
+        tabs.addTab(self._appearance_page(), "Appearance")
         self.error_label = QLabel(objectName="settingsError")
         self.error_label.setWordWrap(True)
-        self.error_label.setStyleSheet("color: #b91c1c;")
+        self.error_label.setStyleSheet(f"color: {colors()['error_text']};")
         buttons = QDialogButtonBox(
             QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Apply
             | QDialogButtonBox.StandardButton.Cancel | QDialogButtonBox.StandardButton.RestoreDefaults
@@ -212,7 +215,7 @@ class SettingsDialog(QDialog):
         form.addRow("Tokens per session", self.token_limit)
         note = QLabel("A new model file is loaded when you press Apply or OK; conversations stay open.")
         note.setWordWrap(True)
-        note.setStyleSheet("color: #6b7280;")
+        note.setStyleSheet(f"color: {colors()['muted']};")
         form.addRow("", note)
         return page
 
@@ -242,12 +245,23 @@ class SettingsDialog(QDialog):
         layout.addWidget(self.system_prompt)
         return page
 
+    def _appearance_page(self) -> QWidget:
+        page = QWidget()
+        form = QFormLayout(page)
+        self.theme_combo = QComboBox(objectName="themeSetting")
+        for value, label in THEME_CHOICES.items():
+            self.theme_combo.addItem(label, value)
+        self.theme_combo.setToolTip("Follow system: dark when your desktop uses a dark color scheme")
+        form.addRow("Theme", self.theme_combo)
+        return page
+
     # -- values ---------------------------------------------------------------------------------
     def load(self, settings: AppSettings) -> None:
         for section, key, kind, widget in self.fields.values():
             set_field_value(widget, kind, getattr(settings, SECTION_KEYS[section])[key])
         self.model_path.setText(settings.model_path or "")
         self.system_prompt.setPlainText(settings.system_prompt)
+        self.theme_combo.setCurrentIndex(max(0, self.theme_combo.findData(settings.theme)))
         self._revalidate()
 
     def _value(self, name: str) -> Any:
@@ -265,6 +279,7 @@ class SettingsDialog(QDialog):
         return self._settings.with_changes(
             model_path=self.model_path.text().strip() or None,
             system_prompt=self.system_prompt.toPlainText(),
+            theme=self.theme_combo.currentData(),
             kv_cache=values["kv"], batching=values["batching"], sampling=values["sampling"],
             engines=self.engines_page.endpoints(), default_engine=self.engines_page.default_engine_id(),
         )  # fmt: skip
@@ -280,7 +295,9 @@ class SettingsDialog(QDialog):
         if engine_problems := self.engines_page.problems():
             self.errors["Engines"] = "; ".join(engine_problems)
         for name, (_, _, _, widget) in self.fields.items():
-            widget.setStyleSheet("background-color: #fde2e2;" if name in self.errors else "")
+            widget.setStyleSheet(
+                f"background-color: {colors()['error_field']};" if name in self.errors else ""
+            )
             widget.setToolTip(self.errors.get(name, ""))
         self.error_label.setText(problems_text(self.errors))
         self.error_label.setVisible(bool(self.errors))

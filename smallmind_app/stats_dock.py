@@ -28,6 +28,7 @@ from PySide6.QtWidgets import (
 )
 
 from .sparkline import Sparkline
+from .theme import colors
 
 MiB = 1 << 20
 MIN_WIDTH = 300
@@ -107,9 +108,9 @@ class StatsDock(QDockWidget):
         layout.addWidget(self._group("KV cache", list(STATS)[:5]))
         layout.addWidget(self._group("Batcher", list(STATS)[5:]))
         layout.addWidget(self._group("This tab's engine", list(TAB_ENGINE_STATS)))
-        self.tokens_plot = Sparkline("Tokens/s", "", "#2563eb")
-        self.memory_plot = Sparkline("Memory", "MiB", "#7c3aed")
-        self.batch_plot = Sparkline("Batch size", "", "#059669")
+        self.tokens_plot = Sparkline("Tokens/s", "", "sparkline_tokens")
+        self.memory_plot = Sparkline("Memory", "MiB", "sparkline_memory")
+        self.batch_plot = Sparkline("Batch size", "", "sparkline_batch")
         for plot in (self.tokens_plot, self.memory_plot, self.batch_plot):
             layout.addWidget(plot)
         layout.addWidget(QLabel("<b>Sessions</b> (least recently used first)"))
@@ -267,4 +268,9 @@ class StatsDock(QDockWidget):
                 item.setText(text)
                 if column in (1, 2):
                     item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-                item.setForeground(QColor("#047857" if session["pinned"] else "#111827"))
+                item.setForeground(QColor(colors()["busy" if session["pinned"] else "text"]))
+
+    def restyle(self) -> None:
+        """The theme changed: the plots repaint with its colors (the table's rows at the next update)."""
+        for plot in (self.tokens_plot, self.memory_plot, self.batch_plot):
+            plot.update()

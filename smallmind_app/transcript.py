@@ -304,6 +304,11 @@ class TranscriptView(QTextBrowser):
         finally:
             self._rendering = False
 
+    def restyle(self) -> None:
+        """The theme changed: convert every entry again with its colors."""
+        self._cache.clear()
+        self.render(self._entries)
+
     def _restore_selection(self, anchor: int, position: int, before: str) -> None:
         """Select ``anchor``..``position`` again when the text up to there is unchanged."""
         end = max(anchor, position)
