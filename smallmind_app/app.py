@@ -30,7 +30,7 @@ from .worker import validate_settings
 
 log = logging.getLogger(__name__)
 
-STYLE_FILE = Path(__file__).resolve().parent.parent / "resources" / "smallmind.qss"
+STYLE_FILE = Path(__file__).resolve().parent / "resources" / "smallmind.qss"
 _app: QApplication | None = None  # keeps a QApplication made by create_window alive
 _error_boxes: list[QMessageBox] = []  # open unexpected-error dialogs (kept alive until closed)
 

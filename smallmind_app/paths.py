@@ -18,7 +18,7 @@ from pathlib import Path
 import platformdirs
 
 APP_NAME = "smallmind"
-RESOURCES_DIR = Path(__file__).resolve().parent.parent / "resources"
+RESOURCES_DIR = Path(__file__).resolve().parent / "resources"
 HOME_ENV = "SMALLMIND_HOME"
 
 
