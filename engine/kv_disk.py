@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -145,7 +146,7 @@ class CorruptFile(Exception):
     """A session file that must not be used (the message says why)."""
 
 
-def read_header(f: BinaryIO, file_size: int) -> tuple[dict[str, Any], int]:
+def read_header(f: io.BufferedReader, file_size: int) -> tuple[dict[str, Any], int]:
     """(header, payload offset); CorruptFile when the preamble, header or size is wrong."""
     raw = f.read(PREAMBLE.size)
     if len(raw) < PREAMBLE.size:
@@ -172,8 +173,8 @@ def read_header(f: BinaryIO, file_size: int) -> tuple[dict[str, Any], int]:
     return header, offset
 
 
-def _read_exactly(f: BinaryIO, array: np.ndarray) -> None:
-    view = memoryview(array).cast("B")
+def _read_exactly(f: io.BufferedReader, array: np.ndarray) -> None:
+    view = array.data.cast("B")
     n = f.readinto(view)
     if n != len(view):
         raise CorruptFile(f"truncated: read {n:,} of {len(view):,} payload bytes")

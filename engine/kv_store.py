@@ -566,6 +566,7 @@ class LruKvCacheStore:
         """A deleted conversation: its session goes from memory and from disk."""
         with self._lock:
             self.remove(session_id)
+            self._to_disk_at_unpin.discard(session_id)
             if self._disk is not None:
                 self._disk.forget(session_id.value)
 

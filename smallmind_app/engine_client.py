@@ -33,6 +33,8 @@ class EngineClient(QObject):
     shutdown_requested = Signal()
     server_start_requested = Signal(int, str)  # port, API key ("" = none)
     server_stop_requested = Signal()
+    forget_session_requested = Signal(str)  # a deleted conversation: its KV session, memory and disk
+    clear_disk_requested = Signal()  # Settings → KV cache → Clear: the disk tier's files
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -53,6 +55,8 @@ class EngineClient(QObject):
         self.shutdown_requested.connect(self.worker.shutdown)
         self.server_start_requested.connect(self.worker.start_server)
         self.server_stop_requested.connect(self.worker.stop_server)
+        self.forget_session_requested.connect(self.worker.forget_session)
+        self.clear_disk_requested.connect(self.worker.clear_disk_cache)
         self._stopped = False
 
     def start(self) -> None:
@@ -73,6 +77,12 @@ class EngineClient(QObject):
 
     def remove_session(self, conversation_id: str) -> None:
         self.remove_session_requested.emit(conversation_id)
+
+    def forget_session(self, conversation_id: str) -> None:
+        self.forget_session_requested.emit(conversation_id)
+
+    def clear_disk_cache(self) -> None:
+        self.clear_disk_requested.emit()
 
     def apply_settings(self, kv: dict[str, Any], batching: dict[str, Any]) -> None:
         self.apply_settings_requested.emit(kv, batching)

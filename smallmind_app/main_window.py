@@ -257,9 +257,13 @@ class MainWindow(QMainWindow):
         box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
         conversation_id = tab.conversation_id
         box.buttonClicked.connect(
-            lambda button: self.tabs.delete_conversation(conversation_id) if button is delete else None
+            lambda button: self._delete_conversation(conversation_id) if button is delete else None
         )
         box.open()
+
+    def _delete_conversation(self, conversation_id: str) -> None:
+        self.tabs.delete_conversation(conversation_id)
+        self.client.forget_session(conversation_id)  # its K/V files go too
 
     # -- tabs -> worker -------------------------------------------------------------------------
     def sampling_for(self, tab: ChatTab) -> dict[str, Any]:
@@ -336,6 +340,8 @@ class MainWindow(QMainWindow):
     def _on_worker_stats_updated(self, stats: dict) -> None:
         if not self._closed:
             self.stats_dock.update_stats(stats, self.tabs.titles())
+        if self.settings_dialog is not None:  # the KV page shows what the disk tier holds
+            self.settings_dialog.set_disk_usage(stats["kv"]["disk_sessions"], stats["kv"]["disk_bytes"])
 
     # -- model ----------------------------------------------------------------------------------
     @Slot(str, str)
@@ -472,6 +478,7 @@ class MainWindow(QMainWindow):
         if self.settings_dialog is None:
             dialog = SettingsDialog(self.settings, self.model_info, self)
             dialog.settings_chosen.connect(self.apply_settings)
+            dialog.disk_clear_requested.connect(self.client.clear_disk_cache)
             dialog.finished.connect(self._on_settings_dialog_finished)
             self.settings_dialog = dialog
         self.settings_dialog.open()

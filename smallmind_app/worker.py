@@ -52,6 +52,7 @@ from engine import (
 )
 from engine.kv_cache import KV_DTYPES, ModelShape
 
+from . import paths
 from .snapshots import result_dict, stats_dict
 from .wording import Problem, engine_problem, too_long
 
@@ -61,6 +62,7 @@ STATS_INTERVAL_MS = 250
 TEXT_FLUSH_S = 0.03  # text of several steps is joined into one signal per conversation
 DOWNLOAD_PROGRESS_S = 0.1  # at most 10 progress signals a second
 DOWNLOAD_JOIN_S = 8.0  # pull_model stops pip within 5 s of a cancel
+DISK_CLOSE_S = 20.0  # at shutdown, the KV sessions' writes to disk may take this long (then given up)
 
 
 class EngineWorker(QObject):
@@ -172,6 +174,7 @@ class EngineWorker(QObject):
         if self._engine is not None:
             self._engine.stop()
             self._flush(force=True)
+            self._engine.store.close(DISK_CLOSE_S)  # idle sessions to disk: warm after a restart
             self._engine = None
         self._handles.clear()
         thread = self.thread()
@@ -218,7 +221,8 @@ class EngineWorker(QObject):
             self._engine.stop()  # requests of the old model fail with "the engine was stopped..."
             self._flush(force=True)
             self._handles.clear()
-        store = LruKvCacheStore(self._kv)
+            self._engine.store.close(DISK_CLOSE_S)  # its sessions to disk, for when it is loaded again
+        store = LruKvCacheStore(with_disk_dir(self._kv))
         server = self._server
         if server is not None:  # the API server serves the engine it was started on: stop it first
             self.stop_server()
@@ -368,8 +372,27 @@ class EngineWorker(QObject):
             handle.cancel()
             self._schedule()
         if self._engine is not None:
-            self._engine.store.remove(SessionId(conversation_id))
+            self._engine.store.remove(SessionId(conversation_id), to_disk=True)  # reopened: warm
             self._emit_stats()
+
+    @Slot(str)
+    def forget_session(self, conversation_id: str) -> None:
+        """A deleted conversation: its KV session goes from memory and from the disk tier."""
+        self.remove_session(conversation_id)
+        if self._engine is not None:
+            self._engine.store.forget(SessionId(conversation_id))
+
+    @Slot()
+    def clear_disk_cache(self) -> None:
+        """Settings → Clear: delete every KV session file (the sessions in memory stay)."""
+        if self._engine is not None:
+            self._engine.store.clear_disk()
+            self._engine.store.flush_disk()
+            self._emit_stats()
+        else:
+            store = LruKvCacheStore(with_disk_dir(self._kv))  # no model yet: clear through a store
+            store.clear_disk()
+            store.close()
 
     @Slot(dict, dict)
     def apply_settings(self, kv: dict, batching: dict) -> None:
@@ -383,7 +406,7 @@ class EngineWorker(QObject):
         self._kv, self._batching = kv_options, batching_options
         applied: dict[str, Any] = {"kv_cache": kv_options.to_dict(), "batching": batching_options.to_dict()}
         if self._engine is not None:
-            self._engine.update_options(batching=batching_options, cache=kv_options)
+            self._engine.update_options(batching=batching_options, cache=with_disk_dir(kv_options))
             applied["session_token_limit"] = self._engine.session_token_limit()
             applied["limit_setting"] = self._limit_setting()
             applied["bytes_per_token"] = self._engine.model.kv_shape(kv_options.dtype).bytes_per_token
@@ -597,6 +620,13 @@ def list_models(known_paths: list[str], loaded_path: str) -> list[dict[str, Any]
     for row in rows:
         row["loaded"] = bool(loaded) and str(Path(row["path"]).resolve()) == loaded
     return rows
+
+
+def with_disk_dir(options: KvCacheOptions) -> KvCacheOptions:
+    """The options with the app's KV folder (in its cache dir) when the settings name none."""
+    if options.disk_dir is not None:
+        return options
+    return dataclasses.replace(options, disk_dir=str(paths.kv_disk_dir()))
 
 
 def submit_error_message(exc: Exception) -> str:
