@@ -196,7 +196,7 @@ def test_conversations_survive_a_restart(qtbot: Any, make_window: Any, write_set
     assert restarted.chat_tabs[1].system_prompt == "You are a travel agent."
     assert "Plan a trip to the mountains" in restarted.chat_tabs[1].transcript.toPlainText()
     send(restarted.chat_tabs[0], "And a follow-up")  # a restored conversation goes on, warm: its K/V
-    wait_idle(qtbot, restarted.chat_tabs[0])  # were saved to disk at the close (tests/app/test_kv_disk_app.py)
+    wait_idle(qtbot, restarted.chat_tabs[0])  # were saved to disk at the close (see test_kv_disk_app.py)
     assert restarted.chat_tabs[0].entries[-1].stats["reused_tokens"] > 0
 
 
