@@ -341,6 +341,14 @@ class DiskKvTier:
             raise CorruptFile("the payload's checksum does not match")
         return ids, kv
 
+    def wait_for_room(self, n_bytes: int, timeout_s: float = 30.0) -> None:
+        """Let the writer catch up when ``n_bytes`` more would pass the pending limit (used when the
+        app closes: every session should be saved, and no step is waiting)."""
+        with self._lock:
+            behind = self._pending_bytes + n_bytes > MAX_PENDING_BYTES
+        if behind:
+            self.flush(timeout_s)
+
     def forget(self, session_id: str) -> None:
         """Delete a session's file (a deleted conversation), after any write of it still queued."""
         self._start_writer()
@@ -409,6 +417,10 @@ class DiskKvTier:
                 log.exception("KV disk tier: %s failed", kind)
 
     def _write(self, job: _Write) -> None:
+        with self._lock:
+            superseded = self._pending.get(job.session_id) is not job
+        if superseded:  # a newer version of the session is queued behind this one: write that only
+            return
         name = hashlib.blake2b(job.session_id.encode(), digest_size=16).hexdigest()
         path = self.directory / f"{name}{SUFFIX}"
         try:

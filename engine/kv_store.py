@@ -582,6 +582,8 @@ class LruKvCacheStore:
             idle = [sid for sid, slot in self._slots.items() if not slot.pinned]
             n_before = len(self._slots)
             for session_id in idle:
+                if self._disk is not None:  # nothing waits for a step now: let the writer catch up
+                    self._disk.wait_for_room(self._slots[session_id].entry.used_bytes)
                 self._drop(session_id, to_disk=True)
             return n_before - len(self._slots)
 

@@ -282,3 +282,24 @@ def test_tier_in_an_unusable_folder_is_off_with_a_log_line(
     tier = DiskKvTier(blocker / "kv", 1 << 20)
     assert not tier.usable and not tier.can_take(10)
     assert "KV disk tier off" in caplog.text and "a parent of the folder is a file" in caplog.text
+
+
+def test_evictions_past_the_writers_backlog_are_dropped_not_waited_for(
+    tiny: tuple[Model, Tokenizer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk too slow for the evictions (fsync held, room for one pending session): the second
+    eviction drops its session (recomputed later) instead of making the step wait."""
+    model, _ = tiny
+    monkeypatch.setattr("engine.kv_disk.MAX_PENDING_BYTES", 80 * (512 + 4))
+    disk_free = threading.Event()
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (disk_free.wait(60), real_fsync(fd))[1])
+    store = disk_store(model, tmp_path)
+    for session, seed in ((A, 1), (B, 2)):
+        turn(model, store, session, random_ids(60, seed))
+        store.remove(session, to_disk=True)
+    assert turn(model, store, B, random_ids(60, 2))[1] == 0  # dropped: recomputed
+    assert turn(model, store, A, random_ids(60, 1))[1] == 59  # still pending: served from memory
+    disk_free.set()
+    assert store.flush_disk() and store.get_stats().disk_sessions == 1
+    store.close()
