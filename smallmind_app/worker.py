@@ -477,7 +477,11 @@ class EngineWorker(QObject):
         for conversation_id, (done, total) in progress.items():
             if conversation_id not in waiting:
                 self.prompt_progressed.emit(conversation_id, done, total)
-        for conversation_id in waiting:
+        for conversation_id in waiting:  # its text so far first: text after "waiting" would hide it
+            pieces = self._text.pop(conversation_id, None)
+            if pieces:
+                n_tokens = self._n_generated.get(conversation_id, 0)
+                self.text_generated.emit(conversation_id, "".join(pieces), n_tokens)
             self.request_waiting.emit(conversation_id)
         now = time.perf_counter()
         if force or finished or now - self._last_text_flush >= TEXT_FLUSH_S:
