@@ -1,7 +1,7 @@
 """KV on disk: time to first token (TTFT) of a ~1,500-token conversation resumed from the disk tier
 vs recomputed, in one run.
 
-    python benchmarks/bench_kv_disk.py [--model PATH] [--quick] [--runs N] [--json out.json]
+    python benchmarks/bench_kv_disk.py [--model PATH] [--quick] [--runs N] [--app] [--json out.json]
 
 The conversation is bench_kv_cache.py's five SmolLM2 turns: four turns and their replies are cached,
 then the fifth user message is sent. Cases, each timed from the request to the first token
@@ -21,6 +21,10 @@ Also: the background write's duration and the file size, the store's open time (
 checks that every mode's first token is the same and its logits within 1e-4 (relative) of the
 recomputed ones (a mismatch stops the benchmark). Both KV dtypes (float32, float16) unless --quick.
 Target: recomputed / from disk >= 10x. Medians of --runs runs after a warm-up; never asserted.
+
+``--app`` adds the case through the real window (offscreen): a saved four-turn conversation, its
+fifth message sent cold, the app closed and started again, the reply regenerated and a sixth message
+sent; the replies' own "prompt tokens reused" and TTFT.
 """
 
 from __future__ import annotations
@@ -176,6 +180,50 @@ def table(results: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
+def app_case(model_path: str) -> dict[str, Any]:
+    """Through the real window (offscreen) with SmolLM2: a saved four-turn conversation, the fifth
+    message sent cold; the app closed and started again; then the reply regenerated (the same prompt)
+    and a sixth message sent: their TTFT and "prompt tokens reused" as the reply's stats show them."""
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    from bench_app import Waiter, open_window
+    from bench_kv_cache import REPLIES, SYSTEM
+    from PySide6.QtWidgets import QApplication
+
+    from smallmind_app import paths
+    from smallmind_app.store import ConversationStore
+
+    app = QApplication.instance() or QApplication([])
+    waiter, out = Waiter(), {}
+    sampling = {"max_new_tokens": 8, "temperature": 0.0}
+    with tempfile.TemporaryDirectory(prefix="bench-kv-disk-app-") as home:
+        os.environ[paths.HOME_ENV] = home
+        with ConversationStore(paths.database_file()) as store:
+            conversation = store.create_conversation("Garden", SYSTEM)
+            for question, answer in zip(USERS[:4], REPLIES[:4], strict=True):
+                store.add_message(conversation.id, "user", question)
+                store.add_message(conversation.id, "assistant", answer)
+
+        def reply(window: Any, act: Any) -> dict[str, Any]:
+            tab = window.chat_tabs[0]
+            act(tab)
+            waiter.waitUntil(lambda: not tab.is_generating, timeout=600_000)
+            return dict(tab.entries[-1].stats)
+
+        def send(text: str) -> Any:
+            return lambda tab: (tab.prompt_edit.setPlainText(text), tab.send_button.click())
+
+        window = open_window(waiter, Path(model_path), sampling=sampling)
+        out["cold: 5th message"] = reply(window, send(USERS[4]))
+        window.close()  # the worker writes the session to disk before its thread ends
+        window = open_window(waiter, Path(model_path), sampling=sampling)
+        out["restart: regenerate"] = reply(window, lambda tab: tab.regenerate())
+        out["restart: 6th message"] = reply(window, send("Thank you! One more: what should I plant first?"))
+        window.close()
+    app.processEvents()
+    keys = ("prompt_tokens", "reused_tokens", "ttft_ms")
+    return {case: {key: stats.get(key) for key in keys} for case, stats in out.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -184,6 +232,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 run, float32 only")
     parser.add_argument("--runs", type=int, default=None, help="runs per measurement (default 3)")
     parser.add_argument("--json", default=None, help="also write the JSON document here")
+    parser.add_argument("--app", action="store_true", help="also the case through the real window")
     args = parser.parse_args()
     runs = args.runs or (1 if args.quick else 3)
     model, tok = load(args.model or default_model_path())
@@ -200,7 +249,15 @@ def main() -> None:
             for dtype in (("float32",) if args.quick else ("float32", "float16"))
         ],
     }
-    report("kv_disk", results, table(results), args.json)
+    rows = table(results)
+    if args.app:
+        results["app"] = app_case(args.model or default_model_path())
+        rows.append(("app (real window)", "prompt tokens (reused)", "TTFT (reply stats)", ""))
+        for case, row in results["app"].items():
+            rows.append(
+                (case, f"{row['prompt_tokens']} ({row['reused_tokens']})", f"{row['ttft_ms']:,.0f} ms", "")
+            )
+    report("kv_disk", results, rows, args.json)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,12 @@ def common_prefix(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray) 
     return int(differ[0]) if differ.size else n
 
 
+def _useful(token_ids: np.ndarray, prompt_ids: Sequence[int] | np.ndarray, longer_than: int) -> bool:
+    """Whether the saved tokens give more than ``longer_than`` reusable tokens of the prompt (at most
+    all but its last, whose logits are computed)."""
+    return min(common_prefix(token_ids, prompt_ids), len(prompt_ids) - 1) > longer_than
+
+
 @dataclass(frozen=True, slots=True)
 class DiskStats:
     sessions: int
@@ -283,10 +289,16 @@ class DiskKvTier:
         self._jobs.put(("write", job))
 
     def find(
-        self, session_id: str, model: str, shape: ModelShape, prompt_ids: Sequence[int] | np.ndarray
+        self,
+        session_id: str,
+        model: str,
+        shape: ModelShape,
+        prompt_ids: Sequence[int] | np.ndarray,
+        longer_than: int = 0,
     ) -> tuple[np.ndarray, np.ndarray] | None:
-        """(token ids, K/V (L, 2, KVH, n, Hd)) of the session, checked, or None. Not a copy to keep:
-        the caller copies what it uses before the next call."""
+        """(token ids, K/V (L, 2, KVH, n, Hd)) of the session, checked, or None; None too when they
+        hold no more than ``longer_than`` tokens of the prompt (the index's token ids tell, so no file
+        is read for nothing). Not a copy to keep: the caller copies what it uses before the next call."""
         with self._lock:
             job = self._pending.get(session_id)
             record = self._records.get(session_id)
@@ -296,9 +308,13 @@ class DiskKvTier:
         if job is not None:
             if job.header["model"] != model or _shape_of(job.header) != shape:
                 return None
+            if not _useful(job.token_ids, prompt_ids, longer_than):
+                return None
             n = len(job.token_ids)
             return job.token_ids, job.buffer[:, :, :, :n]
-        if record is None or not self._usable_for(record, model, shape, prompt_ids):
+        if record is None or not self._usable_for(record, model, shape):
+            return None
+        if not _useful(record.token_ids, prompt_ids, longer_than):
             return None
         try:
             return self._load(record)
@@ -314,17 +330,14 @@ class DiskKvTier:
         with self._lock:
             return session_id in self._pending or session_id in self._records
 
-    def _usable_for(
-        self, record: _Record, model: str, shape: ModelShape, prompt_ids: Sequence[int] | np.ndarray
-    ) -> bool:
+    def _usable_for(self, record: _Record, model: str, shape: ModelShape) -> bool:
         header = record.header
         if header["model"] != model or _shape_of(header) != shape:
             what = "another model" if header["model"] != model else f"{header['dtype']} K/V or another layout"
             self._warn(f"mismatch {record.path}", f"KV file {record.path.name} is from {what}; ignored")
             self._rejected += 1
             return False
-        n = min(len(record.token_ids), len(prompt_ids))
-        return n > 0 and int(record.token_ids[0]) == int(prompt_ids[0])
+        return True
 
     def _load(self, record: _Record) -> tuple[np.ndarray, np.ndarray]:
         with open(record.path, "rb") as f:

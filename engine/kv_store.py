@@ -544,7 +544,7 @@ class LruKvCacheStore:
         if self._model_identity is None or not self._disk.has(session_id.value):
             return n_own
         started = time.perf_counter()
-        found = self._disk.find(session_id.value, self._model_identity, entry.shape, prompt_ids)
+        found = self._disk.find(session_id.value, self._model_identity, entry.shape, prompt_ids, n_own)
         if found is None:
             return n_own
         token_ids, kv = found

@@ -303,3 +303,24 @@ def test_evictions_past_the_writers_backlog_are_dropped_not_waited_for(
     disk_free.set()
     assert store.flush_disk() and store.get_stats().disk_sessions == 1
     store.close()
+
+
+def test_a_session_in_memory_does_not_read_its_older_file(
+    tiny: tuple[Model, Tokenizer], tmp_path: Path
+) -> None:
+    """The file holds less than memory: the index's token ids tell, so the file is not read (a byte
+    flipped in it goes unnoticed until it is needed, then it is caught: test_kv_disk_faults.py)."""
+    model, _ = tiny
+    prompt = random_ids(80, 6)
+    store = disk_store(model, tmp_path)
+    turn(model, store, A, prompt)
+    store.remove(A, to_disk=True)
+    assert turn(model, store, A, [*prompt, 4])[1] == 80 and store.flush_disk()
+    (path,) = tmp_path.glob("*.kv")
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert turn(model, store, A, [*prompt, 4, 9, 9])[1] == 81  # from memory
+    assert path.exists() and store.get_stats().disk_hits == 1
+    store.remove(A)
+    store.close()

@@ -246,7 +246,8 @@ def test_sigkill_mid_write_leaves_nothing_read_as_valid(tmp_path: Path) -> None:
 
     tier = DiskKvTier(tmp_path, 1 << 40)
     assert not list(tmp_path.glob(".*.tmp"))  # the unfinished write is deleted at start
-    found = tier.find(kv_disk_child.SESSION, kv_disk_child.MODEL, kv_disk_child.SHAPE, [3, 10, 17])
+    prompt = [*kv_disk_child.session_kv(n_tokens)[0], 1]  # the whole session and one token more
+    found = tier.find(kv_disk_child.SESSION, kv_disk_child.MODEL, kv_disk_child.SHAPE, prompt)
     assert found is None and tier.stats().sessions == 0
     tier.close()
 
@@ -265,8 +266,8 @@ def test_sigkill_test_child_writes_a_valid_file_when_left_alone(tmp_path: Path) 
         child.kill()
         child.wait(30)
     tier = DiskKvTier(tmp_path, 1 << 40)
-    found = tier.find(kv_disk_child.SESSION, kv_disk_child.MODEL, kv_disk_child.SHAPE, [3])
     ids, kv = kv_disk_child.session_kv(50)
+    found = tier.find(kv_disk_child.SESSION, kv_disk_child.MODEL, kv_disk_child.SHAPE, [*ids, 1])
     assert found is not None and np.array_equal(found[0], ids) and np.array_equal(found[1], kv)
     tier.close()
 
