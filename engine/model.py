@@ -349,9 +349,7 @@ class Model:
         self.config = config
         self.weights = weights
         self.path = path
-        self.identity: str | None = (
-            None  # the file's identity (kv_disk.model_identity): disk KV must match it
-        )
+        self.identity: str | None = None  # kv_disk.model_identity of its file: KV on disk must match
         self._rope = Rope(config.head_dim, config.rope_theta, config.rope_scale, weights.rope_freq_factors)
         self._local_rope = Rope(config.head_dim, config.arch.local_rope_theta, config.rope_scale, None)
         self._local = tuple(config.is_local_layer(i) for i in range(config.n_layers))  # sliding-window layers

@@ -51,6 +51,7 @@ from engine import (
     kernels,
 )
 from engine.kv_cache import KV_DTYPES, ModelShape
+from engine.kv_disk import DiskKvTier
 
 from . import paths
 from .snapshots import result_dict, stats_dict
@@ -385,14 +386,15 @@ class EngineWorker(QObject):
     @Slot()
     def clear_disk_cache(self) -> None:
         """Settings → Clear: delete every KV session file (the sessions in memory stay)."""
-        if self._engine is not None:
+        if self._engine is not None and self._engine.store.get_stats().disk_enabled:
             self._engine.store.clear_disk()
             self._engine.store.flush_disk()
             self._emit_stats()
-        else:
-            store = LruKvCacheStore(with_disk_dir(self._kv))  # no model yet: clear through a store
-            store.clear_disk()
-            store.close()
+            return
+        options = with_disk_dir(self._kv)  # no model, or the tier is off: clear its folder all the same
+        tier = DiskKvTier(options.disk_dir or str(paths.kv_disk_dir()), options.max_disk_bytes)
+        tier.clear()
+        tier.close()
 
     @Slot(dict, dict)
     def apply_settings(self, kv: dict, batching: dict) -> None:

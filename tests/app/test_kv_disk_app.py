@@ -128,3 +128,23 @@ def test_deleting_a_conversation_deletes_its_file(qtbot: Any, make_window: Any, 
     delete.click()
     wait_disk_sessions(qtbot, window, 0)
     assert kv_files() == []
+
+
+def test_clear_empties_the_folder_when_the_tier_is_off(
+    qtbot: Any, make_window: Any, write_settings: Any
+) -> None:
+    """Saved sessions of an earlier run, the tier turned off since: Clear still deletes them."""
+    write_settings(sampling=SHORT)
+    window = make_window()
+    send(window.chat_tabs[0], QUESTION)
+    wait_idle(qtbot, window.chat_tabs[0])
+    window.close()
+    assert len(kv_files()) == 1
+
+    write_settings(sampling=SHORT, kv_cache={"disk_enabled": False})
+    restarted = make_window()
+    qtbot.waitUntil(lambda: restarted.stats_dock.labels["statDiskSessions"].text() == "off", timeout=10_000)
+    assert len(kv_files()) == 1  # off: the files are left alone
+    dialog = restarted.open_settings()
+    dialog.findChild(QPushButton, "kvDiskClear").click()
+    qtbot.waitUntil(lambda: kv_files() == [], timeout=10_000)
