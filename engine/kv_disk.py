@@ -326,6 +326,25 @@ class DiskKvTier:
                         describe_os_error(exc))  # fmt: skip
         return None
 
+    def prefetch(self, session_id: str) -> bool:
+        """Ask the OS to read the session's file into its page cache now, in the background (a tab was
+        opened: by the time its next message is sent, the load reads memory, not the disk)."""
+        with self._lock:
+            record = self._records.get(session_id)
+        if record is None or not hasattr(os, "posix_fadvise"):
+            return False
+        try:
+            fd = os.open(record.path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)  # returns at once; the kernel reads ahead
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        return True
+
     def has(self, session_id: str) -> bool:
         with self._lock:
             return session_id in self._pending or session_id in self._records

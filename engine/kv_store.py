@@ -562,6 +562,11 @@ class LruKvCacheStore:
         log.debug("loaded %d tokens of KV session %s from disk in %.0f ms", n, session_id, self._disk_load_ms)
         return n
 
+    def prefetch(self, session_id: SessionId) -> bool:
+        """A conversation was opened: start reading its file (if any) so its next request loads fast."""
+        disk = self._disk
+        return disk is not None and session_id not in self and disk.prefetch(session_id.value)
+
     def forget(self, session_id: SessionId) -> None:
         """A deleted conversation: its session goes from memory and from disk."""
         with self._lock:

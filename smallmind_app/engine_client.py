@@ -35,6 +35,7 @@ class EngineClient(QObject):
     server_stop_requested = Signal()
     forget_session_requested = Signal(str)  # a deleted conversation: its KV session, memory and disk
     clear_disk_requested = Signal()  # Settings → KV cache → Clear: the disk tier's files
+    prefetch_requested = Signal(list)  # conversation ids of opened tabs: read their K/V files ahead
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -57,6 +58,7 @@ class EngineClient(QObject):
         self.server_stop_requested.connect(self.worker.stop_server)
         self.forget_session_requested.connect(self.worker.forget_session)
         self.clear_disk_requested.connect(self.worker.clear_disk_cache)
+        self.prefetch_requested.connect(self.worker.prefetch_sessions)
         self._stopped = False
 
     def start(self) -> None:
@@ -83,6 +85,9 @@ class EngineClient(QObject):
 
     def clear_disk_cache(self) -> None:
         self.clear_disk_requested.emit()
+
+    def prefetch_sessions(self, conversation_ids: list[str]) -> None:
+        self.prefetch_requested.emit(list(conversation_ids))
 
     def apply_settings(self, kv: dict[str, Any], batching: dict[str, Any]) -> None:
         self.apply_settings_requested.emit(kv, batching)

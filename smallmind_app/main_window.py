@@ -195,6 +195,7 @@ class MainWindow(QMainWindow):
 
     @Slot(object)
     def _on_tabs_tab_opened(self, tab: ChatTab) -> None:
+        self.client.prefetch_sessions([tab.conversation_id])  # its K/V on disk start coming in
         tab.generation_requested.connect(self._on_tab_generation_requested)
         tab.cancel_requested.connect(self.client.cancel)
         tab.chat_settings_requested.connect(self.open_chat_settings)
@@ -362,6 +363,7 @@ class MainWindow(QMainWindow):
         if self.models_dialog is not None:
             self.models_dialog.show_load_result(f"Running {info['file_name']}.")
         self._refresh_models()
+        self.client.prefetch_sessions([tab.conversation_id for tab in self.chat_tabs])  # tabs restored
 
     @Slot(str, str)
     def _on_worker_model_load_failed(self, path: str, reason: str) -> None:

@@ -376,6 +376,13 @@ class EngineWorker(QObject):
             self._engine.store.remove(SessionId(conversation_id), to_disk=True)  # reopened: warm
             self._emit_stats()
 
+    @Slot(list)
+    def prefetch_sessions(self, conversation_ids: list) -> None:
+        """Tabs were opened (at start, or reopened): their K/V files start coming into memory."""
+        if self._engine is not None:
+            for conversation_id in conversation_ids:
+                self._engine.store.prefetch(SessionId(conversation_id))
+
     @Slot(str)
     def forget_session(self, conversation_id: str) -> None:
         """A deleted conversation: its KV session goes from memory and from the disk tier."""

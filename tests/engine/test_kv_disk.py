@@ -324,3 +324,16 @@ def test_a_session_in_memory_does_not_read_its_older_file(
     assert path.exists() and store.get_stats().disk_hits == 1
     store.remove(A)
     store.close()
+
+
+def test_prefetch_asks_only_for_sessions_on_disk(tiny: tuple[Model, Tokenizer], tmp_path: Path) -> None:
+    """An opened tab's file is read ahead (the OS's page cache; posix_fadvise WILLNEED), one already
+    in memory or never saved is not; the load afterwards is the usual checked one."""
+    model, _ = tiny
+    save_session(model, tmp_path, A, random_ids(70, 8), "float32")
+    store = disk_store(model, tmp_path)
+    assert store.prefetch(A) is hasattr(os, "posix_fadvise")
+    assert not store.prefetch(B)
+    assert turn(model, store, A, [*random_ids(70, 8), 1])[1] == 70
+    assert not store.prefetch(A)  # in memory now
+    store.close()
