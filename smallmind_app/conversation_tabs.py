@@ -2,8 +2,9 @@
 
 Every tab is one conversation of the ``ConversationStore`` (and one KV session in the engine: the
 session id is the conversation id). Closing a tab keeps the conversation, marked closed in its
-settings (``"open": false``), so that "Reopen" can bring it back; its KV session is dropped, so a
-reopened conversation starts cold. Deleting removes it from the database for good.
+settings (``"open": false``), so that "Reopen" can bring it back; its KV session leaves memory for
+the KV cache's disk tier (when on), so a reopened conversation starts warm. Deleting removes it from
+the database for good, and its K/V file too.
 """
 
 from __future__ import annotations

@@ -36,6 +36,9 @@ class EngineClient(QObject):
     endpoints_requested = Signal(list)  # Settings → Engines, keys included (never logged)
     conversation_engine_requested = Signal(str, str)  # conversation id, engine id ("local" or an endpoint)
     endpoint_test_requested = Signal(str, str)  # base URL, API key
+    forget_session_requested = Signal(str)  # a deleted conversation: its KV session, memory and disk
+    clear_disk_requested = Signal()  # Settings → KV cache → Clear: the disk tier's files
+    prefetch_requested = Signal(list)  # conversation ids of opened tabs: read their K/V files ahead
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -59,6 +62,9 @@ class EngineClient(QObject):
         self.endpoints_requested.connect(self.worker.set_endpoints)
         self.conversation_engine_requested.connect(self.worker.set_conversation_engine)
         self.endpoint_test_requested.connect(self.worker.test_endpoint)
+        self.forget_session_requested.connect(self.worker.forget_session)
+        self.clear_disk_requested.connect(self.worker.clear_disk_cache)
+        self.prefetch_requested.connect(self.worker.prefetch_sessions)
         self._stopped = False
 
     def start(self) -> None:
@@ -79,6 +85,15 @@ class EngineClient(QObject):
 
     def remove_session(self, conversation_id: str) -> None:
         self.remove_session_requested.emit(conversation_id)
+
+    def forget_session(self, conversation_id: str) -> None:
+        self.forget_session_requested.emit(conversation_id)
+
+    def clear_disk_cache(self) -> None:
+        self.clear_disk_requested.emit()
+
+    def prefetch_sessions(self, conversation_ids: list[str]) -> None:
+        self.prefetch_requested.emit(list(conversation_ids))
 
     def apply_settings(self, kv: dict[str, Any], batching: dict[str, Any]) -> None:
         self.apply_settings_requested.emit(kv, batching)

@@ -217,6 +217,7 @@ class MainWindow(QMainWindow):
 
     @Slot(object)
     def _on_tabs_tab_opened(self, tab: ChatTab) -> None:
+        self.client.prefetch_sessions([tab.conversation_id])  # its K/V on disk start coming in
         tab.generation_requested.connect(self._on_tab_generation_requested)
         tab.cancel_requested.connect(self.client.cancel)
         tab.chat_settings_requested.connect(self.open_chat_settings)
@@ -286,9 +287,13 @@ class MainWindow(QMainWindow):
         box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
         conversation_id = tab.conversation_id
         box.buttonClicked.connect(
-            lambda button: self.tabs.delete_conversation(conversation_id) if button is delete else None
+            lambda button: self._delete_conversation(conversation_id) if button is delete else None
         )
         box.open()
+
+    def _delete_conversation(self, conversation_id: str) -> None:
+        self.tabs.delete_conversation(conversation_id)
+        self.client.forget_session(conversation_id)  # its K/V files go too
 
     # -- tabs -> worker -------------------------------------------------------------------------
     def sampling_for(self, tab: ChatTab) -> dict[str, Any]:
@@ -365,6 +370,8 @@ class MainWindow(QMainWindow):
     def _on_worker_stats_updated(self, stats: dict) -> None:
         if not self._closed:
             self.stats_dock.update_stats(stats, self.tabs.titles())
+        if self.settings_dialog is not None:  # the KV page shows what the disk tier holds
+            self.settings_dialog.set_disk_usage(stats["kv"]["disk_sessions"], stats["kv"]["disk_bytes"])
 
     # -- model ----------------------------------------------------------------------------------
     @Slot(str, str)
@@ -386,6 +393,7 @@ class MainWindow(QMainWindow):
             self.models_dialog.show_load_result(f"Running {info['file_name']}.")
         self._refresh_models()
         self._refresh_engine_choices()  # the local engine's entry names the model
+        self.client.prefetch_sessions([tab.conversation_id for tab in self.chat_tabs])  # tabs restored
 
     @Slot(str, str)
     def _on_worker_model_load_failed(self, path: str, reason: str) -> None:
@@ -575,6 +583,7 @@ class MainWindow(QMainWindow):
             dialog.api_keys_chosen.connect(self._on_settings_dialog_api_keys_chosen)
             dialog.engines_page.test_requested.connect(self.client.test_endpoint)
             dialog.settings_chosen.connect(self.apply_settings)
+            dialog.disk_clear_requested.connect(self.client.clear_disk_cache)
             dialog.finished.connect(self._on_settings_dialog_finished)
             self.settings_dialog = dialog
         self.settings_dialog.open()

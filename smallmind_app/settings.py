@@ -59,6 +59,7 @@ _KINDS: dict[str, tuple[str, Callable[[Any], bool], Callable[[Any], Any]]] = {
     "number": ("a number", lambda v: _is_int(v) or isinstance(v, float), float),
     "str": ("a string", lambda v: isinstance(v, str), str),
     "int|null": ("an integer or null", lambda v: v is None or _is_int(v), lambda v: v),
+    "str|null": ("a string or null", lambda v: v is None or isinstance(v, str), lambda v: v),
     "str list": ("a list of strings", _is_str_list, tuple),
 }
 
@@ -69,6 +70,7 @@ _KIND_OF_TYPE = {
     "float": "number",
     "str": "str",
     "int | None": "int|null",
+    "str | None": "str|null",
     "tuple[str, ...]": "str list",
 }
 

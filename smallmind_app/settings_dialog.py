@@ -42,7 +42,7 @@ __all__ = ["FIELDS", "INT_MAX", "MIB_RANGE", "SECTION_KEYS", "MiB", "SettingsDia
 
 CHOICES = {"kvDtype": ["float32", "float16"], "kvPolicy": ["lru"]}
 SUFFIXES = {"kvMaxBytesTotal": " MiB", "kvMaxBytesPerSession": " MiB", "batchMaxWaitMs": " ms",
-            "maxTimeMs": " ms"}  # fmt: skip
+            "maxTimeMs": " ms", "kvMaxDiskBytes": " MiB"}  # fmt: skip
 SPECIAL = {"seed": "random", "maxTimeMs": "no limit", "cpuThreads": "auto"}  # shown at the minimum
 
 
@@ -146,6 +146,7 @@ def _model_text(info: Mapping[str, Any]) -> str:
 class SettingsDialog(QDialog):
     settings_chosen = Signal(object)  # AppSettings, on OK or Apply
     api_keys_chosen = Signal(dict)  # endpoint id -> API key, on OK or Apply (before settings_chosen)
+    disk_clear_requested = Signal()  # the KV page's Clear button: delete the saved K/V files now
 
     def __init__(
         self,
@@ -235,7 +236,31 @@ class SettingsDialog(QDialog):
             else:
                 form.addRow(label, widget)
                 changed_signal(widget).connect(self._revalidate)
+        if section == "kv":
+            form.addRow("Saved on disk", self._disk_row())
         return page
+
+    def _disk_row(self) -> QHBoxLayout:
+        """The disk tier's usage and its Clear button (it deletes the files at once, no Apply needed)."""
+        self.disk_usage = QLabel("–", objectName="kvDiskUsage")
+        self.disk_usage.setWordWrap(True)
+        clear = QPushButton("Clear", objectName="kvDiskClear")
+        clear.setToolTip("Delete the K/V of every conversation saved on disk (the conversations stay)")
+        clear.clicked.connect(self._on_disk_clear_clicked)
+        self.disk_clear_button = clear
+        row = QHBoxLayout()
+        row.addWidget(self.disk_usage, 1)
+        row.addWidget(clear)
+        return row
+
+    @Slot()
+    def _on_disk_clear_clicked(self) -> None:
+        self.disk_clear_requested.emit()
+        self.disk_usage.setText("cleared")
+
+    def set_disk_usage(self, n_sessions: int, n_bytes: int) -> None:
+        """What the disk tier holds now (the window passes the worker's stats on)."""
+        self.disk_usage.setText(f"{n_sessions:,} conversation{'s' * (n_sessions != 1)}, {mib(n_bytes)}")
 
     def _prompt_page(self) -> QWidget:
         page = QWidget()

@@ -64,6 +64,16 @@ STATS: dict[str, tuple[str, str]] = {
         "Replies paused to give their K/V memory to an older one; they resume by themselves",
     ),
     "statWaitingForMemory": ("Waiting for memory", "Requests queued until the KV budget has room for them"),
+    "statDiskSessions": (
+        "On disk",
+        "Sessions whose K/V are saved on disk (evicted from memory, or their tab closed): they come back "
+        "without recomputing, even after a restart",
+    ),
+    "statDiskBytes": ("Disk", "Bytes of the saved sessions' files, against the disk limit (max_disk_bytes)"),
+    "statDiskHits": (
+        "Disk hits",
+        "Requests whose K/V were loaded from disk, the prompt tokens they reused and the last load's time",
+    ),
     "statApiServer": (
         "API server",
         "The local OpenAI-compatible server (Tools → Local server…): its address, the API requests it "
@@ -84,6 +94,7 @@ TAB_ENGINE_STATS: dict[str, tuple[str, str]] = {
     ),
     "statTabTtft": ("TTFT", "Time from Send to the first text of the server's last reply, and the median"),
 }
+DISK_STATS = ("statDiskSessions", "statDiskBytes", "statDiskHits")  # the disk tier's group
 
 
 def mib(n_bytes: float) -> str:
@@ -106,7 +117,8 @@ class StatsDock(QDockWidget):
         self.memory_bar.setTextVisible(False)
         self.memory_bar.setToolTip("Reserved K/V memory against the limit (max_bytes_total)")
         layout.addWidget(self._group("KV cache", list(STATS)[:5]))
-        layout.addWidget(self._group("Batcher", list(STATS)[5:]))
+        layout.addWidget(self._group("KV on disk", list(DISK_STATS)))
+        layout.addWidget(self._group("Batcher", [name for name in list(STATS)[5:] if name not in DISK_STATS]))
         layout.addWidget(self._group("This tab's engine", list(TAB_ENGINE_STATS)))
         self.tokens_plot = Sparkline("Tokens/s", "", "sparkline_tokens")
         self.memory_plot = Sparkline("Memory", "MiB", "sparkline_memory")
@@ -196,6 +208,7 @@ class StatsDock(QDockWidget):
         set_text["statTtft"](f"{metrics['ttft_p50_ms']:.0f} ms" if metrics["ttft_p50_ms"] else "–")
         self._show_memory_pressure(metrics)
         self._show_api_server(stats.get("api"))
+        self._show_disk(kv)
         if not limits.get("enabled", True):
             set_text["statSessions"]("KV cache disabled")
         self._add_points(kv, metrics)
@@ -220,6 +233,22 @@ class StatsDock(QDockWidget):
         """Preemptions so far, and requests waiting for KV memory now."""
         self.labels["statPreemptions"].setText(f"{metrics.get('preemptions', 0):,}")
         self.labels["statWaitingForMemory"].setText(f"{metrics.get('waiting_for_memory', 0)}")
+
+    def _show_disk(self, kv: Mapping[str, Any]) -> None:
+        if not kv.get("disk_enabled"):
+            for name in DISK_STATS:
+                self.labels[name].setText("off")
+            return
+        failures = kv["disk_write_failures"]
+        problem = f"\n{failures} write{'s' * (failures != 1)} failed (see the log)" if failures else ""
+        self.labels["statDiskSessions"].setText(f"{kv['disk_sessions']:,}")
+        self.labels["statDiskBytes"].setText(
+            f"{mib(kv['disk_bytes'])} of {mib(kv['max_disk_bytes'])}{problem}"
+        )
+        load = f" · last load {kv['disk_load_ms']:.0f} ms" if kv["disk_hits"] else ""
+        self.labels["statDiskHits"].setText(
+            f"{kv['disk_hits']:,}  ({kv['disk_reused_tokens']:,} tokens{load})"
+        )
 
     def _show_api_server(self, api: Mapping[str, Any] | None) -> None:
         if not api:

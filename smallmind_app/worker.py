@@ -51,8 +51,10 @@ from engine import (
     kernels,
 )
 from engine.kv_cache import KV_DTYPES, ModelShape
+from engine.kv_disk import DiskKvTier
 from engine.remote import RemoteEngine, RemoteRequestHandle
 
+from . import paths
 from .endpoints import LOCAL_ENGINE
 from .snapshots import result_dict, stats_dict
 from .wording import Problem, engine_problem, too_long
@@ -64,6 +66,7 @@ TEXT_FLUSH_S = 0.03  # text of several steps is joined into one signal per conve
 DOWNLOAD_PROGRESS_S = 0.1  # at most 10 progress signals a second
 DOWNLOAD_JOIN_S = 8.0  # pull_model stops pip within 5 s of a cancel
 ENDPOINT_TEST_TIMEOUT_S = 10.0  # Settings → Engines → Test connection
+DISK_CLOSE_S = 20.0  # at shutdown, the KV sessions' writes to disk may take this long (then given up)
 
 
 class EngineWorker(QObject):
@@ -301,6 +304,7 @@ class EngineWorker(QObject):
         if self._engine is not None:
             self._engine.stop()
             self._flush(force=True)
+            self._engine.store.close(DISK_CLOSE_S)  # idle sessions to disk: warm after a restart
             self._engine = None
         for remote in self._remotes.values():
             remote.stop()
@@ -350,7 +354,8 @@ class EngineWorker(QObject):
             self._engine.stop()  # requests of the old model fail with "the engine was stopped..."
             self._flush(force=True)
             self._handles.clear()
-        store = LruKvCacheStore(self._kv)
+            self._engine.store.close(DISK_CLOSE_S)  # its sessions to disk, for when it is loaded again
+        store = LruKvCacheStore(with_disk_dir(self._kv))
         server = self._server
         if server is not None:  # the API server serves the engine it was started on: stop it first
             self.stop_server()
@@ -507,8 +512,35 @@ class EngineWorker(QObject):
             handle.cancel()
             self._schedule()
         if self._engine is not None:
-            self._engine.store.remove(SessionId(conversation_id))
+            self._engine.store.remove(SessionId(conversation_id), to_disk=True)  # reopened: warm
             self._emit_stats()
+
+    @Slot(list)
+    def prefetch_sessions(self, conversation_ids: list) -> None:
+        """Tabs were opened (at start, or reopened): their K/V files start coming into memory."""
+        if self._engine is not None:
+            for conversation_id in conversation_ids:
+                self._engine.store.prefetch(SessionId(conversation_id))
+
+    @Slot(str)
+    def forget_session(self, conversation_id: str) -> None:
+        """A deleted conversation: its KV session goes from memory and from the disk tier."""
+        self.remove_session(conversation_id)
+        if self._engine is not None:
+            self._engine.store.forget(SessionId(conversation_id))
+
+    @Slot()
+    def clear_disk_cache(self) -> None:
+        """Settings → Clear: delete every KV session file (the sessions in memory stay)."""
+        if self._engine is not None and self._engine.store.get_stats().disk_enabled:
+            self._engine.store.clear_disk()
+            self._engine.store.flush_disk()
+            self._emit_stats()
+            return
+        options = with_disk_dir(self._kv)  # no model, or the tier is off: clear its folder all the same
+        tier = DiskKvTier(options.disk_dir or str(paths.kv_disk_dir()), options.max_disk_bytes)
+        tier.clear()
+        tier.close()
 
     @Slot(dict, dict)
     def apply_settings(self, kv: dict, batching: dict) -> None:
@@ -522,7 +554,7 @@ class EngineWorker(QObject):
         self._kv, self._batching = kv_options, batching_options
         applied: dict[str, Any] = {"kv_cache": kv_options.to_dict(), "batching": batching_options.to_dict()}
         if self._engine is not None:
-            self._engine.update_options(batching=batching_options, cache=kv_options)
+            self._engine.update_options(batching=batching_options, cache=with_disk_dir(kv_options))
             applied["session_token_limit"] = self._engine.session_token_limit()
             applied["limit_setting"] = self._limit_setting()
             applied["bytes_per_token"] = self._engine.model.kv_shape(kv_options.dtype).bytes_per_token
@@ -593,7 +625,11 @@ class EngineWorker(QObject):
         for conversation_id, (done, total) in progress.items():
             if conversation_id not in waiting:
                 self.prompt_progressed.emit(conversation_id, done, total)
-        for conversation_id in waiting:
+        for conversation_id in waiting:  # its text so far first: text after "waiting" would hide it
+            pieces = self._text.pop(conversation_id, None)
+            if pieces:
+                n_tokens = self._n_generated.get(conversation_id, 0)
+                self.text_generated.emit(conversation_id, "".join(pieces), n_tokens)
             self.request_waiting.emit(conversation_id)
         now = time.perf_counter()
         if force or finished or now - self._last_text_flush >= TEXT_FLUSH_S:
@@ -738,6 +774,13 @@ def list_models(known_paths: list[str], loaded_path: str) -> list[dict[str, Any]
     for row in rows:
         row["loaded"] = bool(loaded) and str(Path(row["path"]).resolve()) == loaded
     return rows
+
+
+def with_disk_dir(options: KvCacheOptions) -> KvCacheOptions:
+    """The options with the app's KV folder (in its cache dir) when the settings name none."""
+    if options.disk_dir is not None:
+        return options
+    return dataclasses.replace(options, disk_dir=str(paths.kv_disk_dir()))
 
 
 def submit_error_message(exc: Exception) -> str:
