@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench venv model test-models clean-venv
+.PHONY: run test lint bench venv model test-models clean-venv desktop-entry
 
 run: model
 	$(BIN)/smallmind
@@ -45,3 +45,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 clean-venv:
 	rm -rf $(VENV)
+
+# SmallMind in the desktop's application menu (~/.local/share/applications/smallmind.desktop + icon).
+desktop-entry: $(STAMP)
+	$(BIN)/smallmind install-desktop-entry

@@ -149,6 +149,7 @@ class BatchedInferenceEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.store = kv_cache_store if kv_cache_store is not None else LruKvCacheStore()
+        self.store.set_model_identity(getattr(model, "identity", None))  # the disk tier's files must match
         self.metrics = metrics if metrics is not None else InMemoryRuntimeMetrics()
         self.max_concurrent_sessions = max_concurrent_sessions
         self._batching = batching_options or BatchingOptions()

@@ -50,3 +50,7 @@ class QueueFullError(EngineError):
 
 class EngineStoppedError(EngineError):
     """The engine was stopped while the request waited or ran."""
+
+
+class RemoteEngineError(EngineError):
+    """An OpenAI-compatible endpoint could not be used; the message names the endpoint and the cause."""

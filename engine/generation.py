@@ -41,10 +41,11 @@ class GenerationResult:
     total_ms: float = 0.0
     queue_wait_ms: float = 0.0
     error: str | None = None
+    completion_tokens: int | None = None  # a remote server's count (its token ids are not sent)
 
     @property
     def generated_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) if self.completion_tokens is None else self.completion_tokens
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}

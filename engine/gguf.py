@@ -168,6 +168,11 @@ class GgufFile:
                     f"{t.data_offset + int(t.n_bytes):,} but the file has {size:,}",
                 )
 
+    @property
+    def data_offset(self) -> int:
+        """Where the tensor data starts: everything before is the header (metadata, tensor infos)."""
+        return int(self._reader.data_offset)
+
     def tensor_names(self) -> list[str]:
         return list(self._tensors)
 

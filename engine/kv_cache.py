@@ -222,6 +222,26 @@ class KvCacheEntry:
         self._token_ids[:n] = other._token_ids[:n]
         self._n_tokens = n
 
+    def load_tokens(self, token_ids: np.ndarray, kv: np.ndarray) -> None:
+        """Replace the contents with ``n = len(token_ids)`` tokens and their K/V, (L, 2, KVH, n, Hd)
+        (from the disk tier). Room is made first: if that raises, the entry still holds its tokens."""
+        n = len(token_ids)
+        if kv.shape != self.shape.buffer_shape(n):
+            raise ValueError(f"K/V of shape {kv.shape} do not fit an entry of {self.shape}")
+        self.ensure_capacity(n)
+        assert self._buffer is not None
+        self._buffer[:, :, :, :n] = kv  # (L, 2, KVH, n, Hd)
+        self._token_ids[:n] = token_ids
+        self._n_tokens = n
+
+    def detach(self) -> tuple[np.ndarray, np.ndarray]:
+        """Take the buffer and the cached token ids out (the entry is empty afterwards) without giving
+        the buffer back to the allocator: whoever takes it owns it (the disk tier's writer)."""
+        assert self._buffer is not None, "nothing to detach"
+        buffer, token_ids = self._buffer, self._token_ids[: self._n_tokens].copy()
+        self._buffer, self._token_ids, self._n_tokens = None, np.zeros(0, dtype=np.int32), 0
+        return buffer, token_ids
+
     def release(self) -> None:
         """Give the buffer back to the allocator; the entry is empty afterwards."""
         buffer, self._buffer = self._buffer, None

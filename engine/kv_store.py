@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import CacheBudgetError, ContextOverflowError
 from .kv_cache import KV_DTYPES, KvCacheEntry, ModelShape
+from .kv_disk import DiskKvTier, common_prefix
 from .options import options_from_dict, options_to_dict
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ class KvCacheOptions:
     persist_across_requests: bool = True
     share_prefixes: bool = True
     dtype: str = "float32"
+    disk_enabled: bool = True  # the disk tier runs when this is on and disk_dir is set
+    disk_dir: str | None = None  # None: no disk tier (the app sets a folder in its cache dir)
+    max_disk_bytes: int = 2 * GiB
 
     def __post_init__(self) -> None:
         for name in ("enabled", "persist_across_requests", "share_prefixes"):
@@ -82,6 +86,17 @@ class KvCacheOptions:
             raise ValueError(f"KvCacheOptions.policy must be 'lru', got {self.policy!r}")
         if self.dtype not in KV_DTYPES:
             raise ValueError(f"KvCacheOptions.dtype must be one of {KV_DTYPES}, got {self.dtype!r}")
+        if not isinstance(self.disk_enabled, bool):
+            raise ValueError(f"KvCacheOptions.disk_enabled must be true or false, got {self.disk_enabled!r}")
+        if self.disk_dir is not None and (not isinstance(self.disk_dir, str) or not self.disk_dir.strip()):
+            raise ValueError(f"KvCacheOptions.disk_dir must be a folder path or None, got {self.disk_dir!r}")
+        value = self.max_disk_bytes
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"KvCacheOptions.max_disk_bytes must be a whole number ≥ 1, got {value!r}")
+
+    @property
+    def disk_tier_on(self) -> bool:
+        return self.disk_enabled and self.disk_dir is not None
 
     def effective_max_tokens(self, shape: ModelShape, context_length: int | None = None) -> int:
         """A session's token limit: the smallest of the token limit, the byte limit and the context."""
@@ -113,6 +128,15 @@ class KvCacheStats:
     prompt_tokens: int
     shared_prefix_tokens: int  # reused tokens copied from another session
     pinned_sessions: int
+    disk_enabled: bool = False  # the disk tier (see kv_disk.py): sessions evicted to files
+    disk_sessions: int = 0
+    disk_bytes: int = 0
+    max_disk_bytes: int = 0
+    disk_hits: int = 0  # prepare() calls that loaded K/V from disk
+    disk_reused_tokens: int = 0  # reused tokens that came from disk (also counted in reused_tokens)
+    disk_load_ms: float = 0.0  # the last load from disk (read, check, copy into the entry)
+    disk_writes: int = 0
+    disk_write_failures: int = 0  # full disk, read-only folder...: those sessions will be recomputed
 
     @property
     def hit_rate(self) -> float:
@@ -170,6 +194,12 @@ class LruKvCacheStore:
         self._peak_bytes = 0
         self._hits = self._misses = self._evictions = 0
         self._reused_tokens = self._prompt_tokens = self._shared_prefix_tokens = 0
+        self._model_identity: str | None = None  # the loaded model's (kv_disk.model_identity)
+        self._disk: DiskKvTier | None = None
+        self._to_disk_at_unpin: set[SessionId] = set()  # closed while pinned: written at unpin
+        self._disk_hits = self._disk_reused_tokens = 0
+        self._disk_load_ms = 0.0
+        self._open_disk(self._options)
 
     @property
     def options(self) -> KvCacheOptions:
@@ -227,16 +257,19 @@ class LruKvCacheStore:
                 self._slots.move_to_end(session_id)
                 slot.last_used = time.time()
 
-    def remove(self, session_id: SessionId) -> bool:
-        """Forget a session (a closed tab). A pinned session goes when its request ends."""
+    def remove(self, session_id: SessionId, to_disk: bool = False) -> bool:
+        """Forget a session (a closed tab). A pinned session goes when its request ends. ``to_disk``:
+        its K/V go to the disk tier (if on), so the conversation comes back warm, even after a restart."""
         with self._lock:
             slot = self._slots.get(session_id)
             if slot is None:
                 return False
             if slot.pinned:
                 self._doomed.add(session_id)
+                if to_disk:
+                    self._to_disk_at_unpin.add(session_id)
             else:
-                self._drop(session_id)
+                self._drop(session_id, to_disk=to_disk)
             return True
 
     def clear(self) -> None:
@@ -260,7 +293,7 @@ class LruKvCacheStore:
             if slot.pinned:
                 return
             if session_id in self._doomed or not self._options.persist_across_requests:
-                self._drop(session_id)
+                self._drop(session_id, to_disk=session_id in self._to_disk_at_unpin)
                 return
             limit = self._options.effective_max_tokens(slot.entry.shape, self._context.get(session_id))
             if slot.entry.capacity > limit:  # a limit shrank while the request ran
@@ -298,6 +331,8 @@ class LruKvCacheStore:
             entry = self.get_or_create(session_id, shape, context_length)
             n_reused = min(entry.common_prefix_length(prompt_ids), n_prompt - 1)
             entry.trim(n_reused)
+            if self._disk is not None and n_reused < n_prompt - 1:
+                n_reused = self._load_from_disk(session_id, entry, prompt_ids, n_reused)
             if self._options.share_prefixes and n_reused < n_prompt - 1:
                 n_reused = self._copy_shared_prefix(session_id, entry, prompt_ids, n_reused)
             entry.shrink_to_fit(n_prompt)
@@ -435,19 +470,23 @@ class LruKvCacheStore:
                 self._check_room(n_bytes, keep, needed_for)  # raises: nothing left to evict
 
     def _evict_one(self, keep: object) -> bool:
-        """Evict the least recently used unpinned session other than ``keep``."""
+        """Evict the least recently used unpinned session other than ``keep`` (to disk, if on)."""
         for session_id, slot in self._slots.items():
             if not slot.pinned and session_id != keep:
                 log.debug("evicting KV session %s (%d tokens)", session_id, slot.entry.n_tokens)
-                self._drop(session_id)
+                self._drop(session_id, to_disk=True)
                 self._evictions += 1
                 return True
         return False
 
-    def _drop(self, session_id: SessionId) -> None:
+    def _drop(self, session_id: SessionId, to_disk: bool = False) -> None:
         slot = self._slots.pop(session_id)
         self._doomed.discard(session_id)
+        self._to_disk_at_unpin.discard(session_id)
         self._context.pop(session_id, None)
+        if to_disk and self._spill(session_id, slot.entry):
+            self._current_bytes -= self._accounted.pop(id(slot.entry), 0)  # the buffer left with the writer
+            return
         slot.entry.release()  # the buffer goes to the pool via release()
         self._accounted.pop(id(slot.entry), None)
 
@@ -473,11 +512,113 @@ class LruKvCacheStore:
         while self._current_bytes > self._options.max_bytes_total and self._evict_one(keep=None):
             pass
 
+    # -- the disk tier -----------------------------------------------------------------------
+    def set_model_identity(self, identity: str | None) -> None:
+        """The loaded model's identity (``Model.identity``): disk files of any other model are ignored.
+        Without one, nothing goes to or comes from disk."""
+        with self._lock:
+            self._model_identity = identity
+
+    def _open_disk(self, options: KvCacheOptions) -> None:
+        if options.disk_tier_on and options.disk_dir is not None:
+            self._disk = DiskKvTier(options.disk_dir, options.max_disk_bytes)
+
+    def _spill(self, session_id: SessionId, entry: KvCacheEntry) -> bool:
+        """Hand an evicted entry's buffer to the disk tier (written in the background); False when the
+        tier is off or cannot take it now (then the caller releases the buffer as usual)."""
+        disk, model = self._disk, self._model_identity
+        if disk is None or model is None or entry.n_tokens == 0:
+            return False
+        if not disk.can_take(entry.n_tokens * (entry.shape.bytes_per_token + 4)):
+            log.debug("KV session %s not written to disk: the writer is behind or it is too big", session_id)
+            return False
+        buffer, token_ids = entry.detach()
+        disk.put(session_id.value, model, entry.shape, token_ids, buffer)
+        return True
+
+    def _load_from_disk(
+        self, session_id: SessionId, entry: KvCacheEntry, prompt_ids: Sequence[int] | np.ndarray, n_own: int
+    ) -> int:
+        """Load the session's K/V from disk when they hold a longer prefix of the prompt than memory."""
+        assert self._disk is not None
+        if self._model_identity is None or not self._disk.has(session_id.value):
+            return n_own
+        started = time.perf_counter()
+        found = self._disk.find(session_id.value, self._model_identity, entry.shape, prompt_ids, n_own)
+        if found is None:
+            return n_own
+        token_ids, kv = found
+        n = min(common_prefix(token_ids, prompt_ids), len(prompt_ids) - 1)
+        if n <= n_own:
+            return n_own
+        try:
+            entry.load_tokens(token_ids[:n], kv[:, :, :, :n])
+        except CacheBudgetError:
+            log.debug("no room to load %d tokens of %s from disk; computing them instead", n, session_id)
+            return n_own
+        self._disk_hits += 1
+        self._disk_reused_tokens += n
+        self._disk_load_ms = (time.perf_counter() - started) * 1000.0
+        log.debug("loaded %d tokens of KV session %s from disk in %.0f ms", n, session_id, self._disk_load_ms)
+        return n
+
+    def prefetch(self, session_id: SessionId) -> bool:
+        """A conversation was opened: start reading its file (if any) so its next request loads fast."""
+        disk = self._disk
+        return disk is not None and session_id not in self and disk.prefetch(session_id.value)
+
+    def forget(self, session_id: SessionId) -> None:
+        """A deleted conversation: its session goes from memory and from disk."""
+        with self._lock:
+            self.remove(session_id)
+            self._to_disk_at_unpin.discard(session_id)
+            if self._disk is not None:
+                self._disk.forget(session_id.value)
+
+    def clear_disk(self) -> None:
+        """Delete every session file of the disk tier (memory is untouched)."""
+        with self._lock:
+            if self._disk is not None:
+                self._disk.clear()
+
+    def save_to_disk(self) -> int:
+        """Move every idle session to disk (the app is closing or loading another model); how many went."""
+        with self._lock:
+            idle = [sid for sid, slot in self._slots.items() if not slot.pinned]
+            n_before = len(self._slots)
+            for session_id in idle:
+                if self._disk is not None:  # nothing waits for a step now: let the writer catch up
+                    self._disk.wait_for_room(self._slots[session_id].entry.used_bytes)
+                self._drop(session_id, to_disk=True)
+            return n_before - len(self._slots)
+
+    def flush_disk(self, timeout_s: float = 30.0) -> bool:
+        """Wait for the disk tier's queued writes; False on timeout."""
+        disk = self._disk
+        return True if disk is None else disk.flush(timeout_s)
+
+    def close(self, timeout_s: float = 30.0) -> bool:
+        """Save idle sessions to disk, finish the writes (up to ``timeout_s``), stop the writer."""
+        self.save_to_disk()
+        with self._lock:
+            disk, self._disk = self._disk, None
+        return True if disk is None else disk.close(timeout_s)
+
+    def _update_disk(self, old: KvCacheOptions, new: KvCacheOptions) -> None:
+        if (old.disk_tier_on, old.disk_dir) != (new.disk_tier_on, new.disk_dir):
+            if self._disk is not None:
+                self._disk.close()
+                self._disk = None
+            self._open_disk(new)
+        elif self._disk is not None and old.max_disk_bytes != new.max_disk_bytes:
+            self._disk.set_max_bytes(new.max_disk_bytes)
+
     # -- live options ------------------------------------------------------------------------
     def update_options(self, options: KvCacheOptions) -> None:
         """Apply new settings now: shrinking a limit evicts at once (pinned sessions go at unpin)."""
         with self._lock:
             old, self._options = self._options, options
+            self._update_disk(old, options)
             if options.dtype != old.dtype or not options.enabled or not options.persist_across_requests:
                 self.clear()
                 return
@@ -508,7 +649,19 @@ class LruKvCacheStore:
                 prompt_tokens=self._prompt_tokens,
                 shared_prefix_tokens=self._shared_prefix_tokens,
                 pinned_sessions=self._n_pinned(),
+                **self._disk_stats(),
             )
+
+    def _disk_stats(self) -> dict[str, Any]:
+        if self._disk is None:
+            return {}
+        disk = self._disk.stats()
+        return {
+            "disk_enabled": self._disk.usable, "disk_sessions": disk.sessions, "disk_bytes": disk.bytes,
+            "max_disk_bytes": disk.max_bytes, "disk_hits": self._disk_hits,
+            "disk_reused_tokens": self._disk_reused_tokens, "disk_load_ms": self._disk_load_ms,
+            "disk_writes": disk.writes, "disk_write_failures": disk.write_failures,
+        }  # fmt: skip
 
     def sessions(self) -> list[SessionInfo]:
         """Every session, least recently used (next to be evicted) first."""

@@ -43,6 +43,7 @@ from .gguf import ModelConfig
 from .kernels import linear
 from .kernels import weights as kw
 from .kv_cache import KvCacheEntry, ModelShape
+from .kv_disk import model_identity
 
 log = logging.getLogger(__name__)
 
@@ -348,6 +349,7 @@ class Model:
         self.config = config
         self.weights = weights
         self.path = path
+        self.identity: str | None = None  # kv_disk.model_identity of its file: KV on disk must match
         self._rope = Rope(config.head_dim, config.rope_theta, config.rope_scale, weights.rope_freq_factors)
         self._local_rope = Rope(config.head_dim, config.arch.local_rope_theta, config.rope_scale, None)
         self._local = tuple(config.is_local_layer(i) for i in range(config.n_layers))  # sliding-window layers
@@ -361,6 +363,7 @@ class Model:
         f = source if isinstance(source, gguf_io.GgufFile) else gguf_io.GgufFile(source)
         config = gguf_io.read_config(f)
         model = cls(config, load_weights(f, config, kernel_path=kernel_path), path=str(f.path))
+        model.identity = model_identity(f.path, f.data_offset)
         log.info(
             "loaded %s (%s) in %.2f s: %s kernels, %.0f MiB of weights",
             f.path.name, config.name, time.perf_counter() - started, model.weights.kernels,

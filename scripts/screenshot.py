@@ -1,7 +1,9 @@
-"""Take docs/screenshot.png: the real window, SmolLM2, two tabs generating at once, the stats dock.
+"""Take docs/screenshot.png: the real window, SmolLM2, two tabs generating at once, the stats dock,
+the history sidebar with a few earlier conversations (one pinned).
 
     xvfb-run -a -s "-screen 0 1400x900x24" python scripts/screenshot.py      # Linux without a display
     python scripts/screenshot.py --model PATH --out docs/screenshot.png      # with a display
+    python scripts/screenshot.py --theme dark --out /tmp/dark.png            # the dark theme
 
 Without a display (no $DISPLAY) the script runs itself again under ``xvfb-run`` when it exists.
 Conversations and settings go to a temporary SMALLMIND_HOME, never to your own. The first tab gets
@@ -33,6 +35,20 @@ PROMPTS = (
     ),
 )
 MIN_CHARS = 160  # each reply has this much text when the window is grabbed
+DAY_S = 86_400
+EARLIER = (  # title, days ago, the user's message, the reply (written to the history before the start)
+    ("Explain recursion", 0.2, "Explain recursion to a beginner.",
+     "Recursion is when a function calls itself on a smaller part of the problem until it reaches a case "
+     "simple enough to answer directly."),
+    ("Trip to Lisbon", 1, "Plan three days in Lisbon.",
+     "Day 1: Alfama and the castle. Day 2: Belém and its pastries. Day 3: a train to Sintra."),
+    ("Sourdough starter", 3, "How often do I feed a sourdough starter?",
+     "Once a day at room temperature, or once a week if you keep it in the fridge."),
+    ("Birthday gift ideas", 12, "Gift ideas for a friend who likes hiking?",
+     "A good headlamp, merino socks, a trail guide of your region, or a light rain jacket."),
+    ("SQL join types", 40, "What is the difference between an inner and a left join?",
+     "An inner join keeps rows that match on both sides; a left join keeps every row of the left table."),
+)  # fmt: skip
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,6 +59,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default=str(ROOT / "docs" / "screenshot.png"))
     parser.add_argument("--size", default="1360x860", help="window size, WIDTHxHEIGHT")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds before giving up")
+    parser.add_argument("--theme", choices=("light", "dark"), default="light")
     return parser.parse_args()
 
 
@@ -85,8 +102,11 @@ def take(args: argparse.Namespace, out: Path) -> int:
     from smallmind_app.settings import AppSettings, save_settings
 
     save_settings(
-        AppSettings().with_changes(sampling={"max_new_tokens": 300, "temperature": 0.3, "seed": 42})
+        AppSettings().with_changes(
+            sampling={"max_new_tokens": 300, "temperature": 0.3, "seed": 42}, theme=args.theme
+        )
     )
+    seed_history()
     app = ensure_application()
     window = create_window()
     width, height = (int(v) for v in args.size.split("x"))
@@ -125,6 +145,28 @@ def take(args: argparse.Namespace, out: Path) -> int:
     window.close()
     QApplication.processEvents()
     return 0
+
+
+def seed_history() -> None:
+    """Earlier conversations (closed, dated days ago) for the history sidebar; the first one pinned."""
+    import sqlite3
+
+    from smallmind_app import paths
+    from smallmind_app.store import ConversationStore
+
+    with ConversationStore(paths.database_file()) as store:
+        for n, (title, days, question, answer) in enumerate(EARLIER):
+            conversation = store.create_conversation(title, settings={"open": False})
+            store.add_message(conversation.id, "user", question)
+            store.add_message(conversation.id, "assistant", answer)
+            when = time.time() - days * DAY_S
+            with sqlite3.connect(store.path) as db:
+                db.execute("UPDATE conversations SET created_at = ? WHERE id = ?", (when, conversation.id))
+                db.execute(
+                    "UPDATE messages SET created_at = ? WHERE conversation_id = ?", (when, conversation.id)
+                )
+            if n == 0:
+                store.set_pinned(conversation.id, True)
 
 
 def send(tab, text: str) -> None:  # type: ignore[no-untyped-def]

@@ -30,7 +30,7 @@ from .worker import validate_settings
 
 log = logging.getLogger(__name__)
 
-STYLE_FILE = Path(__file__).resolve().parent.parent / "resources" / "smallmind.qss"
+STYLE_FILE = Path(__file__).resolve().parent / "resources" / "smallmind.qss"
 _app: QApplication | None = None  # keeps a QApplication made by create_window alive
 _error_boxes: list[QMessageBox] = []  # open unexpected-error dialogs (kept alive until closed)
 
@@ -109,6 +109,7 @@ def ensure_application(argv: Sequence[str] | None = None) -> QApplication:
     if not isinstance(app, QApplication):
         _app = app = QApplication(list(argv) if argv is not None else sys.argv[:1])
     app.setApplicationName("SmallMind")
+    app.setDesktopFileName("smallmind")  # the desktop entry (smallmind install-desktop-entry) of this app
     app.setWindowIcon(app_icon())
     app.setStyle("Fusion")
     if STYLE_FILE.is_file():

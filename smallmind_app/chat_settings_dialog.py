@@ -22,6 +22,7 @@ from PySide6.QtWidgets import (
 )
 
 from .settings_dialog import FIELDS, changed_signal, field_value, make_field, problems_text, set_field_value
+from .theme import colors
 from .worker import validate_settings
 
 SAMPLING_FIELDS = [(key, name, label, kind, limits) for sec, key, name, label, kind, limits in FIELDS
@@ -74,7 +75,7 @@ class ChatSettingsDialog(QDialog):
         grid.setColumnStretch(2, 1)
         self.error_label = QLabel(objectName="chatSettingsError")
         self.error_label.setWordWrap(True)
-        self.error_label.setStyleSheet("color: #b91c1c;")
+        self.error_label.setStyleSheet(f"color: {colors()['error_text']};")
         buttons = QDialogButtonBox(
             QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel
             | QDialogButtonBox.StandardButton.RestoreDefaults
@@ -126,7 +127,9 @@ class ChatSettingsDialog(QDialog):
         problems = validate_settings({}, {}, self.effective())
         self.errors = {key.split(".", 1)[1]: message for key, message in problems.items()}
         for key, (_, _, widget) in self.fields.items():
-            widget.setStyleSheet("background-color: #fde2e2;" if key in self.errors else "")
+            widget.setStyleSheet(
+                f"background-color: {colors()['error_field']};" if key in self.errors else ""
+            )
             widget.setToolTip(self.errors.get(key, ""))
         names = {key: name for key, name, *_ in SAMPLING_FIELDS}
         self.error_label.setText(problems_text({names.get(k, k): m for k, m in self.errors.items()}))

@@ -29,8 +29,10 @@ from PySide6.QtWidgets import (
 )
 
 from .attachments import AttachmentList
+from .engine_picker import ENGINE_KEY, EnginePicker
 from .prompt_box import PromptEdit, TokenCount
 from .store import Conversation, ConversationStore, Message, StoreError
+from .theme import colors
 from .transcript import Entry, TranscriptView, limit_reached, tab_limit
 from .versions import VersionBar
 from .wording import LABELS, mib
@@ -94,6 +96,7 @@ class ChatTab(QWidget):
     first_message_sent = Signal(str, str)  # conversation id, the text of its first user message
     settings_requested = Signal(str)  # a setting ("kv_cache.max_bytes_total") the user wants to change
     setting_change_requested = Signal(str, str, int)  # conversation id, setting, value: then send again
+    engine_changed = Signal(str, str)  # conversation id, engine id ("local" or an endpoint id)
 
     def __init__(
         self,
@@ -115,6 +118,7 @@ class ChatTab(QWidget):
         self._render_pending = False
         self._n_streamed = 0  # tokens of the reply being generated, as the worker counted them
         self._edited: Entry | None = None  # the user message being edited
+        self._engine_choices: list[tuple[str, str]] = []
         self._build(conversation.system_prompt)
         self._refresh_versions()
         self._update_buttons()
@@ -143,6 +147,8 @@ class ChatTab(QWidget):
         self.settings_button.setAutoRaise(True)
         self.settings_button.setToolTip("This chat's own sampling settings (temperature, max tokens, …)")
         self.settings_button.clicked.connect(lambda: self.chat_settings_requested.emit(self.conversation_id))
+        self.engine_picker = EnginePicker(self)
+        self.engine_picker.engine_picked.connect(self.set_engine)
 
         self.transcript = TranscriptView(self)
         self.transcript.copied.connect(lambda _index: self.status_label.setText("Copied to the clipboard."))
@@ -187,7 +193,8 @@ class ChatTab(QWidget):
         )
         self.edit_banner.setWordWrap(True)
         self.edit_banner.setStyleSheet(
-            "background: #fff4e5; color: #92400e; padding: 4px 8px; border-radius: 4px;"
+            f"background: {colors()['notice']}; color: {colors()['notice_text']}; "
+            "padding: 4px 8px; border-radius: 4px;"
         )
         self.edit_banner.setVisible(False)
         self._editing: str | None = None  # the draft the prompt box held before an edit began
@@ -236,7 +243,9 @@ class ChatTab(QWidget):
         layout.setSpacing(6)
         header = QHBoxLayout()
         header.addWidget(self.system_toggle, 1)
+        header.addWidget(self.engine_picker)
         header.addWidget(self.settings_button)
+        self.header_row = header  # the main window adds its presets button here
         layout.addLayout(header)
         layout.addWidget(self.system_edit)
         layout.addWidget(self.transcript, 1)
@@ -246,6 +255,10 @@ class ChatTab(QWidget):
         layout.addLayout(prompt_row)
         self._update_system_toggle()
         self._update_settings_button()
+
+    def set_system_prompt(self, text: str) -> None:
+        """A new system prompt for this conversation (a preset): shown, used from the next reply, saved."""
+        self.system_edit.setPlainText(text)  # textChanged saves it (after a short pause)
 
     # -- state ----------------------------------------------------------------------------------
     @property
@@ -267,6 +280,30 @@ class ChatTab(QWidget):
         self.conversation_settings = {**settings, "sampling": dict(overrides)} if overrides else settings
         self._update_settings_button()
         self._save(self._store.set_conversation_settings, self.conversation_id, self.conversation_settings)
+
+    @property
+    def saved_engine(self) -> str | None:
+        """The engine this conversation remembers (None: never chosen, a new chat)."""
+        value = self.conversation_settings.get(ENGINE_KEY)
+        return value if isinstance(value, str) else None
+
+    def set_engine(self, engine_id: str) -> None:
+        """Answer with ``engine_id`` from the next reply on; remembered with the conversation."""
+        self.conversation_settings = {**self.conversation_settings, ENGINE_KEY: engine_id}
+        self._save(self._store.set_conversation_settings, self.conversation_id, self.conversation_settings)
+        if self.engine_picker.engine_id != engine_id:
+            self.engine_picker.set_choices(self._engine_choices, engine_id)
+        self.engine_changed.emit(self.conversation_id, engine_id)
+
+    def set_engine_choices(self, choices: list[tuple[str, str]]) -> str:
+        """The engines to pick from (local first); returns the engine the tab uses now (its saved
+        one, or the local engine when that endpoint is gone: the tab says so)."""
+        self._engine_choices = list(choices)
+        saved = self.saved_engine or choices[0][0]
+        if not self.engine_picker.set_choices(choices, saved):
+            self.status_label.setText("This chat's server is no longer in Settings → Engines; "
+                                      "the local engine answers.")  # fmt: skip
+        return self.engine_picker.engine_id
 
     def chat_messages(self) -> list[dict[str, str]]:
         """What the model sees: the system prompt, then every kept user message and reply."""
@@ -290,6 +327,7 @@ class ChatTab(QWidget):
         versions = self.entries[last].versions if last >= 0 else None
         role = self.entries[last].role if last >= 0 else ""
         self.version_bar.show_versions(last, role, versions, not busy and self._editing is None)
+        self.engine_picker.setEnabled(not busy)  # a reply is answered by the engine it was sent to
 
     def _set_busy(self, busy_reply: Entry | None) -> None:
         self._reply = busy_reply

@@ -2,8 +2,9 @@
 
 Every tab is one conversation of the ``ConversationStore`` (and one KV session in the engine: the
 session id is the conversation id). Closing a tab keeps the conversation, marked closed in its
-settings (``"open": false``), so that "Reopen" can bring it back; its KV session is dropped, so a
-reopened conversation starts cold. Deleting removes it from the database for good.
+settings (``"open": false``), so that "Reopen" can bring it back; its KV session leaves memory for
+the KV cache's disk tier (when on), so a reopened conversation starts warm. Deleting removes it from
+the database for good, and its K/V file too.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from PySide6.QtWidgets import QInputDialog, QMenu, QTabWidget, QWidget
 
 from .chat_tab import ChatTab
 from .store import Conversation, ConversationStore, StoreError
+from .theme import colors
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 NEW_CHAT_TITLE = "New chat"
 AUTO_TITLE = "auto_title"  # conversation setting: the title follows the first message
 TITLE_CHARS = 40
+REOPEN_MENU_ITEMS = 20  # the Reopen menu lists the last closed conversations; the sidebar lists all
 
 
 def title_from(text: str) -> str:
@@ -43,6 +46,7 @@ class ConversationTabs(QTabWidget):
     tab_opened = Signal(object)  # ChatTab: connect its signals
     tab_closed = Signal(str)  # conversation id: drop its KV session
     store_failed = Signal(str)  # a sentence for the user (the change is kept in memory)
+    title_changed = Signal(str, str)  # conversation id, its new title
 
     def __init__(self, store: ConversationStore, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -129,12 +133,17 @@ class ConversationTabs(QTabWidget):
         return tab
 
     def fill_reopen_menu(self, menu: QMenu) -> None:
+        """The most recently changed closed conversations (all of them are in the history sidebar)."""
         menu.clear()
         try:
             closed = [c for c in self.store.list_conversations() if not c.settings.get("open", True)]
         except StoreError as exc:
             closed = []
             self.store_failed.emit(str(exc))
+        closed.sort(key=lambda c: -c.updated_at)
+        if len(closed) > REOPEN_MENU_ITEMS:
+            menu.addAction(f"{len(closed):,} closed: all are in View → History (Ctrl+H)").setEnabled(False)
+            closed = closed[:REOPEN_MENU_ITEMS]
         for conversation in closed:
             action = menu.addAction(conversation.title)
             action.triggered.connect(lambda _=False, cid=conversation.id: self.reopen(cid))
@@ -191,11 +200,12 @@ class ConversationTabs(QTabWidget):
         self.setTabText(index, title.replace("&", "&&"))
         self.setTabToolTip(index, title)
         self._write(self.store.rename, tab.conversation_id, title)
+        self.title_changed.emit(tab.conversation_id, title)
 
     def unique_title(self, base: str, exclude: str | None = None) -> str:
         """``base``, or ``base (2)``, ``(3)``…: no two conversations (open or closed) share a name."""
         try:
-            taken = {c.title for c in self.store.list_conversations() if c.id != exclude}
+            taken = {title for cid, title in self.store.conversation_titles().items() if cid != exclude}
         except StoreError:
             taken = set()
         taken |= {t.title for cid, t in self._by_id.items() if cid != exclude}
@@ -237,12 +247,14 @@ class ConversationTabs(QTabWidget):
     def _save_order(self) -> None:
         """Save the order: the open tabs as shown, then the closed conversations as they were."""
         try:
-            ids = [c.id for c in self.store.list_conversations()]
+            ids = list(self.store.conversation_titles())
         except StoreError as exc:
             self.store_failed.emit(str(exc))
             return
-        open_ids = [tab.conversation_id for tab in self.chat_tabs if tab.conversation_id in ids]
-        self._write(self.store.reorder, open_ids + [i for i in ids if i not in open_ids])
+        known = set(ids)
+        open_ids = [tab.conversation_id for tab in self.chat_tabs if tab.conversation_id in known]
+        opened = set(open_ids)
+        self._write(self.store.reorder, open_ids + [i for i in ids if i not in opened])
 
     def export_conversation(self, conversation_id: str, path: str) -> str | None:
         """Write the conversation as Markdown; None when done, else what went wrong."""
@@ -257,7 +269,12 @@ class ConversationTabs(QTabWidget):
     def _on_tab_busy_changed(self, conversation_id: str, busy: bool) -> None:
         tab = self._by_id.get(conversation_id)
         if tab is not None:
-            self.tabBar().setTabTextColor(self.indexOf(tab), QColor("#047857") if busy else QColor())
+            self.tabBar().setTabTextColor(self.indexOf(tab), QColor(colors()["busy"]) if busy else QColor())
+
+    def restyle(self) -> None:
+        """The theme changed: busy tabs take its color."""
+        for tab in self._by_id.values():
+            self._on_tab_busy_changed(tab.conversation_id, tab.is_generating)
 
     def _write(self, write: Callable[..., Any], *args: Any) -> None:
         try:

@@ -33,6 +33,12 @@ class EngineClient(QObject):
     shutdown_requested = Signal()
     server_start_requested = Signal(int, str)  # port, API key ("" = none)
     server_stop_requested = Signal()
+    endpoints_requested = Signal(list)  # Settings → Engines, keys included (never logged)
+    conversation_engine_requested = Signal(str, str)  # conversation id, engine id ("local" or an endpoint)
+    endpoint_test_requested = Signal(str, str)  # base URL, API key
+    forget_session_requested = Signal(str)  # a deleted conversation: its KV session, memory and disk
+    clear_disk_requested = Signal()  # Settings → KV cache → Clear: the disk tier's files
+    prefetch_requested = Signal(list)  # conversation ids of opened tabs: read their K/V files ahead
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -53,6 +59,12 @@ class EngineClient(QObject):
         self.shutdown_requested.connect(self.worker.shutdown)
         self.server_start_requested.connect(self.worker.start_server)
         self.server_stop_requested.connect(self.worker.stop_server)
+        self.endpoints_requested.connect(self.worker.set_endpoints)
+        self.conversation_engine_requested.connect(self.worker.set_conversation_engine)
+        self.endpoint_test_requested.connect(self.worker.test_endpoint)
+        self.forget_session_requested.connect(self.worker.forget_session)
+        self.clear_disk_requested.connect(self.worker.clear_disk_cache)
+        self.prefetch_requested.connect(self.worker.prefetch_sessions)
         self._stopped = False
 
     def start(self) -> None:
@@ -74,6 +86,15 @@ class EngineClient(QObject):
     def remove_session(self, conversation_id: str) -> None:
         self.remove_session_requested.emit(conversation_id)
 
+    def forget_session(self, conversation_id: str) -> None:
+        self.forget_session_requested.emit(conversation_id)
+
+    def clear_disk_cache(self) -> None:
+        self.clear_disk_requested.emit()
+
+    def prefetch_sessions(self, conversation_ids: list[str]) -> None:
+        self.prefetch_requested.emit(list(conversation_ids))
+
     def apply_settings(self, kv: dict[str, Any], batching: dict[str, Any]) -> None:
         self.apply_settings_requested.emit(kv, batching)
 
@@ -92,6 +113,17 @@ class EngineClient(QObject):
 
     def cancel_download(self) -> None:
         self.download_cancel_requested.emit()
+
+    def set_endpoints(self, endpoints: list[dict[str, str]]) -> None:
+        """The remote engines (id, name, base_url, model, api_key); see ``worker.set_endpoints``."""
+        self.endpoints_requested.emit(list(endpoints))
+
+    def set_conversation_engine(self, conversation_id: str, engine_id: str) -> None:
+        self.conversation_engine_requested.emit(conversation_id, engine_id)
+
+    def test_endpoint(self, base_url: str, api_key: str) -> None:
+        """The worker answers with ``endpoint_tested`` (base URL, model ids, error)."""
+        self.endpoint_test_requested.emit(base_url, api_key)
 
     # -- shutdown -------------------------------------------------------------------------------
     @property

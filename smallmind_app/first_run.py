@@ -21,6 +21,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from .theme import colors
+
 PHASES = {"download": "Downloading", "extract": "Extracting", "verify": "Verifying"}
 
 
@@ -55,7 +57,7 @@ class FirstRunDialog(QDialog):
         intro.setTextFormat(Qt.TextFormat.RichText)
         self.reason_label = QLabel(reason, objectName="firstRunReason")
         self.reason_label.setWordWrap(True)
-        self.reason_label.setStyleSheet("color: #6b7280;")
+        self.reason_label.setStyleSheet(f"color: {colors()['muted']};")
         self.reason_label.setVisible(bool(reason))
         self.download_button = QPushButton(f"Download {model['name']}", objectName="downloadButton")
         self.download_button.setDefault(True)
@@ -133,7 +135,7 @@ class FirstRunDialog(QDialog):
     def show_failed(self, message: str) -> None:
         self._set_downloading(False)
         self.phase_label.setText("Download cancelled." if self._cancelled else f"Download failed: {message}")
-        self.phase_label.setStyleSheet("" if self._cancelled else "color: #b91c1c;")
+        self.phase_label.setStyleSheet("" if self._cancelled else f"color: {colors()['error_text']};")
 
     def reject(self) -> None:
         if self._downloading:  # Escape or the window's close button while downloading: cancel first

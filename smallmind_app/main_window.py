@@ -28,21 +28,26 @@ from PySide6.QtWidgets import (
 from .chat_settings_dialog import ChatSettingsDialog
 from .chat_tab import ChatTab
 from .conversation_tabs import ConversationTabs
+from .endpoints import LOCAL_ENGINE, ApiKeyStore
 from .engine_client import EngineClient
 from .first_run import FirstRunDialog
+from .history_sidebar import HistorySidebar
 from .models_dialog import ModelsDialog
 from .paths import RESOURCES_DIR
+from .presets import PresetController
 from .server_dialog import LocalServerDialog
 from .settings import AppSettings, SettingsError, save_settings
 from .settings_dialog import SettingsDialog
 from .stats_dock import StatsDock
 from .store import ConversationStore
+from .theming import ThemeManager
 from .wording import LABELS, MiB, setting_problem
 from .worker import default_model_description, validate_settings
 
 log = logging.getLogger(__name__)
 MODEL_ENV = "SMALLMIND_MODEL"
 DOCK_SHARE, DOCK_WIDTH = 0.3, (300, 600)
+HISTORY_WIDTH = 290
 ICON_FILE = RESOURCES_DIR / "icon.png"
 
 
@@ -68,16 +73,29 @@ class MainWindow(QMainWindow):
         self.server_dialog: LocalServerDialog | None = None
         self.error_dialog: QMessageBox | None = None
         self._closed = False
+        self.api_keys = ApiKeyStore()  # Settings → Engines: the endpoints' keys (keyring, or a 0600 file)
+        self._remote_stats: dict[str, dict[str, Any]] = {}  # endpoint id -> the worker's remote_stats()
+        self._unsaved_keys: dict[str, str] = {}  # keys the key store refused: used until the app closes
+        self._keys_changed = False
         self.tabs = ConversationTabs(store)
         self.tabs.tab_opened.connect(self._on_tabs_tab_opened)
         self.tabs.tab_closed.connect(self._on_tabs_tab_closed)
         self.tabs.store_failed.connect(self._on_tabs_store_failed)
+        self.tabs.currentChanged.connect(self._show_tab_engine)
         self.setCentralWidget(self.tabs)
         self.stats_dock = StatsDock(self)
         self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.stats_dock)
         self.resizeDocks([self.stats_dock], [400], Qt.Orientation.Horizontal)
+        self.history = HistorySidebar(store, self.tabs, self)
+        self.history.store_failed.connect(self._on_tabs_store_failed)
+        self.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, self.history)
+        self.resizeDocks([self.history], [HISTORY_WIDTH], Qt.Orientation.Horizontal)
         self.setWindowIcon(app_icon())
         self._build_actions()
+        self._build_history_actions()
+        self.theme = ThemeManager(settings.theme, self)
+        self.theme.theme_changed.connect(self._on_theme_theme_changed)
+        self.theme.set_choice(settings.theme)
         self._build_status_bar()
         self._connect_worker()
         app = QCoreApplication.instance()
@@ -172,17 +190,21 @@ class MainWindow(QMainWindow):
         w.download_finished.connect(self._on_worker_download_finished)
         w.download_failed.connect(self._on_worker_download_failed)
         w.models_listed.connect(self._on_worker_models_listed)
+        w.endpoint_tested.connect(self._on_worker_endpoint_tested)
+        w.remote_stats_updated.connect(self._on_worker_remote_stats_updated)
 
     def start(self, model_path: str | None = None) -> None:
         """Start the worker, load the model (on the worker), restore the open conversations."""
         self.client.start()
         self.client.apply_settings(dict(self.settings.kv_cache), dict(self.settings.batching))
+        self._send_endpoints()
         if model_path is None:
             model_path = "" if os.environ.get(MODEL_ENV, "").strip() else (self.settings.model_path or "")
         self.client.load_model(model_path)
         self.tabs.restore()
         if not self.tabs.count():
             self.new_chat()
+        self.history.refresh()
 
     # -- tabs -----------------------------------------------------------------------------------
     @property
@@ -195,6 +217,7 @@ class MainWindow(QMainWindow):
 
     @Slot(object)
     def _on_tabs_tab_opened(self, tab: ChatTab) -> None:
+        self.client.prefetch_sessions([tab.conversation_id])  # its K/V on disk start coming in
         tab.generation_requested.connect(self._on_tab_generation_requested)
         tab.cancel_requested.connect(self.client.cancel)
         tab.chat_settings_requested.connect(self.open_chat_settings)
@@ -202,6 +225,13 @@ class MainWindow(QMainWindow):
         tab.settings_requested.connect(self.open_settings)
         tab.token_count_requested.connect(self.client.count_tokens)
         tab.setting_change_requested.connect(self._on_tab_setting_change_requested)
+        tab.engine_changed.connect(self._on_tab_engine_changed)
+        effective = tab.set_engine_choices(self.engine_choices())
+        if tab.saved_engine is None:  # a new chat: the default engine (remembered with it from now on)
+            tab.set_engine(self.settings.default_engine)
+        else:
+            self.client.set_conversation_engine(tab.conversation_id, effective)
+        self.presets.add_button(tab)
 
     @Slot(str)
     def _on_tabs_tab_closed(self, conversation_id: str) -> None:
@@ -257,9 +287,13 @@ class MainWindow(QMainWindow):
         box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
         conversation_id = tab.conversation_id
         box.buttonClicked.connect(
-            lambda button: self.tabs.delete_conversation(conversation_id) if button is delete else None
+            lambda button: self._delete_conversation(conversation_id) if button is delete else None
         )
         box.open()
+
+    def _delete_conversation(self, conversation_id: str) -> None:
+        self.tabs.delete_conversation(conversation_id)
+        self.client.forget_session(conversation_id)  # its K/V files go too
 
     # -- tabs -> worker -------------------------------------------------------------------------
     def sampling_for(self, tab: ChatTab) -> dict[str, Any]:
@@ -336,6 +370,8 @@ class MainWindow(QMainWindow):
     def _on_worker_stats_updated(self, stats: dict) -> None:
         if not self._closed:
             self.stats_dock.update_stats(stats, self.tabs.titles())
+        if self.settings_dialog is not None:  # the KV page shows what the disk tier holds
+            self.settings_dialog.set_disk_usage(stats["kv"]["disk_sessions"], stats["kv"]["disk_bytes"])
 
     # -- model ----------------------------------------------------------------------------------
     @Slot(str, str)
@@ -356,6 +392,8 @@ class MainWindow(QMainWindow):
         if self.models_dialog is not None:
             self.models_dialog.show_load_result(f"Running {info['file_name']}.")
         self._refresh_models()
+        self._refresh_engine_choices()  # the local engine's entry names the model
+        self.client.prefetch_sessions([tab.conversation_id for tab in self.chat_tabs])  # tabs restored
 
     @Slot(str, str)
     def _on_worker_model_load_failed(self, path: str, reason: str) -> None:
@@ -410,6 +448,76 @@ class MainWindow(QMainWindow):
             self.first_run_dialog.show_failed(message)
         if self.models_dialog is not None:
             self.models_dialog.show_failed(message)
+
+    # -- remote engines -------------------------------------------------------------------------
+    def engine_choices(self) -> list[tuple[str, str]]:
+        """The tabs' engine pickers: (engine id, label), the local engine first."""
+        name = Path(self.model_info["file_name"]).stem if self.model_info else "no model loaded"
+        return [(LOCAL_ENGINE, f"Local · {name}")] + [(e.id, e.label) for e in self.settings.engines]
+
+    def _send_endpoints(self) -> None:
+        """The endpoints of the settings, with their keys, to the worker (which makes their engines)."""
+        self.client.set_endpoints(
+            [{**e.to_dict(), "api_key": self._key_of(e.id)} for e in self.settings.engines]
+        )
+
+    def _key_of(self, endpoint_id: str) -> str:
+        return self._unsaved_keys.get(endpoint_id) or self.api_keys.get(endpoint_id)
+
+    def _refresh_engine_choices(self) -> None:
+        choices = self.engine_choices()
+        for tab in self.chat_tabs:
+            self.client.set_conversation_engine(tab.conversation_id, tab.set_engine_choices(choices))
+        self._show_tab_engine()
+
+    @Slot(str, str)
+    def _on_tab_engine_changed(self, conversation_id: str, engine_id: str) -> None:
+        self.client.set_conversation_engine(conversation_id, engine_id)
+        self._show_tab_engine()
+
+    @Slot()
+    def _show_tab_engine(self, *_args: Any) -> None:
+        """The dock's "This tab's engine": the tab shown's engine and, for a server, its own figures."""
+        tab = self.tabs.currentWidget()
+        if not isinstance(tab, ChatTab) or self._closed:
+            return
+        engine_id, label = tab.engine_picker.engine_id, tab.engine_picker.currentText()
+        if engine_id == LOCAL_ENGINE:
+            self.stats_dock.show_tab_engine(label, None)
+            return
+        empty = {"tokens_per_second": 0.0, "ttft_p50_ms": 0.0}
+        figures = self._remote_stats.get(engine_id, empty)
+        url = f" ({figures['url']})" if figures.get("url") else ""
+        self.stats_dock.show_tab_engine(label + url, figures)
+
+    @Slot(dict)
+    def _on_worker_remote_stats_updated(self, stats: dict) -> None:
+        self._remote_stats = dict(stats)
+        self._show_tab_engine()
+
+    @Slot(str, list, str)
+    def _on_worker_endpoint_tested(self, base_url: str, models: list, error: str) -> None:
+        if self.settings_dialog is not None:
+            self.settings_dialog.engines_page.show_test_result(base_url, list(models), error)
+
+    @Slot(dict)
+    def _on_settings_dialog_api_keys_chosen(self, keys: dict) -> None:
+        """Keep the endpoints' keys (keyring or the 0600 file) and forget those of removed endpoints."""
+        for endpoint_id in {e.id for e in self.settings.engines} - set(keys):
+            keys[endpoint_id] = ""  # a removed endpoint: forget its key
+        for endpoint_id, key in keys.items():
+            if key == self._key_of(endpoint_id):
+                continue
+            self._keys_changed = True
+            try:
+                self.api_keys.set(endpoint_id, key)
+                self._unsaved_keys.pop(endpoint_id, None)
+            except Exception as exc:  # keyring errors are of many kinds; none may lose the other settings
+                log.warning("API key not saved: %s", type(exc).__name__)
+                self._unsaved_keys[endpoint_id] = key
+                where = self.api_keys.where
+                self.show_error("API key not saved", f"The API key could not be kept in {where} "
+                                f"({type(exc).__name__}). It is used until SmallMind closes.")  # fmt: skip
 
     # -- local API server -------------------------------------------------------------------------
     @Slot()
@@ -470,8 +578,12 @@ class MainWindow(QMainWindow):
     def open_settings(self, setting: str = "") -> SettingsDialog:
         """The settings dialog; ``setting`` ("kv_cache.max_bytes_total") opens it at that field."""
         if self.settings_dialog is None:
-            dialog = SettingsDialog(self.settings, self.model_info, self)
+            keys = {e.id: self.api_keys.get(e.id) for e in self.settings.engines}
+            dialog = SettingsDialog(self.settings, self.model_info, self, keys, self.api_keys.where)
+            dialog.api_keys_chosen.connect(self._on_settings_dialog_api_keys_chosen)
+            dialog.engines_page.test_requested.connect(self.client.test_endpoint)
             dialog.settings_chosen.connect(self.apply_settings)
+            dialog.disk_clear_requested.connect(self.client.clear_disk_cache)
             dialog.finished.connect(self._on_settings_dialog_finished)
             self.settings_dialog = dialog
         self.settings_dialog.open()
@@ -525,6 +637,15 @@ class MainWindow(QMainWindow):
         self.client.apply_settings(dict(settings.kv_cache), dict(settings.batching))
         if settings.model_path != old.model_path:
             self.client.load_model(settings.model_path or "")
+        if (settings.engines, settings.default_engine) != (
+            old.engines,
+            old.default_engine,
+        ) or self._keys_changed:
+            self._keys_changed = False
+            self._send_endpoints()
+            self._refresh_engine_choices()
+        if settings.theme != self.theme.choice:
+            self.theme.set_choice(settings.theme)
 
     def _save_settings(self, settings: AppSettings) -> None:
         self.settings = settings
@@ -582,6 +703,42 @@ class MainWindow(QMainWindow):
             width = min(DOCK_WIDTH[1], max(DOCK_WIDTH[0], int(self.width() * DOCK_SHARE)))
             self.resizeDocks([self.stats_dock], [width], Qt.Orientation.Horizontal)
 
+    # -- history, theme, presets ----------------------------------------------------------------
+    def _build_history_actions(self) -> None:
+        self.action_toggle_history = self.history.toggleViewAction()
+        self.action_toggle_history.setObjectName("actionToggleHistory")
+        self.action_toggle_history.setText("&History")
+        self.action_toggle_history.setShortcut(QKeySequence("Ctrl+H"))
+        self.addAction(self.action_toggle_history)
+        self.action_search_history = self._action(
+            "actionSearchHistory", "&Search conversations…", self.history.focus_search, "Ctrl+Shift+F"
+        )
+        view = self.menuBar().addMenu("&View")
+        view.addAction(self.action_toggle_history)
+        view.addAction(self.action_search_history)
+        self.presets = PresetController(
+            self, lambda: self.settings.prompt_presets, self._save_presets, self._current_chat_tab
+        )
+        self.preset_menu = self.presets.menu(self)  # the current tab's, in the Chat menu
+        chat = self.menuBar().actions()[0].menu()
+        chat.insertMenu(self.action_chat_settings, self.preset_menu)
+
+    def _current_chat_tab(self) -> ChatTab | None:
+        tab = self.tabs.currentWidget()
+        return tab if isinstance(tab, ChatTab) else None
+
+    def _save_presets(self, presets: dict[str, str]) -> None:
+        self._save_settings(self.settings.with_changes(prompt_presets=presets))
+
+    @Slot(str)
+    def _on_theme_theme_changed(self, _name: str) -> None:
+        """Redo what was painted with the old colors: transcripts, busy tabs, plots, the history list."""
+        for tab in self.tabs.chat_tabs:
+            tab.transcript.restyle()
+        self.tabs.restyle()
+        self.stats_dock.restyle()
+        self.history.view.viewport().update()
+
     # -- shutdown -------------------------------------------------------------------------------
     def closeEvent(self, event: QCloseEvent) -> None:
         self._shutdown()
@@ -593,6 +750,7 @@ class MainWindow(QMainWindow):
         if self._closed:
             return
         self._closed = True
+        self.history.commit_pending()  # a delete waiting for its undo time is done now
         self.tabs.save_all()
         self.client.shutdown()
         self.store.close()

@@ -28,6 +28,7 @@ from PySide6.QtWidgets import (
 )
 
 from .first_run import choose_model_file, show_download_progress
+from .theme import colors
 
 COLUMNS = ("Model", "Size", "License", "Status")
 ROW_ROLE = Qt.ItemDataRole.UserRole
@@ -225,7 +226,7 @@ class ModelsDialog(QDialog):
             return
         self._set_downloading(False)
         self.phase_label.setText("Download cancelled." if self._cancelled else f"Download failed: {message}")
-        self.phase_label.setStyleSheet("" if self._cancelled else "color: #b91c1c;")
+        self.phase_label.setStyleSheet("" if self._cancelled else f"color: {colors()['error_text']};")
         self.refresh_requested.emit()
 
     # -- load -----------------------------------------------------------------------------------
@@ -233,7 +234,7 @@ class ModelsDialog(QDialog):
         """What became of a Load: the window says whether the model runs or why it cannot."""
         if not self._downloading:
             self.phase_label.setText(text)
-            self.phase_label.setStyleSheet("color: #b91c1c;" if error else "")
+            self.phase_label.setStyleSheet(f"color: {colors()['error_text']};" if error else "")
 
     @Slot()
     def _on_load_clicked(self) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import platformdirs
 
 APP_NAME = "smallmind"
-RESOURCES_DIR = Path(__file__).resolve().parent.parent / "resources"
+RESOURCES_DIR = Path(__file__).resolve().parent / "resources"
 HOME_ENV = "SMALLMIND_HOME"
 
 
@@ -42,6 +42,17 @@ def config_dir() -> Path:
 def log_dir() -> Path:
     home = _home()
     return home / "logs" if home else Path(platformdirs.user_log_dir(APP_NAME, appauthor=False))
+
+
+def cache_dir() -> Path:
+    """Things that can be rebuilt: compiled kernels, the KV cache's session files."""
+    home = _home()
+    return home / "cache" if home else Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
+
+
+def kv_disk_dir() -> Path:
+    """The KV cache's disk tier (``kv_cache.disk_dir`` when the settings leave it unset)."""
+    return cache_dir() / "kv"
 
 
 def settings_file() -> Path:

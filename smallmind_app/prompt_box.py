@@ -7,6 +7,8 @@ from PySide6.QtCore import Qt, QTimer, Signal, Slot
 from PySide6.QtGui import QDragEnterEvent, QDragMoveEvent, QDropEvent, QKeyEvent, QResizeEvent
 from PySide6.QtWidgets import QLabel, QPlainTextEdit, QWidget
 
+from .theme import colors
+
 TOKEN_COUNT_DELAY_MS = 250  # the text's tokens are counted once typing pauses
 LINES = (2, 12)  # the box grows with its text between these many lines
 MAX_SHARE = 0.4  # and never past this share of its tab
@@ -94,7 +96,7 @@ class TokenCount(QLabel):
     def __init__(self, edit: PromptEdit) -> None:
         super().__init__(objectName="promptTokenCount")
         self._edit = edit
-        self.setStyleSheet("color: #6b7280;")
+        self.setStyleSheet(f"color: {colors()['muted']};")
         edit.cleared.connect(lambda: self.setText(""))
 
     def show_count(self, text: str, n_tokens: int, limit: int) -> None:
@@ -102,4 +104,4 @@ class TokenCount(QLabel):
             return  # typed on since: a newer count is on its way
         over = bool(limit) and n_tokens > limit
         self.setText(f"{n_tokens:,} tokens" + (f": more than the {limit:,} a tab holds" if over else ""))
-        self.setStyleSheet(f"color: {'#b91c1c' if over else '#6b7280'};")
+        self.setStyleSheet(f"color: {colors()['error_text' if over else 'muted']};")

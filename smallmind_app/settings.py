@@ -29,7 +29,10 @@ from types import MappingProxyType
 from typing import Any
 
 from . import paths
+from .endpoints import LOCAL_ENGINE, Endpoint, endpoints_from
 from .paths import default_system_prompt
+from .presets import DEFAULT_PRESETS, check_presets
+from .theming import check_choice
 from .worker import engine_options
 
 logger = logging.getLogger(__name__)
@@ -56,6 +59,7 @@ _KINDS: dict[str, tuple[str, Callable[[Any], bool], Callable[[Any], Any]]] = {
     "number": ("a number", lambda v: _is_int(v) or isinstance(v, float), float),
     "str": ("a string", lambda v: isinstance(v, str), str),
     "int|null": ("an integer or null", lambda v: v is None or _is_int(v), lambda v: v),
+    "str|null": ("a string or null", lambda v: v is None or isinstance(v, str), lambda v: v),
     "str list": ("a list of strings", _is_str_list, tuple),
 }
 
@@ -66,6 +70,7 @@ _KIND_OF_TYPE = {
     "float": "number",
     "str": "str",
     "int | None": "int|null",
+    "str | None": "str|null",
     "tuple[str, ...]": "str list",
 }
 
@@ -112,6 +117,10 @@ class AppSettings:
     batching: Mapping[str, Any] = field(default_factory=lambda: section_defaults("batching"))
     sampling: Mapping[str, Any] = field(default_factory=lambda: section_defaults("sampling"))
     server_port: int = 8080  # Tools → Local server…: the port the in-app API server listens on
+    engines: tuple[Endpoint, ...] = ()  # Settings → Engines: remote endpoints (their keys are not here)
+    default_engine: str = LOCAL_ENGINE  # the engine of a new tab: "local" or an endpoint id
+    theme: str = "system"  # "system" (follow the system's color scheme), "light" or "dark"
+    prompt_presets: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(dict(DEFAULT_PRESETS)))
 
     def __post_init__(self) -> None:
         if not _is_int(self.schema_version) or not 1 <= self.schema_version <= SCHEMA_VERSION:
@@ -125,10 +134,20 @@ class AppSettings:
             raise ValueError(f"server_port must be a port from 1024 to 65535, got {self.server_port!r}")
         for section in SECTIONS:  # frozen: the only way to store the checked, read-only copies
             object.__setattr__(self, section, _freeze_section(section, getattr(self, section)))
+        object.__setattr__(self, "engines", endpoints_from(self.engines))
+        if self.default_engine not in (LOCAL_ENGINE, *(e.id for e in self.engines)):
+            raise ValueError(
+                f"default_engine must be 'local' or an endpoint's id, got {self.default_engine!r}"
+            )
+        check_choice(self.theme)
+        object.__setattr__(self, "prompt_presets", MappingProxyType(check_presets(self.prompt_presets)))
 
     def __hash__(self) -> int:  # the mappings are unhashable; their items are not
         sections = tuple(tuple(getattr(self, name).items()) for name in SECTIONS)
-        return hash((self.schema_version, self.model_path, self.system_prompt, self.server_port, sections))
+        engines = (self.engines, self.default_engine)
+        presets = tuple(self.prompt_presets.items())
+        return hash((self.schema_version, self.model_path, self.system_prompt, self.server_port, sections,
+                     engines, self.theme, presets))  # fmt: skip
 
     def with_changes(self, **changes: Any) -> AppSettings:
         """A copy with `changes`; a section given as a dict is merged over the current section."""
@@ -144,6 +163,10 @@ class AppSettings:
             "model_path": self.model_path,
             "system_prompt": self.system_prompt,
             "server_port": self.server_port,
+            "engines": [endpoint.to_dict() for endpoint in self.engines],
+            "default_engine": self.default_engine,
+            "theme": self.theme,
+            "prompt_presets": dict(self.prompt_presets),
         }
         for section in SECTIONS:
             data[section] = {

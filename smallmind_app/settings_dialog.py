@@ -31,7 +31,10 @@ from PySide6.QtWidgets import (
 )
 
 from . import first_run
+from .engines_page import EnginesPage
 from .settings import AppSettings, default_system_prompt, section_defaults
+from .theme import colors
+from .theming import CHOICES as THEME_CHOICES
 from .wording import FIELD_NAMES, FIELDS, INT_MAX, MIB_RANGE, PAGES, SECTION_KEYS, MiB, mib, setting_problem
 from .worker import session_limits, validate_settings
 
@@ -39,7 +42,7 @@ __all__ = ["FIELDS", "INT_MAX", "MIB_RANGE", "SECTION_KEYS", "MiB", "SettingsDia
 
 CHOICES = {"kvDtype": ["float32", "float16"], "kvPolicy": ["lru"]}
 SUFFIXES = {"kvMaxBytesTotal": " MiB", "kvMaxBytesPerSession": " MiB", "batchMaxWaitMs": " ms",
-            "maxTimeMs": " ms"}  # fmt: skip
+            "maxTimeMs": " ms", "kvMaxDiskBytes": " MiB"}  # fmt: skip
 SPECIAL = {"seed": "random", "maxTimeMs": "no limit", "cpuThreads": "auto"}  # shown at the minimum
 
 
@@ -142,9 +145,16 @@ def _model_text(info: Mapping[str, Any]) -> str:
 
 class SettingsDialog(QDialog):
     settings_chosen = Signal(object)  # AppSettings, on OK or Apply
+    api_keys_chosen = Signal(dict)  # endpoint id -> API key, on OK or Apply (before settings_chosen)
+    disk_clear_requested = Signal()  # the KV page's Clear button: delete the saved K/V files now
 
     def __init__(
-        self, settings: AppSettings, model_info: Mapping[str, Any] | None, parent: QWidget | None = None
+        self,
+        settings: AppSettings,
+        model_info: Mapping[str, Any] | None,
+        parent: QWidget | None = None,
+        api_keys: Mapping[str, str] | None = None,
+        key_place: str = "the system keyring",
     ):
         super().__init__(parent)
         self.setObjectName("settingsDialog")
@@ -159,9 +169,13 @@ class SettingsDialog(QDialog):
         for section, title in PAGES.items():
             tabs.addTab(self._options_page(section), title)
         tabs.addTab(self._prompt_page(), "System prompt")
+        self.engines_page = EnginesPage(settings.engines, api_keys or {}, settings.default_engine, key_place)
+        self.engines_page.changed.connect(self._revalidate)
+        tabs.addTab(self.engines_page, "Engines")
+        tabs.addTab(self._appearance_page(), "Appearance")
         self.error_label = QLabel(objectName="settingsError")
         self.error_label.setWordWrap(True)
-        self.error_label.setStyleSheet("color: #b91c1c;")
+        self.error_label.setStyleSheet(f"color: {colors()['error_text']};")
         buttons = QDialogButtonBox(
             QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Apply
             | QDialogButtonBox.StandardButton.Cancel | QDialogButtonBox.StandardButton.RestoreDefaults
@@ -202,7 +216,7 @@ class SettingsDialog(QDialog):
         form.addRow("Tokens per session", self.token_limit)
         note = QLabel("A new model file is loaded when you press Apply or OK; conversations stay open.")
         note.setWordWrap(True)
-        note.setStyleSheet("color: #6b7280;")
+        note.setStyleSheet(f"color: {colors()['muted']};")
         form.addRow("", note)
         return page
 
@@ -222,7 +236,31 @@ class SettingsDialog(QDialog):
             else:
                 form.addRow(label, widget)
                 changed_signal(widget).connect(self._revalidate)
+        if section == "kv":
+            form.addRow("Saved on disk", self._disk_row())
         return page
+
+    def _disk_row(self) -> QHBoxLayout:
+        """The disk tier's usage and its Clear button (it deletes the files at once, no Apply needed)."""
+        self.disk_usage = QLabel("–", objectName="kvDiskUsage")
+        self.disk_usage.setWordWrap(True)
+        clear = QPushButton("Clear", objectName="kvDiskClear")
+        clear.setToolTip("Delete the K/V of every conversation saved on disk (the conversations stay)")
+        clear.clicked.connect(self._on_disk_clear_clicked)
+        self.disk_clear_button = clear
+        row = QHBoxLayout()
+        row.addWidget(self.disk_usage, 1)
+        row.addWidget(clear)
+        return row
+
+    @Slot()
+    def _on_disk_clear_clicked(self) -> None:
+        self.disk_clear_requested.emit()
+        self.disk_usage.setText("cleared")
+
+    def set_disk_usage(self, n_sessions: int, n_bytes: int) -> None:
+        """What the disk tier holds now (the window passes the worker's stats on)."""
+        self.disk_usage.setText(f"{n_sessions:,} conversation{'s' * (n_sessions != 1)}, {mib(n_bytes)}")
 
     def _prompt_page(self) -> QWidget:
         page = QWidget()
@@ -232,12 +270,23 @@ class SettingsDialog(QDialog):
         layout.addWidget(self.system_prompt)
         return page
 
+    def _appearance_page(self) -> QWidget:
+        page = QWidget()
+        form = QFormLayout(page)
+        self.theme_combo = QComboBox(objectName="themeSetting")
+        for value, label in THEME_CHOICES.items():
+            self.theme_combo.addItem(label, value)
+        self.theme_combo.setToolTip("Follow system: dark when your desktop uses a dark color scheme")
+        form.addRow("Theme", self.theme_combo)
+        return page
+
     # -- values ---------------------------------------------------------------------------------
     def load(self, settings: AppSettings) -> None:
         for section, key, kind, widget in self.fields.values():
             set_field_value(widget, kind, getattr(settings, SECTION_KEYS[section])[key])
         self.model_path.setText(settings.model_path or "")
         self.system_prompt.setPlainText(settings.system_prompt)
+        self.theme_combo.setCurrentIndex(max(0, self.theme_combo.findData(settings.theme)))
         self._revalidate()
 
     def _value(self, name: str) -> Any:
@@ -255,7 +304,9 @@ class SettingsDialog(QDialog):
         return self._settings.with_changes(
             model_path=self.model_path.text().strip() or None,
             system_prompt=self.system_prompt.toPlainText(),
+            theme=self.theme_combo.currentData(),
             kv_cache=values["kv"], batching=values["batching"], sampling=values["sampling"],
+            engines=self.engines_page.endpoints(), default_engine=self.engines_page.default_engine_id(),
         )  # fmt: skip
 
     # -- validation -----------------------------------------------------------------------------
@@ -266,8 +317,12 @@ class SettingsDialog(QDialog):
         by_key = {f"{sec}.{key}": name for name, (sec, key, _, _) in self.fields.items()}
         self.errors = {by_key.get(key, key): message for key, message in problems.items()}
         self._show_limits(values["kv"])
+        if engine_problems := self.engines_page.problems():
+            self.errors["Engines"] = "; ".join(engine_problems)
         for name, (_, _, _, widget) in self.fields.items():
-            widget.setStyleSheet("background-color: #fde2e2;" if name in self.errors else "")
+            widget.setStyleSheet(
+                f"background-color: {colors()['error_field']};" if name in self.errors else ""
+            )
             widget.setToolTip(self.errors.get(name, ""))
         self.error_label.setText(problems_text(self.errors))
         self.error_label.setVisible(bool(self.errors))
@@ -309,6 +364,7 @@ class SettingsDialog(QDialog):
         if self.errors:
             return False
         self._settings = self.chosen_settings()
+        self.api_keys_chosen.emit(self.engines_page.api_keys())
         self.settings_chosen.emit(self._settings)
         return True
 

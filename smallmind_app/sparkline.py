@@ -1,4 +1,7 @@
-"""A small QPainter line plot of the recent values of one number (tokens/s, memory, batch size)."""
+"""A small QPainter line plot of the recent values of one number (tokens/s, memory, batch size).
+
+Its frame, text and (given a theme color name instead of "#rrggbb") its line follow theme.colors().
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ from collections import deque
 from PySide6.QtCore import QPointF, QRectF, QSize, Qt
 from PySide6.QtGui import QColor, QFont, QPainter, QPainterPath, QPaintEvent, QPen
 from PySide6.QtWidgets import QSizePolicy, QWidget
+
+from .theme import colors
 
 HISTORY_POINTS = 4 * 60 * 5  # five minutes at four updates a second
 MIN_SPAN_POINTS = 4 * 60  # the x axis spans at least one minute
@@ -19,11 +24,15 @@ class Sparkline(QWidget):
         super().__init__(parent)
         self.title = title
         self.unit = unit
-        self.color = QColor(color)
+        self._color = color  # "#rrggbb", or the name of a theme color
         self.values: deque[float] = deque(maxlen=HISTORY_POINTS)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
         self.setMinimumHeight(58)
         self.setAccessibleName(title)
+
+    @property
+    def color(self) -> QColor:
+        return QColor(self._color if self._color.startswith("#") else colors()[self._color])
 
     def sizeHint(self) -> QSize:
         return QSize(240, 58)
@@ -40,19 +49,20 @@ class Sparkline(QWidget):
         painter = QPainter(self)
         painter.setRenderHint(QPainter.RenderHint.Antialiasing)
         rect = QRectF(self.rect()).adjusted(0.5, 0.5, -0.5, -0.5)
-        painter.setPen(QPen(QColor("#d1d5db")))
-        painter.setBrush(QColor("#ffffff"))
+        theme = colors()
+        painter.setPen(QPen(QColor(theme["plot_border"])))
+        painter.setBrush(QColor(theme["plot_background"]))
         painter.drawRoundedRect(rect, 4, 4)
         font = QFont(self.font())
         font.setPointSizeF(max(7.0, font.pointSizeF() * 0.9))
         painter.setFont(font)
         text_height = painter.fontMetrics().height()
         latest = self.values[-1] if self.values else 0.0
-        painter.setPen(QColor("#4b5563"))
+        painter.setPen(QColor(theme["plot_label"]))
         painter.drawText(
             rect.adjusted(6, 2, -6, 0), Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop, self.title
         )
-        painter.setPen(QColor("#111827"))
+        painter.setPen(QColor(theme["plot_value"]))
         painter.drawText(
             rect.adjusted(6, 2, -6, 0),
             Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignTop,
@@ -80,9 +90,10 @@ class Sparkline(QWidget):
         area.lineTo(points[-1].x(), plot.bottom())
         area.lineTo(points[0].x(), plot.bottom())
         area.closeSubpath()
-        fill = QColor(self.color)
+        color = self.color
+        fill = QColor(color)
         fill.setAlpha(40)
         painter.fillPath(area, fill)
-        painter.setPen(QPen(self.color, 1.5))
+        painter.setPen(QPen(color, 1.5))
         painter.setBrush(Qt.BrushStyle.NoBrush)  # an open path would be filled with the frame's brush
         painter.drawPath(line)

@@ -28,6 +28,7 @@ from PySide6.QtWidgets import (
 )
 
 from .sparkline import Sparkline
+from .theme import colors
 
 MiB = 1 << 20
 MIN_WIDTH = 300
@@ -63,12 +64,37 @@ STATS: dict[str, tuple[str, str]] = {
         "Replies paused to give their K/V memory to an older one; they resume by themselves",
     ),
     "statWaitingForMemory": ("Waiting for memory", "Requests queued until the KV budget has room for them"),
+    "statDiskSessions": (
+        "On disk",
+        "Sessions whose K/V are saved on disk (evicted from memory, or their tab closed): they come back "
+        "without recomputing, even after a restart",
+    ),
+    "statDiskBytes": ("Disk", "Bytes of the saved sessions' files, against the disk limit (max_disk_bytes)"),
+    "statDiskHits": (
+        "Disk hits",
+        "Requests whose K/V were loaded from disk, the prompt tokens they reused and the last load's time",
+    ),
     "statApiServer": (
         "API server",
         "The local OpenAI-compatible server (Tools → Local server…): its address, the API requests it "
         "has served and those in flight (other programs' requests, batched with the tabs)",
     ),
 }
+
+# The engine of the tab shown: for a remote one, its own figures (the groups above are the local engine's)
+TAB_ENGINE_STATS: dict[str, tuple[str, str]] = {
+    "statTabEngine": (
+        "Engine",
+        "The engine that answers in the tab shown (its picker at the top of the tab)",
+    ),
+    "statTabTokensPerSec": (
+        "Tokens/s",
+        "A server's speed as this app sees it: its last reply's tokens per second after the first token, "
+        "and its generated tokens per second over the last 5 s",
+    ),
+    "statTabTtft": ("TTFT", "Time from Send to the first text of the server's last reply, and the median"),
+}
+DISK_STATS = ("statDiskSessions", "statDiskBytes", "statDiskHits")  # the disk tier's group
 
 
 def mib(n_bytes: float) -> str:
@@ -91,10 +117,12 @@ class StatsDock(QDockWidget):
         self.memory_bar.setTextVisible(False)
         self.memory_bar.setToolTip("Reserved K/V memory against the limit (max_bytes_total)")
         layout.addWidget(self._group("KV cache", list(STATS)[:5]))
-        layout.addWidget(self._group("Batcher", list(STATS)[5:]))
-        self.tokens_plot = Sparkline("Tokens/s", "", "#2563eb")
-        self.memory_plot = Sparkline("Memory", "MiB", "#7c3aed")
-        self.batch_plot = Sparkline("Batch size", "", "#059669")
+        layout.addWidget(self._group("KV on disk", list(DISK_STATS)))
+        layout.addWidget(self._group("Batcher", [name for name in list(STATS)[5:] if name not in DISK_STATS]))
+        layout.addWidget(self._group("This tab's engine", list(TAB_ENGINE_STATS)))
+        self.tokens_plot = Sparkline("Tokens/s", "", "sparkline_tokens")
+        self.memory_plot = Sparkline("Memory", "MiB", "sparkline_memory")
+        self.batch_plot = Sparkline("Batch size", "", "sparkline_batch")
         for plot in (self.tokens_plot, self.memory_plot, self.batch_plot):
             layout.addWidget(plot)
         layout.addWidget(QLabel("<b>Sessions</b> (least recently used first)"))
@@ -129,7 +157,7 @@ class StatsDock(QDockWidget):
         form.setContentsMargins(8, 6, 8, 6)
         form.setVerticalSpacing(3)
         for name in names:
-            label, meaning = STATS[name]
+            label, meaning = STATS.get(name) or TAB_ENGINE_STATS[name]
             value = QLabel("–", objectName=name)
             value.setWordWrap(True)
             value.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -180,15 +208,47 @@ class StatsDock(QDockWidget):
         set_text["statTtft"](f"{metrics['ttft_p50_ms']:.0f} ms" if metrics["ttft_p50_ms"] else "–")
         self._show_memory_pressure(metrics)
         self._show_api_server(stats.get("api"))
+        self._show_disk(kv)
         if not limits.get("enabled", True):
             set_text["statSessions"]("KV cache disabled")
         self._add_points(kv, metrics)
         self._fill_table(stats["sessions"], titles)
 
+    def show_tab_engine(self, label: str, figures: Mapping[str, Any] | None) -> None:
+        """The engine of the tab shown: ``figures`` is a remote engine's (``worker.remote_stats``),
+        None for the local engine (its figures are the groups above)."""
+        self.labels["statTabEngine"].setText(label)
+        if figures is None:
+            self.labels["statTabTokensPerSec"].setText("see Batcher above")
+            self.labels["statTabTtft"].setText("see Batcher above")
+            return
+        last_rate, last_ttft = figures.get("last_tokens_per_s"), figures.get("last_ttft_ms")
+        rate = f"{last_rate:.1f} last reply · " if last_rate is not None else ""
+        self.labels["statTabTokensPerSec"].setText(f"{rate}{figures['tokens_per_second']:.1f} now")
+        ttft = f"{last_ttft:.0f} ms last reply" if last_ttft is not None else "no reply yet"
+        median = f" · p50 {figures['ttft_p50_ms']:.0f} ms" if figures.get("ttft_p50_ms") else ""
+        self.labels["statTabTtft"].setText(ttft + median)
+
     def _show_memory_pressure(self, metrics: Mapping[str, Any]) -> None:
         """Preemptions so far, and requests waiting for KV memory now."""
         self.labels["statPreemptions"].setText(f"{metrics.get('preemptions', 0):,}")
         self.labels["statWaitingForMemory"].setText(f"{metrics.get('waiting_for_memory', 0)}")
+
+    def _show_disk(self, kv: Mapping[str, Any]) -> None:
+        if not kv.get("disk_enabled"):
+            for name in DISK_STATS:
+                self.labels[name].setText("off")
+            return
+        failures = kv["disk_write_failures"]
+        problem = f"\n{failures} write{'s' * (failures != 1)} failed (see the log)" if failures else ""
+        self.labels["statDiskSessions"].setText(f"{kv['disk_sessions']:,}")
+        self.labels["statDiskBytes"].setText(
+            f"{mib(kv['disk_bytes'])} of {mib(kv['max_disk_bytes'])}{problem}"
+        )
+        load = f" · last load {kv['disk_load_ms']:.0f} ms" if kv["disk_hits"] else ""
+        self.labels["statDiskHits"].setText(
+            f"{kv['disk_hits']:,}  ({kv['disk_reused_tokens']:,} tokens{load})"
+        )
 
     def _show_api_server(self, api: Mapping[str, Any] | None) -> None:
         if not api:
@@ -237,4 +297,9 @@ class StatsDock(QDockWidget):
                 item.setText(text)
                 if column in (1, 2):
                     item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-                item.setForeground(QColor("#047857" if session["pinned"] else "#111827"))
+                item.setForeground(QColor(colors()["busy" if session["pinned"] else "text"]))
+
+    def restyle(self) -> None:
+        """The theme changed: the plots repaint with its colors (the table's rows at the next update)."""
+        for plot in (self.tokens_plot, self.memory_plot, self.batch_plot):
+            plot.update()

@@ -39,7 +39,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from . import paths
+from . import history_index, paths
+from .history_index import ConversationSummary, SearchHit
 from .paths import default_system_prompt
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,11 @@ def _add_message_versions(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX messages_by_parent ON messages (parent_id, conversation_id)")
 
 
-_MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_v1, _add_message_versions]
+_MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _create_v1,
+    history_index.add_search_index,  # full-text search of titles and messages (FTS5), pins
+    _add_message_versions,  # regenerated replies and edited messages kept as versions
+]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
@@ -246,11 +251,15 @@ class ConversationStore:
                 f"(schema {version}; this one reads up to {SCHEMA_VERSION}) ({self.path})"
             )
         if version == SCHEMA_VERSION:
+            if history_index.search_index_broken(self._connection()):
+                with self._transaction("repair the search index") as db:
+                    history_index.ensure_search_index(db)
             return
         with self._transaction("update the conversations database") as db:
             for step in range(version, SCHEMA_VERSION):
                 logger.info("%s: migrating schema %d -> %d", self.path, step, step + 1)
                 _MIGRATIONS[step](db)
+            history_index.ensure_search_index(db)  # a later step may have rebuilt a table, dropping triggers
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @property
@@ -325,6 +334,13 @@ class ConversationStore:
         with self._reading() as db:
             rows = db.execute("SELECT * FROM conversations ORDER BY position, created_at").fetchall()
         return [_conversation(row) for row in rows]
+
+    def conversation_titles(self) -> dict[str, str]:
+        """{id: title} of every conversation in tab order (cheaper than ``list_conversations``)."""
+        with self._reading() as db:
+            return dict(
+                db.execute("SELECT id, title FROM conversations ORDER BY position, created_at").fetchall()
+            )
 
     def get_conversation(self, conversation_id: str) -> Conversation | None:
         with self._reading() as db:
@@ -548,6 +564,29 @@ class ConversationStore:
         """At startup: every 'streaming' message (a reply a crash cut off) becomes 'partial'; how many."""
         with self._transaction("mark interrupted replies") as db:
             return db.execute("UPDATE messages SET status = 'partial' WHERE status = 'streaming'").rowcount
+
+    # -- history: previews, pins, search (queries in history_index) ---------------------------------
+
+    def history(self) -> list[ConversationSummary]:
+        """Every conversation with a preview: pinned first, then the newest activity first."""
+        with self._reading() as db:
+            return history_index.summaries(db)
+
+    def search(self, text: str) -> dict[str, SearchHit]:
+        """{conversation id: hit} for the conversations whose title or a message holds every word."""
+        with self._reading("search the conversations") as db:
+            return history_index.search(db, text)
+
+    def snippet(self, message_id: int, text: str) -> str:
+        """Words of the message around the words of ``text`` (history_index.MARK_START/END mark them)."""
+        with self._reading("search the conversations") as db:
+            return history_index.snippet(db, message_id, text)
+
+    def set_pinned(self, conversation_id: str, pinned: bool) -> None:
+        with self._transaction("pin the conversation") as db:
+            if db.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)).fetchone() is None:
+                raise KeyError(f"no conversation {conversation_id!r}")
+            history_index.set_pinned(db, conversation_id, pinned, time.time())
 
     # -- export and maintenance ----------------------------------------------------------------------
 

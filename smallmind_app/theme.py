@@ -32,6 +32,21 @@ LIGHT: Mapping[str, str] = MappingProxyType(
         "plot_background": "#ffffff",
         "plot_label": "#4b5563",
         "plot_value": "#111827",
+        "search_hit": "#fde68a",
+        "search_hit_text": "#111827",
+        "error_field": "#fde2e2",
+        "notice_text": "#92400e",
+        "window": "#f3f4f6",
+        "base": "#ffffff",
+        "alternate_base": "#f7f7f8",
+        "button": "#f3f4f6",
+        "highlight": "#2563eb",
+        "highlight_text": "#ffffff",
+        "link": "#1d4ed8",
+        "disabled_text": "#9ca3af",
+        "sparkline_tokens": "#2563eb",
+        "sparkline_memory": "#7c3aed",
+        "sparkline_batch": "#059669",
     }
 )
 
@@ -54,6 +69,21 @@ DARK: Mapping[str, str] = MappingProxyType(
         "plot_background": "#1f2125",
         "plot_label": "#9ca3af",
         "plot_value": "#e5e7eb",
+        "search_hit": "#854d0e",
+        "search_hit_text": "#fef3c7",
+        "error_field": "#5b2126",
+        "notice_text": "#fcd34d",
+        "window": "#26282d",
+        "base": "#1f2125",
+        "alternate_base": "#2b2e33",
+        "button": "#30333a",
+        "highlight": "#3b82f6",
+        "highlight_text": "#ffffff",
+        "link": "#93b4f8",
+        "disabled_text": "#6b7280",
+        "sparkline_tokens": "#60a5fa",
+        "sparkline_memory": "#a78bfa",
+        "sparkline_batch": "#34d399",
     }
 )
 

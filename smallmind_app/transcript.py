@@ -21,6 +21,7 @@ from PySide6.QtGui import (
     QResizeEvent,
     QShowEvent,
     QTextCursor,
+    QTextFrame,
 )
 from PySide6.QtWidgets import QMessageBox, QTextBrowser, QToolButton, QWidget
 
@@ -246,6 +247,7 @@ class TranscriptView(QTextBrowser):
         self._cache: dict[int, tuple[tuple[Any, ...], list[str]]] = {}
         self._shown: list[str] = []  # the chunks in the document, in order
         self._starts: list[int] = []  # the document position where each shown chunk begins
+        self._entry_chunks: list[int] = []  # how many chunks (top-level tables) each entry has
         self.document().setUndoRedoEnabled(False)  # rendering edits the document; nothing to undo
         self._rendering = False
         self.following = True
@@ -329,6 +331,7 @@ class TranscriptView(QTextBrowser):
                 cached = (key, entry_chunks(index, entry))
                 self._cache[index] = cached
             parts.extend(cached[1])
+        self._entry_chunks = [len(self._cache[index][1]) for index in range(len(self._entries))]
         for stale in [i for i in self._cache if i >= len(self._entries)]:
             del self._cache[stale]
         bar = self.verticalScrollBar()
@@ -344,6 +347,14 @@ class TranscriptView(QTextBrowser):
             bar.setValue(bar.maximum() if self.following else position)
         finally:
             self._rendering = False
+
+    def entry_frames(self, index: int) -> list[QTextFrame]:
+        """The top-level frames (tables) showing entry ``index``, in order: one per bubble, and one
+        more per 16 lines of each code block in it."""
+        if not 0 <= index < len(self._entry_chunks):
+            return []
+        first = sum(self._entry_chunks[:index])
+        return self.document().rootFrame().childFrames()[first : first + self._entry_chunks[index]]
 
     def invalidate(self) -> None:
         """Forget what the document shows: the next ``render`` builds it all again."""
@@ -377,6 +388,11 @@ class TranscriptView(QTextBrowser):
             cursor.insertHtml(chunk)
         cursor.endEditBlock()
         self._shown = list(chunks)
+
+    def restyle(self) -> None:
+        """The theme changed: convert every entry again with its colors."""
+        self._cache.clear()
+        self.render(self._entries)
 
     def _restore_selection(self, anchor: int, position: int, before: str) -> None:
         """Select ``anchor``..``position`` again when the text up to there is unchanged."""

@@ -27,6 +27,8 @@ FIELDS: list[tuple[str, str, str, str, str, tuple[float, ...]]] = [
     ("kv", "share_prefixes", "kvSharePrefixes", "Share common prompt prefixes between tabs", "bool", ()),
     ("kv", "dtype", "kvDtype", "Cache precision", "choice", ()),
     ("kv", "policy", "kvPolicy", "Eviction policy", "choice", ()),
+    ("kv", "disk_enabled", "kvDiskEnabled", "Keep evicted and closed sessions on disk", "bool", ()),
+    ("kv", "max_disk_bytes", "kvMaxDiskBytes", "Disk limit, all sessions", "mib", MIB_RANGE),
     ("batching", "enabled", "batchEnabled", "Batch requests of several tabs", "bool", ()),
     ("batching", "max_batch_size", "batchMaxBatchSize", "Max batch size", "int", (0, 4096)),
     ("batching", "max_batch_wait_ms", "batchMaxWaitMs", "Max batch wait", "float", (0, 100_000, 1)),

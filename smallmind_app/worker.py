@@ -51,7 +51,11 @@ from engine import (
     kernels,
 )
 from engine.kv_cache import KV_DTYPES, ModelShape
+from engine.kv_disk import DiskKvTier
+from engine.remote import RemoteEngine, RemoteRequestHandle
 
+from . import paths
+from .endpoints import LOCAL_ENGINE
 from .snapshots import result_dict, stats_dict
 from .wording import Problem, engine_problem, too_long
 
@@ -61,6 +65,8 @@ STATS_INTERVAL_MS = 250
 TEXT_FLUSH_S = 0.03  # text of several steps is joined into one signal per conversation
 DOWNLOAD_PROGRESS_S = 0.1  # at most 10 progress signals a second
 DOWNLOAD_JOIN_S = 8.0  # pull_model stops pip within 5 s of a cancel
+ENDPOINT_TEST_TIMEOUT_S = 10.0  # Settings → Engines → Test connection
+DISK_CLOSE_S = 20.0  # at shutdown, the KV sessions' writes to disk may take this long (then given up)
 
 
 class EngineWorker(QObject):
@@ -86,6 +92,9 @@ class EngineWorker(QObject):
     server_started = Signal(str)  # the in-app API server's base URL
     server_stopped = Signal(str)  # why it stopped or could not start ("" = asked to)
     _work_arrived = Signal()  # emitted from other threads (the API server's) when they submit
+    endpoint_tested = Signal(str, list, str)  # base URL, the model ids it offers, why not ("" = it works)
+    remote_stats_updated = Signal(dict)  # endpoint id -> remote_stats() figures of its engine
+    _remote_event = Signal(str, object)  # conversation id, GenerationEvent: from a remote engine's thread
     shut_down = Signal()
 
     def __init__(self) -> None:
@@ -108,6 +117,12 @@ class EngineWorker(QObject):
         self._download: threading.Thread | None = None
         self._download_cancel = threading.Event()
         self.pull_model: Callable[..., Path] = download.pull_model  # tests swap in a fake (no network)
+        self._remotes: dict[str, RemoteEngine] = {}  # endpoint id -> its engine (see set_endpoints)
+        self._endpoint_of: dict[str, str] = {}  # conversation id -> endpoint id ("local" when absent)
+        self._remote_requests: dict[str, str] = {}  # conversation id -> endpoint id of its running reply
+        self._remote_last: dict[str, dict[str, Any]] = {}  # endpoint id -> its last reply's figures
+        self._remote_flush: QTimer | None = None
+        self._remote_specs: dict[str, tuple[str, str, str, str]] = {}  # what each remote was made from
 
     # -- lifecycle ------------------------------------------------------------------------------
     @Slot()
@@ -122,6 +137,10 @@ class EngineWorker(QObject):
         self._stats_timer = QTimer(self, interval=STATS_INTERVAL_MS)
         self._stats_timer.timeout.connect(self._emit_stats)
         self._work_arrived.connect(self._on_work_arrived, Qt.ConnectionType.QueuedConnection)
+        self._remote_event.connect(self._on_remote_event, Qt.ConnectionType.QueuedConnection)
+        self._remote_flush = QTimer(self, interval=round(TEXT_FLUSH_S * 1000))
+        self._remote_flush.setSingleShot(True)
+        self._remote_flush.timeout.connect(self._flush)
 
     # -- the in-app API server ----------------------------------------------------------------------
     @Slot(int, str)
@@ -157,6 +176,119 @@ class EngineWorker(QObject):
     def _on_work_arrived(self) -> None:
         self._schedule()
 
+    # -- remote engines -------------------------------------------------------------------------
+    @Slot(list)
+    def set_endpoints(self, endpoints: list) -> None:
+        """The remote engines of Settings → Engines: dicts of id, name, base_url, model, api_key. An
+        endpoint that changed or went is stopped (its replies in flight end with an error)."""
+        wanted = {str(e["id"]): (str(e["base_url"]), str(e.get("model") or ""), str(e.get("api_key") or ""),
+                                 str(e.get("name") or "")) for e in endpoints}  # fmt: skip
+        for endpoint_id, remote in list(self._remotes.items()):
+            if wanted.get(endpoint_id) != self._remote_specs.get(endpoint_id):
+                remote.stop()
+                del self._remotes[endpoint_id]
+                self._remote_specs.pop(endpoint_id, None)
+        for endpoint_id, spec in wanted.items():
+            if endpoint_id in self._remotes:
+                continue
+            base_url, model, api_key, name = spec
+            try:
+                self._remotes[endpoint_id] = RemoteEngine(base_url, model or None, api_key or None, name=name)
+            except ValueError as exc:
+                log.warning("endpoint %s is not usable: %s", name, exc)
+                continue
+            self._remote_specs[endpoint_id] = spec
+        if self._remotes and self._stats_timer is not None and not self._stats_timer.isActive():
+            self._stats_timer.start()
+        self._emit_stats()
+
+    @Slot(str, str)
+    def set_conversation_engine(self, conversation_id: str, engine_id: str) -> None:
+        """Route the conversation's next replies to ``engine_id`` ("local" or an endpoint id)."""
+        if engine_id == LOCAL_ENGINE:
+            self._endpoint_of.pop(conversation_id, None)
+        else:
+            self._endpoint_of[conversation_id] = engine_id
+
+    @Slot(str, str)
+    def test_endpoint(self, base_url: str, api_key: str) -> None:
+        """List a server's models on a short-lived thread (never blocking this one): ``endpoint_tested``."""
+
+        def work() -> None:
+            try:
+                remote = RemoteEngine(base_url, api_key=api_key or None, timeout_s=ENDPOINT_TEST_TIMEOUT_S)
+                models = remote.list_models()
+            except (EngineError, ValueError) as exc:
+                self.endpoint_tested.emit(base_url, [], str(exc))
+                return
+            except Exception as exc:  # report anything: the dialog waits for an answer
+                log.exception("testing %s failed", base_url)
+                self.endpoint_tested.emit(base_url, [], f"{type(exc).__name__}: {exc}")
+                return
+            self.endpoint_tested.emit(base_url, models, "")
+
+        threading.Thread(target=work, name="smallmind-endpoint-test", daemon=True).start()
+
+    def _submit_remote(self, conversation_id: str, messages: list, sampling: dict) -> None:
+        """Send the reply to the tab's server; its events come back through ``_on_remote_event``."""
+        endpoint_id = self._endpoint_of[conversation_id]
+        remote = self._remotes.get(endpoint_id)
+        if remote is None:
+            self._refuse(conversation_id, Problem("This tab's server is not in Settings → Engines any more; "
+                                                  "pick another engine at the top of the tab."))  # fmt: skip
+            return
+        if conversation_id in self._handles:
+            self._refuse(conversation_id, Problem("A reply is already being generated here."))
+            return
+        try:
+            options = InferenceOptions.from_dict(sampling)
+            handle = remote.submit(messages, options, session_id=conversation_id,
+                                   on_event=partial(self._remote_event.emit, conversation_id))  # fmt: skip
+        except (EngineError, ValueError) as exc:
+            log.info("request of %s refused: %s", conversation_id, exc)
+            self._refuse(conversation_id, Problem(f"Not sent: {exc}"))
+            return
+        self._handles[conversation_id] = handle
+        self._n_generated[conversation_id] = 0
+        self._max_new_tokens[conversation_id] = options.max_new_tokens
+        self._remote_requests[conversation_id] = endpoint_id
+
+    @Slot(str, object)
+    def _on_remote_event(self, conversation_id: str, event: GenerationEvent) -> None:
+        """A remote engine's event, now on this thread: buffered and sent on like the local ones."""
+        handle = self._handles.get(conversation_id)
+        if (
+            handle is None
+            or not isinstance(handle, RemoteRequestHandle)
+            or handle.request_id != event.request_id
+        ):
+            return  # its tab was closed, or it was given up
+        if event.kind == "token":  # a chunk of text: one token on most servers (the result has the count)
+            self._n_generated[conversation_id] = self._n_generated.get(conversation_id, 0) + 1
+        result = event.result
+        if result is not None and (endpoint_id := self._remote_requests.get(conversation_id)):
+            self._remote_last[endpoint_id] = {
+                "last_ttft_ms": result.ttft_ms, "last_tokens_per_s": result.decode_tokens_per_s,
+                "last_tokens": result.generated_tokens, "last_finish_reason": result.finish_reason,
+            }  # fmt: skip
+        self._events.append((conversation_id, event))
+        self._flush(force=event.result is not None)
+        if self._text and self._remote_flush is not None and not self._remote_flush.isActive():
+            self._remote_flush.start()  # text held back by the flush interval goes out shortly
+
+    def remote_stats(self) -> dict[str, dict[str, Any]]:
+        """Each remote engine's figures for the stats dock: its own tokens/s and TTFT."""
+        out: dict[str, dict[str, Any]] = {}
+        for endpoint_id, remote in self._remotes.items():
+            m = remote.metrics.snapshot()
+            out[endpoint_id] = {
+                "name": remote.name, "model": remote.model or "", "url": remote.api_url,
+                "tokens_per_second": m.tokens_per_second, "ttft_p50_ms": m.ttft_p50_ms,
+                "in_flight": m.in_flight, "completed": m.completed, "failed": m.failed + m.timed_out,
+                **self._remote_last.get(endpoint_id, {}),
+            }  # fmt: skip
+        return out
+
     @Slot()
     def shutdown(self) -> None:
         """Stop everything (running requests fail with a clear message), then end the thread."""
@@ -172,7 +304,11 @@ class EngineWorker(QObject):
         if self._engine is not None:
             self._engine.stop()
             self._flush(force=True)
+            self._engine.store.close(DISK_CLOSE_S)  # idle sessions to disk: warm after a restart
             self._engine = None
+        for remote in self._remotes.values():
+            remote.stop()
+        self._remotes.clear()
         self._handles.clear()
         thread = self.thread()
         app = QCoreApplication.instance()
@@ -218,7 +354,8 @@ class EngineWorker(QObject):
             self._engine.stop()  # requests of the old model fail with "the engine was stopped..."
             self._flush(force=True)
             self._handles.clear()
-        store = LruKvCacheStore(self._kv)
+            self._engine.store.close(DISK_CLOSE_S)  # its sessions to disk, for when it is loaded again
+        store = LruKvCacheStore(with_disk_dir(self._kv))
         server = self._server
         if server is not None:  # the API server serves the engine it was started on: stop it first
             self.stop_server()
@@ -259,6 +396,9 @@ class EngineWorker(QObject):
     @Slot(str, list, dict)
     def submit(self, conversation_id: str, messages: list, sampling: dict) -> None:
         """Queue a reply for the conversation (its KV session id is the conversation id)."""
+        if self._endpoint_of.get(conversation_id, LOCAL_ENGINE) != LOCAL_ENGINE:
+            self._submit_remote(conversation_id, messages, sampling)
+            return
         if self._engine is None:
             self._refuse(conversation_id, Problem("No model is loaded; open Settings to choose one."))
             return
@@ -309,8 +449,8 @@ class EngineWorker(QObject):
         """Which limit cut or trimmed a reply: its max new tokens, or the tab's limit (and its setting)."""
         max_new_tokens = self._max_new_tokens.pop(conversation_id, 0)
         limits: dict[str, Any] = {"max_new_tokens": max_new_tokens}
-        if self._engine is None:
-            return limits
+        if self._engine is None or self._remote_requests.pop(conversation_id, None) is not None:
+            return limits  # a remote reply: the local tab limits say nothing about it
         if result.finish_reason == "length":
             full = result.generated_tokens < max_new_tokens
             limits["stopped_by"] = "session" if full else "max_new_tokens"
@@ -346,7 +486,9 @@ class EngineWorker(QObject):
         """How many tokens the prompt box's text is (the tab shows it under the box)."""
         if self._engine is not None:
             n_tokens = len(self._engine.tokenizer.encode(text))
-            self.tokens_counted.emit(conversation_id, text, n_tokens, self._engine.session_token_limit())
+            remote = conversation_id in self._endpoint_of  # a server's limit is its own: no local one shown
+            limit = 0 if remote else self._engine.session_token_limit()
+            self.tokens_counted.emit(conversation_id, text, n_tokens, limit)
 
     @Slot(str)
     def cancel(self, conversation_id: str) -> None:
@@ -364,12 +506,41 @@ class EngineWorker(QObject):
         """
         handle = self._handles.pop(conversation_id, None)
         self._text.pop(conversation_id, None)
+        self._endpoint_of.pop(conversation_id, None)
+        self._remote_requests.pop(conversation_id, None)
         if handle is not None:
             handle.cancel()
             self._schedule()
         if self._engine is not None:
-            self._engine.store.remove(SessionId(conversation_id))
+            self._engine.store.remove(SessionId(conversation_id), to_disk=True)  # reopened: warm
             self._emit_stats()
+
+    @Slot(list)
+    def prefetch_sessions(self, conversation_ids: list) -> None:
+        """Tabs were opened (at start, or reopened): their K/V files start coming into memory."""
+        if self._engine is not None:
+            for conversation_id in conversation_ids:
+                self._engine.store.prefetch(SessionId(conversation_id))
+
+    @Slot(str)
+    def forget_session(self, conversation_id: str) -> None:
+        """A deleted conversation: its KV session goes from memory and from the disk tier."""
+        self.remove_session(conversation_id)
+        if self._engine is not None:
+            self._engine.store.forget(SessionId(conversation_id))
+
+    @Slot()
+    def clear_disk_cache(self) -> None:
+        """Settings → Clear: delete every KV session file (the sessions in memory stay)."""
+        if self._engine is not None and self._engine.store.get_stats().disk_enabled:
+            self._engine.store.clear_disk()
+            self._engine.store.flush_disk()
+            self._emit_stats()
+            return
+        options = with_disk_dir(self._kv)  # no model, or the tier is off: clear its folder all the same
+        tier = DiskKvTier(options.disk_dir or str(paths.kv_disk_dir()), options.max_disk_bytes)
+        tier.clear()
+        tier.close()
 
     @Slot(dict, dict)
     def apply_settings(self, kv: dict, batching: dict) -> None:
@@ -383,7 +554,7 @@ class EngineWorker(QObject):
         self._kv, self._batching = kv_options, batching_options
         applied: dict[str, Any] = {"kv_cache": kv_options.to_dict(), "batching": batching_options.to_dict()}
         if self._engine is not None:
-            self._engine.update_options(batching=batching_options, cache=kv_options)
+            self._engine.update_options(batching=batching_options, cache=with_disk_dir(kv_options))
             applied["session_token_limit"] = self._engine.session_token_limit()
             applied["limit_setting"] = self._limit_setting()
             applied["bytes_per_token"] = self._engine.model.kv_shape(kv_options.dtype).bytes_per_token
@@ -454,7 +625,11 @@ class EngineWorker(QObject):
         for conversation_id, (done, total) in progress.items():
             if conversation_id not in waiting:
                 self.prompt_progressed.emit(conversation_id, done, total)
-        for conversation_id in waiting:
+        for conversation_id in waiting:  # its text so far first: text after "waiting" would hide it
+            pieces = self._text.pop(conversation_id, None)
+            if pieces:
+                n_tokens = self._n_generated.get(conversation_id, 0)
+                self.text_generated.emit(conversation_id, "".join(pieces), n_tokens)
             self.request_waiting.emit(conversation_id)
         now = time.perf_counter()
         if force or finished or now - self._last_text_flush >= TEXT_FLUSH_S:
@@ -487,6 +662,8 @@ class EngineWorker(QObject):
     # -- stats ----------------------------------------------------------------------------------
     @Slot()
     def _emit_stats(self) -> None:
+        if self._remotes:
+            self.remote_stats_updated.emit(self.remote_stats())
         if self._engine is not None:
             stats = stats_dict(self._engine)
             for session in stats["sessions"]:  # a reply queued for it: it is not the next to be evicted
@@ -597,6 +774,13 @@ def list_models(known_paths: list[str], loaded_path: str) -> list[dict[str, Any]
     for row in rows:
         row["loaded"] = bool(loaded) and str(Path(row["path"]).resolve()) == loaded
     return rows
+
+
+def with_disk_dir(options: KvCacheOptions) -> KvCacheOptions:
+    """The options with the app's KV folder (in its cache dir) when the settings name none."""
+    if options.disk_dir is not None:
+        return options
+    return dataclasses.replace(options, disk_dir=str(paths.kv_disk_dir()))
 
 
 def submit_error_message(exc: Exception) -> str:

@@ -125,8 +125,11 @@ def inference_options(
         "temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k,
         "min_p": request.min_p, "repetition_penalty": request.repetition_penalty, "seed": request.seed,
     }  # fmt: skip
+    if request.repetition_penalty is None:  # llama.cpp's name, as its clients (and RemoteEngine) send it
+        given["repetition_penalty"] = request.repeat_penalty
     options: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
-    return InferenceOptions(max_new_tokens=max_new_tokens, stop=tuple(request.stop or ()), **options)
+    return InferenceOptions(max_new_tokens=max_new_tokens, stop=tuple(request.stop or ()),
+                            stop_on_eos=not request.ignore_eos, **options)  # fmt: skip
 
 
 async def submit(

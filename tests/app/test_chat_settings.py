@@ -52,7 +52,7 @@ def test_a_tabs_own_settings_apply_to_its_replies_only_and_are_kept(
 
     with ConversationStore(paths.database_file()) as store:
         saved = store.get_conversation(own.conversation_id).settings
-    assert dict(saved) == {"sampling": {"max_new_tokens": 5, "temperature": 0.0}}
+    assert dict(saved) == {"sampling": {"max_new_tokens": 5, "temperature": 0.0}, "engine": "local"}
     window.close()
 
     write_settings(sampling={**APP_SAMPLING, "max_new_tokens": 9})  # the app's default changes

@@ -306,7 +306,7 @@ def test_settings_dialog_numeric_fields_fuzzed(qtbot: Any, make_window: Any) -> 
 
     window = make_window()
     dialog = window.open_settings()
-    assert len(NUMERIC_FIELDS) == 18
+    assert len(NUMERIC_FIELDS) == 19
     problems = []
     for name in NUMERIC_FIELDS:
         for typed in TYPED:
@@ -343,6 +343,7 @@ def test_settings_dialog_numeric_fields_fuzzed(qtbot: Any, make_window: Any) -> 
 ACCEPTED_IN_FILE = {
     "kv_cache.max_tokens_per_session": {10**12}, "kv_cache.max_sessions": {10**12},
     "kv_cache.max_bytes_total": {10**12}, "kv_cache.max_bytes_per_session": set(),
+    "kv_cache.max_disk_bytes": {10**12},
     "batching.max_batch_size": set(), "batching.max_batch_wait_ms": {0},
     "batching.max_total_queued_requests": set(), "batching.max_prefill_chunk_tokens": set(),
     "batching.cpu_threads": {0},

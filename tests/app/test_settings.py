@@ -178,7 +178,7 @@ CORRUPT_FILES = {
     "list where a dict belongs": (_good_json(batching=[["enabled", True]]), "batching must be an object"),
     "top level is a list": ("[1, 2]", "the top level must be an object"),
     "newer schema_version": (_good_json(schema_version=3), "written by a newer SmallMind"),
-    "unknown top-level key": (_good_json(theme="dark"), "unknown setting(s) theme"),
+    "unknown top-level key": (_good_json(font_size=14), "unknown setting(s) font_size"),
     "null where a bool belongs": (
         _good_json(kv_cache={"enabled": None}),
         "kv_cache.enabled must be true or false",
