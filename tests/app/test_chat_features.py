@@ -267,3 +267,23 @@ def test_a_regenerate_the_engine_refuses_gives_the_previous_reply_back(
         assert [(e.role, e.content) for e in tab.entries if e.role != "notice"] == before[i]
         assert tab.entries[-2].versions is None and not tab.version_bar.isVisible()
         assert [(m.role, m.content) for m in stored_messages(tab.conversation_id)] == before[i]
+
+
+def test_a_search_hit_after_a_reply_with_code_blocks_lands_on_its_own_message(
+    qtbot: Any, make_window: Any
+) -> None:
+    from smallmind_app.transcript_search import show_entry
+
+    long_code = "\n".join(f"value_{i} = {i}" for i in range(40))  # three 16-line tables
+    with ConversationStore(paths.database_file()) as store:
+        conversation = store.create_conversation("Zebras", "")
+        store.add_message(conversation.id, "user", "Show code")
+        store.add_message(conversation.id, "assistant", f"```python\n{long_code}\n```\n\n```\nzebra = 1\n```")
+        store.add_message(conversation.id, "user", "Tell me about the zebra " + "and more words " * 300)
+    window = make_window()
+    view = window.chat_tabs[0].transcript
+    assert len(view.entry_frames(1)) == 1 + 3 + 1 + 1  # header, 3 + 1 code tables, footer
+    marks = show_entry(view, 2, "zebra")
+    assert [m.cursor.selectedText() for m in marks] == ["zebra"]  # in message 2, not the code above
+    assert marks[0].cursor.position() > view.entry_frames(1)[-1].lastPosition()
+    assert view.verticalScrollBar().value() > 0
