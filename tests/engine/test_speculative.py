@@ -209,8 +209,8 @@ def test_rejected_drafts_leave_the_session_cache_holding_only_the_reply(tiny):
     fresh = model.new_cache(entry.n_tokens)
     model.forward(list(entry.token_ids), fresh)
     for layer in range(model.config.n_layers):
-        np.testing.assert_allclose(entry.keys(layer)[:, : entry.n_tokens], fresh.keys(layer)[:, : entry.n_tokens],
-                                   rtol=1e-4, atol=1e-5)  # fmt: skip
+        n = entry.n_tokens
+        np.testing.assert_allclose(entry.keys(layer)[:, :n], fresh.keys(layer)[:, :n], rtol=1e-4, atol=1e-5)
 
 
 # -- the real model ----------------------------------------------------------------------------------
@@ -239,7 +239,10 @@ def test_smollm2_greedy_with_drafts_equals_the_reference_alone_and_batched(
         assert list(result.token_ids) == prompt["greedy_ids"], prompt["key"]
 
 
-QUOTE = "Repeat this code exactly:\n\ndef area(width, height):\n    if width < 0 or height < 0:\n        raise ValueError('negative size')\n    return width * height\n"
+QUOTE = (
+    "Repeat this code exactly:\n\ndef area(width, height):\n    if width < 0 or height < 0:\n"
+    "        raise ValueError('negative size')\n    return width * height\n"
+)
 
 
 @pytest.mark.smollm2
