@@ -346,7 +346,7 @@ ACCEPTED_IN_FILE = {
     "kv_cache.max_bytes_total": {10**12}, "kv_cache.max_bytes_per_session": set(),
     "batching.max_batch_size": set(), "batching.max_batch_wait_ms": {0},
     "batching.max_total_queued_requests": set(), "batching.max_prefill_chunk_tokens": set(),
-    "batching.cpu_threads": {0},
+    "batching.cpu_threads": {0}, "batching.draft_tokens": {0}, "batching.draft_ngram_max": set(),
     "sampling.max_new_tokens": {10**12}, "sampling.temperature": {0, 10**12}, "sampling.top_k": {0, 10**12},
     "sampling.top_p": {0}, "sampling.min_p": {0}, "sampling.repetition_penalty": {10**12},
     "sampling.repetition_window": {0, 10**12}, "sampling.seed": {0, 10**12}, "sampling.max_time_ms": {10**12},
