@@ -167,12 +167,18 @@ def llama_cpp_single(path: str, ids: list[int], n_new: int) -> dict[str, float] 
     except ImportError:
         return None
     llm = llama_cpp.Llama(model_path=path, n_ctx=2048, n_threads=2, verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def next_token() -> int:  # the last position's logits (llm.scores holds them only with logits_all)
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
+
+    llm.eval(ids[:8])  # warm-up
     llm.reset()
     started = time.perf_counter()
     llm.eval(ids)
     first = time.perf_counter()
     for _ in range(n_new - 1):
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        llm.eval([next_token()])
     done = time.perf_counter()
     return {"tokens_per_s": n_new / (done - started), "decode_tokens_per_s": (n_new - 1) / (done - first)}
 
@@ -200,6 +206,7 @@ def main() -> None:
         n_new = (120 if kind == "chat" else 400) // (2 if args.quick else 1)
         r = compare(model, tok, [prompt], n_new, runs)
         results[name] = r
+        print(f"{name}: on/off {r['speedup']:.2f}x, {r['tokens_per_step']:.2f} tokens/step", flush=True)
         rows.append((name, kind, f"{r['off_tokens_per_s']:.1f}", f"{r['on_tokens_per_s']:.1f}",
                      f"{r['speedup']:.2f}x", f"{r['decode_speedup']:.2f}x", f"{r['tokens_per_step']:.2f}",
                      f"{r['accepted']}/{r['drafted']}", str(r["same_tokens"])))  # fmt: skip

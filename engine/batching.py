@@ -566,6 +566,9 @@ class BatchedInferenceEngine:
     def _run(self, batch: list[tuple[_Running, np.ndarray]]) -> None:
         started = time.perf_counter()
         ready = [(run, chunk) for run, chunk in batch if run in self._running]
+        for run, _ in batch:
+            if run not in self._running:  # ended earlier in this step: its draft is not verified
+                run.draft = None
         if not ready:
             return
         try:

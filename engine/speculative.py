@@ -32,7 +32,7 @@ ROW_COST = {1: 1.0, 2: 1.11, 4: 1.70, 8: 3.42}
 PRIOR_ACCEPTANCE = 0.5  # what a request's first guesses are expected to score, per drafted token
 PRIOR_WEIGHT = 1.0  # ... worth one observed draft token
 DECAY = 0.9  # older observations fade: "recent" acceptance is about the last ten drafted tokens
-IDLE_DECAY = 0.97  # a request not drafting for low acceptance drifts back to the prior, then probes
+IDLE_DECAY = 0.98  # a request not drafting for low acceptance drifts back to the prior, then probes
 MIN_GAIN = 1.03  # draft only where the step's expected tokens per unit of time rise by 3 %
 
 
