@@ -257,3 +257,42 @@ def test_smollm2_quoting_takes_several_tokens_per_step(smollm2):
     assert "return width * height" in result.text
     assert result.tokens_per_step > 1.4 and result.accepted_draft_tokens > 0
     assert want.tokens_per_step == 1.0
+
+
+# -- knobs -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("draft_tokens", 17, "BatchingOptions.draft_tokens must be a whole number in [0, 16], got 17"),
+        ("draft_tokens", -1, "BatchingOptions.draft_tokens must be a whole number in [0, 16], got -1"),
+        ("draft_ngram_max", 0, "BatchingOptions.draft_ngram_max must be a whole number in [1, 8], got 0"),
+        ("draft_ngram_max", 2.0, "BatchingOptions.draft_ngram_max must be a whole number in [1, 8], got 2.0"),
+        ("speculative", "yes", "BatchingOptions.speculative must be true or false, got 'yes'"),
+    ],
+)
+def test_bad_drafting_options_name_the_field_and_the_range(field, value, message):
+    with pytest.raises(ValueError) as error:
+        BatchingOptions(**{field: value})
+    assert str(error.value) == message
+
+
+def test_allow_drafting_must_be_a_bool():
+    with pytest.raises(ValueError, match="allow_drafting = 1 is invalid; allowed: True or False"):
+        InferenceOptions(allow_drafting=1)  # type: ignore[arg-type]
+
+
+def test_drafting_settings_apply_between_steps(tiny):
+    """Turned off mid-reply: no draft from the next step on; the reply is still the same."""
+    engine = engine_with(tiny, ON, adaptive=False)
+    options = InferenceOptions(**{**GREEDY.to_dict(), "max_new_tokens": 60})
+    handle = engine.submit(PROMPTS[2], options)
+    for _ in range(100):
+        engine.step()
+        if engine.metrics.snapshot().drafted_tokens:
+            break
+    drafted = engine.metrics.snapshot().drafted_tokens
+    assert drafted > 0 and not handle.done()
+    engine.update_options(batching=BatchingOptions(max_batch_wait_ms=0, draft_tokens=0))
+    result = run_all(engine, [handle])[0]
+    assert engine.metrics.snapshot().drafted_tokens == drafted
+    assert result.token_ids == generate(make_engine(tiny, OFF), [PROMPTS[2]], options)[0].token_ids
