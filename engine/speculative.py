@@ -66,17 +66,24 @@ class NgramIndex:
     def lookup(self, ids: Sequence[int], max_tokens: int) -> tuple[int, list[int]]:
         """(n, up to ``max_tokens`` ids that followed the latest earlier occurrence of the last n ids),
         for the largest n that occurred before; (0, []) when none did."""
+        n, start = self.find(ids)
+        return n, list(ids[start : start + max_tokens]) if n else []
+
+    def find(self, ids: Sequence[int]) -> tuple[int, int]:
+        """(n, where the continuation starts) for the largest n whose last-n gram occurred before;
+        (0, -1) when none did."""
         self.update(ids)
         for n in range(min(self.max_n, len(ids)), 0, -1):
             start = self._next[n - 1].get(tuple(ids[len(ids) - n :]))
             if start is not None:
-                return n, list(ids[start : start + max_tokens])
-        return 0, []
+                return n, start
+        return 0, -1
 
 
 @dataclass(slots=True)
 class _RequestState:
     index: NgramIndex
+    follow: int = -1  # where the text a request was copying continues, if it still is
     accepted: list[float] = field(default_factory=list)  # per n-gram size, decayed counts
     tried: list[float] = field(default_factory=list)
 
@@ -91,6 +98,7 @@ class Draft:
 
     token_ids: list[int]
     ngram: int
+    start: int = -1  # where in the request's context the drafted tokens were copied from
 
 
 class Drafter:
@@ -115,9 +123,12 @@ class Drafter:
         found: list[tuple[int, Draft, float]] = []
         for request_id, ids, limit in requests:
             state = self._state(request_id, max_ngram)
-            n, tokens = state.index.lookup(ids, min(max_draft, limit))
+            n, start = self._copying(state, ids)
+            if not n:
+                n, start = state.index.find(ids)
+            tokens = list(ids[start : start + min(max_draft, limit)]) if n else []
             if tokens:
-                found.append((request_id, Draft(tokens, n), state.acceptance(n)))
+                found.append((request_id, Draft(tokens, n, start), state.acceptance(n)))
         if not self.adaptive:
             return {request_id: draft for request_id, draft, _ in found}
         lengths = self._choose_lengths(found, n_rows, n_decode)
@@ -125,7 +136,7 @@ class Drafter:
         for request_id, draft, _ in found:
             n_tokens = lengths.get(request_id, 0)
             if n_tokens:
-                drafts[request_id] = Draft(draft.token_ids[:n_tokens], draft.ngram)
+                drafts[request_id] = Draft(draft.token_ids[:n_tokens], draft.ngram, draft.start)
             else:  # not worth it now: let its estimate drift back so that it probes again later
                 state = self._states[request_id]
                 state.accepted[draft.ngram - 1] *= IDLE_DECAY
@@ -165,6 +176,17 @@ class Drafter:
         failed = 1.0 if n_accepted < len(draft.token_ids) else 0.0
         state.accepted[i] = state.accepted[i] * DECAY + n_accepted
         state.tried[i] = state.tried[i] * DECAY + n_accepted + failed
+        state.follow = draft.start + n_accepted + 1  # if the model's next token went on copying too
+
+    @staticmethod
+    def _copying(state: _RequestState, ids: Sequence[int]) -> tuple[int, int]:
+        """While a reply copies a passage, keep drafting from that passage rather than from the latest
+        occurrence of the last few tokens (which, in code, is often another line that starts alike):
+        (n, start) when the last n tokens still equal those before the followed position."""
+        follow, n = state.follow, state.index.max_n
+        if not n < follow < len(ids) or list(ids[follow - n : follow]) != list(ids[len(ids) - n :]):
+            return 0, -1
+        return n, follow
 
     def forget(self, request_id: int) -> None:
         self._states.pop(request_id, None)
@@ -172,6 +194,6 @@ class Drafter:
     def _state(self, request_id: int, max_ngram: int) -> _RequestState:
         state = self._states.get(request_id)
         if state is None or state.index.max_n != max_ngram:  # new, or the setting changed: re-index
-            state = _RequestState(NgramIndex(max_ngram), [0.0] * max_ngram, [0.0] * max_ngram)
+            state = _RequestState(NgramIndex(max_ngram), accepted=[0.0] * max_ngram, tried=[0.0] * max_ngram)
             self._states[request_id] = state
         return state

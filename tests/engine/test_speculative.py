@@ -65,6 +65,23 @@ def test_ngram_lookup_prefers_the_longest_gram_and_the_latest_occurrence():
     assert NgramIndex(3).lookup([4, 5, 6], 4) == (0, [])
 
 
+def test_a_reply_copying_a_passage_keeps_drafting_from_that_passage():
+    """The latest earlier "1 2 3" continues with 6, but the reply is copying the passage where it
+    continues with 4 5: after a fully accepted draft, the drafter follows the passage."""
+    context = [7, 8, 9, 1, 2, 3, 4, 5, 1, 2, 3, 6, 6]
+    drafter = Drafter(adaptive=False)
+    ids = [*context, 7, 8]
+    draft = drafter.propose([(1, ids, 16)], 1, 1, max_draft=3, max_ngram=3)[1]
+    assert (draft.token_ids, draft.start) == ([9, 1, 2], 2)
+    drafter.record(1, draft, 3)  # all three taken, and the model's next token was 3
+    ids = [*ids, 9, 1, 2, 3]
+    assert drafter.propose([(1, ids, 16)], 1, 1, max_draft=3, max_ngram=3)[1].token_ids == [4, 5, 1]
+    assert NgramIndex(3).lookup(ids, 3) == (3, [6, 6, 7])  # what the latest occurrence would say
+    drafter.record(1, Draft([4, 5, 1], 3, 6), 0)  # refused: the reply left the passage
+    ids = [*ids, 0]
+    assert 1 not in drafter.propose([(1, ids, 16)], 1, 1, max_draft=3, max_ngram=3)  # no match for "3 0"
+
+
 # -- which drafts a step verifies --------------------------------------------------------------------
 def test_step_cost_follows_the_kernel_row_groups():
     assert step_cost(1) == 1.0 and step_cost(3) == step_cost(4) and step_cost(5) == step_cost(8)
