@@ -12,6 +12,7 @@ import pytest
 
 from engine import BatchingOptions, InferenceOptions, KvCacheOptions, SessionId
 from engine.generation import Sequence as Seq
+from engine.model import Row
 from engine.speculative import Draft, Drafter, NgramIndex, step_cost
 from tests.fixtures.engine_helpers import make_engine, run_all
 
@@ -313,3 +314,20 @@ def test_drafting_settings_apply_between_steps(tiny):
     result = run_all(engine, [handle])[0]
     assert engine.metrics.snapshot().drafted_tokens == drafted
     assert result.token_ids == generate(make_engine(tiny, OFF), [PROMPTS[2]], options)[0].token_ids
+
+
+def test_forward_tails_equals_the_full_forward_at_those_positions(tiny):
+    """The logits a verifying row gets (its last n positions, batched with other rows) are the full
+    forward's at those positions."""
+    model, _ = tiny
+    a, b = [5, 9, 13, 2, 7, 7], [3, 4, 8]
+    full_a, full_b = model.forward(a), model.forward(b)  # (T, V) each, no cache
+    cache_a, cache_b = model.new_cache(16), model.new_cache(16)
+    model.forward(a[:2], cache_a)
+    model.forward(b[:2], cache_b)
+    tails = model.forward_tails([Row(np.array(a[2:]), cache_a), Row(np.array(b[2:]), cache_b)], [3, 1])
+    np.testing.assert_allclose(tails[0], full_a[-3:], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(tails[1], full_b[-1:], rtol=1e-4, atol=1e-4)
+    assert cache_a.n_tokens == len(a) and cache_b.n_tokens == len(b)
+    with pytest.raises(ValueError, match="n_tails"):
+        model.forward_tails([Row(np.array([1, 2]), model.new_cache(4))], [3])
