@@ -37,9 +37,12 @@ from .model import Model, Row
 from .options import options_from_dict, options_to_dict
 from .prompting import PromptBuilder
 from .sampling import InferenceOptions
+from .speculative import Draft, Drafter
 
 log = logging.getLogger(__name__)
 
+MAX_DRAFT_TOKENS = 16
+MAX_DRAFT_NGRAM = 8
 EventCallback = Callable[[GenerationEvent], object]
 Prompt = str | Sequence[Mapping[str, str]]
 
@@ -55,14 +58,18 @@ class BatchingOptions:
     prefill_only: bool = False
     max_prefill_chunk_tokens: int = 256
     cpu_threads: int = 0  # threads the kernels compute on; 0 = auto (cores free of other work)
+    speculative: bool = True  # draft tokens from each request's context and verify them (speculative.py)
+    draft_tokens: int = 7  # most tokens drafted per request per step; 0 turns drafting off
+    draft_ngram_max: int = 3  # the longest n-gram looked up in the context to find a draft
 
     def __post_init__(self) -> None:
-        for name in ("enabled", "prefill_only"):
+        for name in ("enabled", "prefill_only", "speculative"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BatchingOptions.{name} must be true or false, got {getattr(self, name)!r}")
         limits = {"max_batch_size": (1, 256), "max_total_queued_requests": (1, 100_000),
                   "max_prefill_chunk_tokens": (1, 65_536),
-                  "cpu_threads": (0, kernels.MAX_THREADS)}  # fmt: skip
+                  "cpu_threads": (0, kernels.MAX_THREADS), "draft_tokens": (0, MAX_DRAFT_TOKENS),
+                  "draft_ngram_max": (1, MAX_DRAFT_NGRAM)}  # fmt: skip
         for name, (low, high) in limits.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -132,6 +139,7 @@ class _Running:
     anonymous: bool = False  # a store session made up for a request without session_id
     recompute: bool = False  # cache disabled: every step recomputes the whole sequence
     last_token_at: float | None = None
+    draft: Draft | None = None  # tokens drafted after the newest one this step, verified by the forward
 
 
 class BatchedInferenceEngine:
@@ -167,6 +175,7 @@ class BatchedInferenceEngine:
         self._thread: threading.Thread | None = None
         self._external_driver = False
         self._wakeup_listeners: list[Callable[[], None]] = []
+        self.drafter = Drafter()  # prompt-lookup drafts: which requests draft how many tokens
 
     # -- options -----------------------------------------------------------------------------
     @property
@@ -286,6 +295,7 @@ class BatchedInferenceEngine:
                 rows, budget = self._plan(list(self._running), self._batching.max_prefill_chunk_tokens)
                 rows = self._reserve_rows(rows, now)
                 rows += self._admit(now, budget)
+                rows = self._add_drafts(rows)
                 if not rows:
                     return bool(self._running)
                 for batch in self._batches(rows):
@@ -348,6 +358,7 @@ class BatchedInferenceEngine:
         """A queued request ended (cancelled, timed out, failed, engine stopped)."""
         self._memory_blocked = False  # it may have been the head that found no room
         parked = self._parked.pop(seq.request_id, None)
+        self.drafter.forget(seq.request_id)
         if parked is not None and parked.anonymous and parked.store_session is not None:
             self.store.remove(parked.store_session)  # a preempted request's made-up session
         assert event.result is not None
@@ -556,14 +567,18 @@ class BatchedInferenceEngine:
     def _run(self, batch: list[tuple[_Running, np.ndarray]]) -> None:
         started = time.perf_counter()
         ready = [(run, chunk) for run, chunk in batch if run in self._running]
+        for run, _ in batch:
+            if run not in self._running:  # ended earlier in this step: its draft is not verified
+                run.draft = None
         if not ready:
             return
         try:
-            logits = self.model.forward_last([Row(chunk, run.seq.cache) for run, chunk in ready])  # type: ignore[arg-type]
+            logits = self._forward(ready)
         except Exception as exc:  # keep serving: fail this batch's requests, not the engine
             log.exception("forward pass failed")
             now = time.perf_counter()
             for run, _ in ready:
+                run.draft = None
                 self._retire(run, run.seq.finish("error", now, error=f"forward pass failed: {exc}"))
             return
         now = time.perf_counter()
@@ -572,6 +587,9 @@ class BatchedInferenceEngine:
         self.metrics.record_step(len(ready), n_prefill, n_decode, now - started, len(self._waiting),
                                  len(self._running))  # fmt: skip
         for (run, chunk), row_logits in zip(ready, logits, strict=True):
+            if run.draft is not None:
+                self._after_verify(run, row_logits, now)
+                continue
             run.seq.mark_computed(len(chunk))
             self._after_forward(run, row_logits, now)
 
@@ -582,6 +600,13 @@ class BatchedInferenceEngine:
         except Exception as exc:
             log.exception("sampling failed for request %d", seq.request_id)
             event = seq.finish("error", now, error=f"sampling failed: {exc}")
+        if event.kind != "prefill":
+            self.metrics.record_sampled(0, 0)
+        self._publish(run, event, now)
+
+    def _publish(self, run: _Running, event: GenerationEvent, now: float) -> None:
+        """Count a step's tokens for a request and tell its caller (or retire it when it ended)."""
+        seq = run.seq
         if event.kind != "prefill" and (event.token_ids or event.kind == "token"):
             self.metrics.record_tokens(len(event.token_ids))
             if run.last_token_at is None:
@@ -594,11 +619,79 @@ class BatchedInferenceEngine:
         else:
             run.handle._deliver(event)
 
+    # -- drafting (speculative.py) ------------------------------------------------------------------
+    def _add_drafts(self, rows: list[tuple[_Running, np.ndarray]]) -> list[tuple[_Running, np.ndarray]]:
+        """Append drafted tokens to the decode rows of the requests the drafter picks (those whose
+        K/V have room for them; a draft never preempts anyone)."""
+        options = self._batching
+        if not options.speculative or options.draft_tokens == 0:
+            return rows
+        candidates = []
+        for run, _ in rows:
+            seq = run.seq
+            if seq.in_prefill or run.recompute or seq.cache is None or not seq.options.allow_drafting:
+                continue
+            room = min(
+                seq.options.max_new_tokens - len(seq.generated) - 1,  # the drafts and the token after them
+                min(seq.cache.max_tokens, self.model.config.context_length) - len(seq.all_ids),
+            )
+            if room > 0:
+                candidates.append((seq.request_id, seq.all_ids, room))
+        if options.prefill_only:  # each decode row is a forward of its own
+            groups = [([c], 1, 1) for c in candidates]
+        else:
+            n_decode = sum(1 for run, _ in rows if not run.seq.in_prefill)
+            groups = [(candidates, sum(len(chunk) for _, chunk in rows), n_decode)] if candidates else []
+        drafts: dict[int, Draft] = {}
+        for group, n_rows, n_decode in groups:
+            drafts.update(
+                self.drafter.propose(group, n_rows, n_decode, options.draft_tokens, options.draft_ngram_max)
+            )
+        return [self._with_draft(run, chunk, drafts.get(run.seq.request_id)) for run, chunk in rows]
+
+    @staticmethod
+    def _with_draft(run: _Running, chunk: np.ndarray, draft: Draft | None) -> tuple[_Running, np.ndarray]:
+        entry = run.seq.cache
+        if draft is None or entry is None:
+            return run, chunk
+        try:
+            entry.ensure_capacity(entry.n_tokens + len(chunk) + len(draft.token_ids))
+        except (CacheBudgetError, ContextOverflowError):
+            return run, chunk
+        run.draft = draft
+        return run, np.concatenate([chunk, np.asarray(draft.token_ids, dtype=np.int64)])
+
+    def _forward(self, ready: list[tuple[_Running, np.ndarray]]) -> np.ndarray | list[np.ndarray]:
+        """The logits of each row's last token, and of every drafted position of a drafting row."""
+        rows = [Row(chunk, run.seq.cache) for run, chunk in ready]  # type: ignore[arg-type]
+        if all(run.draft is None for run, _ in ready):
+            return self.model.forward_last(rows)
+        tails = [1 if run.draft is None else 1 + len(run.draft.token_ids) for run, _ in ready]
+        logits = self.model.forward_tails(rows, tails)  # [(n_i, V)]
+        return [row if run.draft is not None else row[0] for (run, _), row in zip(ready, logits, strict=True)]
+
+    def _after_verify(self, run: _Running, logits: np.ndarray, now: float) -> None:
+        """Take the drafts the request's sampling agrees with; forget the K/V of the others."""
+        seq, draft = run.seq, run.draft
+        assert draft is not None and seq.cache is not None
+        run.draft = None
+        try:
+            event, n_taken = seq.on_draft_logits(logits, draft.token_ids, now)
+        except Exception as exc:
+            log.exception("sampling failed for request %d", seq.request_id)
+            event, n_taken = seq.finish("error", now, error=f"sampling failed: {exc}"), 0
+        seq.mark_computed(1 + n_taken)  # the newest token and the drafts taken; the rest is undone
+        seq.cache.trim(seq.n_computed)
+        self.drafter.record(seq.request_id, draft, n_taken)
+        self.metrics.record_sampled(len(draft.token_ids), n_taken)
+        self._publish(run, event, now)
+
     def _retire(self, run: _Running, final: GenerationEvent) -> None:
         """A running request ended: release its session, count it, tell the caller."""
         self._memory_blocked = False  # its room may let the head of the queue in
         if run in self._running:
             self._running.remove(run)
+        self.drafter.forget(run.seq.request_id)
         if run.store_session is not None:
             self.store.unpin(run.store_session)
             if run.anonymous:

@@ -9,6 +9,7 @@ produces the events. The scheduler decides who runs; this class decides nothing 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Sequence as SequenceABC
@@ -42,10 +43,18 @@ class GenerationResult:
     queue_wait_ms: float = 0.0
     error: str | None = None
     completion_tokens: int | None = None  # a remote server's count (its token ids are not sent)
+    decode_steps: int = 0  # steps that sampled (with drafting, one step may take several tokens)
+    draft_tokens: int = 0  # drafted tokens verified, and how many of them were accepted
+    accepted_draft_tokens: int = 0
 
     @property
     def generated_tokens(self) -> int:
         return len(self.token_ids) if self.completion_tokens is None else self.completion_tokens
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens taken per sampling step: 1.0 without drafting (the mean accepted length)."""
+        return 1.0 + self.accepted_draft_tokens / self.decode_steps if self.decode_steps else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -96,6 +105,9 @@ class Sequence:
         self.result: GenerationResult | None = None
         self.n_preemptions = 0
         self.waiting_for_memory = False  # queued because the KV budget has no room for it now
+        self.n_decode_steps = 0  # steps that sampled for this request (several tokens with drafts)
+        self.n_draft_tokens = 0  # drafted tokens verified, and how many of them were taken
+        self.n_accepted_tokens = 0
 
     # -- scheduling view ---------------------------------------------------------------------
     @property
@@ -141,7 +153,38 @@ class Sequence:
             return GenerationEvent(
                 self.request_id, "prefill", prompt_done=self.n_computed, prompt_total=len(self.all_ids)
             )
-        token = sample_token(logits, self.options, self.rng, self.all_ids)
+        self.n_decode_steps += 1
+        return self._take(sample_token(logits, self.options, self.rng, self.all_ids), now)
+
+    def on_draft_logits(
+        self, logits: np.ndarray, draft_ids: SequenceABC[int], now: float
+    ) -> tuple[GenerationEvent, int]:
+        """Handle the logits (1 + k, V) of the newest token and of k drafted tokens fed after it:
+        (one event for every token taken, how many drafts were taken).
+
+        Each position is sampled exactly as a step without drafts would sample it (the same
+        ``sample_token`` call, the same RNG draw); the draft at that position is taken when the sample
+        equals it, and the first sample that differs ends the step. So a draft is accepted with the
+        model's own probability for it, a rejection yields a sample of the rest of the distribution,
+        and the tokens are those of decoding without drafts (greedy and seeded alike)."""
+        self.n_decode_steps += 1
+        ids: list[int] = []
+        texts: list[str] = []
+        n_taken = 0
+        for position, row in enumerate(logits):
+            token = sample_token(row, self.options, self.rng, self.all_ids)
+            event = self._take(token, now)
+            ids.extend(event.token_ids)
+            texts.append(event.text)
+            if event.result is not None or position >= len(draft_ids) or token != draft_ids[position]:
+                break
+            n_taken += 1
+        self.n_draft_tokens += len(draft_ids)
+        self.n_accepted_tokens += n_taken
+        return dataclasses.replace(event, text="".join(texts), token_ids=tuple(ids)), n_taken
+
+    def _take(self, token: int, now: float) -> GenerationEvent:
+        """A sampled token: append it, detokenize, apply the stop rules."""
         if self.first_token_at is None:
             self.first_token_at = now
         if token in self.eos_ids and self.options.stop_on_eos:
@@ -196,6 +239,9 @@ class Sequence:
             total_ms=(now - self.submitted_at) * 1000.0,
             queue_wait_ms=queue_wait * 1000.0,
             error=error,
+            decode_steps=self.n_decode_steps,
+            draft_tokens=self.n_draft_tokens,
+            accepted_draft_tokens=self.n_accepted_tokens,
         )
 
 

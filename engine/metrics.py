@@ -46,6 +46,9 @@ class MetricsSnapshot:
     prompt_tokens_per_second: float = 0.0  # prompt tokens computed over the last WINDOW_S seconds
     preemptions: int = 0  # running requests that gave up their K/V for an older one and were requeued
     waiting_for_memory: int = 0  # queued requests the KV budget has no room for now
+    drafted_tokens: int = 0  # tokens guessed from the context and verified (speculative decoding)
+    accepted_tokens: int = 0  # drafted tokens the model agreed with
+    mean_accepted_length: float = 0.0  # tokens a request takes per sampling step (1.0 without drafts)
 
     @property
     def in_flight(self) -> int:
@@ -91,6 +94,9 @@ class InMemoryRuntimeMetrics:
             self._generated_tokens = 0
             self._preemptions = 0
             self._waiting_for_memory = 0
+            self._sampling_steps = 0
+            self._drafted_tokens = 0
+            self._accepted_tokens = 0
 
     # -- recording (engine thread) -------------------------------------------------------------
     def record_submitted(self) -> None:
@@ -157,6 +163,13 @@ class InMemoryRuntimeMetrics:
             if waiting_for_memory is not None:
                 self._waiting_for_memory = waiting_for_memory
 
+    def record_sampled(self, n_drafted: int, n_accepted: int) -> None:
+        """A request sampled in a step: ``n_drafted`` drafted tokens verified, ``n_accepted`` taken."""
+        with self._lock:
+            self._sampling_steps += 1
+            self._drafted_tokens += n_drafted
+            self._accepted_tokens += n_accepted
+
     def record_preemption(self) -> None:
         with self._lock:
             self._preemptions += 1
@@ -193,5 +206,10 @@ class InMemoryRuntimeMetrics:
                 prompt_tokens_per_second=sum(n for _, n in self._recent_prompt_tokens) / WINDOW_S,
                 preemptions=self._preemptions,
                 waiting_for_memory=self._waiting_for_memory,
+                drafted_tokens=self._drafted_tokens,
+                accepted_tokens=self._accepted_tokens,
+                mean_accepted_length=(
+                    1.0 + self._accepted_tokens / self._sampling_steps if self._sampling_steps else 0.0
+                ),
                 **self._counts,
             )

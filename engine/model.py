@@ -395,6 +395,18 @@ class Model:
         checked = [Row(self._check_ids(r.ids), r.cache) for r in rows]
         return self._forward_rows(checked, all_logits=False)
 
+    def forward_tails(self, rows: Sequence[Row], n_tails: Sequence[int]) -> list[np.ndarray]:
+        """Batched forward; the logits of each sequence's last ``n_tails[i]`` new tokens, [(n_i, V)]
+        (a request verifying drafted tokens needs the logits at every drafted position)."""
+        checked = [Row(self._check_ids(r.ids), r.cache) for r in rows]
+        lengths = np.array([len(r.ids) for r in checked])  # (B,)
+        if any(not 1 <= n <= t for n, t in zip(n_tails, lengths, strict=True)):
+            raise ValueError(f"n_tails {list(n_tails)} must be in 1..each row's length {lengths.tolist()}")
+        ends = np.cumsum(lengths)  # (B,)
+        picked = np.concatenate([np.arange(e - n, e) for e, n in zip(ends, n_tails, strict=True)])  # (P,)
+        logits = self._forward_rows(checked, all_logits=picked)  # (P, V)
+        return np.split(logits, np.cumsum(n_tails)[:-1])
+
     def _decode_attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
         """One decode row's attention over n cached positions: NumPy for short caches, the kernel for
         long ones and for float16 caches (read once, in place, instead of copied to float32 first)."""
@@ -416,11 +428,13 @@ class Model:
         return arr
 
     # -- the forward pass ------------------------------------------------------------------------
-    def _forward_rows(self, rows: Sequence[Row], all_logits: bool) -> np.ndarray:
+    def _forward_rows(self, rows: Sequence[Row], all_logits: bool | np.ndarray) -> np.ndarray:
         with self._threads():
             return self._forward_rows_now(rows, all_logits)
 
-    def _forward_rows_now(self, rows: Sequence[Row], all_logits: bool) -> np.ndarray:
+    def _forward_rows_now(self, rows: Sequence[Row], all_logits: bool | np.ndarray) -> np.ndarray:
+        """``all_logits``: True for every new token's logits, False for each row's last, or the
+        indices (into the concatenated new tokens) of the tokens whose logits to return."""
         starts = [r.cache.n_tokens for r in rows]
         for row, start in zip(rows, starts, strict=True):
             row.cache.ensure_capacity(start + len(row.ids))
@@ -438,7 +452,9 @@ class Model:
             x = self._block(i, layer, x, rows, starts, *ropes[self._local[i]])
         for row in rows:
             row.cache.append(row.ids)
-        if not all_logits:
+        if isinstance(all_logits, np.ndarray):
+            x = x[all_logits]  # (P, D)
+        elif not all_logits:
             ends = np.cumsum([len(r.ids) for r in rows]) - 1  # index of each sequence's last row
             x = x[ends]  # (B, D)
         h = rms_norm(x, self.weights.output_norm, self.config.rms_eps)

@@ -57,6 +57,8 @@ class InferenceOptions:
     seed: None draws a fresh seed per request.
     stop: strings that end the generation; the stop string itself is not emitted.
     max_time_ms: a generation time limit, enforced by whoever drives the generation.
+    allow_drafting: let the engine guess tokens from the context and verify them in one step (the
+        output is the same either way; False only turns the speed-up off).
     """
 
     max_new_tokens: int = 256
@@ -70,6 +72,7 @@ class InferenceOptions:
     stop: tuple[str, ...] = field(default=())
     max_time_ms: int | None = None
     stop_on_eos: bool = True
+    allow_drafting: bool = True  # False: never verify drafted tokens for this request (speculative.py)
 
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, 1, "an integer >= 1")
@@ -82,6 +85,9 @@ class InferenceOptions:
         self._check_floats()
         self._normalize_stop()
         _require(isinstance(self.stop_on_eos, bool), "stop_on_eos", self.stop_on_eos, "True or False")
+        _require(
+            isinstance(self.allow_drafting, bool), "allow_drafting", self.allow_drafting, "True or False"
+        )
 
     def _check_floats(self) -> None:
         t, p, m, r = self.temperature, self.top_p, self.min_p, self.repetition_penalty

@@ -57,9 +57,17 @@ def reply_stats(result: dict[str, Any]) -> dict[str, Any]:
         "finish_reason": str(result.get("finish_reason", "")),
         "total_ms": float(result.get("total_ms") or 0.0),
         "context_trimmed": bool(result.get("context_trimmed", False)),
+        **tokens_per_step(result),
         **({"error": str(result["error"])} if result.get("error") else {}),
         **{key: result[key] for key in LIMIT_KEYS if result.get(key) is not None},
     }
+
+
+def tokens_per_step(result: dict[str, Any]) -> dict[str, float]:
+    """{"tokens_per_step": ...} for a reply that verified drafted tokens (speculative decoding)."""
+    if not result.get("draft_tokens") or not result.get("decode_steps"):
+        return {}
+    return {"tokens_per_step": 1.0 + result.get("accepted_draft_tokens", 0) / result["decode_steps"]}
 
 
 LIMIT_KEYS = ("max_new_tokens", "stopped_by", "session_limit", "limit_setting")

@@ -58,6 +58,11 @@ STATS: dict[str, tuple[str, str]] = {
         "Tokens/s",
         "Generated tokens per second, and prompt tokens computed per second, over the last 5 s, all tabs",
     ),
+    "statTokensPerStep": (
+        "Tokens per step",
+        "Tokens a reply takes per step (the mean accepted length): 1.0 without drafts; more where replies "
+        "repeat the conversation and the drafted tokens are accepted. Beside it: drafted and accepted tokens",
+    ),
     "statTtft": ("TTFT p50", "Median time from Send to the first token of the reply"),
     "statPreemptions": (
         "Preemptions",
@@ -207,6 +212,7 @@ class StatsDock(QDockWidget):
         )
         set_text["statTtft"](f"{metrics['ttft_p50_ms']:.0f} ms" if metrics["ttft_p50_ms"] else "–")
         self._show_memory_pressure(metrics)
+        self._show_drafting(metrics)
         self._show_api_server(stats.get("api"))
         self._show_disk(kv)
         if not limits.get("enabled", True):
@@ -248,6 +254,14 @@ class StatsDock(QDockWidget):
         load = f" · last load {kv['disk_load_ms']:.0f} ms" if kv["disk_hits"] else ""
         self.labels["statDiskHits"].setText(
             f"{kv['disk_hits']:,}  ({kv['disk_reused_tokens']:,} tokens{load})"
+        )
+
+    def _show_drafting(self, metrics: Mapping[str, Any]) -> None:
+        """Tokens per step (speculative decoding), and drafted / accepted tokens so far."""
+        per_step = metrics.get("mean_accepted_length", 0.0)
+        drafted, accepted = metrics.get("drafted_tokens", 0), metrics.get("accepted_tokens", 0)
+        self.labels["statTokensPerStep"].setText(
+            f"{per_step:.2f}  ({accepted:,} of {drafted:,} drafted accepted)" if per_step else "–"
         )
 
     def _show_api_server(self, api: Mapping[str, Any] | None) -> None:

@@ -92,6 +92,8 @@ def stats_line(stats: dict[str, Any]) -> str:
         parts.append(f"{stats['n_tokens']} tokens")
     if stats.get("tokens_per_s"):
         parts.append(f"{stats['tokens_per_s']:.1f} tokens/s")
+    if stats.get("tokens_per_step"):
+        parts.append(f"{stats['tokens_per_step']:.1f} tokens per step")
     if stats.get("ttft_ms") is not None:
         parts.append(f"first token {stats['ttft_ms']:.0f} ms")
     if "reused_tokens" in stats:

@@ -266,6 +266,7 @@ TYPED = ("0", "-1", str(10**12), "abc", "")
 #   0 the time limit's "no limit").
 ZERO_ACCEPTED = {
     "cpuThreads",  # 0 = auto
+    "specMaxDraftTokens",  # 0 = off
     "batchMaxWaitMs",
     "temperature",
     "topK",
@@ -306,7 +307,7 @@ def test_settings_dialog_numeric_fields_fuzzed(qtbot: Any, make_window: Any) -> 
 
     window = make_window()
     dialog = window.open_settings()
-    assert len(NUMERIC_FIELDS) == 19
+    assert len(NUMERIC_FIELDS) == 21
     problems = []
     for name in NUMERIC_FIELDS:
         for typed in TYPED:
@@ -346,7 +347,7 @@ ACCEPTED_IN_FILE = {
     "kv_cache.max_disk_bytes": {10**12},
     "batching.max_batch_size": set(), "batching.max_batch_wait_ms": {0},
     "batching.max_total_queued_requests": set(), "batching.max_prefill_chunk_tokens": set(),
-    "batching.cpu_threads": {0},
+    "batching.cpu_threads": {0}, "batching.draft_tokens": {0}, "batching.draft_ngram_max": set(),
     "sampling.max_new_tokens": {10**12}, "sampling.temperature": {0, 10**12}, "sampling.top_k": {0, 10**12},
     "sampling.top_p": {0}, "sampling.min_p": {0}, "sampling.repetition_penalty": {10**12},
     "sampling.repetition_window": {0, 10**12}, "sampling.seed": {0, 10**12}, "sampling.max_time_ms": {10**12},

@@ -551,6 +551,9 @@ class FaultyLogits(Model):
     def forward_last(self, rows: Any) -> np.ndarray:
         return self.fault(super().forward_last(rows))
 
+    def forward_tails(self, rows: Any, n_tails: Any) -> list[np.ndarray]:  # steps verifying drafts
+        return [self.fault(tail) for tail in super().forward_tails(rows, n_tails)]
+
 
 def _all_nan(x: np.ndarray) -> np.ndarray:
     return np.full_like(x, np.nan)

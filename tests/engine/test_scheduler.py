@@ -55,6 +55,17 @@ class ScriptedModel:
             logits[i, (int(row.ids[-1]) + 1) % VOCAB] = 10.0
         return logits
 
+    def forward_tails(self, rows: list[Row], n_tails: list[int]) -> list[np.ndarray]:
+        """For rows verifying drafted tokens: the logits at each of the last n positions."""
+        last = self.forward_last(rows)
+        out = []
+        for row, n, row_logits in zip(rows, n_tails, last, strict=True):
+            tail = np.zeros((n, VOCAB), dtype=np.float32)
+            tail[np.arange(n), (row.ids[-n:].astype(np.int64) + 1) % VOCAB] = 10.0
+            assert np.array_equal(tail[-1], row_logits)
+            out.append(tail)
+        return out
+
 
 GREEDY = InferenceOptions(temperature=0.0, max_new_tokens=3, stop_on_eos=False)
 
