@@ -21,7 +21,7 @@ from types import TracebackType
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import QApplication, QMessageBox
 
-from . import paths
+from . import gui_gc, paths
 from .engine_client import EngineClient
 from .main_window import MainWindow, app_icon
 from .settings import AppSettings, load_settings
@@ -112,6 +112,7 @@ def ensure_application(argv: Sequence[str] | None = None) -> QApplication:
     app.setDesktopFileName("smallmind")  # the desktop entry (smallmind install-desktop-entry) of this app
     app.setWindowIcon(app_icon())
     app.setStyle("Fusion")
+    gui_gc.install(app)  # cyclic garbage (closed dialogs' Qt objects) is collected on this thread only
     if STYLE_FILE.is_file():
         app.setStyleSheet(STYLE_FILE.read_text(encoding="utf-8"))
     return app

@@ -63,3 +63,7 @@ def make_window(
     for window in windows:  # no engine thread may outlive its test
         window.close()
         assert not window.client.thread.isRunning()
+    if windows:  # this test's cyclic garbage (its Qt objects) collected here, on the GUI thread
+        from smallmind_app import gui_gc
+
+        gui_gc.uninstall()
