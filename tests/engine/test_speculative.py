@@ -105,6 +105,16 @@ def test_a_lone_request_drafts_where_the_rows_are_cheap():
     assert drafts[0].token_ids == [4, 5, 6] and drafts[0].ngram == 3  # 4 rows: the cheap group
 
 
+def test_a_lone_request_with_a_low_acceptance_does_not_draft_at_a_loss():
+    """One drafted token is right 1 time in 5: 1.2 tokens for a 2-position step, which costs more than
+    ROW_COST's two rows (the multi-position attention path: DRAFT_OVERHEAD); 1 time in 2 pays."""
+    low = [(0, 0)] * 4 + [(0, 1)]  # 1 of 5 drafted tokens accepted (of 3-token drafts: estimate ~0.2)
+    drafter = Drafter()
+    drafts = proposal(drafter, 1, history=low)
+    assert drafts == {}, drafts
+    assert proposal(Drafter(), 1) and len(proposal(Drafter(), 1)[0].token_ids) == 1  # the prior: one probe
+
+
 def test_no_drafts_when_the_batch_already_fills_the_cheap_rows():
     history = [(i, 3) for i in range(8)] * 4  # every request has been right so far
     assert proposal(Drafter(), 8, history=history) == {}  # 9+ rows cost twice 8
