@@ -28,7 +28,7 @@ import numpy as np
 
 from . import kernels
 from .errors import CacheBudgetError, ContextOverflowError, EngineError, EngineStoppedError, QueueFullError
-from .generation import GenerationEvent, GenerationResult
+from .generation import GenerationEvent, GenerationResult, ResultHandle
 from .generation import Sequence as Seq
 from .kv_cache import KvCacheEntry
 from .kv_store import KvCacheOptions, LruKvCacheStore, SessionId
@@ -88,47 +88,17 @@ class BatchingOptions:
         return options_to_dict(self)
 
 
-class RequestHandle:
+class RequestHandle(ResultHandle):
     """The caller's side of a submitted request: cancel it, wait for its result."""
 
     def __init__(self, seq: Seq, engine: BatchedInferenceEngine, on_event: EventCallback | None) -> None:
-        self.request_id = seq.request_id
-        self.session_id = seq.session_id
+        super().__init__(seq.request_id, seq.session_id, on_event)
         self._engine = engine
-        self._on_event = on_event
-        self._cancel = threading.Event()
-        self._done = threading.Event()
-        self._result: GenerationResult | None = None
 
     def cancel(self) -> None:
         """Ask the engine to stop this request at the next step (thread-safe)."""
-        self._cancel.set()
+        super().cancel()
         self._engine._wake()
-
-    @property
-    def cancel_requested(self) -> bool:
-        return self._cancel.is_set()
-
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def result(self, timeout: float | None = None) -> GenerationResult:
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
-        assert self._result is not None
-        return self._result
-
-    def _deliver(self, event: GenerationEvent) -> None:
-        if event.result is not None:
-            self._result = event.result
-        try:
-            if self._on_event is not None:
-                self._on_event(event)
-        except Exception:  # a caller's callback must not break the engine
-            log.exception("event callback of request %d failed", self.request_id)
-        finally:
-            if event.result is not None:
-                self._done.set()
 
 
 @dataclass(eq=False, slots=True)

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
+import threading
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -20,6 +23,8 @@ import numpy as np
 
 from .kv_cache import KvCacheEntry
 from .sampling import InferenceOptions, StopStringMatcher, make_rng, sample_token
+
+log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "timeout", "cancelled", "error"]
 FINISH_REASONS: tuple[str, ...] = ("stop", "length", "timeout", "cancelled", "error")
@@ -75,6 +80,51 @@ class GenerationEvent:
     prompt_done: int = 0  # prompt tokens computed so far (prefill progress)
     prompt_total: int = 0
     result: GenerationResult | None = None
+
+
+class ResultHandle:
+    """The caller's side of a request, local or remote: cancel it, wait for its result (thread-safe).
+
+    Engines subclass it with their own ``cancel``; the engine delivers events with ``_deliver``, the
+    last one carrying the ``GenerationResult``."""
+
+    def __init__(
+        self, request_id: int, session_id: object, on_event: Callable[[GenerationEvent], object] | None
+    ) -> None:
+        self.request_id = request_id
+        self.session_id = session_id
+        self._on_event = on_event
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._result: GenerationResult | None = None
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
+        assert self._result is not None
+        return self._result
+
+    def _deliver(self, event: GenerationEvent) -> None:
+        if event.result is not None:
+            self._result = event.result
+        try:
+            if self._on_event is not None:
+                self._on_event(event)
+        except Exception:  # a caller's callback must not break the engine
+            log.exception("event callback of request %d failed", self.request_id)
+        finally:
+            if event.result is not None:
+                self._done.set()
 
 
 @dataclass(eq=False)

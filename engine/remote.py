@@ -30,7 +30,7 @@ from typing import Any, cast
 import httpx
 
 from .errors import EngineStoppedError, RemoteEngineError
-from .generation import FINISH_REASONS, FinishReason, GenerationEvent, GenerationResult
+from .generation import FINISH_REASONS, FinishReason, GenerationEvent, GenerationResult, ResultHandle
 from .metrics import InMemoryRuntimeMetrics
 from .remote_http import (
     StreamState,
@@ -63,51 +63,21 @@ class _Failure(Exception):
         self.reason = reason
 
 
-class RemoteRequestHandle:
+class RemoteRequestHandle(ResultHandle):
     """The caller's side of a remote request: cancel it, wait for its result (thread-safe)."""
 
     def __init__(self, session_id: object, on_event: EventCallback | None) -> None:
-        self.request_id = next(_request_ids)
-        self.session_id = session_id
-        self._on_event = on_event
-        self._cancel = threading.Event()
-        self._done = threading.Event()
-        self._result: GenerationResult | None = None
+        super().__init__(next(_request_ids), session_id, on_event)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
 
     def cancel(self) -> None:
         """End the request as "cancelled": its stream is closed at once."""
-        self._cancel.set()
+        super().cancel()
         loop, task = self._loop, self._task
         if loop is not None and task is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop stopped meanwhile: the request ended
                 loop.call_soon_threadsafe(task.cancel)
-
-    @property
-    def cancel_requested(self) -> bool:
-        return self._cancel.is_set()
-
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def result(self, timeout: float | None = None) -> GenerationResult:
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
-        assert self._result is not None
-        return self._result
-
-    def _deliver(self, event: GenerationEvent) -> None:
-        if event.result is not None:
-            self._result = event.result
-        try:
-            if self._on_event is not None:
-                self._on_event(event)
-        except Exception:  # a caller's callback must not break the engine
-            log.exception("event callback of remote request %d failed", self.request_id)
-        finally:
-            if event.result is not None:
-                self._done.set()
 
 
 class RemoteEngine:

@@ -308,12 +308,17 @@ class HistorySidebar(QDockWidget):
         self._undo_timer.start()
         self.refresh()
 
-    @Slot()
-    def undo_delete(self) -> None:
-        """Bring back the conversation deleted last (and its tab, if it had one)."""
+    def _take_pending(self) -> PendingDelete | None:
+        """The delete waiting for its undo time, now no longer waiting (the Undo bar hidden)."""
         pending, self.pending = self.pending, None
         self._undo_timer.stop()
         self.undo_bar.setVisible(False)
+        return pending
+
+    @Slot()
+    def undo_delete(self) -> None:
+        """Bring back the conversation deleted last (and its tab, if it had one)."""
+        pending = self._take_pending()
         if pending is None:
             return
         self.hidden.discard(pending.conversation_id)
@@ -324,9 +329,7 @@ class HistorySidebar(QDockWidget):
     @Slot()
     def commit_pending(self) -> None:
         """The delete waiting for its undo time becomes real (now)."""
-        pending, self.pending = self.pending, None
-        self._undo_timer.stop()
-        self.undo_bar.setVisible(False)
+        pending = self._take_pending()
         if pending is None:
             return
         self.hidden.discard(pending.conversation_id)

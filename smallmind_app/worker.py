@@ -237,9 +237,6 @@ class EngineWorker(QObject):
             self._refuse(conversation_id, Problem("This tab's server is not in Settings → Engines any more; "
                                                   "pick another engine at the top of the tab."))  # fmt: skip
             return
-        if conversation_id in self._handles:
-            self._refuse(conversation_id, Problem("A reply is already being generated here."))
-            return
         try:
             options = InferenceOptions.from_dict(sampling)
             handle = remote.submit(messages, options, session_id=conversation_id,
@@ -396,14 +393,14 @@ class EngineWorker(QObject):
     @Slot(str, list, dict)
     def submit(self, conversation_id: str, messages: list, sampling: dict) -> None:
         """Queue a reply for the conversation (its KV session id is the conversation id)."""
+        if conversation_id in self._handles:
+            self._refuse(conversation_id, Problem("A reply is already being generated here."))
+            return
         if self._endpoint_of.get(conversation_id, LOCAL_ENGINE) != LOCAL_ENGINE:
             self._submit_remote(conversation_id, messages, sampling)
             return
         if self._engine is None:
             self._refuse(conversation_id, Problem("No model is loaded; open Settings to choose one."))
-            return
-        if conversation_id in self._handles:
-            self._refuse(conversation_id, Problem("A reply is already being generated here."))
             return
         try:
             options = InferenceOptions.from_dict(sampling)
