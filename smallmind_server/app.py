@@ -173,16 +173,23 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = exc.errors()
         first = problems[0] if problems else {}
-        if first.get("type") == "json_invalid" or tuple(first.get("loc", ())) == ("body",):
+        whole_body = tuple(first.get("loc", ())) == ("body",)
+        if whole_body and first.get("type") == "value_error":  # a rule between fields (protocol.py)
+            return _error_response(ApiError(400, str(first.get("msg", "")).removeprefix("Value error, ")))
+        if first.get("type") == "json_invalid" or whole_body:
+            content_type = request.headers.get("content-type", "")
+            if "json" not in content_type.lower():
+                wanted = "the request body must be JSON, sent with 'Content-Type: application/json'"
+                message = f"{wanted} (got {content_type[:100]!r})"
+                return _error_response(ApiError(400, message, param="Content-Type"))
             return _error_response(
                 ApiError(400, f"the request body is not a JSON object: {first.get('msg')}")
             )
-        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
         message = "; ".join(_describe(problem) for problem in problems[:5])
-        return _error_response(ApiError(400, message, param=".".join(loc) or None))
+        return _error_response(ApiError(400, message, param=_field_path(first) or None))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -190,8 +197,20 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error_response(ApiError(exc.status_code, str(exc.detail), kind))
 
 
+def _field_path(problem: Any) -> str:
+    """The field a validation problem is about (``messages.0.content``): the location without
+    ``body`` and without pydantic's names of union members (``str``, ``list[TextPart]``...)."""
+    return ".".join(str(part) for part in problem.get("loc", ()) if part != "body" and not _is_type_tag(part))
+
+
+def _is_type_tag(part: object) -> bool:
+    return isinstance(part, str) and (
+        "[" in part or part in ("str", "int", "float", "bool", "constrained-str")
+    )
+
+
 def _describe(problem: Any) -> str:
-    loc = ".".join(str(part) for part in problem.get("loc", ()) if part != "body")
+    loc = _field_path(problem)
     if problem.get("type") == "extra_forbidden":
         return f"unknown field {loc!r}"
     return f"{loc}: {problem.get('msg')} (got {problem.get('input')!r})"[:300]

@@ -134,7 +134,7 @@ class _SamplingRequest(_Strict):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
-        longest = max(len(s) for s in stops)
+        longest = max((len(s) for s in stops), default=0)
         if longest > MAX_STOP_CHARS:
             raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS:,} characters, got {longest:,}")
         return stops
