@@ -27,7 +27,7 @@ from engine.prompting import check_messages
 
 from . import metrics, serving
 from .access import LOCAL_OWNER, ApiKeys, host_allowed
-from .limits import DEFAULT_MAX_TOKENS_CAP, MAX_BODY_BYTES
+from .limits import DEFAULT_MAX_TOKENS_CAP, MAX_BODY_BYTES, MAX_HEADER_BYTES
 from .protocol import (
     ApiError,
     AssistantMessage,
@@ -53,9 +53,17 @@ def _error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
+def _header_size_error(scope: Scope) -> ApiError | None:
+    size = sum(len(name) + len(value) for name, value in scope["headers"])
+    if size <= MAX_HEADER_BYTES:
+        return None
+    message = f"the request's headers hold {size:,} bytes; at most {MAX_HEADER_BYTES:,} are allowed"
+    return ApiError(431, message, code="request_header_fields_too_large")
+
+
 class _Guard:
-    """ASGI middleware run before routing: the Host (keyless: loopback only, 403), the API key (401;
-    it names the owner), then the body size (413)."""
+    """ASGI middleware run before routing: the headers' size (431), the Host (keyless: loopback only,
+    403), the API key (401; it names the owner), then the body size (413)."""
 
     def __init__(self, app: ASGIApp, keys: ApiKeys, max_body_bytes: int) -> None:
         self.app = app
@@ -66,7 +74,7 @@ class _Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        error = self._host_error(scope) or self._auth_error(scope)
+        error = _header_size_error(scope) or self._host_error(scope) or self._auth_error(scope)
         if error is None:
             receive, error = await self._bounded_body(scope, receive)
         if error is not None:

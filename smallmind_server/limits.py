@@ -6,7 +6,7 @@ Each limit bounds the work or memory one request can cost:
 
 | limit | bounds |
 |---|---|
-| ``MAX_BODY_BYTES`` (413) | what is read and parsed at all |
+| ``MAX_BODY_BYTES`` (413), ``MAX_HEADER_BYTES`` (431) | what is read and parsed at all |
 | ``MAX_STOP_STRINGS``, ``MAX_STOP_CHARS`` | the stop matcher (memory linear in them) |
 | ``MAX_MESSAGES``, ``MAX_CONTENT_PARTS``, ``MAX_PROMPT_CHARS`` | the chat template and the tokenizer |
 |   (``MAX_PROMPT_CHARS`` also caps ``prompt`` of /v1/completions and /tokenize) | (~1.6 s at worst) |
@@ -15,13 +15,16 @@ Each limit bounds the work or memory one request can cost:
 | ``max_tokens`` ≤ the server's cap (``DEFAULT_MAX_TOKENS_CAP``) and ≤ the context | the generation |
 | ``MAX_TOP_K`` | (any k ≥ the vocabulary is the same as 0: off) |
 
-Headers as a whole are bounded by uvicorn (h11: 16 KiB, answered with a plain 400). ``n`` (and
+uvicorn (h11) already refuses a header block that arrives incomplete past 16 KiB (a plain 400 or a
+closed connection); one that arrives whole, up to a socket read (~256 KiB), reaches the app, which
+refuses it past ``MAX_HEADER_BYTES`` with 431 in OpenAI's shape. ``n`` (and
 ``best_of``, ``logit_bias``, tools...) are accepted only at their neutral value or not at all.
 """
 
 from __future__ import annotations
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: a long conversation is ~100 KB
+MAX_HEADER_BYTES = 32 << 10  # names and values of all headers together
 DEFAULT_MAX_TOKENS_CAP = 4096  # max_tokens (and the default reply length) at most this
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit

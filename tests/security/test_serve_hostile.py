@@ -170,6 +170,12 @@ def test_values_at_the_limits_are_served(keyless: tuple[str, subprocess.Popen[st
     assert post(url, "/v1/chat/completions", {"messages": HELLO, "max_tokens": 2}, headers).status_code == 200
 
 
+def test_oversized_headers_are_a_431(keyless: tuple[str, subprocess.Popen[str]]) -> None:
+    url, _ = keyless
+    reply = httpx.get(url + "/v1/models", headers={"X-Padding": "p" * 100_000}, timeout=TIMEOUT_S)
+    assert reply.status_code == 431 and reply.json()["error"]["code"] == "request_header_fields_too_large"
+
+
 def test_a_long_session_id_header_is_a_400_naming_it(keyless: tuple[str, subprocess.Popen[str]]) -> None:
     url, _ = keyless
     body = {"messages": HELLO, "max_tokens": 2}
