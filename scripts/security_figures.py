@@ -5,10 +5,12 @@ wrong one. Loopback only; SmolLM2 (installed) unless ``--model PATH``.
     python scripts/security_figures.py
     python scripts/security_figures.py --model tests-tiny.gguf
 
-1. RSS: a real ``smallmind serve`` on 127.0.0.1 in a subprocess; its VmRSS and peak (VmHWM) after
-   a warm-up request, then after one chat request whose ``stop`` is one 20,000-character string (the
-   growth is printed; a 400 refusal counts: the server is not asked to hold the string).
-2. Prefix oracle: an engine in this process (like the app's in-app server): a "tab" session holds
+1. RSS: a real ``smallmind serve`` on 127.0.0.1 in a subprocess; its VmRSS after a warm-up request,
+   then its VmRSS and peak (VmHWM, reset just before) after one chat request whose ``stop`` is one
+   20,000-character string (a 400 refusal counts: the server is not asked to hold the string).
+2. The stop matcher alone (in this process, whatever the server's limits): tracemalloc's peak while
+   ``StopStringMatcher`` takes a 20,000-character stop string and 20,000 characters of text.
+3. Prefix oracle: an engine in this process (like the app's in-app server): a "tab" session holds
    "the pin is 4711"; an API client (the keyless local one) sends a warm-up guess, then the right
    guess and a wrong one, and reads ``usage.prompt_tokens_details.cached_tokens`` of each.
 """
@@ -71,20 +73,38 @@ def stop_string_rss(model: Path) -> None:
             time.sleep(0.1)
         body = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "temperature": 0}
         httpx.post(url + "/v1/chat/completions", json=body, timeout=120)  # warm-up
-        before, peak_before = vm_mib(proc.pid), vm_mib(proc.pid, "VmHWM")
+        Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # the peak from now on
+        before = vm_mib(proc.pid)
         hostile = body | {"stop": ["x" * STOP_CHARS]}
         started = time.perf_counter()
         reply = httpx.post(url + "/v1/chat/completions", json=hostile, timeout=300)
         elapsed = time.perf_counter() - started
-        after, peak_after = vm_mib(proc.pid), vm_mib(proc.pid, "VmHWM")
+        after, peak = vm_mib(proc.pid), vm_mib(proc.pid, "VmHWM")
         print(f"stop string of {STOP_CHARS:,} chars: HTTP {reply.status_code} in {elapsed:.2f} s; "
-              f"server RSS {before:.0f} -> {after:.0f} MiB (+{after - before:.0f} MiB), "
-              f"peak {peak_before:.0f} -> {peak_after:.0f} MiB")  # fmt: skip
+              f"server RSS {before:.0f} MiB before, {after:.0f} after; its peak during the request "
+              f"{peak:.0f} MiB (+{peak - before:.0f} MiB)")  # fmt: skip
         if reply.status_code != 200:
-            print(f"  {reply.json()['error']['message']}")
+            print(f"  {reply.json()['error']['message'][:100]}")
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def stop_matcher_peak() -> None:
+    import tracemalloc
+
+    from engine.sampling import StopStringMatcher
+
+    tracemalloc.start()
+    started = time.perf_counter()
+    matcher = StopStringMatcher(["ab" * (STOP_CHARS // 2)])
+    for _ in range(STOP_CHARS // 4):
+        matcher.feed("abab")
+    elapsed = time.perf_counter() - started
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    print(f"StopStringMatcher, one {STOP_CHARS:,}-char stop string fed {STOP_CHARS:,} chars: "
+          f"peak {peak / 2**20:.2f} MiB traced, {elapsed:.2f} s")  # fmt: skip
 
 
 def prefix_oracle(model: Path) -> None:
@@ -116,6 +136,7 @@ def main() -> None:
                             text=True).stdout.strip()  # fmt: skip
     print(f"{cpu_model()}; commit {commit}; model {args.model.name}")
     stop_string_rss(args.model)
+    stop_matcher_peak()
     prefix_oracle(args.model)
 
 
