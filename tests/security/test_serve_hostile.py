@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from smallmind_server import limits
@@ -336,14 +336,19 @@ TOKENIZE = st.fixed_dictionaries(
 )
 HOSTILE = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETION, "/tokenize": TOKENIZE}
 
-# Valid bodies whose values are hostile but legal: special tokens and template syntax in the text,
-# long runs of spaces, any Unicode, stop strings up to the limit, every sampling field at its edges.
+# Well-formed bodies with hostile values, within the limits but for HUGE_STOP: special tokens and
+# template syntax in the text, long runs of spaces, any Unicode, stop strings up to the limit, every
+# sampling field at its edges.
 LEGAL_TEXT = st.one_of(HOSTILE_TEXT.filter(bool), st.text(min_size=1, max_size=60))
 LEGAL_MESSAGE = st.fixed_dictionaries(
     {"role": st.sampled_from(["system", "user", "assistant", "developer"]), "content": LEGAL_TEXT},
     optional={"name": st.text(min_size=1, max_size=limits.MAX_NAME_CHARS)},
 )
 LEGAL_STOP = st.text(min_size=1, max_size=limits.MAX_STOP_CHARS)
+HUGE_STOP = st.just(["y" * 20_000])  # over the limit (400); before it, each cost the server ~180 MiB
+HUGE_STOP_BODY = json.dumps(
+    {"messages": HELLO, "max_tokens": 2, "stop": ["y" * 20_000]}
+).encode()  # always sent
 LEGAL_SAMPLING = {
     "temperature": st.floats(0, 2),
     "top_p": st.floats(0, 1),
@@ -351,7 +356,7 @@ LEGAL_SAMPLING = {
     "min_p": st.floats(0, 1),
     "seed": st.integers(0, limits.MAX_SEED),
     "repetition_penalty": st.floats(0, 10, exclude_min=True),
-    "stop": st.one_of(LEGAL_STOP, st.lists(LEGAL_STOP, max_size=limits.MAX_STOP_STRINGS)),
+    "stop": st.one_of(LEGAL_STOP, st.lists(LEGAL_STOP, max_size=limits.MAX_STOP_STRINGS), HUGE_STOP),
     "stream": st.booleans(),
     "user": st.text(min_size=1, max_size=limits.MAX_NAME_CHARS),
     "ignore_eos": st.booleans(),
@@ -433,6 +438,8 @@ def test_random_bodies_never_get_a_5xx_or_a_dropped_connection(
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         )
         @given(requests())
+        @example(("/v1/chat/completions", HUGE_STOP_BODY, {"Content-Type": "application/json"}))
+        @example(("/v1/chat/completions", b"[" * 50_000, {"Content-Type": "application/json"}))
         def one_request(request: tuple[str, bytes, dict[str, str]]) -> None:
             path, body, headers = request
             check_answer(client.post(path, content=body, headers=headers))  # a TransportError fails
