@@ -137,6 +137,7 @@ class KvCacheStats:
     disk_load_ms: float = 0.0  # the last load from disk (read, check, copy into the entry)
     disk_writes: int = 0
     disk_write_failures: int = 0  # full disk, read-only folder...: those sessions will be recomputed
+    disk_rejected_files: int = 0  # files ignored or deleted: another model, corrupt, a header out of range
 
     @property
     def hit_rate(self) -> float:
@@ -661,6 +662,7 @@ class LruKvCacheStore:
             "max_disk_bytes": disk.max_bytes, "disk_hits": self._disk_hits,
             "disk_reused_tokens": self._disk_reused_tokens, "disk_load_ms": self._disk_load_ms,
             "disk_writes": disk.writes, "disk_write_failures": disk.write_failures,
+            "disk_rejected_files": disk.rejected_files,
         }  # fmt: skip
 
     def sessions(self) -> list[SessionInfo]:
