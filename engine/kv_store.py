@@ -297,8 +297,8 @@ class LruKvCacheStore:
                 self._drop(session_id, to_disk=session_id in self._to_disk_at_unpin)
                 return
             limit = self._options.effective_max_tokens(slot.entry.shape, self._context.get(session_id))
-            if slot.entry.capacity > limit:  # a limit shrank while the request ran
-                self._drop(session_id)
+            if slot.entry.capacity > limit:  # a limit shrank while the request ran: to disk, as evicted
+                self._drop(session_id, to_disk=True)
                 self._evictions += 1
             self._enforce_limits()
 
@@ -625,8 +625,8 @@ class LruKvCacheStore:
                 return
             for session_id, slot in list(self._slots.items()):
                 limit = options.effective_max_tokens(slot.entry.shape, self._context.get(session_id))
-                if slot.entry.capacity > limit and not slot.pinned:
-                    self._drop(session_id)
+                if slot.entry.capacity > limit and not slot.pinned:  # evicted: to disk, if the tier is on
+                    self._drop(session_id, to_disk=True)
                     self._evictions += 1
                 else:
                     slot.entry.max_tokens = max(limit, slot.entry.capacity)
