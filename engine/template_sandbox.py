@@ -5,7 +5,8 @@ the machine: ``{{ 'a' * 10**9 }}``, ``'a'|center(10**9)`` or two nested ``range(
 as asked. Here every render has ``RenderLimits``: a deadline and a most-characters count. They are
 checked cooperatively, never by killing a thread: at every loop iteration (each ``for`` loop's
 iterable is wrapped when the template is parsed), every call, attribute and item lookup, every
-intercepted operator, every filter and every piece of output. What can make a value much larger
+intercepted operator, every ``~`` (rewritten at parse time too), every filter and every piece of
+output. What can make a value much larger
 than its inputs is priced before it runs (``*`` and ``**``, ``%`` and ``format`` widths,
 ``center``/``ljust``/``rjust``/``zfill``, ``replace``, ``join``, ``indent``, ``expandtabs``,
 ``wordwrap``), and every value a call, filter, operator or ``namespace`` assignment makes is checked
@@ -33,6 +34,8 @@ MAX_RENDER_S = 1.0  # a render running longer stops
 MAX_RANGE = 100_000  # items of one range()
 MAX_INT_BITS = 1 << 16  # ints a template computes (``**``, ``*``): a 64k-bit number is plenty
 _LOOP_FILTER = "smallmind_loop_guard"  # wraps every for loop's iterable (see _parse)
+_CONCAT_FILTER = "smallmind_concat"  # replaces every ~ (see _parse)
+_SIZED = (str, list, tuple, dict)
 _FORMAT_NUMBER = re.compile(r"\d+")
 _PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
 
@@ -152,16 +155,34 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         self.globals["namespace"] = BoundedNamespace
         self.filters = {name: guarded_filter(name, f) for name, f in self.filters.items()}
         self.filters[_LOOP_FILTER] = jinja2.pass_context(lambda _, iterable: _loop_guard(iterable))
+        self.filters[_CONCAT_FILTER] = jinja2.pass_context(lambda _, parts: _concat(parts))
 
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
-        """Every for loop iterates through ``_loop_guard``: each iteration checks the deadline."""
+        """Every for loop iterates through ``_loop_guard`` (each iteration checks the deadline), and
+        every ``a ~ b`` is ``_concat`` (its length is priced before it is joined)."""
         tree = super()._parse(source, name, filename)
         for loop in tree.find_all(nodes.For):
             loop.iter = nodes.Filter(loop.iter, _LOOP_FILTER, [], [], None, None, lineno=loop.lineno)
+        for parent in tree.find_all(nodes.Node):
+            for field in parent.fields:
+                value = getattr(parent, field, None)
+                if isinstance(value, nodes.Concat):
+                    setattr(parent, field, _priced_concat(value))
+                elif isinstance(value, list):
+                    value[:] = [_priced_concat(v) if isinstance(v, nodes.Concat) else v for v in value]
         return tree
 
     def call_binop(self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any) -> Any:
-        limits = tick()
+        limits = _limits.get()
+        if limits is None:
+            return self.binop_table[operator](left, right)
+        if time.perf_counter() > limits.deadline:
+            tick()  # raises
+        if operator == "+":  # the common one (message text put together): only its result is checked
+            result = self.binop_table["+"](left, right)
+            if isinstance(result, _SIZED) and len(result) > limits.max_chars:
+                check_size(result, limits)  # raises
+            return result
         if operator == "*":
             for seq, times in ((left, right), (right, left)):
                 if isinstance(times, int) and isinstance(seq, str | bytes | list | tuple):
@@ -216,6 +237,20 @@ def _bounded_range(*args: int) -> range:
     if len(numbers) > MAX_RANGE:
         raise TemplateLimitError(f"range() of {len(numbers):,} items is more than {MAX_RANGE:,}")
     return numbers
+
+
+def _priced_concat(node: nodes.Concat) -> nodes.Filter:
+    return nodes.Filter(nodes.List(node.nodes, lineno=node.lineno), _CONCAT_FILTER, [], [], None, None,
+                        lineno=node.lineno)  # fmt: skip
+
+
+def _concat(parts: list[Any]) -> str:
+    """``a ~ b ~ c``: Jinja's str_join, its length priced first (straight-line ``{% set a = a ~ a %}``
+    statements would double a string with no call, loop or operator hook in between)."""
+    limits = tick()
+    texts = [str(part) for part in parts]
+    _check_estimate(sum(map(len, texts)), "a ~ concatenation", limits)
+    return "".join(texts)
 
 
 def _loop_guard(iterable: Any) -> Iterator[Any]:

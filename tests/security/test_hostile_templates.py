@@ -45,8 +45,8 @@ HOSTILE = {
         "it wrote more than 4,108 characters",
     ),
     "loop over messages, forever": (
-        "{% for i in range(100000) %}{% for m in messages %}{% for n in messages %}{% endfor %}{% endfor %}"
-        "{% endfor %}",
+        "{% for i in range(100000) %}{% for j in range(1000) %}{% for m in messages %}{% endfor %}"
+        "{% endfor %}{% endfor %}",
         "it ran longer than",
     ),
     "range of a million": ("{% for i in range(1000000) %}{% endfor %}", "range() of 1,000,000 items"),
@@ -66,11 +66,19 @@ HOSTILE = {
     "power": ("{{ 10 ** 100000000 }}", "a number of 400,000,000 bits"),
     "doubling in a namespace": (
         "{% set ns = namespace(s='a') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
-        "it made a value of 8,192 items",
+        "a ~ concatenation would make 8,192",
     ),
     "doubling by recursion": (
         "{% macro d(s, n) %}{% if n %}{{ d(s ~ s, n - 1) }}{% endif %}{% endmacro %}{{ d('a', 40) }}",
-        "it made a value of 8,192 items",
+        "a ~ concatenation would make 8,192",
+    ),
+    "doubling in straight lines": (
+        "{% set a = 'x' * 1000 %}" + "{% set a = a ~ a %}" * 40 + "{% set b = 'y' * 1000 %}{{ a }}",
+        "a ~ concatenation would make 8,000",
+    ),
+    "doubling with + in straight lines": (
+        "{% set a = 'x' * 1000 %}" + "{% set a = a + a %}" * 40 + "{{ a }}",
+        "it made a value of 8,000 items",
     ),
     "endless recursion": ("{% macro r() %}{{ r() }}{% endmacro %}{{ r() }}", "failed: RecursionError"),
     "division by zero": ("{{ 1 // 0 }}", "failed: ZeroDivisionError"),
