@@ -133,6 +133,28 @@ def run_child(engine: str, measure: str, spec: dict[str, Any], timeout_s: float 
     return result
 
 
+_LLAMA_DEFAULTS: dict[str, dict[str, Any]] = {}
+
+
+def llama_cpp_defaults(model: str, threads: int) -> dict[str, Any]:
+    """Settings llama.cpp needs to run here: its defaults, unless a probe child crashes with them.
+    Seen on an Intel Xeon (Emerald Rapids) VM: llama-cpp-python 0.3.36's AMX matmul
+    (``ggml_backend_amx_mul_mat``) segfaults on the first decode; then llama.cpp runs without its extra
+    buffer types (``use_extra_bufts=False``: no AMX, no weight repacking) and the note says so."""
+    key = f"{model}:{threads}"
+    if key not in _LLAMA_DEFAULTS:
+        spec = {"model": model, "threads": threads}
+        try:
+            run_child("llama.cpp", "probe", spec, timeout_s=300)
+            _LLAMA_DEFAULTS[key] = {}
+        except ChildError as exc:
+            run_child("llama.cpp", "probe", {**spec, "extra_bufts": False}, timeout_s=300)
+            note = "llama.cpp crashed with its defaults here; it runs with use_extra_bufts=False (no AMX, no repacking)"
+            print(f"note: {note} ({str(exc)[:120]})", file=sys.stderr, flush=True)
+            _LLAMA_DEFAULTS[key] = {"extra_bufts": False, "note": note}
+    return _LLAMA_DEFAULTS[key]
+
+
 def compare(
     measure: str,
     spec: dict[str, Any],
@@ -147,9 +169,15 @@ def compare(
     engines = engines or {name: {"engine": name} for name in ENGINES}
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label in engines}
     labels = [label for label, e in engines.items() if e["engine"] != "llama.cpp" or llama_cpp_version()]
+    llama = {}
+    if any(engines[label]["engine"] == "llama.cpp" for label in labels):
+        llama = {k: v for k, v in llama_cpp_defaults(spec["model"], int(spec.get("threads", 0))).items()
+                 if k != "note"}  # fmt: skip
     for r in range(rounds):
         for label in labels if r % 2 == 0 else labels[::-1]:
             extra = {k: v for k, v in engines[label].items() if k != "engine"}
+            if engines[label]["engine"] == "llama.cpp":
+                extra = {**llama, **extra}
             result = run_child(engines[label]["engine"], measure, {**spec, **extra})
             runs[label].append(result)
             print(f"  {measure} {label}: {result.get(key)}", file=sys.stderr, flush=True)

@@ -30,7 +30,10 @@ class Context:
         self._quiet = lc.llama_log_callback(lambda level, text, user_data: None)  # kept alive
         lc.llama_log_set(self._quiet, ctypes.c_void_p())
         lc.llama_backend_init()
-        self.model = lc.llama_model_load_from_file(spec["model"].encode(), lc.llama_model_default_params())
+        model_params = lc.llama_model_default_params()
+        self.extra_bufts = bool(spec.get("extra_bufts", True))  # see anchor.llama_cpp_defaults
+        model_params.use_extra_bufts = self.extra_bufts
+        self.model = lc.llama_model_load_from_file(spec["model"].encode(), model_params)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {spec['model']}")
         params = lc.llama_context_default_params()
@@ -52,7 +55,7 @@ class Context:
         p = self.params
         flash = getattr(p, "flash_attn_type", getattr(p, "flash_attn", None))
         return {"flash_attn": int(flash) if flash is not None else None, "type_k": int(p.type_k),
-                "n_threads": int(p.n_threads)}  # fmt: skip
+                "n_threads": int(p.n_threads), "extra_bufts": bool(self.extra_bufts)}  # fmt: skip
 
     def decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
         for start in range(0, len(entries), self.n_batch):
@@ -216,3 +219,11 @@ def measure_memory(spec: dict[str, Any]) -> dict[str, Any]:
     after = rss_mib()
     return {"rss_mib": after, "over_start_mib": after - start, "rss_start_mib": start,
             "file_mib": os.path.getsize(spec["model"]) / 2**20, **c.settings()}  # fmt: skip
+
+
+def measure_probe(spec: dict[str, Any]) -> dict[str, Any]:
+    """Load the model and decode a few tokens: does llama.cpp run on this CPU with these settings?"""
+    c = Context(spec, n_ctx=64)
+    first = c.prefill([1, 2, 3, 4])
+    c.greedy(first, 4, 2)
+    return {"ok": True, **c.settings()}

@@ -33,6 +33,7 @@ from anchor import (
     compare,
     cpu_flags,
     cpu_model,
+    llama_cpp_defaults,
     llama_cpp_version,
     load_average,
     physical_cores,
@@ -175,7 +176,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="GGUF file (default: SmolLM2-135M as installed)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per figure (best kept)")
     parser.add_argument("--threads", type=int, default=physical_cores(), help="threads for both engines")
-    parser.add_argument("--kv-dtypes", default="float32,float16", help="our K/V dtypes at long context "
+    parser.add_argument("--kv-dtypes", default="float32,float16,q8_0", help="our K/V dtypes at long context "
                         "(the first is the one held to the target)")  # fmt: skip
     parser.add_argument("--only", default="", help=f"comma-separated subset of {','.join(FIGURES)}")
     parser.add_argument("--quick", action="store_true", help="one round per figure")
@@ -198,6 +199,10 @@ def main() -> None:
         print("llama-cpp-python is not installed (pip install -e '.[bench]'): the llama.cpp column is "
               "empty; our figures are still measured.", flush=True)  # fmt: skip
     ids = prompts(model, N_CONTEXT)
+    if version is not None:
+        header["llama_cpp_settings"] = llama_cpp_defaults(model, args.threads).get(
+            "note", "llama.cpp's defaults"
+        )
     results = measure(args, model, ids)
     header["load_average_end"] = load_average()
     from common import git_commit
@@ -210,6 +215,8 @@ def main() -> None:
     print(f"\nCPU: {header['cpu']}; threads {args.threads}; llama-cpp-python {header['llama_cpp_python']}; "
           f"load average {header['load_average_start']:.2f} -> {header['load_average_end']:.2f}; "
           f"commit {document['machine']['commit']}; best of {args.rounds} alternating rounds")  # fmt: skip
+    if "llama_cpp_settings" in header:
+        print(f"llama.cpp settings: {header['llama_cpp_settings']}")
     for name, text in document["agreement"].items():
         print(f"greedy agreement, {name}: {text}")
     print()
