@@ -412,29 +412,50 @@ class Model:
         return np.split(logits, np.cumsum(n_tails)[:-1])
 
     def _attention_plan(self, rows: Sequence[Row], starts: Sequence[int]) -> StepPlan | None:
-        """On the numba path, the step's caches laid out for the fused attention kernel (one call a
-        layer for every row); None on the NumPy path, where each row runs ``attention()``."""
+        """On the numba path, the step's sequences the fused kernel attends (one call a layer for all
+        their rows) with their caches' layout; None when it attends none (the NumPy path).
+
+        A chunk of ``kernels.BLAS_ATTENTION_ROWS`` tokens or more after at least as many cached ones
+        (a new message in a long chat) goes to ``attention()`` instead: there BLAS's register-tiled
+        products beat the kernel's (measured 2x at 64-256 tokens after 2,048)."""
         if self.weights.kernels != "numba" or len({r.cache.shape.dtype for r in rows}) != 1:
             return None
         from .kernels.attention import StepPlan
 
-        caches = [r.cache for r in rows]
+        offsets = np.cumsum([0] + [len(r.ids) for r in rows])  # (B+1,) each sequence's first row
+        fused = [i for i, (r, s) in enumerate(zip(rows, starts, strict=True))
+                 if len(r.ids) < kernels.BLAS_ATTENTION_ROWS or s < len(r.ids)]  # fmt: skip
+        if not fused:
+            return None
+        caches = [rows[i].cache for i in fused]
         keys, values = [c.keys(0) for c in caches], [c.values(0) for c in caches]  # (KVH, capacity, width)
-        layer_bytes, lengths = [c.layer_bytes for c in caches], [len(r.ids) for r in rows]
-        dtype = caches[0].shape.dtype
-        return StepPlan(keys, values, layer_bytes, list(starts), lengths, dtype, kernels.threads())
+        layer_bytes, dtype = [c.layer_bytes for c in caches], caches[0].shape.dtype
+        lengths, first_rows = [len(rows[i].ids) for i in fused], [int(offsets[i]) for i in fused]
+        plan = StepPlan(keys, values, layer_bytes, [starts[i] for i in fused], lengths, dtype,
+                        kernels.threads(), first_rows)  # fmt: skip
+        plan.sequences = fused
+        return plan
 
     def _attention_rows(
-        self, q: np.ndarray, rows: Sequence[Row], starts: Sequence[int], index: int, window: int
+        self,
+        q: np.ndarray,
+        rows: Sequence[Row],
+        starts: Sequence[int],
+        index: int,
+        window: int,
+        plan: StepPlan | None,
     ) -> np.ndarray:
-        """The NumPy path: each sequence's rows against its cache (read as floats). (N, H*Hd)"""
+        """Every row's attention, (N, H*Hd): the plan's sequences by the fused kernel, the others
+        (all on the NumPy path) by ``attention()`` against their cache read as floats."""
         N, H, Hd = q.shape
-        attn = np.empty((N, H * Hd), dtype=F32)  # (N, H*Hd)
+        attn = plan.run(q, index, window) if plan is not None else np.empty((N, H * Hd), dtype=F32)
+        fused = set(plan.sequences) if plan is not None else set()
         r0 = 0
-        for row, start in zip(rows, starts, strict=True):
+        for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
             r1, end = r0 + len(row.ids), start + len(row.ids)
-            keys, values = row.cache.read(index, end)  # (KVH, end, Hd) each
-            attn[r0:r1] = attention(q[r0:r1], keys, values, start, window)
+            if i not in fused:
+                keys, values = row.cache.read(index, end)  # (KVH, end, Hd) each
+                attn[r0:r1] = attention(q[r0:r1], keys, values, start, window)
             r0 = r1
         return attn
 
@@ -516,10 +537,7 @@ class Model:
             r1 = r0 + len(row.ids)
             row.cache.write(index, start, k[r0:r1], v[r0:r1])  # (T, KVH, Hd) each
             r0 = r1
-        if plan is not None:  # every row of the step in one pass over each cache
-            attn = plan.run(q, index, window)  # (N, H*Hd)
-        else:
-            attn = self._attention_rows(q, rows, starts, index, window)
+        attn = self._attention_rows(q, rows, starts, index, window, plan)  # (N, H*Hd)
         out = linear(attn, w.wo)  # (N, D)
         if w.post_attn_norm is not None:
             out = rms_norm(out, w.post_attn_norm, c.rms_eps)

@@ -35,6 +35,7 @@ F32 = np.float32
 KERNELS_ENV = "SMALLMIND_KERNELS"
 BACKENDS = ("numba", "numpy")
 SMALL_ROWS = 16  # up to this many rows a step runs the JIT kernel; above, BLAS on expanded tiles
+BLAS_ATTENTION_ROWS = 16  # a chunk this long after as many cached tokens: attention() by BLAS, not fused
 TILE_VALUES = 1 << 20  # weights expanded per BLAS tile and thread (4 MiB of float32: stays in cache)
 
 __all__ = [

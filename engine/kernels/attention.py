@@ -36,6 +36,7 @@ kernel = njit(fastmath=FASTMATH, boundscheck=False, parallel=True, cache=True, n
 serial_kernel = njit(fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
 
 BLOCK = 64  # cached positions per block: K and V of a block (float32, Hd <= 256) stay in L1/L2
+TILED_ROWS = 16  # from this many query rows in an item, scores are computed a whole block at a time
 F32_MIN_EXP = np.float32(-87.0)  # exp below this is < 2e-38 of the row's largest term: taken as that
 
 
@@ -170,11 +171,11 @@ def _load_block(cache, h, s0, n, out):  # pragma: no cover - compiled
 
 
 @serial_kernel
-def _attend_block(q, k, v, s, m, l, acc, r):  # pragma: no cover - compiled
-    """Fold n positions into row r's running softmax (m[r], l[r], acc (Hd,)): q (Hd,) the row's
-    query; k, v (n, Hd) float32 keys and values; s an (n,) scratch for the scores. Every loop counts
-    from 0 over views: with a start that may be negative, numba's wrap-around indexing keeps LLVM
-    from vectorizing (the exp loop stayed scalar)."""
+def _scores(q, k, s):  # pragma: no cover - compiled
+    """s[j] = q . k[j] for one query row, q (Hd,), against n keys k (n, Hd); returns max(s).
+
+    Every loop here and in ``_fold`` counts from 0 over views: with a start that may be negative,
+    numba's wrap-around indexing keeps LLVM from vectorizing (the exp loop stayed scalar)."""
     n, Hd = k.shape
     top = np.float32(-np.inf)
     n4 = n - n % 4
@@ -193,6 +194,34 @@ def _attend_block(q, k, v, s, m, l, acc, r):  # pragma: no cover - compiled
             a += q[i] * k[j, i]
         s[j] = a
         top = max(top, a)
+    return top
+
+
+@serial_kernel
+def _scores_tiled(qs, k, kt, s):  # pragma: no cover - compiled
+    """s[r, j] = qs[r] . k[j] for many rows at once, qs (R, Hd), k (n, Hd): the block is transposed
+    once into kt (Hd, BLOCK) so each row's scores are BLOCK-wide vector FMAs (one broadcast query
+    value times a row of kt), with no horizontal sums; positions n.. of s are left undefined."""
+    n, Hd = k.shape
+    for j in range(n):
+        for i in range(Hd):
+            kt[i, j] = k[j, i]
+    for r in range(qs.shape[0]):
+        row = s[r]
+        for j in range(BLOCK):
+            row[j] = 0.0
+        for i in range(Hd):
+            qi = qs[r, i]
+            kti = kt[i]
+            for j in range(BLOCK):
+                row[j] += qi * kti[j]
+
+
+@serial_kernel
+def _fold(s, v, m, l, acc, r, top):  # pragma: no cover - compiled
+    """Fold n scored positions into row r's running softmax (m[r], l[r], acc (Hd,)): s (n,) the
+    scores (overwritten by their exp), v (n, Hd) the values, top = max(s)."""
+    n, Hd = v.shape
     if top > m[r]:  # a new maximum: what was summed so far is rescaled to it
         scale = exp_nonpositive(m[r] - top)
         l[r] *= scale
@@ -206,6 +235,7 @@ def _attend_block(q, k, v, s, m, l, acc, r):  # pragma: no cover - compiled
     for j in range(n):
         total += s[j]
     l[r] += total
+    n4 = n - n % 4
     for j in range(0, n4, 4):  # four positions per pass over acc: a quarter of its loads and stores
         p0, p1, p2, p3 = s[j], s[j + 1], s[j + 2], s[j + 3]
         for i in range(Hd):
@@ -256,16 +286,29 @@ def attend(  # pragma: no cover - compiled
         acc = np.zeros((R, Hd), dtype=np.float32)
         kb = np.empty((BLOCK, Hd), dtype=np.float32)
         vb = np.empty((BLOCK, Hd), dtype=np.float32)
-        sc = np.empty(BLOCK, dtype=np.float32)
+        tiled = R >= TILED_ROWS
+        sc = np.empty((R if tiled else 1, BLOCK), dtype=np.float32)  # scores: every row's, or one's
+        kt = np.empty((Hd if tiled else 1, BLOCK), dtype=np.float32)
         first, last = lo[0], hi[R - 1]  # rows are in position order: the union of their ranges
         for s0 in range(first, last, BLOCK):
             n = min(BLOCK, last - s0)
             kblock = load_block(keys, h, s0, n, kb)  # (n, Hd) float32
             vblock = load_block(values, h, s0, n, vb)
+            if tiled:
+                _scores_tiled(qs, kblock, kt, sc)
             for r in range(R):
                 j0, j1 = max(lo[r], s0) - s0, min(hi[r], s0 + n) - s0
-                if j1 > j0:
-                    _attend_block(qs[r], kblock[j0:j1], vblock[j0:j1], sc[: j1 - j0], m, l, acc[r], r)
+                if j1 <= j0:
+                    continue
+                if tiled:
+                    s = sc[r, j0:j1]
+                    top = np.float32(-np.inf)
+                    for j in range(j1 - j0):
+                        top = max(top, s[j])
+                else:
+                    s = sc[0, : j1 - j0]
+                    top = _scores(qs[r], kblock[j0:j1], s)
+                _fold(s, vblock[j0:j1], m, l, acc[r], r, top)
         for t in range(t0, t1):
             for g in range(G):
                 r, hq = (t - t0) * G + g, h * G + g
@@ -323,20 +366,22 @@ class StepPlan:
         lengths: list[int],
         dtype: str,
         threads: int,
+        first_rows: list[int] | None = None,
     ) -> None:
         B = len(keys)
+        self.sequences: list[int] = list(range(B))  # which of the step's sequences these are
         self.n_kv_heads, self.width = int(keys[0].shape[0]), int(keys[0].shape[2])
         self.proto = np.empty(0, dtype=STORAGE[dtype])
         seqs = np.empty((B, 7), dtype=np.int64)
-        row0 = 0
+        if first_rows is None:  # the sequences' rows one after another from row 0
+            first_rows = [int(x) for x in np.cumsum([0, *lengths[:-1]])]
         for b, (k, v) in enumerate(zip(keys, values, strict=True)):
             if not (k.flags.c_contiguous and v.flags.c_contiguous) or k.dtype != v.dtype:
                 raise ValueError("attention reads contiguous K/V buffers of one dtype")
             address = k.__array_interface__["data"][0]
             seqs[b] = (address, layer_bytes[b], v.__array_interface__["data"][0] - address, k.shape[1],
-                       starts[b], lengths[b], row0)  # fmt: skip
-            row0 += lengths[b]
-        self.seqs, self.n_rows, self.threads = seqs, row0, threads
+                       starts[b], lengths[b], first_rows[b])  # fmt: skip
+        self.seqs, self.threads = seqs, threads
         self._items: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._buffers = (keys, values)  # kept alive while the plan is
 
@@ -371,7 +416,8 @@ class StepPlan:
 
     def run(self, q: np.ndarray, layer: int, window: int) -> np.ndarray:
         """Attention of every row of ``q`` (N, H, Hd), pre-scaled, against layer ``layer`` of its
-        sequence's cache (its new tokens' K/V already written). Returns (N, H * Hd)."""
+        sequence's cache (its new tokens' K/V already written). Returns (N, H * Hd); rows of
+        sequences outside the plan are left undefined (the caller fills them)."""
         N, H, Hd = q.shape
         items, n_splits = self.items(window, H // self.n_kv_heads)
         P = int(n_splits.max())

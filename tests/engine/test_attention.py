@@ -131,8 +131,9 @@ def tiny_hd32(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_model_numba_path_equals_numpy_path_for_each_cache_dtype(tiny_hd32, dtype):
-    """Prefill, then steps mixing a decode row and a 3-position row (drafts) of two sequences: the
-    numba path (fused kernel, every row in one call) gives the NumPy path's logits."""
+    """Prefill, then steps mixing a decode row and a 3-position row (drafts) of two sequences, then
+    a decode row beside a chunk long enough for BLAS: the numba path (fused kernel, every row in one
+    call, the long chunk by attention()) gives the NumPy path's logits."""
     logits = []
     for path in ("numba", "numpy"):
         model = Model.from_gguf(tiny_hd32, kernel_path=path)
@@ -140,6 +141,8 @@ def test_model_numba_path_equals_numpy_path_for_each_cache_dtype(tiny_hd32, dtyp
         out = [model.forward(list(range(3, 40)), a), model.forward(list(range(50, 61)), b)]
         for step in range(6):
             out.append(model.forward_last([Row(np.array([7 + step]), a), Row(np.array([1, 2, 3]) + step, b)]))
+        # a 20-token chunk after 29 cached (the NumPy attention() path) beside a decode row (fused)
+        out += model.forward_tails([Row(np.array([9]), a), Row(np.arange(20) + 5, b)], [1, 20])
         logits.append(np.concatenate([o.reshape(-1, o.shape[-1]) for o in out]))
     assert rel_diff(logits[0], logits[1]) < MODEL_BAR
 
