@@ -4,7 +4,9 @@ its own (``anchor.py --child llama.cpp NAME``) with the user's environment.
 
 llama.cpp runs with its own defaults (``llama_context_default_params``: float16 K/V, flash attention
 as llama.cpp chooses) except the thread count (``threads``, the same as ours), the context size each
-figure needs and, where a spec asks, the K/V type (``kv_dtype``). Decoding is greedy: the argmax of
+figure needs and, where a spec asks, the K/V type (``kv_dtype``) or flash attention (``flash_attn``:
+-1 auto, 0 off, 1 on; at long contexts llama.cpp's CPU flash attention can be the slower choice, so
+that figure measures both). Decoding is greedy: the argmax of
 the logits llama.cpp returns.
 """
 
@@ -42,6 +44,11 @@ class Context:
         params.n_threads = params.n_threads_batch = int(spec["threads"])
         if spec.get("kv_dtype"):
             params.type_k = params.type_v = GGML_TYPES[spec["kv_dtype"]]
+        if "flash_attn" in spec:  # -1 auto (llama.cpp's default), 0 off, 1 on
+            if hasattr(params, "flash_attn_type"):
+                params.flash_attn_type = int(spec["flash_attn"])
+            else:  # older llama.cpp: a bool
+                params.flash_attn = int(spec["flash_attn"]) == 1
         self.params = params
         self.ctx = lc.llama_init_from_model(self.model, params)
         if not self.ctx:

@@ -80,6 +80,7 @@ def measure(args: argparse.Namespace, model: str, ids: dict[str, Any]) -> dict[s
             f"smallmind {d}": {"engine": "smallmind", "kv_dtype": d} for d in args.kv_dtypes.split(",")
         }
         engines["llama.cpp"] = {"engine": "llama.cpp"}
+        engines["llama.cpp, flash attention off"] = {"engine": "llama.cpp", "flash_attn": 0}
         spec = {**base, "prompt_ids": ids["long"], "n_new": 16, "reps": 2}
         r["long"] = compare("long_decode", spec, max(1, rounds - 1), engines=engines)
     if "memory" in only:
@@ -119,9 +120,15 @@ def table(r: dict[str, Any], kv_dtypes: list[str]) -> list[tuple[str, ...]]:
             "tok/s",
         )
     if "long" in r:
-        theirs = tps(r["long"], "llama.cpp")
+        options = {
+            "auto": tps(r["long"], "llama.cpp"),
+            "off": tps(r["long"], "llama.cpp, flash attention off"),
+        }
+        fa, theirs = max(((k, v) for k, v in options.items() if v), key=lambda kv: kv[1], default=("-", None))
+        other = {k: v for k, v in options.items() if k != fa and v}
+        note = f"flash attention {fa}" + "".join(f"; {k}: {v:.1f}" for k, v in other.items())
         for i, d in enumerate(kv_dtypes):
-            row(f"decode at {N_CONTEXT:,} tokens of context (our KV {d}; llama.cpp float16)",
+            row(f"decode at {N_CONTEXT:,} tokens of context (our KV {d}; llama.cpp float16, its faster: {note})",
                 tps(r["long"], f"smallmind {d}"), theirs, 1.0 if i == 0 else None, "tok/s")  # fmt: skip
     if "memory" in r:
         ours, theirs = r["memory"]["smallmind"], r["memory"].get("llama.cpp")
