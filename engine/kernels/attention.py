@@ -4,11 +4,15 @@ the softmax (numba).
 One call per layer serves the whole step: decode rows of many sequences, several positions of one
 sequence (drafts), prefill chunks. The work is cut into items, each one (sequence, KV head, block of
 query rows, range of cached positions); items run in parallel. An item streams its positions in
-blocks of ``BLOCK``: the block's keys and values are read from the cache once, converted to float32
-in a small scratch (float16 bit by bit, q8_0 as int8 times its block's float16 scale) and used by all
-the item's query rows, the G heads sharing the KV head and every new token of the block. The softmax
+blocks of ``BLOCK``: the block's keys and values are read from the cache once (float32 in place;
+float16 converted by F16C, or bit by bit where the CPU lacks it; q8_0 as int8 times its block's
+float16 scale) and used by all the item's query rows, the G heads sharing the KV head and every new
+token of the item. An item of many rows scores the whole block at once (keys transposed once, each
+row's scores BLOCK-wide vector FMAs); an item of few rows takes one dot product per key. The softmax
 is online (flash-attention style): each row keeps its running maximum ``m``, sum ``l`` and unnormalised
 output ``acc``, rescaled when the maximum grows, so the scores never leave a (rows, BLOCK) scratch.
+(``Model`` sends a chunk of 16+ tokens after as many cached ones to BLAS instead; see its
+``_attention_plan``.)
 
 Long caches with few items (one sequence decoding) are also split by position ("split-K", as in
 flash-decoding): each part keeps its own (m, l, acc), merged after the parallel loop, so a single
