@@ -110,7 +110,7 @@ def warm_up() -> float:
                 linear(np.ones((n, 64), dtype=F32), w)
         from .attention import warm_up as warm_attention
 
-        warm_attention()  # the fused attention kernel for every cache dtype
+        warm_attention()  # the fused attention kernel for the default (float32) cache
     return time.perf_counter() - started
 
 
