@@ -22,11 +22,11 @@ from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import QApplication, QMessageBox
 
 from . import gui_gc, paths
-from .engine_client import EngineClient
-from .main_window import MainWindow, app_icon
-from .settings import AppSettings, load_settings
-from .store import ConversationStore, StoreCorruptError, StoreError, move_aside
-from .worker import validate_settings
+from .history.store import ConversationStore, StoreCorruptError, StoreError, move_aside
+from .settings.app_settings import AppSettings, load_settings
+from .window.main_window import MainWindow, app_icon
+from .worker.client import EngineClient
+from .worker.engine_worker import validate_settings
 
 log = logging.getLogger(__name__)
 

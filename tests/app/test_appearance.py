@@ -14,10 +14,11 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor, QPalette
 from PySide6.QtWidgets import QApplication, QComboBox, QInputDialog, QToolButton
 
-from smallmind_app import desktop_entry, theme
-from smallmind_app.presets import DEFAULT_PRESETS, PresetMenu
-from smallmind_app.settings import AppSettings, load_settings
-from smallmind_app.theme import DARK, LIGHT
+from smallmind_app import colors as theme
+from smallmind_app import desktop_entry
+from smallmind_app.colors import DARK, LIGHT
+from smallmind_app.settings.app_settings import AppSettings, load_settings
+from smallmind_app.settings.presets import DEFAULT_PRESETS, PresetMenu
 from tests.fixtures.window import LONG, send, wait_idle, wait_text
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def _light_again() -> Any:
     """The theme is the app's (a module's state and the app palette): light again for the next tests."""
     yield
-    from smallmind_app.theming import ThemeManager
+    from smallmind_app.window.theme_manager import ThemeManager
 
     ThemeManager("light").set_choice("light")
 

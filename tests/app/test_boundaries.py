@@ -1,5 +1,5 @@
 """The layering the house style asks for, read from the source: the GUI reaches the engine only
-through smallmind_app/worker.py, and the engine never imports Qt or the app."""
+through smallmind_app/worker/, and the engine never imports Qt or the app."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 # __main__.py hands the command-line subcommands to engine.cli without starting the GUI.
-MAY_IMPORT_ENGINE = {"worker.py", "__main__.py"}
+MAY_IMPORT_ENGINE = {"worker/engine_worker.py", "__main__.py"}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -27,12 +27,15 @@ def top_level(modules: set[str]) -> set[str]:
 
 
 def test_only_the_worker_imports_the_engine() -> None:
-    app_files = sorted((ROOT / "smallmind_app").glob("*.py"))
-    assert any(p.name == "worker.py" for p in app_files)
-    importers = [p.name for p in app_files if "engine" in top_level(imported_modules(p))]
+    app = ROOT / "smallmind_app"
+    app_files = sorted(app.rglob("*.py"))
+    assert any(p.name == "engine_worker.py" for p in app_files)
+    importers = [
+        p.relative_to(app).as_posix() for p in app_files if "engine" in top_level(imported_modules(p))
+    ]
     offenders = [name for name in importers if name not in MAY_IMPORT_ENGINE]
     assert offenders == []
-    assert "engine" in top_level(imported_modules(ROOT / "smallmind_app" / "worker.py"))
+    assert "engine" in top_level(imported_modules(app / "worker" / "engine_worker.py"))
 
 
 def test_the_engine_imports_neither_qt_nor_the_app() -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from smallmind_app import store as store_module
-from smallmind_app.history_index import MARK_END, MARK_START, fts_query, marked_words
-from smallmind_app.store import SCHEMA_VERSION, ConversationStore, StoreError
+from smallmind_app.history import store as store_module
+from smallmind_app.history.search_index import MARK_END, MARK_START, fts_query, marked_words
+from smallmind_app.history.store import SCHEMA_VERSION, ConversationStore, StoreError
 from tests.fixtures.history import fill_history
 
 

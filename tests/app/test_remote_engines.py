@@ -17,7 +17,7 @@ import pytest
 from PySide6.QtCore import Qt
 
 from smallmind_app import paths
-from smallmind_app.endpoints import KEY_FILE_NAME, Endpoint
+from smallmind_app.engines.endpoints import KEY_FILE_NAME, Endpoint
 from tests.fixtures.served import smallmind_serve
 from tests.fixtures.window import LONG, REPLY_TIMEOUT_MS, send, stored_messages, wait_idle, wait_text
 from tests.server.test_serve_cli import free_port

@@ -1,4 +1,4 @@
-"""smallmind_app.settings and smallmind_app.paths: round trips, every kind of bad file, failing saves.
+"""smallmind_app.settings.app_settings and paths: round trips, every kind of bad file, failing saves.
 
 Real files under each test's tmp dir (the autouse fixture points SMALLMIND_HOME there); no mocks.
 """
@@ -15,7 +15,7 @@ import pytest
 
 from engine import BatchingOptions, InferenceOptions, KvCacheOptions
 from smallmind_app import paths
-from smallmind_app.settings import (
+from smallmind_app.settings.app_settings import (
     SCHEMA_VERSION,
     AppSettings,
     SettingsError,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from smallmind_app.store import _MIGRATIONS, SCHEMA_VERSION, ConversationStore
+from smallmind_app.history.store import _MIGRATIONS, SCHEMA_VERSION, ConversationStore
 
 
 @pytest.fixture

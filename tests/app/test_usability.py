@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from smallmind_app import paths
-from smallmind_app.store import ConversationStore
+from smallmind_app.history.store import ConversationStore
 from tests.fixtures.window import REPLY_TIMEOUT_MS
 
 LONG = {"max_new_tokens": 900, "stop_on_eos": False, "seed": 7}  # about a second of generation
@@ -132,7 +132,7 @@ def test_a_failed_reply_says_why_in_the_users_words_and_opens_settings_at_the_fi
     budget = {"max_bytes_total": per_token * 400, "max_bytes_per_session": per_token * 30}
     window.apply_settings(window.settings.with_changes(kv_cache=budget))
     tab = window.chat_tabs[0]
-    with caplog.at_level(logging.INFO, logger="smallmind_app.worker"):
+    with caplog.at_level(logging.INFO, logger="smallmind_app.worker.engine_worker"):
         send(tab, "Tell me a long story about a dragon who guards a library in the mountains, please")
         wait_idle(qtbot, tab)
     shown = tab.transcript.toPlainText() + tab.status_label.text()
@@ -205,7 +205,7 @@ def test_a_reply_with_html_images_and_links_stays_text_and_loads_nothing(
     from PySide6.QtGui import QColor, QImage, QPixmap, QTextDocument
     from PySide6.QtWidgets import QMessageBox
 
-    from smallmind_app import transcript
+    from smallmind_app.chat import transcript
 
     image = tmp_path / "local.png"
     picture = QImage(8, 8, QImage.Format.Format_RGB32)
@@ -515,7 +515,7 @@ def test_the_app_has_its_icon_and_the_readme_names_only_resources_that_exist(mak
 def test_settings_saved_by_the_previous_version_get_the_new_default_penalty(make_window: Any) -> None:
     import json
 
-    from smallmind_app.settings import AppSettings
+    from smallmind_app.settings.app_settings import AppSettings
 
     data = AppSettings().to_dict()
     data["schema_version"] = 1

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from PySide6.QtCore import QObject, Slot
 
-from smallmind_app import worker as worker_module
-from smallmind_app.engine_client import EngineClient
-from smallmind_app.worker import session_limits, submit_error_message, validate_settings
+from smallmind_app.worker import engine_worker as worker_module
+from smallmind_app.worker.client import EngineClient
+from smallmind_app.worker.engine_worker import session_limits, submit_error_message, validate_settings
 from tests.fixtures.qt_recorder import Recorder
 from tests.fixtures.window import MODEL_TIMEOUT_MS, REPLY_TIMEOUT_MS
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import paths
+from .. import paths
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from PySide6.QtCore import QAbstractListModel, QModelIndex, QPersistentModelInde
 from PySide6.QtGui import QColor, QFont, QFontMetrics, QPainter
 from PySide6.QtWidgets import QStyle, QStyledItemDelegate, QStyleOptionViewItem, QWidget
 
-from .history_index import MARK_END, MARK_START, ConversationSummary, SearchHit
-from .theme import colors
+from ..colors import colors
+from .search_index import MARK_END, MARK_START, ConversationSummary, SearchHit
 
 ID_ROLE = Qt.ItemDataRole.UserRole + 1  # the conversation id ("" for a header)
 HEADER_ROLE = Qt.ItemDataRole.UserRole + 2  # True for a day header

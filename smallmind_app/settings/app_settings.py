@@ -28,12 +28,12 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from . import paths
-from .endpoints import LOCAL_ENGINE, Endpoint, endpoints_from
-from .paths import default_system_prompt
+from .. import paths
+from ..engines.endpoints import LOCAL_ENGINE, Endpoint, endpoints_from
+from ..paths import default_system_prompt
+from ..window.theme_manager import check_choice
+from ..worker.engine_worker import engine_options
 from .presets import DEFAULT_PRESETS, check_presets
-from .theming import check_choice
-from .worker import engine_options
 
 logger = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from PySide6.QtCore import Signal, Slot
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import QInputDialog, QMenu, QTabWidget, QWidget
 
-from .chat_tab import ChatTab
-from .store import Conversation, ConversationStore, StoreError
-from .theme import colors
+from ..colors import colors
+from ..history.store import Conversation, ConversationStore, StoreError
+from .tab import ChatTab
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from PySide6.QtCore import Signal, Slot
 from PySide6.QtGui import QTextCursor
 from PySide6.QtWidgets import QLabel, QPlainTextEdit
 
+from ..colors import colors
 from .code_blocks import language_of
-from .theme import colors
 
 MAX_ATTACHMENT_BYTES = 256 * 1024
 _BACKTICKS = re.compile(r"`{3,}")

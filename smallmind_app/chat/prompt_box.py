@@ -7,7 +7,7 @@ from PySide6.QtCore import Qt, QTimer, Signal, Slot
 from PySide6.QtGui import QDragEnterEvent, QDragMoveEvent, QDropEvent, QKeyEvent, QResizeEvent
 from PySide6.QtWidgets import QLabel, QPlainTextEdit, QWidget
 
-from .theme import colors
+from ..colors import colors
 
 TOKEN_COUNT_DELAY_MS = 250  # the text's tokens are counted once typing pauses
 LINES = (2, 12)  # the box grows with its text between these many lines

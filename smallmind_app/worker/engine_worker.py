@@ -54,10 +54,10 @@ from engine.kv_cache import KV_DTYPES, ModelShape
 from engine.kv_disk import DiskKvTier
 from engine.remote import RemoteEngine, RemoteRequestHandle
 
-from . import paths
-from .endpoints import LOCAL_ENGINE
+from .. import paths
+from ..engines.endpoints import LOCAL_ENGINE
+from ..wording import Problem, engine_problem, too_long
 from .snapshots import result_dict, stats_dict
-from .wording import Problem, engine_problem, too_long
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from ..colors import colors
 from .sparkline import Sparkline
-from .theme import colors
 
 MiB = 1 << 20
 MIN_WIDTH = 300

@@ -25,9 +25,9 @@ from PySide6.QtGui import (
 )
 from PySide6.QtWidgets import QMessageBox, QTextBrowser, QToolButton, QWidget
 
+from ..colors import colors
+from ..wording import LABELS
 from .code_blocks import CodeBlock, code_block_html, code_blocks, prose_html, sanitize, split_markdown
-from .theme import colors
-from .wording import LABELS
 
 COPIED_SHOWN_MS = 1500
 FINISH_NOTES = {

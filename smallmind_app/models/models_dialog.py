@@ -27,8 +27,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from ..colors import colors
 from .first_run import choose_model_file, show_download_progress
-from .theme import colors
 
 COLUMNS = ("Model", "Size", "License", "Status")
 ROW_ROLE = Qt.ItemDataRole.UserRole

@@ -13,7 +13,7 @@ from typing import Any
 
 from PySide6.QtCore import QObject, QThread, Signal
 
-from .worker import EngineWorker
+from .engine_worker import EngineWorker
 
 log = logging.getLogger(__name__)
 

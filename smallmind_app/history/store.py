@@ -39,9 +39,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from . import history_index, paths
-from .history_index import ConversationSummary, SearchHit
-from .paths import default_system_prompt
+from .. import paths
+from ..paths import default_system_prompt
+from . import search_index
+from .search_index import ConversationSummary, SearchHit
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def _add_message_versions(db: sqlite3.Connection) -> None:
 
 _MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _create_v1,
-    history_index.add_search_index,  # full-text search of titles and messages (FTS5), pins
+    search_index.add_search_index,  # full-text search of titles and messages (FTS5), pins
     _add_message_versions,  # regenerated replies and edited messages kept as versions
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -251,15 +252,15 @@ class ConversationStore:
                 f"(schema {version}; this one reads up to {SCHEMA_VERSION}) ({self.path})"
             )
         if version == SCHEMA_VERSION:
-            if history_index.search_index_broken(self._connection()):
+            if search_index.search_index_broken(self._connection()):
                 with self._transaction("repair the search index") as db:
-                    history_index.ensure_search_index(db)
+                    search_index.ensure_search_index(db)
             return
         with self._transaction("update the conversations database") as db:
             for step in range(version, SCHEMA_VERSION):
                 logger.info("%s: migrating schema %d -> %d", self.path, step, step + 1)
                 _MIGRATIONS[step](db)
-            history_index.ensure_search_index(db)  # a later step may have rebuilt a table, dropping triggers
+            search_index.ensure_search_index(db)  # a later step may have rebuilt a table, dropping triggers
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @property
@@ -570,23 +571,23 @@ class ConversationStore:
     def history(self) -> list[ConversationSummary]:
         """Every conversation with a preview: pinned first, then the newest activity first."""
         with self._reading() as db:
-            return history_index.summaries(db)
+            return search_index.summaries(db)
 
     def search(self, text: str) -> dict[str, SearchHit]:
         """{conversation id: hit} for the conversations whose title or a message holds every word."""
         with self._reading("search the conversations") as db:
-            return history_index.search(db, text)
+            return search_index.search(db, text)
 
     def snippet(self, message_id: int, text: str) -> str:
-        """Words of the message around the words of ``text`` (history_index.MARK_START/END mark them)."""
+        """Words of the message around the words of ``text`` (search_index.MARK_START/END mark them)."""
         with self._reading("search the conversations") as db:
-            return history_index.snippet(db, message_id, text)
+            return search_index.snippet(db, message_id, text)
 
     def set_pinned(self, conversation_id: str, pinned: bool) -> None:
         with self._transaction("pin the conversation") as db:
             if db.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)).fetchone() is None:
                 raise KeyError(f"no conversation {conversation_id!r}")
-            history_index.set_pinned(db, conversation_id, pinned, time.time())
+            search_index.set_pinned(db, conversation_id, pinned, time.time())
 
     # -- export and maintenance ----------------------------------------------------------------------
 

@@ -31,12 +31,12 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from .chat_tab import ChatTab
-from .conversation_tabs import AUTO_TITLE, ConversationTabs
-from .history_index import ConversationSummary, fts_query
-from .history_model import ID_ROLE, MESSAGE_ROLE, PINNED_ROLE, HistoryDelegate, HistoryModel
+from ..chat.conversation_tabs import AUTO_TITLE, ConversationTabs
+from ..chat.tab import ChatTab
+from ..chat.transcript_search import show_entry
+from .list_model import ID_ROLE, MESSAGE_ROLE, PINNED_ROLE, HistoryDelegate, HistoryModel
+from .search_index import ConversationSummary, fts_query
 from .store import Conversation, ConversationStore, StoreError
-from .transcript_search import show_entry
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from .theme import colors
+from ..colors import colors
 
 PHASES = {"download": "Downloading", "extract": "Extracting", "verify": "Verifying"}
 

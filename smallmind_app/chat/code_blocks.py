@@ -30,7 +30,7 @@ from pygments.lexers.special import TextLexer
 from pygments.util import ClassNotFound
 from PySide6.QtGui import QColor, QTextCharFormat, QTextCursor, QTextDocument
 
-from .theme import colors, is_dark
+from ..colors import colors, is_dark
 
 LIGHT_STYLE = "default"
 DARK_STYLE = "github-dark"

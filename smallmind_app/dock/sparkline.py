@@ -11,7 +11,7 @@ from PySide6.QtCore import QPointF, QRectF, QSize, Qt
 from PySide6.QtGui import QColor, QFont, QPainter, QPainterPath, QPaintEvent, QPen
 from PySide6.QtWidgets import QSizePolicy, QWidget
 
-from .theme import colors
+from ..colors import colors
 
 HISTORY_POINTS = 4 * 60 * 5  # five minutes at four updates a second
 MIN_SPAN_POINTS = 4 * 60  # the x axis spans at least one minute

@@ -16,7 +16,7 @@ from PySide6.QtCore import QObject, Qt, Signal
 from PySide6.QtWidgets import QInputDialog, QMainWindow, QMenu, QToolButton, QWidget
 
 if TYPE_CHECKING:
-    from .chat_tab import ChatTab
+    from ..chat.tab import ChatTab
 
 DEFAULT_PRESETS: Mapping[str, str] = {
     "Helpful assistant": "You are a helpful AI assistant. Answer clearly and accurately.",

@@ -30,13 +30,13 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from . import first_run
-from .engines_page import EnginesPage
-from .settings import AppSettings, default_system_prompt, section_defaults
-from .theme import colors
-from .theming import CHOICES as THEME_CHOICES
-from .wording import FIELD_NAMES, FIELDS, INT_MAX, MIB_RANGE, PAGES, SECTION_KEYS, MiB, mib, setting_problem
-from .worker import session_limits, validate_settings
+from ..colors import colors
+from ..engines.engines_page import EnginesPage
+from ..models import first_run
+from ..window.theme_manager import CHOICES as THEME_CHOICES
+from ..wording import FIELD_NAMES, FIELDS, INT_MAX, MIB_RANGE, PAGES, SECTION_KEYS, MiB, mib, setting_problem
+from ..worker.engine_worker import session_limits, validate_settings
+from .app_settings import AppSettings, default_system_prompt, section_defaults
 
 __all__ = ["FIELDS", "INT_MAX", "MIB_RANGE", "SECTION_KEYS", "MiB", "SettingsDialog"]
 

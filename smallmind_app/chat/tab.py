@@ -28,14 +28,14 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from ..colors import colors
+from ..engines.engine_picker import ENGINE_KEY, EnginePicker
+from ..history.store import Conversation, ConversationStore, Message, StoreError
+from ..wording import LABELS, mib
 from .attachments import AttachmentList
-from .engine_picker import ENGINE_KEY, EnginePicker
 from .prompt_box import PromptEdit, TokenCount
-from .store import Conversation, ConversationStore, Message, StoreError
-from .theme import colors
 from .transcript import Entry, TranscriptView, limit_reached, tab_limit
 from .versions import VersionBar
-from .wording import LABELS, mib
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from PySide6.QtCore import QTimer
 from PySide6.QtGui import QColor, QTextCharFormat, QTextCursor, QTextDocument, QTextFrame
 from PySide6.QtWidgets import QTextEdit
 
-from .theme import colors
+from ..colors import colors
 from .transcript import TranscriptView
 
 MARK_SHOWN_MS = 6000

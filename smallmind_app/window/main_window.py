@@ -25,24 +25,24 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from .chat_settings_dialog import ChatSettingsDialog
-from .chat_tab import ChatTab
-from .conversation_tabs import ConversationTabs
-from .endpoints import LOCAL_ENGINE, ApiKeyStore
-from .engine_client import EngineClient
-from .first_run import FirstRunDialog
-from .history_sidebar import HistorySidebar
-from .models_dialog import ModelsDialog
-from .paths import RESOURCES_DIR
-from .presets import PresetController
-from .server_dialog import LocalServerDialog
-from .settings import AppSettings, SettingsError, save_settings
-from .settings_dialog import SettingsDialog
-from .stats_dock import StatsDock
-from .store import ConversationStore
-from .theming import ThemeManager
-from .wording import LABELS, MiB, setting_problem
-from .worker import default_model_description, validate_settings
+from ..chat.chat_settings_dialog import ChatSettingsDialog
+from ..chat.conversation_tabs import ConversationTabs
+from ..chat.tab import ChatTab
+from ..dock.stats_dock import StatsDock
+from ..engines.endpoints import LOCAL_ENGINE, ApiKeyStore
+from ..history.sidebar import HistorySidebar
+from ..history.store import ConversationStore
+from ..models.first_run import FirstRunDialog
+from ..models.models_dialog import ModelsDialog
+from ..paths import RESOURCES_DIR
+from ..server.server_dialog import LocalServerDialog
+from ..settings.app_settings import AppSettings, SettingsError, save_settings
+from ..settings.dialog import SettingsDialog
+from ..settings.presets import PresetController
+from ..wording import LABELS, MiB, setting_problem
+from ..worker.client import EngineClient
+from ..worker.engine_worker import default_model_description, validate_settings
+from .theme_manager import ThemeManager
 
 log = logging.getLogger(__name__)
 MODEL_ENV = "SMALLMIND_MODEL"

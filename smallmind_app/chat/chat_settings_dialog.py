@@ -21,9 +21,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from .settings_dialog import FIELDS, changed_signal, field_value, make_field, problems_text, set_field_value
-from .theme import colors
-from .worker import validate_settings
+from ..colors import colors
+from ..settings.dialog import FIELDS, changed_signal, field_value, make_field, problems_text, set_field_value
+from ..worker.engine_worker import validate_settings
 
 SAMPLING_FIELDS = [(key, name, label, kind, limits) for sec, key, name, label, kind, limits in FIELDS
                    if sec == "sampling"]  # fmt: skip
