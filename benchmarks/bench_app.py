@@ -38,7 +38,7 @@ from PySide6.QtWidgets import QApplication
 
 from smallmind_app import create_window, paths
 from smallmind_app.settings.app_settings import AppSettings, save_settings
-from smallmind_app.worker import engine_worker as worker_module
+from smallmind_app.worker import replies as worker_module
 from smallmind_app.worker.client import EngineClient
 from tests.fixtures.qt_recorder import Recorder
 from tests.fixtures.tiny_model import write_tiny_gguf

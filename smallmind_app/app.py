@@ -26,7 +26,7 @@ from .history.store import ConversationStore, StoreCorruptError, StoreError, mov
 from .settings.app_settings import AppSettings, load_settings
 from .window.main_window import MainWindow, app_icon
 from .worker.client import EngineClient
-from .worker.engine_worker import validate_settings
+from .worker.engine_options import validate_settings
 
 log = logging.getLogger(__name__)
 

@@ -175,3 +175,26 @@ def too_long(n_tokens: int, limit: int, context: int, cause: str, suggested: int
         cause,
         suggested,
     )
+
+
+# -- a request the worker did not send ---------------------------------------------------------------
+ALREADY_GENERATING = "A reply is already being generated here."
+NO_MODEL = "No model is loaded; open Settings to choose one."
+REMOTE_ENGINE_GONE = (
+    "This tab's server is not in Settings → Engines any more; pick another engine at the top of the tab."
+)
+NOT_SENT = {  # the kind of the engine's refusal -> the tab's sentence ({} is the engine's message)
+    "queue_full": "Not sent: the engine is busy ({}). Press Regenerate to send it again in a moment.",
+    "context_overflow": "Not sent: the conversation is too long for one KV session ({}).",
+    "cache_budget": "Not sent: the KV cache budget is exhausted ({}).",
+    "": "Not sent: {}",
+}
+
+
+def invalid_sampling(message: str) -> str:
+    return f"Invalid sampling settings: {message}"
+
+
+def not_sent(kind: str, message: str) -> str:
+    """A sentence for the tab: what happened, the engine's numbers, what the user can do."""
+    return NOT_SENT.get(kind, NOT_SENT[""]).format(message)

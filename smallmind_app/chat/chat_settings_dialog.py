@@ -23,7 +23,7 @@ from PySide6.QtWidgets import (
 
 from ..colors import colors
 from ..settings.dialog import FIELDS, changed_signal, field_value, make_field, problems_text, set_field_value
-from ..worker.engine_worker import validate_settings
+from ..worker.engine_options import validate_settings
 
 SAMPLING_FIELDS = [(key, name, label, kind, limits) for sec, key, name, label, kind, limits in FIELDS
                    if sec == "sampling"]  # fmt: skip

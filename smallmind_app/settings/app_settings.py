@@ -32,7 +32,7 @@ from .. import paths
 from ..engines.endpoints import LOCAL_ENGINE, Endpoint, endpoints_from
 from ..paths import default_system_prompt
 from ..window.theme_manager import check_choice
-from ..worker.engine_worker import engine_options
+from ..worker.engine_options import engine_options
 from .presets import DEFAULT_PRESETS, check_presets
 
 logger = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ from ..engines.engines_page import EnginesPage
 from ..models import first_run
 from ..window.theme_manager import CHOICES as THEME_CHOICES
 from ..wording import FIELD_NAMES, FIELDS, INT_MAX, MIB_RANGE, PAGES, SECTION_KEYS, MiB, mib, setting_problem
-from ..worker.engine_worker import session_limits, validate_settings
+from ..worker.engine_options import session_limits, validate_settings
 from .app_settings import AppSettings, default_system_prompt, section_defaults
 
 __all__ = ["FIELDS", "INT_MAX", "MIB_RANGE", "SECTION_KEYS", "MiB", "SettingsDialog"]

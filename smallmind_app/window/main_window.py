@@ -41,7 +41,8 @@ from ..settings.dialog import SettingsDialog
 from ..settings.presets import PresetController
 from ..wording import LABELS, MiB, setting_problem
 from ..worker.client import EngineClient
-from ..worker.engine_worker import default_model_description, validate_settings
+from ..worker.downloads import default_model_description
+from ..worker.engine_options import validate_settings
 from .theme_manager import ThemeManager
 
 log = logging.getLogger(__name__)

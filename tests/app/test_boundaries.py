@@ -7,8 +7,12 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-# __main__.py hands the command-line subcommands to engine.cli without starting the GUI.
-MAY_IMPORT_ENGINE = {"worker/engine_worker.py", "__main__.py"}
+APP = ROOT / "smallmind_app"
+# The worker's modules are the app's one bridge to the engine (worker/engine_options.py and the other
+# Qt-free modules beside the worker included); __main__.py hands the command-line subcommands to
+# engine.cli without starting the GUI.
+MAY_IMPORT_ENGINE = {"__main__.py"} | {f"worker/{p.name}" for p in (APP / "worker").glob("*.py")}
+MAY_IMPORT_SERVER = {"worker/api_server.py"}  # the in-app API server
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -26,16 +30,20 @@ def top_level(modules: set[str]) -> set[str]:
     return {name.split(".")[0] for name in modules}
 
 
-def test_only_the_worker_imports_the_engine() -> None:
-    app = ROOT / "smallmind_app"
-    app_files = sorted(app.rglob("*.py"))
-    assert any(p.name == "engine_worker.py" for p in app_files)
-    importers = [
-        p.relative_to(app).as_posix() for p in app_files if "engine" in top_level(imported_modules(p))
+def app_files_importing(package: str) -> list[str]:
+    """The app's modules (paths under smallmind_app/) that import ``package``."""
+    return [
+        p.relative_to(APP).as_posix()
+        for p in sorted(APP.rglob("*.py"))
+        if package in top_level(imported_modules(p))
     ]
-    offenders = [name for name in importers if name not in MAY_IMPORT_ENGINE]
-    assert offenders == []
-    assert "engine" in top_level(imported_modules(app / "worker" / "engine_worker.py"))
+
+
+def test_only_the_worker_imports_the_engine() -> None:
+    importers = app_files_importing("engine")
+    assert [name for name in importers if name not in MAY_IMPORT_ENGINE] == []
+    assert "worker/engine_worker.py" in importers
+    assert [name for name in app_files_importing("smallmind_server") if name not in MAY_IMPORT_SERVER] == []
 
 
 def test_the_engine_imports_neither_qt_nor_the_app() -> None:

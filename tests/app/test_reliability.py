@@ -303,7 +303,7 @@ def type_into(qtbot: Any, widget: Any, text: str) -> None:
 
 
 def test_settings_dialog_numeric_fields_fuzzed(qtbot: Any, make_window: Any) -> None:
-    from smallmind_app.worker.engine_worker import validate_settings
+    from smallmind_app.worker.engine_options import validate_settings
 
     window = make_window()
     dialog = window.open_settings()
