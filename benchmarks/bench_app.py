@@ -97,7 +97,8 @@ def show_code(tab: Any) -> None:
 
 
 def render_run() -> dict[str, float]:
-    from smallmind_app.chat.transcript import Entry, TranscriptView
+    from smallmind_app.chat.conversation_model import Entry
+    from smallmind_app.chat.transcript import TranscriptView
 
     source = code_text()
     entries = []

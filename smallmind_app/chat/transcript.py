@@ -1,17 +1,13 @@
-"""The transcript of one conversation: a QTextBrowser showing the messages as chat bubbles.
+"""The transcript of one conversation: a QTextBrowser showing the entries as chat bubbles.
 
-Assistant replies are Markdown (``code_blocks``: Qt's parser for prose, tables and lists, Pygments
-for fenced code blocks, each with its language and a Copy link); user messages are plain text. Every
-bubble has a "Copy" link (the raw text goes to the clipboard), a user message an "Edit" link, a
-message with versions ‹ 2/3 › under it, and every reply a line of numbers: tokens, tokens/s, time to
-first token, tokens reused from the KV cache. Each entry's HTML is cached, so while a reply streams
-only that reply is converted again (and only its last part: ``code_blocks`` caches the others), and
-``render`` is throttled by the tab. Every color comes from ``theme.colors()``."""
+The bubbles' HTML is made by ``bubbles.py``; this view keeps each entry's HTML cached, so while a
+reply streams only that reply is converted again (and only its last part: ``code_blocks`` caches
+the others), and ``render`` is throttled by the tab. It follows the conversation as it grows, and
+turns clicks on a bubble's links into copies and signals (copy, copy code, edit, versions); web
+links open in the browser after asking."""
 
 from __future__ import annotations
 
-import html
-from dataclasses import dataclass, field
 from typing import Any
 
 from PySide6.QtCore import QByteArray, Qt, QTimer, QUrl, Signal, Slot
@@ -26,202 +22,12 @@ from PySide6.QtGui import (
 from PySide6.QtWidgets import QMessageBox, QTextBrowser, QToolButton, QWidget
 
 from ..colors import colors
-from ..wording import LABELS
-from .code_blocks import CodeBlock, code_block_html, code_blocks, prose_html, sanitize, split_markdown
+from .bubbles import cache_key, entry_chunks
+from .code_blocks import code_blocks
+from .conversation_model import Entry
 
 COPIED_SHOWN_MS = 1500
-FINISH_NOTES = {
-    "cancelled": "stopped",
-    "timeout": "stopped: time limit",
-    "error": "failed",
-}
-
-
-@dataclass(eq=False)
-class Entry:
-    """One bubble: a stored message, the reply being generated, or a notice (never sent to the model)."""
-
-    role: str  # "user", "assistant" or "notice"
-    content: str
-    status: str = "complete"  # complete | partial | streaming | error (notices: info | error)
-    stats: dict[str, Any] = field(default_factory=dict)
-    message_id: int | None = None  # None: not in the database (a notice, or a failed save)
-    progress: tuple[int, int] | None = None  # prompt tokens processed / total, while prefilling
-    editing: bool = False  # the user is changing this message in the prompt box
-    copied: bool = False  # its text just went to the clipboard ("Copied ✓" for a moment)
-    versions: tuple[int, int] | None = None  # (this one, how many) when the message has other versions
-    copied_block: int = -1  # the code block whose text just went to the clipboard
-
-    def cache_key(self) -> tuple[Any, ...]:
-        stats = tuple(sorted(self.stats.items()))
-        return (
-            self.role, self.content, self.status, stats, self.progress, self.editing, self.copied,
-            self.versions, self.copied_block, tuple(colors().items()),
-        )  # fmt: skip
-
-
-def markdown_html(text: str, index: int = 0, copied_block: int = -1, bubble: str = "") -> list[str]:
-    """A reply's Markdown -> HTML parts: prose (one string) and fenced code blocks (a table each, with
-    a Copy link ``copycode:<index>.<block>``); see ``code_blocks``."""
-    parts: list[str] = []
-    n_blocks = 0
-    for part in split_markdown(text):
-        if isinstance(part, CodeBlock):
-            href = f"copycode:{index}.{n_blocks}"
-            tables = code_block_html(part, href, copied_block == n_blocks, bubble)
-            parts.extend(CODE_MARK + table for table in tables)
-            n_blocks += 1
-        else:
-            parts.append(prose_html(part))
-    return parts
-
-
-CODE_MARK = "<!--code-->"  # starts a part that is a table of its own (a code block)
 LINK_SCHEMES = ("http", "https")  # the only links of a reply that are opened (in the browser)
-
-
-def plain_html(text: str) -> str:
-    escaped = html.escape(sanitize(text)).replace("\n", "<br />")
-    return f'<p style="margin:0px; white-space:pre-wrap;">{escaped}</p>'
-
-
-def stats_line(stats: dict[str, Any]) -> str:
-    """'42 tokens · 18.3 tokens/s · first token 120 ms · 96 tokens reused from cache'."""
-    parts = []
-    if "n_tokens" in stats:
-        parts.append(f"{stats['n_tokens']} tokens")
-    if stats.get("tokens_per_s"):
-        parts.append(f"{stats['tokens_per_s']:.1f} tokens/s")
-    if stats.get("tokens_per_step"):
-        parts.append(f"{stats['tokens_per_step']:.1f} tokens per step")
-    if stats.get("ttft_ms") is not None:
-        parts.append(f"first token {stats['ttft_ms']:.0f} ms")
-    if "reused_tokens" in stats:
-        parts.append(f"{stats['reused_tokens']} of {stats.get('prompt_tokens', '?')} prompt tokens reused")
-    reason = str(stats.get("finish_reason", ""))
-    note = limit_reached(stats) if reason == "length" else FINISH_NOTES.get(reason)
-    if note:
-        parts.append(f"stopped: {note}" if reason == "length" else note)
-    if stats.get("context_trimmed"):
-        parts.append(f"older messages trimmed to fit {tab_limit(stats)}")
-    return " · ".join(parts)
-
-
-def tab_limit(stats: dict[str, Any]) -> str:
-    """'the model's context', or 'the 273 tokens a tab may hold (“Memory limit per session”)'."""
-    setting = str(stats.get("limit_setting") or "")
-    if not setting or "session_limit" not in stats:
-        return "the model's context"
-    label = LABELS.get(setting.split(".", 1)[1], setting)
-    return f"the {int(stats['session_limit']):,} tokens a tab may hold (set by “{label}”)"
-
-
-def limit_reached(stats: dict[str, Any]) -> str:
-    """Which limit ended a reply: its max new tokens, or a full tab."""
-    if stats.get("stopped_by") == "session":
-        return f"the conversation reached {tab_limit(stats)}"
-    if stats.get("max_new_tokens"):
-        return f"“{LABELS['max_new_tokens']}” ({int(stats['max_new_tokens']):,}) reached"
-    return "the token limit"
-
-
-def entry_html(index: int, entry: Entry) -> str:
-    return "".join(entry_chunks(index, entry))
-
-
-def entry_chunks(index: int, entry: Entry) -> list[str]:
-    """The entry's HTML as top-level tables (a bubble's prose, each code block, ...), in order."""
-    if entry.role == "notice":
-        color = colors()["error"] if entry.status == "error" else colors()["notice"]
-        return [
-            f'<table width="100%" cellpadding="8" cellspacing="0" bgcolor="{color}" '
-            f'style="margin-top:6px; margin-bottom:6px;"><tr><td>{plain_html(entry.content)}</td></tr>'
-            "</table>"
-        ]
-    user = entry.role == "user"
-    bg = colors()["error"] if entry.status == "error" else colors()["user" if user else "assistant"]
-    if user:
-        parts = [plain_html(entry.content)]
-    elif entry.content:
-        parts = markdown_html(entry.content, index, entry.copied_block, bg)
-    else:
-        parts = []
-    footer = _footer(index, entry)
-    if footer:
-        muted = colors()["muted"]
-        parts.append(f'<p style="margin:6px 0px 0px 0px; color:{muted}; font-size:small;">{footer}</p>')
-    # The bubble is a column of top-level tables, so a code block's long lines widen only its own.
-    sections: list[str] = [_header(index, entry)]
-    tables: list[str] = []
-    for part in parts:
-        if part.startswith(CODE_MARK):
-            if sections:
-                tables.append("".join(sections))
-                sections = []
-            tables.append(part)
-        else:
-            sections.append(part)
-    tables.append("".join(sections))
-    html_parts = []
-    for i, table in enumerate(tables):
-        if table.startswith(CODE_MARK):
-            html_parts.append(table)
-            continue
-        top = 6 if i == 0 else 0
-        bottom = 6 if i == len(tables) - 1 else 0
-        padding = "10" if table else "2"
-        html_parts.append(
-            f'<table width="100%" cellpadding="{padding}" cellspacing="0" border="0" bgcolor="{bg}" '
-            f'style="margin-top:{top}px; margin-bottom:{bottom}px;"><tr><td>{table}</td></tr></table>'
-        )
-    return html_parts
-
-
-def _header(index: int, entry: Entry) -> str:
-    """'You  Copy  Edit' / 'Assistant  Copy'."""
-    user = entry.role == "user"
-    muted = colors()["muted"]
-    name_color = colors()["user_name"] if user else colors()["assistant_name"]
-    copy = "Copied ✓" if entry.copied else "Copy"
-    link = f"color:{muted}; text-decoration:none;"
-    edit = f'&nbsp;&nbsp;<a href="edit:{index}" style="{link}">Edit</a>' if user and not entry.editing else ""
-    editing = (
-        f'&nbsp;&nbsp;<span style="color:{colors()["editing"]};">being edited below (Esc cancels)</span>'
-        if entry.editing
-        else ""
-    )
-    return (
-        f'<p style="margin:0px 0px 4px 0px;"><span style="color:{name_color}; font-weight:600;">'
-        f"{'You' if user else 'Assistant'}</span>"
-        f'&nbsp;&nbsp;<a href="copy:{index}" style="{link}">{copy}</a>{edit}{editing}</p>'
-    )
-
-
-def _footer(index: int, entry: Entry) -> str:
-    """The line under a message: its versions (‹ 2/3 ›), then the reply's figures or its state."""
-    user = entry.role == "user"
-    footer = ""
-    if entry.status == "streaming":
-        if entry.progress is not None and entry.progress[0] < entry.progress[1]:
-            footer = f"processing prompt {entry.progress[0]}/{entry.progress[1]}…"
-        else:
-            footer = "generating…" if entry.content else "waiting for the engine…"
-    elif not user:
-        footer = stats_line(entry.stats)
-        if entry.stats.get("error"):
-            footer += f"<br />{html.escape(str(entry.stats['error']))}"
-        elif entry.status == "partial" and "finish_reason" not in entry.stats:
-            n_tokens = f"{entry.stats['n_tokens']} tokens · " if entry.stats.get("n_tokens") else ""
-            footer = f"{n_tokens}interrupted (the app closed while this reply was generated)"
-    if entry.versions is None or entry.status == "streaming":
-        return footer
-    number, count = entry.versions
-    link = f"color:{colors()['user_name']}; text-decoration:none; font-weight:600;"
-    versions = (
-        f'<a href="version:{index}:-1" style="{link}">&nbsp;‹&nbsp;</a>{number}/{count}'
-        f'<a href="version:{index}:1" style="{link}">&nbsp;›&nbsp;</a>'
-    )
-    return f"{versions}&nbsp;&nbsp;{footer}" if footer else versions
 
 
 class TranscriptView(QTextBrowser):
@@ -327,7 +133,7 @@ class TranscriptView(QTextBrowser):
         self._entries = list(entries)
         parts = []
         for index, entry in enumerate(self._entries):
-            key = entry.cache_key()
+            key = cache_key(entry)
             cached = self._cache.get(index)
             if cached is None or cached[0] != key:
                 cached = (key, entry_chunks(index, entry))

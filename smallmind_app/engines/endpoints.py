@@ -31,6 +31,7 @@ from .. import paths
 log = logging.getLogger(__name__)
 
 LOCAL_ENGINE = "local"
+ENGINE_KEY = "engine"  # a conversation's engine, in its settings JSON ("local" or an endpoint id)
 KEYRING_SERVICE = "SmallMind"
 KEY_FILE_NAME = "api_keys.json"
 MAX_NAME_CHARS = 80

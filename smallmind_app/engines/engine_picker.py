@@ -11,7 +11,6 @@ from PySide6.QtWidgets import QComboBox, QSizePolicy, QWidget
 
 from .endpoints import LOCAL_ENGINE
 
-ENGINE_KEY = "engine"  # in a conversation's settings JSON
 MAX_WIDTH_PX = 360
 
 

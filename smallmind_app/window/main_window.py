@@ -39,7 +39,7 @@ from ..server.server_dialog import LocalServerDialog
 from ..settings.app_settings import AppSettings, SettingsError, save_settings
 from ..settings.dialog import SettingsDialog
 from ..settings.presets import PresetController
-from ..wording import LABELS, MiB, setting_problem
+from ..wording import MiB, setting_problem, tab_limit_lowered
 from ..worker.client import EngineClient
 from ..worker.downloads import default_model_description
 from ..worker.engine_options import validate_settings
@@ -676,12 +676,7 @@ class MainWindow(QMainWindow):
             self.settings_dialog.set_model_info(self.model_info)
         if new < old:
             setting = str(applied.get("limit_setting") or "")
-            cause = f", set by “{LABELS[setting.split('.', 1)[1]]}”" if setting else ""
-            self.statusBar().showMessage(
-                f"Each tab now holds at most {new:,} tokens (was {old:,}){cause}: longer conversations "
-                "leave out their oldest messages.",
-                20_000,
-            )
+            self.statusBar().showMessage(tab_limit_lowered(new, old, setting), 20_000)
 
     @Slot(str)
     def _on_worker_settings_rejected(self, message: str) -> None:

@@ -27,7 +27,7 @@ def wait_idle(qtbot: Any, *tabs: Any) -> None:
 
 def settled(tab: Any) -> bool:
     """No render waiting: what the view shows is the tab's current state."""
-    return not tab._render_pending
+    return not tab.render_pending
 
 
 def store_conversation(title: str, n_turns: int) -> str:
@@ -283,7 +283,7 @@ def test_tab_order_and_a_partial_replys_token_count_survive_a_restart(
     assert reopened is not None and titles(window) == ["C", "A", "D", "B"]
     tab = window.chat_tabs[1]
     send(tab, "Tell me a long story")
-    qtbot.waitUntil(lambda: tab._n_streamed > 20, timeout=REPLY_TIMEOUT_MS)
+    qtbot.waitUntil(lambda: tab.model.n_streamed > 20, timeout=REPLY_TIMEOUT_MS)
     window.close()  # quit during the reply
     kept = tab.entries[-1]
     assert kept.status == "partial" and kept.stats["n_tokens"] >= 20
