@@ -196,7 +196,7 @@ def test_a_remote_reply_and_a_local_one_run_side_by_side(
     write_settings(engines=(box,), sampling=LONG)
     window = make_window()
     window.api_keys.set(box.id, KEY)
-    window._send_endpoints()  # the key was stored after the window started
+    window.send_endpoints()  # the key was stored after the window started
     local_tab, remote_tab = window.chat_tabs[0], window.new_chat()
     pick(qtbot, remote_tab, "Box · app-tiny")
     before = served_chats(server)
@@ -221,7 +221,7 @@ def test_stop_ends_a_remote_reply_and_the_server_sees_it(
     write_settings(engines=(box,), default_engine=box.id, sampling=LONG)
     window = make_window()
     window.api_keys.set(box.id, KEY)
-    window._send_endpoints()
+    window.send_endpoints()
     tab = window.new_chat()
     assert tab.engine_picker.engine_id == box.id  # the default engine
     cancelled = served_chats(server, "cancelled")
