@@ -30,7 +30,6 @@ from .worker.engine_options import validate_settings
 
 log = logging.getLogger(__name__)
 
-STYLE_FILE = Path(__file__).resolve().parent / "resources" / "smallmind.qss"
 _app: QApplication | None = None  # keeps a QApplication made by create_window alive
 _error_boxes: list[QMessageBox] = []  # open unexpected-error dialogs (kept alive until closed)
 
@@ -113,8 +112,6 @@ def ensure_application(argv: Sequence[str] | None = None) -> QApplication:
     app.setWindowIcon(app_icon())
     app.setStyle("Fusion")
     gui_gc.install(app)  # cyclic garbage (closed dialogs' Qt objects) is collected on this thread only
-    if STYLE_FILE.is_file():
-        app.setStyleSheet(STYLE_FILE.read_text(encoding="utf-8"))
     return app
 
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 THEMES = ("light", "dark")
+CHOICES = {"system": "Follow system", "light": "Light", "dark": "Dark"}  # the setting's value -> shown label
 
 LIGHT: Mapping[str, str] = MappingProxyType(
     {
@@ -110,3 +111,10 @@ def set_current(name: str) -> None:
     if name not in _PALETTES:
         raise ValueError(f"unknown theme {name!r}: expected one of {', '.join(THEMES)}")
     _current = name
+
+
+def check_choice(choice: str) -> str:
+    """The ``theme`` setting: "system" (follow the system's color scheme), "light" or "dark"."""
+    if choice not in CHOICES:
+        raise ValueError(f"theme must be one of {', '.join(CHOICES)}, got {choice!r}")
+    return choice

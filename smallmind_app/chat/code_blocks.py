@@ -3,8 +3,8 @@ highlighted by Pygments, each with its language and a Copy link.
 
 A reply is split into parts at its fences (``split_markdown``): prose parts go through
 ``QTextDocument.setMarkdown`` (tables, lists, inline code styled here), code parts through Pygments
-with a light or a dark style chosen by ``theme.is_dark()``; every color comes from
-``theme.colors()``. Both conversions are cached per part (and per theme), so while a reply streams
+with a light or a dark style chosen by ``colors.is_dark()``; every color comes from
+``colors.colors()``. Both conversions are cached per part (and per theme), so while a reply streams
 only its last part is converted again. A code block is shown as tables of 16 lines: a block still
 growing is highlighted 16 lines at a time (each group cached), so a render converts and lays out only
 its last group; a finished block is highlighted whole once (its lines split into the same tables).

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 from PySide6.QtCore import QTimer
-from PySide6.QtGui import QColor, QTextCharFormat, QTextCursor, QTextDocument, QTextFrame
+from PySide6.QtGui import QColor, QTextCharFormat, QTextCursor, QTextDocument
 from PySide6.QtWidgets import QTextEdit
 
 from ..colors import colors
@@ -19,12 +19,6 @@ from .transcript import TranscriptView
 MARK_SHOWN_MS = 6000
 TOP_MARGIN_PX = 12
 _WORD = re.compile(r"\w+", re.UNICODE)
-
-
-def entry_frame(view: TranscriptView, index: int) -> QTextFrame | None:
-    """The first frame of entry ``index`` (its bubble's top)."""
-    frames = view.entry_frames(index)
-    return frames[0] if frames else None
 
 
 def show_entry(view: TranscriptView, index: int, words: str = "") -> list[QTextEdit.ExtraSelection]:

@@ -1,6 +1,6 @@
 """A small QPainter line plot of the recent values of one number (tokens/s, memory, batch size).
 
-Its frame, text and (given a theme color name instead of "#rrggbb") its line follow theme.colors().
+Its frame, text and (given a theme color name instead of "#rrggbb") its line follow colors.colors().
 """
 
 from __future__ import annotations

@@ -28,9 +28,9 @@ from PySide6.QtWidgets import (
 )
 
 from ..colors import colors
+from ..wording import MiB
 from .sparkline import Sparkline
 
-MiB = 1 << 20
 MIN_WIDTH = 300
 
 # objectName -> (label, what it means: the tooltip, also in the README)
@@ -102,7 +102,8 @@ TAB_ENGINE_STATS: dict[str, tuple[str, str]] = {
 DISK_STATS = ("statDiskSessions", "statDiskBytes", "statDiskHits")  # the disk tier's group
 
 
-def mib(n_bytes: float) -> str:
+def compact_mib(n_bytes: float) -> str:
+    """A size in about three digits for the dock's narrow rows (wording.mib gives two decimals)."""
     value = n_bytes / MiB
     return f"{value:,.0f} MiB" if value >= 100 else f"{value:,.1f} MiB" if value >= 1 else f"{value:,.2f} MiB"
 
@@ -186,8 +187,8 @@ class StatsDock(QDockWidget):
         set_text["statSessions"](f"{kv['current_sessions']}  ({kv['pinned_sessions']} generating)")
         limit = kv["max_bytes_total"]
         set_text["statMemory"](
-            f"{mib(kv['current_bytes'])} reserved of {mib(limit)}\n"
-            f"{mib(kv['used_bytes'])} used · peak {mib(kv['peak_bytes'])}"
+            f"{compact_mib(kv['current_bytes'])} reserved of {compact_mib(limit)}\n"
+            f"{compact_mib(kv['used_bytes'])} used · peak {compact_mib(kv['peak_bytes'])}"
         )
         self.memory_bar.setMaximum(1000)
         self.memory_bar.setValue(int(1000 * min(1.0, kv["current_bytes"] / limit)) if limit else 0)
@@ -249,7 +250,7 @@ class StatsDock(QDockWidget):
         problem = f"\n{failures} write{'s' * (failures != 1)} failed (see the log)" if failures else ""
         self.labels["statDiskSessions"].setText(f"{kv['disk_sessions']:,}")
         self.labels["statDiskBytes"].setText(
-            f"{mib(kv['disk_bytes'])} of {mib(kv['max_disk_bytes'])}{problem}"
+            f"{compact_mib(kv['disk_bytes'])} of {compact_mib(kv['max_disk_bytes'])}{problem}"
         )
         load = f" · last load {kv['disk_load_ms']:.0f} ms" if kv["disk_hits"] else ""
         self.labels["statDiskHits"].setText(

@@ -566,7 +566,7 @@ class ConversationStore:
         with self._transaction("mark interrupted replies") as db:
             return db.execute("UPDATE messages SET status = 'partial' WHERE status = 'streaming'").rowcount
 
-    # -- history: previews, pins, search (queries in history_index) ---------------------------------
+    # -- history: previews, pins, search (queries in search_index.py) ---------------------------------
 
     def history(self) -> list[ConversationSummary]:
         """Every conversation with a preview: pinned first, then the newest activity first."""

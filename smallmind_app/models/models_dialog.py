@@ -1,6 +1,6 @@
 """Tools → Models…: the downloadable models and the GGUF files at hand; download, accept a license, load.
 
-The rows are the plain dicts of ``worker.list_models`` (asked for with ``refresh_requested``, shown by
+The rows are the plain dicts of ``downloads.list_models`` (asked for with ``refresh_requested``, shown by
 ``set_models``). A download is the worker's (``engine.download.pull_model``: pip, join, SHA-256); this
 dialog only asks for it, shows its progress and lets the user cancel it. A model whose license must
 be accepted is downloaded only after the user pressed Accept in the license box (Cancel is the
@@ -95,7 +95,7 @@ class ModelsDialog(QDialog):
 
     # -- the list -------------------------------------------------------------------------------
     def set_models(self, rows: list[dict[str, Any]]) -> None:
-        """Show `rows` (``worker.list_models``), keeping the selection on the same path."""
+        """Show `rows` (``downloads.list_models``), keeping the selection on the same path."""
         selected = self.selected_row()
         self.model_list.clear()
         for row in rows:

@@ -3,7 +3,7 @@
 ``AppSettings`` holds the model path, the default system prompt and three sections of engine
 options (``kv_cache``, ``batching``, ``sampling``) as read-only mappings whose keys are the engine's
 option names; the names, defaults and types come from the engine's option dataclasses (through
-``worker.engine_options``, the app's one door to the engine), never declared here. This module
+``worker/engine_options.py``, beside the app's one door to the engine), never declared here. This module
 checks structure and JSON types only (unknown keys, a string where a number belongs); whether a
 value is in range is the engine's call, made by the worker.
 
@@ -29,9 +29,9 @@ from types import MappingProxyType
 from typing import Any
 
 from .. import paths
+from ..colors import check_choice
 from ..engines.endpoints import LOCAL_ENGINE, Endpoint, endpoints_from
 from ..paths import default_system_prompt
-from ..window.theme_manager import check_choice
 from ..worker.engine_options import engine_options
 from .presets import DEFAULT_PRESETS, check_presets
 

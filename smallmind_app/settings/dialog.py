@@ -1,6 +1,6 @@
 """The settings dialog: every KV cache, batching and sampling option, the model file, the default
 system prompt. Values are checked as they are typed (by the engine's own option classes, through
-``worker.validate_settings``); an invalid value disables OK and Apply and says why. Apply takes
+``worker.engine_options.validate_settings``); an invalid value disables OK and Apply and says why. Apply takes
 effect at once, without a restart.
 """
 
@@ -30,10 +30,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from ..colors import CHOICES as THEME_CHOICES
 from ..colors import colors
 from ..engines.engines_page import EnginesPage
 from ..models import first_run
-from ..window.theme_manager import CHOICES as THEME_CHOICES
 from ..wording import FIELD_NAMES, FIELDS, INT_MAX, MIB_RANGE, PAGES, SECTION_KEYS, MiB, mib, setting_problem
 from ..worker.engine_options import session_limits, validate_settings
 from .app_settings import AppSettings, default_system_prompt, section_defaults
@@ -247,7 +247,6 @@ class SettingsDialog(QDialog):
         clear = QPushButton("Clear", objectName="kvDiskClear")
         clear.setToolTip("Delete the K/V of every conversation saved on disk (the conversations stay)")
         clear.clicked.connect(self._on_disk_clear_clicked)
-        self.disk_clear_button = clear
         row = QHBoxLayout()
         row.addWidget(self.disk_usage, 1)
         row.addWidget(clear)

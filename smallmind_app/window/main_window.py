@@ -23,8 +23,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from .. import paths
 from ..chat.chat_settings_dialog import ChatSettingsDialog
 from ..chat.conversation_tabs import ConversationTabs
+from ..chat.preset_menu import PresetController
 from ..chat.tab import ChatTab
 from ..dock.stats_dock import StatsDock
 from ..engines.endpoints import LOCAL_ENGINE
@@ -38,7 +40,6 @@ from ..server.server_dialog import LocalServerDialog
 from ..settings import app_settings
 from ..settings.app_settings import AppSettings, SettingsError
 from ..settings.dialog import SettingsDialog
-from ..settings.presets import PresetController
 from ..wording import MiB, setting_problem, tab_limit_lowered
 from ..worker.client import EngineClient
 from ..worker.downloads import default_model_description
@@ -49,7 +50,6 @@ from .router import WorkerRouter
 from .theme_manager import ThemeManager
 
 log = logging.getLogger(__name__)
-MODEL_ENV = "SMALLMIND_MODEL"
 DOCK_SHARE, DOCK_WIDTH = 0.3, (300, 600)
 HISTORY_WIDTH = 290
 ICON_FILE = RESOURCES_DIR / "icon.png"
@@ -122,7 +122,9 @@ class MainWindow(QMainWindow):
         self.client.apply_settings(dict(self.settings.kv_cache), dict(self.settings.batching))
         self.send_endpoints()
         if model_path is None:
-            model_path = "" if os.environ.get(MODEL_ENV, "").strip() else (self.settings.model_path or "")
+            model_path = (
+                "" if os.environ.get(paths.MODEL_ENV, "").strip() else (self.settings.model_path or "")
+            )
         self.client.load_model(model_path)
         self.tabs.restore()
         if not self.tabs.count():

@@ -1,6 +1,7 @@
 """Applying a theme to the running app: light, dark, or following the system's color scheme.
 
-``theme.py`` holds the named colors; this module turns the chosen one into the app's ``QPalette``
+``colors.py`` holds the named colors of each theme (no Qt); this module turns the chosen one into the
+app's ``QPalette``
 (with the Fusion style, which draws every widget from the palette, so dark is dark on every
 platform) and tells the window (``theme_changed``) so that it re-renders what it painted with the old
 colors (transcripts, sparklines, the history list). "Follow the system" reads
@@ -15,11 +16,11 @@ from PySide6.QtCore import QObject, Qt, Signal, Slot
 from PySide6.QtGui import QColor, QGuiApplication, QPalette
 from PySide6.QtWidgets import QApplication
 
-from .. import colors as theme
+from .. import colors as palettes
+from ..colors import CHOICES, check_choice
 
 log = logging.getLogger(__name__)
 
-CHOICES = {"system": "Follow system", "light": "Light", "dark": "Dark"}  # saved value -> shown label
 
 _ROLES = {  # palette role -> theme color name
     QPalette.ColorRole.Window: "window",
@@ -46,12 +47,6 @@ _ROLES = {  # palette role -> theme color name
 _DISABLED = (QPalette.ColorRole.WindowText, QPalette.ColorRole.Text, QPalette.ColorRole.ButtonText)
 
 
-def check_choice(choice: str) -> str:
-    if choice not in CHOICES:
-        raise ValueError(f"theme must be one of {', '.join(CHOICES)}, got {choice!r}")
-    return choice
-
-
 def system_theme() -> str:
     """ "dark" when the system's color scheme is dark, else "light" (also when it is unknown)."""
     app = QGuiApplication.instance()
@@ -61,7 +56,7 @@ def system_theme() -> str:
 
 
 def palette_for(name: str) -> QPalette:
-    colors = theme.DARK if name == "dark" else theme.LIGHT
+    colors = palettes.DARK if name == "dark" else palettes.LIGHT
     palette = QPalette()
     for role, key in _ROLES.items():
         palette.setColor(role, QColor(colors[key]))
@@ -90,7 +85,7 @@ class ThemeManager(QObject):
 
     def apply(self, name: str) -> None:
         app = QApplication.instance()
-        theme.set_current(name)
+        palettes.set_current(name)
         if isinstance(app, QApplication):
             app.setPalette(palette_for(name))
         if name != self.name:

@@ -102,7 +102,7 @@ class EngineClient(QObject):
         self.download_requested.emit(key, accept_license)
 
     def list_models(self, known_paths: list[str]) -> None:
-        """The worker answers with ``models_listed`` (see ``worker.list_models``)."""
+        """The worker answers with ``models_listed`` (see ``downloads.list_models``)."""
         self.list_models_requested.emit(list(known_paths))
 
     def start_server(self, port: int, api_key: str = "") -> None:
@@ -115,7 +115,7 @@ class EngineClient(QObject):
         self.download_cancel_requested.emit()
 
     def set_endpoints(self, endpoints: list[dict[str, str]]) -> None:
-        """The remote engines (id, name, base_url, model, api_key); see ``worker.set_endpoints``."""
+        """The remote engines (id, name, base_url, model, api_key); see ``RemoteRequests.set_endpoints``."""
         self.endpoints_requested.emit(list(endpoints))
 
     def set_conversation_engine(self, conversation_id: str, engine_id: str) -> None:

@@ -20,12 +20,10 @@ from engine import (
     QueueFullError,
 )
 
-from ..wording import Problem, engine_problem, not_sent, too_long
+from ..wording import MiB, Problem, engine_problem, not_sent, too_long
 from .snapshots import result_dict
 
 log = logging.getLogger(__name__)
-
-MiB = 1 << 20
 
 
 def limit_setting(kv: KvCacheOptions, engine: BatchedInferenceEngine) -> str:

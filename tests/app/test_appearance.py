@@ -16,9 +16,10 @@ from PySide6.QtWidgets import QApplication, QComboBox, QInputDialog, QToolButton
 
 from smallmind_app import colors as theme
 from smallmind_app import desktop_entry
+from smallmind_app.chat.preset_menu import PresetMenu
 from smallmind_app.colors import DARK, LIGHT
 from smallmind_app.settings.app_settings import AppSettings, load_settings
-from smallmind_app.settings.presets import DEFAULT_PRESETS, PresetMenu
+from smallmind_app.settings.presets import DEFAULT_PRESETS
 from tests.fixtures.window import LONG, send, wait_idle, wait_text
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
