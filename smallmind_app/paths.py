@@ -33,7 +33,16 @@ __all__ = [
     "settings_file",
 ]
 
-RESOURCES_DIR = Path(__file__).resolve().parent / "resources"
+
+def _resources_dir() -> Path:
+    """The repository's top-level ``resources/``: installed by the wheel as ``smallmind_app/resources``
+    (pyproject.toml maps it there), read in place from a source checkout or an editable install."""
+    package = Path(__file__).resolve().parent
+    installed = package / "resources"
+    return installed if installed.is_dir() else package.parent / "resources"
+
+
+RESOURCES_DIR = _resources_dir()
 
 
 def kv_disk_dir() -> Path:

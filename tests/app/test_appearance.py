@@ -182,7 +182,7 @@ def test_desktop_entry_is_written_with_a_working_command_and_the_icon(
     program = section["Exec"].split()[0].strip('"')
     assert Path(program).is_file() and os.access(program, os.X_OK)
     assert icon.read_bytes() == desktop_entry.ICON_FILE.read_bytes() and b"<svg" in icon.read_bytes()
-    packaged = (REPO_ROOT / "smallmind_app" / "resources" / "smallmind.desktop").read_text(encoding="utf-8")
+    packaged = (REPO_ROOT / "resources" / "smallmind.desktop").read_text(encoding="utf-8")
     assert packaged == desktop_entry.entry_text(["smallmind"])  # the packagers' copy says the same
 
     removed = subprocess.run(

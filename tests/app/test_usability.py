@@ -506,8 +506,8 @@ def test_the_app_has_its_icon_and_the_readme_names_only_resources_that_exist(mak
 
     window = make_window()
     assert not window.windowIcon().isNull() and window.windowIcon().availableSizes()
-    readme = (RESOURCES_DIR.parent.parent / "README.md").read_text(encoding="utf-8")
-    line = next(line for line in readme.splitlines() if line.startswith("smallmind_app/resources/ "))
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    line = next(line for line in readme.splitlines() if line.startswith("resources/ "))
     named = re.findall(r"\b[\w-]+\.(?:svg|png|qss|txt|ico)\b", line) + (["*.qss"] if ".qss" in line else [])
     assert named and all((RESOURCES_DIR / name).is_file() for name in named), line
 
