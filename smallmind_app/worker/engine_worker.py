@@ -19,42 +19,20 @@ from typing import Any
 
 from PySide6.QtCore import QCoreApplication, QObject, Qt, QTimer, Signal, Slot
 
-from engine import (
-    BatchedInferenceEngine,
-    BatchingOptions,
-    EngineError,
-    GenerationEvent,
-    GenerationResult,
-    GgufFile,
-    InferenceOptions,
-    InMemoryRuntimeMetrics,
-    KvCacheOptions,
-    LruKvCacheStore,
-    Model,
-    ModelFileError,
-    ModelNotFoundError,
-    SessionId,
-    Tokenizer,
-    download,
-    kernels,
-)
-from engine.kv_disk import DiskKvTier
+from engine import GenerationEvent, GenerationResult
 
-from .. import paths, wording
+from .. import wording
 from ..wording import Problem
 from . import replies
 from .api_server import ApiServer
 from .downloads import ModelDownloads, list_models
-from .engine_options import with_disk_dir
-from .limits import finished_reply, limit_setting, refusal
+from .local_engine import LocalEngine, ModelLoadFailed, compiling_note, read_model, resolve_model
 from .remote_requests import RemoteRequests, probe_endpoint
 from .replies import Replies
-from .snapshots import model_info, stats_dict
 
 log = logging.getLogger(__name__)
 
 STATS_INTERVAL_MS = 250
-DISK_CLOSE_S = 20.0  # at shutdown, the KV sessions' writes to disk may take this long (then given up)
 
 
 class EngineWorker(QObject):
@@ -87,11 +65,7 @@ class EngineWorker(QObject):
 
     def __init__(self) -> None:
         super().__init__()
-        self._engine: BatchedInferenceEngine | None = None
-        self._model_path = ""
-        self._opened_paths: list[str] = []  # every model file loaded since the start, for list_models
-        self._kv = KvCacheOptions()
-        self._batching = BatchingOptions()
+        self.local = LocalEngine()  # the loaded model's engine and its options
         self._replies = Replies()
         self._remote = RemoteRequests()
         self._api = ApiServer()
@@ -144,11 +118,10 @@ class EngineWorker(QObject):
             if timer is not None:
                 timer.stop()
         self._downloads.stop()
-        if self._engine is not None:
-            self._engine.stop()
+        if self.local.engine is not None:
+            self.local.stop()
             self._flush(force=True)
-            self._engine.store.close(DISK_CLOSE_S)  # idle sessions to disk: warm after a restart
-            self._engine = None
+            self.local.close()  # idle sessions to disk: warm after a restart
         self._remote.stop()
         self._replies.clear()
         thread = self.thread()
@@ -162,13 +135,13 @@ class EngineWorker(QObject):
     @Slot(int, str)
     def start_server(self, port: int, api_key: str) -> None:
         """Serve this engine over the OpenAI-compatible API on 127.0.0.1:``port`` (``api_server``)."""
-        if self._engine is None:
+        if self.local.engine is None:
             self.server_stopped.emit("no model is loaded")
             return
         if self._api.running:
             self.stop_server()
         try:
-            url = self._api.start(self._engine, self._model_path, port, api_key)
+            url = self._api.start(self.local.engine, self.local.model_path, port, api_key)
         except (OSError, ValueError, RuntimeError) as exc:
             log.warning("the API server did not start on port %d: %s", port, exc)
             self.server_stopped.emit(f"could not start on port {port}: {exc}")
@@ -224,57 +197,30 @@ class EngineWorker(QObject):
     def load_model(self, path: str) -> None:
         """Load ``path`` ("" = $SMALLMIND_MODEL, else the installed default model) and start serving."""
         try:
-            resolved = download.resolve_model_path(path or None)
-        except ModelNotFoundError as exc:
-            if path:
-                self.model_load_failed.emit(path, "the file does not exist")
+            resolved = resolve_model(path)
+            self.model_loading.emit(resolved, compiling_note())
+            model, tokenizer = read_model(resolved)
+        except ModelLoadFailed as failed:
+            if failed.missing:
+                self.model_missing.emit(failed.reason)
             else:
-                self.model_missing.emit(str(exc))
+                self.model_load_failed.emit(failed.path, failed.reason)
             return
-        except ModelFileError as exc:
-            self.model_load_failed.emit(exc.path, exc.reason)
-            return
-        compiling = kernels.backend() == "numba" and not kernels.compiled_on_disk()
-        note = "compiling the kernels for this computer, once" if compiling else ""
-        self.model_loading.emit(str(resolved), note)
-        try:
-            gguf = GgufFile(resolved)
-            model = Model.from_gguf(gguf)
-            tokenizer = Tokenizer.from_gguf(gguf)
-        except ModelFileError as exc:
-            log.warning("cannot load %s: %s", resolved, exc.reason)
-            self.model_load_failed.emit(str(resolved), exc.reason)
-            return
-        except Exception as exc:  # an unreadable file may fail in many ways; report it, keep serving
-            log.exception("cannot load %s", resolved)
-            self.model_load_failed.emit(str(resolved), f"{type(exc).__name__}: {exc}")
-            return
-        self._replace_engine(model, tokenizer, str(resolved))
-
-    def _replace_engine(self, model: Model, tokenizer: Tokenizer, path: str) -> None:
-        if self._engine is not None:
-            self._engine.stop()  # requests of the old model fail with "the engine was stopped..."
+        if self.local.engine is not None:  # requests of the old model fail with "the engine was stopped"
+            self.local.stop()
             self._flush(force=True)
             self._replies.clear()
-            self._engine.store.close(DISK_CLOSE_S)  # its sessions to disk, for when it is loaded again
-        store = LruKvCacheStore(with_disk_dir(self._kv))
+            self.local.close()  # its sessions to disk, for when it is loaded again
         if self._api.running:  # the API server serves the engine it was started on: stop it first
             self.stop_server()
-        self._engine = BatchedInferenceEngine(
-            model, tokenizer, self._batching, store, InMemoryRuntimeMetrics()
-        )
-        self._engine.add_wakeup_listener(self._work_arrived.emit)  # queued: steps on this thread
-        self._model_path = path
-        if path not in self._opened_paths:
-            self._opened_paths.append(path)
+        self.local.start(model, tokenizer, resolved, self._work_arrived.emit)  # queued: steps here
         self.model_loaded.emit(self.model_info())
         self._emit_stats()
         if self._stats_timer is not None:
             self._stats_timer.start()
 
     def model_info(self) -> dict[str, Any]:
-        assert self._engine is not None
-        return model_info(self._engine, self._model_path, self._kv.dtype)
+        return self.local.model_info()
 
     # -- requests -------------------------------------------------------------------------------
     @Slot(str, list, dict)
@@ -283,46 +229,22 @@ class EngineWorker(QObject):
         if conversation_id in self._replies:
             self._refuse(conversation_id, Problem(wording.ALREADY_GENERATING))
             return
-        if self._remote.answers(conversation_id):
+        if self._remote.answers(conversation_id):  # a remote engine's events hop to this thread first
             on_event = partial(self._remote_event.emit, conversation_id)
-            sent = self._remote.submit(conversation_id, messages, sampling, on_event)
-            if isinstance(sent, Problem):
-                self._refuse(conversation_id, sent)
-            else:
-                self._replies.start(conversation_id, sent[0], sent[1].max_new_tokens)
+            started = self._remote.submit(conversation_id, messages, sampling, on_event)
+        else:
+            on_event = partial(self._replies.add, conversation_id)
+            started = self.local.submit(conversation_id, messages, sampling, on_event)
+        if isinstance(started, Problem):
+            self._refuse(conversation_id, started)
             return
-        if self._engine is None:
-            self._refuse(conversation_id, Problem(wording.NO_MODEL))
-            return
-        try:
-            options = InferenceOptions.from_dict(sampling)
-        except ValueError as exc:
-            self._refuse(conversation_id, Problem(wording.invalid_sampling(str(exc))))
-            return
-        try:
-            handle = self._engine.submit(
-                messages,
-                options,
-                session_id=SessionId(conversation_id),
-                on_event=partial(self._replies.add, conversation_id),
-            )
-        except (EngineError, ValueError) as exc:
-            log.info("request of %s refused: %s", conversation_id, exc)
-            self._refuse(conversation_id, refusal(exc, options.max_new_tokens, self._engine, self._kv))
-            return
-        self._replies.start(conversation_id, handle, options.max_new_tokens)
+        self._replies.start(conversation_id, *started)  # handle, max new tokens
         self._schedule()
 
-    def _limit_setting(self) -> str:
-        """The option that sets a tab's token limit now ("" when it is the model's context)."""
-        assert self._engine is not None
-        return limit_setting(self._kv, self._engine)
-
     def _finished_reply(self, conversation_id: str, result: GenerationResult) -> dict[str, Any]:
-        """A reply's result for the tab (``limits.finished_reply``): no local limits for a remote one."""
         max_new_tokens = self._replies.pop_max_new_tokens(conversation_id)
-        engine = None if self._engine is None or self._remote.finished(conversation_id) else self._engine
-        return finished_reply(conversation_id, result, max_new_tokens, engine, self._kv)
+        remote = self._remote.finished(conversation_id)
+        return self.local.finished_reply(conversation_id, result, max_new_tokens, remote)
 
     def _refuse(self, conversation_id: str, problem: Problem) -> None:
         info = {"setting": problem.setting, "suggested": problem.suggested}
@@ -331,10 +253,10 @@ class EngineWorker(QObject):
     @Slot(str, str)
     def count_tokens(self, conversation_id: str, text: str) -> None:
         """How many tokens the prompt box's text is (the tab shows it under the box)."""
-        if self._engine is not None:
-            n_tokens = len(self._engine.tokenizer.encode(text))
-            remote = self._remote.answers(conversation_id)  # a server's limit is its own: none shown
-            limit = 0 if remote else self._engine.session_token_limit()
+        if self.local.engine is not None:
+            n_tokens, limit = self.local.count_tokens(text)
+            if self._remote.answers(conversation_id):  # a server's limit is its own: none shown
+                limit = 0
             self.tokens_counted.emit(conversation_id, text, n_tokens, limit)
 
     @Slot(str)
@@ -356,53 +278,36 @@ class EngineWorker(QObject):
         if handle is not None:
             handle.cancel()
             self._schedule()
-        if self._engine is not None:
-            self._engine.store.remove(SessionId(conversation_id), to_disk=True)  # reopened: warm
+        if self.local.engine is not None:
+            self.local.remove_session(conversation_id)  # reopened: warm
             self._emit_stats()
 
     @Slot(list)
     def prefetch_sessions(self, conversation_ids: list) -> None:
         """Tabs were opened (at start, or reopened): their K/V files start coming into memory."""
-        if self._engine is not None:
-            for conversation_id in conversation_ids:
-                self._engine.store.prefetch(SessionId(conversation_id))
+        self.local.prefetch(conversation_ids)
 
     @Slot(str)
     def forget_session(self, conversation_id: str) -> None:
         """A deleted conversation: its KV session goes from memory and from the disk tier."""
         self.remove_session(conversation_id)
-        if self._engine is not None:
-            self._engine.store.forget(SessionId(conversation_id))
+        self.local.forget(conversation_id)
 
     @Slot()
     def clear_disk_cache(self) -> None:
         """Settings → Clear: delete every KV session file (the sessions in memory stay)."""
-        if self._engine is not None and self._engine.store.get_stats().disk_enabled:
-            self._engine.store.clear_disk()
-            self._engine.store.flush_disk()
+        if self.local.clear_disk():
             self._emit_stats()
-            return
-        options = with_disk_dir(self._kv)  # no model, or the tier is off: clear its folder all the same
-        tier = DiskKvTier(options.disk_dir or str(paths.kv_disk_dir()), options.max_disk_bytes)
-        tier.clear()
-        tier.close()
 
     @Slot(dict, dict)
     def apply_settings(self, kv: dict, batching: dict) -> None:
         """New KV cache and batching options, live; shrinking the byte budget evicts at once."""
         try:
-            kv_options = KvCacheOptions.from_dict(dict(kv))
-            batching_options = BatchingOptions.from_dict(dict(batching))
+            applied = self.local.apply(kv, batching)
         except ValueError as exc:
             self.settings_rejected.emit(str(exc))
             return
-        self._kv, self._batching = kv_options, batching_options
-        applied: dict[str, Any] = {"kv_cache": kv_options.to_dict(), "batching": batching_options.to_dict()}
-        if self._engine is not None:
-            self._engine.update_options(batching=batching_options, cache=with_disk_dir(kv_options))
-            applied["session_token_limit"] = self._engine.session_token_limit()
-            applied["limit_setting"] = self._limit_setting()
-            applied["bytes_per_token"] = self._engine.model.kv_shape(kv_options.dtype).bytes_per_token
+        if self.local.engine is not None:
             self._emit_stats()
             self._schedule()
         self.settings_applied.emit(applied)
@@ -412,7 +317,8 @@ class EngineWorker(QObject):
         """Step now (zero-interval timer), after the batch wait (single shot), or not at all (idle)."""
         if self._step_timer is None or self._wait_timer is None:
             return
-        wait = self._engine.seconds_until_ready() if self._engine is not None else None
+        engine = self.local.engine
+        wait = engine.seconds_until_ready() if engine is not None else None
         if wait is None:
             self._step_timer.stop()
             self._wait_timer.stop()
@@ -427,7 +333,7 @@ class EngineWorker(QObject):
 
     @Slot()
     def _run_step(self) -> None:
-        engine = self._engine
+        engine = self.local.engine
         if engine is None:
             self._schedule()
             return
@@ -457,10 +363,8 @@ class EngineWorker(QObject):
     def _emit_stats(self) -> None:
         if self._remote:
             self.remote_stats_updated.emit(self._remote.stats())
-        if self._engine is not None:
-            stats = stats_dict(self._engine)
-            for session in stats["sessions"]:  # a reply queued for it: it is not the next to be evicted
-                session["waiting"] = not session["pinned"] and session["session_id"] in self._replies
+        stats = self.local.stats(set(self._replies.handles))
+        if stats is not None:
             if (api := self._api.stats()) is not None:  # the in-app API server: plain values for the dock
                 stats["api"] = api
             self.stats_updated.emit(stats)
@@ -470,8 +374,8 @@ class EngineWorker(QObject):
     def list_models(self, known_paths: list) -> None:
         """Emit ``models_listed``: the catalog, then the other GGUF files (`known_paths`, those loaded
         since the start, the models directory's)."""
-        loaded = self._model_path if self._engine else ""
-        self.models_listed.emit(list_models([*known_paths, *self._opened_paths], loaded))
+        loaded = self.local.loaded_path()
+        self.models_listed.emit(list_models([*known_paths, *self.local.opened_paths], loaded))
 
     @Slot(str, bool)
     def start_download(self, key: str = "", accept_license: bool = False) -> None:

@@ -76,8 +76,8 @@ class RemoteRequests:
         messages: list,
         sampling: dict,
         on_event: Callable[[GenerationEvent], None],
-    ) -> tuple[RemoteRequestHandle, InferenceOptions] | Problem:
-        """Send the reply to the conversation's server; the handle and options, or why not."""
+    ) -> tuple[RemoteRequestHandle, int] | Problem:
+        """Send the reply to the conversation's server; its handle and max new tokens, or why not."""
         endpoint_id = self._endpoint_of[conversation_id]
         remote = self._remotes.get(endpoint_id)
         if remote is None:
@@ -89,7 +89,7 @@ class RemoteRequests:
             log.info("request of %s refused: %s", conversation_id, exc)
             return Problem(f"Not sent: {exc}")
         self._requests[conversation_id] = endpoint_id
-        return handle, options
+        return handle, options.max_new_tokens
 
     def is_current(self, handle: Any, event: GenerationEvent) -> bool:
         """Whether a remote event belongs to the conversation's running request (not one given up)."""

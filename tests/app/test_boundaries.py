@@ -30,6 +30,7 @@ QT_FREE = [
     "smallmind_app.engines.endpoints",
     "smallmind_app.engines.engine_keys",
     "smallmind_app.worker.engine_options",
+    "smallmind_app.worker.local_engine",
     "smallmind_app.worker.replies",
     "smallmind_app.worker.limits",
     "smallmind_app.worker.remote_requests",

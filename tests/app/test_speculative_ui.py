@@ -25,7 +25,7 @@ def test_drafting_settings_apply_live_and_are_saved(qtbot: Any, make_window: Any
         dialog.ok_button.click()
     assert applied.args[0]["batching"]["draft_tokens"] == 3
     assert applied.args[0]["batching"]["speculative"] is False
-    engine = window.client.worker._engine
+    engine = window.client.worker.local.engine
     assert engine.batching_options.draft_tokens == 3 and not engine.batching_options.speculative
     assert window.settings.batching["draft_tokens"] == 3 and window.settings.batching["speculative"] is False
     tab = window.chat_tabs[0]
@@ -43,7 +43,7 @@ def test_dock_and_footer_show_tokens_per_step(qtbot: Any, make_window: Any, writ
     send(tab, "one two three one two three one two three")
     wait_idle(qtbot, tab)
     reply = tab.entries[-1]
-    metrics = window.client.worker._engine.metrics.snapshot()
+    metrics = window.client.worker.local.engine.metrics.snapshot()
     assert metrics.drafted_tokens > 0
     assert reply.stats["tokens_per_step"] > 1.0  # the one reply: its steps are the engine's
     assert abs(reply.stats["tokens_per_step"] - metrics.mean_accepted_length) < 1e-9

@@ -132,7 +132,7 @@ def test_a_failed_reply_says_why_in_the_users_words_and_opens_settings_at_the_fi
     budget = {"max_bytes_total": per_token * 400, "max_bytes_per_session": per_token * 30}
     window.apply_settings(window.settings.with_changes(kv_cache=budget))
     tab = window.chat_tabs[0]
-    with caplog.at_level(logging.INFO, logger="smallmind_app.worker.engine_worker"):
+    with caplog.at_level(logging.INFO, logger="smallmind_app.worker"):
         send(tab, "Tell me a long story about a dragon who guards a library in the mountains, please")
         wait_idle(qtbot, tab)
     shown = tab.transcript.toPlainText() + tab.status_label.text()
