@@ -12,17 +12,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from PySide6.QtCore import Qt, QTimer, Signal, Slot
+from PySide6.QtCore import QTimer, Signal, Slot
 from PySide6.QtGui import QResizeEvent, QShowEvent, QTextCursor
 from PySide6.QtWidgets import QFileDialog, QWidget
 
 from ..history.store import Conversation, ConversationStore, Message
-from ..wording import limit_reached, problem_buttons, short_status, tab_limit
+from ..wording import limit_reached, short_status, tab_limit
 from .conversation_model import ConversationModel, Entry
+from .tab_controls import ProblemOffer, SystemPromptEditor
 from .tab_widgets import TabWidgets, overrides_summary
 
 RENDER_DELAY_MS = 60  # a streaming reply is re-rendered at most ~16 times a second
-SYSTEM_PROMPT_SAVE_DELAY_MS = 600
 
 
 class ChatTab(TabWidgets):
@@ -49,20 +49,20 @@ class ChatTab(TabWidgets):
         self.render_pending = False  # a render waits for its timer (or for the tab to be shown)
         self._editing: str | None = None  # the draft the prompt box held before an edit began
         self._engine_choices: list[tuple[str, str]] = []
-        self._problem: tuple[str, int | None] = ("", None)  # the setting to change, a value that would do
-        self._system_save = QTimer(self, interval=SYSTEM_PROMPT_SAVE_DELAY_MS)
-        self._system_save.setSingleShot(True)
-        self._system_save.timeout.connect(self._save_system_prompt)
+        self.system_prompt_editor = SystemPromptEditor(self.system_toggle, self.system_edit, self)
+        self.problem = ProblemOffer(self.fix_button, self.raise_button, self)
         self._connect()
-        self._show_problem("", None)
-        self._update_system_toggle()
         self._update_settings_button()
         self._update_buttons()
         self.render_now()
 
     def _connect(self) -> None:
-        self.system_toggle.toggled.connect(self._on_system_toggle_toggled)
-        self.system_edit.textChanged.connect(self._on_system_edit_changed)
+        self.system_prompt_editor.edited.connect(self._on_system_prompt_editor_edited)
+        self.system_prompt_editor.save_due.connect(self._on_system_prompt_editor_save_due)
+        self.problem.settings_wanted.connect(self.settings_requested)
+        self.problem.raise_wanted.connect(
+            lambda setting, value: self.setting_change_requested.emit(self.conversation_id, setting, value)
+        )
         self.settings_button.clicked.connect(lambda: self.chat_settings_requested.emit(self.conversation_id))
         self.engine_picker.engine_picked.connect(self.set_engine)
         self.transcript.copied.connect(lambda _index: self.status_label.setText("Copied to the clipboard."))
@@ -89,8 +89,6 @@ class ChatTab(TabWidgets):
         self.stop_button.clicked.connect(self.stop)
         self.regenerate_button.clicked.connect(self.regenerate)
         self.edit_button.clicked.connect(self.edit_last)
-        self.fix_button.clicked.connect(lambda: self.settings_requested.emit(self._problem[0]))
-        self.raise_button.clicked.connect(self._on_raise_button_clicked)
 
     # -- the model's state, as the window and tests read it ------------------------------------------
     @property
@@ -189,7 +187,7 @@ class ChatTab(TabWidgets):
         if self._editing is not None:  # the edit is committed: a new version of the edited message
             edited = self._end_edit()
             self.model.commit_edit(edited)
-        self._show_problem("", None)
+        self.problem.show("", None)
         if self.model.add_user_message(text):
             self.first_message_sent.emit(self.conversation_id, text)
         self.prompt_edit.clear()
@@ -207,7 +205,7 @@ class ChatTab(TabWidgets):
         """Drop the last reply (if any) after the last user message and generate it again."""
         if self.is_generating or not self.model.regenerate():  # the old reply stays a version (‹ 2/2 ›)
             return
-        self._show_problem("", None)
+        self.problem.show("", None)
         self._request_reply()
 
     @Slot()
@@ -322,7 +320,7 @@ class ChatTab(TabWidgets):
         self._busy_changed()
         if stats.get("error"):
             self._set_status(f"The reply failed: {stats['error']}")
-            self._show_problem(str(result.get("error_setting") or ""), None)
+            self.problem.show(str(result.get("error_setting") or ""), None)
         elif stats["context_trimmed"]:
             self.status_label.setText(f"Older messages were left out to fit {tab_limit(stats)}.")
         elif stats["finish_reason"] == "length":
@@ -341,26 +339,7 @@ class ChatTab(TabWidgets):
         self.render_now()
         self._set_status(message)
         info = info or {}
-        self._show_problem(str(info.get("setting") or ""), info.get("suggested"))
-
-    def _show_problem(self, setting: str, suggested: int | None) -> None:
-        """Offer the buttons that fix the last problem: open Settings at ``setting``, or raise it."""
-        self._problem = (setting, suggested)
-        (fix_text, fix_tip), raise_texts = problem_buttons(setting, suggested)
-        self.fix_button.setText(fix_text)
-        self.fix_button.setToolTip(fix_tip)
-        self.fix_button.setVisible(bool(setting))
-        if raise_texts is not None:
-            self.raise_button.setText(raise_texts[0])
-            self.raise_button.setToolTip(raise_texts[1])
-        self.raise_button.setVisible(bool(setting and suggested))
-
-    @Slot()
-    def _on_raise_button_clicked(self) -> None:
-        setting, suggested = self._problem
-        if setting and suggested:
-            self._show_problem("", None)
-            self.setting_change_requested.emit(self.conversation_id, setting, int(suggested))
+        self.problem.show(str(info.get("setting") or ""), info.get("suggested"))
 
     def _set_status(self, text: str) -> None:
         """A long message in one line beside the buttons (all of it in the tooltip and the transcript)."""
@@ -374,9 +353,7 @@ class ChatTab(TabWidgets):
 
     def save_pending(self) -> None:
         """Write what waits for a timer (the system prompt being typed): the tab closes or the app quits."""
-        if self._system_save.isActive():
-            self._system_save.stop()
-            self._save_system_prompt()
+        self.system_prompt_editor.flush()
         self.model.catch_up()
 
     def save_partial_now(self) -> None:
@@ -389,29 +366,14 @@ class ChatTab(TabWidgets):
             self.schedule_render()  # the notice that says so
 
     # -- the system prompt and the chat's settings -------------------------------------------------
-    @Slot()
-    def _on_system_edit_changed(self) -> None:
-        self.model.system_prompt = self.system_edit.toPlainText()
-        self._update_system_toggle()
-        self._system_save.start()
+    @Slot(str)
+    def _on_system_prompt_editor_edited(self, text: str) -> None:
+        self.model.system_prompt = text  # used from the next reply on
 
     @Slot()
-    def _save_system_prompt(self) -> None:
+    def _on_system_prompt_editor_save_due(self) -> None:
         self.model.save_system_prompt()
-        self.schedule_render()
-
-    @Slot(bool)
-    def _on_system_toggle_toggled(self, shown: bool) -> None:
-        self.system_edit.setVisible(shown)
-        self.system_toggle.setArrowType(Qt.ArrowType.DownArrow if shown else Qt.ArrowType.RightArrow)
-        if shown:
-            self.system_edit.setFocus()
-
-    def _update_system_toggle(self) -> None:
-        text = " ".join(self.system_prompt.split()) or "(none)"
-        short = text if len(text) <= 90 else text[:87] + "…"
-        self.system_toggle.setText(f"System prompt: {short}")
-        self.system_toggle.setToolTip("Show or edit this conversation's system prompt")
+        self.schedule_render()  # a failed write adds a notice
 
     def _update_settings_button(self) -> None:
         summary = overrides_summary(self.sampling_overrides)
