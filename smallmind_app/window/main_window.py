@@ -16,10 +16,8 @@ from PySide6.QtCore import QCoreApplication, Qt, Slot
 from PySide6.QtGui import QCloseEvent, QIcon, QResizeEvent
 from PySide6.QtWidgets import (
     QFileDialog,
-    QLabel,
     QMainWindow,
     QMessageBox,
-    QProgressBar,
     QWidget,
 )
 
@@ -40,12 +38,12 @@ from ..server.server_dialog import LocalServerDialog
 from ..settings import app_settings
 from ..settings.app_settings import AppSettings, SettingsError
 from ..settings.dialog import SettingsDialog
-from ..wording import MiB, setting_problem, tab_limit_lowered
+from ..wording import MiB, setting_problem
 from ..worker.client import EngineClient
-from ..worker.downloads import default_model_description
 from ..worker.engine_options import validate_settings
 from .dialogs import WindowDialogs
 from .menus import build_menus
+from .model_status import ModelStatus
 from .router import WorkerRouter
 from .theme_manager import ThemeManager
 
@@ -69,7 +67,6 @@ class MainWindow(QMainWindow):
         self.settings = settings
         self.store = store
         self.client = client
-        self.model_info: dict[str, Any] = {}
         self.error_dialog: QMessageBox | None = None
         self.closed = False
         self.engine_keys = EngineKeys()  # Settings → Engines: the endpoints' keys (keyring, or a 0600 file)
@@ -97,7 +94,8 @@ class MainWindow(QMainWindow):
         self.theme = ThemeManager(settings.theme, self)
         self.theme.theme_changed.connect(self._on_theme_theme_changed)
         self.theme.set_choice(settings.theme)
-        self._build_status_bar()
+        self.model_status = ModelStatus(self)  # the status bar
+        self.model_label = self.model_status.label
         self.router = WorkerRouter(self)
         self.tabs.currentChanged.connect(self.router.show_tab_engine)
         app = QCoreApplication.instance()
@@ -105,16 +103,6 @@ class MainWindow(QMainWindow):
             app.aboutToQuit.connect(self._shutdown)
 
     # -- construction ---------------------------------------------------------------------------
-    def _build_status_bar(self) -> None:
-        self.model_label = QLabel("No model loaded", objectName="modelStatus")
-        self.busy_label = QLabel(objectName="busyStatus")
-        self.load_bar = QProgressBar(objectName="modelLoadProgress", maximumWidth=160, maximumHeight=14)
-        self.load_bar.setRange(0, 0)
-        self.load_bar.setVisible(False)
-        bar = self.statusBar()
-        bar.addWidget(self.model_label)
-        bar.addWidget(self.load_bar)
-        bar.addPermanentWidget(self.busy_label)
 
     def start(self, model_path: str | None = None) -> None:
         """Start the worker, load the model (on the worker), restore the open conversations."""
@@ -130,6 +118,11 @@ class MainWindow(QMainWindow):
         if not self.tabs.count():
             self.new_chat()
         self.history.refresh()
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        """The running model's ``model_info`` (empty before one is loaded): see ``ModelStatus``."""
+        return self.model_status.info
 
     # -- dialogs (``dialogs.WindowDialogs``) ---------------------------------------------------------
     @property
@@ -196,7 +189,7 @@ class MainWindow(QMainWindow):
     @Slot(str)
     def _on_tabs_tab_closed(self, conversation_id: str) -> None:
         self.client.remove_session(conversation_id)  # also stops its reply
-        self._update_busy()
+        self.model_status.update_busy()
         if not self.tabs.count() and not self.closed:
             self.new_chat()
 
@@ -259,11 +252,7 @@ class MainWindow(QMainWindow):
 
     @Slot(str, bool)
     def _on_tab_busy_changed(self, _conversation_id: str, _busy: bool) -> None:
-        self._update_busy()
-
-    def _update_busy(self) -> None:
-        n = sum(tab.is_generating for tab in self.tabs.chat_tabs)
-        self.busy_label.setText(f"{n} tab{'s' * (n != 1)} generating" if n else "")
+        self.model_status.update_busy()
 
     @Slot(str, str, int)
     def _on_tab_setting_change_requested(self, conversation_id: str, setting: str, value: int) -> None:
@@ -284,53 +273,6 @@ class MainWindow(QMainWindow):
         if (tab := self.tabs.tab_for(conversation_id)) is not None:
             tab.regenerate()
 
-    # -- model ----------------------------------------------------------------------------------
-    @Slot(str, str)
-    def show_model_loading(self, path: str, note: str) -> None:
-        self.model_label.setText(f"Loading {Path(path).name}…" + (f" ({note})" if note else ""))
-        self.load_bar.setVisible(True)
-
-    @Slot(dict)
-    def show_model(self, info: dict) -> None:
-        self.model_info = dict(info)
-        self.load_bar.setVisible(False)
-        name = Path(info["file_name"]).stem
-        self._show_model_label()
-        self.model_label.setToolTip(f"{info['name']}\n{info['path']}")
-        self.setWindowTitle(f"SmallMind — {name}")
-        if self.settings_dialog is not None:
-            self.settings_dialog.set_model_info(info)
-        if self.models_dialog is not None:
-            self.models_dialog.show_load_result(f"Running {info['file_name']}.")
-        self.dialogs.refresh_models()
-        self._refresh_engine_choices()  # the local engine's entry names the model
-        self.client.prefetch_sessions([tab.conversation_id for tab in self.chat_tabs])  # tabs restored
-
-    @Slot(str, str)
-    def show_model_load_failed(self, path: str, reason: str) -> None:
-        self.load_bar.setVisible(False)
-        if not self.model_info:
-            self.model_label.setText("No model loaded")
-        if self.models_dialog is not None:
-            self.models_dialog.show_load_result(f"Could not load {Path(path).name}: {reason}", error=True)
-        self.dialogs.refresh_models()
-        self.show_error(
-            "Cannot load the model",
-            f"The model file {path} cannot be used:\n\n{reason}",
-            name="modelErrorDialog",
-        )
-
-    @Slot(str)
-    def ask_for_model(self, message: str) -> None:
-        self.model_label.setText("No model loaded")
-        reason = message.split(" Run `")[0]  # the command-line hints do not apply here
-        dialog = FirstRunDialog(default_model_description(), reason, self)
-        dialog.download_requested.connect(self.client.start_download)
-        dialog.download_cancel_requested.connect(self.client.cancel_download)
-        dialog.model_file_chosen.connect(self.use_model_file)
-        self.dialogs.first_run_dialog = dialog
-        dialog.open()
-
     @Slot(str)
     def use_model_file(self, path: str) -> None:
         """The user picked a GGUF file: remember it and load it."""
@@ -347,7 +289,7 @@ class MainWindow(QMainWindow):
         """The endpoints of the settings, with their keys, to the worker (which makes their engines)."""
         self.client.set_endpoints(self.engine_keys.endpoints_with_keys(self.settings.engines))
 
-    def _refresh_engine_choices(self) -> None:
+    def refresh_engine_choices(self) -> None:
         choices = self.engine_choices()
         for tab in self.chat_tabs:
             self.client.set_conversation_engine(tab.conversation_id, tab.set_engine_choices(choices))
@@ -369,7 +311,7 @@ class MainWindow(QMainWindow):
         ) or self.engine_keys.changed:
             self.engine_keys.changed = False
             self.send_endpoints()
-            self._refresh_engine_choices()
+            self.refresh_engine_choices()
         if settings.theme != self.theme.choice:
             self.theme.set_choice(settings.theme)
 
@@ -379,29 +321,6 @@ class MainWindow(QMainWindow):
             app_settings.save_settings(settings)
         except SettingsError as exc:
             self.show_error("Settings not saved", f"{exc}\nThey apply until SmallMind closes.")
-
-    def _show_model_label(self) -> None:
-        info = self.model_info
-        base = " · base model: it continues your text, it was not trained to follow instructions"
-        self.model_label.setText(
-            f"{Path(info['file_name']).stem} · {info['n_layers']} layers · "
-            f"context {info['context_length']:,} · {info['session_token_limit']:,} tokens per tab"
-            + (base if info.get("base_model") else "")
-        )
-
-    @Slot(dict)
-    def show_applied_settings(self, applied: dict) -> None:
-        """The status bar shows the new limit at once; a lower one is said (longer chats get trimmed)."""
-        if not self.model_info or "session_token_limit" not in applied:
-            return
-        old, new = self.model_info["session_token_limit"], applied["session_token_limit"]
-        self.model_info.update(session_token_limit=new, bytes_per_token=applied["bytes_per_token"])
-        self._show_model_label()
-        if self.settings_dialog is not None:
-            self.settings_dialog.set_model_info(self.model_info)
-        if new < old:
-            setting = str(applied.get("limit_setting") or "")
-            self.statusBar().showMessage(tab_limit_lowered(new, old, setting), 20_000)
 
     @Slot(str)
     def show_settings_rejected(self, message: str) -> None:

@@ -44,11 +44,11 @@ class WorkerRouter(QObject):
         w.endpoint_tested.connect(self._on_worker_endpoint_tested)
         w.server_started.connect(self._on_worker_server_started)
         w.server_stopped.connect(self._on_worker_server_stopped)
-        w.model_loading.connect(window.show_model_loading)
-        w.model_loaded.connect(window.show_model)
-        w.model_load_failed.connect(window.show_model_load_failed)
-        w.model_missing.connect(window.ask_for_model)
-        w.settings_applied.connect(window.show_applied_settings)
+        w.model_loading.connect(window.model_status.show_loading)
+        w.model_loaded.connect(window.model_status.show_loaded)
+        w.model_load_failed.connect(window.model_status.show_load_failed)
+        w.model_missing.connect(window.model_status.show_missing)
+        w.settings_applied.connect(window.model_status.show_applied)
         w.settings_rejected.connect(window.show_settings_rejected)
 
     def connect_tab(self, tab: ChatTab) -> None:
