@@ -22,7 +22,8 @@ from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import QApplication, QMessageBox
 
 from . import gui_gc, paths
-from .history.store import ConversationStore, StoreCorruptError, StoreError, move_aside
+from .history.records import StoreCorruptError, StoreError
+from .history.store import ConversationStore, move_aside
 from .settings.app_settings import AppSettings, load_settings
 from .window.main_window import MainWindow, app_icon
 from .worker.client import EngineClient

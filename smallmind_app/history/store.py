@@ -20,184 +20,43 @@ chosen one. ``messages()`` is the chosen thread; ``start_version`` keeps a messa
 as an older version before its new one is added; ``select_version`` switches; ``version_info`` says
 which messages have versions. ``replace_messages`` stores one thread (the versions are dropped).
 
-The schema version is ``PRAGMA user_version``; ``_MIGRATIONS[n]`` takes version n to n + 1.
+The tables and their migrations: ``schema.py``; the version tree's SQL: ``message_versions.py``;
+the rows as records and the errors: ``records.py``; the history's search: ``search_index.py``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from .. import paths
 from ..paths import default_system_prompt
-from . import search_index
+from . import message_versions, schema, search_index
+from .records import (
+    Conversation,
+    Message,
+    StoreError,
+    check_choice,
+    conversation_from,
+    message_from,
+    store_error,
+    to_json,
+)
+from .schema import ROLES, STATUSES
 from .search_index import ConversationSummary, SearchHit
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant")
-STATUSES = ("complete", "partial", "streaming", "error")
 WAL_SUFFIXES = ("-wal", "-shm")
 BUSY_TIMEOUT_S = 5.0
-
-
-class StoreError(Exception):
-    """The database could not be opened, read or written; the message is meant for the user."""
-
-
-class StoreCorruptError(StoreError):
-    """The file is not a SQLite database or is damaged; `move_aside` it and start a new one."""
-
-
-@dataclass(frozen=True, slots=True)
-class Conversation:
-    id: str  # uuid4 hex; also the engine's KV-cache session id
-    title: str
-    system_prompt: str
-    settings: Mapping[str, Any]  # per-tab sampling overrides
-    position: int  # tab order, 0 first
-    created_at: float  # seconds since the epoch
-    updated_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    id: int  # never reused, so a stale id cannot hit a newer message
-    conversation_id: str
-    role: str
-    content: str
-    status: str
-    stats: Mapping[str, Any]  # n_tokens, tokens_per_s, ttft_ms, reused_tokens, finish_reason, ...
-    created_at: float
-
-
-def _create_v1(db: sqlite3.Connection) -> None:
-    db.execute(
-        """CREATE TABLE conversations (
-            id TEXT PRIMARY KEY,
-            title TEXT NOT NULL,
-            system_prompt TEXT NOT NULL,
-            settings_json TEXT NOT NULL DEFAULT '{}',
-            position INTEGER NOT NULL,
-            created_at REAL NOT NULL,
-            updated_at REAL NOT NULL)"""
-    )
-    db.execute(
-        f"""CREATE TABLE messages (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
-            role TEXT NOT NULL CHECK (role IN {ROLES}),
-            content TEXT NOT NULL,
-            status TEXT NOT NULL CHECK (status IN {STATUSES}),
-            stats_json TEXT NOT NULL DEFAULT '{{}}',
-            created_at REAL NOT NULL)"""
-    )
-    db.execute("CREATE INDEX messages_by_conversation ON messages (conversation_id, id)")
-
-
-def _add_message_versions(db: sqlite3.Connection) -> None:
-    """Versions: every message points to the one it follows (``parent_id``); messages with the same
-    parent are versions of each other (a regenerated reply, an edited question) and ``active`` marks
-    the chosen one. An old database's messages become one thread, each following the one before."""
-    db.execute("ALTER TABLE messages ADD COLUMN parent_id INTEGER")
-    db.execute("ALTER TABLE messages ADD COLUMN active INTEGER NOT NULL DEFAULT 1")
-    db.execute(
-        """UPDATE messages SET parent_id = (
-            SELECT MAX(p.id) FROM messages p WHERE p.conversation_id = messages.conversation_id
-            AND p.id < messages.id)"""
-    )
-    db.execute("CREATE INDEX messages_by_parent ON messages (parent_id, conversation_id)")
-
-
-_MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
-    _create_v1,
-    search_index.add_search_index,  # full-text search of titles and messages (FTS5), pins
-    _add_message_versions,  # regenerated replies and edited messages kept as versions
-]
-SCHEMA_VERSION = len(_MIGRATIONS)
-
-
-def _reason(exc: sqlite3.Error) -> str:
-    """The user-facing reason for a SQLite error, from its error code."""
-    name = getattr(exc, "sqlite_errorname", "")
-    if name == "SQLITE_FULL":
-        return "the disk is full"
-    if name.startswith("SQLITE_READONLY"):
-        return "the database file or its folder is read-only"
-    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-        return "the database is locked by another program (is SmallMind already running?)"
-    if name.startswith("SQLITE_CANTOPEN"):
-        return "the file cannot be opened (check that its folder exists and is writable)"
-    if name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
-        return "it is not a SQLite database or it is damaged"
-    if name.startswith("SQLITE_IOERR"):
-        return f"a disk input/output error ({exc})"
-    return str(exc)
-
-
-def _store_error(action: str, path: Path, exc: sqlite3.Error) -> StoreError:
-    name = getattr(exc, "sqlite_errorname", "")
-    cls = StoreCorruptError if name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")) else StoreError
-    return cls(f"cannot {action}: {_reason(exc)} ({path})")
-
-
-def _json(value: Mapping[str, Any] | None, name: str) -> str:
-    try:
-        return json.dumps(dict(value or {}), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be a JSON object of plain values, got {value!r}: {exc}") from exc
-
-
-def _conversation(row: sqlite3.Row) -> Conversation:
-    values = dict(row)  # the column names are the field names, but for the JSON column
-    settings = MappingProxyType(json.loads(values.pop("settings_json")))
-    return Conversation(**values, settings=settings)
-
-
-def _message(row: sqlite3.Row) -> Message:
-    values = dict(row)
-    values.pop("parent_id", None)  # the version tree is read through thread() and version_info()
-    values.pop("active", None)
-    stats = MappingProxyType(json.loads(values.pop("stats_json")))
-    return Message(**values, stats=stats)
-
-
-# The chosen thread of conversation ?: the chosen first message, then the chosen follower of each.
-_THREAD = (
-    "thread(id) AS (SELECT id FROM messages WHERE conversation_id = ? AND parent_id IS NULL AND active "
-    "UNION ALL SELECT m.id FROM messages m JOIN thread t ON m.parent_id = t.id WHERE m.active)"
-)
-
-
-def _thread_ids(db: sqlite3.Connection, conversation_id: str) -> list[int]:
-    rows = db.execute(f"WITH RECURSIVE {_THREAD} SELECT id FROM thread ORDER BY id", (conversation_id,))
-    return [row[0] for row in rows]
-
-
-def _owned(db: sqlite3.Connection, conversation_id: str, message_id: int) -> sqlite3.Row:
-    row = db.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
-    if row is None or row["conversation_id"] != conversation_id:
-        raise KeyError(f"no message {message_id} in conversation {conversation_id!r}")
-    return row
-
-
-def _versions(db: sqlite3.Connection, conversation_id: str, parent_id: int | None) -> list[int]:
-    rows = db.execute(
-        "SELECT id FROM messages WHERE conversation_id = ? AND parent_id IS ? ORDER BY id",
-        (conversation_id, parent_id),
-    )
-    return [row[0] for row in rows]
 
 
 _STATUS_NOTES = {
@@ -205,12 +64,6 @@ _STATUS_NOTES = {
     "streaming": "*(reply in progress)*",
     "error": "*(reply failed)*",
 }
-
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    return value
 
 
 class ConversationStore:
@@ -239,29 +92,29 @@ class ConversationStore:
             self._migrate()
         except sqlite3.Error as exc:
             self.close()
-            raise _store_error("open the conversations database", self.path, exc) from exc
+            raise store_error("open the conversations database", self.path, exc) from exc
         except StoreError:
             self.close()
             raise
 
     def _migrate(self) -> None:
         version = self.schema_version
-        if version > SCHEMA_VERSION:
+        if version > schema.SCHEMA_VERSION:
             raise StoreError(
                 f"cannot open the conversations database: it was written by a newer SmallMind "
-                f"(schema {version}; this one reads up to {SCHEMA_VERSION}) ({self.path})"
+                f"(schema {version}; this one reads up to {schema.SCHEMA_VERSION}) ({self.path})"
             )
-        if version == SCHEMA_VERSION:
+        if version == schema.SCHEMA_VERSION:
             if search_index.search_index_broken(self._connection()):
                 with self._transaction("repair the search index") as db:
                     search_index.ensure_search_index(db)
             return
         with self._transaction("update the conversations database") as db:
-            for step in range(version, SCHEMA_VERSION):
+            for step in range(version, schema.SCHEMA_VERSION):
                 logger.info("%s: migrating schema %d -> %d", self.path, step, step + 1)
-                _MIGRATIONS[step](db)
+                schema.MIGRATIONS[step](db)
             search_index.ensure_search_index(db)  # a later step may have rebuilt a table, dropping triggers
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            db.execute(f"PRAGMA user_version={schema.SCHEMA_VERSION}")
 
     @property
     def schema_version(self) -> int:
@@ -281,7 +134,7 @@ class ConversationStore:
                 if db.in_transaction:  # SQLite may already have rolled back (e.g. after SQLITE_FULL)
                     db.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.Error):
-                    raise _store_error(action, self.path, exc) from exc
+                    raise store_error(action, self.path, exc) from exc
                 raise
 
     @contextmanager
@@ -290,7 +143,7 @@ class ConversationStore:
             try:
                 yield self._connection()
             except sqlite3.Error as exc:
-                raise _store_error(action, self.path, exc) from exc
+                raise store_error(action, self.path, exc) from exc
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
@@ -319,7 +172,7 @@ class ConversationStore:
     ) -> Conversation:
         """A new conversation after the existing ones; system_prompt None means the default prompt."""
         prompt = default_system_prompt() if system_prompt is None else system_prompt
-        settings_json = _json(settings, "settings")
+        settings_json = to_json(settings, "settings")
         now = time.time()
         conversation_id = uuid.uuid4().hex
         with self._transaction("create the conversation") as db:
@@ -329,12 +182,12 @@ class ConversationStore:
                 (conversation_id, title, prompt, settings_json, position, now, now),
             )
             row = db.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
-        return _conversation(row)
+        return conversation_from(row)
 
     def list_conversations(self) -> list[Conversation]:
         with self._reading() as db:
             rows = db.execute("SELECT * FROM conversations ORDER BY position, created_at").fetchall()
-        return [_conversation(row) for row in rows]
+        return [conversation_from(row) for row in rows]
 
     def conversation_titles(self) -> dict[str, str]:
         """{id: title} of every conversation in tab order (cheaper than ``list_conversations``)."""
@@ -346,7 +199,7 @@ class ConversationStore:
     def get_conversation(self, conversation_id: str) -> Conversation | None:
         with self._reading() as db:
             row = db.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
-        return _conversation(row) if row else None
+        return conversation_from(row) if row else None
 
     def _update_conversation(self, conversation_id: str, action: str, column: str, value: Any) -> None:
         with self._transaction(action) as db:
@@ -365,7 +218,7 @@ class ConversationStore:
 
     def set_conversation_settings(self, conversation_id: str, settings: Mapping[str, Any]) -> None:
         """Replace the conversation's settings (a JSON object: per-tab sampling overrides)."""
-        settings_json = _json(settings, "settings")
+        settings_json = to_json(settings, "settings")
         self._update_conversation(
             conversation_id, "save the conversation settings", "settings_json", settings_json
         )
@@ -399,9 +252,9 @@ class ConversationStore:
         status: str = "complete",
         stats: Mapping[str, Any] | None = None,
     ) -> Message:
-        _check_choice("role", role, ROLES)
-        _check_choice("status", status, STATUSES)
-        stats_json = _json(stats, "stats")
+        check_choice("role", role, ROLES)
+        check_choice("status", status, STATUSES)
+        stats_json = to_json(stats, "stats")
         now = time.time()
         with self._transaction("save the message") as db:
             touched = db.execute(
@@ -409,14 +262,14 @@ class ConversationStore:
             )
             if touched.rowcount == 0:
                 raise KeyError(f"no conversation {conversation_id!r}")
-            thread = _thread_ids(db, conversation_id)
+            thread = message_versions.thread_ids(db, conversation_id)
             cursor = db.execute(
                 "INSERT INTO messages (conversation_id, role, content, status, stats_json, created_at, "
                 "parent_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (conversation_id, role, content, status, stats_json, now, thread[-1] if thread else None),
             )
             row = db.execute("SELECT * FROM messages WHERE id = ?", (cursor.lastrowid,)).fetchone()
-        return _message(row)
+        return message_from(row)
 
     def update_message(
         self,
@@ -431,9 +284,9 @@ class ConversationStore:
         if content is not None:
             changes["content"] = content
         if status is not None:
-            changes["status"] = _check_choice("status", status, STATUSES)
+            changes["status"] = check_choice("status", status, STATUSES)
         if stats is not None:
-            changes["stats_json"] = _json(stats, "stats")
+            changes["stats_json"] = to_json(stats, "stats")
         with self._transaction("save the message") as db:
             if changes:
                 assignments = ", ".join(f"{column} = ?" for column in changes)
@@ -444,37 +297,20 @@ class ConversationStore:
             db.execute(
                 "UPDATE conversations SET updated_at = ? WHERE id = ?", (time.time(), row["conversation_id"])
             )
-        return _message(row)
+        return message_from(row)
 
     def messages(self, conversation_id: str) -> list[Message]:
         """The conversation as it continues: the chosen version of every message, oldest first
         (empty for an unknown id). Older versions are kept; ``version_info`` tells where they are."""
         with self._reading() as db:
-            rows = db.execute(
-                f"WITH RECURSIVE {_THREAD} SELECT * FROM messages WHERE id IN thread ORDER BY id",
-                (conversation_id,),
-            ).fetchall()
-        return [_message(row) for row in rows]
+            rows = message_versions.thread_rows(db, conversation_id)
+        return [message_from(row) for row in rows]
 
     def delete_messages_from(self, conversation_id: str, message_id: int) -> int:
         """Delete `message_id` and every message that follows it, in all versions (a reply that was
         never generated). When it was the chosen version, the newest version left is chosen again."""
         with self._transaction("delete the messages") as db:
-            row = _owned(db, conversation_id, message_id)
-            below = db.execute(
-                "WITH RECURSIVE below(id) AS (SELECT ? UNION ALL "
-                "SELECT m.id FROM messages m JOIN below ON m.parent_id = below.id) SELECT id FROM below",
-                (message_id,),
-            ).fetchall()
-            cursor = db.executemany("DELETE FROM messages WHERE id = ?", below)
-            if row["active"]:
-                db.execute(
-                    "UPDATE messages SET active = 1 WHERE id = (SELECT MAX(id) FROM messages "
-                    "WHERE conversation_id = ? AND parent_id IS ?)",
-                    (conversation_id, row["parent_id"]),
-                )
-            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (time.time(), conversation_id))
-            return cursor.rowcount
+            return message_versions.delete_from(db, conversation_id, message_id)
 
     # -- versions ------------------------------------------------------------------------------------
 
@@ -482,36 +318,19 @@ class ConversationStore:
         """Keep `message_id` and what follows it as an older version: the conversation now ends just
         before it, and the next message added there is its newest version (regenerate, edit)."""
         with self._transaction("keep the old version") as db:
-            _owned(db, conversation_id, message_id)
+            message_versions.owned(db, conversation_id, message_id)
             db.execute("UPDATE messages SET active = 0 WHERE id = ?", (message_id,))
 
     def select_version(self, conversation_id: str, message_id: int, step: int) -> int:
         """Choose the version `step` places after (before, when negative) `message_id` among the
         versions of its place, clamped to the first and last; the chosen message's id."""
         with self._transaction("switch the version") as db:
-            row = _owned(db, conversation_id, message_id)
-            group = _versions(db, conversation_id, row["parent_id"])
-            chosen = group[max(0, min(len(group) - 1, group.index(message_id) + step))]
-            db.execute(
-                "UPDATE messages SET active = (id = ?) WHERE conversation_id = ? AND parent_id IS ?",
-                (chosen, conversation_id, row["parent_id"]),
-            )
-            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (time.time(), conversation_id))
-        return chosen
+            return message_versions.select(db, conversation_id, message_id, step)
 
     def version_info(self, conversation_id: str) -> dict[int, tuple[int, int]]:
         """For each message of the conversation that has other versions: (its number, how many), 1-based."""
         with self._reading() as db:
-            rows = db.execute(
-                f"WITH RECURSIVE {_THREAD} SELECT m.id, "
-                "(SELECT COUNT(*) FROM messages s WHERE s.conversation_id = m.conversation_id "
-                " AND s.parent_id IS m.parent_id AND s.id <= m.id), "
-                "(SELECT COUNT(*) FROM messages s WHERE s.conversation_id = m.conversation_id "
-                " AND s.parent_id IS m.parent_id) "
-                "FROM messages m WHERE m.id IN thread",
-                (conversation_id,),
-            ).fetchall()
-        return {row[0]: (row[1], row[2]) for row in rows if row[2] > 1}
+            return message_versions.version_info(db, conversation_id)
 
     def replace_messages(
         self,
@@ -528,8 +347,8 @@ class ConversationStore:
         """
         now = time.time()
         rows = [
-            (conversation_id, _check_choice("role", role, ROLES), content,
-             _check_choice("status", status, STATUSES), _json(stats, "stats"), now)
+            (conversation_id, check_choice("role", role, ROLES), content,
+             check_choice("status", status, STATUSES), to_json(stats, "stats"), now)
             for role, content, status, stats in messages
         ]  # fmt: skip
         with self._transaction("save the conversation") as db:
@@ -546,7 +365,7 @@ class ConversationStore:
             if settings is not None:
                 db.execute(
                     "UPDATE conversations SET settings_json = ? WHERE id = ?",
-                    (_json(settings, "settings"), conversation_id),
+                    (to_json(settings, "settings"), conversation_id),
                 )
             db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
             parent_id = None
@@ -559,7 +378,7 @@ class ConversationStore:
             stored = db.execute(
                 "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
             ).fetchall()
-        return [_message(row) for row in stored]
+        return [message_from(row) for row in stored]
 
     def mark_interrupted(self) -> int:
         """At startup: every 'streaming' message (a reply a crash cut off) becomes 'partial'; how many."""

@@ -17,13 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from smallmind_app.history.store import (
-    SCHEMA_VERSION,
-    ConversationStore,
-    StoreCorruptError,
-    StoreError,
-    move_aside,
-)
+from smallmind_app.history.records import StoreCorruptError, StoreError
+from smallmind_app.history.schema import SCHEMA_VERSION
+from smallmind_app.history.store import ConversationStore, move_aside
 from smallmind_app.settings.app_settings import default_system_prompt
 from tests.fixtures.store_faults import fill_the_disk, free_the_disk
 
