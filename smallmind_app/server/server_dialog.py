@@ -25,7 +25,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-DEFAULT_PORT = 8080
+from ..worker.api_server import DEFAULT_PORT
 
 
 def curl_example(url: str, api_key: str = "") -> str:

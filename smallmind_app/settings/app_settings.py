@@ -32,6 +32,7 @@ from .. import paths
 from ..colors import check_choice
 from ..engines.endpoints import LOCAL_ENGINE, Endpoint, endpoints_from
 from ..paths import default_system_prompt
+from ..worker.api_server import DEFAULT_PORT
 from ..worker.engine_options import engine_options
 from .presets import DEFAULT_PRESETS, check_presets
 
@@ -116,7 +117,7 @@ class AppSettings:
     kv_cache: Mapping[str, Any] = field(default_factory=lambda: section_defaults("kv_cache"))
     batching: Mapping[str, Any] = field(default_factory=lambda: section_defaults("batching"))
     sampling: Mapping[str, Any] = field(default_factory=lambda: section_defaults("sampling"))
-    server_port: int = 8080  # Tools → Local server…: the port the in-app API server listens on
+    server_port: int = DEFAULT_PORT  # Tools → Local server…: the port the in-app API server listens on
     engines: tuple[Endpoint, ...] = ()  # Settings → Engines: remote endpoints (their keys are not here)
     default_engine: str = LOCAL_ENGINE  # the engine of a new tab: "local" or an endpoint id
     theme: str = "system"  # "system" (follow the system's color scheme), "light" or "dark"

@@ -12,6 +12,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+DEFAULT_PORT = 8080  # as `smallmind serve`'s: the Local server dialog and the settings start from it
+
 
 class ApiServer:
     """At most one server, on the engine it was started with (a new model stops it)."""

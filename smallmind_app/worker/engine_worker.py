@@ -5,8 +5,9 @@ slots through queued signals; it answers with signals that carry plain values (s
 dict, list). It drives ``BatchedInferenceEngine.step()`` from a zero-interval QTimer that runs while
 the engine has work and stops when it is idle, so queued submit/cancel/settings calls are handled
 between two steps. Engine events arrive inside ``step()`` on this thread and leave as signals
-through ``replies.Replies``. Beside it: remote engines (``remote_requests``), downloads
-(``downloads``), the in-app API server (``api_server``), the settings' checks (``engine_options``).
+through ``replies.Replies``. Beside it, without Qt: the loaded model's engine and options
+(``local_engine``), remote engines (``remote_requests``), downloads (``downloads``), the in-app API
+server (``api_server``), the settings' checks (``engine_options``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ STATS_INTERVAL_MS = 250
 
 
 class EngineWorker(QObject):
-    """Owns the model and the batched engine; lives on the worker thread. See the module docstring."""
+    """Drives the local engine (``self.local``) and the others; lives on the worker thread."""
 
     model_loading = Signal(str, str)  # path, what the load does besides reading it ("" or a note)
     model_loaded = Signal(dict)  # model_info(): name, path, n_layers, context_length, bytes_per_token...
