@@ -5,11 +5,17 @@ of its own, so that a code block's long lines widen only its own table): ``entry
 links are ``copy:``, ``copycode:``, ``edit:`` and ``version:`` addresses, handled by the view
 (``transcript.py``); a button under a reply is a link in ``_footer``. Replies are Markdown
 (``code_blocks``); user messages are plain text. Every color comes from ``colors.colors()``.
+
+The app's own links (Copy, Edit, ‹ ›, a code block's Copy) carry a scheme made of a secret drawn
+for each view (``app-<random hex>:edit/0``): a reply cannot spell one, so text in a message never
+triggers an action; every other link keeps the rule for links from replies (http(s) only, opened
+after the address is shown).
 """
 
 from __future__ import annotations
 
 import html
+import secrets
 from typing import Any
 
 from ..colors import colors
@@ -27,14 +33,26 @@ def cache_key(entry: Entry) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
-def markdown_html(text: str, index: int = 0, copied_block: int = -1, bubble: str = "") -> list[str]:
+def new_link_scheme() -> str:
+    """A scheme for one view's own links that no message can know (64 random bits)."""
+    return f"app-{secrets.token_hex(8)}"
+
+
+def action_href(scheme: str, action: str, *numbers: int) -> str:
+    """The href of one of the app's own links: ``<scheme>:<action>/<n>/<n>``."""
+    return f"{scheme}:{action}/" + "/".join(str(n) for n in numbers)
+
+
+def markdown_html(
+    text: str, index: int = 0, copied_block: int = -1, bubble: str = "", scheme: str = "app"
+) -> list[str]:
     """A reply's Markdown -> HTML parts: prose (one string) and fenced code blocks (a table each, with
-    a Copy link ``copycode:<index>.<block>``); see ``code_blocks``."""
+    a Copy link ``<scheme>:copycode/<index>/<block>``); see ``code_blocks``."""
     parts: list[str] = []
     n_blocks = 0
     for part in split_markdown(text):
         if isinstance(part, CodeBlock):
-            href = f"copycode:{index}.{n_blocks}"
+            href = action_href(scheme, "copycode", index, n_blocks)
             tables = code_block_html(part, href, copied_block == n_blocks, bubble)
             parts.extend(CODE_MARK + table for table in tables)
             n_blocks += 1
@@ -73,8 +91,9 @@ def stats_line(stats: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
-def entry_chunks(index: int, entry: Entry) -> list[str]:
-    """The entry's HTML as top-level tables (a bubble's prose, each code block, ...), in order."""
+def entry_chunks(index: int, entry: Entry, scheme: str = "app") -> list[str]:
+    """The entry's HTML as top-level tables (a bubble's prose, each code block, ...), in order;
+    ``scheme``: the view's own links' (``new_link_scheme``)."""
     if entry.role == "notice":
         color = colors()["error"] if entry.status == "error" else colors()["notice"]
         return [
@@ -87,15 +106,15 @@ def entry_chunks(index: int, entry: Entry) -> list[str]:
     if user:
         parts = [plain_html(entry.content)]
     elif entry.content:
-        parts = markdown_html(entry.content, index, entry.copied_block, bg)
+        parts = markdown_html(entry.content, index, entry.copied_block, bg, scheme)
     else:
         parts = []
-    footer = _footer(index, entry)
+    footer = _footer(index, entry, scheme)
     if footer:
         muted = colors()["muted"]
         parts.append(f'<p style="margin:6px 0px 0px 0px; color:{muted}; font-size:small;">{footer}</p>')
     # The bubble is a column of top-level tables, so a code block's long lines widen only its own.
-    sections: list[str] = [_header(index, entry)]
+    sections: list[str] = [_header(index, entry, scheme)]
     tables: list[str] = []
     for part in parts:
         if part.startswith(CODE_MARK):
@@ -121,14 +140,15 @@ def entry_chunks(index: int, entry: Entry) -> list[str]:
     return html_parts
 
 
-def _header(index: int, entry: Entry) -> str:
+def _header(index: int, entry: Entry, scheme: str) -> str:
     """'You  Copy  Edit' / 'Assistant  Copy'."""
     user = entry.role == "user"
     muted = colors()["muted"]
     name_color = colors()["user_name"] if user else colors()["assistant_name"]
     copy = "Copied ✓" if entry.copied else "Copy"
     link = f"color:{muted}; text-decoration:none;"
-    edit = f'&nbsp;&nbsp;<a href="edit:{index}" style="{link}">Edit</a>' if user and not entry.editing else ""
+    edit_href, copy_href = action_href(scheme, "edit", index), action_href(scheme, "copy", index)
+    edit = f'&nbsp;&nbsp;<a href="{edit_href}" style="{link}">Edit</a>' if user and not entry.editing else ""
     editing = (
         f'&nbsp;&nbsp;<span style="color:{colors()["editing"]};">being edited below (Esc cancels)</span>'
         if entry.editing
@@ -137,11 +157,11 @@ def _header(index: int, entry: Entry) -> str:
     return (
         f'<p style="margin:0px 0px 4px 0px;"><span style="color:{name_color}; font-weight:600;">'
         f"{'You' if user else 'Assistant'}</span>"
-        f'&nbsp;&nbsp;<a href="copy:{index}" style="{link}">{copy}</a>{edit}{editing}</p>'
+        f'&nbsp;&nbsp;<a href="{copy_href}" style="{link}">{copy}</a>{edit}{editing}</p>'
     )
 
 
-def _footer(index: int, entry: Entry) -> str:
+def _footer(index: int, entry: Entry, scheme: str) -> str:
     """The line under a message: its versions (‹ 2/3 ›), then the reply's figures or its state."""
     user = entry.role == "user"
     footer = ""
@@ -161,8 +181,9 @@ def _footer(index: int, entry: Entry) -> str:
         return footer
     number, count = entry.versions
     link = f"color:{colors()['user_name']}; text-decoration:none; font-weight:600;"
+    previous, following = action_href(scheme, "version", index, -1), action_href(scheme, "version", index, 1)
     versions = (
-        f'<a href="version:{index}:-1" style="{link}">&nbsp;‹&nbsp;</a>{number}/{count}'
-        f'<a href="version:{index}:1" style="{link}">&nbsp;›&nbsp;</a>'
+        f'<a href="{previous}" style="{link}">&nbsp;‹&nbsp;</a>{number}/{count}'
+        f'<a href="{following}" style="{link}">&nbsp;›&nbsp;</a>'
     )
     return f"{versions}&nbsp;&nbsp;{footer}" if footer else versions

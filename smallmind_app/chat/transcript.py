@@ -4,10 +4,12 @@ The bubbles' HTML is made by ``bubbles.py``; this view keeps each entry's HTML c
 reply streams only that reply is converted again (and only its last part: ``code_blocks`` caches
 the others), and ``render`` is throttled by the tab. It follows the conversation as it grows, and
 turns clicks on a bubble's links into copies and signals (copy, copy code, edit, versions); web
-links open in the browser after asking."""
+links open in the browser after asking. Only the links this view made act: their scheme is a
+secret drawn for the view (``bubbles.new_link_scheme``), so text in a message never triggers one."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from PySide6.QtCore import QByteArray, Qt, QTimer, QUrl, Signal, Slot
@@ -22,9 +24,11 @@ from PySide6.QtGui import (
 from PySide6.QtWidgets import QMessageBox, QTextBrowser, QToolButton, QWidget
 
 from ..colors import colors
-from .bubbles import cache_key, entry_chunks
+from .bubbles import cache_key, entry_chunks, new_link_scheme
 from .code_blocks import code_blocks
 from .conversation_model import Entry
+
+log = logging.getLogger(__name__)
 
 COPIED_SHOWN_MS = 1500
 LINK_SCHEMES = ("http", "https")  # the only links of a reply that are opened (in the browser)
@@ -50,6 +54,7 @@ class TranscriptView(QTextBrowser):
         self.setOpenLinks(False)
         self.setOpenExternalLinks(False)
         self.setAccessibleName("Conversation transcript")
+        self.link_scheme = new_link_scheme()  # this view's own links (module docstring)
         self.document().setDocumentMargin(12)
         self._entries: list[Entry] = []
         self._cache: dict[int, tuple[tuple[Any, ...], list[str]]] = {}
@@ -136,7 +141,7 @@ class TranscriptView(QTextBrowser):
             key = cache_key(entry)
             cached = self._cache.get(index)
             if cached is None or cached[0] != key:
-                cached = (key, entry_chunks(index, entry))
+                cached = (key, entry_chunks(index, entry, self.link_scheme))
                 self._cache[index] = cached
             parts.extend(cached[1])
         self._entry_chunks = [len(self._cache[index][1]) for index in range(len(self._entries))]
@@ -254,21 +259,30 @@ class TranscriptView(QTextBrowser):
 
     @Slot(QUrl)
     def _on_anchor_clicked(self, url: QUrl) -> None:
-        scheme, path = url.scheme(), url.path()
-        if scheme == "copy":
-            self.copy_entry(int(path or -1))
-        elif scheme == "copycode":
-            index, _, block = path.partition(".")
-            self.copy_code(int(index), int(block or -1))
-        elif scheme == "version":
-            index, _, step = path.partition(":")
-            self.version_requested.emit(int(index), int(step or 0))
-        elif scheme == "edit":
-            self.edit_requested.emit(int(path or -1))
-        elif scheme in LINK_SCHEMES and url.host():
+        if url.scheme() == self.link_scheme:  # one of the app's own links: only this view makes them
+            self._act(url.path())
+        elif url.scheme() in LINK_SCHEMES and url.host():
             self.ask_to_open(url)
-        else:
+        else:  # edit:0, version:1:1, file:, javascript: ... written in a message: never acted on
             self.link_refused.emit(url.toString())
+
+    def _act(self, path: str) -> None:
+        action, _, rest = path.partition("/")
+        try:
+            numbers = [int(n) for n in rest.split("/")]
+        except ValueError:
+            log.warning("an app link with a malformed path %r was ignored", path[:80])
+            return
+        if action == "copy" and len(numbers) == 1:
+            self.copy_entry(numbers[0])
+        elif action == "copycode" and len(numbers) == 2:
+            self.copy_code(*numbers)
+        elif action == "version" and len(numbers) == 2:
+            self.version_requested.emit(*numbers)
+        elif action == "edit" and len(numbers) == 1:
+            self.edit_requested.emit(numbers[0])
+        else:
+            log.warning("an app link with an unknown action %r was ignored", path[:80])
 
     def ask_to_open(self, url: QUrl) -> QMessageBox:
         """Show the address before it goes to the browser; Cancel is the default button."""
