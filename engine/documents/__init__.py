@@ -27,7 +27,8 @@ from .retrieval import (
     source_label,
     with_passages,
 )
-from .store import DocumentIndex, Hit, LibraryInfo, SkippedFile, query_terms
+from .search import query_terms
+from .store import DocumentIndex, Hit, LibraryInfo, SkippedFile
 
 DEFAULT_INDEX_NAME = "documents.sqlite3"
 

@@ -19,7 +19,6 @@ its own.
 from __future__ import annotations
 
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -33,19 +32,6 @@ from .passages import Passage
 
 SCHEMA_VERSION = 1
 MAX_LIBRARY_NAME_CHARS = 100
-MAX_QUERY_TERMS = 32
-_WORD = re.compile(r"\w+")
-# Words too common to tell passages apart; dropping them keeps a question's query to what it is about.
-_STOPWORD_TEXT = (
-    "a an and are as at be been but by can could did do does for from had has have how i if in into "
-    "is it its me my no not of on or our so than that the their them then there these they this "
-    "those to was we were what when where which who whom why will with would you your about after "
-    "all also any before between both each few more most other some such only own same too very just "
-    "over under again further once here during out up down off above below should now tell explain "
-    "describe"
-)
-STOPWORDS = frozenset(_STOPWORD_TEXT.split())
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS libraries (
     id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, created_s REAL NOT NULL, updated_s REAL);
@@ -68,7 +54,6 @@ CREATE TABLE IF NOT EXISTS skipped (
     path TEXT NOT NULL, reason TEXT NOT NULL, mtime_ns INTEGER, size INTEGER,
     PRIMARY KEY (library_id, path));
 """
-_BM25_WEIGHTS = (1.0, 0.5, 0.5)  # text, heading, title (the file's name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,15 +98,6 @@ class Hit:
     page: int | None = None
     line_start: int | None = None
     line_end: int | None = None
-
-
-def query_terms(question: str) -> list[str]:
-    """The words of a question worth searching for, in order, without stopwords and repeats."""
-    seen: dict[str, None] = {}
-    for word in _WORD.findall(question.lower()):
-        if word not in STOPWORDS and (len(word) > 1 or word.isdigit()):
-            seen.setdefault(word, None)
-    return list(seen)[:MAX_QUERY_TERMS]
 
 
 def check_library_name(name: object) -> str:
@@ -177,6 +153,12 @@ class DocumentIndex:
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock, self._db:
+            yield self._db
+
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection, for reads (this object's lock held)."""
+        with self._lock:
             yield self._db
 
     # -- libraries ---------------------------------------------------------------------------------
@@ -258,6 +240,10 @@ class DocumentIndex:
         if row is None:
             raise LibraryNotFoundError(name, self.library_names_unlocked())
         return int(row[0])
+
+    def library_id_unlocked(self, name: str) -> int:
+        """``library_id`` for a caller already holding ``reading()``."""
+        return self._library_id(name)
 
     def library_names_unlocked(self) -> list[str]:
         return [row[0] for row in self._db.execute("SELECT name FROM libraries ORDER BY name")]
@@ -343,23 +329,10 @@ class DocumentIndex:
     # -- search --------------------------------------------------------------------------------------
 
     def search(self, libraries: Sequence[str], question: str, limit: int = 20) -> list[Hit]:
-        """The passages of ``libraries`` that best match ``question`` by BM25, best first."""
-        terms = query_terms(question)
-        if not terms or not libraries or limit < 1:
-            return []
-        match = " OR ".join(f'"{term}"' for term in terms)
-        with self._lock:
-            ids = {self._library_id(name): name for name in libraries}
-            marks = ",".join("?" * len(ids))
-            rows = self._db.execute(
-                f"SELECT p.id, f.library_id, f.path, f.source, t.text, t.heading, p.n_tokens, "
-                f"bm25(passage_text, {', '.join(map(str, _BM25_WEIGHTS))}) AS score, "
-                f"p.page, p.line_start, p.line_end FROM passage_text t "
-                f"JOIN passages p ON p.id = t.rowid JOIN files f ON f.id = p.file_id "
-                f"WHERE passage_text MATCH ? AND f.library_id IN ({marks}) ORDER BY score LIMIT ?",
-                (match, *ids, limit),
-            ).fetchall()
-        return [Hit(row[0], ids[row[1]], *row[2:]) for row in rows]
+        """The passages of ``libraries`` that best match ``question`` by BM25, best first (search.py)."""
+        from .search import search
+
+        return search(self, libraries, question, limit)
 
     def passage(self, passage_id: int) -> Hit | None:
         with self._lock:

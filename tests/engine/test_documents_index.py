@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.documents import DocumentIndex, IndexOptions, IndexProgress, update_library
+from engine.documents import search as search_module
 from engine.documents.indexing import MISSING_SOURCE
 from engine.errors import DocumentIndexError, LibraryNotFoundError
 from tests.fixtures.documents import write_pdf
@@ -284,3 +285,20 @@ def test_a_pdf_in_a_library_cites_its_page(index: DocumentIndex, tmp_path: Path)
     update_library(index, "papers")
     hit = index.search(["papers"], "where does the kestrel nest")[0]
     assert (hit.page, hit.line_start, hit.text) == (2, None, "The kestrel nests on cliffs.")
+
+
+def test_words_that_match_too_many_passages_are_left_out_of_the_query(
+    index: DocumentIndex, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(10):
+        (folder / f"f{i}.txt").write_text(f"A common word in file {i}.\n")
+    (folder / "rare.txt").write_text("The rare heron and a common word.\n")
+    index.create_library("many", [folder])
+    update_library(index, "many")
+    assert len(index.search(["many"], "common heron")) == 11  # both words: every passage matches
+    monkeypatch.setattr(search_module, "MAX_MATCHED_ROWS", 5)
+    assert [Path(h.path).name for h in index.search(["many"], "common heron")] == ["rare.txt"]
+    assert len(index.search(["many"], "common")) == 10 + 1  # the rarest word is always kept
+    assert index.search(["many"], "xylophone zeppelin") == []
