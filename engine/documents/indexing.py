@@ -72,6 +72,7 @@ class UpdateReport:
     skipped: tuple[SkippedFile, ...]
     elapsed_s: float
     cancelled: bool = False
+    folders: tuple[str, ...] = ()  # the folders walked (what a file watcher may watch)
 
 
 @dataclass(slots=True)
@@ -86,6 +87,7 @@ class _Walk:
     files: list[_Found] = field(default_factory=list)
     skipped: list[tuple[str, str, int | None, int | None]] = field(default_factory=list)
     missing_sources: set[str] = field(default_factory=set)
+    folders: list[str] = field(default_factory=list)
 
 
 def update_library(
@@ -125,7 +127,7 @@ def update_library(
     return UpdateReport(
         library=name, n_files=len(walk.files), n_read=updater.n_read, n_unchanged=updater.n_unchanged,
         n_removed=updater.n_removed, n_passages=updater.n_passages, skipped=skipped,
-        elapsed_s=time.perf_counter() - started, cancelled=cancelled,
+        elapsed_s=time.perf_counter() - started, cancelled=cancelled, folders=tuple(walk.folders),
     )  # fmt: skip
 
 
@@ -285,6 +287,7 @@ def _walk_folder(root: str, root_stat: os.stat_result, visited: set[tuple[int, i
         except OSError as exc:
             walk.skipped.append((folder, f"folder cannot be listed: {exc.strerror or exc}", None, None))
             continue
+        walk.folders.append(folder)
         subfolders = []
         for entry in listed:
             if (not include_hidden and entry.name.startswith(".")) or entry.name in IGNORED_FOLDERS:
