@@ -139,7 +139,12 @@ def _add_serve_parser(
         "/v1/completions, /v1/models, /health, /metrics, /tokenize). Ctrl+C stops.",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    serve.add_argument("--port", type=_port, default=8080, help="port to listen on (default: 8080)")
+    serve.add_argument(
+        "--port",
+        type=_port,
+        default=paths.DEFAULT_PORT,
+        help=f"port to listen on (default: {paths.DEFAULT_PORT})",
+    )
     serve.add_argument(
         "--api-key",
         metavar="KEY",
