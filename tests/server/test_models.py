@@ -115,15 +115,19 @@ def test_a_budget_for_one_model_swaps_them_and_every_request_answers(tiny_family
 def test_smallmind_serve_serves_every_installed_model(tiny_family):
     models_dir = paths.models_dir()  # this test's own SMALLMIND_HOME, inherited by the subprocess
     models_dir.mkdir(parents=True)
-    shutil.copy(tiny_family["tiny-gemma"], models_dir / "tiny-gemma.gguf")
+    for name in ("tiny-b", "tiny-gemma"):
+        shutil.copy(tiny_family[name], models_dir / f"{name}.gguf")
     port = free_port()
-    proc = smallmind("serve", "--model", str(tiny_family["tiny-a"]), "--port", str(port))
+    # 1 MB: room for tiny-a and tiny-gemma (~0.5 MB each), not for tiny-a and tiny-b as well
+    proc = smallmind(
+        "serve", "--model", str(tiny_family["tiny-a"]), "--port", str(port), "--max-loaded-mb", "1", "-v"
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc)
         listed = [c["id"] for c in httpx.get(url + "/v1/models", timeout=TIMEOUT_S).json()["data"]]
-        assert listed == ["tiny-a", "tiny-gemma"]
-        for model in listed:
+        assert listed == ["tiny-a", "tiny-b", "tiny-gemma"]
+        for model in ("tiny-gemma", "tiny-b", "tiny-a"):
             body = {"model": model, "messages": MESSAGES, **GREEDY}
             reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=TIMEOUT_S).json()
             assert reply["model"] == model
@@ -131,7 +135,10 @@ def test_smallmind_serve_serves_every_installed_model(tiny_family):
         missing = httpx.post(
             url + "/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=TIMEOUT_S
         )
-        assert missing.status_code == 404 and "'tiny-a', 'tiny-gemma'" in missing.json()["error"]["message"]
+        assert missing.status_code == 404
+        assert "'tiny-a', 'tiny-b', 'tiny-gemma'" in missing.json()["error"]["message"]
     finally:
         proc.terminate()
-        proc.wait(TIMEOUT_S)
+        _out, err = proc.communicate(timeout=TIMEOUT_S)
+    assert "model tiny-a unloaded (to make room for tiny-b)" in err  # the least recently used went
+    assert "model tiny-gemma unloaded (to make room for tiny-a)" in err
