@@ -63,8 +63,15 @@ class ServedModels:
         return model_id
 
     async def resolve(self, request: Request) -> AsyncIterator[ServerState]:
-        """FastAPI dependency: the state of the model the request's body names, leased meanwhile."""
-        model_id = self.check(await _model_field(request))
+        """FastAPI dependency: the state of the model the request's body names, leased meanwhile.
+        A body that is not a JSON object gets the root state, unleased: the route refuses it (400)
+        before using it, and no model is loaded for it."""
+        body = await _json_object(request)
+        if body is None:
+            yield self.root
+            return
+        model = body.get("model")
+        model_id = self.check(model if isinstance(model, str) else None)
         engine = await self._lease(model_id)
         try:
             yield self._state_for(model_id, engine)
@@ -99,12 +106,12 @@ class ServedModels:
             return state
 
 
-async def _model_field(request: Request) -> str | None:
-    """The body's ``model`` (None when absent, or when the body is not a JSON object: the route's
-    own validation then says what is wrong with it)."""
+async def _json_object(request: Request) -> dict[str, Any] | None:
+    """The body as a JSON object, or None when it is not one (the route then says why: 400)."""
+    if "json" not in request.headers.get("content-type", "").lower():
+        return None  # refused by the route (the body must be JSON): never parsed here
     try:
-        body = await request.json()
-    except (ValueError, UnicodeDecodeError):
+        body = await request.json()  # parsed once: the route reads the same parsed body
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
-    model = body.get("model") if isinstance(body, dict) else None
-    return model if isinstance(model, str) else None
+    return body if isinstance(body, dict) else None

@@ -142,3 +142,15 @@ def test_smallmind_serve_serves_every_installed_model(tiny_family):
         _out, err = proc.communicate(timeout=TIMEOUT_S)
     assert "model tiny-a unloaded (to make room for tiny-b)" in err  # the least recently used went
     assert "model tiny-gemma unloaded (to make room for tiny-a)" in err
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/json"])
+def test_a_hostile_body_is_refused_before_any_model_is_picked(pooled, content_type):
+    """The model is read from the body before the route runs: a body nested 50,000 deep is a 400
+    (never a 500 from the parser's recursion), and nothing is loaded for it."""
+    url, pool = pooled
+    for path in ("/tokenize", "/v1/chat/completions"):
+        response = httpx.post(url + path, content=b"[" * 50_000, headers={"Content-Type": content_type},
+                              timeout=TIMEOUT_S)  # fmt: skip
+        assert response.status_code == 400, response.text[:200]
+    assert not any(pool.is_loaded(m) for m in ("tiny-a", "tiny-gemma"))
