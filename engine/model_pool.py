@@ -35,6 +35,7 @@ from .batching import BatchedInferenceEngine, BatchingOptions, EventCallback, Pr
 from .errors import EngineStoppedError
 from .generation import GenerationEvent, GenerationResult, ResultHandle, new_request_id
 from .kv_store import KvCacheOptions, LruKvCacheStore, SessionId
+from .metrics import InMemoryRuntimeMetrics
 from .model import Model
 from .model_residency import (
     Loader,
@@ -152,6 +153,14 @@ class ModelPool:
         """The model's engine if it is loaded now (no load started, nothing kept)."""
         return self._models.slot(model_id).engine
 
+    def metrics(self, model_id: str) -> InMemoryRuntimeMetrics:
+        """The model's batching metrics, counted across its loads."""
+        return self._models.slot(model_id).metrics
+
+    def identity_of(self, model_id: str) -> str | None:
+        """The model's identity (``Model.identity``) once it has been loaded, else None."""
+        return self._models.slot(model_id).identity
+
     @property
     def loaded_bytes(self) -> int:
         return self._models.loaded_bytes
@@ -191,8 +200,8 @@ class ModelPool:
         """Unload a model now if it is idle (True), else leave it (False)."""
         return self._models.unload(self._models.slot(model_id), "asked to")
 
-    def _make_engine(self, model: Model, tokenizer: Tokenizer) -> BatchedInferenceEngine:
-        engine = BatchedInferenceEngine(model, tokenizer, self.batching_options, self.store)
+    def _make_engine(self, slot: ModelSlot, model: Model, tokenizer: Tokenizer) -> BatchedInferenceEngine:
+        engine = BatchedInferenceEngine(model, tokenizer, self.batching_options, self.store, slot.metrics)
         self.store.set_model_identity(None)  # sessions name their model (SessionId.model); none is "the" one
         engine.add_wakeup_listener(self._wake)
         return engine
@@ -350,13 +359,22 @@ class ModelPool:
         return min(ready, key=lambda s: s.used_s, default=None)
 
     def seconds_until_ready(self) -> float | None:
-        """0 when a step would run now, else how long until one might (a batch wait, an idle model's
-        time-to-live), or None when there is nothing to do until something arrives."""
+        """0 when a step would run now, else how long until one might (a batch wait), or None when no
+        model has work (see ``seconds_until_expiry`` for the idle models' time-to-live)."""
         waits = [
             w for s in self._models.loaded() if s.engine and (w := s.engine.seconds_until_ready()) is not None
         ]
-        expiry = self._models.next_expiry_s()
-        return min([*waits, *([] if expiry is None else [expiry])], default=None)
+        return min(waits, default=None)
+
+    def seconds_until_expiry(self) -> float | None:
+        """How long until an idle model's time-to-live ends (None: none will): a driver calls
+        ``expire_idle`` (or ``step``) then."""
+        return self._models.next_expiry_s()
+
+    def expire_idle(self) -> None:
+        """Unload the models idle for longer than their time-to-live (``step`` does it too)."""
+        with self._step_lock:
+            self._models.expire_idle()
 
     @property
     def has_work(self) -> bool:
@@ -440,8 +458,10 @@ class ModelPool:
                 log.exception("model pool step failed")
                 worked = False
             if not worked:
-                wait = self.seconds_until_ready()
-                self._wakeup.wait(0.5 if wait is None else min(0.5, max(wait, 0.0005)))
+                waits = [
+                    w for w in (self.seconds_until_ready(), self.seconds_until_expiry()) if w is not None
+                ]
+                self._wakeup.wait(min(0.5, max(min(waits, default=0.5), 0.0005)))
                 self._wakeup.clear()
 
     def stop(self, timeout: float = 30.0) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 from .batching import BatchedInferenceEngine
 from .errors import EngineError, EngineStoppedError, UnknownModelError
 from .gguf import GgufFile
+from .metrics import InMemoryRuntimeMetrics
 from .model import Model
 from .tokenizer import Tokenizer
 
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 GiB = 1 << 30
 ROOM_POLL_S = 0.25  # a load waiting for a busy model to become idle looks again this often
 Loader = Callable[[Path], tuple[Model, Tokenizer]]
-EngineMaker = Callable[[Model, Tokenizer], BatchedInferenceEngine]
+EngineMaker = Callable[["ModelSlot", Model, Tokenizer], BatchedInferenceEngine]
 
 
 def default_max_loaded_bytes() -> int:
@@ -89,6 +90,7 @@ class ModelSlot:
         self.used_s = 0.0  # compute time of its steps: who steps next (model_pool.py)
         self.was_ready = False
         self.prompt_tokens = self.reused_tokens = self.n_finished = 0
+        self.metrics = InMemoryRuntimeMetrics()  # its engines' (one per load): counted across loads
 
     @property
     def estimate_bytes(self) -> int:
@@ -217,6 +219,7 @@ class Residency:
                 if self.stopped:
                     return
                 slot = self._queue[0]
+            failed: list[Any] | None = None
             try:
                 self._make_room(slot, slot.estimate_bytes)
                 self._load(slot)
@@ -224,22 +227,22 @@ class Residency:
                 log.warning(
                     "loading %s failed: %s", slot.path, exc, exc_info=not isinstance(exc, EngineError)
                 )
-                message = f"loading the model {slot.model_id!r} failed: {exc}"
                 with self.lock:
-                    slot.error = message
-                    pending, slot.pending = slot.pending, []
-                self._on_load_failed(slot, pending, message)
+                    slot.error = f"loading the model {slot.model_id!r} failed: {exc}"
+                    failed, slot.pending = slot.pending, []
             finally:
                 with self.lock:
                     self._queue.remove(slot)
                     slot.loading = False
                     self.changed.notify_all()
+            if failed is not None:  # told once the slot says "failed"
+                self._on_load_failed(slot, failed, slot.error or "")
 
     def _load(self, slot: ModelSlot) -> None:
         started = time.perf_counter()
         with self._load_guard():
             model, tokenizer = self._loader(slot.path)
-            engine = self._make_engine(model, tokenizer)
+            engine = self._make_engine(slot, model, tokenizer)
         nbytes = int(model.weights.nbytes)
         with self.lock:
             slot.engine, slot.identity, slot.nbytes, slot.known_bytes = engine, model.identity, nbytes, nbytes

@@ -27,7 +27,7 @@ from ..chat.conversation_tabs import ConversationTabs
 from ..chat.preset_menu import PresetController
 from ..chat.tab import ChatTab
 from ..dock.stats_dock import StatsDock
-from ..engines.endpoints import LOCAL_ENGINE
+from ..engines.endpoints import LOCAL_ENGINE, local_label, model_engine_id, model_path_of
 from ..engines.engine_keys import EngineKeys
 from ..history.sidebar import HistorySidebar
 from ..history.store import ConversationStore
@@ -36,7 +36,7 @@ from ..models.models_dialog import ModelsDialog
 from ..paths import RESOURCES_DIR
 from ..server.server_dialog import LocalServerDialog
 from ..settings import app_settings
-from ..settings.app_settings import AppSettings, SettingsError
+from ..settings.app_settings import AppSettings, SettingsError, section_defaults
 from ..settings.dialog import SettingsDialog
 from ..wording import MiB, setting_problem
 from ..worker.client import EngineClient
@@ -51,6 +51,12 @@ log = logging.getLogger(__name__)
 DOCK_SHARE, DOCK_WIDTH = 0.3, (300, 600)
 HISTORY_WIDTH = 290
 ICON_FILE = RESOURCES_DIR / "icon.png"
+
+
+def models_options(settings: AppSettings) -> dict[str, Any]:
+    """The local models' pool options from the settings (the engine's default limit when unset)."""
+    limit = settings.max_loaded_model_bytes
+    return {"idle_ttl_s": settings.model_idle_ttl_s, **({"max_loaded_bytes": limit} if limit else {})}
 
 
 def app_icon() -> QIcon:
@@ -69,6 +75,7 @@ class MainWindow(QMainWindow):
         self.client = client
         self.error_dialog: QMessageBox | None = None
         self.closed = False
+        self.local_models: list[dict[str, Any]] = []  # the worker's local models (LocalEngine.models())
         self.engine_keys = EngineKeys()  # Settings → Engines: the endpoints' keys (keyring, or a 0600 file)
         self.api_keys = self.engine_keys.store
         self.tabs = ConversationTabs(store)
@@ -107,7 +114,9 @@ class MainWindow(QMainWindow):
     def start(self, model_path: str | None = None) -> None:
         """Start the worker, load the model (on the worker), restore the open conversations."""
         self.client.start()
-        self.client.apply_settings(dict(self.settings.kv_cache), dict(self.settings.batching))
+        self.client.apply_settings(
+            dict(self.settings.kv_cache), dict(self.settings.batching), models_options(self.settings)
+        )
         self.send_endpoints()
         if model_path is None:
             model_path = (
@@ -245,10 +254,36 @@ class MainWindow(QMainWindow):
         self.client.forget_session(conversation_id)  # its K/V files go too
 
     def sampling_for(self, tab: ChatTab) -> dict[str, Any]:
-        """The global sampling settings, overridden by the tab's own (conversation settings)."""
-        sampling = {**self.settings.sampling, **tab.conversation_settings.get("sampling", {})}
+        """The global sampling settings where the user set them, else the tab's model's own (its
+        file's recommended settings, if any), overridden by the tab's own (conversation settings)."""
+        defaults = section_defaults("sampling")
+        own = self.model_defaults_for(tab.engine_picker.engine_id).get("sampling", {})
+        chosen = {key: value for key, value in self.settings.sampling.items() if value != defaults.get(key)}
+        sampling = {
+            **self.settings.sampling,
+            **own,
+            **chosen,
+            **tab.conversation_settings.get("sampling", {}),
+        }
         sampling["stop"] = list(sampling.get("stop", ()))
         return sampling
+
+    def model_defaults_for(self, engine_id: str) -> dict[str, Any]:
+        """The defaults of the local model ``engine_id`` names ({} for a server, or a model not listed)."""
+        path = (
+            self.model_info.get("path", "") if engine_id == LOCAL_ENGINE else model_path_of(engine_id) or ""
+        )
+        row = next((m for m in self.local_models if path and m["path"] == path), None)
+        if row is None and engine_id == LOCAL_ENGINE:
+            row = self.model_info
+        return dict((row or {}).get("model_defaults") or {})
+
+    @Slot(list)
+    def set_local_models(self, models: list) -> None:
+        """The worker's local models changed (one opened, loaded, unloaded): the pickers and the dock."""
+        self.local_models = list(models)
+        self.refresh_engine_choices()
+        self.stats_dock.show_models(self.local_models)
 
     @Slot(str, bool)
     def _on_tab_busy_changed(self, _conversation_id: str, _busy: bool) -> None:
@@ -275,15 +310,32 @@ class MainWindow(QMainWindow):
 
     @Slot(str)
     def use_model_file(self, path: str) -> None:
-        """The user picked a GGUF file: remember it and load it."""
+        """The user picked a GGUF file: the default model from now on (new tabs, and this one)."""
+        self.keep_tabs_on_their_model()
         self.save_settings(self.settings.with_changes(model_path=path))
         self.client.load_model(path)
 
+    def keep_tabs_on_their_model(self) -> None:
+        """The default model is about to change: every tab but the current one that answers with it
+        ("local") keeps its model ("model:<path>"); only the current tab and new ones take the new one."""
+        path = self.model_info.get("path")
+        current = self.tabs.currentWidget()
+        if not path:
+            return
+        for tab in self.chat_tabs:
+            if tab is not current and tab.engine_picker.engine_id == LOCAL_ENGINE:
+                tab.set_engine(model_engine_id(path))
+
     # -- remote engines -------------------------------------------------------------------------
     def engine_choices(self) -> list[tuple[str, str]]:
-        """The tabs' engine pickers: (engine id, label), the local engine first."""
+        """The tabs' engine pickers: (engine id, label): the default model first ("local"), the other
+        local models (installed or opened: "model:<path>"), then the servers of Settings → Engines."""
         name = Path(self.model_info["file_name"]).stem if self.model_info else "no model loaded"
-        return [(LOCAL_ENGINE, f"Local · {name}")] + [(e.id, e.label) for e in self.settings.engines]
+        default_path = self.model_info.get("path", "")
+        local = [(model_engine_id(m["path"]), local_label(m["path"]))
+                 for m in self.local_models if m["path"] != default_path]  # fmt: skip
+        remote = [(e.id, e.label) for e in self.settings.engines]
+        return [(LOCAL_ENGINE, f"Local · {name}"), *local, *remote]
 
     def send_endpoints(self) -> None:
         """The endpoints of the settings, with their keys, to the worker (which makes their engines)."""
@@ -292,7 +344,9 @@ class MainWindow(QMainWindow):
     def refresh_engine_choices(self) -> None:
         choices = self.engine_choices()
         for tab in self.chat_tabs:
-            self.client.set_conversation_engine(tab.conversation_id, tab.set_engine_choices(choices))
+            before = tab.engine_picker.engine_id
+            if (effective := tab.set_engine_choices(choices)) != before:  # the saved one is gone
+                self.client.set_conversation_engine(tab.conversation_id, effective)
         self.router.show_tab_engine()
 
     # -- settings -------------------------------------------------------------------------------
@@ -302,8 +356,9 @@ class MainWindow(QMainWindow):
         """Live: the engine takes the new options at once; a new model file is loaded on the worker."""
         old, self.settings = self.settings, settings
         self.save_settings(settings)
-        self.client.apply_settings(dict(settings.kv_cache), dict(settings.batching))
+        self.client.apply_settings(dict(settings.kv_cache), dict(settings.batching), models_options(settings))
         if settings.model_path != old.model_path:
+            self.keep_tabs_on_their_model()
             self.client.load_model(settings.model_path or "")
         if (settings.engines, settings.default_engine) != (
             old.engines,

@@ -113,11 +113,12 @@ def test_three_models_under_a_budget_for_two_unload_the_least_recently_used_idle
     drive(pool, [pool.submit("tiny-b", "the lazy dog", GREEDY)])  # ...and b used after it: a is LRU
     assert pool.loaded_bytes <= budget
 
-    gemma = pool.submit("tiny-gemma", [user("Hello there")], GREEDY)
-    drive(pool, [gemma])
+    pool.lease("tiny-gemma")  # loads it (no step runs meanwhile: a's request stays running)
+    pool.release("tiny-gemma")
     # room for gemma: b went (idle), never a (least recently used, but running)
     assert [pool.is_loaded(m) for m in ("tiny-a", "tiny-b", "tiny-gemma")] == [True, False, True]
     assert not running.done() and pool.loaded_bytes <= budget
+    drive(pool, [pool.submit("tiny-gemma", [user("Hello there")], GREEDY)])
 
     (a_result,) = drive(pool, [running])
     assert a_result.token_ids == alone(tiny_family["tiny-a"], "a long one", LONG).token_ids
@@ -161,7 +162,8 @@ def test_an_idle_model_is_unloaded_after_its_time_to_live(tiny_family):
     pool = make_pool(tiny_family, idle_ttl_s=0.2)
     drive(pool, [pool.submit("tiny-a", "hi", GREEDY)])
     assert pool.is_loaded("tiny-a")
-    wait = pool.seconds_until_ready()  # the driver knows when to look again
+    assert pool.seconds_until_ready() is None  # no work...
+    wait = pool.seconds_until_expiry()  # ...but the driver knows when to look again
     assert wait is not None and 0 < wait <= 0.2
     time.sleep(0.25)
     pool.step()
