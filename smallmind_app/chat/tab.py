@@ -149,8 +149,8 @@ class ChatTab(TabWidgets):
         """Answer with ``engine_id`` from the next reply on; remembered with the conversation."""
         self.model.set_engine(engine_id)
         self.schedule_render()
-        if self.engine_picker.engine_id != engine_id:
-            self.engine_picker.set_choices(self._engine_choices, engine_id)
+        if self.engine_picker.engine_id != engine_id and self._engine_choices:
+            self.set_engine_choices(self._engine_choices)  # a local model not listed yet is added
         self.engine_changed.emit(self.conversation_id, engine_id)
 
     def set_engine_choices(self, choices: list[tuple[str, str]]) -> str:

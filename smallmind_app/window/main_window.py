@@ -94,8 +94,10 @@ class MainWindow(QMainWindow):
         self.dialogs = WindowDialogs(self)
         build_menus(self)
         self.presets = PresetController(
-            self, lambda: self.settings.prompt_presets, self._save_presets, self._current_chat_tab
-        )
+            self, lambda: self.settings.prompt_presets, self._save_presets, self._current_chat_tab,
+            tied=lambda: self.settings.preset_models, save_tied=self._save_preset_models,
+            label_of=self.engine_label,
+        )  # fmt: skip
         self.preset_menu = self.presets.menu(self)  # the current tab's, in the Chat menu
         self.chat_menu.insertMenu(self.action_chat_settings, self.preset_menu)
         self.theme = ThemeManager(settings.theme, self)
@@ -405,6 +407,15 @@ class MainWindow(QMainWindow):
 
     def _save_presets(self, presets: dict[str, str]) -> None:
         self.save_settings(self.settings.with_changes(prompt_presets=presets))
+
+    def _save_preset_models(self, tied: dict[str, str]) -> None:
+        self.save_settings(self.settings.with_changes(preset_models=tied))
+
+    def engine_label(self, engine_id: str) -> str:
+        """An engine id's label in the pickers ("Local · gemma-3-270m-q4_k_m", a server's name)."""
+        return dict(self.engine_choices()).get(engine_id) or (
+            local_label(path) if (path := model_path_of(engine_id)) else engine_id
+        )
 
     @Slot(str)
     def _on_theme_theme_changed(self, _name: str) -> None:

@@ -323,18 +323,21 @@ class EngineWorker(QObject):
         if conversation_id in self._replies:
             self._refuse(conversation_id, Problem(wording.ALREADY_GENERATING))
             return
+        loading = False
         if self._remote.answers(conversation_id):  # a remote engine's events hop to this thread first
             on_event = partial(self._remote_event.emit, conversation_id)
             started = self._remote.submit(conversation_id, messages, sampling, on_event)
         else:
-            self._replies.model_names[conversation_id] = self.local.model_name(conversation_id)
+            model_id = self.local.model_of(conversation_id)
+            loading = model_id is not None and not self.local.is_loaded(model_id)
             on_event = partial(self._local_event_from_any_thread, conversation_id)
             started = self.local.submit(conversation_id, messages, sampling, on_event, continuing)
         if isinstance(started, Problem):
             self._refuse(conversation_id, started)
             return
         self._replies.start(conversation_id, *started)  # handle, max new tokens
-        self._flush()  # "loading <model>…" when its model is not loaded
+        if loading:  # it waits for its model's load
+            self.request_loading.emit(conversation_id, self.local.model_name(conversation_id))
         self._schedule()
 
     def _local_event_from_any_thread(self, conversation_id: str, event: GenerationEvent) -> None:

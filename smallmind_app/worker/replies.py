@@ -27,7 +27,6 @@ class Replies:
         self._text: dict[str, list[str]] = {}  # pending text pieces per conversation
         self._n_generated: dict[str, int] = {}  # tokens generated so far by each conversation's reply
         self._max_new_tokens: dict[str, int] = {}  # each running reply's own max_new_tokens
-        self.model_names: dict[str, str] = {}  # conversation id -> the local model answering it
         self._last_text_flush = 0.0
 
     def __contains__(self, conversation_id: str) -> bool:
@@ -75,8 +74,6 @@ class Replies:
         waiting = _waiting_after(events)
         out: list[Signal] = []
         for conversation_id, event in events:
-            if event.kind == "loading":  # its model is not loaded: the tab says it waits for the load
-                out.append(("request_loading", (conversation_id, self.model_names.get(conversation_id, ""))))
             if event.kind == "prefill":
                 progress[conversation_id] = (event.prompt_done, event.prompt_total)
             if event.text:
