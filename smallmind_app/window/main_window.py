@@ -27,7 +27,6 @@ from ..chat.conversation_tabs import ConversationTabs
 from ..chat.preset_menu import PresetController
 from ..chat.tab import ChatTab
 from ..dock.stats_dock import StatsDock
-from ..engines.endpoints import LOCAL_ENGINE, local_label, model_engine_id, model_path_of
 from ..engines.engine_keys import EngineKeys
 from ..history.sidebar import HistorySidebar
 from ..history.store import ConversationStore
@@ -36,7 +35,7 @@ from ..models.models_dialog import ModelsDialog
 from ..paths import RESOURCES_DIR
 from ..server.server_dialog import LocalServerDialog
 from ..settings import app_settings
-from ..settings.app_settings import AppSettings, SettingsError, section_defaults
+from ..settings.app_settings import AppSettings, SettingsError
 from ..settings.dialog import SettingsDialog
 from ..wording import MiB, setting_problem
 from ..worker.client import EngineClient
@@ -45,18 +44,13 @@ from .dialogs import WindowDialogs
 from .menus import build_menus
 from .model_status import ModelStatus
 from .router import WorkerRouter
+from .tab_models import TabModels, models_options
 from .theme_manager import ThemeManager
 
 log = logging.getLogger(__name__)
 DOCK_SHARE, DOCK_WIDTH = 0.3, (300, 600)
 HISTORY_WIDTH = 290
 ICON_FILE = RESOURCES_DIR / "icon.png"
-
-
-def models_options(settings: AppSettings) -> dict[str, Any]:
-    """The local models' pool options from the settings (the engine's default limit when unset)."""
-    limit = settings.max_loaded_model_bytes
-    return {"idle_ttl_s": settings.model_idle_ttl_s, **({"max_loaded_bytes": limit} if limit else {})}
 
 
 def app_icon() -> QIcon:
@@ -75,7 +69,9 @@ class MainWindow(QMainWindow):
         self.client = client
         self.error_dialog: QMessageBox | None = None
         self.closed = False
-        self.local_models: list[dict[str, Any]] = []  # the worker's local models (LocalEngine.models())
+        self.models = TabModels(
+            lambda: self.settings, lambda: self.model_info
+        )  # which model answers each tab
         self.engine_keys = EngineKeys()  # Settings → Engines: the endpoints' keys (keyring, or a 0600 file)
         self.api_keys = self.engine_keys.store
         self.tabs = ConversationTabs(store)
@@ -96,7 +92,7 @@ class MainWindow(QMainWindow):
         self.presets = PresetController(
             self, lambda: self.settings.prompt_presets, self._save_presets, self._current_chat_tab,
             tied=lambda: self.settings.preset_models, save_tied=self._save_preset_models,
-            label_of=self.engine_label,
+            label_of=lambda engine_id: self.models.engine_label(engine_id),
         )  # fmt: skip
         self.preset_menu = self.presets.menu(self)  # the current tab's, in the Chat menu
         self.chat_menu.insertMenu(self.action_chat_settings, self.preset_menu)
@@ -256,36 +252,15 @@ class MainWindow(QMainWindow):
         self.client.forget_session(conversation_id)  # its K/V files go too
 
     def sampling_for(self, tab: ChatTab) -> dict[str, Any]:
-        """The global sampling settings where the user set them, else the tab's model's own (its
-        file's recommended settings, if any), overridden by the tab's own (conversation settings)."""
-        defaults = section_defaults("sampling")
-        own = self.model_defaults_for(tab.engine_picker.engine_id).get("sampling", {})
-        chosen = {key: value for key, value in self.settings.sampling.items() if value != defaults.get(key)}
-        sampling = {
-            **self.settings.sampling,
-            **own,
-            **chosen,
-            **tab.conversation_settings.get("sampling", {}),
-        }
-        sampling["stop"] = list(sampling.get("stop", ()))
-        return sampling
-
-    def model_defaults_for(self, engine_id: str) -> dict[str, Any]:
-        """The defaults of the local model ``engine_id`` names ({} for a server, or a model not listed)."""
-        path = (
-            self.model_info.get("path", "") if engine_id == LOCAL_ENGINE else model_path_of(engine_id) or ""
-        )
-        row = next((m for m in self.local_models if path and m["path"] == path), None)
-        if row is None and engine_id == LOCAL_ENGINE:
-            row = self.model_info
-        return dict((row or {}).get("model_defaults") or {})
+        """What the tab's next reply is sampled with (``TabModels.sampling_for``)."""
+        return self.models.sampling_for(tab)
 
     @Slot(list)
     def set_local_models(self, models: list) -> None:
         """The worker's local models changed (one opened, loaded, unloaded): the pickers and the dock."""
-        self.local_models = list(models)
+        self.models.local_models = list(models)
         self.refresh_engine_choices()
-        self.stats_dock.show_models(self.local_models)
+        self.stats_dock.show_models(self.models.local_models)
 
     @Slot(str, bool)
     def _on_tab_busy_changed(self, _conversation_id: str, _busy: bool) -> None:
@@ -318,26 +293,13 @@ class MainWindow(QMainWindow):
         self.client.load_model(path)
 
     def keep_tabs_on_their_model(self) -> None:
-        """The default model is about to change: every tab but the current one that answers with it
-        ("local") keeps its model ("model:<path>"); only the current tab and new ones take the new one."""
-        path = self.model_info.get("path")
-        current = self.tabs.currentWidget()
-        if not path:
-            return
-        for tab in self.chat_tabs:
-            if tab is not current and tab.engine_picker.engine_id == LOCAL_ENGINE:
-                tab.set_engine(model_engine_id(path))
+        """The default model is about to change: the other tabs keep theirs (``TabModels``)."""
+        self.models.keep_tabs_on_their_model(self.chat_tabs, self.tabs.currentWidget())
 
     # -- remote engines -------------------------------------------------------------------------
     def engine_choices(self) -> list[tuple[str, str]]:
-        """The tabs' engine pickers: (engine id, label): the default model first ("local"), the other
-        local models (installed or opened: "model:<path>"), then the servers of Settings → Engines."""
-        name = Path(self.model_info["file_name"]).stem if self.model_info else "no model loaded"
-        default_path = self.model_info.get("path", "")
-        local = [(model_engine_id(m["path"]), local_label(m["path"]))
-                 for m in self.local_models if m["path"] != default_path]  # fmt: skip
-        remote = [(e.id, e.label) for e in self.settings.engines]
-        return [(LOCAL_ENGINE, f"Local · {name}"), *local, *remote]
+        """The tabs' engine pickers: (engine id, label) (``TabModels.engine_choices``)."""
+        return self.models.engine_choices()
 
     def send_endpoints(self) -> None:
         """The endpoints of the settings, with their keys, to the worker (which makes their engines)."""
@@ -410,12 +372,6 @@ class MainWindow(QMainWindow):
 
     def _save_preset_models(self, tied: dict[str, str]) -> None:
         self.save_settings(self.settings.with_changes(preset_models=tied))
-
-    def engine_label(self, engine_id: str) -> str:
-        """An engine id's label in the pickers ("Local · gemma-3-270m-q4_k_m", a server's name)."""
-        return dict(self.engine_choices()).get(engine_id) or (
-            local_label(path) if (path := model_path_of(engine_id)) else engine_id
-        )
 
     @Slot(str)
     def _on_theme_theme_changed(self, _name: str) -> None:

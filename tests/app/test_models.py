@@ -77,7 +77,7 @@ def test_two_tabs_on_two_models_stream_together_and_each_says_who_wrote_it(
     assert (a.entries[-1].model, g.entries[-1].model) == ("app-tiny", GEMMA)
     assert footer_of(a).startswith("app-tiny (local) · ") and footer_of(g).startswith(f"{GEMMA} (local) · ")
     assert [m.model for m in stored_messages(g.conversation_id)] == ["", GEMMA]  # stored with the reply
-    rows = {row["model_id"]: row for row in window.local_models}
+    rows = {row["model_id"]: row for row in window.models.local_models}
     assert rows["app-tiny"]["state"] == rows[GEMMA]["state"] == "loaded"
     qtbot.waitUntil(lambda: window.stats_dock.model_table.rowCount() == 2, timeout=5000)
     states = {window.stats_dock.table.item(r, 0).text() for r in range(window.stats_dock.table.rowCount())}
@@ -240,7 +240,7 @@ def test_a_model_idle_past_its_time_to_live_is_unloaded_and_comes_back(
     window.client.worker.request_loading.connect(lambda cid, name: loading.append(name))
 
     def state(model_id: str) -> str:
-        return next(row["state"] for row in window.local_models if row["model_id"] == model_id)
+        return next(row["state"] for row in window.models.local_models if row["model_id"] == model_id)
 
     qtbot.waitUntil(lambda: state(GEMMA) == "unloaded" and state("app-tiny") == "unloaded", timeout=10_000)
     started = time.perf_counter()
