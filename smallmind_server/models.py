@@ -103,6 +103,8 @@ class ServedModels:
                 state = dataclasses.replace(self.root, engine=engine, model_name=model_id, router=router)
                 self._states[model_id] = state
             state.engine = engine
+            if model_id == self.default_model:  # /health and /metrics read the root's: the default's engine
+                self.root.engine = engine
             return state
 
 

@@ -378,6 +378,7 @@ class EngineWorker(QObject):
         handle = self._replies.handles.get(conversation_id)
         if handle is not None:
             handle.cancel()
+            self._flush()  # a reply waiting for its model's load ended here: no step would send it
             self._schedule()
 
     @Slot(str)

@@ -167,6 +167,7 @@ def test_a_base_model_gets_no_other_models_system_prompt(
     assert window.settings.system_prompt == ""  # none of the app's: each model's own
     smol, base = window.chat_tabs[0], window.new_chat()
     assert smol.system_prompt == base.system_prompt == ""
+    assert smol.system_toggle.text() == "System prompt: (the model's own)"  # not "(none)": SmolLM2 has one
     pick_model(qtbot, window, base, installed_gemma)
     for tab in (smol, base):
         send(tab, "Hello there")
@@ -249,3 +250,50 @@ def test_a_model_idle_past_its_time_to_live_is_unloaded_and_comes_back(
                     timeout=REPLY_TIMEOUT_MS)  # fmt: skip
     wait_idle(qtbot, tab)
     assert loading == [GEMMA] and tab.entries[-1].status == "complete" and time.perf_counter() > started
+
+
+def test_a_reply_waiting_for_its_models_load_can_be_stopped_and_the_other_tab_goes_on(
+    qtbot: Any, make_window: Any, write_settings: Any, installed_gemma: Path
+) -> None:
+    """Room for one model only, and the loaded one is answering: the other tab's model waits to load
+    (the tab says so); Stop ends that reply at once, the answering tab is not disturbed."""
+    write_settings(sampling={"max_new_tokens": 900, "stop_on_eos": False, "seed": 7})
+    window = make_window()
+    window.client.apply_settings(dict(window.settings.kv_cache), dict(window.settings.batching),
+                                 {"max_loaded_bytes": 1})  # fmt: skip
+    busy, waiting = window.chat_tabs[0], window.new_chat()
+    send(busy, "Tell me a long story")
+    qtbot.waitUntil(lambda: busy.is_generating and busy.entries[-1].content != "", timeout=REPLY_TIMEOUT_MS)
+    waiting.set_engine(engine_id(installed_gemma))
+    send(waiting, "Hello there")
+    qtbot.waitUntil(lambda: waiting.status_label.text() == f"loading {GEMMA}…", timeout=5000)
+    assert busy.is_generating  # the model it would replace is answering: it is not unloaded
+    waiting.stop_button.click()
+    qtbot.waitUntil(lambda: not waiting.is_generating, timeout=5000)  # at once, not after the long reply
+    assert busy.is_generating  # the long reply goes on
+    assert (
+        waiting.entries[-1].stats["finish_reason"] == "cancelled"
+        and waiting.status_label.text() == "Stopped."
+    )
+    wait_idle(qtbot, busy)
+    assert busy.entries[-1].status == "complete"
+
+
+def test_stop_ends_a_reply_waiting_for_its_models_load_when_nothing_else_runs(
+    qtbot: Any, make_window: Any, installed_gemma: Path
+) -> None:
+    window = make_window()
+    window.client.apply_settings(dict(window.settings.kv_cache), dict(window.settings.batching),
+                                 {"max_loaded_bytes": 1})  # fmt: skip
+    pool = window.client.worker.local.pool
+    pool.lease("app-tiny")  # held (as an API request would): gemma's load waits for its room
+    try:
+        tab = window.chat_tabs[0]
+        tab.set_engine(engine_id(installed_gemma))
+        send(tab, "Hello there")
+        qtbot.waitUntil(lambda: tab.status_label.text() == f"loading {GEMMA}…", timeout=5000)
+        tab.stop_button.click()
+        qtbot.waitUntil(lambda: not tab.is_generating, timeout=5000)  # no step runs: Stop alone ends it
+        assert tab.entries[-1].stats["finish_reason"] == "cancelled"
+    finally:
+        pool.release("app-tiny")

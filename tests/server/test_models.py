@@ -102,12 +102,15 @@ def test_a_budget_for_one_model_swaps_them_and_every_request_answers(tiny_family
     pool = ModelPool(models, ModelPoolOptions(max_loaded_bytes=one), BatchingOptions(max_batch_wait_ms=0))
     pool.start()
     try:
-        with serve_app(create_app(None, "tiny-a", pool=pool)) as url:
+        app = create_app(None, "tiny-a", pool=pool)
+        with serve_app(app) as url:
             for model in ("tiny-a", "tiny-gemma", "tiny-a"):
                 body = {"model": model, "prompt": "the quick", "max_tokens": 4}
                 response = httpx.post(url + "/v1/completions", json=body, timeout=TIMEOUT_S)
                 assert response.status_code == 200 and response.json()["model"] == model
                 assert [pool.is_loaded(m) for m in models] == [model == "tiny-a", model == "tiny-gemma"]
+            root_engine = app.state.server.engine  # what /health and /metrics read: the default's, reloaded
+            assert root_engine is pool.loaded_engine("tiny-a")
     finally:
         pool.stop()
 
