@@ -181,7 +181,8 @@ def create_app(
     _add_error_handlers(app)
     _add_routes(app, state, app.state.models)
     index_path = documents_path if documents_path is not None else default_index_path()
-    app.add_middleware(DocumentsMiddleware, state=state, index_path=index_path)  # inside the _Guard
+    app.add_middleware(DocumentsMiddleware, state=state, index_path=index_path,
+                       models=app.state.models)  # inside the _Guard  # fmt: skip
     app.add_middleware(_Guard, keys=keys, max_body_bytes=max_body_bytes)
     if cors_origins:  # added last: runs first, so preflights get their headers before the key check
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],

@@ -6,6 +6,7 @@ Settings set the loaded models' memory limit and idle time."""
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -297,3 +298,80 @@ def test_stop_ends_a_reply_waiting_for_its_models_load_when_nothing_else_runs(
         assert tab.entries[-1].stats["finish_reason"] == "cancelled"
     finally:
         pool.release("app-tiny")
+
+
+def test_the_in_app_server_serves_every_local_model_by_its_id(
+    qtbot: Any, make_window: Any, installed_gemma: Path
+) -> None:
+    """Tools → Local server… on the window's pool: /v1/models lists the installed models, a request
+    names its model (loaded on demand) and is answered by it; an unknown id is a 404 naming them."""
+    import httpx
+
+    from tests.app.test_local_server import free_port
+
+    window = make_window()
+    dialog = window.open_local_server()
+    dialog.port.setValue(free_port())
+    dialog.enabled.setChecked(True)
+    qtbot.waitUntil(lambda: dialog.address.text().startswith("http://127.0.0.1:"), timeout=30_000)
+    base = dialog.address.text()
+    try:
+        models = httpx.get(base + "/models", timeout=30).json()["data"]
+        assert {m["id"] for m in models} == {"app-tiny", GEMMA}
+        assert not window.client.worker.local.is_loaded(GEMMA)  # listed, not loaded until asked for
+        replies: dict[str, httpx.Response] = {}
+
+        def ask(model: str) -> None:  # a client program: off the GUI thread, which must keep stepping
+            body = {"model": model, "prompt": "the quick", "max_tokens": 4, "temperature": 0}
+            replies[model] = httpx.post(base + "/completions", json=body, timeout=60)
+
+        for model in ("app-tiny", GEMMA):
+            client = threading.Thread(target=ask, args=(model,))
+            client.start()
+            qtbot.waitUntil(lambda: not client.is_alive(), timeout=60_000)  # noqa: B023
+            assert replies[model].status_code == 200, replies[model].text
+            assert replies[model].json()["model"] == model and replies[model].json()["choices"][0]["text"]
+        assert window.client.worker.local.is_loaded(GEMMA)  # loaded for the request
+        missing = httpx.post(base + "/completions", json={"model": "nope", "prompt": "x"}, timeout=30)
+        assert missing.status_code == 404 and "app-tiny" in missing.text and GEMMA in missing.text
+    finally:
+        dialog.enabled.setChecked(False)
+        qtbot.waitUntil(lambda: dialog.address.text() == "not running", timeout=30_000)
+
+
+def test_document_passages_are_counted_by_the_tabs_own_model(
+    qtbot: Any, make_window: Any, write_settings: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tab on a model with another vocabulary (SentencePiece, against the default's byte-level
+    BPE): the documents' token budget is counted with its model's tokenizer, not the default's."""
+    from engine import Tokenizer
+    from engine.documents import DocumentIndex, default_index_path, retrieve
+    from tests.app.test_documents_window import add_library, ask, use_library
+    from tests.fixtures.tiny_model import write_tiny_model
+
+    paths.models_dir().mkdir(parents=True, exist_ok=True)
+    spm = write_tiny_model(paths.models_dir() / "tiny-spm.gguf", seed=3, tokenizer_model="llama",
+                           context_length=1024).path  # fmt: skip
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    for name, text in (("lighthouse.md", "# Lighthouse\n\nThe lamp was first lit in 1848 by Ada Voss.\n"),
+                       ("ferry.txt", "The ferry leaves the pier at seven and returns at noon.\n"),
+                       ("garden.txt", "Tomatoes need six hours of sun each day.\n"),
+                       ("tides.txt", "High tide comes twice a day, an hour later each day.\n")):  # fmt: skip
+        (notes / name).write_text(text)
+    write_settings(sampling={"max_new_tokens": 2, "seed": 1})
+    window = make_window()
+    add_library(qtbot, window, notes, monkeypatch).close()
+    tab = window.chat_tabs[0]
+    pick_model(qtbot, window, tab, spm)
+    use_library(tab, "notes", 120)
+    stats = ask(qtbot, tab, "Who first lit the lamp?")
+    counts = {}
+    with DocumentIndex(default_index_path()) as index:
+        for name, path in (("spm", spm), ("default", window.client.worker.local.model_path)):
+            tokenizer = Tokenizer.from_gguf(path)
+            found = retrieve(index, ["notes"], "Who first lit the lamp?", 120,
+                             lambda t, k=tokenizer: len(k.encode(t, parse_special=False)))  # fmt: skip
+            counts[name] = found.n_tokens
+    assert counts["spm"] != counts["default"]  # the two vocabularies count differently
+    assert stats["documents_tokens"] == counts["spm"] and stats["citations"]

@@ -157,3 +157,54 @@ def test_a_hostile_body_is_refused_before_any_model_is_picked(pooled, content_ty
                               timeout=TIMEOUT_S)  # fmt: skip
         assert response.status_code == 400, response.text[:200]
     assert not any(pool.is_loaded(m) for m in ("tiny-a", "tiny-gemma"))
+
+
+def test_document_passages_are_counted_by_the_model_the_request_names(
+    tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
+    """``"smallmind": {"library": ...}`` over a pool: the passages' token budget is counted with the
+    named model's tokenizer (loaded for it), not the default model's."""
+    from engine import Tokenizer
+    from engine.documents import DocumentIndex, retrieve, update_library
+    from tests.fixtures.tiny_model import write_tiny_model
+
+    spm = write_tiny_model(tmp_path / "tiny-spm.gguf", seed=3, tokenizer_model="llama").path
+    models = {"tiny-a": tiny_family["tiny-a"], "tiny-spm": spm}  # byte-level BPE; SentencePiece
+    folder = tmp_path / "town"
+    folder.mkdir()
+    (folder / "lighthouse.md").write_text(
+        "# Lighthouse\n\nThe lighthouse lamp was first lit in 1848 by Ada Voss.\n"
+    )
+    index_path = tmp_path / "documents.sqlite3"
+    with DocumentIndex(index_path) as index:
+        index.create_library("town", [folder])
+        update_library(index, "town")
+    question = "Who first lit the lighthouse lamp?"
+    counts = {}
+    for name, path in models.items():
+        tokenizer = Tokenizer.from_gguf(path)
+        with DocumentIndex(index_path) as index:
+            found = retrieve(
+                index, ["town"], question, 100, lambda t, k=tokenizer: len(k.encode(t, parse_special=False))
+            )
+        counts[name] = found.n_tokens
+    assert counts["tiny-a"] != counts["tiny-spm"] > 0  # the two tokenizers count differently
+    pool = ModelPool(models, ModelPoolOptions(), BatchingOptions(max_batch_wait_ms=0))
+    pool.start()
+    try:
+        with serve_app(create_app(None, "tiny-a", pool=pool, documents_path=index_path)) as url:
+            body: dict = {"messages": [{"role": "user", "content": question}], "max_tokens": 2,
+                          "smallmind": {"library": "town", "budget_tokens": 100}}  # fmt: skip
+            for name in ("tiny-spm", "tiny-a"):
+                response = httpx.post(
+                    url + "/v1/chat/completions", json=body | {"model": name}, timeout=TIMEOUT_S
+                )
+                assert response.status_code == 200, response.text
+                assert response.json()["model"] == name
+                assert response.json()["smallmind"]["n_tokens"] == counts[name]
+            missing = httpx.post(
+                url + "/v1/chat/completions", json=body | {"model": "nope"}, timeout=TIMEOUT_S
+            )
+            assert missing.status_code == 404 and "tiny-spm" in missing.text
+    finally:
+        pool.stop()
