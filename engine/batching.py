@@ -27,6 +27,8 @@ from typing import Any, Literal
 import numpy as np
 
 from . import kernels
+from .constraints import GrammarCompiler
+from .embeddings import EMBEDDING_OPTIONS, EmbeddingSequence
 from .errors import CacheBudgetError, ContextOverflowError, EngineError, EngineStoppedError, QueueFullError
 from .generation import GenerationEvent, GenerationResult, ResultHandle
 from .generation import Sequence as Seq
@@ -38,6 +40,7 @@ from .options import options_from_dict, options_to_dict
 from .prompting import PromptBuilder
 from .sampling import InferenceOptions
 from .speculative import Draft, Drafter
+from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,7 @@ class RequestHandle(ResultHandle):
     def __init__(self, seq: Seq, engine: BatchedInferenceEngine, on_event: EventCallback | None) -> None:
         super().__init__(seq.request_id, seq.session_id, on_event)
         self._engine = engine
+        self._seq = seq  # for requests forked from this one (n > 1)
 
     def cancel(self) -> None:
         """Ask the engine to stop this request at the next step (thread-safe)."""
@@ -146,6 +150,7 @@ class BatchedInferenceEngine:
         self._external_driver = False
         self._wakeup_listeners: list[Callable[[], None]] = []
         self.drafter = Drafter()  # prompt-lookup drafts: which requests draft how many tokens
+        self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)  # constraints -> matchers
 
     # -- options -----------------------------------------------------------------------------
     @property
@@ -184,13 +189,19 @@ class BatchedInferenceEngine:
         options: InferenceOptions | None = None,
         session_id: SessionId | None = None,
         on_event: EventCallback | None = None,
+        fork_of: RequestHandle | None = None,
     ) -> RequestHandle:
-        """Queue a request (thread-safe). Raises QueueFullError, ContextOverflowError, ValueError."""
+        """Queue a request (thread-safe). Raises QueueFullError, ContextOverflowError, ValueError
+        (a ``ConstraintError`` for a grammar the constraint library refuses).
+
+        ``fork_of``: a request with the same prompt submitted before (n > 1 choices): this one starts
+        once that one's prompt is computed and copies its K/V instead of computing them again."""
         options = options or InferenceOptions()
         if self._stopped:
             raise EngineStoppedError("the engine is stopped; no new requests are accepted")
         prompt_ids, trimmed = self._prompts.build(prompt_or_messages, self.session_token_limit(), options)
         self._check_fits_alone(len(prompt_ids), options)
+        matcher = self.grammars.matcher(options.constraint) if options.constraint is not None else None
         seq = Seq(
             prompt_ids,
             options,
@@ -198,7 +209,31 @@ class BatchedInferenceEngine:
             eos_ids=frozenset(self.tokenizer.eos_ids),
             session_id=session_id,
             context_trimmed=trimmed,
+            matcher=matcher,
+            fork_parent=fork_of._seq if fork_of is not None else None,
         )
+        return self._enqueue(seq, on_event)
+
+    def submit_embedding(
+        self, text_or_ids: str | Sequence[int], on_event: EventCallback | None = None
+    ) -> RequestHandle:
+        """Queue an embedding request (thread-safe): its result's ``embedding`` is the mean of the
+        model's final hidden states over the input's tokens, L2-normalized (engine/embeddings.py).
+        Text is encoded as plain text (special-token spellings stay text), after BOS if the model
+        adds one. Raises ValueError, ContextOverflowError, QueueFullError."""
+        if self._stopped:
+            raise EngineStoppedError("the engine is stopped; no new requests are accepted")
+        ids = embedding_input_ids(self.tokenizer, text_or_ids, self.model.config.vocab_size)
+        limit = self.session_token_limit()
+        if len(ids) > limit:
+            raise ContextOverflowError(len(ids), limit, what="the input")
+        self._check_fits_alone(len(ids), EMBEDDING_OPTIONS)
+        seq = EmbeddingSequence(ids, EMBEDDING_OPTIONS, decoder=self.tokenizer.stream_decoder(),
+                                eos_ids=frozenset(self.tokenizer.eos_ids))  # fmt: skip
+        return self._enqueue(seq, on_event)
+
+    def _enqueue(self, seq: Seq, on_event: EventCallback | None) -> RequestHandle:
+        session_id = seq.session_id if isinstance(seq.session_id, SessionId) else None
         handle = RequestHandle(seq, self, on_event)
         with self._queue_lock:  # stop() drains the queue under this lock: check again here
             if self._stopped:
@@ -396,7 +431,9 @@ class BatchedInferenceEngine:
         rows: list[tuple[_Running, np.ndarray]] = []
         while len(self._running) < limit and budget > 0 and not self._memory_blocked:
             with self._queue_lock:
-                picked = next(((s, h) for s, h in self._waiting if s.session_id not in busy), None)
+                picked = next(
+                    ((s, h) for s, h in self._waiting if s.session_id not in busy and _may_start(s)), None
+                )
             if picked is None:
                 break
             seq, handle = picked
@@ -502,6 +539,11 @@ class BatchedInferenceEngine:
         shape = self.model.kv_shape(options.dtype)
         entry, n_reused = self.store.prepare(session, shape, seq.all_ids, context, pin=True, record=False)
         seq.cache = entry
+        if seq.needs_every_position:  # it wants every position's logits or hidden state: compute them
+            entry.trim(0)
+            n_reused = 0
+        elif seq.fork_parent is not None:
+            n_reused = _copy_from_parent(seq, entry, n_reused)
         seq.reset_computed(n_reused)
         return _Running(seq, handle, store_session=session, anonymous=anonymous, last_token_at=last_token_at)
 
@@ -556,7 +598,7 @@ class BatchedInferenceEngine:
         n_decode = len(ready) - sum(1 for r, _ in ready if r.seq.in_prefill)
         self.metrics.record_step(len(ready), n_prefill, n_decode, now - started, len(self._waiting),
                                  len(self._running))  # fmt: skip
-        for (run, chunk), row_logits in zip(ready, logits, strict=True):
+        for (run, chunk), row_logits in zip(ready, logits, strict=True):  # a row's logits: (V,) or (T, V)
             if run.draft is not None:
                 self._after_verify(run, row_logits, now)
                 continue
@@ -622,6 +664,9 @@ class BatchedInferenceEngine:
     @staticmethod
     def _with_draft(run: _Running, chunk: np.ndarray, draft: Draft | None) -> tuple[_Running, np.ndarray]:
         entry = run.seq.cache
+        if draft is not None:  # a constrained request drafts only what its grammar allows
+            n_valid = run.seq.valid_draft_length(draft.token_ids)
+            draft = Draft(draft.token_ids[:n_valid], draft.ngram, draft.start) if n_valid else None
         if draft is None or entry is None:
             return run, chunk
         try:
@@ -634,11 +679,22 @@ class BatchedInferenceEngine:
     def _forward(self, ready: list[tuple[_Running, np.ndarray]]) -> np.ndarray | list[np.ndarray]:
         """The logits of each row's last token, and of every drafted position of a drafting row."""
         rows = [Row(chunk, run.seq.cache) for run, chunk in ready]  # type: ignore[arg-type]
-        if all(run.draft is None for run, _ in ready):
+        tails = [_n_tails(run, chunk) for run, chunk in ready]
+        embedding = [isinstance(run.seq, EmbeddingSequence) for run, _ in ready]
+        if all(n == 1 for n in tails) and not any(embedding):
             return self.model.forward_last(rows)
-        tails = [1 if run.draft is None else 1 + len(run.draft.token_ids) for run, _ in ready]
-        logits = self.model.forward_tails(rows, tails)  # [(n_i, V)]
-        return [row if run.draft is not None else row[0] for (run, _), row in zip(ready, logits, strict=True)]
+        hidden: list[np.ndarray] | None = [] if any(embedding) else None
+        logits = (
+            self.model.forward_tails(rows, tails)  # [(n_i, V)]
+            if hidden is None
+            else self.model.forward_tails(rows, tails, hidden)
+        )
+        if hidden is not None:  # each embedding row's final hidden states, (T, D)
+            ends = np.cumsum([len(chunk) for _, chunk in ready])
+            for (run, chunk), end, wanted in zip(ready, ends, embedding, strict=True):
+                if wanted:
+                    run.seq.on_hidden(hidden[0][end - len(chunk) : end])  # type: ignore[attr-defined]
+        return [row if n > 1 else row[0] for row, n in zip(logits, tails, strict=True)]
 
     def _after_verify(self, run: _Running, logits: np.ndarray, now: float) -> None:
         """Take the drafts the request's sampling agrees with; forget the K/V of the others."""
@@ -671,6 +727,7 @@ class BatchedInferenceEngine:
         run.handle._deliver(final)  # counted before the caller hears of it
 
     # -- drivers -------------------------------------------------------------------------------
+    # (the helpers below the class: fork children, rows of several logits, embedding input)
     def add_wakeup_listener(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` (from the submitting thread) whenever new work arrives: for a driver that
         steps the engine from its own event loop while others submit (the app's API server)."""
@@ -761,3 +818,54 @@ class BatchedInferenceEngine:
         finally:
             if not handle.done():
                 handle.cancel()
+
+
+def _may_start(seq: Seq) -> bool:
+    """A fork child waits until its parent's prompt is computed (then it copies those K/V)."""
+    return seq.fork_parent is None or seq.fork_parent.prompt_ready
+
+
+def _copy_from_parent(seq: Seq, entry: KvCacheEntry, n_reused: int) -> int:
+    """Copy the prompt K/V a fork child shares with its parent, when longer than what it reuses
+    already (the store's prefix sharing may have copied them); returns the tokens it now reuses."""
+    parent = seq.fork_parent.cache if seq.fork_parent is not None else None
+    if parent is None:
+        return n_reused
+    n = min(parent.common_prefix_length(seq.all_ids), len(seq.all_ids) - 1)
+    if n <= n_reused:
+        return n_reused
+    try:
+        entry.copy_prefix_from(parent, n)
+    except CacheBudgetError:  # no room for a copy: compute the prompt instead
+        return n_reused
+    return n
+
+
+def _n_tails(run: _Running, chunk: np.ndarray) -> int:
+    """How many of a row's last positions need logits: the drafts and the token before them, every
+    prompt position of a request that wants the prompt's log-probabilities, else the last one."""
+    seq = run.seq
+    if run.draft is not None:
+        return 1 + len(run.draft.token_ids)
+    if seq.options.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.n_prompt:
+        return len(chunk)
+    return 1
+
+
+def embedding_input_ids(tokenizer: Tokenizer, text_or_ids: str | Sequence[int], vocab_size: int) -> list[int]:
+    """An embedding input as token ids: text encoded plainly after BOS (when the model adds one), or
+    the ids given (checked against the vocabulary)."""
+    if isinstance(text_or_ids, str):
+        if not text_or_ids.strip():
+            raise ValueError("an embedding input is empty or only whitespace")
+        ids = list(tokenizer.encode(text_or_ids, parse_special=False))
+        if tokenizer.add_bos and tokenizer.bos_id is not None:
+            ids.insert(0, tokenizer.bos_id)
+        return ids
+    ids = [int(i) for i in text_or_ids]
+    if not ids:
+        raise ValueError("an embedding input has no tokens")
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+    return ids

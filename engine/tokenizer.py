@@ -141,6 +141,10 @@ class Tokenizer:
             return self._tokens[token_id]
         return self._piece(token_id).decode("utf-8", errors="backslashreplace")
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (a special token: its text as written, in UTF-8)."""
+        return self._piece(token_id)
+
     def is_special(self, token_id: int) -> bool:
         """A CONTROL or USER_DEFINED token: matched whole in text, never produced by BPE."""
         return self._types[self._check_id(token_id)] in _MATCHED_IN_TEXT
