@@ -34,6 +34,7 @@ from .generation import GenerationEvent, GenerationResult, ResultHandle
 from .generation import Sequence as Seq
 from .kv_cache import KvCacheEntry
 from .kv_store import KvCacheOptions, LruKvCacheStore, SessionId
+from .logprobs import TokenLogprob
 from .metrics import InMemoryRuntimeMetrics
 from .model import Model, Row
 from .options import options_from_dict, options_to_dict
@@ -98,6 +99,12 @@ class RequestHandle(ResultHandle):
         super().__init__(seq.request_id, seq.session_id, on_event)
         self._engine = engine
         self._seq = seq  # for requests forked from this one (n > 1)
+
+    @property
+    def prompt_logprobs(self) -> tuple[TokenLogprob | None, ...]:
+        """The prompt's log-probabilities computed so far (options.prompt_logprobs): all of them once
+        the first token has been reported."""
+        return tuple(self._seq.prompt_logprobs)
 
     def cancel(self) -> None:
         """Ask the engine to stop this request at the next step (thread-safe)."""

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from engine import (
     RequestHandle,
     SessionId,
 )
+from engine.constraints import Constraint
 from engine.prompting import check_messages, clean_text
 
 from .protocol import ApiError, ChatCompletionRequest, CompletionRequest
@@ -51,6 +52,11 @@ class ServerState:
     in_flight: InFlight = field(default_factory=InFlight)
     finished: Counter[tuple[str, str]] = field(default_factory=Counter)  # (endpoint, finish_reason)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    kinds: Counter[str] = field(default_factory=Counter)  # requests by kind (chat, json_schema, tools...)
+
+    def count_kind(self, kind: str) -> None:
+        with self.lock:
+            self.kinds[kind] += 1
 
     def attach(self, engine: BatchedInferenceEngine) -> None:
         """Serve with ``engine`` from now on (the model finished loading)."""
@@ -82,7 +88,7 @@ class Submitted:
     endpoint: str
     handle: RequestHandle
     events: asyncio.Queue[GenerationEvent]
-    session: SessionId
+    session: SessionId | None  # None: a choice forked from another (n > 1), in a session of its own
     prompt_ids: list[int]
 
 
@@ -119,14 +125,24 @@ def _max_new_tokens(requested: int | None, n_prompt: int, limit: int, cap: int, 
 
 
 def inference_options(
-    request: ChatCompletionRequest | CompletionRequest, max_new_tokens: int
+    request: ChatCompletionRequest | CompletionRequest,
+    max_new_tokens: int,
+    choice: int = 0,
+    constraint: Constraint | None = None,
+    prompt_logprobs: int | None = None,
 ) -> InferenceOptions:
+    """The engine options of one choice. Defaults are OpenAI's: no repetition penalty unless asked
+    (``repetition_penalty``, or llama.cpp's ``repeat_penalty``); choice i of n samples with seed + i."""
     given = {
         "temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k,
-        "min_p": request.min_p, "repetition_penalty": request.repetition_penalty, "seed": request.seed,
+        "min_p": request.min_p, "repetition_penalty": request.repetition_penalty,
+        "seed": None if request.seed is None else request.seed + choice,
+        "presence_penalty": request.presence_penalty, "frequency_penalty": request.frequency_penalty,
+        "logit_bias": request.logit_bias, "logprobs": request.top_k_logprobs,
+        "prompt_logprobs": prompt_logprobs, "constraint": constraint,
     }  # fmt: skip
     if request.repetition_penalty is None:  # llama.cpp's name, as its clients (and RemoteEngine) send it
-        given["repetition_penalty"] = request.repeat_penalty
+        given["repetition_penalty"] = request.repeat_penalty if request.repeat_penalty is not None else 1.0
     options: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
     return InferenceOptions(max_new_tokens=max_new_tokens, stop=tuple(request.stop or ()),
                             stop_on_eos=not request.ignore_eos, **options)  # fmt: skip
@@ -138,8 +154,16 @@ async def submit(
     prompt: Prompt,
     request: ChatCompletionRequest | CompletionRequest,
     session_name: str | None,
+    *,
+    choice: int = 0,
+    fork_of: RequestHandle | None = None,
+    constraint: Constraint | None = None,
+    prompt_logprobs: int | None = None,
 ) -> Submitted:
-    """Tokenize, check and submit in a worker thread; raises ApiError for everything refused."""
+    """Tokenize, check and submit in a worker thread; raises ApiError for everything refused.
+
+    ``choice`` i of n > 1 is forked from choice 0 (``fork_of``: it copies that one's prompt K/V and
+    runs in a session of its own); ``constraint`` is the grammar its output must match."""
     engine, router = state.require_engine()
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
@@ -152,12 +176,13 @@ async def submit(
         ids = encode(engine, prompt)
         limit = engine.session_token_limit()
         max_new = _max_new_tokens(request.requested_max_tokens, len(ids), limit, state.max_tokens_cap, what)
-        options = inference_options(request, max_new)
-        session = router.acquire(ids, session_name)
+        options = inference_options(request, max_new, choice, constraint, prompt_logprobs)
+        session = router.acquire(ids, session_name) if fork_of is None else None
         try:
-            handle = engine.submit(prompt, options, session, on_event)
+            handle = engine.submit(prompt, options, session, on_event, fork_of=fork_of)
         except BaseException:
-            router.release(session, ids)
+            if session is not None:
+                router.release(session, ids)
             raise
         state.in_flight.add(handle)
         return Submitted(endpoint, handle, events, session, ids)
@@ -191,7 +216,7 @@ def finish(state: ServerState, sub: Submitted, result: GenerationResult | None) 
     state.in_flight.discard(sub.handle)
     reason = result.finish_reason if result is not None else "cancelled"
     state.count_finished(sub.endpoint, reason)
-    if state.router is not None:
+    if state.router is not None and sub.session is not None:
         state.router.release(sub.session, sub.prompt_ids, keep=reason != "error")
 
 
@@ -292,7 +317,3 @@ async def sse_stream(
         yield sse("[DONE]")
     finally:
         finish(state, sub, result)
-
-
-def chat_prompt(request: ChatCompletionRequest) -> Sequence[Mapping[str, str]]:
-    return request.engine_messages()
