@@ -161,7 +161,8 @@ def completion_logprobs(tokenizer: Any, entries: Sequence[TokenLogprob | None], 
 async def chat(
     state: ServerState, body: ChatCompletionRequest, request: Request
 ) -> JSONResponse | StreamingResponse:
-    constraint, kind = structured.request_constraint(body)
+    engine, _ = state.require_engine()
+    constraint, kind = await structured.checked_constraint(engine.grammars, body)
     state.count_kind(kind)
     session = serving.session_name(request, body.user)
     subs = await submit_choices(state, "chat", [tools.engine_messages(body)], body, session, constraint)

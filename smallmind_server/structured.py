@@ -2,17 +2,23 @@
 
 ``response_format``: ``text`` (free), ``json_object`` (any JSON object), ``json_schema`` (output
 that parses and validates against the schema; ``strict`` or not, the schema is always enforced).
+With ``strict: true`` an object that does not say otherwise gets no properties beyond those it
+lists (OpenAI's strict mode demands ``additionalProperties: false`` everywhere; we assume it
+instead of refusing the schema): a small model otherwise invents keys until it runs out of tokens.
 With tools in play the tools' grammar (smallmind_server/tools.py) decides, and a schema from
 ``response_format`` applies to the reply when the model answers in text. A schema the constraint
-library refuses is a 400 naming the problem, raised when the request is submitted.
+library refuses is a 400 naming the problem and the field (``response_format``, or the tool whose
+``parameters`` it is), found by compiling it once in a worker thread before anything is submitted.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from engine.constraints import Constraint, ConstraintError
+from engine.constraints import Constraint, ConstraintError, GrammarCompiler
 
+from .json_schema import closed_objects
 from .protocol import ApiError, ChatCompletionRequest
 from .tools import tools_constraint
 
@@ -27,7 +33,8 @@ def response_schema(request: ChatCompletionRequest) -> dict[str, Any] | None:
     if fmt.type == "json_object":
         return {"type": "object"}
     assert fmt.json_schema is not None
-    return fmt.json_schema.schema_
+    schema = fmt.json_schema.schema_
+    return closed_objects(schema) if fmt.json_schema.strict else schema
 
 
 def request_constraint(request: ChatCompletionRequest) -> tuple[Constraint | None, str]:
@@ -46,3 +53,32 @@ def request_constraint(request: ChatCompletionRequest) -> tuple[Constraint | Non
         return Constraint.json_schema(schema), "json_schema"
     except ConstraintError as exc:
         raise ApiError(400, str(exc), param="response_format") from exc
+
+
+async def checked_constraint(
+    grammars: GrammarCompiler, request: ChatCompletionRequest
+) -> tuple[Constraint | None, str]:
+    """``request_constraint``, with the grammar compiled once off the event loop so that a schema the
+    library refuses is a 400 naming its field."""
+    constraint, kind = request_constraint(request)
+    if constraint is not None:
+        await asyncio.get_running_loop().run_in_executor(
+            None, _compile_all, grammars, request, constraint, kind
+        )
+    return constraint, kind
+
+
+def _compile_all(
+    grammars: GrammarCompiler, request: ChatCompletionRequest, constraint: Constraint, kind: str
+) -> None:
+    if kind == "tools":
+        for i, tool in enumerate(request.tools or ()):
+            if tool.function.parameters is not None:
+                try:
+                    grammars.matcher(Constraint.json_schema(tool.function.parameters))
+                except ConstraintError as exc:
+                    raise ApiError(400, f"tools[{i}] ({tool.function.name}): {exc}", param="tools") from exc
+    try:
+        grammars.matcher(constraint)
+    except ConstraintError as exc:
+        raise ApiError(400, str(exc), param="response_format" if kind != "tools" else "tools") from exc

@@ -35,6 +35,7 @@ from typing import Any
 
 from engine.constraints import JSON_LAYOUT, Constraint
 
+from .json_schema import closed_objects
 from .protocol import ChatCompletionRequest, Tool
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -117,6 +118,8 @@ def tools_constraint(request: ChatCompletionRequest, text_schema: dict[str, Any]
     lines.append("call: " + " | ".join(f"call_{i}" for i in range(len(tools))))
     for i, tool in enumerate(tools):
         schema = tool.function.parameters or NO_PARAMETERS
+        if tool.function.strict:  # as with response_format: no keys beyond those listed
+            schema = closed_objects(schema)
         lines.append(f"call_{i}: {json.dumps(call_prefix(tool.function.name))} %json {_schema_json(schema)} "
                      f"{json.dumps('}' + chr(10) + CALL_CLOSE)}")  # fmt: skip
     return Constraint.lark("\n".join(lines))
