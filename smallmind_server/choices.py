@@ -35,19 +35,21 @@ async def submit_choices(
     prompts: Sequence[Prompt],
     body: ChatCompletionRequest | CompletionRequest,
     session_name: str | None,
+    owner: str,
     constraint: Constraint | None = None,
     prompt_logprobs: int | None = None,
 ) -> list[Submitted]:
-    """Submit n choices per prompt; on any refusal, cancel what was submitted and re-raise."""
+    """Submit n choices per prompt; on any refusal, cancel what was submitted and re-raise. Every
+    choice runs in a session of ``owner``; only the first prompt's first choice in a named one."""
     subs: list[Submitted] = []
     try:
         for i, prompt in enumerate(prompts):
             name = session_name if i == 0 else None  # a pinned session serves one request at a time
-            first = await serving.submit(state, endpoint, prompt, body, name, constraint=constraint,
+            first = await serving.submit(state, endpoint, prompt, body, name, owner, constraint=constraint,
                                          prompt_logprobs=prompt_logprobs)  # fmt: skip
             subs.append(first)
             for j in range(1, body.n):
-                subs.append(await serving.submit(state, endpoint, prompt, body, None, choice=j,
+                subs.append(await serving.submit(state, endpoint, prompt, body, None, owner, choice=j,
                                                  fork_of=first.handle, constraint=constraint))  # fmt: skip
     except BaseException:
         for sub in subs:
@@ -159,13 +161,15 @@ def completion_logprobs(tokenizer: Any, entries: Sequence[TokenLogprob | None], 
 
 # -- chat completions --------------------------------------------------------------------------------------
 async def chat(
-    state: ServerState, body: ChatCompletionRequest, request: Request
+    state: ServerState, body: ChatCompletionRequest, request: Request, owner: str
 ) -> JSONResponse | StreamingResponse:
     engine, _ = state.require_engine()
     constraint, kind = await structured.checked_constraint(engine.grammars, body)
     state.count_kind(kind)
     session = serving.session_name(request, body.user)
-    subs = await submit_choices(state, "chat", [tools.engine_messages(body)], body, session, constraint)
+    subs = await submit_choices(
+        state, "chat", [tools.engine_messages(body)], body, session, owner, constraint
+    )
     reply_id, created = f"chatcmpl-{subs[0].handle.request_id}-{int(time.time() * 1000)}", int(time.time())
     head = {"id": reply_id, "object": "chat.completion", "created": created, "model": state.model_name}
     if body.stream:
@@ -260,13 +264,14 @@ async def drive(
 
 # -- text completions --------------------------------------------------------------------------------------
 async def completions(
-    state: ServerState, body: CompletionRequest, request: Request
+    state: ServerState, body: CompletionRequest, request: Request, owner: str
 ) -> JSONResponse | StreamingResponse:
     state.count_kind("completions")
     session = serving.session_name(request, body.user)
     prompts = body.prompts()
     echo_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
-    subs = await submit_choices(state, "completions", prompts, body, session, prompt_logprobs=echo_logprobs)
+    subs = await submit_choices(state, "completions", prompts, body, session, owner,
+                                prompt_logprobs=echo_logprobs)  # fmt: skip
     reply_id, created = f"cmpl-{subs[0].handle.request_id}-{int(time.time() * 1000)}", int(time.time())
     head = {"id": reply_id, "object": "text_completion", "created": created, "model": state.model_name}
     tokenizer = state.engine.tokenizer if state.engine is not None else None

@@ -4,7 +4,8 @@ Requests forbid unknown fields and check every range here, so a validation failu
 error message (``param`` names the field). Responses are plain pydantic models dumped to JSON.
 Fields that only describe the client (``user``, ``metadata``, ``store``, ``service_tier``) are
 accepted and ignored; fields this server does not implement stay unknown fields (400), so a client
-that relies on them hears why not. docs/api.md lists what is supported.
+that relies on them hears why not. docs/api.md lists what is supported. Every field that sizes work
+or memory has a limit (``limits.py``).
 """
 
 from __future__ import annotations
@@ -15,13 +16,23 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-MAX_SEED = 2**63 - 1
-MAX_STOP_STRINGS = 4
-MAX_CHOICES = 16  # n, times the prompts of a completions request
-MAX_PROMPTS = 16
-MAX_TOOLS = 64
-MAX_LOGIT_BIAS = 300
-FUNCTION_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+from .limits import (
+    FUNCTION_NAME,
+    MAX_CHOICES,
+    MAX_CONTENT_PARTS,
+    MAX_LOGIT_BIAS,
+    MAX_MESSAGES,
+    MAX_METADATA_ITEMS,
+    MAX_NAME_CHARS,
+    MAX_PROMPT_CHARS,
+    MAX_PROMPTS,
+    MAX_SEED,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_TOOLS,
+    MAX_TOP_K,
+    MAX_TOP_LOGPROBS,
+)
 
 
 def _new_id(prefix: str) -> str:
@@ -94,12 +105,12 @@ class ToolCall(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools, sent back
-    tool_call_id: str | None = None  # a tool's result: which call it answers
+    content: str | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)] | None = None
+    name: Annotated[str, Field(max_length=MAX_NAME_CHARS)] | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOLS)] | None = None  # an assistant's calls
+    tool_call_id: Annotated[str, Field(max_length=MAX_NAME_CHARS)] | None = None  # the call a tool answers
     refusal: None = None  # echoed back by clients that resend the assistant message as they got it
-    annotations: list[Any] | None = None
+    annotations: Annotated[list[Any], Field(max_length=0)] | None = None
 
     @model_validator(mode="after")
     def _check_role_fields(self) -> ChatMessage:
@@ -168,7 +179,7 @@ class _SamplingRequest(_Strict):
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=0)] | None = None
+    top_k: Annotated[int, Field(ge=0, le=MAX_TOP_K)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
     repeat_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None  # llama.cpp's name for it
@@ -178,14 +189,17 @@ class _SamplingRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
-    user: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    user: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     # describe the client only: accepted, ignored
-    metadata: dict[str, str] | None = None
+    metadata: (
+        Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=MAX_METADATA_ITEMS)]
+        | None
+    ) = None
     store: bool | None = None
-    service_tier: str | None = None
+    service_tier: Annotated[str, Field(max_length=64)] | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -209,6 +223,9 @@ class _SamplingRequest(_Strict):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
+        longest = max((len(s) for s in stops), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS:,} characters, got {longest:,}")
         return stops
 
     @model_validator(mode="after")
@@ -222,11 +239,22 @@ class _SamplingRequest(_Strict):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+def _check_total_chars(messages: list[ChatMessage] | None) -> list[ChatMessage] | None:
+    total = sum(len(m.text()) for m in messages or ())
+    if total > MAX_PROMPT_CHARS:
+        raise ValueError(f"the messages hold {total:,} characters; at most {MAX_PROMPT_CHARS:,} are allowed")
+    return messages
+
+
+Messages = Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+PromptText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+
+
 class ChatCompletionRequest(_SamplingRequest):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Messages
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None
     tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -244,6 +272,8 @@ class ChatCompletionRequest(_SamplingRequest):
         if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
             raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools")
         return self
+
+    _total_chars = field_validator("messages")(_check_total_chars)
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -266,7 +296,7 @@ class ChatCompletionRequest(_SamplingRequest):
 
 class CompletionRequest(_SamplingRequest):
     prompt: (
-        Annotated[str, Field(min_length=1)]
+        Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
         | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_PROMPTS)]
     )
     echo: bool = False
@@ -278,6 +308,16 @@ class CompletionRequest(_SamplingRequest):
         if len(self.prompts()) * self.n > MAX_CHOICES:
             raise ValueError(f"n times the number of prompts must be at most {MAX_CHOICES}")
         return self
+
+    @field_validator("prompt")
+    @classmethod
+    def _total_chars(cls, value: str | list[str]) -> str | list[str]:
+        total = len(value) if isinstance(value, str) else sum(len(p) for p in value)
+        if total > MAX_PROMPT_CHARS:
+            raise ValueError(
+                f"the prompts hold {total:,} characters; at most {MAX_PROMPT_CHARS:,} are allowed"
+            )
+        return value
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -296,9 +336,11 @@ class CompletionRequest(_SamplingRequest):
 
 class TokenizeRequest(_Strict):
     model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    prompt: PromptText | None = None
+    messages: Messages | None = None
     add_generation_prompt: bool = True
+
+    _total_chars = field_validator("messages")(_check_total_chars)
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
