@@ -134,6 +134,11 @@ async def collect_all(
     return done
 
 
+def finish_reason(result: GenerationResult, called: bool) -> str:
+    """ "tool_calls" for a reply of calls that ended by itself; a cut one says "length"."""
+    return "tool_calls" if called and result.finish_reason == "stop" else result.finish_reason
+
+
 # -- logprobs in OpenAI's shapes ----------------------------------------------------------------------------
 def chat_logprobs(tokenizer: Any, entries: Sequence[TokenLogprob]) -> dict[str, Any]:
     def one(token_id: int, logprob: float) -> dict[str, Any]:
@@ -189,7 +194,7 @@ async def chat(
             message["tool_calls"] = calls
         logprobs = chat_logprobs(tokenizer, result.logprobs) if body.logprobs else None
         choices.append({"index": index, "message": message, "logprobs": logprobs,
-                        "finish_reason": "tool_calls" if calls else result.finish_reason})  # fmt: skip
+                        "finish_reason": finish_reason(result, bool(calls))})  # fmt: skip
     usage = usage_of(subs, results, body.n).model_dump()
     return JSONResponse({**head, "choices": choices, "usage": usage, "system_fingerprint": None})
 
@@ -222,7 +227,7 @@ async def chat_stream(
             yield chunk(index, delta, logprobs=logprobs)
         if result is not None:
             called = parser is not None and tools.scan_calls(parser.text)[0]
-            yield chunk(index, {}, "tool_calls" if called else result.finish_reason)
+            yield chunk(index, {}, finish_reason(result, bool(called)))
 
     first = [chunk(index, {"role": "assistant", "content": ""}) for index in range(len(subs))]
     async for out in drive(state, subs, body, head, on_batch, first):

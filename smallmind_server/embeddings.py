@@ -14,16 +14,17 @@ import base64
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 from starlette.requests import Request
 
 from engine import ContextOverflowError, EngineStoppedError, GenerationEvent, QueueFullError, RequestHandle
 
 from . import serving
+from .limits import MAX_EMBEDDING_INPUTS, MAX_NAME_CHARS, MAX_PROMPT_CHARS
 from .protocol import ApiError, _Strict
 from .serving import RETRY_AFTER_S, ServerState
 
-MAX_INPUTS = 64
+MAX_INPUTS = MAX_EMBEDDING_INPUTS
 
 
 class EmbeddingRequest(_Strict):
@@ -38,7 +39,16 @@ class EmbeddingRequest(_Strict):
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1)] | None = None
-    user: Annotated[str, Field(max_length=256)] | None = None
+    user: Annotated[str, Field(max_length=MAX_NAME_CHARS)] | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _total_size(cls, value: Any) -> Any:
+        items = [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else value
+        total = sum(len(item) for item in items)
+        if total > MAX_PROMPT_CHARS:
+            raise ValueError(f"the inputs hold {total:,} characters or tokens; at most {MAX_PROMPT_CHARS:,}")
+        return value
 
     def inputs(self) -> list[str | list[int]]:
         value = self.input
