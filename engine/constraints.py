@@ -103,6 +103,19 @@ class Constraint:
     def to_dict(self) -> dict[str, str]:
         return {"kind": self.kind, "value": self.value}
 
+    def check(self) -> None:
+        """Raise ConstraintError if the library refuses this grammar (no tokenizer needed: what a
+        settings dialog can ask while the user types)."""
+        import llguidance
+
+        try:
+            grammar = self.grammar()
+        except (ValueError, TypeError) as exc:
+            raise ConstraintError(f"the {_what(self)} is invalid: {exc}") from exc
+        message = llguidance.LLMatcher.validate_grammar(grammar)
+        if message:
+            raise ConstraintError(f"the {_what(self)} is not supported: {_first_line(message)}")
+
     def grammar(self) -> str:
         """The llguidance grammar text for this constraint."""
         import llguidance

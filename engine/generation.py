@@ -69,7 +69,16 @@ class GenerationResult:
         return 1.0 + self.accepted_draft_tokens / self.decode_steps if self.decode_steps else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+        """Every field as plain values (log-probabilities as dicts, the embedding as a list)."""
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        out["logprobs"] = [_logprob_dict(lp) for lp in self.logprobs]
+        out["prompt_logprobs"] = [None if lp is None else _logprob_dict(lp) for lp in self.prompt_logprobs]
+        out["embedding"] = None if self.embedding is None else [float(v) for v in self.embedding]
+        return out
+
+
+def _logprob_dict(entry: TokenLogprob) -> dict[str, Any]:
+    return {"token_id": entry.token_id, "logprob": entry.logprob, "top": [list(pair) for pair in entry.top]}
 
 
 EventKind = Literal["prefill", "token", "waiting", "done"]

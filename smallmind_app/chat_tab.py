@@ -32,6 +32,7 @@ from .attachments import AttachmentList
 from .engine_picker import ENGINE_KEY, EnginePicker
 from .prompt_box import PromptEdit, TokenCount
 from .store import Conversation, ConversationStore, Message, StoreError
+from .structured_output import CONSTRAINT_KEY, STRUCTURED, schema_of
 from .theme import colors
 from .transcript import Entry, TranscriptView, limit_reached, tab_limit
 from .versions import VersionBar
@@ -86,6 +87,9 @@ def overrides_summary(overrides: Mapping[str, Any]) -> str:
         return "app defaults"
     parts = []
     for key, value in overrides.items():
+        if key == CONSTRAINT_KEY:
+            parts.append("JSON schema")
+            continue
         shown = ("random" if key == "seed" else "none") if value is None else value
         if isinstance(shown, float):
             shown = f"{shown:g}"
@@ -518,6 +522,8 @@ class ChatTab(QWidget):
         if last_user is None or self.entries[last_user].message_id is not None:
             stored = self._save(self._store.add_message, self.conversation_id, "assistant", "", "streaming")
         reply = Entry("assistant", "", "streaming", message_id=stored.id if stored else None)
+        if schema_of(self.sampling_overrides) is not None:  # generated under the chat's JSON schema
+            reply.stats = {STRUCTURED: True}
         self.entries.append(reply)
         self._last_partial_save = time.monotonic()
         self._n_streamed = 0
@@ -567,7 +573,7 @@ class ChatTab(QWidget):
         reply = self._reply
         if reply is None:
             return
-        stats = reply_stats(result)
+        stats = reply_stats(result) | ({STRUCTURED: True} if reply.stats.get(STRUCTURED) else {})
         reply.content = str(result.get("text", reply.content))
         reply.stats, reply.progress = stats, None
         reply.status = FINISH_STATUS.get(stats["finish_reason"], "error")

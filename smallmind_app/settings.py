@@ -52,13 +52,6 @@ def _is_str_list(value: Any) -> bool:
     return isinstance(value, list | tuple) and all(isinstance(item, str) for item in value)
 
 
-def _is_pairs(value: Any) -> bool:
-    return isinstance(value, list | tuple) and all(
-        isinstance(p, list | tuple) and len(p) == 2 and _is_int(p[0]) and isinstance(p[1], int | float)
-        for p in value
-    )
-
-
 def _is_constraint(value: Any) -> bool:
     return value is None or (
         isinstance(value, Mapping)
@@ -76,7 +69,6 @@ _KINDS: dict[str, tuple[str, Callable[[Any], bool], Callable[[Any], Any]]] = {
     "int|null": ("an integer or null", lambda v: v is None or _is_int(v), lambda v: v),
     "str|null": ("a string or null", lambda v: v is None or isinstance(v, str), lambda v: v),
     "str list": ("a list of strings", _is_str_list, tuple),
-    "bias pairs": ("a list of [token id, bias] pairs", _is_pairs, lambda v: tuple(map(tuple, v))),
     "constraint|null": ("an object with 'kind' and 'value', or null", _is_constraint, lambda v: v),
 }
 
@@ -89,7 +81,6 @@ _KIND_OF_TYPE = {
     "int | None": "int|null",
     "str | None": "str|null",
     "tuple[str, ...]": "str list",
-    "tuple[tuple[int, float], ...]": "bias pairs",  # logit_bias (API requests; the window leaves it empty)
     "Constraint | None": "constraint|null",  # structured output: {"kind": "json_schema", "value": "..."}
 }
 

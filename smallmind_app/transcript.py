@@ -26,6 +26,7 @@ from PySide6.QtGui import (
 from PySide6.QtWidgets import QMessageBox, QTextBrowser, QToolButton, QWidget
 
 from .code_blocks import CodeBlock, code_block_html, code_blocks, prose_html, sanitize, split_markdown
+from .structured_output import STRUCTURED, displayed_markdown
 from .theme import colors
 from .wording import LABELS
 
@@ -125,6 +126,11 @@ def limit_reached(stats: dict[str, Any]) -> str:
     return "the token limit"
 
 
+def displayed(entry: Entry) -> str:
+    """The Markdown shown for an entry: a reply made under a JSON schema as a highlighted JSON block."""
+    return displayed_markdown(entry.content, bool(entry.stats.get(STRUCTURED)))
+
+
 def entry_html(index: int, entry: Entry) -> str:
     return "".join(entry_chunks(index, entry))
 
@@ -143,7 +149,7 @@ def entry_chunks(index: int, entry: Entry) -> list[str]:
     if user:
         parts = [plain_html(entry.content)]
     elif entry.content:
-        parts = markdown_html(entry.content, index, entry.copied_block, bg)
+        parts = markdown_html(displayed(entry), index, entry.copied_block, bg)
     else:
         parts = []
     footer = _footer(index, entry)
@@ -421,7 +427,7 @@ class TranscriptView(QTextBrowser):
         if not 0 <= index < len(self._entries):
             return
         entry = self._entries[index]
-        blocks = code_blocks(entry.content)
+        blocks = code_blocks(displayed(entry))
         if 0 <= block < len(blocks):
             QGuiApplication.clipboard().setText(blocks[block].code)
             entry.copied_block = block

@@ -50,6 +50,7 @@ from engine import (
     download,
     kernels,
 )
+from engine.constraints import Constraint, ConstraintError
 from engine.kv_cache import KV_DTYPES, ModelShape
 from engine.kv_disk import DiskKvTier
 from engine.remote import RemoteEngine, RemoteRequestHandle
@@ -667,7 +668,8 @@ class EngineWorker(QObject):
                 session["waiting"] = not session["pinned"] and session["session_id"] in self._handles
             if self._server is not None:  # the in-app API server: plain values for the dock
                 stats["api"] = {"url": self._server.url, "in_flight": self._server.requests_in_flight,
-                                "served": self._server.requests_served}  # fmt: skip
+                                "served": self._server.requests_served,
+                                "kinds": self._server.requests_by_kind}  # fmt: skip
             self.stats_updated.emit(stats)
 
     # -- models and downloads -------------------------------------------------------------------
@@ -805,15 +807,24 @@ _SETTINGS_SECTIONS: dict[str, Any] = {
 }
 
 
+# What only API requests set (the server reads them from a request; the app has no setting for them).
+API_ONLY_OPTIONS = frozenset(
+    {"presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "prompt_logprobs"}
+)
+
+
 def engine_options() -> dict[str, dict[str, tuple[Any, str]]]:
     """Each settings section's engine options: {section: {name: (default, type as annotated)}}.
 
     The types are the dataclass annotations as text ("int", "float", "int | None", ...).
     """
-    return {
-        section: {f.name: (getattr(cls(), f.name), str(f.type)) for f in dataclasses.fields(cls)}
-        for section, cls in _SETTINGS_SECTIONS.items()
-    }
+    return {section: _options_of(cls) for section, cls in _SETTINGS_SECTIONS.items()}
+
+
+def _options_of(cls: Any) -> dict[str, tuple[Any, str]]:
+    defaults = cls()
+    fields = [f for f in dataclasses.fields(cls) if f.name not in API_ONLY_OPTIONS]
+    return {f.name: (getattr(defaults, f.name), str(f.type)) for f in fields}
 
 
 # validate_settings's section names: the settings sections, "kv_cache" as "kv"
@@ -821,6 +832,16 @@ _OPTION_CLASSES: dict[str, Any] = {
     "kv" if section == "kv_cache" else section: cls for section, cls in _SETTINGS_SECTIONS.items()
 }
 _CLASS_PREFIX = re.compile(rf"^({'|'.join(cls.__name__ for cls in _OPTION_CLASSES.values())})\.")
+
+
+def json_schema_problem(text: str) -> str:
+    """'' when ``text`` is a JSON schema the engine can enforce on a reply, else what is wrong with it
+    (the Sampling dialog's Structured output checks it as it is typed)."""
+    try:
+        Constraint.json_schema(text).check()
+    except ConstraintError as exc:
+        return str(exc)
+    return ""
 
 
 def validate_settings(
