@@ -197,16 +197,21 @@ class BatchedInferenceEngine:
         session_id: SessionId | None = None,
         on_event: EventCallback | None = None,
         fork_of: RequestHandle | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> RequestHandle:
         """Queue a request (thread-safe). Raises QueueFullError, ContextOverflowError, ValueError
         (a ``ConstraintError`` for a grammar the constraint library refuses).
 
         ``fork_of``: a request with the same prompt submitted before (n > 1 choices): this one starts
-        once that one's prompt is computed and copies its K/V instead of computing them again."""
+        once that one's prompt is computed and copies its K/V instead of computing them again.
+        ``tools``: the functions a chat template with its own tool format describes (and messages may
+        then hold tool results and assistant tool calls)."""
         options = options or InferenceOptions()
         if self._stopped:
             raise EngineStoppedError("the engine is stopped; no new requests are accepted")
-        prompt_ids, trimmed = self._prompts.build(prompt_or_messages, self.session_token_limit(), options)
+        prompt_ids, trimmed = self._prompts.build(
+            prompt_or_messages, self.session_token_limit(), options, tools
+        )
         self._check_fits_alone(len(prompt_ids), options)
         matcher = self.grammars.matcher(options.constraint) if options.constraint is not None else None
         seq = Seq(

@@ -38,6 +38,7 @@ async def submit_choices(
     owner: str,
     constraint: Constraint | None = None,
     prompt_logprobs: int | None = None,
+    template_tools: list[dict[str, Any]] | None = None,
 ) -> list[Submitted]:
     """Submit n choices per prompt; on any refusal, cancel what was submitted and re-raise. Every
     choice runs in a session of ``owner``; only the first prompt's first choice in a named one."""
@@ -46,11 +47,12 @@ async def submit_choices(
         for i, prompt in enumerate(prompts):
             name = session_name if i == 0 else None  # a pinned session serves one request at a time
             first = await serving.submit(state, endpoint, prompt, body, name, owner, constraint=constraint,
-                                         prompt_logprobs=prompt_logprobs)  # fmt: skip
+                                         prompt_logprobs=prompt_logprobs, tools=template_tools)  # fmt: skip
             subs.append(first)
             for j in range(1, body.n):
                 subs.append(await serving.submit(state, endpoint, prompt, body, None, owner, choice=j,
-                                                 fork_of=first.handle, constraint=constraint))  # fmt: skip
+                                                 fork_of=first.handle, constraint=constraint,
+                                                 tools=template_tools))  # fmt: skip
     except BaseException:
         for sub in subs:
             serving.finish(state, sub, None)
@@ -134,6 +136,13 @@ async def collect_all(
     return done
 
 
+def tags_are_tokens(engine: Any) -> bool:
+    """The vocabulary has ``<tool_call>`` as a special token (Qwen's): calls are written with it."""
+    tokenizer = engine.tokenizer
+    ids = tokenizer.encode(tools.CALL_OPEN)
+    return len(ids) == 1 and tokenizer.is_special(ids[0])
+
+
 def finish_reason(result: GenerationResult, called: bool) -> str:
     """ "tool_calls" for a reply of calls that ended by itself; a cut one says "length"."""
     return "tool_calls" if called and result.finish_reason == "stop" else result.finish_reason
@@ -169,12 +178,13 @@ async def chat(
     state: ServerState, body: ChatCompletionRequest, request: Request, owner: str
 ) -> JSONResponse | StreamingResponse:
     engine, _ = state.require_engine()
-    constraint, kind = await structured.checked_constraint(engine.grammars, body)
+    native = engine.tokenizer.chat_template.supports_tools  # the template has its own tool format
+    constraint, kind = await structured.checked_constraint(engine.grammars, body, tags_are_tokens(engine))
     state.count_kind(kind)
     session = serving.session_name(request, body.user)
-    subs = await submit_choices(
-        state, "chat", [tools.engine_messages(body)], body, session, owner, constraint
-    )
+    messages, template_tools = tools.engine_messages(body, native)
+    subs = await submit_choices(state, "chat", [messages], body, session, owner, constraint,
+                                template_tools=template_tools)  # fmt: skip
     reply_id, created = f"chatcmpl-{subs[0].handle.request_id}-{int(time.time() * 1000)}", int(time.time())
     head = {"id": reply_id, "object": "chat.completion", "created": created, "model": state.model_name}
     if body.stream:

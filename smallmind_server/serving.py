@@ -12,7 +12,7 @@ import asyncio
 import logging
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,17 +93,17 @@ class Submitted:
     prompt_ids: list[int]
 
 
-def encode(engine: BatchedInferenceEngine, prompt: Prompt) -> list[int]:
+def encode(engine: BatchedInferenceEngine, prompt: Prompt, tools: Sequence[Any] | None = None) -> list[int]:
     tokenizer = engine.tokenizer
     if isinstance(prompt, str):
         if not prompt.strip():
             raise ApiError(400, "the prompt is empty or only whitespace", param="prompt")
         return list(tokenizer.encode(clean_text(prompt)))
     try:
-        messages = check_messages(prompt)
+        messages = check_messages(prompt, allow_tools=tools is not None)
     except ValueError as exc:
         raise ApiError(400, str(exc), param="messages") from exc
-    return list(tokenizer.encode_messages(messages, add_generation_prompt=True))
+    return list(tokenizer.encode_messages(messages, add_generation_prompt=True, tools=tools))
 
 
 def _max_new_tokens(
@@ -164,12 +164,14 @@ async def submit(
     fork_of: RequestHandle | None = None,
     constraint: Constraint | None = None,
     prompt_logprobs: int | None = None,
+    tools: Sequence[Any] | None = None,
 ) -> Submitted:
     """Tokenize, check and submit in a worker thread; raises ApiError for everything refused.
     ``owner`` (see ``access.py``): the request sees and leaves cached K/V only within it.
 
     ``choice`` i of n > 1 is forked from choice 0 (``fork_of``: it copies that one's prompt K/V,
-    in a session of the same owner); ``constraint`` is the grammar its output must match."""
+    in a session of the same owner); ``constraint`` is the grammar its output must match; ``tools``
+    go to a chat template with its own tool format."""
     engine, router = state.require_engine()
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
@@ -179,7 +181,7 @@ async def submit(
         loop.call_soon_threadsafe(events.put_nowait, event)
 
     def work() -> Submitted:
-        ids = encode(engine, prompt)
+        ids = encode(engine, prompt, tools)
         limit = engine.session_token_limit()
         field = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) else "max_tokens"
         cap = state.max_tokens_cap
@@ -187,7 +189,7 @@ async def submit(
         options = inference_options(request, max_new, choice, constraint, prompt_logprobs)
         session = router.acquire(ids, owner, session_name)
         try:
-            handle = engine.submit(prompt, options, session, on_event, fork_of=fork_of)
+            handle = engine.submit(prompt, options, session, on_event, fork_of=fork_of, tools=tools)
         except BaseException:
             if session is not None:
                 router.release(session, ids)

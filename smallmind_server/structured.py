@@ -37,11 +37,13 @@ def response_schema(request: ChatCompletionRequest) -> dict[str, Any] | None:
     return closed_objects(schema) if fmt.json_schema.strict else schema
 
 
-def request_constraint(request: ChatCompletionRequest) -> tuple[Constraint | None, str]:
+def request_constraint(
+    request: ChatCompletionRequest, tags_are_tokens: bool = False
+) -> tuple[Constraint | None, str]:
     """(the constraint, the request's kind for the counters: chat, json_object, json_schema, tools)."""
     schema = response_schema(request)
     try:
-        by_tools = tools_constraint(request, schema)
+        by_tools = tools_constraint(request, schema, tags_are_tokens)
         if by_tools is not None:
             return by_tools, "tools"
         if schema is None:
@@ -56,11 +58,11 @@ def request_constraint(request: ChatCompletionRequest) -> tuple[Constraint | Non
 
 
 async def checked_constraint(
-    grammars: GrammarCompiler, request: ChatCompletionRequest
+    grammars: GrammarCompiler, request: ChatCompletionRequest, tags_are_tokens: bool = False
 ) -> tuple[Constraint | None, str]:
     """``request_constraint``, with the grammar compiled once off the event loop so that a schema the
     library refuses is a 400 naming its field."""
-    constraint, kind = request_constraint(request)
+    constraint, kind = request_constraint(request, tags_are_tokens)
     if constraint is not None:
         await asyncio.get_running_loop().run_in_executor(
             None, _compile_all, grammars, request, constraint, kind

@@ -1,9 +1,10 @@
 """Tool calls: the prompt that describes the tools, the grammar a call is generated under, and
 reading the calls back out of the reply (whole, or as streaming deltas).
 
-Neither bundled model's chat template has a tool format, so the tools are described in a documented
-prompt format (the Hermes/Qwen convention many small models were tuned on), added to the system
-message::
+A chat template with its own tool format (one that renders ``tools``, as Qwen's does) gets the tools
+and the messages' tool calls and results as they are. Neither bundled model's template has one, so
+for them the tools are described in a documented prompt format (the Hermes/Qwen convention many
+small models were tuned on), added to the system message::
 
     <tools>
     {"type": "function", "function": {"name": "get_weather", "parameters": {...}}}
@@ -36,7 +37,7 @@ from typing import Any
 from engine.constraints import JSON_LAYOUT, Constraint
 
 from .json_schema import closed_objects
-from .protocol import ChatCompletionRequest, Tool
+from .protocol import ChatCompletionRequest, ChatMessage, Tool
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 MAX_CALLS = 8
@@ -51,10 +52,22 @@ ROLES = {"developer": "system"}
 
 
 # -- the prompt ----------------------------------------------------------------------------------------
-def engine_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
-    """The conversation as the engine takes it: plain roles and text, tools described in the system
-    message (unless tool_choice is "none"), tool calls and results written out."""
-    out: list[dict[str, str]] = []
+def engine_messages(
+    request: ChatCompletionRequest, native: bool = False
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """(the conversation as the engine takes it, the tools for a template with its own tool format).
+
+    ``native`` (the model's template renders ``tools`` itself): tool results and assistant tool calls
+    go to the template as they are, with the tools. Otherwise the documented format: plain roles and
+    text, the tools described in the system message, calls and results written out. With
+    tool_choice "none" the tools are not described at all."""
+    if native:
+        return [_native_message(m) for m in request.messages], (
+            [tool.model_dump(exclude_none=True) for tool in request.tools or ()]
+            if request.tool_mode != "none"
+            else []
+        )
+    out: list[dict[str, Any]] = []
     for message in request.messages:
         role, text = ROLES.get(message.role, message.role), message.text()
         if message.role == "tool":
@@ -74,7 +87,28 @@ def engine_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
             out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + described}
         else:
             out.insert(0, {"role": "system", "content": described})
+    return out, None
+
+
+def _native_message(message: ChatMessage) -> dict[str, Any]:
+    """A message for a template with its own tool format (as transformers' chat templates take it)."""
+    out: dict[str, Any] = {"role": ROLES.get(message.role, message.role), "content": message.text()}
+    if message.role == "tool":
+        out["tool_call_id"] = message.tool_call_id
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.function.name,
+                                                          "arguments": _arguments(c.function.arguments)}}
+            for c in message.tool_calls
+        ]  # fmt: skip
     return out
+
+
+def _arguments(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments  # as the client sent it
 
 
 def _tool_json(tool: Tool) -> str:
@@ -82,11 +116,7 @@ def _tool_json(tool: Tool) -> str:
 
 
 def _written_call(name: str, arguments: str) -> str:
-    try:
-        args: Any = json.loads(arguments)
-    except json.JSONDecodeError:
-        args = arguments  # sent back as the client had it
-    body = json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
+    body = json.dumps({"name": name, "arguments": _arguments(arguments)}, ensure_ascii=False)
     return f"{CALL_OPEN}\n{body}\n{CALL_CLOSE}"
 
 
@@ -96,9 +126,13 @@ def call_prefix(name: str) -> str:
     return f'{CALL_OPEN}\n{{"name": {json.dumps(name)}, "arguments": '
 
 
-def tools_constraint(request: ChatCompletionRequest, text_schema: dict[str, Any] | None) -> Constraint | None:
+def tools_constraint(
+    request: ChatCompletionRequest, text_schema: dict[str, Any] | None, tags_are_tokens: bool = False
+) -> Constraint | None:
     """The grammar a reply with tools is generated under (None when tool_choice is "none").
-    ``text_schema``: with "auto", a reply that is not a call must match it (response_format)."""
+    ``text_schema``: with "auto", a reply that is not a call must match it (response_format).
+    ``tags_are_tokens``: the vocabulary has ``<tool_call>`` and ``</tool_call>`` as special tokens
+    (Qwen's): the grammar asks for those tokens, as the model was trained to write them."""
     mode = request.tool_mode
     if mode == "none" or not request.tools:
         return None
@@ -120,8 +154,13 @@ def tools_constraint(request: ChatCompletionRequest, text_schema: dict[str, Any]
         schema = tool.function.parameters or NO_PARAMETERS
         if tool.function.strict:  # as with response_format: no keys beyond those listed
             schema = closed_objects(schema)
-        lines.append(f"call_{i}: {json.dumps(call_prefix(tool.function.name))} %json {_schema_json(schema)} "
-                     f"{json.dumps('}' + chr(10) + CALL_CLOSE)}")  # fmt: skip
+        head, tail = call_prefix(tool.function.name), "}\n" + CALL_CLOSE
+        if tags_are_tokens:  # <tool_call> is one special token: the grammar names it, Lark's <...> syntax
+            head, tail = head.removeprefix(CALL_OPEN), tail.removesuffix(CALL_CLOSE)
+            lines.append(f"call_{i}: {CALL_OPEN} {json.dumps(head)} %json {_schema_json(schema)} "
+                         f"{json.dumps(tail)} {CALL_CLOSE}")  # fmt: skip
+        else:
+            lines.append(f"call_{i}: {json.dumps(head)} %json {_schema_json(schema)} {json.dumps(tail)}")
     return Constraint.lark("\n".join(lines))
 
 
