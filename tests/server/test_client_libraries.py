@@ -7,15 +7,13 @@ server on 127.0.0.1 serving SmolLM2 and Gemma 3. LiteLLM reads its model price l
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Literal
 
 import jsonschema
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.server.conftest import LiveServer, live_server, make_engine
+from tests.server.conftest import LiveServer
 from tests.server.test_openai_features import ADD, SCHEMA_OF, WEATHER
 
 TIMEOUT_S = 300.0
@@ -29,19 +27,9 @@ class City(BaseModel):
     size: Literal["small", "medium", "large"]
 
 
-@pytest.fixture(
-    scope="module",
-    params=[
-        pytest.param("smollm2", marks=pytest.mark.smollm2),
-        pytest.param("gemma3", marks=pytest.mark.gemma3),
-    ],
-)
-def served(request: pytest.FixtureRequest) -> Iterator[LiveServer]:
-    path: Path = request.getfixturevalue(f"{request.param}_path")
-    engine = make_engine(path, max_batch_wait_ms=5.0)
-    with live_server(engine, request.param) as server:
-        yield server
-    engine.stop()
+@pytest.fixture
+def served(real_model_server: LiveServer) -> LiveServer:
+    return real_model_server
 
 
 def langchain_model(served: LiveServer) -> Any:

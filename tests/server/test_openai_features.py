@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,7 +19,7 @@ import pytest
 
 from engine.logprobs import log_softmax
 from engine.model import Row
-from tests.server.conftest import LiveServer, live_server, make_engine
+from tests.server.conftest import LiveServer
 from tests.server.schemas import SCHEMAS
 
 TIMEOUT_S = 300.0
@@ -48,19 +46,9 @@ SCHEMA_OF = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-@pytest.fixture(
-    scope="module",
-    params=[
-        pytest.param("smollm2", marks=pytest.mark.smollm2),
-        pytest.param("gemma3", marks=pytest.mark.gemma3),
-    ],
-)
-def served(request: pytest.FixtureRequest) -> Iterator[LiveServer]:
-    path: Path = request.getfixturevalue(f"{request.param}_path")
-    engine = make_engine(path, max_batch_wait_ms=5.0)
-    with live_server(engine, request.param) as server:
-        yield server
-    engine.stop()
+@pytest.fixture
+def served(real_model_server: LiveServer) -> LiveServer:
+    return real_model_server
 
 
 @pytest.fixture
