@@ -161,6 +161,7 @@ class KvCacheStats:
     disk_load_ms: float = 0.0  # the last load from disk (read, check, copy into the entry)
     disk_writes: int = 0
     disk_write_failures: int = 0  # full disk, read-only folder...: those sessions will be recomputed
+    disk_rejected_files: int = 0  # files ignored or deleted: another model, corrupt, a header out of range
 
     @property
     def hit_rate(self) -> float:
@@ -320,8 +321,8 @@ class LruKvCacheStore:
                 self._drop(session_id, to_disk=session_id in self._to_disk_at_unpin)
                 return
             limit = self._options.effective_max_tokens(slot.entry.shape, self._context.get(session_id))
-            if slot.entry.capacity > limit:  # a limit shrank while the request ran
-                self._drop(session_id)
+            if slot.entry.capacity > limit:  # a limit shrank while the request ran: to disk, as evicted
+                self._drop(session_id, to_disk=True)
                 self._evictions += 1
             self._enforce_limits()
 
@@ -651,8 +652,8 @@ class LruKvCacheStore:
                 return
             for session_id, slot in list(self._slots.items()):
                 limit = options.effective_max_tokens(slot.entry.shape, self._context.get(session_id))
-                if slot.entry.capacity > limit and not slot.pinned:
-                    self._drop(session_id)
+                if slot.entry.capacity > limit and not slot.pinned:  # evicted: to disk, if the tier is on
+                    self._drop(session_id, to_disk=True)
                     self._evictions += 1
                 else:
                     slot.entry.max_tokens = max(limit, slot.entry.capacity)
@@ -688,6 +689,7 @@ class LruKvCacheStore:
             "max_disk_bytes": disk.max_bytes, "disk_hits": self._disk_hits,
             "disk_reused_tokens": self._disk_reused_tokens, "disk_load_ms": self._disk_load_ms,
             "disk_writes": disk.writes, "disk_write_failures": disk.write_failures,
+            "disk_rejected_files": disk.rejected_files,
         }  # fmt: skip
 
     def sessions(self) -> list[SessionInfo]:

@@ -56,7 +56,8 @@ def test_a_schema_is_checked_as_typed_and_its_replies_show_as_highlighted_json(
     jsonschema.validate(json.loads(reply.content), schema)  # random weights, a valid person
     assert reply.stats["structured"] is True
     index = len(tab.entries) - 1
-    assert f"copycode:{index}.0" in tab.transcript.toHtml()  # shown as a (highlighted) JSON code block
+    copy_link = f"{tab.transcript.link_scheme}:copycode/{index}/0"
+    assert copy_link in tab.transcript.toHtml()  # shown as a (highlighted) JSON code block
     as_prose = copy.copy(reply)
     as_prose.stats = {}
     assert "copycode:" not in entry_html(index, as_prose)  # the same text without the schema: prose
