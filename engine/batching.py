@@ -28,8 +28,9 @@ import numpy as np
 
 from . import kernels
 from .constraints import GrammarCompiler
-from .embeddings import EMBEDDING_OPTIONS, EmbeddingSequence
+from .embeddings import EMBEDDING_OPTIONS, EmbeddingSequence, embedding_input_ids
 from .errors import CacheBudgetError, ContextOverflowError, EngineError, EngineStoppedError, QueueFullError
+from .forks import copy_from_parent, may_start
 from .generation import GenerationEvent, GenerationResult, ResultHandle
 from .generation import Sequence as Seq
 from .kv_cache import KvCacheEntry
@@ -41,7 +42,6 @@ from .options import options_from_dict, options_to_dict
 from .prompting import PromptBuilder
 from .sampling import InferenceOptions
 from .speculative import Draft, Drafter
-from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -475,7 +475,7 @@ class BatchedInferenceEngine:
         while len(self._running) < limit and budget > 0 and not self._memory_blocked:
             with self._queue_lock:
                 picked = next(
-                    ((s, h) for s, h in self._waiting if s.session_id not in busy and _may_start(s)), None
+                    ((s, h) for s, h in self._waiting if s.session_id not in busy and may_start(s)), None
                 )
             if picked is None:
                 break
@@ -592,7 +592,7 @@ class BatchedInferenceEngine:
             entry.trim(0)
             n_reused = 0
         elif seq.fork_parent is not None:
-            n_reused = _copy_from_parent(seq, entry, n_reused)
+            n_reused = copy_from_parent(seq, entry, n_reused)
         seq.reset_computed(n_reused)
         return _Running(seq, handle, store_session=session, anonymous=anonymous, last_token_at=last_token_at)
 
@@ -787,7 +787,6 @@ class BatchedInferenceEngine:
         run.handle._deliver(final)  # counted before the caller hears of it
 
     # -- drivers -------------------------------------------------------------------------------
-    # (the helpers below the class: fork children, rows of several logits, embedding input)
     def add_wakeup_listener(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` (from the submitting thread) whenever new work arrives: for a driver that
         steps the engine from its own event loop while others submit (the app's API server)."""
@@ -885,27 +884,6 @@ class BatchedInferenceEngine:
                 handle.cancel()
 
 
-def _may_start(seq: Seq) -> bool:
-    """A fork child waits until its parent's prompt is computed (then it copies those K/V)."""
-    return seq.fork_parent is None or seq.fork_parent.prompt_ready
-
-
-def _copy_from_parent(seq: Seq, entry: KvCacheEntry, n_reused: int) -> int:
-    """Copy the prompt K/V a fork child shares with its parent, when longer than what it reuses
-    already (the store's prefix sharing may have copied them); returns the tokens it now reuses."""
-    parent = seq.fork_parent.cache if seq.fork_parent is not None else None
-    if parent is None:
-        return n_reused
-    n = min(parent.common_prefix_length(seq.all_ids), len(seq.all_ids) - 1)
-    if n <= n_reused:
-        return n_reused
-    try:
-        entry.copy_prefix_from(parent, n)
-    except CacheBudgetError:  # no room for a copy: compute the prompt instead
-        return n_reused
-    return n
-
-
 def _n_tails(run: _Running, chunk: np.ndarray) -> int:
     """How many of a row's last positions need logits: the drafts and the token before them, every
     prompt position of a request that wants the prompt's log-probabilities, else the last one."""
@@ -915,22 +893,3 @@ def _n_tails(run: _Running, chunk: np.ndarray) -> int:
     if seq.options.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.n_prompt:
         return len(chunk)
     return 1
-
-
-def embedding_input_ids(tokenizer: Tokenizer, text_or_ids: str | Sequence[int], vocab_size: int) -> list[int]:
-    """An embedding input as token ids: text encoded plainly after BOS (when the model adds one), or
-    the ids given (checked against the vocabulary)."""
-    if isinstance(text_or_ids, str):
-        if not text_or_ids.strip():
-            raise ValueError("an embedding input is empty or only whitespace")
-        ids = list(tokenizer.encode(text_or_ids, parse_special=False))
-        if tokenizer.add_bos and tokenizer.bos_id is not None:
-            ids.insert(0, tokenizer.bos_id)
-        return ids
-    ids = [int(i) for i in text_or_ids]
-    if not ids:
-        raise ValueError("an embedding input has no tokens")
-    bad = [i for i in ids if not 0 <= i < vocab_size]
-    if bad:
-        raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
-    return ids

@@ -11,6 +11,8 @@ keeps its K/V afterwards. A chat model's embeddings are a convenience, not a ret
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence as SequenceABC
+from typing import Any
 
 import numpy as np
 
@@ -68,3 +70,22 @@ class EmbeddingSequence(Sequence):
         if reason != "stop" or self._sum is None or self._n_pooled < self.n_prompt:
             return result
         return dataclasses.replace(result, embedding=_unit(self._sum / self._n_pooled))
+
+
+def embedding_input_ids(tokenizer: Any, text_or_ids: str | SequenceABC[int], vocab_size: int) -> list[int]:
+    """An embedding input as token ids: text encoded plainly after BOS (when the model adds one), or
+    the ids given (checked against the vocabulary)."""
+    if isinstance(text_or_ids, str):
+        if not text_or_ids.strip():
+            raise ValueError("an embedding input is empty or only whitespace")
+        ids = list(tokenizer.encode(text_or_ids, parse_special=False))
+        if tokenizer.add_bos and tokenizer.bos_id is not None:
+            ids.insert(0, tokenizer.bos_id)
+        return ids
+    ids = [int(i) for i in text_or_ids]
+    if not ids:
+        raise ValueError("an embedding input has no tokens")
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+    return ids
