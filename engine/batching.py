@@ -131,6 +131,7 @@ class _Running:
     recompute: bool = False  # cache disabled: every step recomputes the whole sequence
     last_token_at: float | None = None
     draft: Draft | None = None  # tokens drafted after the newest one this step, verified by the forward
+    first_logits: np.ndarray | None = None  # a fork child's first token comes from its parent's logits
 
 
 class BatchedInferenceEngine:
@@ -225,6 +226,8 @@ class BatchedInferenceEngine:
         )
         self._check_fits_alone(len(prompt_ids), options)
         matcher = self.grammars.matcher(options.constraint) if options.constraint is not None else None
+        if fork_of is not None:  # its first token can come from the parent's logits (engine/forks.py)
+            fork_of._seq.keeps_prompt_logits = True
         seq = Seq(
             prompt_ids,
             options,
@@ -486,16 +489,19 @@ class BatchedInferenceEngine:
             if admitted is False:
                 break  # it waits for memory at the head of the queue
             row, budget = admitted
-            rows.append(row)
+            if row is not None:
+                rows.append(row)
             if seq.session_id is not None:
                 busy.add(seq.session_id)
         return rows
 
     def _try_admit(
         self, seq: Seq, handle: RequestHandle, now: float, budget: int
-    ) -> tuple[tuple[_Running, np.ndarray], int] | Literal[False] | None:
+    ) -> tuple[tuple[_Running, np.ndarray] | None, int] | Literal[False] | None:
         """Attach the request's cache and reserve its first chunk: (its row, the prefill budget left);
-        None when it ended (an error or, resumed, its length); False when it waits for memory."""
+        None when it ended (an error or, resumed, its length); False when it waits for memory. A fork
+        child given its parent's whole prompt K/V and last logits samples its first token at once and
+        has no row this step."""
         previous = self._parked.get(seq.request_id)
         try:
             run = self._attach_cache(seq, handle, previous)
@@ -507,17 +513,20 @@ class BatchedInferenceEngine:
         except Exception as exc:  # a bug or a bad file met while preparing it: this request fails alone
             self._refuse(seq, handle, None, now, _failure("preparing the request", exc, seq.request_id))
             return None
-        (row,), budget = self._plan([run], budget)
-        try:
-            self._grow(run, len(row[1]))
-        except CacheBudgetError as exc:
-            return self._no_room(seq, handle, run, now, exc)
-        except ContextOverflowError as exc:
-            self._refuse(seq, handle, run, now, exc)
-            return None
-        except Exception as exc:
-            self._refuse(seq, handle, run, now, _failure("reserving its KV cache", exc, seq.request_id))
-            return None
+        first_logits, run.first_logits = run.first_logits, None
+        row: tuple[_Running, np.ndarray] | None = None
+        if first_logits is None:
+            (row,), budget = self._plan([run], budget)
+            try:
+                self._grow(run, len(row[1]))
+            except CacheBudgetError as exc:
+                return self._no_room(seq, handle, run, now, exc)
+            except ContextOverflowError as exc:
+                self._refuse(seq, handle, run, now, exc)
+                return None
+            except Exception as exc:
+                self._refuse(seq, handle, run, now, _failure("reserving its KV cache", exc, seq.request_id))
+                return None
         self._unqueue(seq, handle)
         self._parked.pop(seq.request_id, None)
         seq.waiting_for_memory = False
@@ -528,6 +537,8 @@ class BatchedInferenceEngine:
             if run.store_session is not None:
                 self.store.record_lookup(seq.n_prompt, seq.n_computed)
         self._running.append(run)
+        if first_logits is not None:  # sampled as its parent's next token would be: with its own options
+            self._after_forward(run, first_logits, now)
         return row, budget
 
     def _no_room(
@@ -588,13 +599,16 @@ class BatchedInferenceEngine:
         shape = self.model.kv_shape(options.dtype)
         entry, n_reused = self.store.prepare(session, shape, seq.all_ids, context, pin=True, record=False)
         seq.cache = entry
+        first_logits = None
         if seq.needs_every_position:  # it wants every position's logits or hidden state: compute them
             entry.trim(0)
             n_reused = 0
         elif seq.fork_parent is not None:
-            n_reused = copy_from_parent(seq, entry, n_reused)
+            n_reused, first_logits = copy_from_parent(seq, entry, n_reused)
         seq.reset_computed(n_reused)
-        return _Running(seq, handle, store_session=session, anonymous=anonymous, last_token_at=last_token_at)
+        run = _Running(seq, handle, store_session=session, anonymous=anonymous, last_token_at=last_token_at)
+        run.first_logits = first_logits
+        return run
 
     def _plan(self, runs: list[_Running], budget: int) -> tuple[list[tuple[_Running, np.ndarray]], int]:
         """Each request's next chunk (prefill chunks share ``budget``); returns the rows and what is

@@ -179,6 +179,8 @@ class Sequence:
         self.n_accepted_tokens = 0
         needed = LogitProcessor.needed(self.options, self.matcher)
         self.processor = LogitProcessor(self.options, self.matcher) if needed else None
+        self.keeps_prompt_logits = False  # it has fork children: keep the logits of its last prompt token
+        self.prompt_logits: np.ndarray | None = None  # ... here, until it ends (engine/forks.py)
         self.logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: list[TokenLogprob | None] = []
         if self.options.prompt_logprobs is not None:
@@ -244,6 +246,8 @@ class Sequence:
                 self.request_id, "prefill", prompt_done=self.n_computed, prompt_total=len(self.all_ids)
             )
         self.n_decode_steps += 1
+        if self.keeps_prompt_logits and not self.generated and self.prompt_logits is None:
+            self.prompt_logits = np.array(logits)  # its fork children's first tokens come from these
         token, logprob = self._sample(logits)
         return self._take(token, now, logprob)
 
@@ -340,6 +344,7 @@ class Sequence:
         text += tail
         self.pieces.append(tail)
         self.finished_at = now
+        self.prompt_logits = None  # children that have not started compute their prompt's last token
         self.result = self._result(reason, now, error)
         return GenerationEvent(self.request_id, "done", text=text, token_ids=sampled, result=self.result,
                                logprobs=logprobs)  # fmt: skip

@@ -121,19 +121,41 @@ def test_exactly_k_alternatives_even_when_the_constraint_leaves_fewer():
 
 # -- n choices forked from one prompt -------------------------------------------------------------------
 def test_n_choices_share_one_prompt_computation_and_equal_separate_seeded_requests(tiny):
-    """Four seeded choices: the first computes the prompt, the others copy its K/V (they reuse all but
-    the last prompt token) and decode beside it; each equals a separate request with its seed."""
-    engine = make_engine(tiny, cache=KvCacheOptions(share_prefixes=False))  # the fork alone shares
+    """Four seeded choices: the first computes the prompt, the others copy its K/V (the whole prompt:
+    their first token is sampled from the first's logits) and decode beside it; each equals a
+    separate request with its seed, and no prompt token is computed twice."""
+    no_drafts = BatchingOptions(max_batch_wait_ms=0, speculative=False)  # every fed token is a real one
+    engine = make_engine(tiny, no_drafts, KvCacheOptions(share_prefixes=False))  # the fork alone shares
+    engine.model = fed = FedTokens(engine.model)
     choices = [options(temperature=1.0, top_k=0, seed=40 + i, max_new_tokens=20) for i in range(4)]
     first = engine.submit(PROMPT, choices[0])
     rest = [engine.submit(PROMPT, o, fork_of=first) for o in choices[1:]]
     forked = run_all(engine, [first, *rest])
     n_prompt = forked[0].prompt_tokens
-    assert [r.reused_tokens for r in forked] == [0] + [n_prompt - 1] * 3
+    assert [r.reused_tokens for r in forked] == [0] + [n_prompt] * 3
     assert engine.metrics.snapshot().prompt_tokens == 4 * n_prompt  # counted per request ...
+    assert fed.n_tokens == n_prompt + 4 * 19  # ... computed once; each choice feeds back 19 of its 20 tokens
     alone = [run_all(e, [e.submit(PROMPT, o)])[0] for o in choices for e in [make_engine(tiny)]]
     assert [r.token_ids for r in forked] == [r.token_ids for r in alone]
     assert len({r.token_ids for r in forked}) == 4
+
+
+class FedTokens:
+    """The real model, counting the token rows fed to it (prompt and decode tokens alike)."""
+
+    def __init__(self, model):
+        self._model, self.n_tokens = model, 0
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def forward_last(self, rows):
+        self.n_tokens += sum(len(r.ids) for r in rows)
+        return self._model.forward_last(rows)
+
+    def forward_tails(self, rows, n_tails, *hidden):
+        self.n_tokens += sum(len(r.ids) for r in rows)
+        return self._model.forward_tails(rows, n_tails, *hidden)
 
 
 def test_a_fork_whose_parent_ended_early_computes_its_own_prompt(tiny):
