@@ -403,7 +403,7 @@ class DiskKvTier:
                 raise CorruptFile("the file changed since it was indexed")
             shape, n = _shape_of(header), int(header["n_tokens"])
             ids = np.empty(n, dtype=np.int32)
-            kv = np.empty(shape.buffer_shape(n), dtype=shape.dtype)
+            kv = np.empty(shape.buffer_shape(n), dtype=shape.storage_dtype)
             f.seek(offset)
             _read_exactly(f, ids)
             _read_exactly(f, kv)

@@ -422,7 +422,7 @@ class LruKvCacheStore:
             low = capacity if min_capacity is None else min(min_capacity, capacity)
             accounted = self._accounted.get(id(entry))
             if accounted is None:  # an entry this store no longer tracks
-                return np.empty(shape.buffer_shape(capacity), dtype=shape.dtype)
+                return np.empty(shape.buffer_shape(capacity), dtype=shape.storage_dtype)
             if capacity > low:  # as much of the step as fits (so a full budget is not a copy per token)
                 room = self._room_bytes(entry) + accounted
                 capacity = max(low, min(capacity, room // shape.bytes_per_token))
@@ -435,7 +435,7 @@ class LruKvCacheStore:
             nbytes = capacity * shape.bytes_per_token
             self._make_room(nbytes - accounted, keep=entry.session_id, needed_for=entry)
             if buffer is None:
-                buffer = np.empty(shape.buffer_shape(capacity), dtype=shape.dtype)
+                buffer = np.empty(shape.buffer_shape(capacity), dtype=shape.storage_dtype)
             self._current_bytes += nbytes - accounted
             self._accounted[id(entry)] = nbytes
             self._peak_bytes = max(self._peak_bytes, self._current_bytes)
@@ -446,7 +446,7 @@ class LruKvCacheStore:
         fits = [
             i
             for i, b in enumerate(self._pool)
-            if b.dtype == np.dtype(shape.dtype)
+            if b.dtype == shape.storage_dtype
             and b.shape[:3] + b.shape[4:] == shape.buffer_shape(0)[:3] + shape.buffer_shape(0)[4:]
             and low <= b.shape[3] <= high
         ]

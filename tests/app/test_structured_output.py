@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 import jsonschema
 
-from smallmind_app.code_blocks import code_blocks
-from smallmind_app.structured_output import EXAMPLES
-from smallmind_app.transcript import displayed, entry_html
+from smallmind_app.chat.bubbles import displayed, entry_chunks
+from smallmind_app.chat.code_blocks import code_blocks
+from smallmind_app.chat.structured_output import EXAMPLES
 from tests.fixtures.window import send, wait_idle
 
 APP_SAMPLING = {"max_new_tokens": 200, "seed": 3, "temperature": 0.8}
@@ -60,7 +60,7 @@ def test_a_schema_is_checked_as_typed_and_its_replies_show_as_highlighted_json(
     assert copy_link in tab.transcript.toHtml()  # shown as a (highlighted) JSON code block
     as_prose = copy.copy(reply)
     as_prose.stats = {}
-    assert "copycode:" not in entry_html(index, as_prose)  # the same text without the schema: prose
+    assert "copycode" not in "".join(entry_chunks(index, as_prose))  # without the schema: prose
     pretty = json.dumps(json.loads(reply.content), indent=2, ensure_ascii=False)
     assert code_blocks(displayed(reply))[0].code == pretty  # pretty-printed; Copy copies it
 
