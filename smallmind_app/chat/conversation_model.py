@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 SAVE_PARTIAL_EVERY_S = 1.0  # the text of a streaming reply is saved about once a second
 FINISH_STATUS = {"stop": "complete", "length": "complete", "cancelled": "partial", "timeout": "partial"}
 LIMIT_KEYS = ("max_new_tokens", "stopped_by", "session_limit", "limit_setting")
+DOCUMENT_KEYS = ("citations", "documents_tokens", "documents_budget")  # documents/feature.py
 
 
 @dataclass(eq=False)
@@ -55,6 +56,7 @@ def reply_stats(result: Mapping[str, Any]) -> dict[str, Any]:
         **tokens_per_step(result),
         **({"error": str(result["error"])} if result.get("error") else {}),
         **{key: result[key] for key in LIMIT_KEYS if result.get(key) is not None},
+        **{key: result[key] for key in DOCUMENT_KEYS if result.get(key)},  # the passages it cited
     }
 
 
@@ -130,6 +132,12 @@ class ConversationModel:
     def set_engine(self, engine_id: str) -> None:
         """Answer with ``engine_id`` from the next reply on; remembered with the conversation."""
         self.settings = {**self.settings, ENGINE_KEY: engine_id}
+        self.save(self._store.set_conversation_settings, self.conversation_id, self.settings)
+
+    def set_setting(self, key: str, value: Any) -> None:
+        """One of the conversation's own settings (None removes it), saved with it."""
+        settings = {k: v for k, v in self.settings.items() if k != key}
+        self.settings = settings if value is None else {**settings, key: value}
         self.save(self._store.set_conversation_settings, self.conversation_id, self.settings)
 
     def save_system_prompt(self) -> None:
