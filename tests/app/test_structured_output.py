@@ -115,3 +115,20 @@ def test_the_dock_counts_the_local_servers_requests_by_kind(qtbot: Any, make_win
     qtbot.waitUntil(lambda: kinds.text() == "chat 1 · embeddings 1 · JSON schema 1", timeout=10_000)
     dialog.enabled.setChecked(False)
     qtbot.waitUntil(lambda: kinds.text() == "–", timeout=30_000)
+
+
+def test_a_stored_schema_the_engine_refuses_is_an_error_reply_that_names_it(
+    qtbot: Any, make_window: Any, write_settings: Any
+) -> None:
+    write_settings(sampling=APP_SAMPLING)
+    window = make_window()
+    tab = window.chat_tabs[0]  # a schema saved by another version, or edited by hand in the database
+    tab.set_sampling_overrides({"constraint": {"kind": "json_schema", "value": '{"type": "frobnicate"}'}})
+    send(tab, "Who are you?")
+    wait_idle(qtbot, tab)
+    reply = tab.entries[-1]
+    assert reply.status == "error" and "JSON schema" in reply.content and "frobnicate" in reply.content
+    tab.set_sampling_overrides({})
+    send(tab, "Again")
+    wait_idle(qtbot, tab)
+    assert tab.entries[-1].status == "complete"  # the chat goes on
