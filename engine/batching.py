@@ -27,11 +27,15 @@ from typing import Any, Literal
 import numpy as np
 
 from . import kernels
+from .constraints import GrammarCompiler
+from .embeddings import EMBEDDING_OPTIONS, EmbeddingSequence, embedding_input_ids
 from .errors import CacheBudgetError, ContextOverflowError, EngineError, EngineStoppedError, QueueFullError
+from .forks import copy_from_parent, may_start
 from .generation import GenerationEvent, GenerationResult, ResultHandle
 from .generation import Sequence as Seq
 from .kv_cache import KvCacheEntry
 from .kv_store import KvCacheOptions, LruKvCacheStore, SessionId
+from .logprobs import TokenLogprob
 from .metrics import InMemoryRuntimeMetrics
 from .model import Model, Row
 from .options import options_from_dict, options_to_dict
@@ -94,6 +98,13 @@ class RequestHandle(ResultHandle):
     def __init__(self, seq: Seq, engine: BatchedInferenceEngine, on_event: EventCallback | None) -> None:
         super().__init__(seq.request_id, seq.session_id, on_event)
         self._engine = engine
+        self._seq = seq  # for requests forked from this one (n > 1)
+
+    @property
+    def prompt_logprobs(self) -> tuple[TokenLogprob | None, ...]:
+        """The prompt's log-probabilities computed so far (options.prompt_logprobs): all of them once
+        the first token has been reported."""
+        return tuple(self._seq.prompt_logprobs)
 
     def cancel(self) -> None:
         """Ask the engine to stop this request at the next step (thread-safe)."""
@@ -120,6 +131,7 @@ class _Running:
     recompute: bool = False  # cache disabled: every step recomputes the whole sequence
     last_token_at: float | None = None
     draft: Draft | None = None  # tokens drafted after the newest one this step, verified by the forward
+    first_logits: np.ndarray | None = None  # a fork child's first token comes from its parent's logits
 
 
 class BatchedInferenceEngine:
@@ -156,6 +168,7 @@ class BatchedInferenceEngine:
         self._external_driver = False
         self._wakeup_listeners: list[Callable[[], None]] = []
         self.drafter = Drafter()  # prompt-lookup drafts: which requests draft how many tokens
+        self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)  # constraints -> matchers
         self._logged: set[str] = set()  # faults logged with a traceback already (_log_once)
 
     # -- options -----------------------------------------------------------------------------
@@ -195,13 +208,26 @@ class BatchedInferenceEngine:
         options: InferenceOptions | None = None,
         session_id: SessionId | None = None,
         on_event: EventCallback | None = None,
+        fork_of: RequestHandle | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> RequestHandle:
-        """Queue a request (thread-safe). Raises QueueFullError, ContextOverflowError, ValueError."""
+        """Queue a request (thread-safe). Raises QueueFullError, ContextOverflowError, ValueError
+        (a ``ConstraintError`` for a grammar the constraint library refuses).
+
+        ``fork_of``: a request with the same prompt submitted before (n > 1 choices): this one starts
+        once that one's prompt is computed and copies its K/V instead of computing them again.
+        ``tools``: the functions a chat template with its own tool format describes (and messages may
+        then hold tool results and assistant tool calls)."""
         options = options or InferenceOptions()
         if self._stopped:
             raise EngineStoppedError("the engine is stopped; no new requests are accepted")
-        prompt_ids, trimmed = self._prompts.build(prompt_or_messages, self.session_token_limit(), options)
+        prompt_ids, trimmed = self._prompts.build(
+            prompt_or_messages, self.session_token_limit(), options, tools
+        )
         self._check_fits_alone(len(prompt_ids), options)
+        matcher = self.grammars.matcher(options.constraint) if options.constraint is not None else None
+        if fork_of is not None:  # its first token can come from the parent's logits (engine/forks.py)
+            fork_of._seq.keeps_prompt_logits = True
         seq = Seq(
             prompt_ids,
             options,
@@ -209,7 +235,31 @@ class BatchedInferenceEngine:
             eos_ids=frozenset(self.tokenizer.eos_ids),
             session_id=session_id,
             context_trimmed=trimmed,
+            matcher=matcher,
+            fork_parent=fork_of._seq if fork_of is not None else None,
         )
+        return self._enqueue(seq, on_event)
+
+    def submit_embedding(
+        self, text_or_ids: str | Sequence[int], on_event: EventCallback | None = None
+    ) -> RequestHandle:
+        """Queue an embedding request (thread-safe): its result's ``embedding`` is the mean of the
+        model's final hidden states over the input's tokens, L2-normalized (engine/embeddings.py).
+        Text is encoded as plain text (special-token spellings stay text), after BOS if the model
+        adds one. Raises ValueError, ContextOverflowError, QueueFullError."""
+        if self._stopped:
+            raise EngineStoppedError("the engine is stopped; no new requests are accepted")
+        ids = embedding_input_ids(self.tokenizer, text_or_ids, self.model.config.vocab_size)
+        limit = self.session_token_limit()
+        if len(ids) > limit:
+            raise ContextOverflowError(len(ids), limit, what="the input")
+        self._check_fits_alone(len(ids), EMBEDDING_OPTIONS)
+        seq = EmbeddingSequence(ids, EMBEDDING_OPTIONS, decoder=self.tokenizer.stream_decoder(),
+                                eos_ids=frozenset(self.tokenizer.eos_ids))  # fmt: skip
+        return self._enqueue(seq, on_event)
+
+    def _enqueue(self, seq: Seq, on_event: EventCallback | None) -> RequestHandle:
+        session_id = seq.session_id if isinstance(seq.session_id, SessionId) else None
         handle = RequestHandle(seq, self, on_event)
         with self._queue_lock:  # stop() drains the queue under this lock: check again here
             if self._stopped:
@@ -427,7 +477,9 @@ class BatchedInferenceEngine:
         rows: list[tuple[_Running, np.ndarray]] = []
         while len(self._running) < limit and budget > 0 and not self._memory_blocked:
             with self._queue_lock:
-                picked = next(((s, h) for s, h in self._waiting if s.session_id not in busy), None)
+                picked = next(
+                    ((s, h) for s, h in self._waiting if s.session_id not in busy and may_start(s)), None
+                )
             if picked is None:
                 break
             seq, handle = picked
@@ -437,16 +489,19 @@ class BatchedInferenceEngine:
             if admitted is False:
                 break  # it waits for memory at the head of the queue
             row, budget = admitted
-            rows.append(row)
+            if row is not None:
+                rows.append(row)
             if seq.session_id is not None:
                 busy.add(seq.session_id)
         return rows
 
     def _try_admit(
         self, seq: Seq, handle: RequestHandle, now: float, budget: int
-    ) -> tuple[tuple[_Running, np.ndarray], int] | Literal[False] | None:
+    ) -> tuple[tuple[_Running, np.ndarray] | None, int] | Literal[False] | None:
         """Attach the request's cache and reserve its first chunk: (its row, the prefill budget left);
-        None when it ended (an error or, resumed, its length); False when it waits for memory."""
+        None when it ended (an error or, resumed, its length); False when it waits for memory. A fork
+        child given its parent's whole prompt K/V and last logits samples its first token at once and
+        has no row this step."""
         previous = self._parked.get(seq.request_id)
         try:
             run = self._attach_cache(seq, handle, previous)
@@ -458,17 +513,20 @@ class BatchedInferenceEngine:
         except Exception as exc:  # a bug or a bad file met while preparing it: this request fails alone
             self._refuse(seq, handle, None, now, _failure("preparing the request", exc, seq.request_id))
             return None
-        (row,), budget = self._plan([run], budget)
-        try:
-            self._grow(run, len(row[1]))
-        except CacheBudgetError as exc:
-            return self._no_room(seq, handle, run, now, exc)
-        except ContextOverflowError as exc:
-            self._refuse(seq, handle, run, now, exc)
-            return None
-        except Exception as exc:
-            self._refuse(seq, handle, run, now, _failure("reserving its KV cache", exc, seq.request_id))
-            return None
+        first_logits, run.first_logits = run.first_logits, None
+        row: tuple[_Running, np.ndarray] | None = None
+        if first_logits is None:
+            (row,), budget = self._plan([run], budget)
+            try:
+                self._grow(run, len(row[1]))
+            except CacheBudgetError as exc:
+                return self._no_room(seq, handle, run, now, exc)
+            except ContextOverflowError as exc:
+                self._refuse(seq, handle, run, now, exc)
+                return None
+            except Exception as exc:
+                self._refuse(seq, handle, run, now, _failure("reserving its KV cache", exc, seq.request_id))
+                return None
         self._unqueue(seq, handle)
         self._parked.pop(seq.request_id, None)
         seq.waiting_for_memory = False
@@ -479,6 +537,8 @@ class BatchedInferenceEngine:
             if run.store_session is not None:
                 self.store.record_lookup(seq.n_prompt, seq.n_computed)
         self._running.append(run)
+        if first_logits is not None:  # sampled as its parent's next token would be: with its own options
+            self._after_forward(run, first_logits, now)
         return row, budget
 
     def _no_room(
@@ -539,8 +599,16 @@ class BatchedInferenceEngine:
         shape = self.model.kv_shape(options.dtype)
         entry, n_reused = self.store.prepare(session, shape, seq.all_ids, context, pin=True, record=False)
         seq.cache = entry
+        first_logits = None
+        if seq.needs_every_position:  # it wants every position's logits or hidden state: compute them
+            entry.trim(0)
+            n_reused = 0
+        elif seq.fork_parent is not None:
+            n_reused, first_logits = copy_from_parent(seq, entry, n_reused)
         seq.reset_computed(n_reused)
-        return _Running(seq, handle, store_session=session, anonymous=anonymous, last_token_at=last_token_at)
+        run = _Running(seq, handle, store_session=session, anonymous=anonymous, last_token_at=last_token_at)
+        run.first_logits = first_logits
+        return run
 
     def _plan(self, runs: list[_Running], budget: int) -> tuple[list[tuple[_Running, np.ndarray]], int]:
         """Each request's next chunk (prefill chunks share ``budget``); returns the rows and what is
@@ -593,7 +661,7 @@ class BatchedInferenceEngine:
         n_decode = len(ready) - sum(1 for r, _ in ready if r.seq.in_prefill)
         self.metrics.record_step(len(ready), n_prefill, n_decode, now - started, len(self._waiting),
                                  len(self._running))  # fmt: skip
-        for (run, chunk), row_logits in zip(ready, logits, strict=True):
+        for (run, chunk), row_logits in zip(ready, logits, strict=True):  # a row's logits: (V,) or (T, V)
             if run.draft is not None:
                 self._after_verify(run, row_logits, now)
                 continue
@@ -666,6 +734,9 @@ class BatchedInferenceEngine:
     @staticmethod
     def _with_draft(run: _Running, chunk: np.ndarray, draft: Draft | None) -> tuple[_Running, np.ndarray]:
         entry = run.seq.cache
+        if draft is not None:  # a constrained request drafts only what its grammar allows
+            n_valid = run.seq.valid_draft_length(draft.token_ids)
+            draft = Draft(draft.token_ids[:n_valid], draft.ngram, draft.start) if n_valid else None
         if draft is None or entry is None:
             return run, chunk
         try:
@@ -678,11 +749,22 @@ class BatchedInferenceEngine:
     def _forward(self, ready: list[tuple[_Running, np.ndarray]]) -> np.ndarray | list[np.ndarray]:
         """The logits of each row's last token, and of every drafted position of a drafting row."""
         rows = [Row(chunk, run.seq.cache) for run, chunk in ready]  # type: ignore[arg-type]
-        if all(run.draft is None for run, _ in ready):
+        tails = [_n_tails(run, chunk) for run, chunk in ready]
+        embedding = [isinstance(run.seq, EmbeddingSequence) for run, _ in ready]
+        if all(n == 1 for n in tails) and not any(embedding):
             return self.model.forward_last(rows)
-        tails = [1 if run.draft is None else 1 + len(run.draft.token_ids) for run, _ in ready]
-        logits = self.model.forward_tails(rows, tails)  # [(n_i, V)]
-        return [row if run.draft is not None else row[0] for (run, _), row in zip(ready, logits, strict=True)]
+        hidden: list[np.ndarray] | None = [] if any(embedding) else None
+        logits = (
+            self.model.forward_tails(rows, tails)  # [(n_i, V)]
+            if hidden is None
+            else self.model.forward_tails(rows, tails, hidden)
+        )
+        if hidden is not None:  # each embedding row's final hidden states, (T, D)
+            ends = np.cumsum([len(chunk) for _, chunk in ready])
+            for (run, chunk), end, wanted in zip(ready, ends, embedding, strict=True):
+                if wanted:
+                    run.seq.on_hidden(hidden[0][end - len(chunk) : end])  # type: ignore[attr-defined]
+        return [row if n > 1 else row[0] for row, n in zip(logits, tails, strict=True)]
 
     def _after_verify(self, run: _Running, logits: np.ndarray, now: float) -> None:
         """Take the drafts the request's sampling agrees with; forget the K/V of the others."""
@@ -814,3 +896,14 @@ class BatchedInferenceEngine:
         finally:
             if not handle.done():
                 handle.cancel()
+
+
+def _n_tails(run: _Running, chunk: np.ndarray) -> int:
+    """How many of a row's last positions need logits: the drafts and the token before them, every
+    prompt position of a request that wants the prompt's log-probabilities, else the last one."""
+    seq = run.seq
+    if run.draft is not None:
+        return 1 + len(run.draft.token_ids)
+    if seq.options.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.n_prompt:
+        return len(chunk)
+    return 1
