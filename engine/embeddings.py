@@ -11,12 +11,12 @@ keeps its K/V afterwards. A chat model's embeddings are a convenience, not a ret
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence as SequenceABC
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from .generation import FinishReason, GenerationEvent, GenerationResult, Sequence
+from .generation import FinishReason, GenerationEvent, GenerationRequest, GenerationResult
 from .sampling import InferenceOptions
 
 EMBEDDING_OPTIONS = InferenceOptions(max_new_tokens=1, temperature=0.0, repetition_penalty=1.0,
@@ -33,7 +33,7 @@ def _unit(mean: np.ndarray) -> np.ndarray:
     return (mean / norm if norm > 0 else mean).astype(np.float32)
 
 
-class EmbeddingSequence(Sequence):
+class EmbeddingRequest(GenerationRequest):
     """A request for the mean-pooled hidden state of its prompt (see the module docstring)."""
 
     def __post_init__(self) -> None:
@@ -72,7 +72,7 @@ class EmbeddingSequence(Sequence):
         return dataclasses.replace(result, embedding=_unit(self._sum / self._n_pooled))
 
 
-def embedding_input_ids(tokenizer: Any, text_or_ids: str | SequenceABC[int], vocab_size: int) -> list[int]:
+def embedding_input_ids(tokenizer: Any, text_or_ids: str | Sequence[int], vocab_size: int) -> list[int]:
     """An embedding input as token ids: text encoded plainly after BOS (when the model adds one), or
     the ids given (checked against the vocabulary)."""
     if isinstance(text_or_ids, str):

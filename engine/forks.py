@@ -14,16 +14,18 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import CacheBudgetError
-from .generation import Sequence
+from .generation import GenerationRequest
 from .kv_cache import KvCacheEntry
 
 
-def may_start(seq: Sequence) -> bool:
+def may_start(seq: GenerationRequest) -> bool:
     """A fork child waits until its parent's prompt is computed (then it copies those K/V)."""
     return seq.fork_parent is None or seq.fork_parent.prompt_ready
 
 
-def copy_from_parent(seq: Sequence, entry: KvCacheEntry, n_reused: int) -> tuple[int, np.ndarray | None]:
+def copy_from_parent(
+    seq: GenerationRequest, entry: KvCacheEntry, n_reused: int
+) -> tuple[int, np.ndarray | None]:
     """Copy the prompt K/V a fork child shares with its parent, when longer than what it reuses
     already (the store's prefix sharing may have copied them): (tokens it now reuses, the logits its
     first token is sampled from). When the parent kept the logits of its prompt's last token, the

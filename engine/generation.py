@@ -14,8 +14,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
-from collections.abc import Sequence as SequenceABC
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -145,7 +144,7 @@ class ResultHandle:
 
 
 @dataclass(eq=False)
-class Sequence:
+class GenerationRequest:
     """A request's state inside the engine."""
 
     prompt_ids: list[int]
@@ -159,7 +158,7 @@ class Sequence:
     context_trimmed: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)
     matcher: TokenMatcher | None = None  # the constraint's grammar state (engine/constraints.py)
-    fork_parent: Sequence | None = None  # n > 1: the request whose prompt K/V this one copies
+    fork_parent: GenerationRequest | None = None  # n > 1: the request whose prompt K/V this one copies
 
     def __post_init__(self) -> None:
         self.all_ids: list[int] = list(self.prompt_ids)
@@ -269,7 +268,7 @@ class Sequence:
                 self.prompt_logprobs.append(token_logprob(row, self.prompt_ids[target], k))
 
     def on_draft_logits(
-        self, logits: np.ndarray, draft_ids: SequenceABC[int], now: float
+        self, logits: np.ndarray, draft_ids: Sequence[int], now: float
     ) -> tuple[GenerationEvent, int]:
         """Handle the logits (1 + k, V) of the newest token and of k drafted tokens fed after it:
         (one event for every token taken, how many drafts were taken).
@@ -298,7 +297,7 @@ class Sequence:
         text = "".join(texts)
         return dataclasses.replace(event, text=text, token_ids=tuple(ids), logprobs=tuple(logprobs)), n_taken
 
-    def valid_draft_length(self, draft_ids: SequenceABC[int]) -> int:
+    def valid_draft_length(self, draft_ids: Sequence[int]) -> int:
         """How many drafted tokens could be taken at all: those the constraint allows in a row."""
         return len(draft_ids) if self.matcher is None else self.matcher.valid_prefix(draft_ids)
 

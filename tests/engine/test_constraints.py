@@ -105,7 +105,7 @@ def test_drafts_the_grammar_forbids_are_cut_and_output_is_unchanged(tiny):
 def test_a_draft_the_grammar_forbids_is_never_verified(tiny):
     engine = make_engine(tiny)
     handle = engine.submit(PROMPT, constrained(GREEDY, Constraint.regex(r"one two [0-9]+")))
-    seq = engine._waiting[0][0]
+    seq = engine.scheduler.waiting()[0]
     ids = engine.tokenizer.encode
     assert seq.valid_draft_length(ids("one two 42", parse_special=False)) == len(ids("one two 42"))
     assert seq.valid_draft_length(ids("one five", parse_special=False)) == len(ids("one"))
