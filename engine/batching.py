@@ -160,7 +160,7 @@ class BatchedInferenceEngine:
 
     @property
     def max_concurrent_sessions(self) -> int:
-        return self.scheduler.max_concurrent_sessions
+        return self.scheduler.queue.max_concurrent_sessions
 
     def update_options(
         self, batching: BatchingOptions | None = None, cache: KvCacheOptions | None = None
@@ -423,7 +423,7 @@ class BatchedInferenceEngine:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the driver thread and fail every waiting or running request with a clear message."""
-        with self.scheduler.queue_lock:
+        with self.scheduler.queue.lock:
             self._stopped = True
         self._wake()
         self.driver.stop(timeout)

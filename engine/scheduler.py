@@ -20,21 +20,19 @@ request and the release of its session — happens here. The policy is vLLM's:
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 
-from .errors import CacheBudgetError, ContextOverflowError, EngineError, EngineStoppedError, QueueFullError
+from .errors import CacheBudgetError, ContextOverflowError, EngineError
 from .forks import copy_from_parent, may_start
 from .generation import GenerationEvent, GenerationRequest
 from .kv_cache import KvCacheEntry
 from .kv_store import LruKvCacheStore, SessionId
 from .metrics import InMemoryRuntimeMetrics
+from .request_queue import RequestQueue
 from .speculative import Draft
 
 if TYPE_CHECKING:
@@ -99,10 +97,8 @@ class MemoryScheduler:
         self._batching = batching
         self._first_token = first_token
         self._forget = forget
-        self.max_concurrent_sessions = max_concurrent_sessions
+        self.queue = RequestQueue(metrics, batching, max_concurrent_sessions)
         self.observers: list[SchedulerObserver] = []
-        self.queue_lock = threading.Lock()  # guards the queue: submit() appends from other threads
-        self._waiting: deque[tuple[GenerationRequest, RequestHandle]] = deque()
         self._running: list[RunningRequest] = []  # in admission order: the last one is preempted first
         self._parked: dict[int, RunningRequest] = {}  # request id -> its state while it waits for memory
         self.memory_blocked = False  # the queue's head found no room; look again when room is freed
@@ -116,12 +112,11 @@ class MemoryScheduler:
 
     def waiting(self) -> list[GenerationRequest]:
         """The queued requests in the order they will be considered (preempted ones first)."""
-        with self.queue_lock:
-            return [seq for seq, _ in self._waiting]
+        return self.queue.requests()
 
     @property
     def n_waiting(self) -> int:
-        return len(self._waiting)
+        return len(self.queue)
 
     @property
     def n_running(self) -> int:
@@ -129,75 +124,29 @@ class MemoryScheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self._running or self._waiting)
+        return bool(self._running or len(self.queue))
 
     def publish_queue_state(self) -> None:
-        with self.queue_lock:
-            n_waiting = len(self._waiting)
-            n_memory = sum(1 for seq, _ in self._waiting if seq.waiting_for_memory)
-        self.metrics.set_queue_state(n_waiting, len(self._running), n_memory)
+        n_memory = self.queue.n_waiting_for_memory()
+        self.metrics.set_queue_state(len(self.queue), len(self._running), n_memory)
 
-    # -- the queue --------------------------------------------------------------------------------
     def enqueue(self, seq: GenerationRequest, handle: RequestHandle, stopped: Callable[[], bool]) -> None:
         """Queue a request (thread-safe); QueueFullError when the queue or the sessions are full.
         ``stopped`` is checked under the queue's lock (the engine drains the queue under it)."""
-        session_id = seq.session_id if isinstance(seq.session_id, SessionId) else None
-        with self.queue_lock:
-            if stopped():
-                raise EngineStoppedError("the engine is stopped; no new requests are accepted")
-            self._check_room(session_id)
-            self._waiting.append((seq, handle))
-            self.metrics.record_submitted()
-            self.metrics.set_queue_state(len(self._waiting), len(self._running))
-
-    def _check_room(self, session_id: SessionId | None) -> None:
-        n_waiting = len(self._waiting)
-        if n_waiting >= self._batching().max_total_queued_requests:
-            self.metrics.record_rejected()
-            raise QueueFullError(f"queue is full ({n_waiting} waiting); try again later")
-        if session_id is not None:
-            active = {s.session_id for s, _ in self._waiting} | {r.seq.session_id for r in self._running}
-            if session_id not in active and len(active - {None}) >= self.max_concurrent_sessions:
-                self.metrics.record_rejected()
-                raise QueueFullError(
-                    f"too many conversations generating at once ({self.max_concurrent_sessions}); "
-                    f"try again later"
-                )
+        running = list(self._running)
+        self.queue.append((seq, handle), stopped, [r.seq.session_id for r in running], len(running))
 
     def seconds_until_ready(self) -> float | None:
         """0 when a step would run now, the time left to wait for company, or None when idle."""
-        if self._running:
-            return 0.0
-        with self.queue_lock:
-            if not self._waiting:
-                return None
-            oldest = self._waiting[0][0].submitted_at
-        if not self._company_rule_applies():
-            return 0.0
-        left = self._batching().max_batch_wait_ms / 1000.0 - (time.perf_counter() - oldest)
-        return max(0.0, left)
-
-    def _company_rule_applies(self) -> bool:
-        b = self._batching()
-        return b.enabled and b.max_batch_wait_ms > 0 and len(self._waiting) < b.max_batch_size
+        return self.queue.seconds_until_ready(len(self._running))
 
     def waiting_for_company(self, now: float) -> bool:
         """When idle, the first request waits up to max_batch_wait_ms for others to batch with."""
-        if self._running:
-            return False
-        with self.queue_lock:
-            if not self._waiting or not self._company_rule_applies():
-                return False
-            age_ms = (now - self._waiting[0][0].submitted_at) * 1000.0
-        return age_ms < self._batching().max_batch_wait_ms
+        return self.queue.waiting_for_company(now, len(self._running))
 
     def reap(self, now: float) -> None:
         """Finish cancelled and timed-out requests, waiting or running."""
-        with self.queue_lock:
-            ended = [(s, h) for s, h in self._waiting if h.cancel_requested or s.timed_out(now)]
-            for item in ended:
-                self._waiting.remove(item)
-        for seq, handle in ended:
+        for seq, handle in self.queue.take_ended(now):
             reason = "cancelled" if handle.cancel_requested else "timeout"
             self.end_waiting(seq, handle, seq.finish(reason, now))  # type: ignore[arg-type]
         for run in list(self._running):
@@ -281,9 +230,7 @@ class MemoryScheduler:
     def _park(self, run: RunningRequest) -> None:
         """Requeue a request at the head of the queue, waiting for memory; tell its caller once."""
         self._parked[run.seq.request_id] = run
-        with self.queue_lock:
-            if (run.seq, run.handle) not in self._waiting:
-                self._waiting.appendleft((run.seq, run.handle))
+        self.queue.push_front((run.seq, run.handle))
         if not run.seq.waiting_for_memory:
             run.seq.waiting_for_memory = True
             run.handle._deliver(GenerationEvent(run.seq.request_id, "waiting"))
@@ -297,10 +244,7 @@ class MemoryScheduler:
         busy = {r.seq.session_id for r in self._running if r.seq.session_id is not None}
         rows: list[Row] = []
         while len(self._running) < limit and budget > 0 and not self.memory_blocked:
-            with self.queue_lock:
-                picked = next(
-                    ((s, h) for s, h in self._waiting if s.session_id not in busy and may_start(s)), None
-                )
+            picked = self.queue.first(lambda s: s.session_id not in busy and may_start(s))
             if picked is None:
                 break
             seq, handle = picked
@@ -415,9 +359,7 @@ class MemoryScheduler:
         self.end_waiting(seq, handle, event)
 
     def _unqueue(self, seq: GenerationRequest, handle: RequestHandle) -> None:
-        with self.queue_lock:
-            if (seq, handle) in self._waiting:
-                self._waiting.remove((seq, handle))
+        self.queue.remove((seq, handle))
 
     def _attach_cache(
         self, seq: GenerationRequest, handle: RequestHandle, previous: RunningRequest | None
@@ -490,9 +432,7 @@ class MemoryScheduler:
 
     def end_all(self, message: str, now: float) -> None:
         """End every waiting and running request with ``message`` (the engine stops)."""
-        with self.queue_lock:
-            waiting, self._waiting = list(self._waiting), deque()
-        for seq, handle in waiting:
+        for seq, handle in self.queue.drain():
             self.end_waiting(seq, handle, seq.finish("error", now, error=message))
         for run in list(self._running):
             self.retire(run, run.seq.finish("error", now, error=message))
