@@ -280,10 +280,9 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import os
 
+    from engine.model_pool import ModelPoolOptions
     from smallmind_server.access import read_keys_file
     from smallmind_server.serve import ServeOptions, run  # lazily: only serving needs the web stack
-
-    from engine.model_pool import ModelPoolOptions
 
     model_path = download.resolve_model_path(args.model)
     try:

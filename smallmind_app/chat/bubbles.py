@@ -25,6 +25,7 @@ from ..documents.choices import citations_html
 from ..wording import FINISH_NOTES, limit_reached, tab_limit
 from .code_blocks import CodeBlock, code_block_html, prose_html, sanitize, split_markdown
 from .conversation_model import Entry
+from .structured_output import STRUCTURED, displayed_markdown
 
 
 def cache_key(entry: Entry) -> tuple[Any, ...]:
@@ -104,6 +105,11 @@ def author(entry: Entry) -> str:
     return f"{name} ({html.escape(entry.engine)})" if entry.engine else name
 
 
+def displayed(entry: Entry) -> str:
+    """The Markdown shown for an entry: a reply made under a JSON schema as a highlighted JSON block."""
+    return displayed_markdown(entry.content, bool(entry.stats.get(STRUCTURED)))
+
+
 def entry_chunks(index: int, entry: Entry, scheme: str = "app") -> list[str]:
     """The entry's HTML as top-level tables (a bubble's prose, each code block, ...), in order;
     ``scheme``: the view's own links' (``new_link_scheme``)."""
@@ -119,7 +125,7 @@ def entry_chunks(index: int, entry: Entry, scheme: str = "app") -> list[str]:
     if user:
         parts = [plain_html(entry.content)]
     elif entry.content:
-        parts = markdown_html(entry.content, index, entry.copied_block, bg, scheme)
+        parts = markdown_html(displayed(entry), index, entry.copied_block, bg, scheme)
     else:
         parts = []
     footer = _footer(index, entry, scheme)
