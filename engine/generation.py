@@ -373,7 +373,3 @@ class Sequence:
             prompt_logprobs=tuple(self.prompt_logprobs),
             constraint_mask_ms=self.matcher.mask_s * 1000.0 if self.matcher is not None else 0.0,
         )
-
-
-def as_id_list(ids: SequenceABC[int] | np.ndarray) -> list[int]:
-    return [int(i) for i in ids]
