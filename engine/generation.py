@@ -35,6 +35,11 @@ FINISH_REASONS: tuple[str, ...] = ("stop", "length", "timeout", "cancelled", "er
 _request_ids = itertools.count(1)
 
 
+def new_request_id() -> int:
+    """A request id no other request of this process has (handles made before their engine's)."""
+    return next(_request_ids)
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationResult:
     """What a finished request produced, and how fast."""
@@ -81,13 +86,14 @@ def _logprob_dict(entry: TokenLogprob) -> dict[str, Any]:
     return {"token_id": entry.token_id, "logprob": entry.logprob, "top": [list(pair) for pair in entry.top]}
 
 
-EventKind = Literal["prefill", "token", "waiting", "done"]
+EventKind = Literal["prefill", "token", "waiting", "loading", "done"]
 
 
 @dataclass(frozen=True, slots=True)
 class GenerationEvent:
     """A step's news for one request: prompt progress, new text, "waiting" (for KV memory: queued,
-    or preempted and requeued; its next event says it runs again), or the end (``result`` set)."""
+    or preempted and requeued; its next event says it runs again), "loading" (its model is being
+    loaded: ``model_pool.py``; ``text`` is empty), or the end (``result`` set)."""
 
     request_id: int
     kind: EventKind
