@@ -21,6 +21,7 @@ from PySide6.QtWidgets import (
 )
 
 from ..colors import colors
+from ..elided import ElidedPushButton, ElidedToolButton
 from ..engines.engine_picker import EnginePicker
 from .attachments import AttachmentList
 from .prompt_box import PromptEdit, TokenCount
@@ -62,7 +63,7 @@ class TabWidgets(QWidget):
         self._lay_out()
 
     def _build_header(self, system_prompt: str) -> None:
-        self.system_toggle = QToolButton(objectName="systemPromptToggle")
+        self.system_toggle = ElidedToolButton(objectName="systemPromptToggle")  # long prompts end in "…"
         self.system_toggle.setCheckable(True)
         self.system_toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
         self.system_toggle.setArrowType(Qt.ArrowType.RightArrow)
@@ -73,7 +74,7 @@ class TabWidgets(QWidget):
         self.system_edit.setPlaceholderText("The system prompt of this conversation (sent before every turn)")
         self.system_edit.setMaximumHeight(90)
         self.system_edit.setVisible(False)
-        self.settings_button = QToolButton(objectName="chatSettingsButton")
+        self.settings_button = ElidedToolButton(objectName="chatSettingsButton")
         self.settings_button.setAutoRaise(True)
         self.settings_button.setToolTip("This chat's own sampling settings (temperature, max tokens, …)")
         self.engine_picker = EnginePicker(self)
@@ -118,10 +119,8 @@ class TabWidgets(QWidget):
         self.edit_button.setToolTip("Put your last message back in the prompt box to change and resend it")
         for button in (self.send_button, self.stop_button, self.regenerate_button, self.edit_button):
             button.setMinimumWidth(96)
-        self.fix_button = QPushButton(
-            objectName="openSettingsButton"
-        )  # shown when a setting caused a problem
-        self.raise_button = QPushButton(objectName="raiseLimitButton")
+        self.fix_button = ElidedPushButton(objectName="openSettingsButton")  # a setting caused a problem
+        self.raise_button = ElidedPushButton(objectName="raiseLimitButton")
 
     def _lay_out(self) -> None:
         buttons = QVBoxLayout()

@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QCoreApplication, Qt, Slot
-from PySide6.QtGui import QCloseEvent, QIcon, QResizeEvent
+from PySide6.QtCore import QCoreApplication, QSize, Qt, Slot
+from PySide6.QtGui import QCloseEvent, QGuiApplication, QIcon, QResizeEvent
 from PySide6.QtWidgets import (
     QFileDialog,
     QMainWindow,
@@ -50,7 +50,18 @@ from .theme_manager import ThemeManager
 log = logging.getLogger(__name__)
 DOCK_SHARE, DOCK_WIDTH = 0.3, (300, 600)
 HISTORY_WIDTH = 290
+WINDOW_SIZE = (1320, 840)
 ICON_FILE = RESOURCES_DIR / "icon.png"
+
+
+def initial_size() -> QSize:
+    """1320x840, or less on a smaller screen (its available area: a 1280x720 laptop shows it all)."""
+    screen = QGuiApplication.primaryScreen()
+    width, height = WINDOW_SIZE
+    if screen is not None:
+        room = screen.availableGeometry()
+        width, height = min(width, room.width()), min(height, room.height())
+    return QSize(width, height)
 
 
 def app_icon() -> QIcon:
@@ -63,7 +74,7 @@ class MainWindow(QMainWindow):
         super().__init__()
         self.setObjectName("mainWindow")
         self.setWindowTitle("SmallMind")
-        self.resize(1320, 840)
+        self.resize(initial_size())
         self.settings = settings
         self.store = store
         self.client = client

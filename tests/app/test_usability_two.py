@@ -1,0 +1,72 @@
+"""What a new user tripped over in the window, round two (issue 28): the real window, the real worker,
+the tiny model, offscreen. Each test checks what is on screen and what is stored, as the user would.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from smallmind_app.engines.endpoints import Endpoint
+from tests.fixtures.window import MODEL_TIMEOUT_MS
+
+SCREEN = (1280, 720)  # a small laptop screen: the window and its dock must fit it
+LONG_PROMPT = "Answer as a patient teacher who explains every step and checks the result twice. " * 13
+LONG_PROMPT = LONG_PROMPT[:1000]
+
+
+def fits_the_screen(window: Any) -> bool:
+    return window.minimumSizeHint().width() <= SCREEN[0] and window.minimumSizeHint().height() <= SCREEN[1]
+
+
+# -- 1: the window fits a small screen whatever its texts ---------------------------------------------
+def test_the_window_fits_1280x720_with_a_long_prompt_and_a_long_engine_name(
+    qtbot: Any, make_window: Any, write_settings: Any
+) -> None:
+    engine = Endpoint.new(
+        "Second server in the office downstairs", "http://127.0.0.1:9/v1",
+        "organisation/a-model-with-a-rather-long-identifier-instruct-q4_k_m",
+    )  # fmt: skip
+    write_settings(system_prompt=LONG_PROMPT, engines=[engine.to_dict()], default_engine=engine.id)
+    window = make_window()
+    tab = window.chat_tabs[0]
+    assert tab.engine_picker.engine_id == engine.id and tab.system_prompt == LONG_PROMPT
+    assert fits_the_screen(window), window.minimumSizeHint()
+    window.resize(*SCREEN)
+    qtbot.waitUntil(lambda: window.width() <= SCREEN[0] and window.height() <= SCREEN[1], timeout=5000)
+    dock = window.stats_dock
+    assert dock.isVisible() and window.history.isVisible()
+    assert dock.geometry().right() < window.width() and dock.width() >= 300  # all of the dock is on screen
+    toggle = tab.system_toggle  # the prompt's start, cut with "…"; the whole prompt in the tooltip
+    assert toggle.shown_text().endswith("…") and toggle.text().startswith("System prompt: Answer as")
+    assert "checks the result twice" in toggle.toolTip()
+    assert tab.engine_picker.width() < tab.engine_picker.sizeHint().width()  # cut too, named whole in
+    assert engine.model in tab.engine_picker.toolTip()  # its tooltip
+
+    window.close()
+    restarted = make_window()
+    assert fits_the_screen(restarted), restarted.minimumSizeHint()
+    restarted.apply_settings(restarted.settings.with_changes(engines=(), default_engine="local"))
+    qtbot.waitUntil(lambda: restarted.chat_tabs[0].engine_picker.engine_id == "local", timeout=5000)
+    assert fits_the_screen(restarted), restarted.minimumSizeHint()
+
+
+@pytest.mark.parametrize("size", [(1300, 760), (1900, 900)])
+def test_the_dock_keeps_its_width_when_the_model_finishes_loading(
+    qtbot: Any, make_window: Any, app_model_path: Path, tmp_path: Path, size: tuple[int, int]
+) -> None:
+    named = tmp_path / "SmolLM2-135M-Instruct-with-a-long-file-name.Q4_K_M.gguf"
+    shutil.copyfile(app_model_path, named)
+    window = make_window(named, wait_model=False)
+    window.resize(*size)
+    qtbot.wait(300)  # shown, laid out, the model still loading
+    before = (window.width(), window.stats_dock.width())
+    assert before == (size[0], int(0.3 * size[0]))  # the dock's share of the window (30%) from the start
+    qtbot.waitUntil(lambda: bool(window.model_info), timeout=MODEL_TIMEOUT_MS)
+    engine_label = window.stats_dock.labels["statTabEngine"]
+    qtbot.waitUntil(lambda: "Local · SmolLM2" in engine_label.text(), timeout=5000)
+    qtbot.wait(300)  # the layout settles (what the user would see jump)
+    assert (window.width(), window.stats_dock.width()) == before
