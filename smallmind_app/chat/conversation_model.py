@@ -294,6 +294,18 @@ class ConversationModel:
         self.reload()
         return True
 
+    def show_message(self, message_id: int) -> int | None:
+        """The index of stored message ``message_id``, switching to the versions that hold it when it is
+        in an older one; None when it is not there or a reply or an unsaved change holds the thread."""
+        index = next((i for i, e in enumerate(self.entries) if e.message_id == message_id), None)
+        if index is not None or self.is_generating or self.edited is not None or self.unsaved:
+            return index
+        self.save(self._store.select_thread_through, self.conversation_id, message_id)
+        if self.unsaved:  # the write failed (its notice says so): the thread is as it was
+            return None
+        self.reload()
+        return next((i for i, e in enumerate(self.entries) if e.message_id == message_id), None)
+
     def reload(self) -> None:
         """The conversation as stored (after a version switch); notices go."""
         try:

@@ -267,6 +267,24 @@ class ChatTab(TabWidgets):
         self._update_buttons()
         self.render_now()
 
+    def show_message(self, message_id: int) -> int | None:
+        """The entry index of stored message ``message_id`` (a search hit), after switching to the
+        versions that hold it when it is in an older one; None when it cannot be shown now."""
+        shown = [e.message_id for e in self.entries]
+        index = self.model.show_message(message_id)
+        if index is None:
+            self.status_label.setText(
+                "Found in an earlier version: switch with ‹ › once the reply is done and no edit is open."
+            )
+        elif message_id not in shown:  # it was in an older version: that one is shown now
+            place = next((i for i in range(index, -1, -1) if self.entries[i].versions), index)
+            number, count = self.entries[place].versions or (1, 1)
+            what = "reply" if self.entries[place].role == "assistant" else "message"
+            self.status_label.setText(f"Found in version {number} of {count} of this {what} (‹ › switches).")
+            self._update_buttons()
+            self.render_now()
+        return index
+
     # -- attachments ----------------------------------------------------------------------------
     @Slot()
     def _on_attach_button_clicked(self) -> None:

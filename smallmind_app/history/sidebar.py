@@ -216,7 +216,7 @@ class HistorySidebar(QDockWidget):
             self.schedule_refresh()  # it is gone (deleted elsewhere)
             return None
         if message_id is not None:
-            index = next((i for i, e in enumerate(tab.entries) if e.message_id == message_id), None)
+            index = tab.show_message(message_id)  # a hit in an older version: that version is shown
             words = self.search.text()
             if index is not None:
                 QTimer.singleShot(0, tab, lambda: show_entry(tab.transcript, index, words))

@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
+from smallmind_app import paths
 from smallmind_app.engines.endpoints import Endpoint
+from smallmind_app.history.store import ConversationStore
 from tests.fixtures.window import MODEL_TIMEOUT_MS
 
 SCREEN = (1280, 720)  # a small laptop screen: the window and its dock must fit it
@@ -70,3 +72,37 @@ def test_the_dock_keeps_its_width_when_the_model_finishes_loading(
     qtbot.waitUntil(lambda: "Local · SmolLM2" in engine_label.text(), timeout=5000)
     qtbot.wait(300)  # the layout settles (what the user would see jump)
     assert (window.width(), window.stats_dock.width()) == before
+
+
+# -- 3: a search hit in an older version ---------------------------------------------------------------
+def stored_with_versions(title: str, user: str, older: str, newer: str) -> tuple[str, int, int]:
+    """A conversation whose reply was regenerated: ``older`` is kept as version 1, ``newer`` is shown."""
+    with ConversationStore(paths.database_file()) as store:
+        conversation = store.create_conversation(title, "")
+        store.add_message(conversation.id, "user", user)
+        first = store.add_message(conversation.id, "assistant", older, "complete", {"n_tokens": 9})
+        store.start_version(conversation.id, first.id)
+        second = store.add_message(conversation.id, "assistant", newer, "complete", {"n_tokens": 5})
+        return conversation.id, first.id, second.id
+
+
+def test_a_search_hit_in_an_older_version_opens_that_version_marked(qtbot: Any, make_window: Any) -> None:
+    conversation_id, older, newer = stored_with_versions(
+        "Llamas", "Tell me about llamas", "Llamas are camelids from the Andes, kept for their wool.",
+        "They are friendly animals.",
+    )  # fmt: skip
+    window = make_window()
+    tab = window.tabs.tab_for(conversation_id)
+    assert [e.message_id for e in tab.entries][-1] == newer  # the regenerated reply is shown
+    window.tabs.setCurrentIndex(0)
+    window.history.search.setText("camelids")
+    qtbot.waitUntil(lambda: window.history.model.conversation_ids() == [conversation_id], timeout=5000)
+    window.history.search.returnPressed.emit()  # Enter opens the first hit
+    qtbot.waitUntil(lambda: tab.entries[-1].message_id == older, timeout=5000)  # the version with the hit
+    assert tab.entries[-1].versions == (1, 2) and "1/2" in tab.transcript.toPlainText()
+    view = tab.transcript
+    qtbot.waitUntil(lambda: [s.cursor.selectedText() for s in view.extraSelections()] == ["camelids"],
+                    timeout=5000)  # fmt: skip
+    assert "version 1 of 2" in tab.status_label.text()
+    with ConversationStore(paths.database_file()) as store:  # it is the chosen version now (‹ › goes back)
+        assert [m.id for m in store.messages(conversation_id)][-1] == older
