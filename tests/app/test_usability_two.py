@@ -4,6 +4,7 @@ the tiny model, offscreen. Each test checks what is on screen and what is stored
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -106,3 +107,61 @@ def test_a_search_hit_in_an_older_version_opens_that_version_marked(qtbot: Any, 
     assert "version 1 of 2" in tab.status_label.text()
     with ConversationStore(paths.database_file()) as store:  # it is the chosen version now (‹ › goes back)
         assert [m.id for m in store.messages(conversation_id)][-1] == older
+
+
+# -- 4: sizes typed wrong are said, not cut or put back -----------------------------------------------
+def type_in(qtbot: Any, field: Any, text: str, then: Any) -> None:
+    field.setFocus()
+    field.lineEdit().selectAll()
+    qtbot.keyClicks(field, text)
+    then.setFocus()  # the user moves on to another field
+
+
+def test_memory_fields_say_what_is_wrong_with_what_was_typed(qtbot: Any, make_window: Any) -> None:
+    window = make_window()
+    dialog = window.open_settings()
+    dialog.show_setting("kv_cache.max_bytes_total")
+    field, other = dialog.fields["kvMaxBytesTotal"][3], dialog.fields["kvMaxSessions"][3]
+    for typed, said in (
+        ("-", "“-” is not a size"),
+        ("abc", "“abc” is not a size"),
+        ("99,999,999", "99,999,999 MiB is out of range: from 0 to 1,048,576 MiB"),
+    ):
+        type_in(qtbot, field, typed, other)
+        assert field.lineEdit().text().startswith(typed)  # kept as typed, not cut or put back
+        assert dialog.error_label.isVisible()
+        assert f"Memory limit, all sessions: {said}" in dialog.error_label.text(), dialog.error_label.text()
+        assert not dialog.ok_button.isEnabled() and not dialog.apply_button.isEnabled()
+        assert "kvMaxBytesTotal" in dialog.errors and field.toolTip()
+    assert not dialog.warning_label.isVisible()
+    type_in(qtbot, field, "999999", other)  # in range, but more than this computer has: a warning
+    assert not dialog.errors and dialog.ok_button.isEnabled()
+    warning = dialog.warning_label.text()
+    assert dialog.warning_label.isVisible() and "999,999 MiB is more than this computer's memory" in warning
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert f"({ram / (1 << 30):,.1f} GiB)" in warning
+    type_in(qtbot, field, "2048", other)
+    assert not dialog.errors and not dialog.warning_label.isVisible()
+    dialog.reject()
+
+
+# -- 6: a reply limit that leaves no room for the conversation ------------------------------------------
+def test_settings_warn_when_max_new_tokens_leaves_the_conversation_no_room(
+    qtbot: Any, make_window: Any, write_settings: Any
+) -> None:
+    write_settings(kv_cache={"max_tokens_per_session": 1000})
+    window = make_window()
+    dialog = window.open_settings()
+    assert not dialog.warning_label.isVisible()  # 256 new tokens of 1,000
+    dialog.fields["maxNewTokens"][3].setValue(4096)
+    warning = dialog.warning_label.text()
+    assert dialog.warning_label.isVisible() and dialog.apply_button.isEnabled()  # said before Apply
+    assert (
+        "Max new tokens: 4,096 leaves the conversation only 500 of the 1,000 tokens a tab may hold" in warning
+    )
+    assert "(set by “Max tokens per session”)" in warning
+    dialog.fields["kvMaxTokensPerSession"][3].setValue(8192)  # raising the tab's limit (the context: 1,024)
+    assert "of the 1,024 tokens a tab may hold (the model's context)" in dialog.warning_label.text()
+    dialog.fields["maxNewTokens"][3].setValue(300)
+    assert not dialog.warning_label.isVisible()
+    dialog.reject()
