@@ -211,13 +211,17 @@ FINISH_NOTES = {  # a reply's finish reason -> the note under it ("length" says 
 STATUS_CHARS = 90  # the status line beside a tab's buttons is cut there (the transcript has the whole text)
 
 
-def tab_limit(stats: Mapping[str, Any]) -> str:
-    """'the model's context', or 'the 273 tokens a tab may hold (“Memory limit per session”)'."""
-    setting = str(stats.get("limit_setting") or "")
-    if not setting or "session_limit" not in stats:
+def tab_limit(stats: Mapping[str, Any], trimmed: bool = False) -> str:
+    """'the model's context', or 'the 273 tokens a tab may hold (“Memory limit per session”)';
+    ``trimmed``: the limit that trimmed the prompt (the one when it was sent), when known."""
+    limit_key, setting_key = ("session_limit", "limit_setting")
+    if trimmed and "trimmed_limit" in stats:
+        limit_key, setting_key = ("trimmed_limit", "trimmed_setting")
+    setting = str(stats.get(setting_key) or "")
+    if not setting or limit_key not in stats:
         return "the model's context"
     label = LABELS.get(setting.split(".", 1)[1], setting)
-    return f"the {int(stats['session_limit']):,} tokens a tab may hold (set by “{label}”)"
+    return f"the {int(stats[limit_key]):,} tokens a tab may hold (set by “{label}”)"
 
 
 def limit_reached(stats: Mapping[str, Any]) -> str:

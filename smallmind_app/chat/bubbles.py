@@ -87,7 +87,7 @@ def stats_line(stats: dict[str, Any]) -> str:
     if note:
         parts.append(f"stopped: {note}" if reason == "length" else note)
     if stats.get("context_trimmed"):
-        parts.append(f"older messages trimmed to fit {tab_limit(stats)}")
+        parts.append(f"older messages trimmed to fit {tab_limit(stats, trimmed=True)}")
     return " · ".join(parts)
 
 

@@ -21,7 +21,14 @@ log = logging.getLogger(__name__)
 
 SAVE_PARTIAL_EVERY_S = 1.0  # the text of a streaming reply is saved about once a second
 FINISH_STATUS = {"stop": "complete", "length": "complete", "cancelled": "partial", "timeout": "partial"}
-LIMIT_KEYS = ("max_new_tokens", "stopped_by", "session_limit", "limit_setting")
+LIMIT_KEYS = (
+    "max_new_tokens",
+    "stopped_by",
+    "session_limit",
+    "limit_setting",
+    "trimmed_limit",
+    "trimmed_setting",
+)
 
 
 @dataclass(eq=False)

@@ -340,7 +340,9 @@ class ChatTab(TabWidgets):
             self._set_status(f"The reply failed: {stats['error']}")
             self.problem.show(str(result.get("error_setting") or ""), None)
         elif stats["context_trimmed"]:
-            self.status_label.setText(f"Older messages were left out to fit {tab_limit(stats)}.")
+            self.status_label.setText(
+                f"Older messages were left out to fit {tab_limit(stats, trimmed=True)}."
+            )
         elif stats["finish_reason"] == "length":
             self.status_label.setText(f"Stopped: {limit_reached(stats)}.")
         else:

@@ -90,6 +90,7 @@ class LocalEngine:
         self.opened_paths: list[str] = []  # every model file loaded since the start, for list_models
         self.kv = KvCacheOptions()
         self.batching = BatchingOptions()
+        self._sent_limits: dict[str, tuple[int, str]] = {}  # conversation id -> the tab's limit at submit
 
     def start(self, model: Model, tokenizer: Tokenizer, path: str, wakeup: Callable[[], None]) -> None:
         """Serve ``model``; ``wakeup`` is called (from any thread) when a request arrives."""
@@ -137,6 +138,7 @@ class LocalEngine:
         except (EngineError, ValueError) as exc:
             log.info("request of %s refused: %s", conversation_id, exc)
             return refusal(exc, options.max_new_tokens, self.engine, self.kv)
+        self._sent_limits[conversation_id] = (self.engine.session_token_limit(), self.limit_setting())
         return handle, options.max_new_tokens
 
     def limit_setting(self) -> str:
@@ -149,7 +151,8 @@ class LocalEngine:
     ) -> dict[str, Any]:
         """A reply's result for the tab (``limits.finished_reply``): no local limits for a remote one."""
         engine = None if remote else self.engine
-        return finished_reply(conversation_id, result, max_new_tokens, engine, self.kv)
+        trimmed_at = None if remote else self._sent_limits.pop(conversation_id, None)  # what trimmed it
+        return finished_reply(conversation_id, result, max_new_tokens, engine, self.kv, trimmed_at)
 
     def count_tokens(self, text: str) -> tuple[int, int]:
         """(tokens of ``text``, the tokens a tab may hold)."""
@@ -159,6 +162,7 @@ class LocalEngine:
     # -- KV sessions ----------------------------------------------------------------------------
     def remove_session(self, conversation_id: str) -> None:
         """A closed tab: its KV entry leaves memory (to the disk tier: reopened, it starts warm)."""
+        self._sent_limits.pop(conversation_id, None)
         if self.engine is not None:
             self.engine.store.remove(SessionId(conversation_id), to_disk=True)
 

@@ -14,7 +14,7 @@ import pytest
 from smallmind_app import paths
 from smallmind_app.engines.endpoints import Endpoint
 from smallmind_app.history.store import ConversationStore
-from tests.fixtures.window import MODEL_TIMEOUT_MS
+from tests.fixtures.window import MODEL_TIMEOUT_MS, send, wait_idle
 
 SCREEN = (1280, 720)  # a small laptop screen: the window and its dock must fit it
 LONG_PROMPT = "Answer as a patient teacher who explains every step and checks the result twice. " * 13
@@ -165,3 +165,37 @@ def test_settings_warn_when_max_new_tokens_leaves_the_conversation_no_room(
     dialog.fields["maxNewTokens"][3].setValue(300)
     assert not dialog.warning_label.isVisible()
     dialog.reject()
+
+
+# -- 5: the trimming notice names the limit that trimmed -------------------------------------------------
+def stored_turns(title: str, n_turns: int) -> str:
+    with ConversationStore(paths.database_file()) as store:
+        conversation = store.create_conversation(title, "")
+        for i in range(n_turns):
+            store.add_message(conversation.id, "user", f"Question {i}: " + "tell me more. " * 8)
+            store.add_message(conversation.id, "assistant", f"Answer {i}: " + "words of a reply. " * 12,
+                              "complete", {"n_tokens": 60, "finish_reason": "stop"})  # fmt: skip
+        return conversation.id
+
+
+def test_the_trimming_notice_names_the_limit_that_trimmed_not_a_later_one(
+    qtbot: Any, make_window: Any, write_settings: Any
+) -> None:
+    stored_turns("Long chat", 4)
+    write_settings(
+        sampling={"max_new_tokens": 24, "seed": 3, "stop_on_eos": False},
+        batching={"max_batch_wait_ms": 1500.0},  # the reply waits for company: time to change settings
+    )
+    window = make_window()
+    tab = window.chat_tabs[0]
+    per_token = window.model_info["bytes_per_token"]
+    window.apply_settings(window.settings.with_changes(kv_cache={"max_bytes_per_session": per_token * 100}))
+    qtbot.waitUntil(lambda: "100 tokens per tab" in window.model_label.text(), timeout=5000)
+    send(tab, "And one more question")  # trimmed to fit 100 tokens when it is sent
+    window.apply_settings(window.settings.with_changes(kv_cache={"max_bytes_per_session": 256 << 20}))
+    qtbot.waitUntil(lambda: "1,024 tokens per tab" in window.model_label.text(), timeout=5000)
+    wait_idle(qtbot, tab)
+    assert tab.is_generating is False and tab.entries[-1].stats["context_trimmed"]
+    trimmed_at = "the 100 tokens a tab may hold (set by “Memory limit per session”)"
+    assert tab.status_label.text() == f"Older messages were left out to fit {trimmed_at}."
+    assert f"older messages trimmed to fit {trimmed_at}" in tab.transcript.toPlainText()
