@@ -256,6 +256,32 @@ def tab_limit_lowered(new: int, old: int, setting: str) -> str:
     )
 
 
+def waiting_reason(kind: str, running: int = 0, limit: int = 0) -> tuple[str, str, str]:
+    """Why a reply waits in the queue: (the tab's status line, the reply's footer, the setting that
+    would let it start sooner). ``kind``: "memory" (the KV budget is held by other replies) or
+    "batch" (every place in the batch is taken: ``running`` replies, ``limit`` at once)."""
+    if kind == "memory":
+        return (
+            f"waiting for memory: other replies hold the cache ({quoted('max_bytes_total')}); "
+            "it starts when one ends…",
+            "waiting for memory…",
+            "kv_cache.max_bytes_total",
+        )
+    replies = f"{running} repl{'y is' if running == 1 else 'ies are'} being generated"
+    if limit <= 1:
+        return (
+            f"waiting for a batch slot: {replies}, one at a time ({quoted('max_batch_size')} is 1, or "
+            "batching is off)…",
+            "waiting for a batch slot…",
+            "batching.max_batch_size",
+        )
+    return (
+        f"waiting for a batch slot: {replies} ({quoted('max_batch_size')} is {limit})…",
+        "waiting for a batch slot…",
+        "batching.max_batch_size",
+    )
+
+
 def short_status(text: str) -> str:
     """A long message cut to one status line, at a word."""
     return text if len(text) <= STATUS_CHARS else text[: STATUS_CHARS - 1].rsplit(" ", 1)[0] + "…"

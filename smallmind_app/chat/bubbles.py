@@ -29,7 +29,7 @@ def cache_key(entry: Entry) -> tuple[Any, ...]:
     stats = tuple(sorted(entry.stats.items()))
     return (
         entry.role, entry.content, entry.status, stats, entry.progress, entry.editing, entry.copied,
-        entry.versions, entry.copied_block, tuple(colors().items()),
+        entry.versions, entry.copied_block, entry.waiting, tuple(colors().items()),
     )  # fmt: skip
 
 
@@ -166,7 +166,9 @@ def _footer(index: int, entry: Entry, scheme: str) -> str:
     user = entry.role == "user"
     footer = ""
     if entry.status == "streaming":
-        if entry.progress is not None and entry.progress[0] < entry.progress[1]:
+        if entry.waiting:
+            footer = html.escape(entry.waiting)
+        elif entry.progress is not None and entry.progress[0] < entry.progress[1]:
             footer = f"processing prompt {entry.progress[0]}/{entry.progress[1]}…"
         else:
             footer = "generating…" if entry.content else "waiting for the engine…"

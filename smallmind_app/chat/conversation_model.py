@@ -45,6 +45,7 @@ class Entry:
     copied: bool = False  # its text just went to the clipboard ("Copied ✓" for a moment)
     versions: tuple[int, int] | None = None  # (this one, how many) when the message has other versions
     copied_block: int = -1  # the code block whose text just went to the clipboard
+    waiting: str = ""  # why a reply being generated waits ("waiting for memory…"), "" when it runs
 
 
 def reply_stats(result: Mapping[str, Any]) -> dict[str, Any]:
@@ -202,7 +203,14 @@ class ConversationModel:
     def show_progress(self, done: int, total: int) -> bool:
         if self.reply is None:
             return False
-        self.reply.progress = (done, total)
+        self.reply.progress, self.reply.waiting = (done, total), ""
+        return True
+
+    def show_waiting(self, footer: str) -> bool:
+        """The reply waits in the queue; ``footer`` says why (False: no reply is running)."""
+        if self.reply is None:
+            return False
+        self.reply.waiting = footer
         return True
 
     def add_text(self, text: str, n_tokens: int | None = None) -> bool:
@@ -211,7 +219,7 @@ class ConversationModel:
         if reply is None:
             return False
         reply.content += text
-        reply.progress = None
+        reply.progress, reply.waiting = None, ""
         if n_tokens is not None:
             self.n_streamed = n_tokens
         now = time.monotonic()
@@ -232,7 +240,7 @@ class ConversationModel:
             return None
         stats = reply_stats(result)
         reply.content = str(result.get("text", reply.content))
-        reply.stats, reply.progress = stats, None
+        reply.stats, reply.progress, reply.waiting = stats, None, ""
         reply.status = FINISH_STATUS.get(stats["finish_reason"], "error")
         if reply.message_id is not None:
             self.save(

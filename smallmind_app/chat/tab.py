@@ -17,7 +17,7 @@ from PySide6.QtGui import QResizeEvent, QShowEvent, QTextCursor
 from PySide6.QtWidgets import QFileDialog, QWidget
 
 from ..history.store import Conversation, ConversationStore, Message
-from ..wording import limit_reached, short_status, tab_limit
+from ..wording import limit_reached, short_status, tab_limit, waiting_reason
 from .conversation_model import ConversationModel, Entry
 from .tab_controls import ProblemOffer, SystemPromptEditor
 from .tab_widgets import TabWidgets, overrides_summary
@@ -49,6 +49,7 @@ class ChatTab(TabWidgets):
         self.render_pending = False  # a render waits for its timer (or for the tab to be shown)
         self._editing: str | None = None  # the draft the prompt box held before an edit began
         self._engine_choices: list[tuple[str, str]] = []
+        self._waiting_offer = False  # the Settings button shown says why the reply waits
         self.system_prompt_editor = SystemPromptEditor(self.system_toggle, self.system_edit, self)
         self.problem = ProblemOffer(self.fix_button, self.raise_button, self)
         self._connect()
@@ -313,21 +314,35 @@ class ChatTab(TabWidgets):
     def show_prompt_progress(self, done: int, total: int) -> None:
         if not self.model.show_progress(done, total):
             return
+        self._started()
         self.status_label.setText(
             f"processing prompt {done}/{total}" if done < total else "prompt processed, generating…"
         )
         self.schedule_render()
 
-    def show_waiting_for_memory(self) -> None:
-        """The request waits for KV memory (queued behind others, or preempted): say so, not
-        "generating"; its next progress or text puts the usual status back."""
-        if self.is_generating:
-            self.status_label.setText("waiting for memory…")
+    def show_waiting(self, kind: str, running: int = 0, limit: int = 0) -> None:
+        """The request waits in the queue, for KV memory ("memory": queued behind others, or
+        preempted) or for a place in the batch ("batch"): say why, offer the setting; its next
+        progress or text puts the usual status back."""
+        status, footer, setting = waiting_reason(kind, running, limit)
+        if not self.model.show_waiting(footer):
+            return
+        self._set_status(status)
+        self.problem.show(setting, None)
+        self._waiting_offer = True
+        self.schedule_render()
+
+    def _started(self) -> None:
+        """The reply runs (again): the offer made while it waited goes."""
+        if self._waiting_offer:
+            self._waiting_offer = False
+            self.problem.show("", None)
 
     def append_text(self, text: str, n_tokens: int | None = None) -> None:
         """More text of the reply; ``n_tokens``: the tokens it has so far (kept if the app quits)."""
         if not self.model.add_text(text, n_tokens):
             return
+        self._started()
         self.status_label.setText("generating…")
         self.schedule_render()
 
@@ -335,6 +350,7 @@ class ChatTab(TabWidgets):
         stats = self.model.finish(result)
         if stats is None:
             return
+        self._started()
         self._busy_changed()
         if stats.get("error"):
             self._set_status(f"The reply failed: {stats['error']}")

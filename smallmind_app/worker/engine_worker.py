@@ -48,6 +48,7 @@ class EngineWorker(QObject):
     request_finished = Signal(str, dict)  # conversation id, result_dict()
     request_failed = Signal(str, str, dict)  # conversation id, message, {"setting", "suggested"} (at submit)
     request_waiting = Signal(str)  # conversation id: its request waits for KV memory (queued or preempted)
+    request_queued = Signal(str, int, int)  # conversation id, replies running, how many may: no place yet
     stats_updated = Signal(dict)  # stats_dict(): "kv", "metrics", "sessions", "limits"
     settings_applied = Signal(dict)  # {"kv_cache", "batching", "session_token_limit", "bytes_per_token"}
     settings_rejected = Signal(str)
@@ -77,6 +78,7 @@ class EngineWorker(QObject):
         self._wait_timer: QTimer | None = None
         self._stats_timer: QTimer | None = None
         self._remote_flush: QTimer | None = None
+        self._said_queued: set[str] = set()  # conversations told that they wait for a batch slot
 
     @property
     def pull_model(self) -> Any:
@@ -360,8 +362,23 @@ class EngineWorker(QObject):
             self._emit_stats()  # the dock shows the session unpinned at once
 
     # -- stats ----------------------------------------------------------------------------------
+    def _say_queued(self) -> None:
+        """Tell a tab whose reply is still queued because every place in the batch is taken."""
+        queued = [cid for cid in self._replies.queued() if not self._remote.answers(cid)]
+        self._said_queued &= set(queued)
+        if not queued or self.local.engine is None:
+            return
+        running, limit = self.local.batch_state()
+        if running < limit:
+            return  # it starts at the next step (or waits for memory: the engine says so itself)
+        for conversation_id in queued:
+            if conversation_id not in self._said_queued:
+                self._said_queued.add(conversation_id)
+                self.request_queued.emit(conversation_id, running, limit)
+
     @Slot()
     def _emit_stats(self) -> None:
+        self._say_queued()
         if self._remote:
             self.remote_stats_updated.emit(self._remote.stats())
         stats = self.local.stats(set(self._replies.handles))

@@ -141,6 +141,13 @@ class LocalEngine:
         self._sent_limits[conversation_id] = (self.engine.session_token_limit(), self.limit_setting())
         return handle, options.max_new_tokens
 
+    def batch_state(self) -> tuple[int, int]:
+        """(replies running, how many may run at once): a reply still queued when they are equal
+        waits for a place in the batch."""
+        assert self.engine is not None
+        limit = self.batching.max_batch_size if self.batching.enabled else 1
+        return self.engine.metrics.snapshot().running, limit
+
     def limit_setting(self) -> str:
         """The option that sets a tab's token limit now ("" when it is the model's context)."""
         assert self.engine is not None

@@ -14,7 +14,7 @@ import pytest
 from smallmind_app import paths
 from smallmind_app.engines.endpoints import Endpoint
 from smallmind_app.history.store import ConversationStore
-from tests.fixtures.window import MODEL_TIMEOUT_MS, send, wait_idle
+from tests.fixtures.window import LONG, MODEL_TIMEOUT_MS, send, wait_idle, wait_text
 
 SCREEN = (1280, 720)  # a small laptop screen: the window and its dock must fit it
 LONG_PROMPT = "Answer as a patient teacher who explains every step and checks the result twice. " * 13
@@ -199,3 +199,51 @@ def test_the_trimming_notice_names_the_limit_that_trimmed_not_a_later_one(
     trimmed_at = "the 100 tokens a tab may hold (set by “Memory limit per session”)"
     assert tab.status_label.text() == f"Older messages were left out to fit {trimmed_at}."
     assert f"older messages trimmed to fit {trimmed_at}" in tab.transcript.toPlainText()
+
+
+# -- 7: a queued reply says why it waits -------------------------------------------------------------------
+def test_a_reply_waiting_for_a_batch_slot_says_so_and_offers_the_setting(
+    qtbot: Any, make_window: Any, write_settings: Any
+) -> None:
+    write_settings(sampling=LONG, batching={"max_batch_size": 1, "max_batch_wait_ms": 0.0})
+    window = make_window()
+    first, second = window.chat_tabs[0], window.new_chat()
+    send(first, "Tell me a long story")
+    wait_text(qtbot, first)
+    send(second, "And a short one here")
+    qtbot.waitUntil(lambda: "waiting for a batch slot" in second.status_label.text(), timeout=5000)
+    assert "1 reply is being generated" in second.status_label.text()
+    assert "“Max batch size” is 1" in second.status_label.text() + second.status_label.toolTip()
+    assert second.fix_button.isVisible() and second.fix_button.text() == "Settings: Max batch size…"
+    qtbot.waitUntil(lambda: "waiting for a batch slot…" in second.transcript.toPlainText(), timeout=5000)
+    first.stop()
+    wait_idle(qtbot, first, second)
+    assert second.entries[-1].status == "complete" and not second.fix_button.isVisible()
+    assert "waiting for" not in second.transcript.toPlainText()
+
+
+def test_a_reply_waiting_for_memory_says_so_and_offers_the_setting(
+    qtbot: Any, make_window: Any, write_settings: Any
+) -> None:
+    write_settings(
+        sampling={"max_new_tokens": 160, "stop_on_eos": False, "seed": 5},
+        kv_cache={"max_bytes_total": 1 << 19, "max_bytes_per_session": 1 << 19},  # one reply at a time
+        batching={"max_batch_wait_ms": 200.0},
+    )
+    window = make_window()
+    tabs = [window.chat_tabs[0], window.new_chat(), window.new_chat()]
+    for i, tab in enumerate(tabs):
+        send(tab, f"Hello from tab {i}")
+    qtbot.waitUntil(lambda: any("waiting for memory" in t.status_label.text() for t in tabs), timeout=30_000)
+    waiting = next(t for t in tabs if "waiting for memory" in t.status_label.text())
+    assert "“Memory limit, all sessions”" in waiting.status_label.text() + waiting.status_label.toolTip()
+    assert (
+        waiting.fix_button.isVisible()
+        and waiting.fix_button.text() == "Settings: Memory limit, all sessions…"
+    )
+    assert waiting.entries[-1].waiting == "waiting for memory…"  # the reply's footer says it too
+    waiting.render_now()  # (a hidden tab renders when it is shown)
+    assert "waiting for memory…" in waiting.transcript.toPlainText()
+    wait_idle(qtbot, *tabs)
+    assert all(t.entries[-1].status == "complete" for t in tabs)
+    assert not any(t.fix_button.isVisible() for t in tabs)
