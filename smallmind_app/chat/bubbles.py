@@ -3,8 +3,9 @@
 Each entry becomes one or more top-level tables (a bubble's prose, then each code block in a table
 of its own, so that a code block's long lines widen only its own table): ``entry_chunks``. The
 links are ``copy:``, ``copycode:``, ``edit:`` and ``version:`` addresses, handled by the view
-(``transcript.py``); a button under a reply is a link in ``_footer``. Replies are Markdown
-(``code_blocks``); user messages are plain text. Every color comes from ``colors.colors()``.
+(``transcript.py``); a button under a reply is a link in ``_footer``. Replies and user messages are
+Markdown (``code_blocks``; a user's line breaks are kept); notices are plain text. Every color comes
+from ``colors.colors()``.
 
 The app's own links (Copy, Edit, ‹ ›, a code block's Copy) carry a scheme made of a secret drawn
 for each view (``app-<random hex>:edit/0``): a reply cannot spell one, so text in a message never
@@ -44,10 +45,16 @@ def action_href(scheme: str, action: str, *numbers: int) -> str:
 
 
 def markdown_html(
-    text: str, index: int = 0, copied_block: int = -1, bubble: str = "", scheme: str = "app"
+    text: str,
+    index: int = 0,
+    copied_block: int = -1,
+    bubble: str = "",
+    scheme: str = "app",
+    line_breaks: bool = False,
 ) -> list[str]:
-    """A reply's Markdown -> HTML parts: prose (one string) and fenced code blocks (a table each, with
-    a Copy link ``<scheme>:copycode/<index>/<block>``); see ``code_blocks``."""
+    """A message's Markdown -> HTML parts: prose (one string) and fenced code blocks (a table each,
+    with a Copy link ``<scheme>:copycode/<index>/<block>``); see ``code_blocks``. ``line_breaks``:
+    each new line of the prose is kept (what the user typed with Shift+Enter)."""
     parts: list[str] = []
     n_blocks = 0
     for part in split_markdown(text):
@@ -57,7 +64,7 @@ def markdown_html(
             parts.extend(CODE_MARK + table for table in tables)
             n_blocks += 1
         else:
-            parts.append(prose_html(part))
+            parts.append(prose_html(part.replace("\n", "  \n") if line_breaks else part))
     return parts
 
 
@@ -103,10 +110,8 @@ def entry_chunks(index: int, entry: Entry, scheme: str = "app") -> list[str]:
         ]
     user = entry.role == "user"
     bg = colors()["error"] if entry.status == "error" else colors()["user" if user else "assistant"]
-    if user:
-        parts = [plain_html(entry.content)]
-    elif entry.content:
-        parts = markdown_html(entry.content, index, entry.copied_block, bg, scheme)
+    if entry.content:  # the user's message too: an attached file's fence is a code block
+        parts = markdown_html(entry.content, index, entry.copied_block, bg, scheme, line_breaks=user)
     else:
         parts = []
     footer = _footer(index, entry, scheme)

@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PySide6.QtGui import QTextCursor
+from PySide6.QtWidgets import QApplication
 
 from smallmind_app import paths
 from smallmind_app.engines.endpoints import Endpoint
 from smallmind_app.history.store import ConversationStore
-from tests.fixtures.window import LONG, MODEL_TIMEOUT_MS, send, wait_idle, wait_text
+from tests.fixtures.window import LONG, MODEL_TIMEOUT_MS, click_action, send, wait_idle, wait_text
 
 SCREEN = (1280, 720)  # a small laptop screen: the window and its dock must fit it
 LONG_PROMPT = "Answer as a patient teacher who explains every step and checks the result twice. " * 13
@@ -247,3 +249,33 @@ def test_a_reply_waiting_for_memory_says_so_and_offers_the_setting(
     wait_idle(qtbot, *tabs)
     assert all(t.entries[-1].status == "complete" for t in tabs)
     assert not any(t.fix_button.isVisible() for t in tabs)
+
+
+# -- 8: a message with an attachment -------------------------------------------------------------------
+FIZZ = 'for i in range(1, 16):\n    print("Fizz" if i % 3 == 0 else i)\n'
+
+
+def test_a_chat_started_with_an_attachment_is_titled_from_the_typed_text_and_shows_the_code(
+    qtbot: Any, make_window: Any, write_settings: Any, tmp_path: Path
+) -> None:
+    write_settings(sampling={"max_new_tokens": 8, "seed": 2})
+    (tmp_path / "fizz.py").write_text(FIZZ, encoding="utf-8")
+    window = make_window()
+    tab = window.chat_tabs[0]
+    tab.attach_files([str(tmp_path / "fizz.py")])  # the file first, then the question, as the user did
+    tab.prompt_edit.moveCursor(QTextCursor.MoveOperation.End)
+    tab.prompt_edit.insertPlainText("\n\nWhy does this print Fizz\ntwice?")
+    tab.send_button.click()
+    assert window.tabs.tabText(0) == tab.title == "Why does this print Fizz"
+    wait_idle(qtbot, tab)
+    shown = tab.transcript.toPlainText()
+    assert "```" not in shown and "fizz.py:" in shown  # the user's Markdown: the block is code, not fences
+    assert 'print("Fizz" if i % 3 == 0 else i)' in shown and "Why does this print Fizz\ntwice?" in shown
+    click_action(tab.transcript, "copycode", 0, 0)  # its Copy puts exactly the file's code on the clipboard
+    assert QApplication.clipboard().text() == FIZZ.rstrip("\n")
+
+    only_file = window.new_chat()
+    only_file.attach_files([str(tmp_path / "fizz.py")])
+    only_file.send_button.click()
+    assert only_file.title == "fizz.py"
+    wait_idle(qtbot, only_file)
