@@ -32,10 +32,8 @@ log = logging.getLogger(__name__)
 NEW_CHAT_TITLE = "New chat"
 AUTO_TITLE = "auto_title"  # conversation setting: the title follows the first message
 TITLE_CHARS = 40
-REOPEN_MENU_ITEMS = 20
-_FILE_LINE = re.compile(
-    r"^[^\s:]+:$"
-)  # "fizz.py:" above an attached file's fence (attachments.fenced)  # the Reopen menu lists the last closed conversations; the sidebar lists all
+REOPEN_MENU_ITEMS = 20  # the Reopen menu lists the last closed conversations; the sidebar lists all
+_FILE_LINE = re.compile(r"^[^\s:]+:$")  # "fizz.py:" above an attached file's fence (attachments.fenced)
 
 
 def typed_lines(text: str) -> tuple[list[str], list[str]]:
