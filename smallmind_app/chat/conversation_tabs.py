@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 NEW_CHAT_TITLE = "New chat"
 AUTO_TITLE = "auto_title"  # conversation setting: the title follows the first message
+CURRENT = "current"  # conversation setting: its tab was the one shown when the app closed
 TITLE_CHARS = 40
 REOPEN_MENU_ITEMS = 20  # the Reopen menu lists the last closed conversations; the sidebar lists all
 _FILE_LINE = re.compile(r"^[^\s:]+:$")  # "fizz.py:" above an attached file's fence (attachments.fenced)
@@ -106,6 +107,9 @@ class ConversationTabs(QTabWidget):
             conversations = []
         for conversation in conversations:
             self.add_conversation(conversation)
+        shown = next((c.id for c in conversations if c.settings.get(CURRENT)), None)
+        if shown is not None:  # the tab shown when the app closed is shown again
+            self.setCurrentWidget(self._by_id[shown])
 
     def add_conversation(self, conversation: Conversation) -> ChatTab:
         try:
@@ -200,10 +204,18 @@ class ConversationTabs(QTabWidget):
         self._write(self.store.delete_conversation, conversation_id)
 
     def save_all(self) -> None:
-        """The app quits: keep the text of replies in progress and any unsaved system prompt."""
+        """The app quits: keep the text of replies in progress and any unsaved system prompt, and which
+        tab is shown (it is shown again at the next start)."""
         for tab in self._by_id.values():
             tab.save_pending()
             tab.save_partial_now()
+            shown = tab is self.currentWidget()
+            if bool(tab.conversation_settings.get(CURRENT)) != shown:
+                settings = {k: v for k, v in tab.conversation_settings.items() if k != CURRENT}
+                tab.conversation_settings = {**settings, CURRENT: True} if shown else settings
+                self._write(
+                    self.store.set_conversation_settings, tab.conversation_id, tab.conversation_settings
+                )
 
     # -- renaming, order, export ----------------------------------------------------------------
     def rename_tab(self, index: int, title: str) -> None:

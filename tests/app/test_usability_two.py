@@ -279,3 +279,19 @@ def test_a_chat_started_with_an_attachment_is_titled_from_the_typed_text_and_sho
     only_file.send_button.click()
     assert only_file.title == "fizz.py"
     wait_idle(qtbot, only_file)
+
+
+# -- 9: the tab shown comes back -----------------------------------------------------------------------
+def test_the_tab_shown_when_the_app_closed_is_shown_again(qtbot: Any, make_window: Any) -> None:
+    window = make_window()
+    for name in ("Second", "Third"):
+        window.tabs.rename_tab(window.tabs.indexOf(window.new_chat()), name)
+    window.tabs.setCurrentIndex(1)  # the user was in "Second"
+    window.close()
+    restarted = make_window()
+    assert [restarted.tabs.tabText(i) for i in range(3)] == ["New chat", "Second", "Third"]
+    assert restarted.tabs.currentIndex() == 1 and restarted.tabs.currentWidget().title == "Second"
+    assert restarted.history.current_id() == restarted.tabs.currentWidget().conversation_id
+    restarted.tabs.setCurrentIndex(2)
+    restarted.close()
+    assert make_window().tabs.currentWidget().title == "Third"
