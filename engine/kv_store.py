@@ -26,7 +26,7 @@ import numpy as np
 
 from .errors import CacheBudgetError, ContextOverflowError
 from .kv_cache import KV_DTYPES, KvCacheEntry, ModelShape
-from .kv_disk import DiskKvTier, common_prefix
+from .kv_disk import MODEL_SEPARATOR, DiskKvTier, common_prefix
 from .options import options_from_dict, options_to_dict
 
 log = logging.getLogger(__name__)
@@ -561,18 +561,34 @@ class LruKvCacheStore:
             log.debug("KV session %s not written to disk: the writer is behind or it is too big", session_id)
             return False
         buffer, token_ids = entry.detach()
-        disk.put(session_id.key, model, entry.shape, token_ids, buffer)
+        disk.put(self._disk_key(session_id, model), model, entry.shape, token_ids, buffer)
         return True
+
+    @staticmethod
+    def _disk_key(session_id: SessionId, model: str) -> str:
+        """The session's file for one model: each model its own, so that loading another model and
+        coming back leaves the first model's K/V on disk (one file per session would be overwritten)."""
+        return f"{session_id.key}{MODEL_SEPARATOR}{model}"
+
+    def _disk_name(self, session_id: SessionId) -> str | None:
+        """The session's file name on disk for the loaded model, or the name a file had before files
+        were per model (still loaded when it is this model's); None when there is none."""
+        assert self._disk is not None and self._model_identity is not None
+        for key in (self._disk_key(session_id, self._model_identity), session_id.key):
+            if self._disk.has(key):
+                return key
+        return None
 
     def _load_from_disk(
         self, session_id: SessionId, entry: KvCacheEntry, prompt_ids: Sequence[int] | np.ndarray, n_own: int
     ) -> int:
         """Load the session's K/V from disk when they hold a longer prefix of the prompt than memory."""
         assert self._disk is not None
-        if self._model_identity is None or not self._disk.has(session_id.key):
+        name = self._disk_name(session_id) if self._model_identity is not None else None
+        if name is None or self._model_identity is None:
             return n_own
         started = time.perf_counter()
-        found = self._disk.find(session_id.key, self._model_identity, entry.shape, prompt_ids, n_own)
+        found = self._disk.find(name, self._model_identity, entry.shape, prompt_ids, n_own)
         if found is None:
             return n_own
         token_ids, kv = found
@@ -593,7 +609,10 @@ class LruKvCacheStore:
     def prefetch(self, session_id: SessionId) -> bool:
         """A conversation was opened: start reading its file (if any) so its next request loads fast."""
         disk = self._disk
-        return disk is not None and session_id not in self and disk.prefetch(session_id.key)
+        if disk is None or self._model_identity is None or session_id in self:
+            return False
+        name = self._disk_name(session_id)
+        return name is not None and disk.prefetch(name)
 
     def forget(self, session_id: SessionId) -> None:
         """A deleted conversation: its session goes from memory and from disk."""

@@ -156,8 +156,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     app = ensure_application([argv[0]])
     window = create_window(args.model)
     window.show()
-    signal.signal(signal.SIGINT, lambda *_: app.quit())  # Ctrl+C in the terminal: a clean shutdown
+    quit_on_signals(app)
+    return app.exec()
+
+
+QUIT_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # Ctrl+C, `kill`, a closed terminal or a logout
+
+
+def quit_on_signals(app: QApplication) -> None:
+    """Ctrl+C, SIGTERM (``kill``, a session logout) and SIGHUP quit as the Quit menu does: replies so
+    far are kept and the KV sessions go to disk, so the next start is warm (killed outright, the
+    process would lose every session held in memory)."""
+    for name in QUIT_SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), lambda *_: app.quit())
     wake = QTimer(app, interval=250)  # lets Python run its signal handlers while Qt's loop runs
     wake.timeout.connect(lambda: None)
     wake.start()
-    return app.exec()

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +19,11 @@ from PySide6.QtWidgets import QApplication
 from smallmind_app import paths
 from smallmind_app.engines.endpoints import Endpoint
 from smallmind_app.history.store import ConversationStore
-from tests.fixtures.window import LONG, MODEL_TIMEOUT_MS, click_action, send, wait_idle, wait_text
+from tests.app.test_crash import CHILD_TIMEOUT_S, REPO_ROOT, read_lines_until
+from tests.fixtures.tiny_model import write_tiny_gguf
+from tests.fixtures.window import APP_MODEL, LONG, MODEL_TIMEOUT_MS, click_action, send, wait_idle, wait_text
 
+QUIT_CHILD = Path(__file__).resolve().with_name("quit_child.py")
 SCREEN = (1280, 720)  # a small laptop screen: the window and its dock must fit it
 LONG_PROMPT = "Answer as a patient teacher who explains every step and checks the result twice. " * 13
 LONG_PROMPT = LONG_PROMPT[:1000]
@@ -295,3 +301,69 @@ def test_the_tab_shown_when_the_app_closed_is_shown_again(qtbot: Any, make_windo
     restarted.tabs.setCurrentIndex(2)
     restarted.close()
     assert make_window().tabs.currentWidget().title == "Third"
+
+
+# -- 10: a restart is warm -------------------------------------------------------------------------------
+QUESTION = "Tell me about the mountains and the sea, " * 6  # a prompt of a few hundred tokens
+SHORT = {"max_new_tokens": 24, "seed": 5}
+
+
+def test_a_restart_after_loading_another_model_and_back_is_warm(
+    qtbot: Any, make_window: Any, write_settings: Any, app_model_path: Path, tmp_path: Path
+) -> None:
+    """Tools → Models → Load another model, a question to it, then the first model again, then a
+    restart: each model's K/V of the conversation are on disk (one file each; with one file per
+    conversation the other model's replaced this one's, and the restart reused 0 tokens)."""
+    other = write_tiny_gguf(tmp_path / "other-model.gguf", **{**APP_MODEL, "seed": 9})
+    write_settings(sampling=SHORT)
+    window = make_window()
+    tab = window.chat_tabs[0]
+    for text in (QUESTION, "And the rivers?", "And the lakes?"):
+        send(tab, text)
+        wait_idle(qtbot, tab)
+    before_switch = tab.entries[-1].stats["prompt_tokens"] + tab.entries[-1].stats["n_tokens"]
+    for model in (other, app_model_path):
+        window.use_model_file(str(model))
+        qtbot.waitUntil(lambda m=model: window.model_info.get("path") == str(m), timeout=MODEL_TIMEOUT_MS)
+        if model == other:
+            send(tab, "A question for the other model")
+            wait_idle(qtbot, tab)
+    window.close()
+
+    restarted = make_window()
+    tab = restarted.chat_tabs[0]
+    send(tab, "And the mountains?")
+    wait_idle(qtbot, tab)
+    stats = tab.entries[-1].stats
+    assert stats["reused_tokens"] >= before_switch - 40, stats  # the conversation as this model left it
+    assert f"{stats['reused_tokens']} of {stats['prompt_tokens']} prompt tokens reused" in (
+        tab.transcript.toPlainText()
+    )
+
+
+def test_sigterm_quits_like_the_quit_menu_so_the_restart_is_warm(
+    qtbot: Any, make_window: Any, app_model_path: Path
+) -> None:
+    """``kill`` (SIGTERM; a logout sends it too) stopped the app at once, losing every KV session held
+    in memory: the next start recomputed the conversation. Now it quits as the Quit menu does."""
+    env = {**os.environ, "SMALLMIND_MODEL": str(app_model_path), "QT_QPA_PLATFORM": "offscreen",
+           "PYTHONPATH": str(REPO_ROOT)}  # fmt: skip
+    child = subprocess.Popen(
+        [sys.executable, str(QUIT_CHILD)], env=env, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT
+    )
+    try:
+        (ready,) = read_lines_until(child, "READY", CHILD_TIMEOUT_S)[-1:]
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(CHILD_TIMEOUT_S) == 0  # a clean exit, not killed by the signal
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    first_prompt = int(ready.split()[1])
+    window = make_window()
+    tab = window.chat_tabs[0]
+    send(tab, "And the rivers?")
+    wait_idle(qtbot, tab)
+    # the first prompt and the reply up to where its text tokenizes otherwise (the random tiny model's
+    # tokens do not always come back from their text; the real model's do: see the README's figures)
+    assert tab.entries[-1].stats["reused_tokens"] > first_prompt, tab.entries[-1].stats
