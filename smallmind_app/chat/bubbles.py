@@ -87,8 +87,8 @@ def stats_line(stats: dict[str, Any]) -> str:
         parts.append(f"{stats['tokens_per_step']:.1f} tokens per step")
     if stats.get("ttft_ms") is not None:
         parts.append(f"first token {stats['ttft_ms']:.0f} ms")
-    if "reused_tokens" in stats:
-        parts.append(f"{stats['reused_tokens']} of {stats.get('prompt_tokens', '?')} prompt tokens reused")
+    if "reused_tokens" in stats and stats.get("prompt_tokens"):  # a server may not count them (0 of 0)
+        parts.append(f"{stats['reused_tokens']} of {stats['prompt_tokens']} prompt tokens reused")
     reason = str(stats.get("finish_reason", ""))
     note = limit_reached(stats) if reason == "length" else FINISH_NOTES.get(reason)
     if note:

@@ -5,10 +5,13 @@ the tiny model, offscreen. Each test checks what is on screen and what is stored
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -367,3 +370,75 @@ def test_sigterm_quits_like_the_quit_menu_so_the_restart_is_warm(
     # the first prompt and the reply up to where its text tokenizes otherwise (the random tiny model's
     # tokens do not always come back from their text; the real model's do: see the README's figures)
     assert tab.entries[-1].stats["reused_tokens"] > first_prompt, tab.entries[-1].stats
+
+
+# -- 11: cosmetics ---------------------------------------------------------------------------------------
+def test_the_sessions_table_shows_the_tabs_names(qtbot: Any, make_window: Any, write_settings: Any) -> None:
+    write_settings(sampling={"max_new_tokens": 8, "seed": 1})
+    window = make_window()
+    tab = window.chat_tabs[0]
+    window.tabs.rename_tab(0, "Python help with primes")
+    send(tab, "Hello")
+    wait_idle(qtbot, tab)
+    table = window.stats_dock.table
+    qtbot.waitUntil(lambda: table.rowCount() == 1 and table.item(0, 3).text() == "idle · evicted next",
+                    timeout=5000)  # fmt: skip
+    assert window.stats_dock.width() <= 320  # the dock at its narrowest
+    name = table.fontMetrics().horizontalAdvance("Python help w")  # 13 characters at least, not 5
+    assert table.columnWidth(0) >= name, (table.columnWidth(0), name)
+    assert table.item(0, 0).toolTip() == "Python help with primes"  # all of it, when it is cut
+
+
+def test_avg_batch_size_shows_the_last_seconds_beside_the_average_since_start(
+    qtbot: Any, make_window: Any, write_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from smallmind_app.dock import stats_dock
+
+    monkeypatch.setattr(stats_dock, "RECENT_S", 1.0, raising=False)  # 1 s (5 s in the app): a shorter test
+    write_settings(sampling={**LONG, "max_new_tokens": 300}, batching={"max_batch_wait_ms": 300.0})
+    window = make_window()
+    first = window.chat_tabs[0]
+    send(first, "One tab alone first")  # a while of batches of one
+    wait_idle(qtbot, first)
+    tabs = [first, window.new_chat(), window.new_chat()]
+    for i, tab in enumerate(tabs):
+        send(tab, f"Three at once ({i})")
+    label = window.stats_dock.labels["statAvgBatchSize"]
+
+    def figures() -> tuple[float, float]:
+        found = re.match(r"([\d.]+) last 5 s  \(([\d.]+) since start\)", label.text())
+        return (float(found[1]), float(found[2])) if found else (0.0, 0.0)
+
+    qtbot.waitUntil(lambda: figures()[0] > 2.5, timeout=30_000)
+    recent, since_start = figures()
+    assert since_start < recent - 0.3  # the average since the start lags behind what runs now
+    wait_idle(qtbot, *tabs)
+
+
+def test_a_remote_reply_without_usage_says_no_0_of_0_and_the_dock_says_it_is_under_way(
+    qtbot: Any, make_window: Any, write_settings: Any
+) -> None:
+    from tests.app.test_remote_engines import remote_tab
+    from tests.fixtures.http_faults import STREAM_HEAD, delta, fault_server, sse_chunk
+
+    go_on = threading.Event()
+
+    def slow_without_usage(conn: socket.socket, n: int) -> None:  # as some servers stream: no usage
+        conn.sendall(STREAM_HEAD + sse_chunk(delta("Once upon")))
+        go_on.wait(30)
+        conn.sendall(sse_chunk(delta(" a time", "stop")) + sse_chunk("[DONE]") + b"0\r\n\r\n")
+
+    with fault_server(slow_without_usage) as server:
+        tab = remote_tab(qtbot, make_window, write_settings, server.base_url)
+        window = tab.window()
+        send(tab, "A story")
+        wait_text(qtbot, tab)
+        ttft = window.stats_dock.labels["statTabTtft"]
+        qtbot.waitUntil(lambda: ttft.text().startswith("first reply under way"), timeout=5000)  # not
+        # "no reply yet" while its text streams in
+        go_on.set()
+        wait_idle(qtbot, tab)
+    assert tab.entries[-1].content == "Once upon a time" and tab.entries[-1].status == "complete"
+    footer = tab.transcript.toPlainText()
+    assert "prompt tokens reused" not in footer  # the server did not count them: not "0 of 0"
+    qtbot.waitUntil(lambda: "ms last reply" in ttft.text(), timeout=5000)
