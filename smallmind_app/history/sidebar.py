@@ -117,6 +117,7 @@ class HistorySidebar(QDockWidget):
         bar = QHBoxLayout(self.undo_bar)
         bar.setContentsMargins(6, 2, 2, 2)
         self.undo_label = QLabel(objectName="historyUndoLabel")
+        self.undo_label.setWordWrap(True)  # a long title takes a second line, never cut
         self.undo_button = QPushButton("Undo", objectName="historyUndoButton")
         self.undo_button.clicked.connect(self.undo_delete)
         bar.addWidget(self.undo_label, 1)

@@ -21,6 +21,7 @@ from PySide6.QtWidgets import QApplication
 
 from smallmind_app import paths
 from smallmind_app.engines.endpoints import Endpoint
+from smallmind_app.history.list_model import PREVIEW_ROLE
 from smallmind_app.history.store import ConversationStore
 from tests.app.test_crash import CHILD_TIMEOUT_S, REPO_ROOT, read_lines_until
 from tests.fixtures.tiny_model import write_tiny_gguf
@@ -442,3 +443,31 @@ def test_a_remote_reply_without_usage_says_no_0_of_0_and_the_dock_says_it_is_und
     footer = tab.transcript.toPlainText()
     assert "prompt tokens reused" not in footer  # the server did not count them: not "0 of 0"
     qtbot.waitUntil(lambda: "ms last reply" in ttft.text(), timeout=5000)
+
+
+def test_history_previews_show_the_chosen_version_as_plain_text(qtbot: Any, make_window: Any) -> None:
+    conversation_id, _, newer = stored_with_versions(
+        "Fizz code", "Write fizz code",
+        "**Here** is `fizz` code:\n```python\nprint_fizz(3)\n```\nSee [the docs](https://example.com).",
+        "A different answer",
+    )  # fmt: skip
+    with ConversationStore(paths.database_file()) as store:
+        store.select_version(conversation_id, newer, -1)  # the user went back to the first reply (‹)
+    window = make_window()
+    model = window.history.model
+    qtbot.waitUntil(lambda: model.row_of(conversation_id) is not None, timeout=5000)
+    preview = model.index(model.row_of(conversation_id)).data(PREVIEW_ROLE)
+    assert preview == "Here is fizz code: print_fizz(3) See the docs."  # not "A different answer", no **
+
+
+def test_the_undo_bar_shows_the_whole_title(qtbot: Any, make_window: Any) -> None:
+    window = make_window()
+    title = "Write a Python function that checks whether a number is prime"
+    window.tabs.rename_tab(0, title)
+    window.new_chat()
+    window.history.delete(window.chat_tabs[0].conversation_id)
+    label = window.history.undo_label
+    qtbot.waitUntil(label.isVisible, timeout=5000)
+    assert label.text() == f"Deleted “{title}”."
+    fits_one_line = label.width() >= label.fontMetrics().horizontalAdvance(label.text())
+    assert fits_one_line or (label.wordWrap() and label.height() >= label.heightForWidth(label.width()))
