@@ -7,19 +7,22 @@ links are ``copy:``, ``copycode:``, ``edit:`` and ``version:`` addresses, handle
 Markdown (``code_blocks``; a user's line breaks are kept); notices are plain text. Every color comes
 from ``colors.colors()``.
 
-The app's own links (Copy, Edit, ‹ ›, a code block's Copy) carry a scheme made of a secret drawn
-for each view (``app-<random hex>:edit/0``): a reply cannot spell one, so text in a message never
-triggers an action; every other link keeps the rule for links from replies (http(s) only, opened
+The app's own links (Copy, Edit, ‹ ›, a code block's Copy, a document's [1]) carry a scheme made of
+a secret drawn for each view (``app-<random hex>:edit/0``): a reply cannot spell one, so text in a
+message never triggers an action; every other link keeps the rule for links from replies (http(s) only, opened
 after the address is shown).
 """
 
 from __future__ import annotations
 
+import functools
 import html
+import json
 import secrets
 from typing import Any
 
 from ..colors import colors
+from ..documents.choices import citations_html
 from ..wording import FINISH_NOTES, limit_reached, tab_limit
 from .code_blocks import CodeBlock, code_block_html, prose_html, sanitize, split_markdown
 from .conversation_model import Entry
@@ -27,7 +30,7 @@ from .conversation_model import Entry
 
 def cache_key(entry: Entry) -> tuple[Any, ...]:
     """What an entry's HTML depends on (the view converts an entry again only when this changes)."""
-    stats = tuple(sorted(entry.stats.items()))
+    stats = json.dumps(entry.stats, sort_keys=True, default=str)  # citations are lists of dicts
     return (
         entry.role, entry.content, entry.status, stats, entry.progress, entry.editing, entry.copied,
         entry.versions, entry.copied_block, entry.waiting, tuple(colors().items()),
@@ -184,6 +187,9 @@ def _footer(index: int, entry: Entry, scheme: str) -> str:
         elif entry.status == "partial" and "finish_reason" not in entry.stats:
             n_tokens = f"{entry.stats['n_tokens']} tokens · " if entry.stats.get("n_tokens") else ""
             footer = f"{n_tokens}interrupted (the app closed while this reply was generated)"
+        if entry.stats.get("citations"):  # the document passages it was given: each opens in a panel
+            href = functools.partial(action_href, scheme, "cite", index)  # + the citation's number
+            footer += "<br />" + citations_html(entry.stats, href, colors()["user_name"])
     if entry.versions is None or entry.status == "streaming":
         return footer
     number, count = entry.versions

@@ -29,6 +29,7 @@ LIMIT_KEYS = (
     "trimmed_limit",
     "trimmed_setting",
 )
+DOCUMENT_KEYS = ("citations", "documents_tokens", "documents_budget")  # documents/feature.py
 
 
 @dataclass(eq=False)
@@ -62,6 +63,7 @@ def reply_stats(result: Mapping[str, Any]) -> dict[str, Any]:
         **tokens_per_step(result),
         **({"error": str(result["error"])} if result.get("error") else {}),
         **{key: result[key] for key in LIMIT_KEYS if result.get(key) is not None},
+        **{key: result[key] for key in DOCUMENT_KEYS if result.get(key)},  # the passages it cited
     }
 
 
@@ -137,6 +139,12 @@ class ConversationModel:
     def set_engine(self, engine_id: str) -> None:
         """Answer with ``engine_id`` from the next reply on; remembered with the conversation."""
         self.settings = {**self.settings, ENGINE_KEY: engine_id}
+        self.save(self._store.set_conversation_settings, self.conversation_id, self.settings)
+
+    def set_setting(self, key: str, value: Any) -> None:
+        """One of the conversation's own settings (None removes it), saved with it."""
+        settings = {k: v for k, v in self.settings.items() if k != key}
+        self.settings = settings if value is None else {**settings, key: value}
         self.save(self._store.set_conversation_settings, self.conversation_id, self.settings)
 
     def save_system_prompt(self) -> None:

@@ -15,6 +15,7 @@ from PySide6.QtWidgets import (
     QPlainTextEdit,
     QPushButton,
     QSizePolicy,
+    QSplitter,
     QToolButton,
     QVBoxLayout,
     QWidget,
@@ -150,7 +151,10 @@ class TabWidgets(QWidget):
         layout.setSpacing(6)
         layout.addLayout(header)
         layout.addWidget(self.system_edit)
-        layout.addWidget(self.transcript, 1)
+        self.transcript_row = QSplitter(Qt.Orientation.Horizontal)  # documents add their citation panel
+        self.transcript_row.setChildrenCollapsible(False)
+        self.transcript_row.addWidget(self.transcript)
+        layout.addWidget(self.transcript_row, 1)
         layout.addLayout(actions_row)
         layout.addWidget(self.edit_banner)
         layout.addWidget(self.attachment_list)

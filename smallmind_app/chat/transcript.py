@@ -47,6 +47,7 @@ class TranscriptView(QTextBrowser):
     link_refused = Signal(str)  # a link of a reply that is not opened (not http/https): its address
     version_requested = Signal(int, int)  # entry index, step (-1 the previous version, 1 the next)
     edit_requested = Signal(int)  # entry index of a user message to change
+    citation_requested = Signal(int, int)  # entry index of a reply, citation number (documents)
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -281,6 +282,8 @@ class TranscriptView(QTextBrowser):
             self.version_requested.emit(*numbers)
         elif action == "edit" and len(numbers) == 1:
             self.edit_requested.emit(numbers[0])
+        elif action == "cite" and len(numbers) == 2:
+            self.citation_requested.emit(*numbers)
         else:
             log.warning("an app link with an unknown action %r was ignored", path[:80])
 

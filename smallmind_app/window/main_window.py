@@ -27,6 +27,7 @@ from ..chat.conversation_tabs import ConversationTabs
 from ..chat.preset_menu import PresetController
 from ..chat.tab import ChatTab
 from ..dock.stats_dock import StatsDock
+from ..documents.feature import DocumentsFeature
 from ..engines.endpoints import LOCAL_ENGINE
 from ..engines.engine_keys import EngineKeys
 from ..history.sidebar import HistorySidebar
@@ -108,6 +109,7 @@ class MainWindow(QMainWindow):
         self.model_status = ModelStatus(self)  # the status bar
         self.model_label = self.model_status.label
         self.router = WorkerRouter(self)
+        self.documents = DocumentsFeature(self)  # Tools → Documents…, the tabs' Documents buttons
         self.tabs.currentChanged.connect(self.router.show_tab_engine)
         app = QCoreApplication.instance()
         if app is not None:
@@ -384,6 +386,7 @@ class MainWindow(QMainWindow):
         self.closed = True
         self.history.commit_pending()  # a delete waiting for its undo time is done now
         self.tabs.save_all()
+        self.documents.shutdown()
         self.client.shutdown()
         self.store.close()
 

@@ -52,7 +52,7 @@ def build_menus(window: MainWindow) -> None:
     chat.addAction(w.action_delete)
     chat.addSeparator()
     chat.addAction(w.action_quit)
-    tools = w.menuBar().addMenu("&Tools")
+    tools = w.tools_menu = w.menuBar().addMenu("&Tools")
     tools.addAction(w.action_models)
     tools.addAction(w.action_local_server)
     tools.addAction(w.action_settings)

@@ -63,7 +63,7 @@ class WorkerRouter(QObject):
     @Slot(str, list)
     def _on_tab_generation_requested(self, conversation_id: str, messages: list) -> None:
         tab = self.tabs.tab_for(conversation_id)
-        if tab is not None:
+        if tab is not None and not self.window.documents.retrieve_first(tab, messages):
             self.client.submit(conversation_id, messages, self.window.sampling_for(tab))
 
     @Slot(str, str)
@@ -94,11 +94,13 @@ class WorkerRouter(QObject):
 
     @Slot(str, dict)
     def _on_worker_request_finished(self, conversation_id: str, result: dict) -> None:
+        result = self.window.documents.with_citations(conversation_id, result)  # the passages it cited
         if (tab := self.tabs.tab_for(conversation_id)) is not None:
             tab.finish_reply(result)
 
     @Slot(str, str, dict)
     def _on_worker_request_failed(self, conversation_id: str, message: str, info: dict) -> None:
+        self.window.documents.forget(conversation_id)
         if (tab := self.tabs.tab_for(conversation_id)) is not None:
             tab.fail_request(message, info)
 

@@ -368,9 +368,10 @@ def test_sigterm_quits_like_the_quit_menu_so_the_restart_is_warm(
     tab = window.chat_tabs[0]
     send(tab, "And the rivers?")
     wait_idle(qtbot, tab)
-    # the first prompt and the reply up to where its text tokenizes otherwise (the random tiny model's
-    # tokens do not always come back from their text; the real model's do: see the README's figures)
-    assert tab.entries[-1].stats["reused_tokens"] > first_prompt, tab.entries[-1].stats
+    # the first prompt at least, and the reply up to where its text tokenizes otherwise (the random tiny
+    # model's reply often does not come back from its text, even at its first token; the real model's
+    # does: see the README's figures). Killed by the signal, the restart reused nothing.
+    assert tab.entries[-1].stats["reused_tokens"] >= first_prompt, tab.entries[-1].stats
 
 
 # -- 11: cosmetics ---------------------------------------------------------------------------------------
