@@ -36,7 +36,7 @@ from ..engines.engines_page import EnginesPage
 from ..models import first_run
 from ..wording import FIELD_NAMES, FIELDS, INT_MAX, MIB_RANGE, PAGES, SECTION_KEYS, MiB, mib, setting_problem
 from ..worker.engine_options import session_limits, validate_settings
-from .app_settings import AppSettings, default_system_prompt, section_defaults
+from .app_settings import TEXT_SCALES, AppSettings, default_system_prompt, section_defaults
 from .field_checks import SizeField, setting_warnings
 
 __all__ = ["FIELDS", "INT_MAX", "MIB_RANGE", "SECTION_KEYS", "MiB", "SettingsDialog"]
@@ -289,6 +289,12 @@ class SettingsDialog(QDialog):
             self.theme_combo.addItem(label, value)
         self.theme_combo.setToolTip("Follow system: dark when your desktop uses a dark color scheme")
         form.addRow("Theme", self.theme_combo)
+        low, high = TEXT_SCALES
+        self.text_scale = QSpinBox(objectName="textScaleSetting", minimum=low, maximum=high)
+        self.text_scale.setSingleStep(10)
+        self.text_scale.setSuffix(" %")
+        self.text_scale.setToolTip("The size of the window's text: 100 % is your system's font size")
+        form.addRow("Text size", self.text_scale)
         return page
 
     # -- values ---------------------------------------------------------------------------------
@@ -298,6 +304,7 @@ class SettingsDialog(QDialog):
         self.model_path.setText(settings.model_path or "")
         self.system_prompt.setPlainText(settings.system_prompt)
         self.theme_combo.setCurrentIndex(max(0, self.theme_combo.findData(settings.theme)))
+        self.text_scale.setValue(settings.text_scale)
         self._revalidate()
 
     def _value(self, name: str) -> Any:
@@ -315,7 +322,7 @@ class SettingsDialog(QDialog):
         return self._settings.with_changes(
             model_path=self.model_path.text().strip() or None,
             system_prompt=self.system_prompt.toPlainText(),
-            theme=self.theme_combo.currentData(),
+            theme=self.theme_combo.currentData(), text_scale=self.text_scale.value(),
             kv_cache=values["kv"], batching=values["batching"], sampling=values["sampling"],
             engines=self.engines_page.endpoints(), default_engine=self.engines_page.default_engine_id(),
         )  # fmt: skip

@@ -106,6 +106,8 @@ class MainWindow(QMainWindow):
         self.theme = ThemeManager(settings.theme, self)
         self.theme.theme_changed.connect(self._on_theme_theme_changed)
         self.theme.set_choice(settings.theme)
+        self.theme.set_text_scale(settings.text_scale)
+        self.theme.text_scale_changed.connect(self._on_theme_theme_changed)
         self.model_status = ModelStatus(self)  # the status bar
         self.model_label = self.model_status.label
         self.router = WorkerRouter(self)
@@ -327,6 +329,7 @@ class MainWindow(QMainWindow):
             self.refresh_engine_choices()
         if settings.theme != self.theme.choice:
             self.theme.set_choice(settings.theme)
+        self.theme.set_text_scale(settings.text_scale)
 
     def save_settings(self, settings: AppSettings) -> None:
         self.settings = settings
@@ -365,12 +368,16 @@ class MainWindow(QMainWindow):
         self.save_settings(self.settings.with_changes(prompt_presets=presets))
 
     @Slot(str)
-    def _on_theme_theme_changed(self, _name: str) -> None:
-        """Redo what was painted with the old colors: transcripts, busy tabs, plots, the history list."""
+    @Slot(int)
+    def _on_theme_theme_changed(self, _name: str | int) -> None:
+        """Redo what was painted with the old colors or text size: transcripts, busy tabs, plots, the
+        history list."""
         for tab in self.tabs.chat_tabs:
             tab.transcript.restyle()
+            tab.prompt_edit.fit()  # its height is in lines of the font
         self.tabs.restyle()
         self.stats_dock.restyle()
+        self.history.view.doItemsLayout()  # its rows are two lines of the font high
         self.history.view.viewport().update()
 
     # -- shutdown -------------------------------------------------------------------------------

@@ -17,12 +17,13 @@ from typing import Any
 
 import pytest
 from PySide6.QtGui import QTextCursor
-from PySide6.QtWidgets import QApplication
+from PySide6.QtWidgets import QApplication, QLabel, QSpinBox
 
 from smallmind_app import paths
 from smallmind_app.engines.endpoints import Endpoint
 from smallmind_app.history.list_model import PREVIEW_ROLE
 from smallmind_app.history.store import ConversationStore
+from smallmind_app.settings.app_settings import load_settings
 from tests.app.test_crash import CHILD_TIMEOUT_S, REPO_ROOT, read_lines_until
 from tests.fixtures.tiny_model import write_tiny_gguf
 from tests.fixtures.window import APP_MODEL, LONG, MODEL_TIMEOUT_MS, click_action, send, wait_idle, wait_text
@@ -472,3 +473,44 @@ def test_the_undo_bar_shows_the_whole_title(qtbot: Any, make_window: Any) -> Non
     assert label.text() == f"Deleted “{title}”."
     fits_one_line = label.width() >= label.fontMetrics().horizontalAdvance(label.text())
     assert fits_one_line or (label.wordWrap() and label.height() >= label.heightForWidth(label.width()))
+
+
+# -- 12: text size ---------------------------------------------------------------------------------------
+@pytest.fixture
+def _system_text_size_again() -> Any:
+    """The text size is the app's (its font): the system's again for the next tests."""
+    yield
+    from smallmind_app.window.theme_manager import ThemeManager
+
+    ThemeManager("light").set_text_scale(100)
+
+
+@pytest.mark.usefixtures("_system_text_size_again")
+def test_the_text_size_in_settings_applies_at_once_and_is_kept(qtbot: Any, make_window: Any) -> None:
+    stored_turns("Mountains", 2)
+    window = make_window()
+    app = QApplication.instance()
+    system = app.font().pointSizeF()  # type: ignore[union-attr]
+    tab = window.chat_tabs[0]
+    qtbot.waitUntil(lambda: "Answer 1" in tab.transcript.toPlainText(), timeout=5000)
+    label = window.stats_dock.labels["statTabEngine"]
+    prompt_height, row_height = tab.prompt_edit.height(), window.history.view.sizeHintForRow(0)
+    dialog = window.open_settings()
+    field = dialog.findChild(QSpinBox, "textScaleSetting")
+    assert field.value() == 100 and field.suffix() == " %"
+    field.setValue(150)
+    assert app.font().pointSizeF() == system  # type: ignore[union-attr]  # nothing before Apply
+    dialog.apply_button.click()
+    dialog.reject()
+    big = 1.5 * system
+    assert app.font().pointSizeF() == pytest.approx(big)  # type: ignore[union-attr]
+    assert label.font().pointSizeF() == pytest.approx(big)  # the window's widgets follow, live
+    styled = tab.findChild(QLabel, "promptTokenCount")  # a label with a style sheet (its color) too
+    assert styled.styleSheet() and styled.font().pointSizeF() == pytest.approx(big)
+    assert tab.transcript.document().defaultFont().pointSizeF() == pytest.approx(big)  # and the messages
+    qtbot.waitUntil(lambda: tab.prompt_edit.height() > prompt_height, timeout=5000)  # two lines, larger
+    assert window.history.view.sizeHintForRow(0) > row_height
+    assert load_settings()[0].text_scale == 150  # kept
+    window.close()
+    restarted = make_window()
+    assert restarted.stats_dock.labels["statTabEngine"].font().pointSizeF() == pytest.approx(big)  # at start
