@@ -26,6 +26,7 @@ from .history.records import StoreCorruptError, StoreError
 from .history.store import ConversationStore, move_aside
 from .settings.app_settings import AppSettings, load_settings
 from .window.main_window import MainWindow, app_icon
+from .window.theme_manager import use_themed_style
 from .worker.client import EngineClient
 from .worker.engine_options import validate_settings
 
@@ -111,7 +112,7 @@ def ensure_application(argv: Sequence[str] | None = None) -> QApplication:
     app.setApplicationName("SmallMind")
     app.setDesktopFileName("smallmind")  # the desktop entry (smallmind install-desktop-entry) of this app
     app.setWindowIcon(app_icon())
-    app.setStyle("Fusion")
+    use_themed_style(app)  # Fusion, with check boxes visible on the dark theme
     gui_gc.install(app)  # cyclic garbage (closed dialogs' Qt objects) is collected on this thread only
     return app
 

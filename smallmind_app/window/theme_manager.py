@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 
 from PySide6.QtCore import QEvent, QObject, Qt, Signal, Slot
-from PySide6.QtGui import QColor, QFont, QGuiApplication, QPalette
-from PySide6.QtWidgets import QApplication, QWidget
+from PySide6.QtGui import QColor, QFont, QGuiApplication, QPainter, QPalette, QPen
+from PySide6.QtWidgets import QApplication, QProxyStyle, QStyle, QStyleOption, QWidget
 
 from .. import colors as palettes
 from ..colors import CHOICES, check_choice
@@ -76,6 +76,53 @@ def _depth(widget: QWidget) -> int:
     while parent is not None:
         depth, parent = depth + 1, parent.parentWidget()
     return depth
+
+
+_INDICATORS = (
+    QStyle.PrimitiveElement.PE_IndicatorCheckBox,
+    QStyle.PrimitiveElement.PE_IndicatorItemViewItemCheck,
+)
+
+
+class ThemedStyle(QProxyStyle):
+    """Fusion, with an edge of the theme's ``indicator_border`` around check boxes and radio buttons:
+    Fusion draws it a shade darker than the window, which on the dark theme left the box of “Running”
+    (Tools → Local server…) and every other check box hardly visible (1.1:1; 1.7:1 on the light theme)."""
+
+    def __init__(self) -> None:
+        super().__init__("Fusion")
+
+    def drawPrimitive(
+        self,
+        element: QStyle.PrimitiveElement,
+        option: QStyleOption,
+        painter: QPainter,
+        widget: QWidget | None = None,
+    ) -> None:
+        super().drawPrimitive(element, option, painter, widget)
+        radio = element == QStyle.PrimitiveElement.PE_IndicatorRadioButton
+        if element not in _INDICATORS and not radio:
+            return
+        painter.save()
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing, radio)
+        painter.setBrush(Qt.BrushStyle.NoBrush)
+        painter.setPen(QPen(QColor(palettes.colors()["indicator_border"]), 1))
+        box = option.rect.adjusted(0, 0, -1, -1)  # type: ignore[attr-defined]
+        if radio:
+            painter.drawEllipse(box)
+        else:
+            painter.drawRect(box)
+        painter.restore()
+
+
+_styles: list[ThemedStyle] = []
+
+
+def use_themed_style(app: QApplication) -> None:
+    """The app's style: Fusion (dark is dark on every platform) with visible check boxes."""
+    if not isinstance(app.style(), ThemedStyle):
+        _styles.append(ThemedStyle())  # kept referenced here as well as by the app
+        app.setStyle(_styles[-1])
 
 
 def palette_for(name: str) -> QPalette:

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from PySide6.QtGui import QTextCursor
-from PySide6.QtWidgets import QApplication, QLabel, QSpinBox
+from PySide6.QtGui import QColor, QPalette, QTextCursor
+from PySide6.QtWidgets import QApplication, QLabel, QSpinBox, QStyle, QStyleOptionButton
 
 from engine import download
 from engine import paths as engine_paths
@@ -29,6 +29,7 @@ from smallmind_app.engines.endpoints import Endpoint
 from smallmind_app.history.list_model import PREVIEW_ROLE
 from smallmind_app.history.store import ConversationStore
 from smallmind_app.settings.app_settings import load_settings
+from smallmind_app.window.theme_manager import ThemeManager
 from tests.app.test_crash import CHILD_TIMEOUT_S, REPO_ROOT, read_lines_until
 from tests.app.test_models_dialog import Downloads, open_models
 from tests.fixtures.chunk_wheels import chunk_wheel, chunked_spec
@@ -487,8 +488,6 @@ def test_the_undo_bar_shows_the_whole_title(qtbot: Any, make_window: Any) -> Non
 def _system_text_size_again() -> Any:
     """The text size is the app's (its font): the system's again for the next tests."""
     yield
-    from smallmind_app.window.theme_manager import ThemeManager
-
     ThemeManager("light").set_text_scale(100)
 
 
@@ -569,3 +568,40 @@ def test_a_chunked_download_shows_the_whole_files_size_not_one_chunks(
 class QuietFiles(SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+
+# -- 11: the dark theme's check boxes --------------------------------------------------------------------
+def contrast(a: QColor, b: QColor) -> float:
+    """WCAG's contrast ratio of two colors (1 to 21; 3 is the least for a control's edge)."""
+
+    def luminance(color: QColor) -> float:
+        channels = [c / 255 for c in (color.red(), color.green(), color.blue())]
+        r, g, b = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+    high, low = sorted((luminance(a), luminance(b)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+@pytest.mark.parametrize("theme", ["dark", "light"])
+def test_the_running_check_box_stands_out_in_both_themes(
+    qtbot: Any, make_window: Any, write_settings: Any, theme: str
+) -> None:
+    write_settings(theme=theme)
+    try:
+        window = make_window()
+        dialog = window.open_local_server()
+        box = dialog.enabled
+        qtbot.waitUntil(box.isVisible, timeout=5000)
+        option = QStyleOptionButton()
+        box.initStyleOption(option)
+        edge = box.style().subElementRect(QStyle.SubElement.SE_CheckBoxIndicator, option, box)
+        image = box.grab().toImage()
+        background = box.palette().color(QPalette.ColorRole.Window)
+        left_edge = [image.pixelColor(edge.left() + dx, edge.center().y()) for dx in range(2)]
+        best = max(contrast(color, background) for color in left_edge)
+        # main: 1.1 on the dark theme, 1.7 on the light one
+        assert best >= 3.0, (theme, [c.name() for c in left_edge], background.name())
+        dialog.close()
+    finally:
+        ThemeManager("light").set_choice("light")
