@@ -605,3 +605,13 @@ def test_the_running_check_box_stands_out_in_both_themes(
         dialog.close()
     finally:
         ThemeManager("light").set_choice("light")
+
+
+def test_attach_the_prompt_box_and_send_line_up(qtbot: Any, make_window: Any) -> None:
+    """Seen in the screenshots: the prompt box sat in the middle of its row and Attach… under it."""
+    window = make_window()
+    window.resize(*SCREEN)
+    tab = window.chat_tabs[0]
+    qtbot.wait(100)
+    tops = {widget.mapTo(tab, widget.rect().topLeft()).y() for widget in (tab.attach_button, tab.prompt_edit)}
+    assert tops == {tab.send_button.mapTo(tab, tab.send_button.rect().topLeft()).y()}
