@@ -293,7 +293,3 @@ class Sequence:
             draft_tokens=self.n_draft_tokens,
             accepted_draft_tokens=self.n_accepted_tokens,
         )
-
-
-def as_id_list(ids: SequenceABC[int] | np.ndarray) -> list[int]:
-    return [int(i) for i in ids]

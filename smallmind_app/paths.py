@@ -13,10 +13,21 @@ import functools
 import time
 from pathlib import Path
 
-from engine.paths import APP_NAME, HOME_ENV, MODEL_ENV, cache_dir, config_dir, data_dir, log_dir, models_dir
+from engine.paths import (
+    APP_NAME,
+    DEFAULT_PORT,
+    HOME_ENV,
+    MODEL_ENV,
+    cache_dir,
+    config_dir,
+    data_dir,
+    log_dir,
+    models_dir,
+)
 
 __all__ = [
     "APP_NAME",
+    "DEFAULT_PORT",
     "HOME_ENV",
     "MODEL_ENV",
     "RESOURCES_DIR",

@@ -1,7 +1,7 @@
 """The API server on a background thread, around an engine someone else drives: start, stop, address.
 
 For a program that already runs an engine (the desktop app, a script): ``BackgroundServer(engine,
-name).start(port=8080)`` binds 127.0.0.1 (or another host, with a key), serves on its own thread
+name).start(port=DEFAULT_PORT)`` binds 127.0.0.1 (or another host, with a key), serves on its own thread
 and returns the base URL; ``stop()`` cancels the requests in flight and joins the thread.
 """
 
@@ -15,8 +15,9 @@ from collections.abc import Sequence
 import uvicorn
 
 from engine import BatchedInferenceEngine
+from engine.paths import DEFAULT_PORT
 
-from .access import is_loopback
+from .access import check_listen_address
 from .app import create_app
 from .serving import ServerState
 
@@ -46,12 +47,11 @@ class BackgroundServer:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self, port: int = 8080, host: str = "127.0.0.1", api_key: str | None = None) -> str:
+    def start(self, port: int = DEFAULT_PORT, host: str = "127.0.0.1", api_key: str | None = None) -> str:
         """Bind and serve; returns the base URL (``http://host:port``). Raises OSError, ValueError."""
         if self.running:
             raise RuntimeError(f"the server is already running at {self.url}")
-        if not is_loopback(host) and not api_key:
-            raise ValueError(f"refusing to listen on {host} without an API key")
+        check_listen_address(host, bool(api_key))
         app = create_app(self.engine, self.model_name, api_key or None, self.cors_origins)  # checks the key
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)

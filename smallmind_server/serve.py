@@ -23,8 +23,9 @@ from typing import TextIO
 import uvicorn
 
 from engine import BatchedInferenceEngine, BatchingOptions, GgufFile, Model, Tokenizer
+from engine.paths import DEFAULT_PORT
 
-from .access import ApiKeys, is_loopback
+from .access import ApiKeys, check_listen_address, is_loopback
 from .app import create_app
 from .serving import ServerState
 
@@ -39,7 +40,7 @@ GRACEFUL_SHUTDOWN_S = 5
 class ServeOptions:
     model_path: Path
     host: str = "127.0.0.1"
-    port: int = 8080
+    port: int = DEFAULT_PORT
     api_keys: tuple[str, ...] = ()  # each its own owner; empty: keyless, loopback only
     cors_origins: tuple[str, ...] = ()
 
@@ -47,11 +48,7 @@ class ServeOptions:
         if not 0 <= self.port <= 65_535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         ApiKeys(self.api_keys)  # ValueError for a key no client could send (never showing it)
-        if not is_loopback(self.host) and not self.api_keys:
-            raise ValueError(
-                f"refusing to listen on {self.host} without an API key: anyone on the network could use "
-                "the model. Pass --api-key KEY (clients send 'Authorization: Bearer KEY'), or bind 127.0.0.1"
-            )
+        check_listen_address(self.host, bool(self.api_keys))
 
 
 def _keys_text(n_keys: int) -> str:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -305,7 +305,3 @@ async def sse_stream(
         yield sse("[DONE]")
     finally:
         finish(state, sub, result)
-
-
-def chat_prompt(request: ChatCompletionRequest) -> Sequence[Mapping[str, str]]:
-    return request.engine_messages()

@@ -67,11 +67,6 @@ class SessionRouter:
         for old in dropped:
             self._store.remove(old)
 
-    @property
-    def n_idle(self) -> int:
-        with self._lock:
-            return len(self._idle)
-
 
 class InFlight:
     """The handles of the requests being served: counted for /metrics, cancelled at shutdown."""

@@ -10,9 +10,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from engine.paths import (
+    DEFAULT_PORT,  # as `smallmind serve`'s: the Local server dialog and the settings start from it
+)
 
-DEFAULT_PORT = 8080  # as `smallmind serve`'s: the Local server dialog and the settings start from it
+__all__ = ["DEFAULT_PORT", "ApiServer"]
+
+log = logging.getLogger(__name__)
 
 
 class ApiServer:

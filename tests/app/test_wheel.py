@@ -15,18 +15,28 @@ from pathlib import Path
 from smallmind_app import paths
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = ("pyproject.toml", "README.md", "engine", "smallmind_app", "smallmind_server", "resources")
-PACKAGES = ("engine", "smallmind_app", "smallmind_server")
+SOURCES = (
+    "pyproject.toml",
+    "README.md",
+    "engine",
+    "smallmind_app",
+    "smallmind_server",
+    "smallmind_cli",
+    "resources",
+)
+PACKAGES = ("engine", "smallmind_app", "smallmind_server", "smallmind_cli")
 
 CHECK = """
 import sys
 from pathlib import Path
 
 import smallmind_app
+import smallmind_cli
 from smallmind_app import desktop_entry, paths
 
 site = Path(sys.argv[1]).resolve()
 assert Path(smallmind_app.__file__).resolve().is_relative_to(site), smallmind_app.__file__
+assert Path(smallmind_cli.__file__).resolve().is_relative_to(site), smallmind_cli.__file__
 assert paths.RESOURCES_DIR == site / "smallmind_app" / "resources", paths.RESOURCES_DIR
 assert (paths.RESOURCES_DIR / "icon.png").stat().st_size > 1000
 assert desktop_entry.ICON_FILE.is_file() and (paths.RESOURCES_DIR / "smallmind.desktop").is_file()

@@ -48,7 +48,7 @@ def serve(model: Path, workdir: Path, *args: str) -> Iterator[tuple[str, subproc
     command = [
         sys.executable,
         "-m",
-        "smallmind_app",
+        "smallmind_cli",
         "serve",
         "--model",
         str(model),

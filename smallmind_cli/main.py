@@ -1,7 +1,9 @@
-"""The command line: ``smallmind models pull|list``, ``smallmind chat`` and ``smallmind serve``.
+"""The command line: ``smallmind models pull|list``, ``smallmind chat``, ``smallmind serve`` and
+``smallmind documents``.
 
-``serve`` is defined here so that ``smallmind --help`` lists it; its handler imports the server
-package (``smallmind_server``) only when it runs, so the engine itself never loads a web framework.
+It sits above the engine, the server and the app (none of them imports it): ``serve`` imports the
+server package (``smallmind_server``) only when it runs, so ``smallmind models`` never loads a web
+framework, and the window is started by ``smallmind_cli`` (``__init__.py``) without this parser.
 
 Engine errors are shown as one line on stderr with exit status 1, never as a traceback.
 """
@@ -15,9 +17,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
-from . import download, paths
-from .documents.cli import add_documents_parser
-from .errors import EngineError
+from engine import download, paths
+from engine.errors import EngineError
+
+from .documents import add_documents_parser
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -136,7 +139,12 @@ def _add_serve_parser(
         "/v1/completions, /v1/models, /health, /metrics, /tokenize). Ctrl+C stops.",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    serve.add_argument("--port", type=_port, default=8080, help="port to listen on (default: 8080)")
+    serve.add_argument(
+        "--port",
+        type=_port,
+        default=paths.DEFAULT_PORT,
+        help=f"port to listen on (default: {paths.DEFAULT_PORT})",
+    )
     serve.add_argument(
         "--api-key",
         metavar="KEY",
