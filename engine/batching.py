@@ -485,13 +485,15 @@ class BatchedInferenceEngine:
         self, seq: Seq, handle: RequestHandle, run: _Running | None, now: float, exc: CacheBudgetError
     ) -> Literal[False] | None:
         """No room for a waiting request: it waits at the head, unless nothing runs (then it cannot
-        fit even alone, and waiting would be forever)."""
+        fit even alone, and waiting would be forever). Nothing runs means in the whole store: with a
+        store shared by several models' engines (model_pool.py), another engine's requests may hold
+        the room, and finish."""
         if run is not None:
             self._parked[seq.request_id] = run  # keeps a made-up session for when it is admitted
             if run.store_session is not None:
                 self.store.unpin(run.store_session)
             seq.cache, seq.n_computed = None, 0
-        if not self._running:
+        if not self._running and not self.store.get_stats().pinned_sessions:
             message = f"the request does not fit the KV cache budget even alone: {exc}"
             self._unqueue(seq, handle)
             self._end_waiting(seq, handle, seq.finish("error", now, error=message))

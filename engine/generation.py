@@ -32,6 +32,11 @@ FINISH_REASONS: tuple[str, ...] = ("stop", "length", "timeout", "cancelled", "er
 _request_ids = itertools.count(1)
 
 
+def new_request_id() -> int:
+    """A request id no other request of this process has (handles made before their engine's)."""
+    return next(_request_ids)
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationResult:
     """What a finished request produced, and how fast."""
@@ -65,13 +70,14 @@ class GenerationResult:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
-EventKind = Literal["prefill", "token", "waiting", "done"]
+EventKind = Literal["prefill", "token", "waiting", "loading", "done"]
 
 
 @dataclass(frozen=True, slots=True)
 class GenerationEvent:
     """A step's news for one request: prompt progress, new text, "waiting" (for KV memory: queued,
-    or preempted and requeued; its next event says it runs again), or the end (``result`` set)."""
+    or preempted and requeued; its next event says it runs again), "loading" (its model is being
+    loaded: ``model_pool.py``; ``text`` is empty), or the end (``result`` set)."""
 
     request_id: int
     kind: EventKind

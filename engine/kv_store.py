@@ -46,28 +46,42 @@ class SessionId:
     key, the keyless local API client. Sessions of different owners are different sessions even under
     the same ``value``, never share a prefix and never load each other's disk files, so what one owner
     sent cannot be read back through another's cache hits (``reused_tokens``, ``cached_tokens``).
+
+    ``model`` is the identity (``Model.identity``) of the model whose K/V the session holds, when one
+    store serves several models (``model_pool.py``): one conversation has a session per model, and
+    sessions of different models never share a prefix or a disk file. None: the store's one model.
     """
 
     value: str
     owner: str = APP_OWNER
+    model: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.value, str) or not self.value.strip():
             raise ValueError(f"SessionId needs a non-empty string, got {self.value!r}")
         if not isinstance(self.owner, str) or not self.owner or _OWNER_SEPARATOR in self.owner:
             raise ValueError(f"SessionId.owner must be a non-empty string without \\x1f, got {self.owner!r}")
+        if self.model is not None and (not isinstance(self.model, str) or not self.model):
+            raise ValueError(f"SessionId.model must be a model identity or None, got {self.model!r}")
 
     @classmethod
-    def new_id(cls, owner: str = APP_OWNER) -> SessionId:
-        return cls(uuid.uuid4().hex, owner)
+    def new_id(cls, owner: str = APP_OWNER, model: str | None = None) -> SessionId:
+        return cls(uuid.uuid4().hex, owner, model)
+
+    def for_model(self, model: str | None) -> SessionId:
+        """This conversation's session with ``model``'s K/V."""
+        return SessionId(self.value, self.owner, model)
 
     @property
     def key(self) -> str:
-        """The name the disk tier files it under, unique per (owner, value): the app's is its value (as
-        before owners existed), any other is ``owner`` + US + ``value`` (an owner holds no US)."""
+        """The name the disk tier files it under, unique per (owner, value, model): the app's is its
+        value (as before owners existed), any other is ``owner`` + US + ``value`` (an owner holds no
+        US); a session of a named model ends with RS + the model's identity."""
         if self.owner == APP_OWNER and _OWNER_SEPARATOR not in self.value:
-            return self.value
-        return f"{self.owner}{_OWNER_SEPARATOR}{self.value}"
+            base = self.value
+        else:
+            base = f"{self.owner}{_OWNER_SEPARATOR}{self.value}"
+        return base if self.model is None else f"{base}{MODEL_SEPARATOR}{self.model}"
 
     def __str__(self) -> str:
         return self.value
@@ -392,6 +406,8 @@ class LruKvCacheStore:
         for other_id, slot in self._slots.items():
             if other_id.owner != session_id.owner:  # never another owner's: the hit would reveal its text
                 continue
+            if other_id.model != session_id.model:  # another model's K/V mean nothing to this one
+                continue
             if other_id == session_id or slot.entry.shape != entry.shape:
                 continue
             n = min(slot.entry.common_prefix_length(prompt_ids), cap)
@@ -554,27 +570,28 @@ class LruKvCacheStore:
     def _spill(self, session_id: SessionId, entry: KvCacheEntry) -> bool:
         """Hand an evicted entry's buffer to the disk tier (written in the background); False when the
         tier is off or cannot take it now (then the caller releases the buffer as usual)."""
-        disk, model = self._disk, self._model_identity
+        disk, model = self._disk, session_id.model or self._model_identity
         if disk is None or model is None or entry.n_tokens == 0:
             return False
         if not disk.can_take(entry.n_tokens * (entry.shape.bytes_per_token + 4)):
             log.debug("KV session %s not written to disk: the writer is behind or it is too big", session_id)
             return False
         buffer, token_ids = entry.detach()
-        disk.put(self._disk_key(session_id, model), model, entry.shape, token_ids, buffer)
+        disk.put(session_id.for_model(model).key, model, entry.shape, token_ids, buffer)
         return True
 
-    @staticmethod
-    def _disk_key(session_id: SessionId, model: str) -> str:
-        """The session's file for one model: each model its own, so that loading another model and
-        coming back leaves the first model's K/V on disk (one file per session would be overwritten)."""
-        return f"{session_id.key}{MODEL_SEPARATOR}{model}"
+    def _disk_model(self, session_id: SessionId) -> str | None:
+        """The identity of the model whose K/V the session holds: its own (a store serving several
+        models) or the store's one loaded model; None: nothing goes to or comes from disk."""
+        return session_id.model or self._model_identity
 
-    def _disk_name(self, session_id: SessionId) -> str | None:
-        """The session's file name on disk for the loaded model, or the name a file had before files
-        were per model (still loaded when it is this model's); None when there is none."""
-        assert self._disk is not None and self._model_identity is not None
-        for key in (self._disk_key(session_id, self._model_identity), session_id.key):
+    def _disk_name(self, session_id: SessionId, model: str) -> str | None:
+        """The session's file on disk for ``model`` (``SessionId.key`` with the model: each model its
+        own file, so loading another model and coming back finds the first model's K/V as they were),
+        or the name a file had before files were per model (loaded when its header names this model);
+        None when there is none."""
+        assert self._disk is not None
+        for key in (session_id.for_model(model).key, session_id.for_model(None).key):
             if self._disk.has(key):
                 return key
         return None
@@ -584,11 +601,12 @@ class LruKvCacheStore:
     ) -> int:
         """Load the session's K/V from disk when they hold a longer prefix of the prompt than memory."""
         assert self._disk is not None
-        name = self._disk_name(session_id) if self._model_identity is not None else None
-        if name is None or self._model_identity is None:
+        model = self._disk_model(session_id)
+        name = None if model is None else self._disk_name(session_id, model)
+        if model is None or name is None:
             return n_own
         started = time.perf_counter()
-        found = self._disk.find(name, self._model_identity, entry.shape, prompt_ids, n_own)
+        found = self._disk.find(name, model, entry.shape, prompt_ids, n_own)
         if found is None:
             return n_own
         token_ids, kv = found
@@ -608,10 +626,10 @@ class LruKvCacheStore:
 
     def prefetch(self, session_id: SessionId) -> bool:
         """A conversation was opened: start reading its file (if any) so its next request loads fast."""
-        disk = self._disk
-        if disk is None or self._model_identity is None or session_id in self:
+        disk, model = self._disk, self._disk_model(session_id)
+        if disk is None or model is None or session_id in self:
             return False
-        name = self._disk_name(session_id)
+        name = self._disk_name(session_id, model)
         return name is not None and disk.prefetch(name)
 
     def forget(self, session_id: SessionId) -> None:

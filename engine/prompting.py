@@ -81,6 +81,13 @@ class TurnTrimmer:
         return [self._messages[i] for i in self._systems[:n_systems]] + self._messages[tail:]
 
 
+class Continuation(list[dict[str, str]]):
+    """Chat messages whose last one is an assistant reply to go on from (a reply cut by its token
+    limit, or stopped): the prompt is the conversation before it, the assistant's turn opened, and
+    the reply's text, with no end of turn. Its tokens are those the reply was generated after, so the
+    session's cached K/V are reused (the prompt is not recomputed)."""
+
+
 class PromptBuilder:
     """Tokenizes prompts for the engine, fitting conversations into a token limit."""
 
@@ -98,9 +105,13 @@ class PromptBuilder:
             if len(ids) > limit:
                 raise ContextOverflowError(len(ids), limit)
             return ids, False
-        trimmer = TurnTrimmer(check_messages(prompt))
+        messages = check_messages(prompt)
+        continuing = isinstance(prompt, Continuation)
+        if continuing and messages[-1]["role"] != "assistant":
+            raise ValueError("a continuation's last message must be the assistant's reply to go on from")
+        trimmer = TurnTrimmer(messages)
         reserve = min(options.max_new_tokens, limit // 2)  # room left for the reply
-        encoded = functools.cache(lambda k: self._encode(trimmer.version(k)))
+        encoded = functools.cache(lambda k: self._encode(trimmer.version(k), continuing))
         low, high = 0, len(trimmer) - 1  # bisect: the fewest dropped turns that fit, else all droppable
         while low < high:
             middle = (low + high) // 2
@@ -115,5 +126,8 @@ class PromptBuilder:
             )
         return ids, low > 0
 
-    def _encode(self, messages: list[dict[str, str]]) -> list[int]:
-        return list(self.tokenizer.encode_messages(messages, add_generation_prompt=True))
+    def _encode(self, messages: list[dict[str, str]], continuing: bool = False) -> list[int]:
+        if not continuing:
+            return list(self.tokenizer.encode_messages(messages, add_generation_prompt=True))
+        opened = list(self.tokenizer.encode_messages(messages[:-1], add_generation_prompt=True))
+        return opened + list(self.tokenizer.encode(messages[-1]["content"], parse_special=False))

@@ -135,8 +135,9 @@ def _add_serve_parser(
         "serve",
         parents=[verbose, model],
         help="serve an OpenAI-compatible API (no window)",
-        description="Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, "
-        "/v1/completions, /v1/models, /health, /metrics, /tokenize). Ctrl+C stops.",
+        description="Serve the installed models (the models directory's and --model, the default) over "
+        "an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /health, "
+        "/metrics, /tokenize); a request's 'model' picks one, loaded on demand. Ctrl+C stops.",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument(
@@ -158,6 +159,20 @@ def _add_serve_parser(
         metavar="PATH",
         help="also accept the keys in PATH, one a line ('#' starts a comment line); keeps keys out of "
         "the process list",
+    )
+    serve.add_argument(
+        "--max-loaded-mb",
+        metavar="MB",
+        type=_positive_int,
+        help="memory limit for the loaded models' weights; the least recently used idle model is "
+        "unloaded to load another (default: half the machine's memory)",
+    )
+    serve.add_argument(
+        "--model-idle-ttl",
+        metavar="SECONDS",
+        type=_non_negative_float,
+        default=3600.0,
+        help="unload a model no request used for this long (0: only when room is needed; default: 3600)",
     )
     serve.add_argument(
         "--cors-origin",
@@ -265,6 +280,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import os
 
+    from engine.model_pool import ModelPoolOptions
     from smallmind_server.access import read_keys_file
     from smallmind_server.serve import ServeOptions, run  # lazily: only serving needs the web stack
 
@@ -273,7 +289,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         keys = list(args.api_key) + (read_keys_file(args.api_keys_file) if args.api_keys_file else [])
         if not keys and os.environ.get("SMALLMIND_API_KEY"):
             keys = [os.environ["SMALLMIND_API_KEY"]]
-        options = ServeOptions(model_path, args.host, args.port, tuple(keys), tuple(args.cors_origin))
+        pool = ModelPoolOptions(idle_ttl_s=args.model_idle_ttl)
+        if args.max_loaded_mb is not None:
+            pool = ModelPoolOptions(args.max_loaded_mb * 1_000_000, args.model_idle_ttl)
+        options = ServeOptions(model_path, args.host, args.port, tuple(keys), tuple(args.cors_origin), pool)
     except ValueError as exc:
         print(f"smallmind serve: error: {exc}", file=sys.stderr)
         return _EXIT_ERROR

@@ -3,7 +3,8 @@
 The engine is running (driven by its own thread, or by the app's worker): the server only submits
 requests and reads events, so API requests are batched with whatever else the engine serves. Pass
 ``engine=None`` to start answering (``/health`` says 503) before the model has loaded, then
-``app.state.server.attach(engine)``.
+``app.state.server.attach(engine)``. Pass a ``ModelPool`` to serve every model it knows by its ``model``
+id, loading on demand (``models.py``); ``model_name`` is then the default model's id.
 
 Before routing, ``_Guard`` checks the ``Host`` (a keyless server answers loopback names only), the
 API key (which also names the request's owner, see ``access.py``) and the body size.
@@ -13,10 +14,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -25,12 +26,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import BatchedInferenceEngine, GenerationResult
 from engine.documents import default_index_path
+from engine.model_pool import ModelPool
 from engine.prompting import check_messages
 
 from . import metrics, serving
 from .access import LOCAL_OWNER, ApiKeys, host_allowed
 from .documents import DocumentsMiddleware
 from .limits import DEFAULT_MAX_TOKENS_CAP, MAX_BODY_BYTES, MAX_HEADER_BYTES
+from .models import ServedModels
 from .protocol import (
     ApiError,
     AssistantMessage,
@@ -154,9 +157,11 @@ def create_app(
     cors_origins: Sequence[str] = (),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
+    pool: ModelPool | None = None,
     documents_path: str | os.PathLike[str] | None = None,
 ) -> FastAPI:
-    """The OpenAI-compatible app serving ``engine`` (None: still loading) under ``model_name``.
+    """The OpenAI-compatible app serving ``engine`` (None: still loading) under ``model_name``, or
+    every model of ``pool`` (``model_name``: the one a request without ``model`` gets).
 
     ``api_key``: one key or several, each its own owner (None or empty: no key, loopback Hosts only).
     ``documents_path``: the document index whose libraries chat requests may name (documents.py);
@@ -172,10 +177,12 @@ def create_app(
     if engine is not None:
         state.attach(engine)
     app.state.server = state
+    app.state.models = ServedModels(pool, state, model_name) if pool is not None else None
     _add_error_handlers(app)
-    _add_routes(app, state)
+    _add_routes(app, state, app.state.models)
     index_path = documents_path if documents_path is not None else default_index_path()
-    app.add_middleware(DocumentsMiddleware, state=state, index_path=index_path)  # inside the _Guard
+    app.add_middleware(DocumentsMiddleware, state=state, index_path=index_path,
+                       models=app.state.models)  # inside the _Guard  # fmt: skip
     app.add_middleware(_Guard, keys=keys, max_body_bytes=max_body_bytes)
     if cors_origins:  # added last: runs first, so preflights get their headers before the key check
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
@@ -246,7 +253,23 @@ def _usage(result: GenerationResult) -> Usage:
     return Usage.of(result.prompt_tokens, result.generated_tokens, result.reused_tokens)
 
 
-def _add_routes(app: FastAPI, state: serving.ServerState) -> None:
+def _model_state(
+    state: serving.ServerState, served: ServedModels | None
+) -> Callable[[Request], AsyncIterator[serving.ServerState]]:
+    """The routes' dependency giving the state of the model a request names (see ``models.py``)."""
+    if served is not None:
+        return served.resolve
+
+    async def only(request: Request) -> AsyncIterator[serving.ServerState]:
+        yield state
+
+    return only
+
+
+def _add_routes(app: FastAPI, root: serving.ServerState, served: ServedModels | None) -> None:
+    state = root
+    model_state = Depends(_model_state(root, served))
+
     @app.get("/health")
     async def health() -> JSONResponse:
         ready = state.engine is not None
@@ -254,6 +277,8 @@ def _add_routes(app: FastAPI, state: serving.ServerState) -> None:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
+        if served is not None:
+            return served.model_list()
         limit = state.engine.session_token_limit() if state.engine is not None else None
         return ModelList(data=[ModelCard(id=state.model_name, max_model_len=limit)]).model_dump()
 
@@ -263,7 +288,7 @@ def _add_routes(app: FastAPI, state: serving.ServerState) -> None:
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+    async def tokenize(body: TokenizeRequest, state: serving.ServerState = model_state) -> dict[str, Any]:
         state.check_model(body.model)
         engine, _ = state.require_engine()
         if body.prompt is not None:
@@ -279,7 +304,9 @@ def _add_routes(app: FastAPI, state: serving.ServerState) -> None:
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=limit).model_dump()
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+    async def chat(
+        body: ChatCompletionRequest, request: Request, state: serving.ServerState = model_state
+    ) -> JSONResponse | StreamingResponse:
         state.check_model(body.model)
         session = serving.session_name(request, body.user)
         sub = await serving.submit(state, "chat", body.engine_messages(), body, session, _owner(request))
@@ -306,7 +333,9 @@ def _add_routes(app: FastAPI, state: serving.ServerState) -> None:
         return JSONResponse(reply.model_dump())
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+    async def completions(
+        body: CompletionRequest, request: Request, state: serving.ServerState = model_state
+    ) -> JSONResponse | StreamingResponse:
         state.check_model(body.model)
         session = serving.session_name(request, body.user)
         sub = await serving.submit(state, "completions", body.prompt_text(), body, session, _owner(request))

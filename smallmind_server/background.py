@@ -2,7 +2,8 @@
 
 For a program that already runs an engine (the desktop app, a script): ``BackgroundServer(engine,
 name).start(port=DEFAULT_PORT)`` binds 127.0.0.1 (or another host, with a key), serves on its own thread
-and returns the base URL; ``stop()`` cancels the requests in flight and joins the thread.
+and returns the base URL; ``stop()`` cancels the requests in flight and joins the thread. Given a
+``ModelPool``, it serves every model of the pool by its ``model`` id (``model_name``: the default).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 import uvicorn
 
 from engine import BatchedInferenceEngine
+from engine.model_pool import ModelPool
 from engine.paths import DEFAULT_PORT
 
 from .access import check_listen_address
@@ -30,11 +32,13 @@ class BackgroundServer:
 
     def __init__(
         self,
-        engine: BatchedInferenceEngine,
+        engine: BatchedInferenceEngine | None,
         model_name: str,
         cors_origins: Sequence[str] = (),
+        pool: ModelPool | None = None,
     ) -> None:
         self.engine = engine
+        self.pool = pool
         self.model_name = model_name
         self.cors_origins = tuple(cors_origins)
         self._server: uvicorn.Server | None = None
@@ -52,7 +56,8 @@ class BackgroundServer:
         if self.running:
             raise RuntimeError(f"the server is already running at {self.url}")
         check_listen_address(host, bool(api_key))
-        app = create_app(self.engine, self.model_name, api_key or None, self.cors_origins)  # checks the key
+        # create_app checks the key
+        app = create_app(self.engine, self.model_name, api_key or None, self.cors_origins, pool=self.pool)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -33,7 +33,7 @@ def cache_key(entry: Entry) -> tuple[Any, ...]:
     stats = json.dumps(entry.stats, sort_keys=True, default=str)  # citations are lists of dicts
     return (
         entry.role, entry.content, entry.status, stats, entry.progress, entry.editing, entry.copied,
-        entry.versions, entry.copied_block, entry.waiting, tuple(colors().items()),
+        entry.versions, entry.copied_block, entry.waiting, entry.model, entry.engine, tuple(colors().items()),
     )  # fmt: skip
 
 
@@ -92,6 +92,8 @@ def stats_line(stats: dict[str, Any]) -> str:
         parts.append(f"first token {stats['ttft_ms']:.0f} ms")
     if "reused_tokens" in stats and stats.get("prompt_tokens"):  # a server may not count them (0 of 0)
         parts.append(f"{stats['reused_tokens']} of {stats['prompt_tokens']} prompt tokens reused")
+    if stats.get("continued"):
+        parts.append("continued" + (f" {stats['continued']} times" if stats["continued"] > 1 else ""))
     reason = str(stats.get("finish_reason", ""))
     note = limit_reached(stats) if reason == "length" else FINISH_NOTES.get(reason)
     if note:
@@ -99,6 +101,14 @@ def stats_line(stats: dict[str, Any]) -> str:
     if stats.get("context_trimmed"):
         parts.append(f"older messages trimmed to fit {tab_limit(stats, trimmed=True)}")
     return " · ".join(parts)
+
+
+def author(entry: Entry) -> str:
+    """Who said a reply: 'SmolLM2-135M-Instruct.Q4_1 (local)', 'gpt-4o (Team box)' ("" when unknown)."""
+    if not entry.model and not entry.engine:
+        return ""
+    name = html.escape(entry.model or "unknown model")
+    return f"{name} ({html.escape(entry.engine)})" if entry.engine else name
 
 
 def entry_chunks(index: int, entry: Entry, scheme: str = "app") -> list[str]:
@@ -181,7 +191,7 @@ def _footer(index: int, entry: Entry, scheme: str) -> str:
         else:
             footer = "generating…" if entry.content else "waiting for the engine…"
     elif not user:
-        footer = stats_line(entry.stats)
+        footer = " · ".join(part for part in (author(entry), stats_line(entry.stats)) if part)
         if entry.stats.get("error"):
             footer += f"<br />{html.escape(str(entry.stats['error']))}"
         elif entry.status == "partial" and "finish_reason" not in entry.stats:

@@ -138,18 +138,23 @@ class StatsDock(QDockWidget):
         self.batch_plot = Sparkline("Batch size", "", "sparkline_batch")
         for plot in (self.tokens_plot, self.memory_plot, self.batch_plot):
             layout.addWidget(plot)
+        models_title = QLabel("<b>Local models</b> (memory, speed)")
+        models_title.setWordWrap(True)
+        layout.addWidget(models_title)
+        self.model_table = QTableWidget(0, 4, objectName="modelTable")
+        self.model_table.setHorizontalHeaderLabels(["Model", "State", "MiB", "Tok/s"])
+        self.model_table.setToolTip(
+            "Each local model: loaded or not, its weights' memory + its sessions' K/V memory (its "
+            "sessions), the tokens it generates per second"
+        )
+        self._plain_table(self.model_table)
+        self.model_table.setMinimumHeight(80)
+        layout.addWidget(self.model_table)
         layout.addWidget(QLabel("<b>Sessions</b> (least recently used first)"))
         self.table = QTableWidget(0, 4, objectName="sessionTable")
         self.table.setHorizontalHeaderLabels(["Tab", "Tokens", "MiB", "State"])
-        self.table.verticalHeader().setVisible(False)
-        self.table.verticalHeader().setDefaultSectionSize(self.fontMetrics().height() + 8)
-        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.table.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
-        self.table.setFocusPolicy(Qt.FocusPolicy.NoFocus)
-        header = self.table.horizontalHeader()
-        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)  # the tab's name gets the rest
-        for column in (1, 2):
-            header.setSectionResizeMode(column, QHeaderView.ResizeMode.ResizeToContents)
+        self._plain_table(self.table)
+        header = self.table.horizontalHeader()  # the tab's name gets the rest (column 0 stretched)
         header.setSectionResizeMode(3, QHeaderView.ResizeMode.Fixed)  # "idle · evicted next" wraps
         self.table.setColumnWidth(3, self.fontMetrics().horizontalAdvance("waiting to run") + 14)
         self.table.setWordWrap(True)
@@ -165,6 +170,40 @@ class StatsDock(QDockWidget):
         self.setWidget(scroll)
         self.setMinimumWidth(MIN_WIDTH)
         self.show_no_model()
+
+    def _plain_table(self, table: QTableWidget) -> None:
+        """A read-only table: no row numbers, no selection, the first column stretched."""
+        table.verticalHeader().setVisible(False)
+        table.verticalHeader().setDefaultSectionSize(self.fontMetrics().height() + 8)
+        table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        table.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
+        table.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        header = table.horizontalHeader()
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        for column in range(1, table.columnCount()):
+            header.setSectionResizeMode(column, QHeaderView.ResizeMode.ResizeToContents)
+
+    def show_models(self, models: list[Mapping[str, Any]]) -> None:
+        """Each local model: its state, weights in memory, its share of the KV cache, its speed (the
+        worker's ``pool_stats_dict`` rows, or its model list when they change)."""
+        self.model_table.setRowCount(len(models))
+        for row, model in enumerate(models):
+            weights = model["weights_bytes"] / MiB if model["state"] == "loaded" else 0.0
+            kv = (
+                f" + {model['reserved_bytes'] / MiB:.1f} ({model['sessions']})"
+                if model.get("sessions")
+                else ""
+            )
+            speed = f"{model['tokens_per_second']:.1f}" if "tokens_per_second" in model else "–"
+            name = model["model_id"] + ("  (default)" if model.get("default") else "")
+            for column, text in enumerate((name, model["state"], f"{weights:.0f}{kv}", speed)):
+                item = self.model_table.item(row, column)
+                if item is None:
+                    item = QTableWidgetItem()
+                    self.model_table.setItem(row, column, item)
+                item.setText(text)
+                if column >= 2:
+                    item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
 
     def _group(self, title: str, names: list[str]) -> QGroupBox:
         box = QGroupBox(title)
@@ -232,6 +271,8 @@ class StatsDock(QDockWidget):
             set_text["statSessions"]("KV cache disabled")
         self._add_points(kv, metrics)
         self._fill_table(stats["sessions"], titles)
+        if "models" in stats:
+            self.show_models(stats["models"])
 
     def show_tab_engine(self, label: str, figures: Mapping[str, Any] | None) -> None:
         """The engine of the tab shown: ``figures`` is a remote engine's (``worker.remote_stats``),
@@ -318,6 +359,9 @@ class StatsDock(QDockWidget):
         self.table.setRowCount(len(sessions))
         idle = [i for i, s in enumerate(sessions) if not s["pinned"] and not s.get("waiting")]
         next_evicted = idle[0] if idle else None  # the LRU policy's choice: the oldest idle session
+        several_models = (
+            len({s.get("model") for s in sessions} - {"", None}) > 1
+        )  # then each row names its own
         for row, session in enumerate(sessions):
             sid = session["session_id"]
             if session["pinned"]:
@@ -328,8 +372,9 @@ class StatsDock(QDockWidget):
                 state = "idle · evicted next"
             else:
                 state = "idle"
+            title = titles.get(sid, sid[:8])
             cells = [
-                titles.get(sid, sid[:8]),
+                f"{title} · {session['model']}" if several_models and session.get("model") else title,
                 f"{session['n_tokens']:,}",
                 f"{session['reserved_bytes'] / MiB:.2f}",
                 state,

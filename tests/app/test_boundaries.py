@@ -40,6 +40,7 @@ QT_FREE = [
     "smallmind_app.worker.downloads",
     "smallmind_app.worker.api_server",
     "smallmind_app.worker.snapshots",
+    "smallmind_app.window.tab_models",
 ]
 
 

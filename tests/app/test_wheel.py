@@ -40,7 +40,7 @@ assert Path(smallmind_cli.__file__).resolve().is_relative_to(site), smallmind_cl
 assert paths.RESOURCES_DIR == site / "smallmind_app" / "resources", paths.RESOURCES_DIR
 assert (paths.RESOURCES_DIR / "icon.png").stat().st_size > 1000
 assert desktop_entry.ICON_FILE.is_file() and (paths.RESOURCES_DIR / "smallmind.desktop").is_file()
-print(paths.default_system_prompt())
+print(paths.smollm2_system_prompt())
 """
 
 
@@ -91,12 +91,12 @@ def test_the_installed_wheel_finds_the_icon_and_the_default_system_prompt(tmp_pa
         env={"PATH": "/usr/bin:/bin", "SMALLMIND_HOME": str(tmp_path / "home")},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == paths.default_system_prompt()
+    assert result.stdout.strip() == paths.smollm2_system_prompt()
 
 
 def test_a_source_checkout_reads_the_top_level_resources() -> None:
     assert paths.RESOURCES_DIR == ROOT / "resources"
     assert (
-        paths.default_system_prompt()
+        paths.smollm2_system_prompt()
         == (ROOT / "resources" / "default_system_prompt.txt").read_text(encoding="utf-8").strip()
     )

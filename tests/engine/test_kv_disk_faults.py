@@ -137,6 +137,39 @@ def test_a_file_from_before_files_were_per_model_is_still_loaded(
     with_other.close()
 
 
+def test_a_pool_store_finds_the_same_files_as_a_store_of_one_model(
+    tiny: tuple[Model, Tokenizer], tmp_path: Path
+) -> None:
+    """One file name per session and model, whoever names the model: a store of one model (its
+    identity) and the pool's shared store (no identity; the session's ``SessionId.model``) write and
+    read the same file, and the pool also loads a file saved under the plain key (before files were
+    per model) when its header names the session's model, never for another model."""
+    model, _ = tiny
+    identity = model.identity or ""
+    save_session(model, tmp_path, A, PROMPT, "float32")  # a store of one model: "A RS identity"
+    pool_store = LruKvCacheStore(KvCacheOptions(disk_dir=str(tmp_path)))  # the pool's: no identity
+    scoped = A.for_model(identity)
+    assert pool_store.prefetch(scoped) and not pool_store.prefetch(A.for_model("another-model"))
+    logits, n_reused, _ = turn(model, pool_store, scoped, NEXT)
+    assert n_reused == len(PROMPT) and rel_diff(logits, model.forward(NEXT)[n_reused:]) <= TOL
+    assert pool_store.remove(scoped, to_disk=True) and pool_store.close()
+    assert [p.name for p in tmp_path.glob("*.kv")] == [kv_file(tmp_path).name]  # the same one file
+    store = disk_store(model, tmp_path)
+    store.forget(A)  # the plain key's forget: every model's file goes
+    assert store.close() and list(tmp_path.glob("*.kv")) == []
+    store = disk_store(model, tmp_path)
+    _, _, entry = turn(model, store, A, PROMPT)
+    buffer, ids = entry.detach()
+    legacy = DiskKvTier(tmp_path, 1 << 30)
+    legacy.put(A.key, identity, entry.shape, ids, buffer)  # the name the old version used
+    assert legacy.close()
+    store.close()
+    pool_store = LruKvCacheStore(KvCacheOptions(disk_dir=str(tmp_path)))
+    assert turn(model, pool_store, A.for_model("another-model"), NEXT)[1] == 0
+    assert turn(model, pool_store, scoped, NEXT)[1] == len(PROMPT)
+    pool_store.close()
+
+
 def test_a_file_of_the_other_dtype_is_ignored(
     tiny: tuple[Model, Tokenizer], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
