@@ -272,7 +272,9 @@ class ModelPool:
         else:
             scoped = session_id.for_model(slot.identity)
         handle.scoped_session = scoped
-        kwargs = {k: v.inner if isinstance(v, PoolHandle) else v for k, v in engine_kwargs.items()}
+        kwargs: dict[str, Any] = {
+            k: v.inner if isinstance(v, PoolHandle) else v for k, v in engine_kwargs.items()
+        }
         inner = engine.submit(prompt, options, scoped, on_event=lambda e: self._relay(slot, handle, e),
                               **kwargs)  # fmt: skip
         handle.inner = inner

@@ -13,7 +13,6 @@ API key (which also names the request's owner, see ``access.py``) and the body s
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -24,30 +23,25 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from engine import BatchedInferenceEngine, GenerationResult
+from engine import BatchedInferenceEngine
 from engine.documents import default_index_path
 from engine.model_pool import ModelPool
 from engine.prompting import check_messages
 
-from . import metrics, serving
+from . import choices, embeddings, metrics, serving
 from .access import LOCAL_OWNER, ApiKeys, host_allowed
 from .documents import DocumentsMiddleware
+from .embeddings import EmbeddingRequest
 from .limits import DEFAULT_MAX_TOKENS_CAP, MAX_BODY_BYTES, MAX_HEADER_BYTES
 from .models import ServedModels
 from .protocol import (
     ApiError,
-    AssistantMessage,
-    ChatChoice,
-    ChatCompletion,
     ChatCompletionRequest,
-    Completion,
-    CompletionChoice,
     CompletionRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
-    Usage,
 )
 
 DEFAULT_MAX_BODY_BYTES = MAX_BODY_BYTES
@@ -249,10 +243,6 @@ def _owner(request: Request) -> str:
     return owner
 
 
-def _usage(result: GenerationResult) -> Usage:
-    return Usage.of(result.prompt_tokens, result.generated_tokens, result.reused_tokens)
-
-
 def _model_state(
     state: serving.ServerState, served: ServedModels | None
 ) -> Callable[[Request], AsyncIterator[serving.ServerState]]:
@@ -308,60 +298,18 @@ def _add_routes(app: FastAPI, root: serving.ServerState, served: ServedModels | 
         body: ChatCompletionRequest, request: Request, state: serving.ServerState = model_state
     ) -> JSONResponse | StreamingResponse:
         state.check_model(body.model)
-        session = serving.session_name(request, body.user)
-        sub = await serving.submit(state, "chat", body.engine_messages(), body, session, _owner(request))
-        reply_id, created = f"chatcmpl-{sub.handle.request_id}-{int(time.time() * 1000)}", int(time.time())
-
-        def chunk(text: str, finish_reason: str | None, role: bool = False) -> dict[str, Any]:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
-            if text:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-            return {"id": reply_id, "object": "chat.completion.chunk", "created": created,
-                    "model": state.model_name, "choices": [choice]}  # fmt: skip
-
-        if body.stream:
-            usage = _usage_chunk(reply_id, created, state.model_name, "chat.completion.chunk")
-            stream = serving.sse_stream(state, sub, chunk, usage if body.include_usage else None,
-                                        first=chunk("", None, role=True))  # fmt: skip
-            return StreamingResponse(stream, media_type="text/event-stream")
-        result = await serving.collect(state, sub, request)
-        serving.check_result(result)
-        reply = ChatCompletion(id=reply_id, created=created, model=state.model_name, usage=_usage(result),
-                               choices=[ChatChoice(message=AssistantMessage(content=result.text),
-                                                   finish_reason=result.finish_reason)])  # fmt: skip
-        return JSONResponse(reply.model_dump())
+        return await choices.chat(state, body, request, _owner(request))
 
     @app.post("/v1/completions", response_model=None)
     async def completions(
         body: CompletionRequest, request: Request, state: serving.ServerState = model_state
     ) -> JSONResponse | StreamingResponse:
         state.check_model(body.model)
-        session = serving.session_name(request, body.user)
-        sub = await serving.submit(state, "completions", body.prompt_text(), body, session, _owner(request))
-        reply_id, created = f"cmpl-{sub.handle.request_id}-{int(time.time() * 1000)}", int(time.time())
+        return await choices.completions(state, body, request, _owner(request))
 
-        def chunk(text: str, finish_reason: str | None) -> dict[str, Any]:
-            choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
-            return {"id": reply_id, "object": "text_completion", "created": created,
-                    "model": state.model_name, "choices": [choice]}  # fmt: skip
-
-        if body.stream:
-            usage = _usage_chunk(reply_id, created, state.model_name, "text_completion")
-            stream = serving.sse_stream(state, sub, chunk, usage if body.include_usage else None)
-            return StreamingResponse(stream, media_type="text/event-stream")
-        result = await serving.collect(state, sub, request)
-        serving.check_result(result)
-        choice = CompletionChoice(text=result.text, finish_reason=result.finish_reason)
-        reply = Completion(
-            id=reply_id, created=created, model=state.model_name, usage=_usage(result), choices=[choice]
-        )
-        return JSONResponse(reply.model_dump())
-
-
-def _usage_chunk(reply_id: str, created: int, model: str, kind: str) -> Any:
-    def build(result: GenerationResult) -> dict[str, Any]:
-        return {"id": reply_id, "object": kind, "created": created, "model": model, "choices": [],
-                "usage": _usage(result).model_dump()}  # fmt: skip
-
-    return build
+    @app.post("/v1/embeddings")
+    async def embeddings_route(
+        body: EmbeddingRequest, request: Request, state: serving.ServerState = model_state
+    ) -> dict[str, Any]:
+        state.check_model(body.model)
+        return await embeddings.embed(state, body, request)

@@ -103,6 +103,15 @@ class BackgroundServer:
         return len(self._state.in_flight) if self._state is not None else 0
 
     @property
+    def requests_by_kind(self) -> dict[str, int]:
+        """API requests received since the server started, by kind: chat, json_object, json_schema,
+        tools, completions, embeddings."""
+        if self._state is None:
+            return {}
+        with self._state.lock:
+            return dict(self._state.kinds)
+
+    @property
     def requests_served(self) -> int:
         """API requests that ended (any finish reason) since the server started."""
         if self._state is None:

@@ -26,6 +26,7 @@ from ..documents.choices import citations_html
 from ..wording import FINISH_NOTES, limit_reached, tab_limit
 from .code_blocks import CodeBlock, code_block_html, prose_html, sanitize, split_markdown
 from .conversation_model import Entry
+from .structured_output import STRUCTURED, displayed_markdown
 
 
 def cache_key(entry: Entry) -> tuple[Any, ...]:
@@ -111,6 +112,11 @@ def author(entry: Entry) -> str:
     return f"{name} ({html.escape(entry.engine)})" if entry.engine else name
 
 
+def displayed(entry: Entry) -> str:
+    """The Markdown shown for an entry: a reply made under a JSON schema as a highlighted JSON block."""
+    return displayed_markdown(entry.content, bool(entry.stats.get(STRUCTURED)))
+
+
 def entry_chunks(index: int, entry: Entry, scheme: str = "app") -> list[str]:
     """The entry's HTML as top-level tables (a bubble's prose, each code block, ...), in order;
     ``scheme``: the view's own links' (``new_link_scheme``)."""
@@ -124,7 +130,7 @@ def entry_chunks(index: int, entry: Entry, scheme: str = "app") -> list[str]:
     user = entry.role == "user"
     bg = colors()["error"] if entry.status == "error" else colors()["user" if user else "assistant"]
     if entry.content:  # the user's message too: an attached file's fence is a code block
-        parts = markdown_html(entry.content, index, entry.copied_block, bg, scheme, line_breaks=user)
+        parts = markdown_html(displayed(entry), index, entry.copied_block, bg, scheme, line_breaks=user)
     else:
         parts = []
     footer = _footer(index, entry, scheme)

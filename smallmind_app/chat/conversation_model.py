@@ -16,6 +16,7 @@ from typing import Any
 
 from ..engines.endpoints import ENGINE_KEY
 from ..history.store import Conversation, ConversationStore, Message, StoreError
+from .structured_output import STRUCTURED, schema_of
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,8 @@ class ConversationModel:
         if last_user is None or self.entries[last_user].message_id is not None:
             stored = self.save(self._store.add_message, self.conversation_id, "assistant", "", "streaming")
         self.reply = Entry("assistant", "", "streaming", message_id=stored.id if stored else None)
+        if schema_of(self.sampling_overrides) is not None:  # generated under the chat's JSON schema
+            self.reply.stats = {STRUCTURED: True}
         self.entries.append(self.reply)
         self._last_partial_save = time.monotonic()
         self.n_streamed = 0
@@ -279,7 +282,7 @@ class ConversationModel:
         reply = self.reply
         if reply is None:
             return None
-        stats = reply_stats(result)
+        stats = reply_stats(result) | ({STRUCTURED: True} if reply.stats.get(STRUCTURED) else {})
         reply.content = str(result.get("text", reply.content))
         if self.continued is not None:  # the reply grows in place: its text before, then this part
             before, before_stats, _ = self.continued

@@ -26,6 +26,7 @@ from ..elided import ElidedPushButton, ElidedToolButton
 from ..engines.engine_picker import EnginePicker
 from .attachments import AttachmentList
 from .prompt_box import PromptEdit, TokenCount
+from .structured_output import CONSTRAINT_KEY
 from .transcript import TranscriptView
 from .versions import VersionBar
 
@@ -42,6 +43,9 @@ def overrides_summary(overrides: Mapping[str, Any]) -> str:
         return "app defaults"
     parts = []
     for key, value in overrides.items():
+        if key == CONSTRAINT_KEY:
+            parts.append("JSON schema")
+            continue
         shown = ("random" if key == "seed" else "none") if value is None else value
         if isinstance(shown, float):
             shown = f"{shown:g}"

@@ -90,6 +90,11 @@ STATS: dict[str, tuple[str, str]] = {
         "The local OpenAI-compatible server (Tools → Local server…): its address, the API requests it "
         "has served and those in flight (other programs' requests, batched with the tabs)",
     ),
+    "statApiKinds": (
+        "API requests",
+        "The local server's requests by kind: chat, JSON output (json_object, json_schema), tool calls, "
+        "text completions, embeddings",
+    ),
 }
 
 # The engine of the tab shown: for a remote one, its own figures (the groups above are the local engine's)
@@ -106,6 +111,8 @@ TAB_ENGINE_STATS: dict[str, tuple[str, str]] = {
     "statTabTtft": ("TTFT", "Time from Send to the first text of the server's last reply, and the median"),
 }
 DISK_STATS = ("statDiskSessions", "statDiskBytes", "statDiskHits")  # the disk tier's group
+API_KIND_NAMES = {"chat": "chat", "json_object": "JSON", "json_schema": "JSON schema", "tools": "tools",
+                  "completions": "completions", "embeddings": "embeddings"}  # fmt: skip
 
 
 def compact_mib(n_bytes: float) -> str:
@@ -324,10 +331,14 @@ class StatsDock(QDockWidget):
     def _show_api_server(self, api: Mapping[str, Any] | None) -> None:
         if not api:
             self.labels["statApiServer"].setText("off")
+            self.labels["statApiKinds"].setText("–")
             return
         self.labels["statApiServer"].setText(
             f"{api['url']}  ({api['served']:,} served, {api['in_flight']} in flight)"
         )
+        kinds = {kind: n for kind, n in api.get("kinds", {}).items() if n}
+        shown = " · ".join(f"{API_KIND_NAMES.get(kind, kind)} {n:,}" for kind, n in sorted(kinds.items()))
+        self.labels["statApiKinds"].setText(shown or "none yet")
 
     def _add_points(self, kv: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
         self.tokens_plot.add(metrics["tokens_per_second"])

@@ -68,6 +68,14 @@ def _is_str_list(value: Any) -> bool:
     return isinstance(value, list | tuple) and all(isinstance(item, str) for item in value)
 
 
+def _is_constraint(value: Any) -> bool:
+    return value is None or (
+        isinstance(value, Mapping)
+        and set(value) == {"kind", "value"}
+        and all(isinstance(v, str) for v in value.values())
+    )
+
+
 # kind -> (what the JSON value must be, check, normalise)
 _KINDS: dict[str, tuple[str, Callable[[Any], bool], Callable[[Any], Any]]] = {
     "bool": ("true or false", lambda v: isinstance(v, bool), bool),
@@ -77,6 +85,7 @@ _KINDS: dict[str, tuple[str, Callable[[Any], bool], Callable[[Any], Any]]] = {
     "int|null": ("an integer or null", lambda v: v is None or _is_int(v), lambda v: v),
     "str|null": ("a string or null", lambda v: v is None or isinstance(v, str), lambda v: v),
     "str list": ("a list of strings", _is_str_list, tuple),
+    "constraint|null": ("an object with 'kind' and 'value', or null", _is_constraint, lambda v: v),
 }
 
 # The engine's option types (dataclass annotations) as the JSON kinds above; a new type fails at import.
@@ -88,6 +97,7 @@ _KIND_OF_TYPE = {
     "int | None": "int|null",
     "str | None": "str|null",
     "tuple[str, ...]": "str list",
+    "Constraint | None": "constraint|null",  # structured output: {"kind": "json_schema", "value": "..."}
 }
 
 # section -> key -> (default, kind): the names, defaults and types of the engine's option dataclasses

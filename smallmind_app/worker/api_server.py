@@ -50,4 +50,5 @@ class ApiServer:
         if self._server is None:
             return None
         server = self._server
-        return {"url": server.url, "in_flight": server.requests_in_flight, "served": server.requests_served}
+        return {"url": server.url, "in_flight": server.requests_in_flight, "served": server.requests_served,
+                "kinds": server.requests_by_kind}  # fmt: skip

@@ -22,6 +22,7 @@ QT_FREE = [
     "smallmind_app.wording",
     "smallmind_app.colors",
     "smallmind_app.chat.conversation_model",
+    "smallmind_app.chat.structured_output",
     "smallmind_app.documents.choices",
     "smallmind_app.history.store",
     "smallmind_app.history.records",

@@ -87,13 +87,18 @@ def test_defaults() -> None:
 
 def test_section_keys_and_defaults_are_the_engines() -> None:
     """The settings sections are taken from the engine's option dataclasses (worker.engine_options):
-    every name and default, and a typed value of the settings is one the engine accepts."""
+    every name and default (but the options only API requests set), and a typed value of the settings
+    is one the engine accepts."""
+    from smallmind_app.worker.engine_options import API_ONLY_OPTIONS
+
     for section, options in (
         ("kv_cache", KvCacheOptions),
         ("batching", BatchingOptions),
         ("sampling", InferenceOptions),
     ):
-        engine_defaults = {f.name: f.default for f in dataclasses.fields(options)}
+        engine_defaults = {
+            f.name: f.default for f in dataclasses.fields(options) if f.name not in API_ONLY_OPTIONS
+        }
         assert dict(getattr(AppSettings(), section)) == engine_defaults, section
     custom = _custom()
     KvCacheOptions(**custom.kv_cache)
