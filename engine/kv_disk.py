@@ -3,7 +3,9 @@
 ``DiskKvTier`` sits under ``LruKvCacheStore``: an evicted session's buffer is handed to ``put`` (no
 copy; a background thread writes it, so no engine step waits for the disk) and ``find`` gives back
 the K/V of a session on disk (or still waiting to be written) for ``prepare`` to copy into its entry.
-The tier has its own LRU by bytes (``max_bytes``); the oldest files go first.
+The tier has its own LRU by bytes (``max_bytes``); the oldest files go first. The store names a
+session's file after the session and the model (``MODEL_SEPARATOR``), so each model keeps its own:
+loading another model and coming back finds the first model's K/V as it left them.
 
 A file is never trusted: it records the model's identity (file size + a digest of the GGUF header
 and of sampled tensor bytes), the KV dtype and layout, the token ids and a CRC-32 of the payload.
@@ -54,6 +56,7 @@ MAX_HEADER_BYTES = 1 << 20
 MAX_TOKENS = 1 << 24  # a header's n_tokens (a session holds at most the model's context)
 MAX_DIM = 1 << 16  # a header's n_layers, n_kv_heads, head_dim
 MAX_NAME_CHARS = 16_384  # a header's session_id and model identity (more than any HTTP header holds)
+MODEL_SEPARATOR = "\x1e"  # "<session key> RS <model identity>": one file per session and model (kv_store)
 MAX_PENDING_BYTES = 512 << 20  # handed-over buffers waiting for the writer; past this an eviction is dropped
 _IDENTITY_SAMPLES = 16  # tensor-data blocks hashed into a model's identity
 _IDENTITY_BLOCK = 4096
@@ -420,7 +423,8 @@ class DiskKvTier:
             self.flush(timeout_s)
 
     def forget(self, session_id: str) -> None:
-        """Delete a session's file (a deleted conversation), after any write of it still queued."""
+        """Delete a session's files (a deleted conversation): ``session_id``'s and those of each model,
+        ``session_id`` + ``MODEL_SEPARATOR`` + ..., after any write of them still queued."""
         self._start_writer()
         self._jobs.put(("forget", session_id))
 
@@ -472,9 +476,10 @@ class DiskKvTier:
                 elif kind == "write":
                     self._write(arg)
                 elif kind == "forget":
+                    variant = arg + MODEL_SEPARATOR
                     with self._lock:
-                        record = self._records.get(arg)
-                    if record is not None:
+                        records = [r for k, r in self._records.items() if k == arg or k.startswith(variant)]
+                    for record in records:
                         self._forget_record(record, "its conversation was deleted", level=logging.DEBUG)
                 elif kind == "clear":
                     self._clear_files()

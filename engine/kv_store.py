@@ -26,7 +26,7 @@ import numpy as np
 
 from .errors import CacheBudgetError, ContextOverflowError
 from .kv_cache import KV_DTYPES, KvCacheEntry, ModelShape
-from .kv_disk import DiskKvTier, common_prefix
+from .kv_disk import MODEL_SEPARATOR, DiskKvTier, common_prefix
 from .options import options_from_dict, options_to_dict
 
 log = logging.getLogger(__name__)
@@ -81,14 +81,13 @@ class SessionId:
             base = self.value
         else:
             base = f"{self.owner}{_OWNER_SEPARATOR}{self.value}"
-        return base if self.model is None else f"{base}{_MODEL_SEPARATOR}{self.model}"
+        return base if self.model is None else f"{base}{MODEL_SEPARATOR}{self.model}"
 
     def __str__(self) -> str:
         return self.value
 
 
 _OWNER_SEPARATOR = "\x1f"  # never in an owner: the first one in a key ends the owner
-_MODEL_SEPARATOR = "\x1e"  # before the model's identity in a key (identities are digits, hex and "-")
 
 
 @dataclass(frozen=True, slots=True)
@@ -578,19 +577,36 @@ class LruKvCacheStore:
             log.debug("KV session %s not written to disk: the writer is behind or it is too big", session_id)
             return False
         buffer, token_ids = entry.detach()
-        disk.put(session_id.key, model, entry.shape, token_ids, buffer)
+        disk.put(session_id.for_model(model).key, model, entry.shape, token_ids, buffer)
         return True
+
+    def _disk_model(self, session_id: SessionId) -> str | None:
+        """The identity of the model whose K/V the session holds: its own (a store serving several
+        models) or the store's one loaded model; None: nothing goes to or comes from disk."""
+        return session_id.model or self._model_identity
+
+    def _disk_name(self, session_id: SessionId, model: str) -> str | None:
+        """The session's file on disk for ``model`` (``SessionId.key`` with the model: each model its
+        own file, so loading another model and coming back finds the first model's K/V as they were),
+        or the name a file had before files were per model (loaded when its header names this model);
+        None when there is none."""
+        assert self._disk is not None
+        for key in (session_id.for_model(model).key, session_id.for_model(None).key):
+            if self._disk.has(key):
+                return key
+        return None
 
     def _load_from_disk(
         self, session_id: SessionId, entry: KvCacheEntry, prompt_ids: Sequence[int] | np.ndarray, n_own: int
     ) -> int:
         """Load the session's K/V from disk when they hold a longer prefix of the prompt than memory."""
         assert self._disk is not None
-        model = session_id.model or self._model_identity
-        if model is None or not self._disk.has(session_id.key):
+        model = self._disk_model(session_id)
+        name = None if model is None else self._disk_name(session_id, model)
+        if model is None or name is None:
             return n_own
         started = time.perf_counter()
-        found = self._disk.find(session_id.key, model, entry.shape, prompt_ids, n_own)
+        found = self._disk.find(name, model, entry.shape, prompt_ids, n_own)
         if found is None:
             return n_own
         token_ids, kv = found
@@ -610,8 +626,11 @@ class LruKvCacheStore:
 
     def prefetch(self, session_id: SessionId) -> bool:
         """A conversation was opened: start reading its file (if any) so its next request loads fast."""
-        disk = self._disk
-        return disk is not None and session_id not in self and disk.prefetch(session_id.key)
+        disk, model = self._disk, self._disk_model(session_id)
+        if disk is None or model is None or session_id in self:
+            return False
+        name = self._disk_name(session_id, model)
+        return name is not None and disk.prefetch(name)
 
     def forget(self, session_id: SessionId) -> None:
         """A deleted conversation: its session goes from memory and from disk."""

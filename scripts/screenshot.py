@@ -4,6 +4,7 @@ the history sidebar with a few earlier conversations (one pinned).
     xvfb-run -a -s "-screen 0 1400x900x24" python scripts/screenshot.py      # Linux without a display
     python scripts/screenshot.py --model PATH --out docs/screenshot.png      # with a display
     python scripts/screenshot.py --theme dark --out /tmp/dark.png            # the dark theme
+    python scripts/screenshot.py --size 1280x720 --text-scale 125 --out /tmp/small.png
 
 Without a display (no $DISPLAY) the script runs itself again under ``xvfb-run`` when it exists.
 Conversations and settings go to a temporary SMALLMIND_HOME, never to your own. The first tab gets
@@ -60,6 +61,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--size", default="1360x860", help="window size, WIDTHxHEIGHT")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds before giving up")
     parser.add_argument("--theme", choices=("light", "dark"), default="light")
+    parser.add_argument("--text-scale", type=int, default=100, help="text size in %% (Settings → Appearance)")
     return parser.parse_args()
 
 
@@ -71,7 +73,9 @@ def rerun_under_xvfb() -> int | None:
         print("no display and no xvfb-run: install xvfb, or set QT_QPA_PLATFORM=offscreen", file=sys.stderr)
         return 1
     env = {**os.environ, "SMALLMIND_IN_XVFB": "1"}
-    return subprocess.call([*XVFB, sys.executable, *sys.argv], env=env)
+    width, height = (int(v) for v in parse_args().size.split("x"))  # a screen the window fits on
+    screen = ["-s", f"-screen 0 {max(width, 1400)}x{max(height, 900)}x24"]
+    return subprocess.call([*XVFB[:2], *screen, sys.executable, *sys.argv], env=env)
 
 
 def model_path(explicit: str | None) -> str:
@@ -103,7 +107,9 @@ def take(args: argparse.Namespace, out: Path) -> int:
 
     save_settings(
         AppSettings().with_changes(
-            sampling={"max_new_tokens": 300, "temperature": 0.3, "seed": 42}, theme=args.theme
+            sampling={"max_new_tokens": 300, "temperature": 0.3, "seed": 42},
+            theme=args.theme,
+            text_scale=args.text_scale,
         )
     )
     seed_history()

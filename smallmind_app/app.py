@@ -26,6 +26,7 @@ from .history.records import StoreCorruptError, StoreError
 from .history.store import ConversationStore, move_aside
 from .settings.app_settings import AppSettings, load_settings
 from .window.main_window import MainWindow, app_icon
+from .window.theme_manager import use_themed_style
 from .worker.client import EngineClient
 from .worker.engine_options import validate_settings
 
@@ -111,7 +112,7 @@ def ensure_application(argv: Sequence[str] | None = None) -> QApplication:
     app.setApplicationName("SmallMind")
     app.setDesktopFileName("smallmind")  # the desktop entry (smallmind install-desktop-entry) of this app
     app.setWindowIcon(app_icon())
-    app.setStyle("Fusion")
+    use_themed_style(app)  # Fusion, with check boxes visible on the dark theme
     gui_gc.install(app)  # cyclic garbage (closed dialogs' Qt objects) is collected on this thread only
     return app
 
@@ -156,8 +157,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     app = ensure_application([argv[0]])
     window = create_window(args.model)
     window.show()
-    signal.signal(signal.SIGINT, lambda *_: app.quit())  # Ctrl+C in the terminal: a clean shutdown
+    quit_on_signals(app)
+    return app.exec()
+
+
+QUIT_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # Ctrl+C, `kill`, a closed terminal or a logout
+
+
+def quit_on_signals(app: QApplication) -> None:
+    """Ctrl+C, SIGTERM (``kill``, a session logout) and SIGHUP quit as the Quit menu does: replies so
+    far are kept and the KV sessions go to disk, so the next start is warm (killed outright, the
+    process would lose every session held in memory)."""
+    for name in QUIT_SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), lambda *_: app.quit())
     wake = QTimer(app, interval=250)  # lets Python run its signal handlers while Qt's loop runs
     wake.timeout.connect(lambda: None)
     wake.start()
-    return app.exec()

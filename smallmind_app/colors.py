@@ -45,6 +45,7 @@ LIGHT: Mapping[str, str] = MappingProxyType(
         "highlight_text": "#ffffff",
         "link": "#1d4ed8",
         "disabled_text": "#9ca3af",
+        "indicator_border": "#6b7280",  # a check box's or radio button's edge (3:1 on window and base)
         "sparkline_tokens": "#2563eb",
         "sparkline_memory": "#7c3aed",
         "sparkline_batch": "#059669",
@@ -82,6 +83,7 @@ DARK: Mapping[str, str] = MappingProxyType(
         "highlight_text": "#ffffff",
         "link": "#93b4f8",
         "disabled_text": "#6b7280",
+        "indicator_border": "#9ca3af",
         "sparkline_tokens": "#60a5fa",
         "sparkline_memory": "#a78bfa",
         "sparkline_batch": "#34d399",

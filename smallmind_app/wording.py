@@ -212,13 +212,17 @@ FINISH_NOTES = {  # a reply's finish reason -> the note under it ("length" says 
 STATUS_CHARS = 90  # the status line beside a tab's buttons is cut there (the transcript has the whole text)
 
 
-def tab_limit(stats: Mapping[str, Any]) -> str:
-    """'the model's context', or 'the 273 tokens a tab may hold (“Memory limit per session”)'."""
-    setting = str(stats.get("limit_setting") or "")
-    if not setting or "session_limit" not in stats:
+def tab_limit(stats: Mapping[str, Any], trimmed: bool = False) -> str:
+    """'the model's context', or 'the 273 tokens a tab may hold (“Memory limit per session”)';
+    ``trimmed``: the limit that trimmed the prompt (the one when it was sent), when known."""
+    limit_key, setting_key = ("session_limit", "limit_setting")
+    if trimmed and "trimmed_limit" in stats:
+        limit_key, setting_key = ("trimmed_limit", "trimmed_setting")
+    setting = str(stats.get(setting_key) or "")
+    if not setting or limit_key not in stats:
         return "the model's context"
     label = LABELS.get(setting.split(".", 1)[1], setting)
-    return f"the {int(stats['session_limit']):,} tokens a tab may hold (set by “{label}”)"
+    return f"the {int(stats[limit_key]):,} tokens a tab may hold (set by “{label}”)"
 
 
 def limit_reached(stats: Mapping[str, Any]) -> str:
@@ -250,6 +254,32 @@ def tab_limit_lowered(new: int, old: int, setting: str) -> str:
     return (
         f"Each tab now holds at most {new:,} tokens (was {old:,}){cause}: longer conversations "
         "leave out their oldest messages."
+    )
+
+
+def waiting_reason(kind: str, running: int = 0, limit: int = 0) -> tuple[str, str, str]:
+    """Why a reply waits in the queue: (the tab's status line, the reply's footer, the setting that
+    would let it start sooner). ``kind``: "memory" (the KV budget is held by other replies) or
+    "batch" (every place in the batch is taken: ``running`` replies, ``limit`` at once)."""
+    if kind == "memory":
+        return (
+            f"waiting for memory: other replies hold the cache ({quoted('max_bytes_total')}); "
+            "it starts when one ends…",
+            "waiting for memory…",
+            "kv_cache.max_bytes_total",
+        )
+    replies = f"{running} repl{'y is' if running == 1 else 'ies are'} being generated"
+    if limit <= 1:
+        return (
+            f"waiting for a batch slot: {replies}, one at a time ({quoted('max_batch_size')} is 1, or "
+            "batching is off)…",
+            "waiting for a batch slot…",
+            "batching.max_batch_size",
+        )
+    return (
+        f"waiting for a batch slot: {replies} ({quoted('max_batch_size')} is {limit})…",
+        "waiting for a batch slot…",
+        "batching.max_batch_size",
     )
 
 

@@ -3,8 +3,9 @@
 Each entry becomes one or more top-level tables (a bubble's prose, then each code block in a table
 of its own, so that a code block's long lines widen only its own table): ``entry_chunks``. The
 links are ``copy:``, ``copycode:``, ``edit:`` and ``version:`` addresses, handled by the view
-(``transcript.py``); a button under a reply is a link in ``_footer``. Replies are Markdown
-(``code_blocks``); user messages are plain text. Every color comes from ``colors.colors()``.
+(``transcript.py``); a button under a reply is a link in ``_footer``. Replies and user messages are
+Markdown (``code_blocks``; a user's line breaks are kept); notices are plain text. Every color comes
+from ``colors.colors()``.
 
 The app's own links (Copy, Edit, ‹ ›, a code block's Copy, a document's [1]) carry a scheme made of
 a secret drawn for each view (``app-<random hex>:edit/0``): a reply cannot spell one, so text in a
@@ -33,7 +34,7 @@ def cache_key(entry: Entry) -> tuple[Any, ...]:
     stats = json.dumps(entry.stats, sort_keys=True, default=str)  # citations are lists of dicts
     return (
         entry.role, entry.content, entry.status, stats, entry.progress, entry.editing, entry.copied,
-        entry.versions, entry.copied_block, entry.model, entry.engine, tuple(colors().items()),
+        entry.versions, entry.copied_block, entry.waiting, entry.model, entry.engine, tuple(colors().items()),
     )  # fmt: skip
 
 
@@ -48,10 +49,16 @@ def action_href(scheme: str, action: str, *numbers: int) -> str:
 
 
 def markdown_html(
-    text: str, index: int = 0, copied_block: int = -1, bubble: str = "", scheme: str = "app"
+    text: str,
+    index: int = 0,
+    copied_block: int = -1,
+    bubble: str = "",
+    scheme: str = "app",
+    line_breaks: bool = False,
 ) -> list[str]:
-    """A reply's Markdown -> HTML parts: prose (one string) and fenced code blocks (a table each, with
-    a Copy link ``<scheme>:copycode/<index>/<block>``); see ``code_blocks``."""
+    """A message's Markdown -> HTML parts: prose (one string) and fenced code blocks (a table each,
+    with a Copy link ``<scheme>:copycode/<index>/<block>``); see ``code_blocks``. ``line_breaks``:
+    each new line of the prose is kept (what the user typed with Shift+Enter)."""
     parts: list[str] = []
     n_blocks = 0
     for part in split_markdown(text):
@@ -61,7 +68,7 @@ def markdown_html(
             parts.extend(CODE_MARK + table for table in tables)
             n_blocks += 1
         else:
-            parts.append(prose_html(part))
+            parts.append(prose_html(part.replace("\n", "  \n") if line_breaks else part))
     return parts
 
 
@@ -84,8 +91,8 @@ def stats_line(stats: dict[str, Any]) -> str:
         parts.append(f"{stats['tokens_per_step']:.1f} tokens per step")
     if stats.get("ttft_ms") is not None:
         parts.append(f"first token {stats['ttft_ms']:.0f} ms")
-    if "reused_tokens" in stats:
-        parts.append(f"{stats['reused_tokens']} of {stats.get('prompt_tokens', '?')} prompt tokens reused")
+    if "reused_tokens" in stats and stats.get("prompt_tokens"):  # a server may not count them (0 of 0)
+        parts.append(f"{stats['reused_tokens']} of {stats['prompt_tokens']} prompt tokens reused")
     if stats.get("continued"):
         parts.append("continued" + (f" {stats['continued']} times" if stats["continued"] > 1 else ""))
     reason = str(stats.get("finish_reason", ""))
@@ -93,7 +100,7 @@ def stats_line(stats: dict[str, Any]) -> str:
     if note:
         parts.append(f"stopped: {note}" if reason == "length" else note)
     if stats.get("context_trimmed"):
-        parts.append(f"older messages trimmed to fit {tab_limit(stats)}")
+        parts.append(f"older messages trimmed to fit {tab_limit(stats, trimmed=True)}")
     return " · ".join(parts)
 
 
@@ -122,10 +129,8 @@ def entry_chunks(index: int, entry: Entry, scheme: str = "app") -> list[str]:
         ]
     user = entry.role == "user"
     bg = colors()["error"] if entry.status == "error" else colors()["user" if user else "assistant"]
-    if user:
-        parts = [plain_html(entry.content)]
-    elif entry.content:
-        parts = markdown_html(displayed(entry), index, entry.copied_block, bg, scheme)
+    if entry.content:  # the user's message too: an attached file's fence is a code block
+        parts = markdown_html(displayed(entry), index, entry.copied_block, bg, scheme, line_breaks=user)
     else:
         parts = []
     footer = _footer(index, entry, scheme)
@@ -185,7 +190,9 @@ def _footer(index: int, entry: Entry, scheme: str) -> str:
     user = entry.role == "user"
     footer = ""
     if entry.status == "streaming":
-        if entry.progress is not None and entry.progress[0] < entry.progress[1]:
+        if entry.waiting:
+            footer = html.escape(entry.waiting)
+        elif entry.progress is not None and entry.progress[0] < entry.progress[1]:
             footer = f"processing prompt {entry.progress[0]}/{entry.progress[1]}…"
         else:
             footer = "generating…" if entry.content else "waiting for the engine…"

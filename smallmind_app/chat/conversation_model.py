@@ -23,7 +23,14 @@ log = logging.getLogger(__name__)
 SAVE_PARTIAL_EVERY_S = 1.0  # the text of a streaming reply is saved about once a second
 FINISH_STATUS = {"stop": "complete", "length": "complete", "cancelled": "partial", "timeout": "partial"}
 CONTINUABLE = ("length", "cancelled", "timeout")  # a reply cut by its token limit, or stopped: Continue
-LIMIT_KEYS = ("max_new_tokens", "stopped_by", "session_limit", "limit_setting")
+LIMIT_KEYS = (
+    "max_new_tokens",
+    "stopped_by",
+    "session_limit",
+    "limit_setting",
+    "trimmed_limit",
+    "trimmed_setting",
+)
 DOCUMENT_KEYS = ("citations", "documents_tokens", "documents_budget")  # documents/feature.py
 
 
@@ -41,6 +48,7 @@ class Entry:
     copied: bool = False  # its text just went to the clipboard ("Copied ✓" for a moment)
     versions: tuple[int, int] | None = None  # (this one, how many) when the message has other versions
     copied_block: int = -1  # the code block whose text just went to the clipboard
+    waiting: str = ""  # why a reply being generated waits ("waiting for memory…"), "" when it runs
     model: str = ""  # who said it: the model of a reply ("" when unknown)
     engine: str = ""  # "local", or the server's name
 
@@ -239,7 +247,14 @@ class ConversationModel:
     def show_progress(self, done: int, total: int) -> bool:
         if self.reply is None:
             return False
-        self.reply.progress = (done, total)
+        self.reply.progress, self.reply.waiting = (done, total), ""
+        return True
+
+    def show_waiting(self, footer: str) -> bool:
+        """The reply waits in the queue; ``footer`` says why (False: no reply is running)."""
+        if self.reply is None:
+            return False
+        self.reply.waiting = footer
         return True
 
     def add_text(self, text: str, n_tokens: int | None = None) -> bool:
@@ -248,7 +263,7 @@ class ConversationModel:
         if reply is None:
             return False
         reply.content += text
-        reply.progress = None
+        reply.progress, reply.waiting = None, ""
         if n_tokens is not None:  # a continued reply counts its tokens before too
             self.n_streamed = n_tokens + (int(self.continued[1].get("n_tokens", 0)) if self.continued else 0)
         now = time.monotonic()
@@ -273,7 +288,7 @@ class ConversationModel:
             before, before_stats, _ = self.continued
             reply.content, stats = before + reply.content, continued_stats(before_stats, stats)
             self.continued = None
-        reply.stats, reply.progress = stats, None
+        reply.stats, reply.progress, reply.waiting = stats, None, ""
         reply.status = FINISH_STATUS.get(stats["finish_reason"], "error")
         reply.model = str(result.get("model") or reply.model)
         reply.engine = str(result.get("engine") or reply.engine)
@@ -350,6 +365,18 @@ class ConversationModel:
             return False
         self.reload()
         return True
+
+    def show_message(self, message_id: int) -> int | None:
+        """The index of stored message ``message_id``, switching to the versions that hold it when it is
+        in an older one; None when it is not there or a reply or an unsaved change holds the thread."""
+        index = next((i for i, e in enumerate(self.entries) if e.message_id == message_id), None)
+        if index is not None or self.is_generating or self.edited is not None or self.unsaved:
+            return index
+        self.save(self._store.select_thread_through, self.conversation_id, message_id)
+        if self.unsaved:  # the write failed (its notice says so): the thread is as it was
+            return None
+        self.reload()
+        return next((i for i, e in enumerate(self.entries) if e.message_id == message_id), None)
 
     def reload(self) -> None:
         """The conversation as stored (after a version switch); notices go."""

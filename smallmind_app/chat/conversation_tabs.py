@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from PySide6.QtWidgets import QInputDialog, QMenu, QTabWidget, QWidget
 
 from ..colors import colors
 from ..history.store import Conversation, ConversationStore, StoreError
+from .code_blocks import split_markdown
 from .tab import ChatTab
 
 log = logging.getLogger(__name__)
@@ -29,13 +31,35 @@ log = logging.getLogger(__name__)
 
 NEW_CHAT_TITLE = "New chat"
 AUTO_TITLE = "auto_title"  # conversation setting: the title follows the first message
+CURRENT = "current"  # conversation setting: its tab was the one shown when the app closed
 TITLE_CHARS = 40
 REOPEN_MENU_ITEMS = 20  # the Reopen menu lists the last closed conversations; the sidebar lists all
+_FILE_LINE = re.compile(r"^[^\s:]+:$")  # "fizz.py:" above an attached file's fence (attachments.fenced)
+
+
+def typed_lines(text: str) -> tuple[list[str], list[str]]:
+    """The lines a message's author typed, without fenced code (an attached file's block or pasted
+    code), and the names of the attached files ("fizz.py:" just before a fence)."""
+    parts = split_markdown(text)
+    lines: list[str] = []
+    files: list[str] = []
+    for i, part in enumerate(parts):
+        if not isinstance(part, str):
+            continue
+        prose = [line for line in part.splitlines() if line.strip()]
+        before_code = i + 1 < len(parts) and not isinstance(parts[i + 1], str)
+        if before_code and prose and _FILE_LINE.match(prose[-1].strip()):
+            files.append(prose.pop().strip()[:-1])
+        lines += prose
+    return lines, files
 
 
 def title_from(text: str) -> str:
-    """A tab title from a first message: its first line, at most ~40 characters, cut at a word."""
-    line = " ".join(text.strip().splitlines()[0].split()) if text.strip() else ""
+    """A tab title from a first message: its first typed line (not an attachment's "fizz.py:" or its
+    code; the file's name when nothing was typed), at most ~40 characters, cut at a word."""
+    typed, files = typed_lines(text)
+    first = typed[0] if typed else ", ".join(files) if files else text.strip().split("\n", 1)[0]
+    line = " ".join(first.split())
     if len(line) <= TITLE_CHARS:
         return line or NEW_CHAT_TITLE
     cut = line[:TITLE_CHARS].rsplit(" ", 1)[0] or line[:TITLE_CHARS]
@@ -83,6 +107,9 @@ class ConversationTabs(QTabWidget):
             conversations = []
         for conversation in conversations:
             self.add_conversation(conversation)
+        shown = next((c.id for c in conversations if c.settings.get(CURRENT)), None)
+        if shown is not None:  # the tab shown when the app closed is shown again
+            self.setCurrentWidget(self._by_id[shown])
 
     def add_conversation(self, conversation: Conversation) -> ChatTab:
         try:
@@ -177,10 +204,18 @@ class ConversationTabs(QTabWidget):
         self._write(self.store.delete_conversation, conversation_id)
 
     def save_all(self) -> None:
-        """The app quits: keep the text of replies in progress and any unsaved system prompt."""
+        """The app quits: keep the text of replies in progress and any unsaved system prompt, and which
+        tab is shown (it is shown again at the next start)."""
         for tab in self._by_id.values():
             tab.save_pending()
             tab.save_partial_now()
+            shown = tab is self.currentWidget()
+            if bool(tab.conversation_settings.get(CURRENT)) != shown:
+                settings = {k: v for k, v in tab.conversation_settings.items() if k != CURRENT}
+                tab.conversation_settings = {**settings, CURRENT: True} if shown else settings
+                self._write(
+                    self.store.set_conversation_settings, tab.conversation_id, tab.conversation_settings
+                )
 
     # -- renaming, order, export ----------------------------------------------------------------
     def rename_tab(self, index: int, title: str) -> None:

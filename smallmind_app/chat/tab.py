@@ -19,7 +19,7 @@ from PySide6.QtWidgets import QFileDialog, QWidget
 
 from ..engines.endpoints import local_label, model_path_of
 from ..history.store import Conversation, ConversationStore, Message
-from ..wording import limit_reached, short_status, tab_limit
+from ..wording import limit_reached, short_status, tab_limit, waiting_reason
 from .conversation_model import ConversationModel, Entry
 from .tab_controls import ProblemOffer, SystemPromptEditor
 from .tab_widgets import TabWidgets, overrides_summary
@@ -54,6 +54,7 @@ class ChatTab(TabWidgets):
         self.model_ready_at = 0.0  # time.perf_counter() when its model last said it was ready
         self._editing: str | None = None  # the draft the prompt box held before an edit began
         self._engine_choices: list[tuple[str, str]] = []
+        self._waiting_offer = False  # the Settings button shown says why the reply waits
         self.system_prompt_editor = SystemPromptEditor(self.system_toggle, self.system_edit, self)
         self.problem = ProblemOffer(self.fix_button, self.raise_button, self)
         self._connect()
@@ -288,6 +289,24 @@ class ChatTab(TabWidgets):
         self._update_buttons()
         self.render_now()
 
+    def show_message(self, message_id: int) -> int | None:
+        """The entry index of stored message ``message_id`` (a search hit), after switching to the
+        versions that hold it when it is in an older one; None when it cannot be shown now."""
+        shown = [e.message_id for e in self.entries]
+        index = self.model.show_message(message_id)
+        if index is None:
+            self.status_label.setText(
+                "Found in an earlier version: switch with ‹ › once the reply is done and no edit is open."
+            )
+        elif message_id not in shown:  # it was in an older version: that one is shown now
+            place = next((i for i in range(index, -1, -1) if self.entries[i].versions), index)
+            number, count = self.entries[place].versions or (1, 1)
+            what = "reply" if self.entries[place].role == "assistant" else "message"
+            self.status_label.setText(f"Found in version {number} of {count} of this {what} (‹ › switches).")
+            self._update_buttons()
+            self.render_now()
+        return index
+
     # -- attachments ----------------------------------------------------------------------------
     @Slot()
     def _on_attach_button_clicked(self) -> None:
@@ -316,15 +335,34 @@ class ChatTab(TabWidgets):
     def show_prompt_progress(self, done: int, total: int) -> None:
         if not self.model.show_progress(done, total):
             return
+        self._started()
         self.status_label.setText(
             f"processing prompt {done}/{total}" if done < total else "prompt processed, generating…"
         )
         self.schedule_render()
 
+    def show_waiting(self, kind: str, running: int = 0, limit: int = 0) -> None:
+        """The request waits in the queue, for KV memory ("memory": queued behind others, or
+        preempted) or for a place in the batch ("batch"): say why, offer the setting; its next
+        progress or text puts the usual status back."""
+        status, footer, setting = waiting_reason(kind, running, limit)
+        if not self.model.show_waiting(footer):
+            return
+        self._set_status(status)
+        self.problem.show(setting, None)
+        self._waiting_offer = True
+        self.schedule_render()
+
+    def _started(self) -> None:
+        """The reply runs (again): the offer made while it waited goes."""
+        if self._waiting_offer:
+            self._waiting_offer = False
+            self.problem.show("", None)
+
     def show_model_loading(self, name: str) -> None:
         """This tab's model is being loaded (picked, or needed for a reply): its next reply waits."""
         self.model_state = ("loading", name)
-        self.status_label.setText(f"loading {name}…")
+        self._set_status(f"loading {name}…")
 
     def show_model_ready(self, name: str) -> None:
         """This tab's model is loaded (``model_ready_at``: when it said so)."""
@@ -332,22 +370,17 @@ class ChatTab(TabWidgets):
         self.model_state = ("ready", name)
         self.model_ready_at = time.perf_counter()
         if was_loading and self.status_label.text().startswith("loading "):
-            self.status_label.setText(f"{name} is ready." if not self.is_generating else "generating…")
+            self._set_status(f"{name} is ready." if not self.is_generating else "generating…")
 
     def show_model_failed(self, name: str, reason: str) -> None:
         self.model_state = ("failed", name)
         self._set_status(f"{name} could not be loaded: {reason}")
 
-    def show_waiting_for_memory(self) -> None:
-        """The request waits for KV memory (queued behind others, or preempted): say so, not
-        "generating"; its next progress or text puts the usual status back."""
-        if self.is_generating:
-            self.status_label.setText("waiting for memory…")
-
     def append_text(self, text: str, n_tokens: int | None = None) -> None:
         """More text of the reply; ``n_tokens``: the tokens it has so far (kept if the app quits)."""
         if not self.model.add_text(text, n_tokens):
             return
+        self._started()
         self.status_label.setText("generating…")
         self.schedule_render()
 
@@ -355,12 +388,15 @@ class ChatTab(TabWidgets):
         stats = self.model.finish(result)
         if stats is None:
             return
+        self._started()
         self._busy_changed()
         if stats.get("error"):
             self._set_status(f"The reply failed: {stats['error']}")
             self.problem.show(str(result.get("error_setting") or ""), None)
         elif stats["context_trimmed"]:
-            self.status_label.setText(f"Older messages were left out to fit {tab_limit(stats)}.")
+            self.status_label.setText(
+                f"Older messages were left out to fit {tab_limit(stats, trimmed=True)}."
+            )
         elif stats["finish_reason"] == "length":
             self.status_label.setText(f"Stopped: {limit_reached(stats)}.")
         else:

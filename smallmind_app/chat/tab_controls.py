@@ -10,7 +10,7 @@ from PySide6.QtWidgets import QPlainTextEdit, QPushButton, QToolButton
 from ..wording import problem_buttons
 
 SYSTEM_PROMPT_SAVE_DELAY_MS = 600
-TOGGLE_CHARS = 90  # the toggle shows the prompt's start, on one line
+TOGGLE_CHARS = 400  # the toggle shows the prompt's start, on one line, cut with "…" to its width
 
 
 class SystemPromptEditor(QObject):

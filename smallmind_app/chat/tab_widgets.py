@@ -22,6 +22,7 @@ from PySide6.QtWidgets import (
 )
 
 from ..colors import colors
+from ..elided import ElidedPushButton, ElidedToolButton
 from ..engines.engine_picker import EnginePicker
 from .attachments import AttachmentList
 from .prompt_box import PromptEdit, TokenCount
@@ -67,7 +68,7 @@ class TabWidgets(QWidget):
         self._lay_out()
 
     def _build_header(self, system_prompt: str) -> None:
-        self.system_toggle = QToolButton(objectName="systemPromptToggle")
+        self.system_toggle = ElidedToolButton(objectName="systemPromptToggle")  # long prompts end in "…"
         self.system_toggle.setCheckable(True)
         self.system_toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
         self.system_toggle.setArrowType(Qt.ArrowType.RightArrow)
@@ -80,7 +81,7 @@ class TabWidgets(QWidget):
         )
         self.system_edit.setMaximumHeight(90)
         self.system_edit.setVisible(False)
-        self.settings_button = QToolButton(objectName="chatSettingsButton")
+        self.settings_button = ElidedToolButton(objectName="chatSettingsButton")
         self.settings_button.setAutoRaise(True)
         self.settings_button.setToolTip("This chat's own sampling settings (temperature, max tokens, …)")
         self.engine_picker = EnginePicker(self)
@@ -137,10 +138,8 @@ class TabWidgets(QWidget):
         )
         for button in buttons:
             button.setMinimumWidth(96)
-        self.fix_button = QPushButton(
-            objectName="openSettingsButton"
-        )  # shown when a setting caused a problem
-        self.raise_button = QPushButton(objectName="raiseLimitButton")
+        self.fix_button = ElidedPushButton(objectName="openSettingsButton")  # a setting caused a problem
+        self.raise_button = ElidedPushButton(objectName="raiseLimitButton")
 
     def _lay_out(self) -> None:
         buttons = QVBoxLayout()
@@ -149,8 +148,9 @@ class TabWidgets(QWidget):
         buttons.addStretch(1)
         buttons.addWidget(self.token_count, 0, Qt.AlignmentFlag.AlignRight)
         prompt_row = QHBoxLayout()
-        prompt_row.addWidget(self.attach_button, 0, Qt.AlignmentFlag.AlignBottom)
-        prompt_row.addWidget(self.prompt_edit, 1)
+        top = Qt.AlignmentFlag.AlignTop  # in line with Send (the row is as high as Send, Stop and the count)
+        prompt_row.addWidget(self.attach_button, 0, top)
+        prompt_row.addWidget(self.prompt_edit, 1, top)
         prompt_row.addLayout(buttons)
         actions_row = QHBoxLayout()
         actions_row.addWidget(self.regenerate_button)

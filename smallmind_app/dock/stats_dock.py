@@ -6,6 +6,8 @@ idle one is the next to be evicted when memory or the session count runs out).
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +34,7 @@ from ..wording import MiB
 from .sparkline import Sparkline
 
 MIN_WIDTH = 300
+RECENT_S = 5.0  # "Avg batch size" beside its average since the start: the last seconds'
 
 # objectName -> (label, what it means: the tooltip, also in the README)
 STATS: dict[str, tuple[str, str]] = {
@@ -51,7 +54,10 @@ STATS: dict[str, tuple[str, str]] = {
         "Reused tokens",
         "Prompt tokens taken from the cache instead of computed, and their share of all prompt tokens",
     ),
-    "statAvgBatchSize": ("Avg batch size", "Requests served per forward pass (rows per step)"),
+    "statAvgBatchSize": (
+        "Avg batch size",
+        "Requests served per forward pass (rows per step) over the last 5 s, and since the engine started",
+    ),
     "statAvgBatchWait": ("Avg batch wait", "Time a request waited in the queue before its first step"),
     "statQueueDepth": ("Avg queue depth", "Requests waiting, averaged over steps (now: waiting / running)"),
     "statTokensPerSec": (
@@ -123,6 +129,7 @@ class StatsDock(QDockWidget):
         self.labels: dict[str, QLabel] = {}
         self._last_steps = 0
         self._last_rows = 0.0
+        self._recent: deque[tuple[float, int, float]] = deque()  # (time, steps, rows) of the last seconds
         body = QWidget()
         layout = QVBoxLayout(body)
         layout.setContentsMargins(8, 4, 8, 8)
@@ -154,6 +161,11 @@ class StatsDock(QDockWidget):
         self.table = QTableWidget(0, 4, objectName="sessionTable")
         self.table.setHorizontalHeaderLabels(["Tab", "Tokens", "MiB", "State"])
         self._plain_table(self.table)
+        header = self.table.horizontalHeader()  # the tab's name gets the rest (column 0 stretched)
+        header.setSectionResizeMode(3, QHeaderView.ResizeMode.Fixed)  # "idle · evicted next" wraps
+        self.table.setColumnWidth(3, self.fontMetrics().horizontalAdvance("waiting to run") + 14)
+        self.table.setWordWrap(True)
+        self.table.verticalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self.table.setMinimumHeight(110)
         layout.addWidget(self.table, 1)
         scroll = QScrollArea(objectName="statsScroll")  # a small window scrolls the dock, never clips it
@@ -246,7 +258,8 @@ class StatsDock(QDockWidget):
         set_text["statReusedTokens"](
             f"{kv['reused_tokens']:,}  ({kv['token_reuse_ratio']:.0%} of prompt tokens)"
         )
-        set_text["statAvgBatchSize"](f"{metrics['average_batch_size']:.2f}")
+        recent, since_start = self._recent_batch_size(metrics), metrics["average_batch_size"]
+        set_text["statAvgBatchSize"](f"{recent:.2f} last 5 s  ({since_start:.2f} since start)")
         set_text["statAvgBatchWait"](f"{metrics['average_batch_wait_ms']:.1f} ms")
         set_text["statQueueDepth"](
             f"{metrics['average_queue_depth']:.2f}  (now {metrics['queue_depth']} waiting, "
@@ -279,7 +292,10 @@ class StatsDock(QDockWidget):
         last_rate, last_ttft = figures.get("last_tokens_per_s"), figures.get("last_ttft_ms")
         rate = f"{last_rate:.1f} last reply · " if last_rate is not None else ""
         self.labels["statTabTokensPerSec"].setText(f"{rate}{figures['tokens_per_second']:.1f} now")
-        ttft = f"{last_ttft:.0f} ms last reply" if last_ttft is not None else "no reply yet"
+        if last_ttft is not None:
+            ttft = f"{last_ttft:.0f} ms last reply"
+        else:  # its first reply is under way, or none was asked yet
+            ttft = "first reply under way" if figures.get("in_flight") else "no reply yet"
         median = f" · p50 {figures['ttft_p50_ms']:.0f} ms" if figures.get("ttft_p50_ms") else ""
         self.labels["statTabTtft"].setText(ttft + median)
 
@@ -335,6 +351,21 @@ class StatsDock(QDockWidget):
         self.batch_plot.add((rows - self._last_rows) / new_steps if new_steps else 0.0)
         self._last_steps, self._last_rows = steps, rows
 
+    def _recent_batch_size(self, metrics: Mapping[str, Any]) -> float:
+        """Rows per step over the last ``RECENT_S`` seconds (the average since the start hides a change:
+        1.2 while three tabs generate, after a long while of one)."""
+        now, steps = time.monotonic(), metrics["steps"]
+        rows = metrics["average_batch_size"] * steps
+        if self._recent and steps < self._recent[-1][1]:  # a new engine: its counters started again
+            self._recent.clear()
+        self._recent.append((now, steps, rows))
+        while len(self._recent) > 2 and now - self._recent[1][0] >= RECENT_S:
+            self._recent.popleft()
+        _, first_steps, first_rows = self._recent[0]
+        if steps > first_steps:
+            return (rows - first_rows) / (steps - first_steps)
+        return metrics["average_batch_size"] if len(self._recent) == 1 else 0.0
+
     def _fill_table(self, sessions: list[Mapping[str, Any]], titles: Mapping[str, str]) -> None:
         self.table.setRowCount(len(sessions))
         idle = [i for i, s in enumerate(sessions) if not s["pinned"] and not s.get("waiting")]
@@ -365,6 +396,7 @@ class StatsDock(QDockWidget):
                     item = QTableWidgetItem()
                     self.table.setItem(row, column, item)
                 item.setText(text)
+                item.setToolTip(text if column in (0, 3) else "")  # a long tab name ends in "…"
                 if column in (1, 2):
                     item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                 item.setForeground(QColor(colors()["busy" if session["pinned"] else "text"]))

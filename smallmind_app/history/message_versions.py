@@ -78,6 +78,20 @@ def select(db: sqlite3.Connection, conversation_id: str, message_id: int, step: 
     return chosen
 
 
+def select_thread_through(db: sqlite3.Connection, conversation_id: str, message_id: int) -> None:
+    """Choose the versions that lead to `message_id` (it and each message before it): the chosen
+    thread then passes through it and goes on as chosen below it."""
+    row = owned(db, conversation_id, message_id)
+    while row is not None:
+        db.execute(
+            "UPDATE messages SET active = (id = ?) WHERE conversation_id = ? AND parent_id IS ?",
+            (row["id"], conversation_id, row["parent_id"]),
+        )
+        parent = row["parent_id"]
+        row = owned(db, conversation_id, parent) if parent is not None else None
+    db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (time.time(), conversation_id))
+
+
 def version_info(db: sqlite3.Connection, conversation_id: str) -> dict[int, tuple[int, int]]:
     """For each message of the chosen thread that has other versions: (its number, how many), 1-based."""
     rows = db.execute(

@@ -17,11 +17,18 @@ import re
 import sqlite3
 from dataclasses import dataclass
 
+from . import message_versions
+
 MARK_START, MARK_END = "\x02", "\x03"  # around each matched word of a snippet or title
 SNIPPET_WORDS = 12
 PREVIEW_CHARS = 160
 TOKENIZER = "unicode61 remove_diacritics 2"
 _WORD = re.compile(r"\w+", re.UNICODE)
+# Markdown a one-line preview shows as plain text: fences, links and images, line marks, emphasis, code
+_FENCE_LINE = re.compile(r"^ {0,3}(`{3,}|~{3,}).*$", re.M)
+_LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")
+_LINE_MARK = re.compile(r"^ {0,3}(#{1,6}|>|[-*+]|\d+[.)])[ \t]+", re.M)
+_EMPHASIS = re.compile(r"(\*\*|__|~~)(\S.*?)\1|\*(\S[^*]*?)\*|`+([^`]+)`+")
 
 _TRIGGERS = {
     "message_search_insert": """CREATE TRIGGER message_search_insert AFTER INSERT ON messages BEGIN
@@ -55,9 +62,10 @@ class ConversationSummary:
 
     @property
     def preview(self) -> str:
-        """``raw_preview`` on one line, after the model of its last reply (made when shown: a list of
-        thousands shows a few)."""
-        return f"{self.model}: {one_line(self.raw_preview)}" if self.model else one_line(self.raw_preview)
+        """``raw_preview`` as plain text on one line, after the model of its last reply (made when shown:
+        a list of thousands shows a few)."""
+        text = one_line(plain_text(self.raw_preview))
+        return f"{self.model}: {text}" if self.model else text
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,11 +147,33 @@ def summaries(db: sqlite3.Connection) -> list[ConversationSummary]:
             FROM conversations c LEFT JOIN pinned_conversations p ON p.conversation_id = c.id
             ORDER BY p.pinned_at IS NULL, p.pinned_at DESC, last_active DESC"""
     ).fetchall()
-    return [ConversationSummary(r[0], r[1], r[4] or "", r[3], bool(r[2]), r[5] or "") for r in rows]
+    # a conversation with versions: its preview is of the versions chosen (its newest message may not be)
+    query = "SELECT DISTINCT conversation_id FROM messages WHERE NOT active"
+    versioned = {row[0] for row in db.execute(query)}
+    previews = {cid: _thread_preview(db, cid) for cid in versioned}
+    return [
+        ConversationSummary(r[0], r[1], previews.get(r[0], r[4] or ""), r[3], bool(r[2]), r[5] or "")
+        for r in rows
+    ]
+
+
+def _thread_preview(db: sqlite3.Connection, conversation_id: str) -> str:
+    """The start of the last message with text of the chosen versions (not of a version not shown)."""
+    rows = message_versions.thread_rows(db, conversation_id)
+    text = next((r["content"] for r in reversed(rows) if r["role"] != "system" and r["content"]), "")
+    return str(text[:PREVIEW_CHARS])
 
 
 def one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+def plain_text(markdown: str) -> str:
+    """A message's Markdown as the words it shows: no fences, ``**``, ``#``, backticks or link targets."""
+    text = _FENCE_LINE.sub(" ", markdown)
+    text = _LINK.sub(r"\1", text)
+    text = _LINE_MARK.sub("", text)
+    return _EMPHASIS.sub(lambda m: m[2] or m[3] or m[4] or "", text)
 
 
 def word_queries(text: str) -> list[str]:

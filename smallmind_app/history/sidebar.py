@@ -117,6 +117,7 @@ class HistorySidebar(QDockWidget):
         bar = QHBoxLayout(self.undo_bar)
         bar.setContentsMargins(6, 2, 2, 2)
         self.undo_label = QLabel(objectName="historyUndoLabel")
+        self.undo_label.setWordWrap(True)  # a long title takes a second line, never cut
         self.undo_button = QPushButton("Undo", objectName="historyUndoButton")
         self.undo_button.clicked.connect(self.undo_delete)
         bar.addWidget(self.undo_label, 1)
@@ -216,7 +217,7 @@ class HistorySidebar(QDockWidget):
             self.schedule_refresh()  # it is gone (deleted elsewhere)
             return None
         if message_id is not None:
-            index = next((i for i, e in enumerate(tab.entries) if e.message_id == message_id), None)
+            index = tab.show_message(message_id)  # a hit in an older version: that version is shown
             words = self.search.text()
             if index is not None:
                 QTimer.singleShot(0, tab, lambda: show_entry(tab.transcript, index, words))

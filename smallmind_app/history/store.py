@@ -337,6 +337,11 @@ class ConversationStore:
         with self._transaction("switch the version") as db:
             return message_versions.select(db, conversation_id, message_id, step)
 
+    def select_thread_through(self, conversation_id: str, message_id: int) -> None:
+        """Choose the versions that lead to `message_id` (a search hit in an older version)."""
+        with self._transaction("switch the version") as db:
+            message_versions.select_thread_through(db, conversation_id, message_id)
+
     def version_info(self, conversation_id: str) -> dict[int, tuple[int, int]]:
         """For each message of the conversation that has other versions: (its number, how many), 1-based."""
         with self._reading() as db:

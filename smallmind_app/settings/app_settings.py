@@ -38,6 +38,7 @@ from .presets import DEFAULT_PRESETS, check_presets
 
 logger = logging.getLogger(__name__)
 
+TEXT_SCALES = (75, 200)  # the text size's range, in % (Settings → Appearance)
 SCHEMA_VERSION = 3  # 2: the repetition penalty's default became 1.1; 3: each model's own system prompt
 
 
@@ -145,6 +146,7 @@ class AppSettings:
     engines: tuple[Endpoint, ...] = ()  # Settings → Engines: remote endpoints (their keys are not here)
     default_engine: str = LOCAL_ENGINE  # the engine of a new tab: "local" or an endpoint id
     theme: str = "system"  # "system" (follow the system's color scheme), "light" or "dark"
+    text_scale: int = 100  # Settings → Appearance: the window's text size, in % of the system's
     prompt_presets: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(dict(DEFAULT_PRESETS)))
     preset_models: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType({})
@@ -170,6 +172,11 @@ class AppSettings:
                 f"default_engine must be 'local' or an endpoint's id, got {self.default_engine!r}"
             )
         check_choice(self.theme)
+        if not _is_int(self.text_scale) or not TEXT_SCALES[0] <= self.text_scale <= TEXT_SCALES[1]:
+            raise ValueError(
+                f"text_scale must be a percentage from {TEXT_SCALES[0]} to {TEXT_SCALES[1]}, "
+                f"got {self.text_scale!r}"
+            )
         object.__setattr__(self, "prompt_presets", MappingProxyType(check_presets(self.prompt_presets)))
         object.__setattr__(self, "preset_models", MappingProxyType(check_preset_models(self.preset_models)))
         limit = self.max_loaded_model_bytes
@@ -187,7 +194,7 @@ class AppSettings:
         presets = (tuple(self.prompt_presets.items()), tuple(self.preset_models.items()))
         models = (self.max_loaded_model_bytes, self.model_idle_ttl_s)
         return hash((self.schema_version, self.model_path, self.system_prompt, self.server_port, sections,
-                     engines, self.theme, presets, models))  # fmt: skip
+                     engines, self.theme, self.text_scale, presets, models))  # fmt: skip
 
     def with_changes(self, **changes: Any) -> AppSettings:
         """A copy with `changes`; a section given as a dict is merged over the current section."""
@@ -206,6 +213,7 @@ class AppSettings:
             "engines": [endpoint.to_dict() for endpoint in self.engines],
             "default_engine": self.default_engine,
             "theme": self.theme,
+            "text_scale": self.text_scale,
             "prompt_presets": dict(self.prompt_presets),
             "preset_models": dict(self.preset_models),
             "max_loaded_model_bytes": self.max_loaded_model_bytes,

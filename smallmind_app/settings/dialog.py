@@ -36,7 +36,14 @@ from ..engines.engines_page import EnginesPage
 from ..models import first_run
 from ..wording import FIELD_NAMES, FIELDS, INT_MAX, MIB_RANGE, PAGES, SECTION_KEYS, MiB, mib, setting_problem
 from ..worker.engine_options import session_limits, validate_settings
-from .app_settings import MIN_LOADED_MODEL_BYTES, AppSettings, default_system_prompt, section_defaults
+from .app_settings import (
+    MIN_LOADED_MODEL_BYTES,
+    TEXT_SCALES,
+    AppSettings,
+    default_system_prompt,
+    section_defaults,
+)
+from .field_checks import SizeField, setting_warnings
 
 __all__ = ["FIELDS", "INT_MAX", "MIB_RANGE", "SECTION_KEYS", "MiB", "SettingsDialog"]
 
@@ -72,6 +79,10 @@ def make_field(name: str, kind: str, limits: tuple[float, ...]) -> QWidget:
         widget = QSpinBox(minimum=int(limits[0]), maximum=int(limits[1]))
         widget.setGroupSeparatorShown(True)
         widget.setSpecialValueText(SPECIAL.get(name, ""))
+    elif kind == "mib":  # typed freely: a wrong size is said in red, never cut or put back silently
+        widget = SizeField(limits[0], limits[1], int(limits[2]))
+        widget.setGroupSeparatorShown(True)
+        widget.setSingleStep(1)
     else:
         widget = QDoubleSpinBox(minimum=limits[0], maximum=limits[1], decimals=int(limits[2]))
         widget.setGroupSeparatorShown(True)
@@ -176,6 +187,10 @@ class SettingsDialog(QDialog):
         self.error_label = QLabel(objectName="settingsError")
         self.error_label.setWordWrap(True)
         self.error_label.setStyleSheet(f"color: {colors()['error_text']};")
+        self.warning_label = QLabel(objectName="settingsWarning")  # allowed, but probably not meant
+        self.warning_label.setWordWrap(True)
+        self.warning_label.setStyleSheet(f"color: {colors()['notice_text']};")
+        self.warning_label.setVisible(False)
         buttons = QDialogButtonBox(
             QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Apply
             | QDialogButtonBox.StandardButton.Cancel | QDialogButtonBox.StandardButton.RestoreDefaults
@@ -191,6 +206,7 @@ class SettingsDialog(QDialog):
         layout = QVBoxLayout(self)
         layout.addWidget(tabs)
         layout.addWidget(self.error_label)
+        layout.addWidget(self.warning_label)
         layout.addWidget(buttons)
         self.load(settings)
 
@@ -252,6 +268,8 @@ class SettingsDialog(QDialog):
             else:
                 form.addRow(label, widget)
                 changed_signal(widget).connect(self._revalidate)
+                if isinstance(widget, SizeField):  # text that is not a size leaves the value as it was
+                    widget.lineEdit().textChanged.connect(self._revalidate)
         if section == "kv":
             form.addRow("Saved on disk", self._disk_row())
         return page
@@ -296,6 +314,12 @@ class SettingsDialog(QDialog):
             self.theme_combo.addItem(label, value)
         self.theme_combo.setToolTip("Follow system: dark when your desktop uses a dark color scheme")
         form.addRow("Theme", self.theme_combo)
+        low, high = TEXT_SCALES
+        self.text_scale = QSpinBox(objectName="textScaleSetting", minimum=low, maximum=high)
+        self.text_scale.setSingleStep(10)
+        self.text_scale.setSuffix(" %")
+        self.text_scale.setToolTip("The size of the window's text: 100 % is your system's font size")
+        form.addRow("Text size", self.text_scale)
         return page
 
     # -- values ---------------------------------------------------------------------------------
@@ -307,6 +331,7 @@ class SettingsDialog(QDialog):
         self.idle_ttl.setValue(round(settings.model_idle_ttl_s / 60))
         self.system_prompt.setPlainText(settings.system_prompt)
         self.theme_combo.setCurrentIndex(max(0, self.theme_combo.findData(settings.theme)))
+        self.text_scale.setValue(settings.text_scale)
         self._revalidate()
 
     def _value(self, name: str) -> Any:
@@ -326,7 +351,7 @@ class SettingsDialog(QDialog):
             system_prompt=self.system_prompt.toPlainText(),
             max_loaded_model_bytes=self.max_loaded.value() * MiB or None,
             model_idle_ttl_s=float(self.idle_ttl.value() * 60),
-            theme=self.theme_combo.currentData(),
+            theme=self.theme_combo.currentData(), text_scale=self.text_scale.value(),
             kv_cache=values["kv"], batching=values["batching"], sampling=values["sampling"],
             engines=self.engines_page.endpoints(), default_engine=self.engines_page.default_engine_id(),
         )  # fmt: skip
@@ -338,7 +363,13 @@ class SettingsDialog(QDialog):
         problems = validate_settings(values["kv"], values["batching"], values["sampling"])
         by_key = {f"{sec}.{key}": name for name, (sec, key, _, _) in self.fields.items()}
         self.errors = {by_key.get(key, key): message for key, message in problems.items()}
+        for name, (_, _, _, widget) in self.fields.items():
+            if isinstance(widget, SizeField) and (typed := widget.problem()):
+                self.errors[name] = typed  # what was typed, not the last size the box held
         self._show_limits(values["kv"])
+        warning = setting_warnings(values, self.model_info, self.errors)
+        self.warning_label.setText(warning)
+        self.warning_label.setVisible(bool(warning))
         if engine_problems := self.engines_page.problems():
             self.errors["Engines"] = "; ".join(engine_problems)
         if 0 < self.max_loaded.value() * MiB < MIN_LOADED_MODEL_BYTES:

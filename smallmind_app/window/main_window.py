@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QCoreApplication, Qt, Slot
-from PySide6.QtGui import QCloseEvent, QIcon, QResizeEvent
+from PySide6.QtCore import QCoreApplication, QSize, Qt, Slot
+from PySide6.QtGui import QCloseEvent, QGuiApplication, QIcon, QResizeEvent
 from PySide6.QtWidgets import (
     QFileDialog,
     QMainWindow,
@@ -51,7 +51,18 @@ from .theme_manager import ThemeManager
 log = logging.getLogger(__name__)
 DOCK_SHARE, DOCK_WIDTH = 0.3, (300, 600)
 HISTORY_WIDTH = 290
+WINDOW_SIZE = (1320, 840)
 ICON_FILE = RESOURCES_DIR / "icon.png"
+
+
+def initial_size() -> QSize:
+    """1320x840, or less on a smaller screen (its available area: a 1280x720 laptop shows it all)."""
+    screen = QGuiApplication.primaryScreen()
+    width, height = WINDOW_SIZE
+    if screen is not None:
+        room = screen.availableGeometry()
+        width, height = min(width, room.width()), min(height, room.height())
+    return QSize(width, height)
 
 
 def app_icon() -> QIcon:
@@ -64,7 +75,7 @@ class MainWindow(QMainWindow):
         super().__init__()
         self.setObjectName("mainWindow")
         self.setWindowTitle("SmallMind")
-        self.resize(1320, 840)
+        self.resize(initial_size())
         self.settings = settings
         self.store = store
         self.client = client
@@ -100,6 +111,8 @@ class MainWindow(QMainWindow):
         self.theme = ThemeManager(settings.theme, self)
         self.theme.theme_changed.connect(self._on_theme_theme_changed)
         self.theme.set_choice(settings.theme)
+        self.theme.set_text_scale(settings.text_scale)
+        self.theme.text_scale_changed.connect(self._on_theme_theme_changed)
         self.model_status = ModelStatus(self)  # the status bar
         self.model_label = self.model_status.label
         self.router = WorkerRouter(self)
@@ -335,6 +348,7 @@ class MainWindow(QMainWindow):
             self.refresh_engine_choices()
         if settings.theme != self.theme.choice:
             self.theme.set_choice(settings.theme)
+        self.theme.set_text_scale(settings.text_scale)
 
     def save_settings(self, settings: AppSettings) -> None:
         self.settings = settings
@@ -376,12 +390,16 @@ class MainWindow(QMainWindow):
         self.save_settings(self.settings.with_changes(preset_models=tied))
 
     @Slot(str)
-    def _on_theme_theme_changed(self, _name: str) -> None:
-        """Redo what was painted with the old colors: transcripts, busy tabs, plots, the history list."""
+    @Slot(int)
+    def _on_theme_theme_changed(self, _name: str | int) -> None:
+        """Redo what was painted with the old colors or text size: transcripts, busy tabs, plots, the
+        history list."""
         for tab in self.tabs.chat_tabs:
             tab.transcript.restyle()
+            tab.prompt_edit.fit()  # its height is in lines of the font
         self.tabs.restyle()
         self.stats_dock.restyle()
+        self.history.view.doItemsLayout()  # its rows are two lines of the font high
         self.history.view.viewport().update()
 
     # -- shutdown -------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from PySide6.QtCore import QObject, Slot
 from PySide6.QtWidgets import QLabel, QProgressBar
 
+from ..elided import ElidedLabel
 from ..models.first_run import FirstRunDialog
 from ..wording import tab_limit_lowered
 from ..worker.downloads import default_model_description
@@ -27,7 +28,7 @@ class ModelStatus(QObject):
         self._build()
 
     def _build(self) -> None:
-        self.label = QLabel("No model loaded", objectName="modelStatus")
+        self.label = ElidedLabel("No model loaded", objectName="modelStatus")  # a long name ends in "…"
         self.busy_label = QLabel(objectName="busyStatus")
         self.load_bar = QProgressBar(objectName="modelLoadProgress", maximumWidth=160, maximumHeight=14)
         self.load_bar.setRange(0, 0)
@@ -48,7 +49,7 @@ class ModelStatus(QObject):
         self.load_bar.setVisible(False)
         name = Path(info["file_name"]).stem
         self._show_label()
-        self.label.setToolTip(f"{info['name']}\n{info['path']}")
+        self.label.setToolTip(f"{info['name']}\n{info['path']}")  # after the label's whole text when cut
         self.window.setWindowTitle(f"SmallMind — {name}")
         if self.window.settings_dialog is not None:
             self.window.settings_dialog.set_model_info(info)

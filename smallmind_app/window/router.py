@@ -32,6 +32,7 @@ class WorkerRouter(QObject):
         w.prompt_progressed.connect(self._on_worker_prompt_progressed)
         w.text_generated.connect(self._on_worker_text_generated)
         w.request_waiting.connect(self._on_worker_request_waiting)
+        w.request_queued.connect(self._on_worker_request_queued)
         w.request_finished.connect(self._on_worker_request_finished)
         w.request_failed.connect(self._on_worker_request_failed)
         w.tokens_counted.connect(self._on_worker_tokens_counted)
@@ -106,7 +107,12 @@ class WorkerRouter(QObject):
     @Slot(str)
     def _on_worker_request_waiting(self, conversation_id: str) -> None:
         if (tab := self.tabs.tab_for(conversation_id)) is not None:
-            tab.show_waiting_for_memory()
+            tab.show_waiting("memory")
+
+    @Slot(str, int, int)
+    def _on_worker_request_queued(self, conversation_id: str, running: int, limit: int) -> None:
+        if (tab := self.tabs.tab_for(conversation_id)) is not None:
+            tab.show_waiting("batch", running, limit)
 
     @Slot(str, str, int)
     def _on_worker_text_generated(self, conversation_id: str, text: str, n_tokens: int) -> None:

@@ -56,6 +56,7 @@ class EngineWorker(QObject):
     request_finished = Signal(str, dict)  # conversation id, result_dict()
     request_failed = Signal(str, str, dict)  # conversation id, message, {"setting", "suggested"} (at submit)
     request_waiting = Signal(str)  # conversation id: its request waits for KV memory (queued or preempted)
+    request_queued = Signal(str, int, int)  # conversation id, replies running, how many may: no place yet
     stats_updated = Signal(dict)  # stats_dict(): "kv", "metrics", "sessions", "limits"
     settings_applied = Signal(dict)  # {"kv_cache", "batching", "session_token_limit", "bytes_per_token"}
     settings_rejected = Signal(str)
@@ -86,6 +87,7 @@ class EngineWorker(QObject):
         self._wait_timer: QTimer | None = None
         self._stats_timer: QTimer | None = None
         self._remote_flush: QTimer | None = None
+        self._said_queued: set[str] = set()  # conversations told that they wait for a batch slot
         self._expiry_timer: QTimer | None = None
         self._loading_for: dict[str, str] = {}  # conversation id -> the model id it waits for
         self._thread_ident = 0  # the worker thread's (set in initialize)
@@ -479,8 +481,21 @@ class EngineWorker(QObject):
             self._emit_stats()  # the dock shows the session unpinned at once
 
     # -- stats ----------------------------------------------------------------------------------
+    def _say_queued(self) -> None:
+        """Tell a tab whose reply is still queued because every place in the batch is taken."""
+        queued = [cid for cid in self._replies.queued() if not self._remote.answers(cid)]
+        self._said_queued &= set(queued)
+        for conversation_id in queued:
+            running, limit = self.local.batch_state(conversation_id)  # its model's batch
+            if running < limit:
+                continue  # it starts at the next step (or waits for memory or its model's load)
+            if conversation_id not in self._said_queued:
+                self._said_queued.add(conversation_id)
+                self.request_queued.emit(conversation_id, running, limit)
+
     @Slot()
     def _emit_stats(self) -> None:
+        self._say_queued()
         if self._remote:
             self.remote_stats_updated.emit(self._remote.stats())
         stats = self.local.stats(set(self._replies.handles))

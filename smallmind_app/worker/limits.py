@@ -37,9 +37,15 @@ def limit_setting(kv: KvCacheOptions, engine: BatchedInferenceEngine) -> str:
 
 
 def reply_limits(
-    result: GenerationResult, max_new_tokens: int, session_limit: int, setting: str
+    result: GenerationResult,
+    max_new_tokens: int,
+    session_limit: int,
+    setting: str,
+    trimmed_at: tuple[int, str] | None = None,
 ) -> dict[str, Any]:
-    """Which limit cut or trimmed a local reply: its max new tokens, or the tab's limit (and its setting)."""
+    """Which limit cut or trimmed a local reply: its max new tokens, or the tab's limit (and its
+    setting). ``trimmed_at``: the tab's limit and setting when the reply was sent, which trimmed its
+    prompt (the limit may have changed since)."""
     limits: dict[str, Any] = {"max_new_tokens": max_new_tokens}
     if result.finish_reason == "length":
         full = result.generated_tokens < max_new_tokens
@@ -47,6 +53,8 @@ def reply_limits(
     if limits.get("stopped_by") == "session" or result.context_trimmed:
         limits["session_limit"] = session_limit
         limits["limit_setting"] = setting
+    if result.context_trimmed:
+        limits["trimmed_limit"], limits["trimmed_setting"] = trimmed_at or (session_limit, setting)
     return limits
 
 
@@ -73,12 +81,15 @@ def finished_reply(
     max_new_tokens: int,
     engine: BatchedInferenceEngine | None,
     kv: KvCacheOptions,
+    trimmed_at: tuple[int, str] | None = None,
 ) -> dict[str, Any]:
     """A reply's result for the tab: its figures, the limit that cut it (``engine``: the local engine
-    that gave it, None for a remote one), its error in the user's words."""
+    that gave it, None for a remote one; ``trimmed_at``: the limit when it was sent), its error in
+    the user's words."""
     limits: dict[str, Any] = {"max_new_tokens": max_new_tokens}
     if engine is not None:
-        limits = reply_limits(result, max_new_tokens, engine.session_token_limit(), limit_setting(kv, engine))
+        current = (engine.session_token_limit(), limit_setting(kv, engine))
+        limits = reply_limits(result, max_new_tokens, *current, trimmed_at)
     data = result_dict(result) | limits
     if data.get("error"):  # the precise message to the log, the user's words to the tab
         log.warning("reply of %s failed: %s", conversation_id, data["error"])

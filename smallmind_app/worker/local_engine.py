@@ -103,6 +103,7 @@ class LocalEngine:
         self._model_of: dict[str, str] = {}  # conversation id -> model id (absent: the default model)
         self._states: dict[str, str] = {}  # model id -> its state last reported (see ``changes``)
         self._defaults: dict[str, dict[str, Any]] = {}  # model path -> its own defaults (system prompt...)
+        self._sent_limits: dict[str, tuple[int, str]] = {}  # conversation id -> the tab's limit at submit
 
     # -- models ---------------------------------------------------------------------------------
     def open(self, path: str, wakeup: Callable[[], None]) -> str:
@@ -238,7 +239,18 @@ class LocalEngine:
             if engine is None:
                 return Problem(f"Not sent: {exc}")
             return refusal(exc, options.max_new_tokens, engine, self.kv)
+        if (engine := self.pool.loaded_engine(model_id)) is not None:  # else: its limit when it ends
+            limit = engine.session_token_limit()
+            self._sent_limits[conversation_id] = (limit, limit_setting(self.kv, engine))
         return handle, options.max_new_tokens
+
+    def batch_state(self, conversation_id: str) -> tuple[int, int]:
+        """(replies its model's engine runs, how many may run at once): a reply still queued when they
+        are equal waits for a place in the batch (a model not loaded yet: (0, limit), it waits for that)."""
+        model_id = self.model_of(conversation_id)
+        engine = self.pool.loaded_engine(model_id) if self.pool is not None and model_id else None
+        limit = self.batching.max_batch_size if self.batching.enabled else 1
+        return (0 if engine is None else engine.metrics.snapshot().running), limit
 
     def model_name(self, conversation_id: str | None = None) -> str:
         """The name a reply's footer shows: the model's file name without .gguf."""
@@ -260,7 +272,8 @@ class LocalEngine:
         engine = (
             None if remote or self.pool is None or model_id is None else self.pool.loaded_engine(model_id)
         )
-        data = finished_reply(conversation_id, result, max_new_tokens, engine, self.kv)
+        trimmed_at = None if remote else self._sent_limits.pop(conversation_id, None)  # what trimmed it
+        data = finished_reply(conversation_id, result, max_new_tokens, engine, self.kv, trimmed_at)
         if not remote:
             data |= {"model": self.model_name(conversation_id), "engine": "local"}
         return data
@@ -281,6 +294,7 @@ class LocalEngine:
     def remove_session(self, conversation_id: str) -> None:
         """A closed tab: its KV entries leave memory (to the disk tier: reopened, it starts warm)."""
         self._model_of.pop(conversation_id, None)
+        self._sent_limits.pop(conversation_id, None)
         if self.pool is not None:
             for session in self._sessions(conversation_id):
                 self.pool.store.remove(session, to_disk=True)

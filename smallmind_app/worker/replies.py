@@ -27,6 +27,7 @@ class Replies:
         self._text: dict[str, list[str]] = {}  # pending text pieces per conversation
         self._n_generated: dict[str, int] = {}  # tokens generated so far by each conversation's reply
         self._max_new_tokens: dict[str, int] = {}  # each running reply's own max_new_tokens
+        self._heard: set[str] = set()  # conversations whose request has had an event (it left the queue)
         self._last_text_flush = 0.0
 
     def __contains__(self, conversation_id: str) -> bool:
@@ -38,6 +39,7 @@ class Replies:
 
     def start(self, conversation_id: str, handle: Any, max_new_tokens: int) -> None:
         self.handles[conversation_id] = handle
+        self._heard.discard(conversation_id)
         self._n_generated[conversation_id] = 0
         self._max_new_tokens[conversation_id] = max_new_tokens
 
@@ -53,6 +55,10 @@ class Replies:
         if event.kind == "token":
             self._n_generated[conversation_id] = self._n_generated.get(conversation_id, 0) + 1
         self._events.append((conversation_id, event))
+
+    def queued(self) -> list[str]:
+        """Conversations whose request has had no event yet: still in the queue (or about to start)."""
+        return [conversation_id for conversation_id in self.handles if conversation_id not in self._heard]
 
     def drop(self, conversation_id: str) -> Any:
         """Forget the conversation's request and its pending text; its handle (None if none)."""
@@ -74,6 +80,7 @@ class Replies:
         waiting = _waiting_after(events)
         out: list[Signal] = []
         for conversation_id, event in events:
+            self._heard.add(conversation_id)
             if event.kind == "prefill":
                 progress[conversation_id] = (event.prompt_done, event.prompt_total)
             if event.text:

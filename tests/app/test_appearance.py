@@ -63,7 +63,8 @@ def test_theme_switch_changes_the_palette_and_the_colors_live(
     wait_text(qtbot, tab)
     _choose_theme(window, "dark")  # while a reply streams
     assert _window_color() == QColor(DARK["window"]) and theme.current() == "dark"
-    assert QApplication.instance().style().name().lower() == "fusion"  # type: ignore[union-attr]
+    style = QApplication.instance().style()  # type: ignore[union-attr]
+    assert style.baseStyle().name().lower() == "fusion"  # (with visible check boxes: ThemedStyle)
     index = window.tabs.indexOf(tab)
     assert window.tabs.tabBar().tabTextColor(index) == QColor(DARK["busy"])  # the busy tab
     html = tab.transcript.toHtml()

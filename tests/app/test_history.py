@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from PySide6.QtCore import QPoint, Qt
-from PySide6.QtWidgets import QDockWidget, QLineEdit, QListView
+from PySide6.QtWidgets import QDockWidget, QLabel, QLineEdit, QListView
 
 from smallmind_app import paths
 from smallmind_app.chat.conversation_tabs import title_from
@@ -150,7 +150,7 @@ def test_search_finds_a_word_said_three_turns_ago_and_jumps_to_it_also_after_a_r
     row = model.index(model.row_of(first.conversation_id))
     assert row.data(MESSAGE_ROLE) == said.message_id
     assert marked_words(row.data(PREVIEW_ROLE)) == ["Quetzalcoatl"]  # the hit is highlighted
-    assert window.findChild(type(window.model_label), "historyCount").text() == "1 conversation matches"
+    assert window.findChild(QLabel, "historyCount").text() == "1 conversation matches"
 
     _click(qtbot, window.history.view, first.conversation_id)
     assert window.tabs.currentWidget() is first

@@ -264,6 +264,8 @@ TYPED = ("0", "-1", str(10**12), "abc", "")
 #   valid, so OK stays enabled;
 # * "accept": the value is valid as typed (0 = greedy, off, no wait; -1 is the seed's "random",
 #   0 the time limit's "no limit").
+# A size in MiB is never clamped (issue 28): what was typed stays, and anything but a size in range is
+# rejected with the field named.
 ZERO_ACCEPTED = {
     "cpuThreads",  # 0 = auto
     "specMaxDraftTokens",  # 0 = off
@@ -281,7 +283,12 @@ HUGE_REJECTED = {"kvMaxBytesPerSession", "batchMaxBatchSize", "batchMaxWaitMs", 
                  "batchMaxPrefillChunkTokens"}  # fmt: skip
 
 
+MIB_FIELDS = {name for _, _, name, _, kind, _ in FIELDS if kind == "mib"}
+
+
 def expected_outcome(name: str, typed: str) -> str:
+    if name in MIB_FIELDS:
+        return "reject"  # 0 MiB is no room; -1, 10**12 MiB, "abc" and "" are not sizes it takes
     if typed == "0":
         return "accept" if name in ZERO_ACCEPTED else "reject"
     if typed == "-1":

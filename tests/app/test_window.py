@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtGui import QTextCursor
-from PySide6.QtWidgets import QApplication, QMessageBox
+from PySide6.QtWidgets import QApplication, QLabel, QMessageBox
 
 from smallmind_app import paths
 from smallmind_app.history.store import ConversationStore
@@ -48,7 +48,7 @@ def test_names_tests_and_accessibility_rely_on(make_window: Any) -> None:
         "statPreemptions",
         "statWaitingForMemory",
     ):
-        assert window.stats_dock.findChild(type(window.model_label), name) is not None, name
+        assert window.stats_dock.findChild(QLabel, name) is not None, name
 
 
 def test_three_tabs_generate_at_once_and_batch(qtbot: Any, make_window: Any, write_settings: Any) -> None:

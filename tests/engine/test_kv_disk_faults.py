@@ -87,24 +87,87 @@ def test_truncated_file_is_deleted(
     store.close()
 
 
-def test_another_models_file_is_ignored(
-    tiny: tuple[Model, Tokenizer], tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_another_models_file_is_never_loaded_and_each_model_keeps_its_own(
+    tiny: tuple[Model, Tokenizer], tmp_path: Path
 ) -> None:
-    """A file written with another model (same layout, other weights) is never loaded; it stays for
-    that model, until this conversation's own K/V replace it."""
+    """A conversation used with another model (same layout, other weights) has that model's file: it is
+    never loaded for this one, and this model's K/V go to a file of their own, so that loading the
+    other model again (Tools → Models) finds its file as it left it, and so does this one."""
     model, _ = tiny
     other = Model.from_gguf(write_tiny_model(tmp_path / "other.gguf", seed=2).path)
     disk = tmp_path / "kv"
     save_session(other, disk, A, PROMPT, "float32")
     store = disk_store(model, disk)
     assert_recomputed(model, store)
-    assert "from another model; ignored" in caplog.text
-    assert kv_file(disk).exists()
     store.remove(A, to_disk=True)
     assert store.close()
-    again = disk_store(model, disk)
-    assert turn(model, again, A, NEXT)[1] == len(NEXT) - 1  # now this model's own
-    again.close()
+    assert len(list(disk.glob("*.kv"))) == 2  # one per model
+    for each, saved in ((other, len(PROMPT)), (model, len(NEXT) - 1)):  # each model back: warm
+        again = disk_store(each, disk)
+        logits, n_reused, _ = turn(each, again, A, NEXT)
+        assert n_reused == saved and again.get_stats().disk_hits == 1
+        assert rel_diff(logits, each.forward(NEXT)[n_reused:]) <= TOL
+        again.close()
+    store = disk_store(model, disk)
+    store.forget(A)  # a deleted conversation: every model's file goes
+    assert store.close() and list(disk.glob("*.kv")) == []
+
+
+def test_a_file_from_before_files_were_per_model_is_still_loaded(
+    tiny: tuple[Model, Tokenizer], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session saved under its plain key (before each model had its own file) comes back warm when
+    it is this model's; another model's such file is ignored with a log line."""
+    model, _ = tiny
+    store = disk_store(model, tmp_path)
+    _, _, entry = turn(model, store, A, PROMPT)
+    buffer, ids = entry.detach()
+    legacy = DiskKvTier(tmp_path, 1 << 30)
+    legacy.put(A.key, model.identity or "", entry.shape, ids, buffer)  # the name the old version used
+    assert legacy.close()
+    store.close()
+    restarted = disk_store(model, tmp_path)
+    logits, n_reused, _ = turn(model, restarted, A, NEXT)
+    assert n_reused == len(PROMPT) and rel_diff(logits, model.forward(NEXT)[n_reused:]) <= TOL
+    restarted.close()
+    other = Model.from_gguf(write_tiny_model(tmp_path / "other.gguf", seed=2).path)
+    with_other = disk_store(other, tmp_path)
+    assert turn(other, with_other, A, NEXT)[1] == 0
+    assert "from another model; ignored" in caplog.text
+    with_other.close()
+
+
+def test_a_pool_store_finds_the_same_files_as_a_store_of_one_model(
+    tiny: tuple[Model, Tokenizer], tmp_path: Path
+) -> None:
+    """One file name per session and model, whoever names the model: a store of one model (its
+    identity) and the pool's shared store (no identity; the session's ``SessionId.model``) write and
+    read the same file, and the pool also loads a file saved under the plain key (before files were
+    per model) when its header names the session's model, never for another model."""
+    model, _ = tiny
+    identity = model.identity or ""
+    save_session(model, tmp_path, A, PROMPT, "float32")  # a store of one model: "A RS identity"
+    pool_store = LruKvCacheStore(KvCacheOptions(disk_dir=str(tmp_path)))  # the pool's: no identity
+    scoped = A.for_model(identity)
+    assert pool_store.prefetch(scoped) and not pool_store.prefetch(A.for_model("another-model"))
+    logits, n_reused, _ = turn(model, pool_store, scoped, NEXT)
+    assert n_reused == len(PROMPT) and rel_diff(logits, model.forward(NEXT)[n_reused:]) <= TOL
+    assert pool_store.remove(scoped, to_disk=True) and pool_store.close()
+    assert [p.name for p in tmp_path.glob("*.kv")] == [kv_file(tmp_path).name]  # the same one file
+    store = disk_store(model, tmp_path)
+    store.forget(A)  # the plain key's forget: every model's file goes
+    assert store.close() and list(tmp_path.glob("*.kv")) == []
+    store = disk_store(model, tmp_path)
+    _, _, entry = turn(model, store, A, PROMPT)
+    buffer, ids = entry.detach()
+    legacy = DiskKvTier(tmp_path, 1 << 30)
+    legacy.put(A.key, identity, entry.shape, ids, buffer)  # the name the old version used
+    assert legacy.close()
+    store.close()
+    pool_store = LruKvCacheStore(KvCacheOptions(disk_dir=str(tmp_path)))
+    assert turn(model, pool_store, A.for_model("another-model"), NEXT)[1] == 0
+    assert turn(model, pool_store, scoped, NEXT)[1] == len(PROMPT)
+    pool_store.close()
 
 
 def test_a_file_of_the_other_dtype_is_ignored(
