@@ -2,9 +2,10 @@
 
 Two paths, chosen when a model is loaded (``backend()``):
 
-- ``"numba"``: quantized weights stay quantized in memory (``BlockWeight``); decode-sized steps (up
-  to ``SMALL_ROWS`` rows) run JIT kernels that read each weight once for all rows (``jit.py``);
-  larger steps (prefill chunks) expand one tile of weights at a time to float32 and use BLAS.
+- ``"numba"``: quantized weights stay in the file's bits (``PackedWeight``); decode-sized steps (up
+  to ``SMALL_ROWS`` rows) run the register-tiled kernels of ``quant.py``, which read each weight once
+  for all rows; larger steps (prefill chunks) expand one tile of weights at a time to float32 and use
+  BLAS.
 - ``"numpy"``: every weight dequantized to float32 at load and multiplied by BLAS: the reference
   path and the fallback where numba is not installed. ``SMALLMIND_KERNELS=numpy`` selects it.
 
@@ -27,7 +28,7 @@ import numpy as np
 from .. import paths
 from . import cpu
 from .cpu import MAX_THREADS, available_cpus, compute, requested_threads, set_threads, threads
-from .weights import BLOCK_TYPES, BlockWeight, DenseWeight, Weight, embed
+from .weights import BLOCK_TYPES, LANES, BlockWeight, DenseWeight, PackedWeight, Panels, Weight, embed
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ __all__ = [
     "MAX_THREADS",
     "BlockWeight",
     "DenseWeight",
+    "PackedWeight",
     "Weight",
     "available_cpus",
     "backend",
@@ -94,7 +96,7 @@ def cache_dir() -> Path:
 
 def compiled_on_disk() -> bool:
     """Whether compiled kernels are on disk already (else the next ``warm_up()`` compiles them)."""
-    return any(cache_dir().rglob("jit.*.nbi"))
+    return any(cache_dir().rglob("quant.*.nbi"))
 
 
 def warm_up() -> float:
@@ -102,20 +104,37 @@ def warm_up() -> float:
     second), by running each once on a tiny matrix. Returns the seconds it took."""
     started = time.perf_counter()
     if _numba_available():
-        rng = np.random.default_rng(0)
-        q = rng.integers(-8, 8, (4, 64), dtype=np.int8)
-        d = np.ones((4, 2), dtype=F32)
-        for m in (None, d):
-            w = BlockWeight(q, d, m)
+        for w in _warm_up_weights():
             for n in (1, 2, 4, 8, SMALL_ROWS + 1):
-                linear(np.ones((n, 64), dtype=F32), w)
+                linear(np.ones((n, w.shape[1]), dtype=F32), w)
+            embed(w, np.array([1]))
         for dtype in (F32, np.float16):  # the attention kernel for both cache precisions
             kv = np.ones((1, 4, 8), dtype=dtype)
             decode_attention(np.ones((2, 8), dtype=F32), kv, kv, 3)
     return time.perf_counter() - started
 
 
-_EMPTY = np.empty((0, 0), dtype=F32)
+def _warm_up_weights() -> list[PackedWeight]:
+    """One small matrix of each layout the kernels are compiled for: nibbles with float16 scales and
+    minimums (Q4_1) or none (Q4_0), with high bits (Q5_0), int8 (Q8_0), float32 sub-block scales
+    (Q4_K), 16-value blocks with two high bits (Q6_K)."""
+    from . import weights as kw
+
+    rng = np.random.default_rng(0)
+    q = rng.integers(0, 16, (16, 256), dtype=np.int8)
+    d = np.ones((16, 8), dtype=F32)
+    d16 = np.ones((16, 16), dtype=F32)
+    layouts = [
+        BlockWeight(q, d, d, 4, 0),
+        BlockWeight(q, d, None, 4, -8),
+        BlockWeight(q, d, None, 5, -16),
+        BlockWeight(q, d, None, 8, 0),
+        BlockWeight(q, d * F32(0.3), d * F32(0.3), 4, 0),
+        BlockWeight(q, d16 * F32(0.3), None, 6, -32),
+    ]
+    return [kw.finish(w) for w in layouts]  # type: ignore[misc]
+
+
 _scratch = threading.local()
 
 
@@ -148,46 +167,55 @@ def decode_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, n: int
     return out.reshape(-1)
 
 
-def _small(x: np.ndarray, w: BlockWeight) -> np.ndarray:
-    from .jit import MATVEC
+def _small(x: np.ndarray, w: PackedWeight) -> np.ndarray:
+    """The register-tiled kernel over every panel (one thread for now)."""
+    from .quant import gemv
 
     N, K = x.shape
-    group = 1 if N == 1 else 2 if N == 2 else 4 if N <= 4 else 8
-    padded = -(-N // group) * group
-    if padded != N or not x.flags.c_contiguous or x.dtype != F32:
-        xp = np.zeros((padded, K), dtype=F32)
-        xp[:N] = x
-        x = xp
-    if w.m is None:
-        xs, m = _EMPTY, _EMPTY
-    else:
-        nb = w.d.shape[1]
-        xs, m = x.reshape(padded, nb, K // nb).sum(axis=2), w.m  # (padded, nb) per-block sums of x
-    out = np.empty((padded, w.q.shape[0]), dtype=F32)
-    MATVEC[group](x, xs, w.q, w.d, m, out)
-    return out[:N] if padded != N else out
+    x = np.ascontiguousarray(x, dtype=F32)
+    out = np.empty((N, w.padded_rows), dtype=F32)
+    sums: dict[int, np.ndarray] = {}
+    col = 0
+    for part in w.parts:
+        L = part.block
+        if L not in sums:  # per-block sums of x, for the minimum (and offset) term
+            sums[L] = x.reshape(N, K // L, L).sum(axis=2)
+        gemv(x, sums[L], *part.arrays(), out, col, 0, part.n_panels, _max_tile())
+        col += part.n_panels * LANES
+    return out if w.padded_rows == w.shape[0] else out[:, : w.shape[0]]
 
 
-def _large(x: np.ndarray, w: BlockWeight) -> np.ndarray:
-    """Rows of W split over the engine's threads; each expands tiles of its rows and runs BLAS."""
-    O = w.q.shape[0]
-    out = np.empty((x.shape[0], O), dtype=F32)
-    n = cpu.threads()
-    bounds = np.linspace(0, O, n + 1).astype(int)
-    jobs = [(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
-    cpu.run_split([functools.partial(_expand_and_multiply, x, w, a, b, out) for a, b in jobs])
-    return out
+@cache
+def _max_tile() -> int:
+    """Activation rows per register tile: 8 needs AVX-512's 32 vector registers, else 4."""
+    import llvmlite.binding as llvm
+
+    return 8 if "+avx512f" in llvm.get_host_cpu_features().flatten() else 4
 
 
-def _expand_and_multiply(x: np.ndarray, w: BlockWeight, row0: int, row1: int, out: np.ndarray) -> None:
-    from .jit import dequantize_rows
+def _large(x: np.ndarray, w: PackedWeight) -> np.ndarray:
+    """Panels split over the engine's threads; each expands tiles of its panels to float32 and runs
+    BLAS."""
+    out = np.empty((x.shape[0], w.padded_rows), dtype=F32)
+    jobs = []
+    col = 0
+    for part in w.parts:
+        n = min(cpu.threads(), part.n_panels)
+        bounds = np.linspace(0, part.n_panels, n + 1).astype(int)
+        jobs += [(part, int(a), int(b), col) for a, b in itertools.pairwise(bounds) if b > a]
+        col += part.n_panels * LANES
+    cpu.run_split([functools.partial(_expand_and_multiply, x, *job, out) for job in jobs])
+    return out if w.padded_rows == w.shape[0] else out[:, : w.shape[0]]
 
-    K = w.q.shape[1]
-    m = _EMPTY if w.m is None else w.m
-    rows = max(1, min(row1 - row0, TILE_VALUES // K))
-    buf = _tile_buffer(rows * K)
-    for r0 in range(row0, row1, rows):
-        n = min(rows, row1 - r0)
-        tile = buf[: n * K].reshape(n, K)
-        dequantize_rows(w.q, w.d, m, r0, tile)
-        out[:, r0 : r0 + n] = x @ tile.T
+
+def _expand_and_multiply(x: np.ndarray, part: Panels, p0: int, p1: int, col: int, out: np.ndarray) -> None:
+    from .quant import dequantize
+
+    K = x.shape[1]
+    step = max(1, TILE_VALUES // (K * LANES))  # panels per tile
+    buf = _tile_buffer(step * LANES * K)
+    for a in range(p0, p1, step):
+        b = min(a + step, p1)
+        tile = buf[: (b - a) * LANES * K].reshape(K, (b - a) * LANES)  # (K, 16 panels)
+        dequantize(*part.arrays(), a, b, tile)
+        out[:, col + a * LANES : col + b * LANES] = x @ tile
