@@ -63,9 +63,6 @@ __all__ = [
 @cache
 def _numba_available() -> bool:
     os.environ.setdefault("NUMBA_CACHE_DIR", str(cache_dir()))
-    # numba's OpenMP workers sleep between kernels instead of spinning: spinning workers starve BLAS
-    # and, on a busy machine, a descheduled worker stalls the others at every barrier
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         from . import jit  # noqa: F401  (compiles lazily, on first call)
     except ImportError as exc:
@@ -104,6 +101,9 @@ def warm_up() -> float:
     second), by running each once on a tiny matrix. Returns the seconds it took."""
     started = time.perf_counter()
     if _numba_available():
+        from .pool import pool
+
+        pool().warm_up()
         for w in _warm_up_weights():
             for n in (1, 2, 4, 8, SMALL_ROWS + 1):
                 linear(np.ones((n, w.shape[1]), dtype=F32), w)
@@ -168,20 +168,12 @@ def decode_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, n: int
 
 
 def _small(x: np.ndarray, w: PackedWeight) -> np.ndarray:
-    """The register-tiled kernel over every panel (one thread for now)."""
-    from .quant import gemv
+    """The register-tiled kernel over every panel, on the engine's threads (``pool.py``)."""
+    from .pool import pool
 
-    N, K = x.shape
     x = np.ascontiguousarray(x, dtype=F32)
-    out = np.empty((N, w.padded_rows), dtype=F32)
-    sums: dict[int, np.ndarray] = {}
-    col = 0
-    for part in w.parts:
-        L = part.block
-        if L not in sums:  # per-block sums of x, for the minimum (and offset) term
-            sums[L] = x.reshape(N, K // L, L).sum(axis=2)
-        gemv(x, sums[L], *part.arrays(), out, col, 0, part.n_panels, _max_tile())
-        col += part.n_panels * LANES
+    out = np.empty((x.shape[0], w.padded_rows), dtype=F32)
+    pool().run(x, out, w.kernel_table(), _max_tile(), w.block_sizes)
     return out if w.padded_rows == w.shape[0] else out[:, : w.shape[0]]
 
 
@@ -195,7 +187,10 @@ def _max_tile() -> int:
 
 def _large(x: np.ndarray, w: PackedWeight) -> np.ndarray:
     """Panels split over the engine's threads; each expands tiles of its panels to float32 and runs
-    BLAS."""
+    BLAS (the kernels' spinning workers sleep meanwhile: BLAS needs their cores)."""
+    from .pool import pool
+
+    pool().pause()
     out = np.empty((x.shape[0], w.padded_rows), dtype=F32)
     jobs = []
     col = 0
