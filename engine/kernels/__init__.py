@@ -171,9 +171,11 @@ def _small(x: np.ndarray, w: PackedWeight) -> np.ndarray:
     """The register-tiled kernel over every panel, on the engine's threads (``pool.py``)."""
     from .pool import pool
 
-    x = np.ascontiguousarray(x, dtype=F32)
+    if x.dtype != F32 or not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x, dtype=F32)
     out = np.empty((x.shape[0], w.padded_rows), dtype=F32)
-    pool().run(x, out, w.kernel_table(), _max_tile(), w.block_sizes)
+    table = w._table if w._table is not None else w.kernel_table()
+    pool().run(x, out, table, _max_tile(), w.block_sizes)
     return out if w.padded_rows == w.shape[0] else out[:, : w.shape[0]]
 
 

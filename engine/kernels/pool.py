@@ -329,12 +329,12 @@ class Pool:
         workers the current step allows."""
         if not self.lock.acquire(blocking=False):  # another thread's job is running: compute alone
             ctrl, job = self._private()
-            execute(ctrl, job, tab, x, out, tile, *sums)
+            execute(ctrl, job, tab, x, out, tile, sums[0], sums[1])
             return
         try:
-            if self.wanted and self.ctrl[ACTIVE] < self.wanted:
+            if self.wanted and self.ctrl.item(ACTIVE) < self.wanted:
                 self._wake()
-            execute(self.ctrl, self.job, tab, x, out, tile, *sums)
+            execute(self.ctrl, self.job, tab, x, out, tile, sums[0], sums[1])
         finally:
             self.lock.release()
 

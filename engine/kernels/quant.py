@@ -30,13 +30,30 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .simd import fma, load, load_ints, load_scales, store, to_float, zeros
+from .simd import (
+    fma,
+    int_zeros,
+    item,
+    keep_alive,
+    load,
+    load_ints,
+    load_scales,
+    pointer,
+    prefetch,
+    store,
+    to_float,
+    zeros,
+)
 
 LANES = 16
+PREFETCH_BLOCKS = 4  # blocks ahead that a one-row pass asks for (measured: 1-2 KB ahead, ~15% faster)
 # Reassociation lets LLVM reorder the sums; results differ from a sequential float32 sum only in
 # summation order (held to the float32 reference by the tests).
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 kernel = njit(fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
+# Helpers run once per block: inlined by numba, and handed data pointers (``simd.pointer``), never
+# arrays: an array argument is reference-counted at each call, atomics that cost more than a block.
+inlined = njit(fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True, inline="always")
 
 
 def values_per_byte(qs):  # pragma: no cover - replaced by the overload below when compiled
@@ -50,16 +67,40 @@ def _values_per_byte(qs):  # pragma: no cover - compiled
     return lambda qs: n
 
 
-@kernel
-def block_length(qs):  # pragma: no cover - compiled
-    """Values per block."""
-    return qs.shape[2] * values_per_byte(qs)
+@inlined
+def high_word(qh, base, high_bits):  # pragma: no cover - compiled
+    """Block ``base``'s high bits (16 lanes), or zeros for a type without them."""
+    if high_bits == 0:
+        return int_zeros()
+    return load_ints(qh, base * LANES)
 
 
-@kernel
-def unpack_block(qs, qh, base, L, qf):  # pragma: no cover - compiled
+@inlined
+def nibbles_at(qs, row, j, half, h, high_bits):  # pragma: no cover - compiled
+    """Values j and j + half of a block (16 lanes each, as float32) from byte row j: the low and high
+    nibble, and for Q5/Q6_K each one's high bits from ``h``."""
+    v = load_ints(qs, row + j * LANES)
+    low, high = v & 15, v >> 4
+    if high_bits != 0:
+        mask = (1 << high_bits) - 1
+        low = low | (((h >> (high_bits * j)) & mask) << 4)
+        high = high | (((h >> (high_bits * (j + half))) & mask) << 4)
+    return to_float(low), to_float(high)
+
+
+@inlined
+def prefetch_block(qs, base, L):  # pragma: no cover - compiled
+    """Ask for block ``base``'s value bytes (4 or 8 cache lines) ahead of their use: the hardware
+    prefetcher alone left the one-row pass at ~6 GB/s from memory where it runs at ~15 in cache."""
+    start = base * L * LANES // values_per_byte(qs)
+    for line in range(0, L * LANES // values_per_byte(qs), 64):
+        prefetch(qs, start + line)
+
+
+@inlined
+def unpack_block(qs, qh, base, L, high_bits, qf):  # pragma: no cover - compiled
     """The block ``base`` (= panel * blocks + block) as float32 raw values (no scale, no offset):
-    ``qf[j * 16 + lane]`` for j < L."""
+    ``qf[j * 16 + lane]`` for j < L. ``high_bits``: bits per value in ``qh`` (0: none)."""
     if values_per_byte(qs) == 1:
         row = base * L * LANES
         for j in range(L):
@@ -67,171 +108,352 @@ def unpack_block(qs, qh, base, L, qf):  # pragma: no cover - compiled
         return
     half = L // 2
     row = base * half * LANES
-    if qh.shape[0] == 0:
-        for j in range(half):
-            v = load_ints(qs, row + j * LANES)
-            store(qf, j * LANES, to_float(v & 15))
-            store(qf, (j + half) * LANES, to_float(v >> 4))
-        return
-    bits = 32 // L  # high bits per value: 1 (Q5, 32-value blocks), 2 (Q6_K, 16-value blocks)
-    mask = (1 << bits) - 1
-    h = load_ints(qh, base * LANES)
+    h = high_word(qh, base, high_bits)
     for j in range(half):
-        v = load_ints(qs, row + j * LANES)
-        low = (v & 15) | (((h >> (bits * j)) & mask) << 4)
-        high = (v >> 4) | (((h >> (bits * (j + half))) & mask) << 4)
-        store(qf, j * LANES, to_float(low))
-        store(qf, (j + half) * LANES, to_float(high))
+        low, high = nibbles_at(qs, row, j, half, h, high_bits)
+        store(qf, j * LANES, low)
+        store(qf, (j + half) * LANES, high)
 
 
-@kernel
-def block_scales(d, m, offset, base):  # pragma: no cover - compiled
+@inlined
+def block_scales(d, m, has_m, offset, base):  # pragma: no cover - compiled
     """(scale, minimum + offset * scale) of block ``base``, 16 lanes each."""
     dv = load_scales(d, base * LANES)
     mv = dv * np.float32(offset)
-    if m.shape[0] != 0:
+    if has_m:
         mv = mv + load_scales(m, base * LANES)
     return dv, mv
 
 
-@kernel
+@inlined
 def _finish(tot, r, a, dv, mv, xsum):  # pragma: no cover - compiled
     """tot[r] += d * Σ x·q + (m + offset·d) * Σ x"""
     t = load(tot, r * LANES)
     store(tot, r * LANES, fma(mv, xsum, fma(dv, a, t)))
 
 
-@kernel
-def rows_8(x, xs, qf, L, k, r, dv, mv, tot):  # pragma: no cover - compiled
+@inlined
+def rows_8(x, K, xs, nb, qf, L, k, r, dv, mv, tot):  # pragma: no cover - compiled
     """Activation rows r .. r+7 against one block: one weight vector load feeds eight FMAs."""
     a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
     a4, a5, a6, a7 = zeros(), zeros(), zeros(), zeros()
-    c0 = k * L
+    c = r * K + k * L
     for j in range(L):
         w = load(qf, j * LANES)
-        c = c0 + j
-        a0 = fma(x[r, c], w, a0)
-        a1 = fma(x[r + 1, c], w, a1)
-        a2 = fma(x[r + 2, c], w, a2)
-        a3 = fma(x[r + 3, c], w, a3)
-        a4 = fma(x[r + 4, c], w, a4)
-        a5 = fma(x[r + 5, c], w, a5)
-        a6 = fma(x[r + 6, c], w, a6)
-        a7 = fma(x[r + 7, c], w, a7)
-    _finish(tot, r, a0, dv, mv, xs[r, k])
-    _finish(tot, r + 1, a1, dv, mv, xs[r + 1, k])
-    _finish(tot, r + 2, a2, dv, mv, xs[r + 2, k])
-    _finish(tot, r + 3, a3, dv, mv, xs[r + 3, k])
-    _finish(tot, r + 4, a4, dv, mv, xs[r + 4, k])
-    _finish(tot, r + 5, a5, dv, mv, xs[r + 5, k])
-    _finish(tot, r + 6, a6, dv, mv, xs[r + 6, k])
-    _finish(tot, r + 7, a7, dv, mv, xs[r + 7, k])
+        a0 = fma(item(x, c), w, a0)
+        a1 = fma(item(x, c + K), w, a1)
+        a2 = fma(item(x, c + 2 * K), w, a2)
+        a3 = fma(item(x, c + 3 * K), w, a3)
+        a4 = fma(item(x, c + 4 * K), w, a4)
+        a5 = fma(item(x, c + 5 * K), w, a5)
+        a6 = fma(item(x, c + 6 * K), w, a6)
+        a7 = fma(item(x, c + 7 * K), w, a7)
+        c += 1
+    s = r * nb + k
+    _finish(tot, r, a0, dv, mv, item(xs, s))
+    _finish(tot, r + 1, a1, dv, mv, item(xs, s + nb))
+    _finish(tot, r + 2, a2, dv, mv, item(xs, s + 2 * nb))
+    _finish(tot, r + 3, a3, dv, mv, item(xs, s + 3 * nb))
+    _finish(tot, r + 4, a4, dv, mv, item(xs, s + 4 * nb))
+    _finish(tot, r + 5, a5, dv, mv, item(xs, s + 5 * nb))
+    _finish(tot, r + 6, a6, dv, mv, item(xs, s + 6 * nb))
+    _finish(tot, r + 7, a7, dv, mv, item(xs, s + 7 * nb))
 
 
-@kernel
-def rows_4(x, xs, qf, L, k, r, dv, mv, tot):  # pragma: no cover - compiled
+@inlined
+def rows_4(x, K, xs, nb, qf, L, k, r, dv, mv, tot):  # pragma: no cover - compiled
     """Activation rows r .. r+3 (two accumulators each: FMA latency is 4 cycles)."""
     a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
     b0, b1, b2, b3 = zeros(), zeros(), zeros(), zeros()
-    c0 = k * L
+    c = r * K + k * L
     for j in range(0, L, 2):
         w = load(qf, j * LANES)
         v = load(qf, (j + 1) * LANES)
-        c = c0 + j
-        a0 = fma(x[r, c], w, a0)
-        a1 = fma(x[r + 1, c], w, a1)
-        a2 = fma(x[r + 2, c], w, a2)
-        a3 = fma(x[r + 3, c], w, a3)
-        b0 = fma(x[r, c + 1], v, b0)
-        b1 = fma(x[r + 1, c + 1], v, b1)
-        b2 = fma(x[r + 2, c + 1], v, b2)
-        b3 = fma(x[r + 3, c + 1], v, b3)
-    _finish(tot, r, a0 + b0, dv, mv, xs[r, k])
-    _finish(tot, r + 1, a1 + b1, dv, mv, xs[r + 1, k])
-    _finish(tot, r + 2, a2 + b2, dv, mv, xs[r + 2, k])
-    _finish(tot, r + 3, a3 + b3, dv, mv, xs[r + 3, k])
+        a0 = fma(item(x, c), w, a0)
+        a1 = fma(item(x, c + K), w, a1)
+        a2 = fma(item(x, c + 2 * K), w, a2)
+        a3 = fma(item(x, c + 3 * K), w, a3)
+        b0 = fma(item(x, c + 1), v, b0)
+        b1 = fma(item(x, c + 1 + K), v, b1)
+        b2 = fma(item(x, c + 1 + 2 * K), v, b2)
+        b3 = fma(item(x, c + 1 + 3 * K), v, b3)
+        c += 2
+    s = r * nb + k
+    _finish(tot, r, a0 + b0, dv, mv, item(xs, s))
+    _finish(tot, r + 1, a1 + b1, dv, mv, item(xs, s + nb))
+    _finish(tot, r + 2, a2 + b2, dv, mv, item(xs, s + 2 * nb))
+    _finish(tot, r + 3, a3 + b3, dv, mv, item(xs, s + 3 * nb))
 
 
-@kernel
-def rows_1(x, xs, qf, L, k, r, dv, mv, tot):  # pragma: no cover - compiled
-    """One activation row (four accumulators)."""
+@inlined
+def dot_1(qs, qh, base, L, high_bits, x, c):  # pragma: no cover - compiled
+    """Σ_j x[c + j] q_j over block ``base`` for one activation row, the values widened in registers
+    and used at once. Four accumulators: FMA latency is 4 cycles."""
     a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
-    c0 = k * L
-    for j in range(0, L, 4):
-        c = c0 + j
-        a0 = fma(x[r, c], load(qf, j * LANES), a0)
-        a1 = fma(x[r, c + 1], load(qf, (j + 1) * LANES), a1)
-        a2 = fma(x[r, c + 2], load(qf, (j + 2) * LANES), a2)
-        a3 = fma(x[r, c + 3], load(qf, (j + 3) * LANES), a3)
-    _finish(tot, r, (a0 + a1) + (a2 + a3), dv, mv, xs[r, k])
+    if values_per_byte(qs) == 1:
+        row = base * L * LANES
+        for j in range(0, L, 2):
+            a0 = fma(item(x, c + j), to_float(load_ints(qs, row + j * LANES)), a0)
+            a1 = fma(item(x, c + j + 1), to_float(load_ints(qs, row + (j + 1) * LANES)), a1)
+        return a0 + a1
+    half = L // 2
+    row = base * half * LANES
+    h = high_word(qh, base, high_bits)
+    for j in range(0, half, 2):
+        low, high = nibbles_at(qs, row, j, half, h, high_bits)
+        a0 = fma(item(x, c + j), low, a0)
+        a1 = fma(item(x, c + j + half), high, a1)
+        low, high = nibbles_at(qs, row, j + 1, half, h, high_bits)
+        a2 = fma(item(x, c + j + 1), low, a2)
+        a3 = fma(item(x, c + j + 1 + half), high, a3)
+    return (a0 + a1) + (a2 + a3)
+
+
+@inlined
+def dot_2(qs, qh, base, L, high_bits, x, c, K):  # pragma: no cover - compiled
+    """``dot_1`` for the activation rows at x[c] and x[c + K]: each widened value feeds both."""
+    a0, a1, b0, b1 = zeros(), zeros(), zeros(), zeros()
+    if values_per_byte(qs) == 1:
+        row = base * L * LANES
+        for j in range(0, L, 2):
+            w = to_float(load_ints(qs, row + j * LANES))
+            v = to_float(load_ints(qs, row + (j + 1) * LANES))
+            a0 = fma(item(x, c + j), w, a0)
+            b0 = fma(item(x, c + K + j), w, b0)
+            a1 = fma(item(x, c + j + 1), v, a1)
+            b1 = fma(item(x, c + K + j + 1), v, b1)
+        return a0 + a1, b0 + b1
+    half = L // 2
+    row = base * half * LANES
+    h = high_word(qh, base, high_bits)
+    for j in range(half):
+        low, high = nibbles_at(qs, row, j, half, h, high_bits)
+        a0 = fma(item(x, c + j), low, a0)
+        b0 = fma(item(x, c + K + j), low, b0)
+        a1 = fma(item(x, c + j + half), high, a1)
+        b1 = fma(item(x, c + K + j + half), high, b1)
+    return a0 + a1, b0 + b1
+
+
+@inlined
+def dot_4(qs, qh, base, L, high_bits, x, c, K):  # pragma: no cover - compiled
+    """``dot_1`` for four activation rows x[c], x[c + K], x[c + 2K], x[c + 3K]."""
+    a0, a1, b0, b1 = zeros(), zeros(), zeros(), zeros()
+    e0, e1, f0, f1 = zeros(), zeros(), zeros(), zeros()
+    if values_per_byte(qs) == 1:
+        row = base * L * LANES
+        for j in range(0, L, 2):
+            w = to_float(load_ints(qs, row + j * LANES))
+            v = to_float(load_ints(qs, row + (j + 1) * LANES))
+            a0 = fma(item(x, c + j), w, a0)
+            b0 = fma(item(x, c + K + j), w, b0)
+            e0 = fma(item(x, c + 2 * K + j), w, e0)
+            f0 = fma(item(x, c + 3 * K + j), w, f0)
+            a1 = fma(item(x, c + j + 1), v, a1)
+            b1 = fma(item(x, c + K + j + 1), v, b1)
+            e1 = fma(item(x, c + 2 * K + j + 1), v, e1)
+            f1 = fma(item(x, c + 3 * K + j + 1), v, f1)
+        return a0 + a1, b0 + b1, e0 + e1, f0 + f1
+    half = L // 2
+    row = base * half * LANES
+    h = high_word(qh, base, high_bits)
+    for j in range(half):
+        low, high = nibbles_at(qs, row, j, half, h, high_bits)
+        a0 = fma(item(x, c + j), low, a0)
+        b0 = fma(item(x, c + K + j), low, b0)
+        e0 = fma(item(x, c + 2 * K + j), low, e0)
+        f0 = fma(item(x, c + 3 * K + j), low, f0)
+        a1 = fma(item(x, c + j + half), high, a1)
+        b1 = fma(item(x, c + K + j + half), high, b1)
+        e1 = fma(item(x, c + 2 * K + j + half), high, e1)
+        f1 = fma(item(x, c + 3 * K + j + half), high, f1)
+    return a0 + a1, b0 + b1, e0 + e1, f0 + f1
+
+
+@inlined
+def _layout(qs, qh, K):  # pragma: no cover - compiled
+    """(values per block, high bits per value): from the arrays' shapes."""
+    L = qs.shape[2] * values_per_byte(qs)
+    return L, (32 // L if qh.shape[0] != 0 else 0)
+
+
+@inlined
+def panel_rows_1(
+    qs, qh, dp, mp, has_m, offset, x, xs, out, K, nb, L, high_bits, p, r, col
+):  # pragma: no cover
+    """Row r of ``out`` over panel p, the block's values used straight from registers."""
+    t = zeros()
+    c, s = r * K, r * nb
+    for k in range(nb):
+        base = p * nb + k
+        prefetch_block(qs, base + PREFETCH_BLOCKS, L)
+        dv, mv = block_scales(dp, mp, has_m, offset, base)
+        t = fma(mv, item(xs, s + k), fma(dv, dot_1(qs, qh, base, L, high_bits, x, c + k * L), t))
+    store(out, col, t)
+
+
+@inlined
+def panel_rows_2(
+    qs, qh, dp, mp, has_m, offset, x, xs, out, K, nb, L, high_bits, p, r, col, n_out
+):  # pragma: no cover
+    """Rows r, r + 1 over panel p."""
+    t0, t1 = zeros(), zeros()
+    c, s = r * K, r * nb
+    for k in range(nb):
+        base = p * nb + k
+        dv, mv = block_scales(dp, mp, has_m, offset, base)
+        a0, a1 = dot_2(qs, qh, base, L, high_bits, x, c + k * L, K)
+        t0 = fma(mv, item(xs, s + k), fma(dv, a0, t0))
+        t1 = fma(mv, item(xs, s + nb + k), fma(dv, a1, t1))
+    store(out, col, t0)
+    store(out, col + n_out, t1)
+
+
+@inlined
+def panel_rows_4(
+    qs, qh, dp, mp, has_m, offset, x, xs, out, K, nb, L, high_bits, p, r, col, n_out
+):  # pragma: no cover
+    """Rows r .. r + 3 over panel p."""
+    t0, t1, t2, t3 = zeros(), zeros(), zeros(), zeros()
+    c, s = r * K, r * nb
+    for k in range(nb):
+        base = p * nb + k
+        dv, mv = block_scales(dp, mp, has_m, offset, base)
+        a0, a1, a2, a3 = dot_4(qs, qh, base, L, high_bits, x, c + k * L, K)
+        t0 = fma(mv, item(xs, s + k), fma(dv, a0, t0))
+        t1 = fma(mv, item(xs, s + nb + k), fma(dv, a1, t1))
+        t2 = fma(mv, item(xs, s + 2 * nb + k), fma(dv, a2, t2))
+        t3 = fma(mv, item(xs, s + 3 * nb + k), fma(dv, a3, t3))
+    store(out, col, t0)
+    store(out, col + n_out, t1)
+    store(out, col + 2 * n_out, t2)
+    store(out, col + 3 * n_out, t3)
 
 
 @kernel
 def gemv(x, xs, qs, qh, d, m, offset, out, col0, p0, p1, max_tile):  # pragma: no cover - compiled
     """out[:, col0 + 16p : col0 + 16p + 16] = x @ W[panel p].T for panels p0 <= p < p1.
 
-    x (B, K) float32, B <= 16 best (any B works); xs (B, K / L): x's per-block sums; out (B, n)
-    float32, C-contiguous; ``max_tile`` 8 or 4: activation rows per register tile (8 needs 32 vector
-    registers: AVX-512)."""
-    B = x.shape[0]
-    n_out = out.shape[1]
-    nb = qs.shape[1]
-    L = block_length(qs)
-    qf = np.empty(L * LANES, dtype=np.float32)  # one block's values, widened once for every row
-    tot = np.empty(B * LANES, dtype=np.float32)
+    x (B, K) float32 (B <= 16 best, any B works); xs (B, K / L): x's per-block sums; out (B, n)
+    float32, C-contiguous. ``max_tile`` (8 with AVX-512's 32 vector registers, else 4): groups of
+    that many rows share one widening of each block, kept in an L1 scratch; the rows left over (and
+    every row of a smaller step) widen the values in registers for up to max_tile / 2 rows at once.
+    Each panel's weights come from memory once; a second row group reads them from L1."""
+    B, K = x.shape
+    n_out, nb = out.shape[1], qs.shape[1]
+    L, high_bits = _layout(qs, qh, K)
+    has_m = m.shape[0] != 0
+    grouped = B // max_tile * max_tile  # rows computed from the scratch
+    qf_buffer = np.empty(L * LANES, dtype=np.float32)  # one block's values, widened once for every row
+    tot_buffer = np.empty(grouped * LANES, dtype=np.float32)
+    qf, tot, xp, xsp = pointer(qf_buffer), pointer(tot_buffer), pointer(x), pointer(xs)
+    qsp, qhp, dp, mp, outp = pointer(qs), pointer(qh), pointer(d), pointer(m), pointer(out)
     for p in range(p0, p1):
-        for r in range(B):
-            store(tot, r * LANES, zeros())
-        for k in range(nb):
-            base = p * nb + k
-            unpack_block(qs, qh, base, L, qf)
-            dv, mv = block_scales(d, m, offset, base)
-            r = 0
-            if max_tile >= 8:
-                while r + 8 <= B:
-                    rows_8(x, xs, qf, L, k, r, dv, mv, tot)
-                    r += 8
-            while r + 4 <= B:
-                rows_4(x, xs, qf, L, k, r, dv, mv, tot)
-                r += 4
-            while r < B:
-                rows_1(x, xs, qf, L, k, r, dv, mv, tot)
-                r += 1
-        for r in range(B):
-            store(out, r * n_out + col0 + p * LANES, load(tot, r * LANES))
+        col = col0 + p * LANES
+        if grouped:
+            for r in range(grouped):
+                store(tot, r * LANES, zeros())
+            for k in range(nb):
+                base = p * nb + k
+                unpack_block(qsp, qhp, base, L, high_bits, qf)
+                dv, mv = block_scales(dp, mp, has_m, offset, base)
+                for r in range(0, grouped, max_tile):
+                    if max_tile >= 8:
+                        rows_8(xp, K, xsp, nb, qf, L, k, r, dv, mv, tot)
+                    else:
+                        rows_4(xp, K, xsp, nb, qf, L, k, r, dv, mv, tot)
+            for r in range(grouped):
+                store(outp, r * n_out + col, load(tot, r * LANES))
+        r = grouped
+        while r + 4 <= B and max_tile >= 8:
+            panel_rows_4(
+                qsp,
+                qhp,
+                dp,
+                mp,
+                has_m,
+                offset,
+                xp,
+                xsp,
+                outp,
+                K,
+                nb,
+                L,
+                high_bits,
+                p,
+                r,
+                r * n_out + col,
+                n_out,
+            )
+            r += 4
+        while r + 2 <= B:
+            panel_rows_2(
+                qsp,
+                qhp,
+                dp,
+                mp,
+                has_m,
+                offset,
+                xp,
+                xsp,
+                outp,
+                K,
+                nb,
+                L,
+                high_bits,
+                p,
+                r,
+                r * n_out + col,
+                n_out,
+            )
+            r += 2
+        if r < B:
+            panel_rows_1(
+                qsp, qhp, dp, mp, has_m, offset, xp, xsp, outp, K, nb, L, high_bits, p, r, r * n_out + col
+            )
+    keep_alive(qf_buffer)
+    keep_alive(tot_buffer)
 
 
 @kernel
 def dequantize(qs, qh, d, m, offset, p0, p1, out):  # pragma: no cover - compiled
     """Panels p0 <= p < p1 as float32 in (in, out) order: out[c, 16 (p - p0) + lane], out (K, n)
     C-contiguous with n >= 16 (p1 - p0): the weights of ``x @ out`` for BLAS."""
-    n = out.shape[1]
+    K, n = out.shape
     nb = qs.shape[1]
-    L = block_length(qs)
-    qf = np.empty(L * LANES, dtype=np.float32)
+    L, high_bits = _layout(qs, qh, K)
+    qf_buffer = np.empty(L * LANES, dtype=np.float32)
+    qf, outp = pointer(qf_buffer), pointer(out)
+    qsp, qhp, dp, mp = pointer(qs), pointer(qh), pointer(d), pointer(m)
+    has_m = m.shape[0] != 0
     for p in range(p0, p1):
         col = (p - p0) * LANES
         for k in range(nb):
             base = p * nb + k
-            unpack_block(qs, qh, base, L, qf)
-            dv, mv = block_scales(d, m, offset, base)
+            unpack_block(qsp, qhp, base, L, high_bits, qf)
+            dv, mv = block_scales(dp, mp, has_m, offset, base)
             for j in range(L):
-                store(out, (k * L + j) * n + col, fma(dv, load(qf, j * LANES), mv))
+                store(outp, (k * L + j) * n + col, fma(dv, load(qf, j * LANES), mv))
+    keep_alive(qf_buffer)
 
 
 @kernel
 def gather_rows(qs, qh, d, m, offset, rows, out):  # pragma: no cover - compiled
     """out[i] = W[rows[i]] as float32 (an embedding lookup). out (len(rows), K)."""
+    K = out.shape[1]
     nb = qs.shape[1]
-    L = block_length(qs)
-    qf = np.empty(L * LANES, dtype=np.float32)
-    w = np.empty(LANES, dtype=np.float32)
+    L, high_bits = _layout(qs, qh, K)
+    buffers = np.empty((2, L * LANES), dtype=np.float32)
+    qf, w = pointer(buffers[0]), pointer(buffers[1])
+    qsp, qhp, dp, mp = pointer(qs), pointer(qh), pointer(d), pointer(m)
+    has_m = m.shape[0] != 0
     for i in range(rows.shape[0]):
         p, lane = rows[i] // LANES, rows[i] % LANES
         for k in range(nb):
             base = p * nb + k
-            unpack_block(qs, qh, base, L, qf)
-            dv, mv = block_scales(d, m, offset, base)
+            unpack_block(qsp, qhp, base, L, high_bits, qf)
+            dv, mv = block_scales(dp, mp, has_m, offset, base)
             for j in range(L):
                 store(w, 0, fma(dv, load(qf, j * LANES), mv))
-                out[i, k * L + j] = w[lane]
+                out[i, k * L + j] = item(w, lane)
+    keep_alive(buffers)

@@ -60,10 +60,13 @@ def _intrinsic(typer: Any) -> Any:
 
 
 def _pointer(context: Any, builder: Any, sig: Any, args: Any, element: ir.Type, n: int = LANES) -> Any:
-    """Address of ``args[0][args[1]:]`` (flat offset) as a pointer to ``n`` elements."""
-    array = context.make_array(sig.args[0])(context, builder, args[0])
+    """Address of ``args[0][args[1]:]`` (flat offset; an array or its data pointer) as a pointer to
+    ``n`` elements."""
+    base = args[0]
+    if isinstance(sig.args[0], types.Array):
+        base = context.make_array(sig.args[0])(context, builder, args[0]).data
     offset = context.cast(builder, args[1], sig.args[1], types.intp)
-    return builder.bitcast(builder.gep(array.data, [offset]), ir.VectorType(element, n).as_pointer())
+    return builder.bitcast(builder.gep(base, [offset]), ir.VectorType(element, n).as_pointer())
 
 
 def _splat(builder: Any, value: Any, vector: ir.VectorType) -> Any:
@@ -82,7 +85,68 @@ def _as_vector(context: Any, builder: Any, value: Any, ty: Any, vector: ir.Vecto
 
 
 def _is_array(ty: Any, *dtypes: Any) -> bool:
+    """A C-contiguous array of one of ``dtypes``, or a data pointer (``pointer()``) to one."""
+    if isinstance(ty, types.CPointer):
+        return ty.dtype in dtypes
     return isinstance(ty, types.Array) and ty.layout == "C" and ty.dtype in dtypes
+
+
+def _element(ty: Any) -> Any:
+    return ty.dtype
+
+
+@_intrinsic
+def pointer(typingctx: Any, array: Any) -> Any:
+    """A C-contiguous array's data pointer. Kernels hand pointers, not arrays, to their inlined
+    helpers: an array argument is reference-counted (two atomic operations) at every call."""
+    if not (isinstance(array, types.Array) and array.layout == "C"):
+        return None
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        return context.make_array(sig.args[0])(context, builder, args[0]).data
+
+    return types.CPointer(array.dtype)(array), codegen
+
+
+@_intrinsic
+def keep_alive(typingctx: Any, array: Any) -> Any:
+    """A use of ``array`` that compiles to nothing: placed after the last use of a pointer taken from
+    it, it keeps numba from freeing the array sooner."""
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        return context.get_dummy_value()
+
+    return types.none(array), codegen
+
+
+@_intrinsic
+def prefetch(typingctx: Any, ptr: Any, offset: Any) -> Any:
+    """Ask for the cache line at ``ptr + offset`` (elements) ahead of its use."""
+    if not isinstance(ptr, types.CPointer):
+        return None
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        offset = context.cast(builder, args[1], sig.args[1], types.intp)
+        address = builder.bitcast(builder.gep(args[0], [offset]), ir.IntType(8).as_pointer())
+        fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+        builder.call(fn, [address, _I32(0), _I32(3), _I32(1)])
+        return context.get_dummy_value()
+
+    return types.none(ptr, offset), codegen
+
+
+@_intrinsic
+def item(typingctx: Any, ptr: Any, offset: Any) -> Any:
+    """``ptr[offset]`` for a data pointer."""
+    if not isinstance(ptr, types.CPointer):
+        return None
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        offset = context.cast(builder, args[1], sig.args[1], types.intp)
+        return builder.load(builder.gep(args[0], [offset]))
+
+    return ptr.dtype(ptr, offset), codegen
 
 
 @_intrinsic
@@ -117,7 +181,7 @@ def load_ints(typingctx: Any, array: Any, offset: Any) -> Any:
     widths = {types.uint8: 8, types.int8: 8, types.uint16: 16, types.uint32: 32}
     if not _is_array(array, *widths):
         return None
-    bits, signed = widths[array.dtype], array.dtype == types.int8
+    bits, signed = widths[_element(array)], _element(array) == types.int8
 
     def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
         v = builder.load(_pointer(context, builder, sig, args, ir.IntType(bits)), align=bits // 8)
@@ -135,7 +199,7 @@ def load_scales(typingctx: Any, array: Any, offset: Any) -> Any:
     float32's places and rescaled by 2**112, then the sign)."""
     if not _is_array(array, types.float32, types.uint16):
         return None
-    half = array.dtype == types.uint16
+    half = _element(array) == types.uint16
 
     def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
         if not half:
@@ -159,6 +223,14 @@ def zeros(typingctx: Any) -> Any:
         return ir.Constant(_F, [0.0] * LANES)
 
     return f32v(), codegen
+
+
+@_intrinsic
+def int_zeros(typingctx: Any) -> Any:
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        return ir.Constant(_I, [0] * LANES)
+
+    return i32v(), codegen
 
 
 @_intrinsic

@@ -103,7 +103,14 @@ class PackedWeight:
 
     parts: tuple[Panels, ...]
     shape: tuple[int, int]
+    padded_rows: int = field(init=False)  # output columns the kernels write (whole panels)
+    block_sizes: tuple[bool, bool] = field(init=False)  # a part with 32-value blocks? with 16?
     _table: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "padded_rows", sum(LANES * p.n_panels for p in self.parts))
+        sizes = (any(p.block == 32 for p in self.parts), any(p.block == 16 for p in self.parts))
+        object.__setattr__(self, "block_sizes", sizes)
 
     def kernel_table(self) -> np.ndarray:
         """The parts' addresses, shapes and chunks as the compiled kernels read them (``pool.table``),
@@ -114,16 +121,6 @@ class PackedWeight:
             object.__setattr__(self, "_table", table(self.parts))
         assert self._table is not None
         return self._table
-
-    @property
-    def block_sizes(self) -> tuple[bool, bool]:
-        """Whether a part has 32-value blocks, and whether one has 16-value blocks."""
-        return any(p.block == 32 for p in self.parts), any(p.block == 16 for p in self.parts)
-
-    @property
-    def padded_rows(self) -> int:
-        """Output columns the kernels write (rows rounded up to whole panels)."""
-        return sum(LANES * p.n_panels for p in self.parts)
 
     @property
     def nbytes(self) -> int:
