@@ -170,12 +170,14 @@ def decode_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, n: int
 def _small(x: np.ndarray, w: PackedWeight) -> np.ndarray:
     """The register-tiled kernel over every panel, on the engine's threads (``pool.py``)."""
     from .pool import pool
+    from .quant import project, project_chunk
 
     if x.dtype != F32 or not x.flags.c_contiguous:
         x = np.ascontiguousarray(x, dtype=F32)
     out = np.empty((x.shape[0], w.padded_rows), dtype=F32)
     table = w._table if w._table is not None else w.kernel_table()
-    pool().run(x, out, table, _max_tile(), w.block_sizes)
+    sums32, sums16 = w.block_sizes
+    pool().run(project, table, x, out, _max_tile(), sums32, sums16, project_chunk())
     return out if w.padded_rows == w.shape[0] else out[:, : w.shape[0]]
 
 

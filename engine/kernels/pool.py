@@ -1,4 +1,4 @@
-"""The engine's own worker threads for the projection kernels: woken once per step, spinning (not
+"""The engine's own worker threads for its parallel kernels: woken once per step, spinning (not
 sleeping) between the step's kernels, back to sleep when the engine is idle.
 
 A decode step runs ~121 projections (4 per layer and the LM head), each a few tens of microseconds
@@ -6,19 +6,23 @@ to a millisecond, with NumPy work (norms, RoPE, attention) between them. Handing
 a thread pool that sleeps between calls costs a wake-up per call and per thread; OpenMP's passive
 wait policy made SmolLM2's decode 1.6x slower than spinning. Here:
 
-- ``Pool.run`` publishes one projection as a job (a table of the matrix's panels, cut into chunks of
-  a few panels) and takes chunks itself; each worker, spinning in compiled code without the GIL,
-  takes chunks too (an atomic counter tagged with the job's number, so a late worker can never take
-  a chunk of the next job). A worker that is slow or descheduled only takes fewer chunks: the step
-  waits for at most the chunk in its hands.
+- A parallel call is a *job*: ``job`` words naming a chunk function (a numba ``cfunc`` taking the
+  job's address and a chunk number, ``CHUNK_SIGNATURE``), the chunk count and the caller's own words
+  (``J_USER`` on: addresses and shapes). ``dispatch`` (compiled, called by the caller's compiled
+  code once it has filled the words) publishes it and takes chunks itself; each worker, spinning in
+  compiled code without the GIL, takes chunks too, through a counter tagged with the job's number (a
+  late worker can never take a chunk of the next job). A slow or descheduled worker only takes fewer
+  chunks: the call waits for at most the chunk in its hands.
 - Workers spin only while the engine computes: ``Pool.begin(n)`` (at the start of each step, from
-  ``cpu.compute()``) sets how many may help; they are woken (a ``threading.Event``) at the first
-  projection; after ``IDLE_S`` without a job they return to Python and sleep on their event. Steps
-  that run BLAS (prefill) put them to sleep at once (``Pool.pause``): OpenBLAS needs those cores.
+  ``cpu.compute()``) sets how many may help; they are woken (a ``threading.Event``) at the first job;
+  after ``IDLE_S`` without a job they return to Python and sleep on their event. Steps that run BLAS
+  (prefill) put them to sleep at once (``Pool.pause``): OpenBLAS needs those cores.
 - Nothing here sets an environment variable or changes another library's threads.
 
-Compiled code reads the job through raw addresses (``job`` words hold ``array.ctypes.data``); every
-array a job points to is alive for as long as ``run`` is.
+The projections' jobs are built in ``quant.py`` (``project``). Another kernel joins the same pool
+by writing a chunk ``cfunc`` and a compiled function ``f(ctrl, job, ...)`` that fills the words and
+calls ``dispatch``, run as ``pool().run(f, ...)``. Every array a job's words point to must stay
+alive until ``dispatch`` returns.
 """
 
 from __future__ import annotations
@@ -32,9 +36,8 @@ from typing import Any
 import numpy as np
 from llvmlite import binding as llvm
 from llvmlite import ir
-from numba import carray, njit, types
+from numba import njit, types
 
-from .quant import gemv
 from .simd import _intrinsic
 
 # ---------------------------------------------------------------------------------------------
@@ -140,80 +143,36 @@ def address(typingctx, value):  # pragma: no cover - compiled
 GEN, NEXT, DONE, STATE, ACTIVE, HELPED = 0, 8, 16, 24, 32, 40
 CTRL_WORDS = 56
 SLEEP, RUN = 0, 1
-# the header a call writes into ``job``
-J_N, J_K, J_X, J_OUT, J_OUT_STRIDE, J_XS32, J_XS16, J_TABLE, J_TILE, J_CHUNKS = range(10)
-JOB_WORDS = 16
-# a matrix's table: a word count of parts and chunks, then the parts, then the chunks
-T_PARTS, T_CHUNKS, T_HEAD = 0, 1, 2
-PART_WORDS = 12
-P_KIND, P_QS, P_QH, P_D, P_M, P_NB, P_PANELS, P_COL, P_OFFSET, P_BLOCK, P_QH_N, P_M_N = range(PART_WORDS)
-CHUNK_BLOCKS = 96  # blocks per chunk (a few panels): small enough to balance, large enough to amortise
+# a job's words: its chunk function, its chunk count, then the caller's own
+J_FUNC, J_CHUNKS, J_USER = 0, 1, 2
+JOB_WORDS = 64
+CHUNK_SIGNATURE = types.void(types.CPointer(types.int64), types.int64)  # chunk(job words, chunk)
 
 
-def table(parts: Any) -> np.ndarray:
-    """The int64 table ``run`` reads for a matrix of ``weights.Panels`` parts: each part's kind,
-    array addresses and shapes, then the chunks (part, first panel, end panel)."""
-    words: list[int] = [len(parts), 0]
-    chunks: list[int] = []
-    col = 0
-    for i, p in enumerate(parts):
-        kind = (2 if p.qs.dtype == np.int8 else 0) + (1 if p.d.dtype == np.float32 else 0)
-        nb = p.qs.shape[1]
-        words += [kind, p.qs.ctypes.data, p.qh.ctypes.data, p.d.ctypes.data, p.m.ctypes.data, nb,
-                  p.n_panels, col, int(p.offset), p.block, p.qh.shape[0], p.m.shape[0]]  # fmt: skip
-        step = max(1, CHUNK_BLOCKS // nb)
-        for a in range(0, p.n_panels, step):
-            chunks += [i, a, min(a + step, p.n_panels)]
-        col += p.n_panels * 16
-    words[T_CHUNKS] = len(chunks) // 3
-    return np.array(words + chunks, dtype=np.int64)
+@_intrinsic
+def call_chunk(typingctx, fn, job, c):  # pragma: no cover - compiled
+    """Call the chunk function at address ``fn`` with the job's words and chunk ``c``."""
+    if not _is_words(job):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        fnty = ir.FunctionType(ir.VoidType(), [i64.as_pointer(), i64])
+        target = builder.inttoptr(args[0], fnty.as_pointer())
+        words = context.make_array(sig.args[1])(context, builder, args[1]).data
+        builder.call(target, [words, context.cast(builder, args[2], sig.args[2], types.int64)])
+        return context.get_dummy_value()
+
+    return types.none(fn, job, c), codegen
 
 
 kernel = njit(boundscheck=False, cache=True, nogil=True)
 
 
 @kernel
-def _run_chunk(job, c):  # pragma: no cover - compiled
-    """Chunk ``c`` of the job: ``gemv`` over its panels, with arrays typed by the part's kind."""
-    n_parts = carray(address(job[J_TABLE]), (T_HEAD,), np.int64)[T_PARTS]
-    tab = carray(address(job[J_TABLE]), (T_HEAD + n_parts * PART_WORDS + 3 * job[J_CHUNKS],), np.int64)
-    chunk = T_HEAD + n_parts * PART_WORDS + 3 * c
-    part, p0, p1 = tab[chunk], tab[chunk + 1], tab[chunk + 2]
-    at = T_HEAD + part * PART_WORDS
-    B, K, L = job[J_N], job[J_K], tab[at + P_BLOCK]
-    nb, n_panels = tab[at + P_NB], tab[at + P_PANELS]
-    x = carray(address(job[J_X]), (B, K), np.float32)
-    out = carray(address(job[J_OUT]), (B, job[J_OUT_STRIDE]), np.float32)
-    xs = carray(address(job[J_XS32] if L == 32 else job[J_XS16]), (B, K // L), np.float32)
-    qh = carray(address(tab[at + P_QH]), (tab[at + P_QH_N], nb if tab[at + P_QH_N] else 0, 16), np.uint32)
-    kind, offset, col, tile = tab[at + P_KIND], np.float32(tab[at + P_OFFSET]), tab[at + P_COL], job[J_TILE]
-    m_shape = (tab[at + P_M_N], nb if tab[at + P_M_N] else 0, 16)
-    if kind == 0:  # nibbles, float16 scales
-        qs = carray(address(tab[at + P_QS]), (n_panels, nb, L // 2, 16), np.uint8)
-        d = carray(address(tab[at + P_D]), (n_panels, nb, 16), np.uint16)
-        m = carray(address(tab[at + P_M]), m_shape, np.uint16)
-        gemv(x, xs, qs, qh, d, m, offset, out, col, p0, p1, tile)
-    elif kind == 1:  # nibbles, float32 scales
-        qs = carray(address(tab[at + P_QS]), (n_panels, nb, L // 2, 16), np.uint8)
-        d32 = carray(address(tab[at + P_D]), (n_panels, nb, 16), np.float32)
-        m32 = carray(address(tab[at + P_M]), m_shape, np.float32)
-        gemv(x, xs, qs, qh, d32, m32, offset, out, col, p0, p1, tile)
-    elif kind == 2:  # int8, float16 scales
-        q8 = carray(address(tab[at + P_QS]), (n_panels, nb, L, 16), np.int8)
-        d = carray(address(tab[at + P_D]), (n_panels, nb, 16), np.uint16)
-        m = carray(address(tab[at + P_M]), m_shape, np.uint16)
-        gemv(x, xs, q8, qh, d, m, offset, out, col, p0, p1, tile)
-    else:  # int8, float32 scales
-        q8 = carray(address(tab[at + P_QS]), (n_panels, nb, L, 16), np.int8)
-        d32 = carray(address(tab[at + P_D]), (n_panels, nb, 16), np.float32)
-        m32 = carray(address(tab[at + P_M]), m_shape, np.float32)
-        gemv(x, xs, q8, qh, d32, m32, offset, out, col, p0, p1, tile)
-
-
-@kernel
 def _work(ctrl, job, gen):  # pragma: no cover - compiled
     """Take chunks of job ``gen`` until none is left or a newer job replaced it; returns how many.
-    The header is read for real only once a chunk is owned: the next job cannot be published before
+    The words are read for real only once a chunk is owned: the next job cannot be published before
     that chunk is done."""
     taken = 0
     while True:
@@ -222,42 +181,22 @@ def _work(ctrl, job, gen):  # pragma: no cover - compiled
         if (cur >> 32) != gen or c >= atomic_load(job, J_CHUNKS):
             return taken
         if compare_and_swap(ctrl, NEXT, cur, cur + 1) == cur:
-            _run_chunk(job, c)
+            call_chunk(job[J_FUNC], job, c)
             atomic_add(ctrl, DONE, 1)
             taken += 1
 
 
-@njit(boundscheck=False, cache=True, nogil=True, fastmath=True)
-def _block_sums(x, L, out):  # pragma: no cover - compiled
-    B, K = x.shape
-    for b in range(B):
-        for k in range(K // L):
-            s = np.float32(0.0)
-            for j in range(L):
-                s += x[b, k * L + j]
-            out[b, k] = s
-
-
-@kernel
-def execute(ctrl, job, tab, x, out, tile, sums32, sums16):  # pragma: no cover - compiled
-    """out = x @ W.T for the matrix described by ``tab``: publish the job, take chunks, wait for
-    the chunks the workers took. ``sums32``/``sums16``: whether parts with 32-/16-value blocks exist."""
-    B, K = x.shape
-    xs32 = np.empty((B, K // 32 if sums32 else 0), dtype=np.float32)
-    xs16 = np.empty((B, K // 16 if sums16 else 0), dtype=np.float32)
-    if sums32:
-        _block_sums(x, 32, xs32)
-    if sums16:
-        _block_sums(x, 16, xs16)
-    job[J_N], job[J_K], job[J_X], job[J_OUT] = B, K, x.ctypes.data, out.ctypes.data
-    job[J_OUT_STRIDE], job[J_XS32], job[J_XS16] = out.shape[1], xs32.ctypes.data, xs16.ctypes.data
-    job[J_TABLE], job[J_TILE], job[J_CHUNKS] = tab.ctypes.data, tile, tab[T_CHUNKS]
+@njit(boundscheck=False, cache=True, nogil=True, inline="always")
+def dispatch(ctrl, job):  # pragma: no cover - compiled
+    """Run the job whose words the caller has filled: publish it, take chunks, wait for the chunks
+    the workers took."""
     gen = atomic_load(ctrl, GEN) + 1
     atomic_store(ctrl, DONE, 0)
     atomic_store(ctrl, NEXT, gen << 32)
     atomic_store(ctrl, GEN, gen)  # published: workers may start
     _work(ctrl, job, gen)
-    while atomic_load(ctrl, DONE) < tab[T_CHUNKS]:
+    n_chunks = job[J_CHUNKS]
+    while atomic_load(ctrl, DONE) < n_chunks:
         pause()
 
 
@@ -322,19 +261,17 @@ class Pool:
         """Send spinning workers to sleep (BLAS is about to need the cores)."""
         self.ctrl[STATE] = SLEEP
 
-    def run(
-        self, x: np.ndarray, out: np.ndarray, tab: np.ndarray, tile: int, sums: tuple[bool, bool]
-    ) -> None:
-        """``out = x @ W.T`` for the matrix whose ``table()`` is ``tab``, on this thread and the
-        workers the current step allows."""
+    def run(self, fn: Any, *args: Any) -> None:
+        """``fn(ctrl, job, *args)``: a compiled function that fills a job's words and calls
+        ``dispatch``, on this thread and the workers the current step allows."""
         if not self.lock.acquire(blocking=False):  # another thread's job is running: compute alone
             ctrl, job = self._private()
-            execute(ctrl, job, tab, x, out, tile, sums[0], sums[1])
+            fn(ctrl, job, *args)
             return
         try:
             if self.wanted and self.ctrl.item(ACTIVE) < self.wanted:
                 self._wake()
-            execute(self.ctrl, self.job, tab, x, out, tile, sums[0], sums[1])
+            fn(self.ctrl, self.job, *args)
         finally:
             self.lock.release()
 

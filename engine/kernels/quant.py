@@ -26,10 +26,15 @@ ranges of panels to threads).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
-from numba import njit, types
+from numba import carray, cfunc, njit, types
 from numba.extending import overload
 
+from .pool import CHUNK_SIGNATURE, J_CHUNKS, J_FUNC, J_USER, JOB_WORDS, address, dispatch
 from .simd import (
     fma,
     int_zeros,
@@ -457,3 +462,111 @@ def gather_rows(qs, qh, d, m, offset, rows, out):  # pragma: no cover - compiled
                 store(w, 0, fma(dv, load(qf, j * LANES), mv))
                 out[i, k * L + j] = item(w, lane)
     keep_alive(buffers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Projections as jobs for the worker pool (``pool.py``)
+# ---------------------------------------------------------------------------------------------
+# job words after the pool's own: the call's arrays and the matrix's table
+J_N, J_K, J_X, J_OUT, J_OUT_STRIDE, J_XS32, J_XS16, J_TABLE, J_TILE = range(J_USER, J_USER + 9)
+# a matrix's table: its part and chunk counts, each part's words, then each chunk's (part, p0, p1)
+T_PARTS, T_CHUNKS, T_HEAD = 0, 1, 2
+PART_WORDS = 12
+P_KIND, P_QS, P_QH, P_D, P_M, P_NB, P_PANELS, P_COL, P_OFFSET, P_BLOCK, P_QH_N, P_M_N = range(PART_WORDS)
+CHUNK_BLOCKS = 96  # blocks per chunk (a few panels): small enough to balance, large enough to amortise
+
+
+def table(parts: Sequence[Any]) -> np.ndarray:
+    """The int64 table a projection job reads for a matrix of ``weights.Panels`` parts: each part's
+    kind (nibbles or int8, float16 or float32 scales), array addresses and shapes, then the chunks."""
+    words: list[int] = [len(parts), 0]
+    chunks: list[int] = []
+    col = 0
+    for i, p in enumerate(parts):
+        kind = (2 if p.qs.dtype == np.int8 else 0) + (1 if p.d.dtype == np.float32 else 0)
+        nb = p.qs.shape[1]
+        words += [kind, p.qs.ctypes.data, p.qh.ctypes.data, p.d.ctypes.data, p.m.ctypes.data, nb,
+                  p.n_panels, col, int(p.offset), p.block, p.qh.shape[0], p.m.shape[0]]  # fmt: skip
+        step = max(1, CHUNK_BLOCKS // nb)
+        for a in range(0, p.n_panels, step):
+            chunks += [i, a, min(a + step, p.n_panels)]
+        col += p.n_panels * LANES
+    words[T_CHUNKS] = len(chunks) // 3
+    return np.array(words + chunks, dtype=np.int64)
+
+
+@functools.cache
+def project_chunk() -> int:
+    """The address of ``_project_chunk`` compiled as a C function (a pool job's chunk function);
+    compiled (or loaded from the disk cache) at the first call, not at import."""
+    compiled: Any = cfunc(CHUNK_SIGNATURE, cache=True)(_project_chunk)
+    return int(compiled.address)
+
+
+def _project_chunk(words, c):  # pragma: no cover - compiled
+    """Chunk ``c`` of a projection job: ``gemv`` over its panels, the arrays typed by the part's kind."""
+    job = carray(words, (JOB_WORDS,))
+    n_parts = carray(address(job[J_TABLE]), (T_HEAD,), np.int64)[T_PARTS]
+    tab = carray(address(job[J_TABLE]), (T_HEAD + n_parts * PART_WORDS + 3 * job[J_CHUNKS],), np.int64)
+    chunk = T_HEAD + n_parts * PART_WORDS + 3 * c
+    part, p0, p1 = tab[chunk], tab[chunk + 1], tab[chunk + 2]
+    at = T_HEAD + part * PART_WORDS
+    B, K, L = job[J_N], job[J_K], tab[at + P_BLOCK]
+    nb, n_panels = tab[at + P_NB], tab[at + P_PANELS]
+    x = carray(address(job[J_X]), (B, K), np.float32)
+    out = carray(address(job[J_OUT]), (B, job[J_OUT_STRIDE]), np.float32)
+    xs = carray(address(job[J_XS32] if L == 32 else job[J_XS16]), (B, K // L), np.float32)
+    qh_n, m_n = tab[at + P_QH_N], tab[at + P_M_N]
+    qh = carray(address(tab[at + P_QH]), (qh_n, nb if qh_n else 0, LANES), np.uint32)
+    kind, offset, col, tile = tab[at + P_KIND], np.float32(tab[at + P_OFFSET]), tab[at + P_COL], job[J_TILE]
+    m_shape = (m_n, nb if m_n else 0, LANES)
+    if kind == 0:  # nibbles, float16 scales
+        qs = carray(address(tab[at + P_QS]), (n_panels, nb, L // 2, LANES), np.uint8)
+        d = carray(address(tab[at + P_D]), (n_panels, nb, LANES), np.uint16)
+        m = carray(address(tab[at + P_M]), m_shape, np.uint16)
+        gemv(x, xs, qs, qh, d, m, offset, out, col, p0, p1, tile)
+    elif kind == 1:  # nibbles, float32 scales
+        qs = carray(address(tab[at + P_QS]), (n_panels, nb, L // 2, LANES), np.uint8)
+        d32 = carray(address(tab[at + P_D]), (n_panels, nb, LANES), np.float32)
+        m32 = carray(address(tab[at + P_M]), m_shape, np.float32)
+        gemv(x, xs, qs, qh, d32, m32, offset, out, col, p0, p1, tile)
+    elif kind == 2:  # int8, float16 scales
+        q8 = carray(address(tab[at + P_QS]), (n_panels, nb, L, LANES), np.int8)
+        d = carray(address(tab[at + P_D]), (n_panels, nb, LANES), np.uint16)
+        m = carray(address(tab[at + P_M]), m_shape, np.uint16)
+        gemv(x, xs, q8, qh, d, m, offset, out, col, p0, p1, tile)
+    else:  # int8, float32 scales
+        q8 = carray(address(tab[at + P_QS]), (n_panels, nb, L, LANES), np.int8)
+        d32 = carray(address(tab[at + P_D]), (n_panels, nb, LANES), np.float32)
+        m32 = carray(address(tab[at + P_M]), m_shape, np.float32)
+        gemv(x, xs, q8, qh, d32, m32, offset, out, col, p0, p1, tile)
+
+
+@njit(boundscheck=False, cache=True, nogil=True, fastmath=True)
+def _block_sums(x, L, out):  # pragma: no cover - compiled
+    B, K = x.shape
+    for b in range(B):
+        for k in range(K // L):
+            s = np.float32(0.0)
+            for j in range(L):
+                s += x[b, k * L + j]
+            out[b, k] = s
+
+
+@kernel
+def project(ctrl, job, tab, x, out, tile, sums32, sums16, chunk_fn):  # pragma: no cover - compiled
+    """out = x @ W.T for the matrix whose ``table`` is ``tab``, as a pool job (``pool().run``).
+    ``sums32``/``sums16``: whether parts with 32-/16-value blocks exist (their Σ x are computed
+    here, once); ``chunk_fn``: ``project_chunk()``."""
+    B, K = x.shape
+    xs32 = np.empty((B, K // 32 if sums32 else 0), dtype=np.float32)
+    xs16 = np.empty((B, K // 16 if sums16 else 0), dtype=np.float32)
+    if sums32:
+        _block_sums(x, 32, xs32)
+    if sums16:
+        _block_sums(x, 16, xs16)
+    job[J_FUNC], job[J_CHUNKS] = chunk_fn, tab[T_CHUNKS]
+    job[J_N], job[J_K], job[J_X], job[J_OUT] = B, K, x.ctypes.data, out.ctypes.data
+    job[J_OUT_STRIDE], job[J_XS32], job[J_XS16] = out.shape[1], xs32.ctypes.data, xs16.ctypes.data
+    job[J_TABLE], job[J_TILE] = tab.ctypes.data, tile
+    dispatch(ctrl, job)

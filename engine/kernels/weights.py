@@ -113,10 +113,10 @@ class PackedWeight:
         object.__setattr__(self, "block_sizes", sizes)
 
     def kernel_table(self) -> np.ndarray:
-        """The parts' addresses, shapes and chunks as the compiled kernels read them (``pool.table``),
+        """The parts' addresses, shapes and chunks as the compiled kernels read them (``quant.table``),
         built once."""
         if self._table is None:
-            from .pool import table
+            from .quant import table
 
             object.__setattr__(self, "_table", table(self.parts))
         assert self._table is not None
