@@ -3,9 +3,10 @@
 Two paths, chosen when a model is loaded (``backend()``):
 
 - ``"numba"``: quantized weights stay in the file's bits (``PackedWeight``); decode-sized steps (up
-  to ``SMALL_ROWS`` rows) run the register-tiled kernels of ``quant.py``, which read each weight once
-  for all rows; larger steps (prefill chunks) expand one tile of weights at a time to float32 and use
-  BLAS.
+  to 16 rows, and as many more as the CPU's calibration found faster, ``calibration.py``) run the
+  register-tiled kernel of ``quant.py`` on the engine's worker pool (``pool.py``), reading each
+  weight once for all rows; larger steps (prefill chunks) expand one tile of weights at a time to
+  float32 and use BLAS.
 - ``"numpy"``: every weight dequantized to float32 at load and multiplied by BLAS: the reference
   path and the fallback where numba is not installed. ``SMALLMIND_KERNELS=numpy`` selects it.
 
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 F32 = np.float32
 KERNELS_ENV = "SMALLMIND_KERNELS"
 BACKENDS = ("numba", "numpy")
-SMALL_ROWS = 16  # up to this many rows a step runs the JIT kernel; above, BLAS on expanded tiles
+SMALL_ROWS = 16  # up to this many rows a step always runs the JIT kernel (beyond: see calibration.py)
 ATTENTION_MIN_TOKENS = 512  # from this cached length a decode row's attention runs the JIT kernel
 TILE_VALUES = 1 << 20  # weights expanded per BLAS tile and thread (4 MiB of float32: stays in cache)
 
@@ -48,6 +49,7 @@ __all__ = [
     "Weight",
     "available_cpus",
     "backend",
+    "calibrate",
     "compiled_on_disk",
     "compute",
     "decode_attention",
@@ -149,9 +151,24 @@ def linear(x: np.ndarray, w: Weight) -> np.ndarray:
     """x @ W.T for W stored (out, in): (N, in) float32 -> (N, out) float32."""
     if isinstance(w, DenseWeight):
         return x @ w.wt
-    if x.shape[0] <= SMALL_ROWS:
+    if x.shape[0] <= w.kernel_rows:
         return _small(x, w)
     return _large(x, w)
+
+
+def calibrate(sample: Weight, matrices: list[Weight]) -> int:
+    """Find (once per CPU, cached) the most rows a step may have for the kernel to beat expanding +
+    BLAS on matrices like ``sample``, and use that for every packed one of ``matrices``."""
+    from .calibration import kernel_rows
+
+    if not isinstance(sample, PackedWeight):
+        return SMALL_ROWS
+    with compute() as n_threads:
+        rows = kernel_rows(sample, n_threads, _small, _large, cache_dir() / "calibration.json")
+    for w in matrices:
+        if isinstance(w, PackedWeight):
+            w.use_kernel_up_to(rows)
+    return rows
 
 
 def decode_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:

@@ -106,12 +106,17 @@ class PackedWeight:
     shape: tuple[int, int]
     padded_rows: int = field(init=False)  # output columns the kernels write (whole panels)
     block_sizes: tuple[bool, bool] = field(init=False)  # a part with 32-value blocks? with 16?
+    kernel_rows: int = field(default=16, init=False)  # steps up to this many rows take the kernel
     _table: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "padded_rows", sum(LANES * p.n_panels for p in self.parts))
         sizes = (any(p.block == 32 for p in self.parts), any(p.block == 16 for p in self.parts))
         object.__setattr__(self, "block_sizes", sizes)
+
+    def use_kernel_up_to(self, rows: int) -> None:
+        """Set ``kernel_rows`` (``kernels.calibrate`` measures it per CPU)."""
+        object.__setattr__(self, "kernel_rows", int(rows))
 
     def kernel_table(self) -> np.ndarray:
         """The parts' addresses, shapes and chunks as the compiled kernels read them (``quant.table``),

@@ -333,3 +333,29 @@ def test_kernel_compiles_to_packed_simd_for_avx2_and_avx512(tmp_path, cpu, featu
     assert counts["widened_bytes"] > 0 and counts["gathers"] == 0 and counts["scalar_math"] == 0, counts
     if register == "zmm":
         assert counts["broadcast_fma"] >= 8, counts  # x[r, c] folded into the FMA as {1to16}
+
+
+@needs_numba
+def test_calibration_is_measured_once_per_cpu_and_applied(tmp_path):
+    """The crossover between the kernel and expand + BLAS is measured on a real matrix, kept in the
+    cache file under this CPU's name, read back instead of measured again, and used by linear()."""
+    import json
+
+    from engine.kernels import calibration as calibrate
+
+    w = random_packed("Q4_1", (1024, 256))
+    cache = tmp_path / "calibration.json"
+    rows = calibrate.kernel_rows(w, 1, kernels._small, kernels._large, cache)
+    assert rows >= calibrate.DECODE_ROWS
+    saved = json.loads(cache.read_text())
+    key = calibrate.key(w, 1)
+    assert calibrate.cpu_name() in key and saved[key]["kernel_rows"] == rows
+    assert saved[key]["ms"]["24"][0] > 0  # the kernel's and BLAS's times at 24 rows, kept beside it
+    saved[key]["kernel_rows"] = 40
+    cache.write_text(json.dumps(saved))
+    assert calibrate.kernel_rows(w, 1, kernels._small, kernels._large, cache) == 40  # read, not measured
+    w.use_kernel_up_to(40)
+    x = np.random.default_rng(3).standard_normal((41, 256), dtype=np.float32)
+    expected = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
+    assert rel_diff(linear(x[:40], w), expected[:40]) < 2e-6  # the kernel at 40 rows
+    assert rel_diff(linear(x, w), expected) < 2e-6  # expand + BLAS at 41
