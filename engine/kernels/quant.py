@@ -103,21 +103,21 @@ def prefetch_block(qs, base, L):  # pragma: no cover - compiled
 
 
 @inlined
-def unpack_block(qs, qh, base, L, high_bits, qf):  # pragma: no cover - compiled
+def unpack_block(qs, qh, base, L, high_bits, qf, at=0):  # pragma: no cover - compiled
     """The block ``base`` (= panel * blocks + block) as float32 raw values (no scale, no offset):
-    ``qf[j * 16 + lane]`` for j < L. ``high_bits``: bits per value in ``qh`` (0: none)."""
+    ``qf[at + j * 16 + lane]`` for j < L. ``high_bits``: bits per value in ``qh`` (0: none)."""
     if values_per_byte(qs) == 1:
         row = base * L * LANES
         for j in range(L):
-            store(qf, j * LANES, to_float(load_ints(qs, row + j * LANES)))
+            store(qf, at + j * LANES, to_float(load_ints(qs, row + j * LANES)))
         return
     half = L // 2
     row = base * half * LANES
     h = high_word(qh, base, high_bits)
     for j in range(half):
         low, high = nibbles_at(qs, row, j, half, h, high_bits)
-        store(qf, j * LANES, low)
-        store(qf, (j + half) * LANES, high)
+        store(qf, at + j * LANES, low)
+        store(qf, at + (j + half) * LANES, high)
 
 
 @inlined
@@ -135,6 +135,13 @@ def _finish(tot, r, a, dv, mv, xsum):  # pragma: no cover - compiled
     """tot[r] += d * Σ x·q + (m + offset·d) * Σ x"""
     t = load(tot, r * LANES)
     store(tot, r * LANES, fma(mv, xsum, fma(dv, a, t)))
+
+
+@inlined
+def _finish2(tot, r, rows, a, b, dv, mv, ev, nv, xsum):  # pragma: no cover - compiled
+    """``_finish`` for row r of two panels (the second's rows stored after the first's)."""
+    _finish(tot, r, a, dv, mv, xsum)
+    _finish(tot, rows + r, b, ev, nv, xsum)
 
 
 @inlined
@@ -163,6 +170,42 @@ def rows_8(x, K, xs, nb, qf, L, k, r, dv, mv, tot):  # pragma: no cover - compil
     _finish(tot, r + 5, a5, dv, mv, item(xs, s + 5 * nb))
     _finish(tot, r + 6, a6, dv, mv, item(xs, s + 6 * nb))
     _finish(tot, r + 7, a7, dv, mv, item(xs, s + 7 * nb))
+
+
+@inlined
+def rows_8x2(x, K, xs, nb, qf, L, k, r, dv, mv, ev, nv, tot, rows):  # pragma: no cover - compiled
+    """Rows r .. r+7 against one block of two panels (scratch ``qf``: the first panel's L vectors,
+    then the second's): sixteen accumulators, each broadcast activation feeding two FMAs. ``tot``
+    holds the first panel's rows, then (from ``rows``) the second's."""
+    a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
+    a4, a5, a6, a7 = zeros(), zeros(), zeros(), zeros()
+    b0, b1, b2, b3 = zeros(), zeros(), zeros(), zeros()
+    b4, b5, b6, b7 = zeros(), zeros(), zeros(), zeros()
+    c = r * K + k * L
+    second = L * LANES
+    for j in range(L):
+        w = load(qf, j * LANES)
+        v = load(qf, second + j * LANES)
+        x0, x1, x2, x3 = item(x, c), item(x, c + K), item(x, c + 2 * K), item(x, c + 3 * K)
+        a0, b0 = fma(x0, w, a0), fma(x0, v, b0)
+        a1, b1 = fma(x1, w, a1), fma(x1, v, b1)
+        a2, b2 = fma(x2, w, a2), fma(x2, v, b2)
+        a3, b3 = fma(x3, w, a3), fma(x3, v, b3)
+        x4, x5, x6, x7 = item(x, c + 4 * K), item(x, c + 5 * K), item(x, c + 6 * K), item(x, c + 7 * K)
+        a4, b4 = fma(x4, w, a4), fma(x4, v, b4)
+        a5, b5 = fma(x5, w, a5), fma(x5, v, b5)
+        a6, b6 = fma(x6, w, a6), fma(x6, v, b6)
+        a7, b7 = fma(x7, w, a7), fma(x7, v, b7)
+        c += 1
+    s = r * nb + k
+    _finish2(tot, r, rows, a0, b0, dv, mv, ev, nv, item(xs, s))
+    _finish2(tot, r + 1, rows, a1, b1, dv, mv, ev, nv, item(xs, s + nb))
+    _finish2(tot, r + 2, rows, a2, b2, dv, mv, ev, nv, item(xs, s + 2 * nb))
+    _finish2(tot, r + 3, rows, a3, b3, dv, mv, ev, nv, item(xs, s + 3 * nb))
+    _finish2(tot, r + 4, rows, a4, b4, dv, mv, ev, nv, item(xs, s + 4 * nb))
+    _finish2(tot, r + 5, rows, a5, b5, dv, mv, ev, nv, item(xs, s + 5 * nb))
+    _finish2(tot, r + 6, rows, a6, b6, dv, mv, ev, nv, item(xs, s + 6 * nb))
+    _finish2(tot, r + 7, rows, a7, b7, dv, mv, ev, nv, item(xs, s + 7 * nb))
 
 
 @inlined
@@ -282,31 +325,33 @@ def _layout(qs, qh, K):  # pragma: no cover - compiled
     return L, (32 // L if qh.shape[0] != 0 else 0)
 
 
+# A matrix as the helpers below take it: (qs, qh, d, m) data pointers, has_m, offset, L, high bits,
+# blocks per row. One tuple keeps the calls short.
+
+
 @inlined
-def panel_rows_1(
-    qs, qh, dp, mp, has_m, offset, x, xs, out, K, nb, L, high_bits, p, r, col
-):  # pragma: no cover
+def panel_rows_1(W, x, xs, out, K, p, r, col):  # pragma: no cover - compiled
     """Row r of ``out`` over panel p, the block's values used straight from registers."""
+    qs, qh, d, m, has_m, offset, L, high_bits, nb = W
     t = zeros()
     c, s = r * K, r * nb
     for k in range(nb):
         base = p * nb + k
         prefetch_block(qs, base + PREFETCH_BLOCKS, L)
-        dv, mv = block_scales(dp, mp, has_m, offset, base)
+        dv, mv = block_scales(d, m, has_m, offset, base)
         t = fma(mv, item(xs, s + k), fma(dv, dot_1(qs, qh, base, L, high_bits, x, c + k * L), t))
     store(out, col, t)
 
 
 @inlined
-def panel_rows_2(
-    qs, qh, dp, mp, has_m, offset, x, xs, out, K, nb, L, high_bits, p, r, col, n_out
-):  # pragma: no cover
+def panel_rows_2(W, x, xs, out, K, p, r, col, n_out):  # pragma: no cover - compiled
     """Rows r, r + 1 over panel p."""
+    qs, qh, d, m, has_m, offset, L, high_bits, nb = W
     t0, t1 = zeros(), zeros()
     c, s = r * K, r * nb
     for k in range(nb):
         base = p * nb + k
-        dv, mv = block_scales(dp, mp, has_m, offset, base)
+        dv, mv = block_scales(d, m, has_m, offset, base)
         a0, a1 = dot_2(qs, qh, base, L, high_bits, x, c + k * L, K)
         t0 = fma(mv, item(xs, s + k), fma(dv, a0, t0))
         t1 = fma(mv, item(xs, s + nb + k), fma(dv, a1, t1))
@@ -315,15 +360,14 @@ def panel_rows_2(
 
 
 @inlined
-def panel_rows_4(
-    qs, qh, dp, mp, has_m, offset, x, xs, out, K, nb, L, high_bits, p, r, col, n_out
-):  # pragma: no cover
+def panel_rows_4(W, x, xs, out, K, p, r, col, n_out):  # pragma: no cover - compiled
     """Rows r .. r + 3 over panel p."""
+    qs, qh, d, m, has_m, offset, L, high_bits, nb = W
     t0, t1, t2, t3 = zeros(), zeros(), zeros(), zeros()
     c, s = r * K, r * nb
     for k in range(nb):
         base = p * nb + k
-        dv, mv = block_scales(dp, mp, has_m, offset, base)
+        dv, mv = block_scales(d, m, has_m, offset, base)
         a0, a1, a2, a3 = dot_4(qs, qh, base, L, high_bits, x, c + k * L, K)
         t0 = fma(mv, item(xs, s + k), fma(dv, a0, t0))
         t1 = fma(mv, item(xs, s + nb + k), fma(dv, a1, t1))
@@ -335,87 +379,71 @@ def panel_rows_4(
     store(out, col + 3 * n_out, t3)
 
 
+@inlined
+def grouped_rows(W, x, xs, out, K, p, n_panels, rows, tile, qf, tot, col, n_out):  # pragma: no cover
+    """Rows 0 .. rows - 1 (a multiple of ``tile``) over panels p .. p + n_panels - 1 (1 or 2): each
+    block widened once into the L1 scratch ``qf`` and multiplied into every row group; with two
+    panels a tile of 8 rows holds 16 accumulators, each activation broadcast feeding two FMAs."""
+    qs, qh, d, m, has_m, offset, L, high_bits, nb = W
+    for i in range(rows * n_panels):
+        store(tot, i * LANES, zeros())
+    for k in range(nb):
+        base = p * nb + k
+        unpack_block(qs, qh, base, L, high_bits, qf)
+        dv, mv = block_scales(d, m, has_m, offset, base)
+        if n_panels == 2:
+            other = base + nb
+            unpack_block(qs, qh, other, L, high_bits, qf, L * LANES)
+            ev, nv = block_scales(d, m, has_m, offset, other)
+            for r in range(0, rows, 8):
+                rows_8x2(x, K, xs, nb, qf, L, k, r, dv, mv, ev, nv, tot, rows)
+        else:
+            for r in range(0, rows, tile):
+                if tile >= 8:
+                    rows_8(x, K, xs, nb, qf, L, k, r, dv, mv, tot)
+                else:
+                    rows_4(x, K, xs, nb, qf, L, k, r, dv, mv, tot)
+    for i in range(n_panels):
+        for r in range(rows):
+            store(out, r * n_out + col + i * LANES, load(tot, (i * rows + r) * LANES))
+
+
 @kernel
 def gemv(x, xs, qs, qh, d, m, offset, out, col0, p0, p1, max_tile):  # pragma: no cover - compiled
     """out[:, col0 + 16p : col0 + 16p + 16] = x @ W[panel p].T for panels p0 <= p < p1.
 
     x (B, K) float32 (B <= 16 best, any B works); xs (B, K / L): x's per-block sums; out (B, n)
     float32, C-contiguous. ``max_tile`` (8 with AVX-512's 32 vector registers, else 4): groups of
-    that many rows share one widening of each block, kept in an L1 scratch; the rows left over (and
-    every row of a smaller step) widen the values in registers for up to max_tile / 2 rows at once.
-    Each panel's weights come from memory once; a second row group reads them from L1."""
+    that many rows share one widening of each block, kept in an L1 scratch (with AVX-512, two panels
+    at a time); the rows left over (and every row of a smaller step) widen the values in registers
+    for up to max_tile / 2 rows at once. Each panel's weights come from memory once; a second row
+    group reads them from L1."""
     B, K = x.shape
     n_out, nb = out.shape[1], qs.shape[1]
     L, high_bits = _layout(qs, qh, K)
-    has_m = m.shape[0] != 0
     grouped = B // max_tile * max_tile  # rows computed from the scratch
-    qf_buffer = np.empty(L * LANES, dtype=np.float32)  # one block's values, widened once for every row
-    tot_buffer = np.empty(grouped * LANES, dtype=np.float32)
-    qf, tot, xp, xsp = pointer(qf_buffer), pointer(tot_buffer), pointer(x), pointer(xs)
-    qsp, qhp, dp, mp, outp = pointer(qs), pointer(qh), pointer(d), pointer(m), pointer(out)
-    for p in range(p0, p1):
+    pair = 2 if max_tile >= 8 else 1  # panels per scratch pass
+    qf_buffer = np.empty(pair * L * LANES, dtype=np.float32)  # blocks widened once for every row
+    tot_buffer = np.empty(pair * grouped * LANES, dtype=np.float32)
+    qf, tot, xp, xsp, outp = pointer(qf_buffer), pointer(tot_buffer), pointer(x), pointer(xs), pointer(out)
+    W = (pointer(qs), pointer(qh), pointer(d), pointer(m), m.shape[0] != 0, offset, L, high_bits, nb)
+    p = p0
+    while p < p1:
+        n_panels = min(pair, p1 - p) if grouped else 1
         col = col0 + p * LANES
         if grouped:
-            for r in range(grouped):
-                store(tot, r * LANES, zeros())
-            for k in range(nb):
-                base = p * nb + k
-                unpack_block(qsp, qhp, base, L, high_bits, qf)
-                dv, mv = block_scales(dp, mp, has_m, offset, base)
-                for r in range(0, grouped, max_tile):
-                    if max_tile >= 8:
-                        rows_8(xp, K, xsp, nb, qf, L, k, r, dv, mv, tot)
-                    else:
-                        rows_4(xp, K, xsp, nb, qf, L, k, r, dv, mv, tot)
-            for r in range(grouped):
-                store(outp, r * n_out + col, load(tot, r * LANES))
-        r = grouped
-        while r + 4 <= B and max_tile >= 8:
-            panel_rows_4(
-                qsp,
-                qhp,
-                dp,
-                mp,
-                has_m,
-                offset,
-                xp,
-                xsp,
-                outp,
-                K,
-                nb,
-                L,
-                high_bits,
-                p,
-                r,
-                r * n_out + col,
-                n_out,
-            )
-            r += 4
-        while r + 2 <= B:
-            panel_rows_2(
-                qsp,
-                qhp,
-                dp,
-                mp,
-                has_m,
-                offset,
-                xp,
-                xsp,
-                outp,
-                K,
-                nb,
-                L,
-                high_bits,
-                p,
-                r,
-                r * n_out + col,
-                n_out,
-            )
-            r += 2
-        if r < B:
-            panel_rows_1(
-                qsp, qhp, dp, mp, has_m, offset, xp, xsp, outp, K, nb, L, high_bits, p, r, r * n_out + col
-            )
+            grouped_rows(W, xp, xsp, outp, K, p, n_panels, grouped, max_tile, qf, tot, col, n_out)
+        for i in range(n_panels):
+            c, r = col + i * LANES, grouped
+            while r + 4 <= B and max_tile >= 8:
+                panel_rows_4(W, xp, xsp, outp, K, p + i, r, r * n_out + c, n_out)
+                r += 4
+            while r + 2 <= B:
+                panel_rows_2(W, xp, xsp, outp, K, p + i, r, r * n_out + c, n_out)
+                r += 2
+            if r < B:
+                panel_rows_1(W, xp, xsp, outp, K, p + i, r, r * n_out + c)
+        p += n_panels
     keep_alive(qf_buffer)
     keep_alive(tot_buffer)
 
