@@ -20,7 +20,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: model
-	@set -e; scripts="$(sort $(filter-out benchmarks/__init__.py,$(wildcard benchmarks/*.py)))"; \
+	@set -e; scripts="$(sort $(filter-out benchmarks/__init__.py benchmarks/common.py benchmarks/anchor%,$(wildcard benchmarks/*.py)))"; \
 	if [ -z "$$scripts" ]; then echo "no benchmarks yet"; fi; \
 	for script in $$scripts; do echo "== $$script"; $(BIN)/python $$script; done
 

@@ -7,20 +7,21 @@ continuous batching; streaming latency while a long prompt arrives; bigger batch
 Every mode runs the same greedy requests (temperature 0, no EOS stop) so each produces exactly the
 same tokens; aggregate tokens/s = generated tokens / wall time from the first submit to the last
 result. The NumPy ceiling for batching is the same chain of float32 matmuls at batch 1 and batch 8,
-measured in the same run. If llama-cpp-python is installed it serves the same 8 requests one after
-another for comparison (optional; never needed by tests).
+measured in the same run. If llama-cpp-python is installed, llama.cpp serves the same 8 requests with
+its batch API and one after another, each in its own process with the user's environment,
+alternating with ours in its own process (``anchor.py``; optional, never needed by tests).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from anchor import compare, llama_cpp_version, physical_cores
 from bench_engine import matmul_chain
 from common import ROOT, default_model_path, report
 
@@ -142,76 +143,6 @@ def bigger_batches(model: Model, tok: Tokenizer, n_new: int) -> dict[str, Any]:
     return out
 
 
-def llama_cpp_baseline(path: str, tok: Tokenizer, requests: list[Any], n_new: int) -> float | None:
-    """llama.cpp serving the same requests one after another (if llama-cpp-python is installed)."""
-    try:
-        import llama_cpp
-    except ImportError:
-        return None
-    llm = llama_cpp.Llama(model_path=path, n_ctx=2048, n_threads=2, verbose=False)
-    started = time.perf_counter()
-    n = 0
-    for messages in requests:
-        ids = tok.encode_messages(messages)
-        llm.reset()
-        for i, _token in enumerate(llm.generate(ids, temp=0.0, top_k=1)):
-            n += 1
-            if i + 1 >= n_new:
-                break
-    return n / (time.perf_counter() - started)
-
-
-def llama_cpp_batched(path: str, tok: Tokenizer, requests: list[Any], n_new: int) -> float | None:
-    """llama.cpp's own batched decoding of the same requests (llama-cpp-python's low-level batch API:
-    every prompt in one llama_decode, then one token of every sequence per llama_decode), greedy,
-    aggregate tokens/s from the first prompt token to the last new token. None if not installed."""
-    try:
-        import llama_cpp as lc
-    except ImportError:
-        return None
-    quiet = lc.llama_log_callback(lambda level, text, user_data: None)
-    lc.llama_log_set(quiet, ctypes.c_void_p())
-    prompts = [tok.encode_messages(messages) for messages in requests]
-    n = len(prompts)
-    lc.llama_backend_init()
-    model = lc.llama_model_load_from_file(path.encode(), lc.llama_model_default_params())
-    params = lc.llama_context_default_params()
-    params.n_ctx, params.n_seq_max = 256 * n, n
-    params.n_batch = params.n_ubatch = max(512, sum(map(len, prompts)))
-    params.n_threads = params.n_threads_batch = 2
-    ctx = lc.llama_init_from_model(model, params)
-    n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
-    batch = lc.llama_batch_init(params.n_batch, 0, n)
-
-    def decode(entries: list[tuple[int, int, int, bool]]) -> None:  # (token, position, sequence, logits?)
-        batch.n_tokens = len(entries)
-        for i, (token, pos, seq, want) in enumerate(entries):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, want
-            batch.seq_id[i][0] = seq
-        if lc.llama_decode(ctx, batch) != 0:
-            raise RuntimeError("llama_decode failed")
-
-    try:
-        started = time.perf_counter()
-        entries = [(t, p, s, p == len(ids) - 1) for s, ids in enumerate(prompts) for p, t in enumerate(ids)]
-        decode(entries)
-        rows = list(np.cumsum([len(ids) for ids in prompts]) - 1)  # batch index of each sequence's logits
-        positions = [len(ids) for ids in prompts]
-        generated = 0
-        for step in range(n_new):
-            tokens = [int(np.argmax(np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, int(i)), (n_vocab,))))
-                      for i in rows]  # fmt: skip
-            generated += n
-            if step + 1 < n_new:
-                decode([(t, positions[s] + step, s, True) for s, t in enumerate(tokens)])
-                rows = list(range(n))
-        return generated / (time.perf_counter() - started)
-    finally:
-        lc.llama_batch_free(batch)
-        lc.llama_free(ctx)
-        lc.llama_model_free(model)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -263,18 +194,23 @@ def main() -> None:
     }
     rows.append(("SmolLM2-135M", f"ceiling at batch 8: projections only ({model.weights.kernels})", f"{8 / roof8:.1f}",
                  f"{8 * roof1 / roof8:.2f}x", "-"))  # fmt: skip
-    lcpp = None if args.quick else llama_cpp_baseline(path, tok, requests, n_new)
-    lcpp_batched = llama_cpp_batched(path, tok, requests, n_new)
-    results["llama_cpp_sequential_tokens_per_s"] = lcpp
-    results["llama_cpp_batched_tokens_per_s"] = lcpp_batched
-    ours = results["smollm2"]["continuous"]["tokens_per_s"]
-    if lcpp:
-        rows.append(
-            ("SmolLM2-135M", "llama.cpp, one after another", f"{lcpp:.1f}", f"ours {ours / lcpp:.2f}x", "-")
-        )
-    if lcpp_batched:
-        rows.append(("SmolLM2-135M", "llama.cpp batched decoding (8 sequences per llama_decode)",
-                     f"{lcpp_batched:.1f}", f"ours {ours / lcpp_batched:.2f}x", "-"))  # fmt: skip
+    if llama_cpp_version() is None:
+        rows.append(("SmolLM2-135M", "llama.cpp", "llama-cpp-python not installed", "-", "-"))
+    else:  # both engines in their own processes with the user's environment, alternating (anchor.py)
+        spec = {"model": path, "messages": requests, "prompt_ids": [tok.encode_messages(m) for m in requests],
+                "n_new": n_new, "threads": physical_cores()}  # fmt: skip
+        batched = compare("batched", spec, rounds=1 if args.quick else 2)
+        ours, lcpp_batched = batched["smallmind"]["tokens_per_s"], batched["llama.cpp"]["tokens_per_s"]
+        results["vs_llama_cpp_batched"] = {"smallmind": ours, "llama_cpp": lcpp_batched}
+        if not args.quick:
+            seq = compare("sequential", spec, rounds=1, engines={"llama.cpp": {"engine": "llama.cpp"}})
+            lcpp = seq["llama.cpp"]["tokens_per_s"]
+            results["llama_cpp_sequential_tokens_per_s"] = lcpp
+            rows.append(("SmolLM2-135M", "llama.cpp, one after another (own process)", f"{lcpp:.1f}",
+                         f"ours (own process, drafting off) {ours / lcpp:.2f}x", "-"))  # fmt: skip
+        rows.append(("SmolLM2-135M", "llama.cpp batched decoding (8 sequences per llama_decode, own process)",
+                     f"{lcpp_batched:.1f}", f"ours (own process, drafting off) {ours:.1f}: {ours / lcpp_batched:.2f}x",
+                     "-"))  # fmt: skip
 
     long_tokens = 500 if args.quick else 2000
     results["streaming_latency"] = [streaming_latency(model, tok, 40 if args.quick else 100, chunk, long_tokens)

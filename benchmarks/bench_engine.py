@@ -15,7 +15,8 @@ wall clock mostly measures its load); the issue's targets (1-row projections <= 
 <= 2x the 1-row step, resident memory <= 3x the file, the numba path never slower than NumPy) as met
 or missed with their figures. Then, on the numba path, decode beside one busy process (`python -c "while
 True: pass"`) against the quiet single-thread figure, with the engine's automatic thread count and
-with two threads fixed. If llama-cpp-python is installed, its single-stream decode on the same file.
+with two threads fixed. If llama-cpp-python is installed, single-stream decode of ours and of llama.cpp
+on the same file, each in its own process with the user's environment (``anchor.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from anchor import compare, llama_cpp_version, physical_cores
 from common import ROOT, default_model_path, median_time, report
 
 from engine import BatchedInferenceEngine, BatchingOptions, InferenceOptions, Model, Tokenizer, kernels
@@ -223,18 +225,15 @@ def busy_decode(model: Model, ids: list[int], n_new: int) -> dict[str, float]:
     return out
 
 
-def llama_cpp_decode(path: str, ids: list[int], n_new: int) -> float | None:
-    try:
-        import llama_cpp  # type: ignore[import-not-found]
-    except ImportError:
+def llama_cpp_decode(path: str, ids: list[int], n_new: int, rounds: int = 2) -> dict[str, float] | None:
+    """Single-stream decode of ours and of llama.cpp, each in its own process with the user's
+    environment, alternating, best of ``rounds`` (``anchor.py``); None without llama-cpp-python."""
+    if llama_cpp_version() is None:
         return None
-    llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_threads=2, verbose=False)
-    llm.eval(ids)
-    started = time.perf_counter()
-    for _ in range(n_new):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        llm.eval([token])
-    return n_new / (time.perf_counter() - started)
+    spec = {"model": path, "prompt_ids": ids, "n_new": n_new, "threads": physical_cores()}
+    r = compare("decode", spec, rounds)
+    return {"smallmind": r["smallmind"]["tokens_per_s"], "llama_cpp": r["llama.cpp"]["tokens_per_s"],
+            "threads": physical_cores()}  # fmt: skip
 
 
 def measure_path(path: str, kernel_path: str, quick: bool) -> dict[str, Any]:
@@ -291,7 +290,7 @@ def main() -> None:
         f = GgufFile(path)
         model, tok = Model.from_gguf(f, kernel_path="numba"), Tokenizer.from_gguf(f)
         results["busy"] = busy_decode(model, prompt_ids(tok, 32), n_decode)
-        results["llama_cpp_decode_tokens_per_s"] = llama_cpp_decode(path, prompt_ids(tok, 32), n_decode)
+        results["llama_cpp_decode"] = llama_cpp_decode(path, prompt_ids(tok, 32), n_decode)
     report("engine", results, table(results), args.json)
 
 
@@ -335,10 +334,13 @@ def table(results: dict[str, Any]) -> list[tuple[str, ...]]:
         met = busy["busy_auto"] >= 0.8 * base
         rows.append(("target: beside one busy process >= 80% of quiet (auto threads)",
                      f"{busy['busy_auto'] / base:.0%}", "met" if met else "MISSED", ""))  # fmt: skip
-    lcpp = results.get("llama_cpp_decode_tokens_per_s")
-    if lcpp and fast:
-        rows.append(("llama.cpp decode, same file (2 threads)", f"ours {fast['decode_tokens_per_s'] / lcpp:.2f}x",
-                     "", f"{lcpp:.1f} tok/s"))  # fmt: skip
+    lcpp = results.get("llama_cpp_decode")
+    if lcpp:
+        rows.append((f"decode, ours vs llama.cpp, each in its own process ({lcpp['threads']} threads)",
+                     f"{lcpp['smallmind']:.1f} tok/s", f"llama.cpp {lcpp['llama_cpp']:.1f} tok/s",
+                     f"ours {lcpp['smallmind'] / lcpp['llama_cpp']:.2f}x"))  # fmt: skip
+    else:
+        rows.append(("llama.cpp decode", "llama-cpp-python not installed", "", ""))
     return rows
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from anchor import USER_ENV
 from common import ROOT, default_model_path, report
 
 from engine import BatchedInferenceEngine, GenerationResult, InferenceOptions, SessionId
@@ -118,7 +119,8 @@ def llama_server(model: Path, log: Path) -> Iterator[str]:
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
                "--port", str(port), "--api_key", LLAMA_KEY, "--n_ctx", "2048", "--n_threads", "1"]  # fmt: skip
     with log.open("w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        # the user's environment, not this process's (nothing the engine set here reaches llama.cpp)
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=USER_ENV)
     url = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + 120

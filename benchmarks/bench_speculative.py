@@ -17,6 +17,7 @@ import argparse
 import time
 from typing import Any
 
+import anchor
 import numpy as np
 from common import default_model_path, report
 
@@ -162,27 +163,17 @@ def row_costs(model: Model, n_context: int = 300, runs: int = 15) -> dict[int, f
     return out
 
 
-def llama_cpp_single(path: str, ids: list[int], n_new: int) -> dict[str, float] | None:
-    """Greedy with llama.cpp on the same prompt ids: end-to-end and decode-only tokens/s."""
-    try:
-        import llama_cpp  # type: ignore[import-not-found]
-    except ImportError:
+def llama_cpp_single(path: str, messages: list[Any], n_new: int, ids: list[int]) -> dict[str, float] | None:
+    """The code edit with drafting on (ours) and greedy llama.cpp on the same prompt ids and token
+    count, each in its own process with the user's environment, alternating (``anchor.py``)."""
+    if anchor.llama_cpp_version() is None:
         return None
-    llm = llama_cpp.Llama(model_path=path, n_ctx=2048, n_threads=2, verbose=False)
-    n_vocab = llm.n_vocab()
-
-    def next_token() -> int:  # the last position's logits (llm.scores holds them only with logits_all)
-        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
-
-    llm.eval(ids[:8])  # warm-up
-    llm.reset()
-    started = time.perf_counter()
-    llm.eval(ids)
-    first = time.perf_counter()
-    for _ in range(n_new - 1):
-        llm.eval([next_token()])
-    done = time.perf_counter()
-    return {"tokens_per_s": n_new / (done - started), "decode_tokens_per_s": (n_new - 1) / (done - first)}
+    spec = {"model": path, "messages": [messages], "prompt_ids": [ids], "n_new": n_new,
+            "threads": anchor.physical_cores(), "speculative": True, "stop_on_eos": True}  # fmt: skip
+    r = anchor.compare("generate", spec, rounds=2)
+    ours, theirs = r["smallmind"], r["llama.cpp"]
+    return {"tokens_per_s": theirs["tokens_per_s"], "decode_tokens_per_s": theirs["decode_tokens_per_s"],
+            "ours_tokens_per_s": ours["tokens_per_s"], "ours_decode_tokens_per_s": ours["decode_tokens_per_s"]}  # fmt: skip
 
 
 def main() -> None:
@@ -220,13 +211,13 @@ def main() -> None:
                  f"{r['on_tokens_per_s']:.1f}", f"{r['speedup']:.2f}x", "-", f"{r['cpu_speedup']:.2f}x",
                  f"{r['tokens_per_step']:.2f}", f"{r['accepted']}/{r['drafted']}", str(r["same_tokens"])))  # fmt: skip
     code = results["code_edit_type_hints"]
-    ids = tok.encode_messages([{"role": "user", "content": TASKS["code_edit_type_hints"][1]}])
-    lcpp = llama_cpp_single(path, list(ids), code["tokens"])
+    messages = [{"role": "user", "content": TASKS["code_edit_type_hints"][1]}]
+    lcpp = llama_cpp_single(path, messages, code["tokens"], list(tok.encode_messages(messages)))
     results["llama_cpp_code_edit"] = lcpp
     if lcpp:
         rows.append(("code_edit_type_hints vs llama.cpp", "llama.cpp greedy", f"{lcpp['tokens_per_s']:.1f}",
-                     f"{code['on_tokens_per_s']:.1f}", f"{code['on_tokens_per_s'] / lcpp['tokens_per_s']:.2f}x",
-                     f"{code['on_decode_tokens_per_s'] / lcpp['decode_tokens_per_s']:.2f}x", "-", "-", "-", "-"))  # fmt: skip
+                     f"{lcpp['ours_tokens_per_s']:.1f}", f"{lcpp['ours_tokens_per_s'] / lcpp['tokens_per_s']:.2f}x",
+                     f"{lcpp['ours_decode_tokens_per_s'] / lcpp['decode_tokens_per_s']:.2f}x", "-", "-", "-", "-"))  # fmt: skip
     rows.append(("decode step of 1/2/3/4/6/8 rows vs 1 row", "measured",
                  " / ".join(f"{v:.2f}" for v in results["row_cost_relative"].values()), "-",
                  "assumed " + " / ".join(f"{step_cost(n):.2f}" for n in costs), "-", "-", "-", "-", "-"))  # fmt: skip

@@ -18,13 +18,14 @@ from .errors import (
 from .generation import GenerationEvent, GenerationResult
 from .gguf import GgufFile, ModelConfig
 from .kv_cache import KvCacheEntry, ModelShape
-from .kv_store import KvCacheOptions, KvCacheStats, LruKvCacheStore, SessionId, SessionInfo
+from .kv_store import APP_OWNER, KvCacheOptions, KvCacheStats, LruKvCacheStore, SessionId, SessionInfo
 from .metrics import InMemoryRuntimeMetrics, MetricsSnapshot
 from .model import Model
 from .sampling import InferenceOptions
 from .tokenizer import Tokenizer
 
 __all__ = [
+    "APP_OWNER",
     "BatchedInferenceEngine",
     "BatchingOptions",
     "CacheBudgetError",

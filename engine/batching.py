@@ -101,6 +101,16 @@ class RequestHandle(ResultHandle):
         self._engine._wake()
 
 
+def _failure(doing: str, cause: BaseException, request_id: int | None = None) -> EngineError:
+    """The error that ends a request failed by a fault of its own (a bug, a bad file): it names what
+    was being done and the cause; the traceback is logged once, here (the request ends with it)."""
+    failure = EngineError(f"{doing} failed: {type(cause).__name__}: {str(cause)[:300]}")
+    log.error(
+        "%s: %s", "the engine" if request_id is None else f"request {request_id}", failure, exc_info=cause
+    )
+    return failure
+
+
 @dataclass(eq=False, slots=True)
 class _Running:
     seq: Seq
@@ -146,6 +156,7 @@ class BatchedInferenceEngine:
         self._external_driver = False
         self._wakeup_listeners: list[Callable[[], None]] = []
         self.drafter = Drafter()  # prompt-lookup drafts: which requests draft how many tokens
+        self._logged: set[str] = set()  # faults logged with a traceback already (_log_once)
 
     # -- options -----------------------------------------------------------------------------
     @property
@@ -271,8 +282,25 @@ class BatchedInferenceEngine:
                 for batch in self._batches(rows):
                     self._run(batch)
                 return True
+            except Exception as exc:  # no request to blame: the running ones fail, the engine goes on
+                self._fail_running(_failure("the engine step", exc))
+                return True
             finally:  # also after a step that only reaped or admitted: the dock shows these
                 self._publish_queue_state()
+
+    def _fail_running(self, failed: EngineError) -> None:
+        now = time.perf_counter()
+        for run in list(self._running):
+            run.draft = None
+            self._retire(run, run.seq.finish("error", now, error=str(failed)))
+
+    def _log_once(self, key: str, message: str, *args: object, exc: BaseException) -> None:
+        """A warning with its traceback the first time, a debug line after (a fault must not flood)."""
+        if key in self._logged:
+            log.debug(message, *args)
+        else:
+            self._logged.add(key)
+            log.warning(message, *args, exc_info=exc)
 
     def _publish_queue_state(self) -> None:
         with self._queue_lock:  # submit() appends from other threads
@@ -357,6 +385,9 @@ class BatchedInferenceEngine:
                     self._retire(run, run.seq.finish("length", now))
                 except CacheBudgetError:
                     self._preempt(self._running[-1], now)
+                except Exception as exc:  # this request fails; the others go on
+                    failed = _failure("reserving its KV cache", exc, run.seq.request_id)
+                    self._retire(run, run.seq.finish("error", now, error=str(failed)))
         return [(run, chunk) for run, chunk in ready if run in self._running]
 
     @staticmethod
@@ -424,6 +455,9 @@ class BatchedInferenceEngine:
         except (EngineError, ValueError) as exc:
             self._refuse(seq, handle, None, now, exc)
             return None
+        except Exception as exc:  # a bug or a bad file met while preparing it: this request fails alone
+            self._refuse(seq, handle, None, now, _failure("preparing the request", exc, seq.request_id))
+            return None
         (row,), budget = self._plan([run], budget)
         try:
             self._grow(run, len(row[1]))
@@ -431,6 +465,9 @@ class BatchedInferenceEngine:
             return self._no_room(seq, handle, run, now, exc)
         except ContextOverflowError as exc:
             self._refuse(seq, handle, run, now, exc)
+            return None
+        except Exception as exc:
+            self._refuse(seq, handle, run, now, _failure("reserving its KV cache", exc, seq.request_id))
             return None
         self._unqueue(seq, handle)
         self._parked.pop(seq.request_id, None)
@@ -544,12 +581,12 @@ class BatchedInferenceEngine:
             return
         try:
             logits = self._forward(ready)
-        except Exception as exc:  # keep serving: fail this batch's requests, not the engine
-            log.exception("forward pass failed")
+        except Exception as exc:  # no one request to blame: this batch's requests fail, not the engine
+            failed = _failure(f"the forward pass of {len(ready)} request(s)", exc)
             now = time.perf_counter()
             for run, _ in ready:
                 run.draft = None
-                self._retire(run, run.seq.finish("error", now, error=f"forward pass failed: {exc}"))
+                self._retire(run, run.seq.finish("error", now, error=str(failed)))
             return
         now = time.perf_counter()
         n_prefill = sum(len(c) for r, c in ready if r.seq.in_prefill or r.recompute)
@@ -613,10 +650,17 @@ class BatchedInferenceEngine:
             n_decode = sum(1 for run, _ in rows if not run.seq.in_prefill)
             groups = [(candidates, sum(len(chunk) for _, chunk in rows), n_decode)] if candidates else []
         drafts: dict[int, Draft] = {}
-        for group, n_rows, n_decode in groups:
-            drafts.update(
-                self.drafter.propose(group, n_rows, n_decode, options.draft_tokens, options.draft_ngram_max)
-            )
+        try:
+            for group, n_rows, n_decode in groups:
+                drafts.update(
+                    self.drafter.propose(
+                        group, n_rows, n_decode, options.draft_tokens, options.draft_ngram_max
+                    )
+                )
+        except Exception as exc:  # drafting only saves time: this step runs without drafts
+            self._log_once("drafting", "drafting failed (%s: %s); steps run without drafts until it works",
+                           type(exc).__name__, exc, exc=exc)  # fmt: skip
+            return rows
         return [self._with_draft(run, chunk, drafts.get(run.seq.request_id)) for run, chunk in rows]
 
     @staticmethod
@@ -626,7 +670,7 @@ class BatchedInferenceEngine:
             return run, chunk
         try:
             entry.ensure_capacity(entry.n_tokens + len(chunk) + len(draft.token_ids))
-        except (CacheBudgetError, ContextOverflowError):
+        except Exception:  # no room (or a fault): this row runs without its draft; its own chunk decides
             return run, chunk
         run.draft = draft
         return run, np.concatenate([chunk, np.asarray(draft.token_ids, dtype=np.int64)])
@@ -663,9 +707,13 @@ class BatchedInferenceEngine:
             self._running.remove(run)
         self.drafter.forget(run.seq.request_id)
         if run.store_session is not None:
-            self.store.unpin(run.store_session)
-            if run.anonymous:
-                self.store.remove(run.store_session)
+            try:
+                self.store.unpin(run.store_session)
+                if run.anonymous:
+                    self.store.remove(run.store_session)
+            except Exception as exc:  # the request still ends, and its caller hears of it
+                self._log_once("release", "releasing a KV session failed (%s: %s)", type(exc).__name__, exc,
+                               exc=exc)  # fmt: skip
         assert final.result is not None
         self.metrics.record_finished(final.result.finish_reason, final.result.prompt_tokens)
         run.handle._deliver(final)  # counted before the caller hears of it
@@ -690,12 +738,17 @@ class BatchedInferenceEngine:
         self._thread.start()
 
     def _drive(self) -> None:
+        n_failed = 0  # steps in a row that raised
         while not self._stop_requested.is_set():
             try:
                 worked = self.step()
-            except Exception:
-                log.exception("engine step failed")
-                worked = False
+                n_failed = 0
+            except Exception as exc:  # step() fails requests itself; this is a bug: log it, back off
+                n_failed += 1
+                self._log_once("drive", "engine step failed (%s: %s)", type(exc).__name__, exc, exc=exc)
+                self._wakeup.wait(min(1.0, 0.01 * 2**n_failed))
+                self._wakeup.clear()
+                continue
             if not worked:
                 wait = self.seconds_until_ready()
                 self._wakeup.wait(0.5 if wait is None else max(wait, 0.0005))

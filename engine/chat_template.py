@@ -6,6 +6,11 @@ Rendering follows transformers' ``apply_chat_template``: an ``ImmutableSandboxed
 as variables. A template comes from a downloaded file, so it never reaches Python internals: the
 sandbox refuses ``''.__class__`` and the like, and every failure is a ``ChatTemplateError``.
 
+The sandbox is also bounded (``template_sandbox.py``): a render stops past ``MAX_RENDER_S`` or when
+it makes more than the context's worth of characters (plus room for the messages themselves), and
+every exception a render can raise (OverflowError, MemoryError, RecursionError, TypeError, Jinja's
+own...) becomes a ``ChatTemplateError`` naming the template ("the chat template of model.gguf").
+
 ``segments`` tells the template's own text apart from message contents, so that special-token
 markers typed by a user stay plain text (see ``Tokenizer.encode_messages``).
 """
@@ -21,9 +26,16 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import EngineError
+from .template_sandbox import (
+    MAX_RENDER_S,
+    BoundedSandbox,
+    TemplateLimitError,
+    guarded_filter,
+    render_limits,
+    tick,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +48,8 @@ CHATML_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-_RENDER_ERRORS = (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError, RecursionError)
+DEFAULT_MAX_CHARS = 1 << 20  # the most a render may write when the caller gives no context size
+MAX_JSON_INDENT = 64
 
 
 class ChatTemplateError(EngineError, ValueError):
@@ -49,6 +62,8 @@ def _raise_exception(message: str) -> None:
 
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
             sort_keys: bool = False) -> str:  # fmt: skip
+    if isinstance(indent, int) and indent > MAX_JSON_INDENT:
+        raise TemplateLimitError(f"tojson's indent {indent:,} is more than {MAX_JSON_INDENT}")
     return json.dumps(
         value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
     )
@@ -58,27 +73,38 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
+def _environment() -> BoundedSandbox:
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = guarded_filter("tojson", _tojson)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env
 
 
 class ChatTemplate:
-    """A compiled chat template and the special-token strings it may use."""
+    """A compiled chat template and the special-token strings it may use.
 
-    def __init__(self, source: str, special_tokens: Mapping[str, str]) -> None:
+    ``name`` says whose template it is in error messages; ``max_chars`` is the context's worth of
+    characters (a render may write that much, plus twice what the messages hold)."""
+
+    def __init__(
+        self,
+        source: str,
+        special_tokens: Mapping[str, str],
+        name: str = "the chat template",
+        max_chars: int = DEFAULT_MAX_CHARS,
+        max_render_s: float = MAX_RENDER_S,
+    ) -> None:
         self.source = source
+        self.name = name
+        self.max_chars = max_chars
+        self.max_render_s = max_render_s
         self._variables = dict(special_tokens)
         try:
             self._template: jinja2.Template | None = _environment().from_string(source)
             self._compile_error: str | None = None
-        except jinja2.TemplateError as exc:  # kept: the model still works for plain completion
-            self._template, self._compile_error = None, f"the model's chat template does not compile: {exc}"
+        except Exception as exc:  # kept: the model still works for plain completion
+            self._template, self._compile_error = None, f"{name} does not compile: {_short(exc)}"
             log.warning("%s", self._compile_error)
 
     def render(self, messages: Messages, add_generation_prompt: bool = True) -> str:
@@ -86,16 +112,30 @@ class ChatTemplate:
         if self._template is None:
             raise ChatTemplateError(self._compile_error)
         _check_messages(messages)
+        contents = sum(len(v) for m in messages for v in m.values() if isinstance(v, str))
         try:
-            return self._template.render(
-                messages=[dict(m) for m in messages],
-                add_generation_prompt=add_generation_prompt,
-                tools=None,
-                documents=None,
-                **self._variables,
-            )
-        except _RENDER_ERRORS as exc:
-            raise ChatTemplateError(f"the chat template failed: {type(exc).__name__}: {exc}") from exc
+            with render_limits(self.max_chars + 2 * contents, self.max_render_s) as limits:
+                pieces, n_chars = [], 0
+                for piece in self._template.generate(
+                    messages=[dict(m) for m in messages],
+                    add_generation_prompt=add_generation_prompt,
+                    tools=None,
+                    documents=None,
+                    **self._variables,
+                ):
+                    tick()
+                    n_chars += len(piece)
+                    if n_chars > limits.max_chars:
+                        raise TemplateLimitError(
+                            f"it wrote more than {limits.max_chars:,} characters (the context's worth, "
+                            f"and room for the messages)"
+                        )
+                    pieces.append(piece)
+                return "".join(pieces)
+        except TemplateLimitError as exc:
+            raise ChatTemplateError(f"{self.name} was stopped: {exc}") from exc
+        except Exception as exc:  # whatever the sandbox raises: OverflowError, MemoryError, jinja's...
+            raise ChatTemplateError(f"{self.name} failed: {type(exc).__name__}: {_short(exc)}") from exc
 
     def segments(
         self, messages: Messages, add_generation_prompt: bool, has_special: Callable[[str], bool]
@@ -188,3 +228,8 @@ def _anchor(
         else:
             return None
     return segments if pos == len(rendered) else None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    return text if len(text) <= 300 else text[:300] + "…"

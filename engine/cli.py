@@ -138,8 +138,16 @@ def _add_serve_parser(
     serve.add_argument(
         "--api-key",
         metavar="KEY",
-        help="require 'Authorization: Bearer KEY' (required for a non-loopback --host; "
-        "default: $SMALLMIND_API_KEY)",
+        action="append",
+        default=[],
+        help="require 'Authorization: Bearer KEY' (required for a non-loopback --host; repeatable: each "
+        "key is its own owner of sessions and caches; default: $SMALLMIND_API_KEY)",
+    )
+    serve.add_argument(
+        "--api-keys-file",
+        metavar="PATH",
+        help="also accept the keys in PATH, one a line ('#' starts a comment line); keeps keys out of "
+        "the process list",
     )
     serve.add_argument(
         "--cors-origin",
@@ -247,12 +255,15 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import os
 
+    from smallmind_server.access import read_keys_file
     from smallmind_server.serve import ServeOptions, run  # lazily: only serving needs the web stack
 
     model_path = download.resolve_model_path(args.model)
-    api_key = args.api_key or os.environ.get("SMALLMIND_API_KEY") or None
     try:
-        options = ServeOptions(model_path, args.host, args.port, api_key, tuple(args.cors_origin))
+        keys = list(args.api_key) + (read_keys_file(args.api_keys_file) if args.api_keys_file else [])
+        if not keys and os.environ.get("SMALLMIND_API_KEY"):
+            keys = [os.environ["SMALLMIND_API_KEY"]]
+        options = ServeOptions(model_path, args.host, args.port, tuple(keys), tuple(args.cors_origin))
     except ValueError as exc:
         print(f"smallmind serve: error: {exc}", file=sys.stderr)
         return _EXIT_ERROR

@@ -4,8 +4,12 @@
 tokens' K/V into ``keys(layer)`` / ``values(layer)`` at rows ``[n_tokens, n_tokens + T)`` and then calls
 ``append(ids)``; a forward that fails half-way commits nothing.
 
-Memory layout: one buffer per entry, shape (n_layers, 2, KVH, capacity, Hd), so each layer's K and V
-are contiguous (KVH, capacity, Hd) blocks and attention reads ``[:, :S]`` views without copying.
+Memory layout: one buffer per entry, shape (n_layers, 2, KVH, capacity, width), so each layer's K and V
+are contiguous (KVH, capacity, width) blocks and attention reads ``[:, :S]`` views without copying.
+Dtypes (``KV_DTYPES``): float32 (width = Hd, exact), float16 (Hd, half the bytes) and q8_0 (llama.cpp's
+8-bit cache: each row is Hd int8 values then a float16 scale per 32 values, stored as two int8 bytes
+each: width = Hd + Hd / 16, 0.53x float16's bytes). The model writes through ``write`` (which rounds
+or quantizes) and the NumPy path reads through ``read`` (float32 or float16 views; q8_0 expanded).
 Growth: in steps of at least 64 tokens and at least 1/16 of the capacity, so an entry reserves at
 most one step more than it uses (~6% or 64 tokens) while copying stays amortised O(1) per token
 (geometric growth); decoding allocates once per step, never per token. When the store has no room
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -24,7 +28,13 @@ from .errors import ContextOverflowError
 
 GROWTH_STEP_TOKENS = 64  # capacities are multiples of 64 tokens (or exactly what is needed / max_tokens)
 GROWTH_DIVISOR = 16  # each growth adds at least capacity / 16: geometric, so copying stays O(1) a token
-KV_DTYPES = ("float32", "float16")
+KV_DTYPES = ("float32", "float16", "q8_0")
+Q8_BLOCK = 32  # values per q8_0 scale (llama.cpp's block)
+_STORAGE: dict[str, np.dtype[Any]] = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "q8_0": np.dtype(np.int8),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,18 +53,30 @@ class ModelShape:
                 raise ValueError(f"ModelShape.{name} must be a positive integer, got {value!r}")
         if self.dtype not in KV_DTYPES:
             raise ValueError(f"ModelShape.dtype must be one of {KV_DTYPES}, got {self.dtype!r}")
+        if self.dtype == "q8_0" and self.head_dim % Q8_BLOCK:
+            raise ValueError(f"a q8_0 KV cache needs head_dim a multiple of {Q8_BLOCK}, got {self.head_dim}")
+
+    @property
+    def storage_dtype(self) -> np.dtype[Any]:
+        """The buffer's NumPy dtype (int8 for q8_0)."""
+        return _STORAGE[self.dtype]
 
     @property
     def itemsize(self) -> int:
-        return int(np.dtype(self.dtype).itemsize)
+        return int(self.storage_dtype.itemsize)
+
+    @property
+    def row_width(self) -> int:
+        """Stored values per cached row of one head: Hd, or for q8_0 Hd int8 + 2 bytes per 32."""
+        return self.head_dim + 2 * (self.head_dim // Q8_BLOCK) if self.dtype == "q8_0" else self.head_dim
 
     @property
     def bytes_per_token(self) -> int:
-        """K and V, every layer, every KV head: 2 * L * KVH * Hd * itemsize."""
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * self.itemsize
+        """K and V, every layer, every KV head: 2 * L * KVH * row_width * itemsize."""
+        return 2 * self.n_layers * self.n_kv_heads * self.row_width * self.itemsize
 
     def buffer_shape(self, capacity: int) -> tuple[int, int, int, int, int]:
-        return (self.n_layers, 2, self.n_kv_heads, capacity, self.head_dim)
+        return (self.n_layers, 2, self.n_kv_heads, capacity, self.row_width)
 
 
 class BufferAllocator(Protocol):
@@ -76,13 +98,38 @@ class _PlainAllocator:
     def allocate(
         self, entry: KvCacheEntry, shape: ModelShape, capacity: int, min_capacity: int | None = None
     ) -> np.ndarray:
-        return np.empty(shape.buffer_shape(capacity), dtype=shape.dtype)
+        return np.empty(shape.buffer_shape(capacity), dtype=shape.storage_dtype)
 
     def release(self, entry: KvCacheEntry, buffer: np.ndarray) -> None:
         return None
 
 
 PLAIN_ALLOCATOR = _PlainAllocator()
+
+
+def quantize_q8_0(x: np.ndarray) -> np.ndarray:
+    """float32 rows (..., Hd) -> q8_0 rows (..., Hd + Hd / 16) int8: per 32 values d = max|x| / 127
+    rounded to float16, q = round(x / d) (llama.cpp's ``quantize_row_q8_0``, dividing by the stored
+    scale: every value within half a step, d / 2, of what it comes back as)."""
+    *lead, Hd = x.shape
+    blocks = x.reshape(*lead, Hd // Q8_BLOCK, Q8_BLOCK)  # (..., nb, 32)
+    d = (np.abs(blocks).max(axis=-1) / np.float32(127.0)).astype(np.float16)  # (..., nb)
+    d32 = d.astype(np.float32)
+    inv = np.divide(np.float32(1.0), d32, out=np.zeros_like(d32), where=d32 > 0)
+    out = np.empty((*lead, Hd + 2 * (Hd // Q8_BLOCK)), dtype=np.int8)
+    q = np.rint(blocks * inv[..., None])  # |q| <= 127 * (1 + 2**-11) < 127.5: rounds into int8
+    out[..., :Hd] = q.reshape(*lead, Hd)
+    out[..., Hd:] = d.view(np.int8).reshape(*lead, 2 * (Hd // Q8_BLOCK))
+    return out
+
+
+def dequantize_q8_0(rows: np.ndarray) -> np.ndarray:
+    """q8_0 rows (..., Hd + Hd / 16) int8 -> float32 (..., Hd)."""
+    *lead, width = rows.shape
+    Hd = width * Q8_BLOCK // (Q8_BLOCK + 2)
+    d = np.ascontiguousarray(rows[..., Hd:]).view(np.float16).astype(np.float32)  # (..., nb)
+    q = rows[..., :Hd].reshape(*lead, Hd // Q8_BLOCK, Q8_BLOCK).astype(np.float32)
+    return (q * d[..., None]).reshape(*lead, Hd)
 
 
 def grown_capacity(current: int, needed: int, max_tokens: int) -> int:
@@ -173,14 +220,41 @@ class KvCacheEntry:
         self._allocator.release(self, old)
 
     def keys(self, layer: int) -> np.ndarray:
-        """Layer ``layer``'s key buffer, (KVH, capacity, Hd); rows past n_tokens are scratch."""
+        """Layer ``layer``'s key buffer as stored, (KVH, capacity, width); rows past n_tokens are
+        scratch."""
         assert self._buffer is not None, "ensure_capacity() first"
         return self._buffer[layer, 0]
 
     def values(self, layer: int) -> np.ndarray:
-        """Layer ``layer``'s value buffer, (KVH, capacity, Hd)."""
+        """Layer ``layer``'s value buffer as stored, (KVH, capacity, width)."""
         assert self._buffer is not None, "ensure_capacity() first"
         return self._buffer[layer, 1]
+
+    def write(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Store T new tokens' keys and values, k and v (T, KVH, Hd) float32, at rows start ..
+        start + T - 1 of ``layer`` (rounded to float16 or quantized to q8_0 as the dtype says)."""
+        assert self._buffer is not None, "ensure_capacity() first"
+        end = start + k.shape[0]
+        kt, vt = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # (KVH, T, Hd)
+        if self.shape.dtype == "q8_0":
+            kt, vt = quantize_q8_0(kt), quantize_q8_0(vt)
+        self._buffer[layer, 0, :, start:end] = kt
+        self._buffer[layer, 1, :, start:end] = vt
+
+    def read(self, layer: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first n cached rows of ``layer`` as floats: (keys, values), (KVH, n, Hd) each; views
+        of a float32 or float16 buffer, expanded float32 copies of a q8_0 one."""
+        keys, values = self.keys(layer)[:, :n], self.values(layer)[:, :n]
+        if self.shape.dtype == "q8_0":
+            return dequantize_q8_0(keys), dequantize_q8_0(values)
+        return keys, values
+
+    @property
+    def layer_bytes(self) -> int:
+        """Bytes from one layer's K/V to the next's in the buffer (the attention kernel reads every
+        layer through layer 0's address)."""
+        assert self._buffer is not None, "ensure_capacity() first"
+        return int(self._buffer.strides[0])
 
     def append(self, token_ids: Sequence[int] | np.ndarray) -> None:
         """Commit the tokens whose K/V the model has just written after the cached ones."""

@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import queue
 import struct
@@ -32,14 +33,14 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .kv_cache import ModelShape
+from .kv_cache import KV_DTYPES, ModelShape
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ SUFFIX = ".kv"
 INDEX_NAME = "index.json"
 PREAMBLE = struct.Struct("<8sII")  # magic, header length, header CRC-32
 MAX_HEADER_BYTES = 1 << 20
+MAX_TOKENS = 1 << 24  # a header's n_tokens (a session holds at most the model's context)
+MAX_DIM = 1 << 16  # a header's n_layers, n_kv_heads, head_dim
+MAX_NAME_CHARS = 16_384  # a header's session_id and model identity (more than any HTTP header holds)
 MAX_PENDING_BYTES = 512 << 20  # handed-over buffers waiting for the writer; past this an eviction is dropped
 _IDENTITY_SAMPLES = 16  # tensor-data blocks hashed into a model's identity
 _IDENTITY_BLOCK = 4096
@@ -148,12 +152,44 @@ def _shape_of(header: dict[str, Any]) -> ModelShape:
     return ModelShape(header["n_layers"], header["n_kv_heads"], header["head_dim"], header["dtype"])
 
 
+# Every header field, its type and its range: a file is checked against all of them before any is used.
+_WHOLE_FIELDS = {"version": (VERSION, VERSION), "n_tokens": (1, MAX_TOKENS), "n_layers": (1, MAX_DIM),
+                 "n_kv_heads": (1, MAX_DIM), "head_dim": (1, MAX_DIM)}  # fmt: skip
+_TEXT_FIELDS = {"session_id": MAX_NAME_CHARS, "model": MAX_NAME_CHARS}
+_FIELDS = {*_WHOLE_FIELDS, *_TEXT_FIELDS, "dtype", "payload_crc32"}
+
+
+def check_header(header: Any) -> dict[str, Any]:
+    """The header if every field has the right type and range; CorruptFile naming the first that does not."""
+    if not isinstance(header, dict):
+        raise CorruptFile(f"the header is a JSON {type(header).__name__}, not an object")
+    if set(header) != _FIELDS:
+        missing, extra = sorted(_FIELDS - set(header)), sorted(set(header) - _FIELDS)
+        raise CorruptFile(f"header fields missing {missing} or unknown {[k[:40] for k in extra[:5]]}")
+    for name, (low, high) in _WHOLE_FIELDS.items():
+        value = header[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise CorruptFile(
+                f"header field {name!r} = {str(value)[:40]!r} is not a whole number in [{low}, {high}]"
+            )
+    for name, max_chars in _TEXT_FIELDS.items():
+        value = header[name]
+        if not isinstance(value, str) or not 0 < len(value) <= max_chars:
+            raise CorruptFile(f"header field {name!r} is not a text of 1 to {max_chars} characters")
+    if header["dtype"] not in KV_DTYPES:
+        raise CorruptFile(f"header field 'dtype' = {str(header['dtype'])[:40]!r} is not one of {KV_DTYPES}")
+    crc = header["payload_crc32"]
+    if not isinstance(crc, str) or len(crc) != 8 or any(c not in "0123456789abcdef" for c in crc):
+        raise CorruptFile("header field 'payload_crc32' is not 8 hex digits")
+    return header
+
+
 class CorruptFile(Exception):
     """A session file that must not be used (the message says why)."""
 
 
 def read_header(f: io.BufferedReader, file_size: int) -> tuple[dict[str, Any], int]:
-    """(header, payload offset); CorruptFile when the preamble, header or size is wrong."""
+    """(header, payload offset); CorruptFile when the preamble, a header field or the size is wrong."""
     raw = f.read(PREAMBLE.size)
     if len(raw) < PREAMBLE.size:
         raise CorruptFile(f"truncated: {file_size} bytes is shorter than the preamble")
@@ -166,14 +202,11 @@ def read_header(f: io.BufferedReader, file_size: int) -> tuple[dict[str, Any], i
     if len(text) < n_text or zlib.crc32(text) != crc:
         raise CorruptFile("the header's checksum does not match")
     try:
-        header = json.loads(text)
-        offset = PREAMBLE.size + n_text + (-(PREAMBLE.size + n_text) % ALIGN)
-        shape = _shape_of(header)
-        expected = offset + _payload_bytes(shape, int(header["n_tokens"]))
-        if header["version"] != VERSION or not isinstance(header["session_id"], str):
-            raise CorruptFile(f"unknown version {header['version']!r}")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptFile(f"unreadable header: {exc}") from exc
+        header = check_header(json.loads(text))
+    except (ValueError, RecursionError) as exc:  # JSON's errors are ValueErrors
+        raise CorruptFile(f"unreadable header: {str(exc)[:80]}") from exc
+    offset = PREAMBLE.size + n_text + (-(PREAMBLE.size + n_text) % ALIGN)
+    expected = offset + _payload_bytes(_shape_of(header), header["n_tokens"])
     if file_size != expected:
         raise CorruptFile(f"truncated or padded: {file_size:,} bytes, the header says {expected:,}")
     return header, offset
@@ -212,17 +245,17 @@ class DiskKvTier:
             self._warn("open", f"KV disk tier off: cannot use {self.directory}: {describe_os_error(exc)}")
             return False
         order = self._read_index()
-        found: list[_Record] = []
+        found: dict[str, _Record] = {}
         for name in names:
             path = self.directory / name
             if name.endswith(".tmp"):  # a write cut short (a crash): never complete, never read
                 self._unlink(path, "an unfinished write")
             elif name.endswith(SUFFIX):
-                record = self._scan(path)
+                record = self._scan(path, found)
                 if record is not None:
                     record.last_used = order.get(name, record.last_used)
-                    found.append(record)
-        for record in sorted(found, key=lambda r: r.last_used):
+                    found[record.session_id] = record
+        for record in sorted(found.values(), key=lambda r: r.last_used):
             self._records[record.session_id] = record
         self._trim_to_budget(keep=None)
         log.info("KV disk tier at %s: %d sessions, %.1f MiB", self.directory, len(self._records),
@@ -232,14 +265,15 @@ class DiskKvTier:
     def _read_index(self) -> dict[str, float]:
         try:
             data = json.loads((self.directory / INDEX_NAME).read_text(encoding="utf-8"))
-            return {str(row["file"]): float(row["last_used"]) for row in data["sessions"]}
+            order = {str(row["file"]): float(row["last_used"]) for row in data["sessions"]}
+            return {name: when for name, when in order.items() if math.isfinite(when)}
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             log.warning("KV disk index %s is unreadable (%s); rebuilt from the files", INDEX_NAME, exc)
             return {}
 
-    def _scan(self, path: Path) -> _Record | None:
+    def _scan(self, path: Path, seen: Mapping[str, object]) -> _Record | None:
         try:
             with open(path, "rb") as f:
                 header, offset = read_header(f, os.fstat(f.fileno()).st_size)
@@ -255,6 +289,10 @@ class DiskKvTier:
             log.warning("cannot read KV file %s: %s", path, describe_os_error(exc))
             return None
         size = offset + _payload_bytes(_shape_of(header), len(ids))
+        if header["session_id"] in seen:  # two files claim one session: neither is trusted
+            self._rejected += 1
+            self._unlink(path, f"another file holds session {header['session_id'][:40]!r} too")
+            return None
         return _Record(header["session_id"], path, size, header, ids, mtime)
 
     # -- the store's entry points ---------------------------------------------------------------
@@ -365,7 +403,7 @@ class DiskKvTier:
                 raise CorruptFile("the file changed since it was indexed")
             shape, n = _shape_of(header), int(header["n_tokens"])
             ids = np.empty(n, dtype=np.int32)
-            kv = np.empty(shape.buffer_shape(n), dtype=shape.dtype)
+            kv = np.empty(shape.buffer_shape(n), dtype=shape.storage_dtype)
             f.seek(offset)
             _read_exactly(f, ids)
             _read_exactly(f, kv)

@@ -2,7 +2,8 @@
 
 The store keeps every session's K/V between requests so a follow-up turn only computes its new
 tokens (``prepare`` trims an entry to the longest common prefix with the new prompt), and copies a
-shared prefix (the same system prompt in another tab) from another session instead of recomputing it.
+shared prefix (the same system prompt in another tab) from another session instead of recomputing it. Only
+sessions of the same owner (``SessionId.owner``: the app, an API key...) share with each other.
 
 Memory: ``current_bytes`` is the sum of every entry's reserved bytes and never passes
 ``max_bytes_total``; buffers of removed or evicted entries wait in a pool (also within the budget)
@@ -34,22 +35,45 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 
+APP_OWNER = "app"  # the owner of sessions nobody names one for: the app's tabs, a script's requests
+
+
 @dataclass(frozen=True, slots=True)
 class SessionId:
-    """A conversation's identity in the store (one per tab)."""
+    """A conversation's identity in the store (one per tab), and who owns it.
+
+    ``owner`` separates who may benefit from a session's K/V: the app's tabs (``APP_OWNER``), each API
+    key, the keyless local API client. Sessions of different owners are different sessions even under
+    the same ``value``, never share a prefix and never load each other's disk files, so what one owner
+    sent cannot be read back through another's cache hits (``reused_tokens``, ``cached_tokens``).
+    """
 
     value: str
+    owner: str = APP_OWNER
 
     def __post_init__(self) -> None:
         if not isinstance(self.value, str) or not self.value.strip():
             raise ValueError(f"SessionId needs a non-empty string, got {self.value!r}")
+        if not isinstance(self.owner, str) or not self.owner or _OWNER_SEPARATOR in self.owner:
+            raise ValueError(f"SessionId.owner must be a non-empty string without \\x1f, got {self.owner!r}")
 
     @classmethod
-    def new_id(cls) -> SessionId:
-        return cls(uuid.uuid4().hex)
+    def new_id(cls, owner: str = APP_OWNER) -> SessionId:
+        return cls(uuid.uuid4().hex, owner)
+
+    @property
+    def key(self) -> str:
+        """The name the disk tier files it under, unique per (owner, value): the app's is its value (as
+        before owners existed), any other is ``owner`` + US + ``value`` (an owner holds no US)."""
+        if self.owner == APP_OWNER and _OWNER_SEPARATOR not in self.value:
+            return self.value
+        return f"{self.owner}{_OWNER_SEPARATOR}{self.value}"
 
     def __str__(self) -> str:
         return self.value
+
+
+_OWNER_SEPARATOR = "\x1f"  # never in an owner: the first one in a key ends the owner
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +161,7 @@ class KvCacheStats:
     disk_load_ms: float = 0.0  # the last load from disk (read, check, copy into the entry)
     disk_writes: int = 0
     disk_write_failures: int = 0  # full disk, read-only folder...: those sessions will be recomputed
+    disk_rejected_files: int = 0  # files ignored or deleted: another model, corrupt, a header out of range
 
     @property
     def hit_rate(self) -> float:
@@ -296,8 +321,8 @@ class LruKvCacheStore:
                 self._drop(session_id, to_disk=session_id in self._to_disk_at_unpin)
                 return
             limit = self._options.effective_max_tokens(slot.entry.shape, self._context.get(session_id))
-            if slot.entry.capacity > limit:  # a limit shrank while the request ran
-                self._drop(session_id)
+            if slot.entry.capacity > limit:  # a limit shrank while the request ran: to disk, as evicted
+                self._drop(session_id, to_disk=True)
                 self._evictions += 1
             self._enforce_limits()
 
@@ -360,10 +385,13 @@ class LruKvCacheStore:
     def _copy_shared_prefix(
         self, session_id: SessionId, entry: KvCacheEntry, prompt_ids: Sequence[int] | np.ndarray, n_own: int
     ) -> int:
-        """Copy the longest prefix of the prompt cached by another session, if longer than ours."""
+        """Copy the longest prefix of the prompt cached by another session of the same owner, if longer
+        than ours."""
         best_id, best_n = None, n_own
         cap = len(prompt_ids) - 1
         for other_id, slot in self._slots.items():
+            if other_id.owner != session_id.owner:  # never another owner's: the hit would reveal its text
+                continue
             if other_id == session_id or slot.entry.shape != entry.shape:
                 continue
             n = min(slot.entry.common_prefix_length(prompt_ids), cap)
@@ -394,7 +422,7 @@ class LruKvCacheStore:
             low = capacity if min_capacity is None else min(min_capacity, capacity)
             accounted = self._accounted.get(id(entry))
             if accounted is None:  # an entry this store no longer tracks
-                return np.empty(shape.buffer_shape(capacity), dtype=shape.dtype)
+                return np.empty(shape.buffer_shape(capacity), dtype=shape.storage_dtype)
             if capacity > low:  # as much of the step as fits (so a full budget is not a copy per token)
                 room = self._room_bytes(entry) + accounted
                 capacity = max(low, min(capacity, room // shape.bytes_per_token))
@@ -407,7 +435,7 @@ class LruKvCacheStore:
             nbytes = capacity * shape.bytes_per_token
             self._make_room(nbytes - accounted, keep=entry.session_id, needed_for=entry)
             if buffer is None:
-                buffer = np.empty(shape.buffer_shape(capacity), dtype=shape.dtype)
+                buffer = np.empty(shape.buffer_shape(capacity), dtype=shape.storage_dtype)
             self._current_bytes += nbytes - accounted
             self._accounted[id(entry)] = nbytes
             self._peak_bytes = max(self._peak_bytes, self._current_bytes)
@@ -418,7 +446,7 @@ class LruKvCacheStore:
         fits = [
             i
             for i, b in enumerate(self._pool)
-            if b.dtype == np.dtype(shape.dtype)
+            if b.dtype == shape.storage_dtype
             and b.shape[:3] + b.shape[4:] == shape.buffer_shape(0)[:3] + shape.buffer_shape(0)[4:]
             and low <= b.shape[3] <= high
         ]
@@ -533,7 +561,7 @@ class LruKvCacheStore:
             log.debug("KV session %s not written to disk: the writer is behind or it is too big", session_id)
             return False
         buffer, token_ids = entry.detach()
-        disk.put(session_id.value, model, entry.shape, token_ids, buffer)
+        disk.put(session_id.key, model, entry.shape, token_ids, buffer)
         return True
 
     def _load_from_disk(
@@ -541,10 +569,10 @@ class LruKvCacheStore:
     ) -> int:
         """Load the session's K/V from disk when they hold a longer prefix of the prompt than memory."""
         assert self._disk is not None
-        if self._model_identity is None or not self._disk.has(session_id.value):
+        if self._model_identity is None or not self._disk.has(session_id.key):
             return n_own
         started = time.perf_counter()
-        found = self._disk.find(session_id.value, self._model_identity, entry.shape, prompt_ids, n_own)
+        found = self._disk.find(session_id.key, self._model_identity, entry.shape, prompt_ids, n_own)
         if found is None:
             return n_own
         token_ids, kv = found
@@ -565,7 +593,7 @@ class LruKvCacheStore:
     def prefetch(self, session_id: SessionId) -> bool:
         """A conversation was opened: start reading its file (if any) so its next request loads fast."""
         disk = self._disk
-        return disk is not None and session_id not in self and disk.prefetch(session_id.value)
+        return disk is not None and session_id not in self and disk.prefetch(session_id.key)
 
     def forget(self, session_id: SessionId) -> None:
         """A deleted conversation: its session goes from memory and from disk."""
@@ -573,7 +601,7 @@ class LruKvCacheStore:
             self.remove(session_id)
             self._to_disk_at_unpin.discard(session_id)
             if self._disk is not None:
-                self._disk.forget(session_id.value)
+                self._disk.forget(session_id.key)
 
     def clear_disk(self) -> None:
         """Delete every session file of the disk tier (memory is untouched)."""
@@ -624,8 +652,8 @@ class LruKvCacheStore:
                 return
             for session_id, slot in list(self._slots.items()):
                 limit = options.effective_max_tokens(slot.entry.shape, self._context.get(session_id))
-                if slot.entry.capacity > limit and not slot.pinned:
-                    self._drop(session_id)
+                if slot.entry.capacity > limit and not slot.pinned:  # evicted: to disk, if the tier is on
+                    self._drop(session_id, to_disk=True)
                     self._evictions += 1
                 else:
                     slot.entry.max_tokens = max(limit, slot.entry.capacity)
@@ -661,6 +689,7 @@ class LruKvCacheStore:
             "max_disk_bytes": disk.max_bytes, "disk_hits": self._disk_hits,
             "disk_reused_tokens": self._disk_reused_tokens, "disk_load_ms": self._disk_load_ms,
             "disk_writes": disk.writes, "disk_write_failures": disk.write_failures,
+            "disk_rejected_files": disk.rejected_files,
         }  # fmt: skip
 
     def sessions(self) -> list[SessionInfo]:

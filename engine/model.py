@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -44,6 +45,9 @@ from .kernels import linear
 from .kernels import weights as kw
 from .kv_cache import KvCacheEntry, ModelShape
 from .kv_disk import model_identity
+
+if TYPE_CHECKING:
+    from .kernels.attention import StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -414,12 +418,53 @@ class Model:
         logits = self._forward_rows(checked, all_logits=picked)  # (P, V)
         return np.split(logits, np.cumsum(n_tails)[:-1])
 
-    def _decode_attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
-        """One decode row's attention over n cached positions: NumPy for short caches, the kernel for
-        long ones and for float16 caches (read once, in place, instead of copied to float32 first)."""
-        if self.weights.kernels == "numba" and (n >= kernels.ATTENTION_MIN_TOKENS or keys.dtype != F32):
-            return kernels.decode_attention(q, keys, values, n)
-        return decode_attention(q, keys[:, :n], values[:, :n])
+    def _attention_plan(self, rows: Sequence[Row], starts: Sequence[int]) -> StepPlan | None:
+        """On the numba path, the step's sequences the fused kernel attends (one call a layer for all
+        their rows) with their caches' layout; None when it attends none (the NumPy path).
+
+        A chunk of ``kernels.BLAS_ATTENTION_ROWS`` tokens or more after at least as many cached ones
+        (a new message in a long chat) goes to ``attention()`` instead: there BLAS's register-tiled
+        products beat the kernel's (measured 2x at 64-256 tokens after 2,048)."""
+        if self.weights.kernels != "numba" or len({r.cache.shape.dtype for r in rows}) != 1:
+            return None
+        from .kernels.attention import StepPlan
+
+        offsets = np.cumsum([0] + [len(r.ids) for r in rows])  # (B+1,) each sequence's first row
+        fused = [i for i, (r, s) in enumerate(zip(rows, starts, strict=True))
+                 if len(r.ids) < kernels.BLAS_ATTENTION_ROWS or s < len(r.ids)]  # fmt: skip
+        if not fused:
+            return None
+        caches = [rows[i].cache for i in fused]
+        keys, values = [c.keys(0) for c in caches], [c.values(0) for c in caches]  # (KVH, capacity, width)
+        layer_bytes, dtype = [c.layer_bytes for c in caches], caches[0].shape.dtype
+        lengths, first_rows = [len(rows[i].ids) for i in fused], [int(offsets[i]) for i in fused]
+        plan = StepPlan(keys, values, layer_bytes, [starts[i] for i in fused], lengths, dtype,
+                        kernels.threads(), first_rows)  # fmt: skip
+        plan.sequences = fused
+        return plan
+
+    def _attention_rows(
+        self,
+        q: np.ndarray,
+        rows: Sequence[Row],
+        starts: Sequence[int],
+        index: int,
+        window: int,
+        plan: StepPlan | None,
+    ) -> np.ndarray:
+        """Every row's attention, (N, H*Hd): the plan's sequences by the fused kernel, the others
+        (all on the NumPy path) by ``attention()`` against their cache read as floats."""
+        N, H, Hd = q.shape
+        attn = plan.run(q, index, window) if plan is not None else np.empty((N, H * Hd), dtype=F32)
+        fused = set(plan.sequences) if plan is not None else set()
+        r0 = 0
+        for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
+            r1, end = r0 + len(row.ids), start + len(row.ids)
+            if i not in fused:
+                keys, values = row.cache.read(index, end)  # (KVH, end, Hd) each
+                attn[r0:r1] = attention(q[r0:r1], keys, values, start, window)
+            r0 = r1
+        return attn
 
     def _threads(self) -> AbstractContextManager[object]:
         """On the numba path, the kernels' thread settings for the length of one forward."""
@@ -452,11 +497,12 @@ class Model:
         ropes = {False: self._rope.tables(positions)}  # (cos, sin), (N, Hd) each
         if any(self._local):
             ropes[True] = self._local_rope.tables(positions)
+        plan = self._attention_plan(rows, starts)
         x = kw.embed(self.weights.embedding, ids)  # (N, D)
         if self.config.arch.scale_embeddings:
             x *= F32(np.sqrt(self.config.hidden_size))
         for i, layer in enumerate(self.weights.layers):
-            x = self._block(i, layer, x, rows, starts, *ropes[self._local[i]])
+            x = self._block(i, layer, x, rows, starts, plan, *ropes[self._local[i]])
         for row in rows:
             row.cache.append(row.ids)
         if isinstance(all_logits, np.ndarray):
@@ -474,6 +520,7 @@ class Model:
         x: np.ndarray,
         rows: Sequence[Row],
         starts: Sequence[int],
+        plan: StepPlan | None,
         cos: np.ndarray,
         sin: np.ndarray,
     ) -> np.ndarray:
@@ -492,22 +539,12 @@ class Model:
         qk = apply_rope(qk, cos, sin)  # (N, H+KVH, Hd)
         q, k = qk[:, :H], qk[:, H:]  # (N, H, Hd), (N, KVH, Hd); q is pre-scaled by 1/sqrt(Hd)
         v = qkv[:, (H + KVH) * Hd :].reshape(N, KVH, Hd)  # (N, KVH, Hd)
-        attn = np.empty((N, H * Hd), dtype=F32)  # (N, H*Hd)
         r0 = 0
-        for row, start in zip(rows, starts, strict=True):
-            T = len(row.ids)
-            r1, end = r0 + T, start + T
-            keys, values = row.cache.keys(index), row.cache.values(index)  # (KVH, cap, Hd)
-            if T == 1:  # decoding: the most common row, kept to the fewest array operations
-                keys[:, start] = k[r0]  # (KVH, Hd)
-                values[:, start] = v[r0]
-                first = max(0, end - window) if window else 0  # a local layer sees the last window keys
-                attn[r0] = self._decode_attention(q[r0], keys[:, first:], values[:, first:], end - first)
-            else:
-                keys[:, start:end] = k[r0:r1].transpose(1, 0, 2)  # (KVH, T, Hd)
-                values[:, start:end] = v[r0:r1].transpose(1, 0, 2)
-                attn[r0:r1] = attention(q[r0:r1], keys[:, :end], values[:, :end], start, window)
+        for row, start in zip(rows, starts, strict=True):  # the new tokens' K/V into their caches
+            r1 = r0 + len(row.ids)
+            row.cache.write(index, start, k[r0:r1], v[r0:r1])  # (T, KVH, Hd) each
             r0 = r1
+        attn = self._attention_rows(q, rows, starts, index, window, plan)  # (N, H*Hd)
         out = linear(attn, w.wo)  # (N, D)
         if w.post_attn_norm is not None:
             out = rms_norm(out, w.post_attn_norm, c.rms_eps)

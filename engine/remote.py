@@ -10,10 +10,14 @@ SSE; ``on_event`` is called on that thread. ``cancel`` cancels the task, which c
 the server sees the client leave.
 
 Failures are answers, never hangs: a refused connection, an unknown host, a TLS error, 401, 404, a
-busy server (429/503: its Retry-After is honoured once), a stream cut mid-reply end the request with
+busy server (429/503: its Retry-After is honoured once), a stream cut mid-reply, a reply the server
+gave up on (its finish reason "cancelled": it was shut down) end the request with
 ``finish_reason="error"``; a server silent for ``timeout_s``, or a reply past ``max_time_ms``, ends it
 with ``"timeout"``. The message names the endpoint and the cause; the text received so far is kept.
-Token counts come from the server's ``usage`` (``completion_tokens``); token ids are not sent.
+A server is not trusted to behave: error bodies and SSE lines are read with caps, and a reply that
+goes past ``max_new_tokens`` chunks (a server ignoring ``max_tokens``) is ended there as "length" and
+its stream closed. Token counts come from the server's ``usage`` (``completion_tokens``); token ids
+are not sent.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import threading
 import time
@@ -33,9 +38,16 @@ from .errors import EngineStoppedError, RemoteEngineError
 from .generation import FINISH_REASONS, FinishReason, GenerationEvent, GenerationResult, ResultHandle
 from .metrics import InMemoryRuntimeMetrics
 from .remote_http import (
+    MAX_ERROR_BODY_BYTES,
+    MAX_MODELS_BYTES,
+    SERVER_ENDED,
     StreamState,
+    TooLarge,
     api_url,
+    capped_lines,
     parse_sse_line,
+    read_capped,
+    read_capped_sync,
     request_body,
     response_error,
     retry_after_s,
@@ -224,8 +236,14 @@ class RemoteEngine:
         try:
             limit_s = options.max_time_ms / 1000.0 if options.max_time_ms is not None else None
             async with asyncio.timeout(limit_s):
-                await self._exchange(handle, path, body, state, clock)
+                await self._exchange(handle, path, body, state, clock, options.max_new_tokens)
             reason = _finish_reason(state.finish_reason)
+            if state.finish_reason in SERVER_ENDED:  # not our Stop: the server gave the reply up
+                reason = "error"
+                error = (
+                    f"{self.label}: the server ended the reply before it finished (it said "
+                    f"{state.finish_reason!r}: it may have been stopped or restarted)"
+                )
         except asyncio.CancelledError:  # handle.cancel() or stop()
             reason = "cancelled"
             if self._stopped:
@@ -241,8 +259,9 @@ class RemoteEngine:
             reason = "timeout"
             error = f"{self.label}: {transport_error(exc, self.timeout_s, self.connect_timeout_s)}"
         except httpx.HTTPError as exc:
+            n_chars = sum(map(len, state.pieces)) if state.started else -1
             reason = "error"
-            error = f"{self.label}: {transport_error(exc, self.timeout_s, self.connect_timeout_s)}"
+            error = f"{self.label}: {transport_error(exc, self.timeout_s, self.connect_timeout_s, n_chars)}"
         except Exception as exc:  # a bug here must still end the request with its cause
             log.exception("remote request %d failed", handle.request_id)
             reason, error = "error", f"{self.label}: {type(exc).__name__}: {exc}"
@@ -257,6 +276,7 @@ class RemoteEngine:
         body: dict[str, Any],
         state: StreamState,
         clock: _Clock,
+        max_new_tokens: int,
     ) -> None:
         """POST and read the stream; a 429/503 with Retry-After is tried again once after the wait."""
         assert self._client is not None
@@ -266,9 +286,9 @@ class RemoteEngine:
                 "POST", self.api_url + path, json=body, headers=self._headers(handle.session_id)
             ) as response:
                 if response.status_code < 400:
-                    await self._read_stream(handle, response, state, clock)
+                    await self._read_stream(handle, response, state, clock, max_new_tokens)
                     return
-                content = await response.aread()
+                content, _ = await read_capped(response, MAX_ERROR_BODY_BYTES)
                 message = response_error(
                     response.status_code, response.reason_phrase, content, self.model, bool(self._api_key)
                 )
@@ -284,20 +304,38 @@ class RemoteEngine:
             waited_s = wait_s
 
     async def _read_stream(
-        self, handle: RemoteRequestHandle, response: httpx.Response, state: StreamState, clock: _Clock
+        self,
+        handle: RemoteRequestHandle,
+        response: httpx.Response,
+        state: StreamState,
+        clock: _Clock,
+        max_new_tokens: int,
     ) -> None:
-        lines = cast(AsyncGenerator[str, None], response.aiter_lines())  # an async generator
+        """Deliver the reply's text as it comes; at most ``max_new_tokens`` chunks of it (a chunk is a
+        token or more): past that the server ignores ``max_tokens``, and the reply ends as "length"
+        (leaving ``async with`` closes the stream, so the server sees the client go)."""
+        state.started = True
+        lines = cast(AsyncGenerator[str, None], capped_lines(response))  # an async generator
         try:
             async for line in lines:
+                n_before = state.n_chunks
                 try:
                     text = parse_sse_line(line, state)
                 except RuntimeError as exc:
                     raise _Failure("error", str(exc)) from exc
+                if text and n_before >= max_new_tokens:
+                    state.pieces.pop()
+                    state.n_chunks, state.finish_reason = n_before, "length"
+                    log.info("%s sent more than max_tokens=%d; the reply is cut there", self.label,
+                             max_new_tokens)  # fmt: skip
+                    return
                 if text:
                     clock.tick(self.metrics)
                     handle._deliver(GenerationEvent(handle.request_id, "token", text=text))
                 if state.done:
                     return
+        except TooLarge as exc:
+            raise _Failure("error", str(exc)) from exc
         finally:
             await lines.aclose()  # now, not when collected: the loop may be gone by then
         if state.finish_reason is None:
@@ -340,20 +378,28 @@ class RemoteEngine:
         """The model ids the server offers (``GET /models``), blocking; RemoteEngineError says why not."""
         timeout = httpx.Timeout(timeout_s or self.timeout_s, connect=self.connect_timeout_s)
         try:
-            response = httpx.get(self.api_url + "/models", headers=self._headers(), timeout=timeout)
+            with httpx.stream(
+                "GET", self.api_url + "/models", headers=self._headers(), timeout=timeout
+            ) as response:
+                content, more = read_capped_sync(response, MAX_MODELS_BYTES)
         except httpx.HTTPError as exc:
             cause = transport_error(exc, timeout_s or self.timeout_s, self.connect_timeout_s)
             raise RemoteEngineError(f"{self.label}: {cause}") from exc
         if response.status_code >= 400:
-            cause = response_error(response.status_code, response.reason_phrase, response.content, None,
+            cause = response_error(response.status_code, response.reason_phrase, content, None,
                                    bool(self._api_key))  # fmt: skip
             raise RemoteEngineError(f"{self.label}: {cause}")
-        try:
-            data = response.json()["data"]
-            return [str(item["id"]) for item in data]
-        except (ValueError, KeyError, TypeError) as exc:
+        if more:
             raise RemoteEngineError(
-                f"{self.label}: /models did not answer with an OpenAI model list ({response.text[:120]!r})"
+                f"{self.label}: /models answered with more than {MAX_MODELS_BYTES:,} bytes"
+            )
+        try:
+            data = json.loads(content)["data"]
+            return [str(item["id"]) for item in data]
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            shown = content[:120].decode("utf-8", "replace")
+            raise RemoteEngineError(
+                f"{self.label}: /models did not answer with an OpenAI model list ({shown!r})"
             ) from exc
 
 

@@ -4,15 +4,19 @@ OpenAI-compatible servers (vLLM, llama.cpp's ``llama-server``, Ollama, ``smallmi
 ``<base>/v1``: ``GET /models`` and ``POST /chat/completions`` (``/completions`` for plain text), with
 ``stream: true`` as server-sent events (``data: {json}`` lines, then ``data: [DONE]``). Every failure
 is described here in one sentence that names the cause (refused, unknown host, TLS, the status and
-the server's own message); ``RemoteEngine`` prefixes it with the endpoint.
+the server's own message) in plain words, never the HTTP library's; ``RemoteEngine`` prefixes it with
+the endpoint. A server is not trusted to be small: bodies and lines are read with caps
+(``read_capped``, ``capped_lines``).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import socket
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,6 +26,51 @@ import httpx
 from .sampling import InferenceOptions
 
 MAX_ERROR_CHARS = 300  # of a server's error message quoted in ours
+MAX_ERROR_BODY_BYTES = 64 << 10  # of a refusal's body read (the rest is not waited for)
+MAX_LINE_BYTES = 1 << 20  # one SSE line: a chunk of a reply is a few hundred bytes
+MAX_MODELS_BYTES = 4 << 20  # a /models answer (thousands of models fit)
+SERVER_ENDED = ("cancelled", "abort", "aborted")  # finish reasons of a reply the server gave up on
+
+
+class TooLarge(Exception):
+    """A server sent more than a cap allows (the message says what and how much)."""
+
+
+async def read_capped(response: httpx.Response, max_bytes: int) -> tuple[bytes, bool]:
+    """The body's first ``max_bytes`` bytes, and whether there was more (not read further)."""
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > max_bytes:
+            return bytes(body[:max_bytes]), True
+    return bytes(body), False
+
+
+def read_capped_sync(response: httpx.Response, max_bytes: int) -> tuple[bytes, bool]:
+    """``read_capped`` for a blocking client's response."""
+    body = bytearray()
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) > max_bytes:
+            return bytes(body[:max_bytes]), True
+    return bytes(body), False
+
+
+async def capped_lines(response: httpx.Response, max_line_bytes: int = MAX_LINE_BYTES) -> AsyncIterator[str]:
+    """The body's lines (``\n`` or ``\r\n``), decoded; TooLarge for a line that does not end within
+    ``max_line_bytes`` (a server streaming one endless line would otherwise fill the memory)."""
+    pending = bytearray()
+    async for chunk in response.aiter_bytes():
+        pending += chunk
+        start = 0
+        while (end := pending.find(b"\n", start)) >= 0:
+            yield pending[start:end].rstrip(b"\r").decode("utf-8", "replace")
+            start = end + 1
+        del pending[:start]
+        if len(pending) > max_line_bytes:
+            raise TooLarge(f"the server sent a line of more than {max_line_bytes:,} bytes without ending it")
+    if pending:
+        yield pending.rstrip(b"\r").decode("utf-8", "replace")
 
 
 def api_url(base_url: str) -> str:
@@ -93,6 +142,7 @@ class StreamState:
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
     done: bool = False  # "[DONE]" arrived
+    started: bool = False  # the server accepted the request and its stream began
 
 
 def parse_sse_line(line: str, state: StreamState) -> str:
@@ -159,24 +209,39 @@ def response_error(status: int, reason: str, body: bytes, model: str | None, has
     return f"the server answered {head}{said}"
 
 
-def transport_error(exc: BaseException, timeout_s: float, connect_timeout_s: float) -> str:
-    """A connection that failed or broke, in words (refused, unknown host, TLS, timeouts, cut)."""
+def transport_error(exc: BaseException, timeout_s: float, connect_timeout_s: float, n_chars: int = -1) -> str:
+    """A connection that failed or broke, in words (refused, unknown host, TLS, timeouts, cut), without
+    the HTTP library's own messages. ``n_chars``: the reply's characters so far (-1: no reply began)."""
     chain = _causes(exc)
     if isinstance(exc, httpx.ConnectTimeout):
         return f"no connection within {connect_timeout_s:g} s (is the host up and the port open?)"
     if isinstance(exc, httpx.ReadTimeout | httpx.WriteTimeout | httpx.PoolTimeout):
         return f"the server did not answer within {timeout_s:g} s"
     if any(isinstance(c, ssl.SSLError) for c in chain) or "SSL" in str(exc):
-        return f"the TLS handshake failed (is it really an https:// server?): {_last(chain)}"
+        if any(isinstance(c, ssl.SSLCertVerificationError) for c in chain):
+            return "the TLS handshake failed: the server's certificate is not trusted"
+        return "the TLS handshake failed (is it really an https:// server?)"
     if any(isinstance(c, socket.gaierror) for c in chain):
-        return f"the host name cannot be resolved ({_last(chain)})"
+        return "the host name cannot be resolved (is it spelled right?)"
     if any(isinstance(c, ConnectionRefusedError) for c in chain) or "refused" in str(exc).lower():
         return "the connection was refused (is the server running, on this port?)"
-    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
-        return f"the connection was cut in the middle of the reply ({_last(chain)})"
+    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError):
+        if n_chars > 0:
+            return f"the connection was cut in the middle of the reply, after {n_chars:,} characters"
+        if n_chars == 0:
+            return "the connection was cut before the reply's first words"
+        return "the server closed the connection without answering"
     if isinstance(exc, httpx.ConnectError):
-        return f"cannot connect: {_last(chain)}"
-    return f"{type(exc).__name__}: {_last(chain)}"
+        return f"cannot connect{_os_words(chain)}"
+    return f"the connection failed{_os_words(chain)}"
+
+
+def _os_words(chain: list[BaseException]) -> str:
+    """The operating system's words for the innermost OS error (": network is unreachable"), or ""."""
+    for exc in reversed(chain):
+        if isinstance(exc, OSError) and exc.errno is not None and exc.errno in errno.errorcode:
+            return f": {os.strerror(exc.errno).lower()}"
+    return ""
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -186,14 +251,6 @@ def _causes(exc: BaseException) -> list[BaseException]:
         chain.append(current)
         current = current.__cause__ or current.__context__
     return chain
-
-
-def _last(chain: list[BaseException]) -> str:
-    """The most specific message in an exception chain (the innermost that says something)."""
-    for exc in reversed(chain):
-        if str(exc):
-            return str(exc)[:MAX_ERROR_CHARS]
-    return type(chain[0]).__name__
 
 
 def retry_after_s(value: str | None) -> float | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -281,6 +282,10 @@ class StopStringMatcher:
     that may be the start of a stop string is held back until the next pieces settle it. When several
     stop strings could match, the one that completes first in the stream wins (the longest one if they
     complete at the same character), so the result does not depend on how the text was split.
+
+    Each stop string is followed with Knuth-Morris-Pratt: per string, how many of its first characters
+    the stream ends with now, and its failure table. Memory is linear in the stop strings' length and
+    each streamed character costs O(1) per string (amortized).
     """
 
     def __init__(self, stop: Sequence[str]) -> None:
@@ -289,10 +294,9 @@ class StopStringMatcher:
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop = {list(stop)!r} is invalid; allowed: non-empty strings")
         self._stop = tuple(stop)
-        # Every proper prefix of a stop string: the text that must be held back at the end of the buffer.
-        self._prefixes = {s[:n] for s in self._stop for n in range(1, len(s))}
-        self._max_prefix = max((len(s) - 1 for s in self._stop), default=0)
-        self._held = ""
+        self._fail = [_failure_table(s) for s in self._stop]
+        self._matched = [0] * len(self._stop)  # per stop string: its prefix the stream ends with
+        self._held = ""  # the stream's last max(_matched) characters: not shown yet
         self._stopped = False
 
     @property
@@ -303,32 +307,45 @@ class StopStringMatcher:
         """(text safe to emit now, whether a stop string completed). After a stop, emits nothing."""
         if self._stopped:
             return "", True
+        if not self._stop:
+            return text, False
         buf = self._held + text
-        start = self._first_match_start(buf)
-        if start is not None:
-            self._held, self._stopped = "", True
-            return buf[:start], True
-        cut = self._held_back_start(buf)
+        base = len(self._held)
+        for i, char in enumerate(text):
+            completed = [len(s) for k, s in enumerate(self._stop) if self._advance(k, char) == len(s)]
+            if completed:  # ends here; the longest one starts first
+                self._held, self._stopped = "", True
+                return buf[: base + i + 1 - max(completed)], True
+        cut = len(buf) - max(self._matched, default=0)
         self._held = buf[cut:]
         return buf[:cut], False
 
     def flush(self) -> str:
         """The held-back text, for when generation ended for another reason than a stop string."""
         held, self._held = self._held, ""
+        self._matched = [0] * len(self._stop)
         return "" if self._stopped else held
 
-    def _first_match_start(self, buf: str) -> int | None:
-        """Start of the stop string that ends first in `buf` (the longest on a tie), or None."""
-        best: tuple[int, int] | None = None  # (end, start)
-        for s in self._stop:
-            start = buf.find(s)
-            if start >= 0 and (best is None or (start + len(s), start) < best):
-                best = (start + len(s), start)
-        return None if best is None else best[1]
+    def _advance(self, k: int, char: str) -> int:
+        """Stop string ``k`` after one more character: how many of its first characters now match."""
+        stop, fail, n = self._stop[k], self._fail[k], self._matched[k]
+        while n and stop[n] != char:
+            n = fail[n - 1]
+        if stop[n] == char:
+            n += 1
+        self._matched[k] = n
+        return n
 
-    def _held_back_start(self, buf: str) -> int:
-        """Index of the longest suffix of `buf` that is a proper prefix of a stop string (len if none)."""
-        for i in range(max(0, len(buf) - self._max_prefix), len(buf)):
-            if buf[i:] in self._prefixes:
-                return i
-        return len(buf)
+
+def _failure_table(s: str) -> array:
+    """KMP: ``table[i]`` is the length of the longest proper prefix of ``s[:i + 1]`` that is also
+    its suffix (4 bytes per character)."""
+    table = array("i", bytes(4 * len(s)))
+    n = 0
+    for i in range(1, len(s)):
+        while n and s[i] != s[n]:
+            n = table[n - 1]
+        if s[i] == s[n]:
+            n += 1
+        table[i] = n
+    return table

@@ -17,6 +17,7 @@ import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from enum import IntEnum
+from pathlib import Path
 from typing import Any, Protocol
 
 import regex
@@ -25,7 +26,7 @@ from .architectures import ARCHITECTURES, PLAIN_TRANSCRIPT_TEMPLATE
 from .bpe import ByteLevelBpe
 from .chat_template import CHATML_TEMPLATE, ChatTemplate, ChatTemplateError, Messages, Segment
 from .errors import ModelFileError, UnsupportedModelError
-from .gguf import GgufFile
+from .gguf import MAX_CONTEXT_LENGTH, GgufFile
 from .spm import SentencePieceBpe
 
 log = logging.getLogger(__name__)
@@ -246,9 +247,24 @@ def _from_metadata(meta: Mapping[str, Any], path: os.PathLike[str], chat_templat
         bos_id=special["bos"],
         eos_ids=eos_ids,
         add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)),
-        chat_template=ChatTemplate(str(template), variables),
+        chat_template=ChatTemplate(
+            str(template),
+            variables,
+            name=f"the chat template {'given for' if chat_template else 'of'} {Path(path).name}",
+            max_chars=_context_chars(meta, tokens),
+        ),
         has_own_template=bool(chat_template or meta.get("tokenizer.chat_template")),
     )
+
+
+def _context_chars(meta: Mapping[str, Any], tokens: Sequence[str]) -> int:
+    """The most characters a prompt filling the model's context can have: its context length times
+    its longest token (at least 16, at most 64 characters a token)."""
+    context = meta.get(f"{meta.get('general.architecture')}.context_length")
+    if isinstance(context, bool) or not isinstance(context, int) or not 1 <= context <= MAX_CONTEXT_LENGTH:
+        context = MAX_CONTEXT_LENGTH // 64  # read_config refuses such a file; a tokenizer alone still renders
+    longest = max(map(len, tokens), default=1)
+    return context * min(64, max(16, longest))
 
 
 def _template_name(template: str) -> str:

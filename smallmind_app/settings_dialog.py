@@ -40,7 +40,7 @@ from .worker import session_limits, validate_settings
 
 __all__ = ["FIELDS", "INT_MAX", "MIB_RANGE", "SECTION_KEYS", "MiB", "SettingsDialog"]
 
-CHOICES = {"kvDtype": ["float32", "float16"], "kvPolicy": ["lru"]}
+CHOICES = {"kvDtype": ["float32", "float16", "q8_0"], "kvPolicy": ["lru"]}
 SUFFIXES = {"kvMaxBytesTotal": " MiB", "kvMaxBytesPerSession": " MiB", "batchMaxWaitMs": " ms",
             "maxTimeMs": " ms", "kvMaxDiskBytes": " MiB"}  # fmt: skip
 SPECIAL = {"seed": "random", "maxTimeMs": "no limit", "cpuThreads": "auto"}  # shown at the minimum

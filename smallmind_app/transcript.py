@@ -6,11 +6,18 @@ bubble has a "Copy" link (the raw text goes to the clipboard), a user message an
 message with versions ‹ 2/3 › under it, and every reply a line of numbers: tokens, tokens/s, time to
 first token, tokens reused from the KV cache. Each entry's HTML is cached, so while a reply streams
 only that reply is converted again (and only its last part: ``code_blocks`` caches the others), and
-``render`` is throttled by the tab. Every color comes from ``theme.colors()``."""
+``render`` is throttled by the tab. Every color comes from ``theme.colors()``.
+
+The app's own links (Copy, Edit, ‹ ›, a code block's Copy) carry a scheme made of a secret drawn
+for each view (``app-<random hex>:edit/0``): a reply cannot spell one, so text in a message never
+triggers an action; every other link keeps the rule for links from replies (http(s) only, opened
+after the address is shown)."""
 
 from __future__ import annotations
 
 import html
+import logging
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +35,8 @@ from PySide6.QtWidgets import QMessageBox, QTextBrowser, QToolButton, QWidget
 from .code_blocks import CodeBlock, code_block_html, code_blocks, prose_html, sanitize, split_markdown
 from .theme import colors
 from .wording import LABELS
+
+log = logging.getLogger(__name__)
 
 COPIED_SHOWN_MS = 1500
 FINISH_NOTES = {
@@ -60,14 +69,26 @@ class Entry:
         )  # fmt: skip
 
 
-def markdown_html(text: str, index: int = 0, copied_block: int = -1, bubble: str = "") -> list[str]:
+def new_link_scheme() -> str:
+    """A scheme for one view's own links that no message can know (64 random bits)."""
+    return f"app-{secrets.token_hex(8)}"
+
+
+def action_href(scheme: str, action: str, *numbers: int) -> str:
+    """The href of one of the app's own links: ``<scheme>:<action>/<n>/<n>``."""
+    return f"{scheme}:{action}/" + "/".join(str(n) for n in numbers)
+
+
+def markdown_html(
+    text: str, index: int = 0, copied_block: int = -1, bubble: str = "", scheme: str = "app"
+) -> list[str]:
     """A reply's Markdown -> HTML parts: prose (one string) and fenced code blocks (a table each, with
-    a Copy link ``copycode:<index>.<block>``); see ``code_blocks``."""
+    a Copy link ``<scheme>:copycode/<index>/<block>``); see ``code_blocks``."""
     parts: list[str] = []
     n_blocks = 0
     for part in split_markdown(text):
         if isinstance(part, CodeBlock):
-            href = f"copycode:{index}.{n_blocks}"
+            href = action_href(scheme, "copycode", index, n_blocks)
             tables = code_block_html(part, href, copied_block == n_blocks, bubble)
             parts.extend(CODE_MARK + table for table in tables)
             n_blocks += 1
@@ -125,12 +146,13 @@ def limit_reached(stats: dict[str, Any]) -> str:
     return "the token limit"
 
 
-def entry_html(index: int, entry: Entry) -> str:
-    return "".join(entry_chunks(index, entry))
+def entry_html(index: int, entry: Entry, scheme: str = "app") -> str:
+    return "".join(entry_chunks(index, entry, scheme))
 
 
-def entry_chunks(index: int, entry: Entry) -> list[str]:
-    """The entry's HTML as top-level tables (a bubble's prose, each code block, ...), in order."""
+def entry_chunks(index: int, entry: Entry, scheme: str = "app") -> list[str]:
+    """The entry's HTML as top-level tables (a bubble's prose, each code block, ...), in order;
+    ``scheme``: the view's own links' (``new_link_scheme``)."""
     if entry.role == "notice":
         color = colors()["error"] if entry.status == "error" else colors()["notice"]
         return [
@@ -143,15 +165,15 @@ def entry_chunks(index: int, entry: Entry) -> list[str]:
     if user:
         parts = [plain_html(entry.content)]
     elif entry.content:
-        parts = markdown_html(entry.content, index, entry.copied_block, bg)
+        parts = markdown_html(entry.content, index, entry.copied_block, bg, scheme)
     else:
         parts = []
-    footer = _footer(index, entry)
+    footer = _footer(index, entry, scheme)
     if footer:
         muted = colors()["muted"]
         parts.append(f'<p style="margin:6px 0px 0px 0px; color:{muted}; font-size:small;">{footer}</p>')
     # The bubble is a column of top-level tables, so a code block's long lines widen only its own.
-    sections: list[str] = [_header(index, entry)]
+    sections: list[str] = [_header(index, entry, scheme)]
     tables: list[str] = []
     for part in parts:
         if part.startswith(CODE_MARK):
@@ -177,14 +199,15 @@ def entry_chunks(index: int, entry: Entry) -> list[str]:
     return html_parts
 
 
-def _header(index: int, entry: Entry) -> str:
+def _header(index: int, entry: Entry, scheme: str) -> str:
     """'You  Copy  Edit' / 'Assistant  Copy'."""
     user = entry.role == "user"
     muted = colors()["muted"]
     name_color = colors()["user_name"] if user else colors()["assistant_name"]
     copy = "Copied ✓" if entry.copied else "Copy"
     link = f"color:{muted}; text-decoration:none;"
-    edit = f'&nbsp;&nbsp;<a href="edit:{index}" style="{link}">Edit</a>' if user and not entry.editing else ""
+    edit_href, copy_href = action_href(scheme, "edit", index), action_href(scheme, "copy", index)
+    edit = f'&nbsp;&nbsp;<a href="{edit_href}" style="{link}">Edit</a>' if user and not entry.editing else ""
     editing = (
         f'&nbsp;&nbsp;<span style="color:{colors()["editing"]};">being edited below (Esc cancels)</span>'
         if entry.editing
@@ -193,11 +216,11 @@ def _header(index: int, entry: Entry) -> str:
     return (
         f'<p style="margin:0px 0px 4px 0px;"><span style="color:{name_color}; font-weight:600;">'
         f"{'You' if user else 'Assistant'}</span>"
-        f'&nbsp;&nbsp;<a href="copy:{index}" style="{link}">{copy}</a>{edit}{editing}</p>'
+        f'&nbsp;&nbsp;<a href="{copy_href}" style="{link}">{copy}</a>{edit}{editing}</p>'
     )
 
 
-def _footer(index: int, entry: Entry) -> str:
+def _footer(index: int, entry: Entry, scheme: str) -> str:
     """The line under a message: its versions (‹ 2/3 ›), then the reply's figures or its state."""
     user = entry.role == "user"
     footer = ""
@@ -217,9 +240,10 @@ def _footer(index: int, entry: Entry) -> str:
         return footer
     number, count = entry.versions
     link = f"color:{colors()['user_name']}; text-decoration:none; font-weight:600;"
+    previous, following = action_href(scheme, "version", index, -1), action_href(scheme, "version", index, 1)
     versions = (
-        f'<a href="version:{index}:-1" style="{link}">&nbsp;‹&nbsp;</a>{number}/{count}'
-        f'<a href="version:{index}:1" style="{link}">&nbsp;›&nbsp;</a>'
+        f'<a href="{previous}" style="{link}">&nbsp;‹&nbsp;</a>{number}/{count}'
+        f'<a href="{following}" style="{link}">&nbsp;›&nbsp;</a>'
     )
     return f"{versions}&nbsp;&nbsp;{footer}" if footer else versions
 
@@ -244,6 +268,7 @@ class TranscriptView(QTextBrowser):
         self.setOpenLinks(False)
         self.setOpenExternalLinks(False)
         self.setAccessibleName("Conversation transcript")
+        self.link_scheme = new_link_scheme()  # this view's own links (module docstring)
         self.document().setDocumentMargin(12)
         self._entries: list[Entry] = []
         self._cache: dict[int, tuple[tuple[Any, ...], list[str]]] = {}
@@ -330,7 +355,7 @@ class TranscriptView(QTextBrowser):
             key = entry.cache_key()
             cached = self._cache.get(index)
             if cached is None or cached[0] != key:
-                cached = (key, entry_chunks(index, entry))
+                cached = (key, entry_chunks(index, entry, self.link_scheme))
                 self._cache[index] = cached
             parts.extend(cached[1])
         self._entry_chunks = [len(self._cache[index][1]) for index in range(len(self._entries))]
@@ -448,21 +473,30 @@ class TranscriptView(QTextBrowser):
 
     @Slot(QUrl)
     def _on_anchor_clicked(self, url: QUrl) -> None:
-        scheme, path = url.scheme(), url.path()
-        if scheme == "copy":
-            self.copy_entry(int(path or -1))
-        elif scheme == "copycode":
-            index, _, block = path.partition(".")
-            self.copy_code(int(index), int(block or -1))
-        elif scheme == "version":
-            index, _, step = path.partition(":")
-            self.version_requested.emit(int(index), int(step or 0))
-        elif scheme == "edit":
-            self.edit_requested.emit(int(path or -1))
-        elif scheme in LINK_SCHEMES and url.host():
+        if url.scheme() == self.link_scheme:  # one of the app's own links: only this view makes them
+            self._act(url.path())
+        elif url.scheme() in LINK_SCHEMES and url.host():
             self.ask_to_open(url)
-        else:
+        else:  # edit:0, version:1:1, file:, javascript: ... written in a message: never acted on
             self.link_refused.emit(url.toString())
+
+    def _act(self, path: str) -> None:
+        action, _, rest = path.partition("/")
+        try:
+            numbers = [int(n) for n in rest.split("/")]
+        except ValueError:
+            log.warning("an app link with a malformed path %r was ignored", path[:80])
+            return
+        if action == "copy" and len(numbers) == 1:
+            self.copy_entry(numbers[0])
+        elif action == "copycode" and len(numbers) == 2:
+            self.copy_code(*numbers)
+        elif action == "version" and len(numbers) == 2:
+            self.version_requested.emit(*numbers)
+        elif action == "edit" and len(numbers) == 1:
+            self.edit_requested.emit(numbers[0])
+        else:
+            log.warning("an app link with an unknown action %r was ignored", path[:80])
 
     def ask_to_open(self, url: QUrl) -> QMessageBox:
         """Show the address before it goes to the browser; Cancel is the default button."""

@@ -50,7 +50,7 @@ from engine import (
     download,
     kernels,
 )
-from engine.kv_cache import KV_DTYPES, ModelShape
+from engine.kv_cache import KV_DTYPES, Q8_BLOCK, ModelShape
 from engine.kv_disk import DiskKvTier
 from engine.remote import RemoteEngine, RemoteRequestHandle
 
@@ -860,12 +860,10 @@ def _field_named(message: str, names: list[str]) -> str | None:
 def session_limits(kv: Mapping[str, Any], model_info: Mapping[str, Any]) -> tuple[int, int]:
     """(tokens one conversation may hold, KV bytes per token) for these KV options and this model."""
     dtype = str(kv.get("dtype", "float32"))
-    shape = ModelShape(
-        int(model_info["n_layers"]),
-        int(model_info["n_kv_heads"]),
-        int(model_info["head_dim"]),
-        dtype if dtype in KV_DTYPES else "float32",
-    )
+    head_dim = int(model_info["head_dim"])
+    if dtype not in KV_DTYPES or (dtype == "q8_0" and head_dim % Q8_BLOCK):  # the engine says why
+        dtype = "float32"
+    shape = ModelShape(int(model_info["n_layers"]), int(model_info["n_kv_heads"]), head_dim, dtype)
     context = int(model_info["context_length"])
     if not kv.get("enabled", True):
         return context, shape.bytes_per_token

@@ -4,11 +4,13 @@ The engine is running (driven by its own thread, or by the app's worker): the se
 requests and reads events, so API requests are batched with whatever else the engine serves. Pass
 ``engine=None`` to start answering (``/health`` says 503) before the model has loaded, then
 ``app.state.server.attach(engine)``.
+
+Before routing, ``_Guard`` checks the ``Host`` (a keyless server answers loopback names only), the
+API key (which also names the request's owner, see ``access.py``) and the body size.
 """
 
 from __future__ import annotations
 
-import hmac
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +26,8 @@ from engine import BatchedInferenceEngine, GenerationResult
 from engine.prompting import check_messages
 
 from . import metrics, serving
+from .access import LOCAL_OWNER, ApiKeys, host_allowed
+from .limits import DEFAULT_MAX_TOKENS_CAP, MAX_BODY_BYTES, MAX_HEADER_BYTES
 from .protocol import (
     ApiError,
     AssistantMessage,
@@ -40,28 +44,37 @@ from .protocol import (
     Usage,
 )
 
-DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: a long conversation is ~100 KB
-DEFAULT_MAX_TOKENS_CAP = 4096
+DEFAULT_MAX_BODY_BYTES = MAX_BODY_BYTES
 OPEN_PATHS = frozenset({"/health"})  # answered without an API key
+OWNER_SCOPE_KEY = "smallmind.owner"  # where _Guard leaves the request's owner for the routes
 
 
 def _error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
-class _Guard:
-    """ASGI middleware run before routing: the API key, then the body size (413)."""
+def _header_size_error(scope: Scope) -> ApiError | None:
+    size = sum(len(name) + len(value) for name, value in scope["headers"])
+    if size <= MAX_HEADER_BYTES:
+        return None
+    message = f"the request's headers hold {size:,} bytes; at most {MAX_HEADER_BYTES:,} are allowed"
+    return ApiError(431, message, code="request_header_fields_too_large")
 
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
+
+class _Guard:
+    """ASGI middleware run before routing: the headers' size (431), the Host (keyless: loopback only,
+    403), the API key (401; it names the owner), then the body size (413)."""
+
+    def __init__(self, app: ASGIApp, keys: ApiKeys, max_body_bytes: int) -> None:
         self.app = app
-        self.api_key = api_key
+        self.keys = keys
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        error = self._auth_error(scope)
+        error = _header_size_error(scope) or self._host_error(scope) or self._auth_error(scope)
         if error is None:
             receive, error = await self._bounded_body(scope, receive)
         if error is not None:
@@ -69,13 +82,37 @@ class _Guard:
             return
         await self.app(scope, receive, send)
 
+    def _host_error(self, scope: Scope) -> ApiError | None:
+        """A keyless server is for this machine only: a request addressed to another name is a web
+        page's (DNS rebinding), whatever address the name resolved to."""
+        if self.keys:
+            return None
+        header = dict(scope["headers"]).get(b"host", b"").decode("latin-1") or None
+        server = scope.get("server")
+        if host_allowed(header, server[0] if server else None):
+            return None
+        what = (
+            f"the Host header {header[:100]!r} is not a loopback name or address"
+            if header
+            else "no Host header"
+        )
+        return ApiError(403, f"{what}; this server "
+                        "has no API key, so it answers only requests to localhost, 127.0.0.1 or [::1] "
+                        "(a guard against DNS rebinding). Start it with an API key to serve other "
+                        "host names", "permission_error", param="Host", code="host_not_allowed")  # fmt: skip
+
     def _auth_error(self, scope: Scope) -> ApiError | None:
-        if self.api_key is None or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+        if not self.keys:
+            scope[OWNER_SCOPE_KEY] = LOCAL_OWNER
+            return None
+        if scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
             return None
         headers = dict(scope["headers"])
         given = headers.get(b"authorization", b"").decode("latin-1")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+        owner = self.keys.owner_of(token.strip()) if scheme.lower() == "bearer" else None
+        if owner is not None:
+            scope[OWNER_SCOPE_KEY] = owner
             return None
         what = "no API key was given" if not given else "the API key is wrong"
         return ApiError(401, f"{what}; send it as 'Authorization: Bearer <key>'", code="invalid_api_key")
@@ -110,12 +147,16 @@ class _Guard:
 def create_app(
     engine: BatchedInferenceEngine | None,
     model_name: str,
-    api_key: str | None = None,
+    api_key: str | Sequence[str] | None = None,
     cors_origins: Sequence[str] = (),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
 ) -> FastAPI:
-    """The OpenAI-compatible app serving ``engine`` (None: still loading) under ``model_name``."""
+    """The OpenAI-compatible app serving ``engine`` (None: still loading) under ``model_name``.
+
+    ``api_key``: one key or several, each its own owner (None or empty: no key, loopback Hosts only).
+    """
+    keys = ApiKeys([api_key] if isinstance(api_key, str) and api_key else api_key or ())
     if max_body_bytes < 1 or max_tokens_cap < 1:
         raise ValueError(
             f"max_body_bytes and max_tokens_cap must be >= 1, got {max_body_bytes}, {max_tokens_cap}"
@@ -127,7 +168,7 @@ def create_app(
     app.state.server = state
     _add_error_handlers(app)
     _add_routes(app, state)
-    app.add_middleware(_Guard, api_key=api_key or None, max_body_bytes=max_body_bytes)
+    app.add_middleware(_Guard, keys=keys, max_body_bytes=max_body_bytes)
     if cors_origins:  # added last: runs first, so preflights get their headers before the key check
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Session-Id"])  # fmt: skip
@@ -140,16 +181,23 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = exc.errors()
         first = problems[0] if problems else {}
-        if first.get("type") == "json_invalid" or tuple(first.get("loc", ())) == ("body",):
+        whole_body = tuple(first.get("loc", ())) == ("body",)
+        if whole_body and first.get("type") == "value_error":  # a rule between fields (protocol.py)
+            return _error_response(ApiError(400, str(first.get("msg", "")).removeprefix("Value error, ")))
+        if first.get("type") == "json_invalid" or whole_body:
+            content_type = request.headers.get("content-type", "")
+            if "json" not in content_type.lower():
+                wanted = "the request body must be JSON, sent with 'Content-Type: application/json'"
+                message = f"{wanted} (got {content_type[:100]!r})"
+                return _error_response(ApiError(400, message, param="Content-Type"))
             return _error_response(
                 ApiError(400, f"the request body is not a JSON object: {first.get('msg')}")
             )
-        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
         message = "; ".join(_describe(problem) for problem in problems[:5])
-        return _error_response(ApiError(400, message, param=".".join(loc) or None))
+        return _error_response(ApiError(400, message, param=_field_path(first) or None))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -157,11 +205,33 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error_response(ApiError(exc.status_code, str(exc.detail), kind))
 
 
+def _field_path(problem: Any) -> str:
+    """The field a validation problem is about (``messages.0.content``): the location without
+    ``body`` and without pydantic's names of union members (``str``, ``list[TextPart]``...)."""
+    return ".".join(str(part) for part in problem.get("loc", ()) if part != "body" and not _is_type_tag(part))
+
+
+def _is_type_tag(part: object) -> bool:
+    return isinstance(part, str) and (
+        "[" in part or part in ("str", "int", "float", "bool", "constrained-str")
+    )
+
+
 def _describe(problem: Any) -> str:
-    loc = ".".join(str(part) for part in problem.get("loc", ()) if part != "body")
+    loc = _field_path(problem)
     if problem.get("type") == "extra_forbidden":
         return f"unknown field {loc!r}"
     return f"{loc}: {problem.get('msg')} (got {problem.get('input')!r})"[:300]
+
+
+def _owner(request: Request) -> str:
+    """The requester's owner, as ``_Guard`` found it from the key (or the keyless local client)."""
+    owner = request.scope.get(OWNER_SCOPE_KEY)
+    if not isinstance(owner, str):  # never: _Guard sets it for every path that submits
+        raise ApiError(
+            401, "the request has no owner; send 'Authorization: Bearer <key>'", code="invalid_api_key"
+        )
+    return owner
 
 
 def _usage(result: GenerationResult) -> Usage:
@@ -204,7 +274,7 @@ def _add_routes(app: FastAPI, state: serving.ServerState) -> None:
     async def chat(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
         state.check_model(body.model)
         session = serving.session_name(request, body.user)
-        sub = await serving.submit(state, "chat", body.engine_messages(), body, session)
+        sub = await serving.submit(state, "chat", body.engine_messages(), body, session, _owner(request))
         reply_id, created = f"chatcmpl-{sub.handle.request_id}-{int(time.time() * 1000)}", int(time.time())
 
         def chunk(text: str, finish_reason: str | None, role: bool = False) -> dict[str, Any]:
@@ -231,7 +301,7 @@ def _add_routes(app: FastAPI, state: serving.ServerState) -> None:
     async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
         state.check_model(body.model)
         session = serving.session_name(request, body.user)
-        sub = await serving.submit(state, "completions", body.prompt_text(), body, session)
+        sub = await serving.submit(state, "completions", body.prompt_text(), body, session, _owner(request))
         reply_id, created = f"cmpl-{sub.handle.request_id}-{int(time.time() * 1000)}", int(time.time())
 
         def chunk(text: str, finish_reason: str | None) -> dict[str, Any]:

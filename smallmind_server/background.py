@@ -16,8 +16,8 @@ import uvicorn
 
 from engine import BatchedInferenceEngine
 
+from .access import is_loopback
 from .app import create_app
-from .serve import is_loopback
 from .serving import ServerState
 
 START_TIMEOUT_S = 30.0
@@ -52,6 +52,7 @@ class BackgroundServer:
             raise RuntimeError(f"the server is already running at {self.url}")
         if not is_loopback(host) and not api_key:
             raise ValueError(f"refusing to listen on {host} without an API key")
+        app = create_app(self.engine, self.model_name, api_key or None, self.cors_origins)  # checks the key
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -60,7 +61,6 @@ class BackgroundServer:
         except OSError:
             sock.close()
             raise
-        app = create_app(self.engine, self.model_name, api_key or None, self.cors_origins)
         self._state = app.state.server
         config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
         server = uvicorn.Server(config)

@@ -4,7 +4,7 @@ Requests forbid unknown fields and check every range here, so a validation failu
 error message (``param`` names the field). Responses are plain pydantic models dumped to JSON.
 Fields OpenAI defines that this engine cannot honour (``n`` > 1, penalties, logprobs) are accepted
 only at their neutral value, so a client that sends the defaults works and one that relies on them
-hears why not.
+hears why not. Every field that sizes work or memory has a limit (``limits.py``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-MAX_SEED = 2**63 - 1
-MAX_STOP_STRINGS = 4
+from .limits import (
+    MAX_CONTENT_PARTS,
+    MAX_MESSAGES,
+    MAX_NAME_CHARS,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_TOP_K,
+)
 
 
 def _new_id(prefix: str) -> str:
@@ -78,8 +86,8 @@ class TextPart(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: str | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)]
+    name: Annotated[str, Field(max_length=MAX_NAME_CHARS)] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -94,7 +102,7 @@ class _SamplingRequest(_Strict):
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=0)] | None = None
+    top_k: Annotated[int, Field(ge=0, le=MAX_TOP_K)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
     repeat_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None  # llama.cpp's name for it
@@ -104,7 +112,7 @@ class _SamplingRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
-    user: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    user: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)] | None = None
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logprobs: Literal[False] | None = None
@@ -126,6 +134,9 @@ class _SamplingRequest(_Strict):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
+        longest = max((len(s) for s in stops), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS:,} characters, got {longest:,}")
         return stops
 
     @model_validator(mode="after")
@@ -139,9 +150,22 @@ class _SamplingRequest(_Strict):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+def _check_total_chars(messages: list[ChatMessage] | None) -> list[ChatMessage] | None:
+    total = sum(len(m.text()) for m in messages or ())
+    if total > MAX_PROMPT_CHARS:
+        raise ValueError(f"the messages hold {total:,} characters; at most {MAX_PROMPT_CHARS:,} are allowed")
+    return messages
+
+
+Messages = Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+PromptText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+
+
 class ChatCompletionRequest(_SamplingRequest):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Messages
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+
+    _total_chars = field_validator("messages")(_check_total_chars)
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -154,7 +178,10 @@ class ChatCompletionRequest(_SamplingRequest):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1, max_length=1)]
+    prompt: (
+        Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+        | Annotated[list[PromptText], Field(min_length=1, max_length=1)]
+    )
     echo: Literal[False] = False
     suffix: None = None
 
@@ -168,9 +195,11 @@ class CompletionRequest(_SamplingRequest):
 
 class TokenizeRequest(_Strict):
     model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    prompt: PromptText | None = None
+    messages: Messages | None = None
     add_generation_prompt: bool = True
+
+    _total_chars = field_validator("messages")(_check_total_chars)
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:

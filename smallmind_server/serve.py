@@ -3,12 +3,12 @@
 The server answers at once (``/health`` says 503 while the model loads); Ctrl+C or SIGTERM cancels
 every request in flight (streams end with ``finish_reason: "cancelled"``), waits briefly for the
 connections to close and stops the engine. Binding anything but a loopback address needs an API
-key. The key is never logged or printed.
+key; several keys may be given, each its own owner of sessions (``access.py``). Keys are never
+logged or printed.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import signal
 import sys
@@ -24,8 +24,11 @@ import uvicorn
 
 from engine import BatchedInferenceEngine, BatchingOptions, GgufFile, Model, Tokenizer
 
+from .access import ApiKeys, is_loopback
 from .app import create_app
 from .serving import ServerState
+
+__all__ = ["ServeOptions", "is_loopback", "load_engine", "model_name_for", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -37,26 +40,24 @@ class ServeOptions:
     model_path: Path
     host: str = "127.0.0.1"
     port: int = 8080
-    api_key: str | None = None
+    api_keys: tuple[str, ...] = ()  # each its own owner; empty: keyless, loopback only
     cors_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65_535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if not is_loopback(self.host) and not self.api_key:
+        ApiKeys(self.api_keys)  # ValueError for a key no client could send (never showing it)
+        if not is_loopback(self.host) and not self.api_keys:
             raise ValueError(
                 f"refusing to listen on {self.host} without an API key: anyone on the network could use "
                 "the model. Pass --api-key KEY (clients send 'Authorization: Bearer KEY'), or bind 127.0.0.1"
             )
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def _keys_text(n_keys: int) -> str:
+    if n_keys == 0:
+        return "no API key: answers requests to localhost only"
+    return "API key required" if n_keys == 1 else f"API key required; {n_keys} keys, each its own sessions"
 
 
 def model_name_for(path: Path) -> str:
@@ -104,7 +105,7 @@ class _Server(uvicorn.Server):
 def run(options: ServeOptions, out: TextIO | None = None) -> int:
     """Serve until Ctrl+C / SIGTERM; the exit status."""
     out = out or sys.stdout
-    app = create_app(None, model_name_for(options.model_path), options.api_key, options.cors_origins)
+    app = create_app(None, model_name_for(options.model_path), options.api_keys, options.cors_origins)
     state: ServerState = app.state.server
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=False)  # fmt: skip
@@ -126,7 +127,7 @@ def run(options: ServeOptions, out: TextIO | None = None) -> int:
     loader = threading.Thread(target=load, name="smallmind-load", daemon=True)
     host = f"[{options.host}]" if ":" in options.host else options.host
     out.write(f"SmallMind API on http://{host}:{options.port}/v1 (model {state.model_name}; "
-              f"{'API key required' if options.api_key else 'no API key'}); Ctrl+C stops\n")  # fmt: skip
+              f"{_keys_text(len(options.api_keys))}); Ctrl+C stops\n")  # fmt: skip
     out.flush()
     loader.start()
     try:

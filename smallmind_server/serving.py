@@ -31,6 +31,7 @@ from engine import (
 )
 from engine.prompting import check_messages, clean_text
 
+from .limits import MAX_SESSION_ID_CHARS
 from .protocol import ApiError, ChatCompletionRequest, CompletionRequest
 from .sessions import InFlight, SessionRouter
 
@@ -99,10 +100,13 @@ def encode(engine: BatchedInferenceEngine, prompt: Prompt) -> list[int]:
     return list(tokenizer.encode_messages(messages, add_generation_prompt=True))
 
 
-def _max_new_tokens(requested: int | None, n_prompt: int, limit: int, cap: int, what: str) -> int:
-    if requested is not None and requested > cap:
-        raise ApiError(400, f"max_tokens is {requested}, more than this server's limit of {cap}",
-                       param="max_tokens", code="max_tokens_exceeded")  # fmt: skip
+def _max_new_tokens(
+    requested: int | None, n_prompt: int, limit: int, cap: int, what: str, field: str = "max_tokens"
+) -> int:
+    if requested is not None and requested > min(cap, limit):
+        whose = f"this server's limit of {cap}" if cap <= limit else f"the model's context of {limit} tokens"
+        raise ApiError(400, f"{field} is {requested}, more than {whose}",
+                       param=field, code="max_tokens_exceeded")  # fmt: skip
     total = n_prompt + (requested or 1)
     if total > limit:
         detail = (
@@ -138,8 +142,10 @@ async def submit(
     prompt: Prompt,
     request: ChatCompletionRequest | CompletionRequest,
     session_name: str | None,
+    owner: str,
 ) -> Submitted:
-    """Tokenize, check and submit in a worker thread; raises ApiError for everything refused."""
+    """Tokenize, check and submit in a worker thread; raises ApiError for everything refused.
+    ``owner`` (see ``access.py``): the request sees and leaves cached K/V only within it."""
     engine, router = state.require_engine()
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
@@ -151,9 +157,11 @@ async def submit(
     def work() -> Submitted:
         ids = encode(engine, prompt)
         limit = engine.session_token_limit()
-        max_new = _max_new_tokens(request.requested_max_tokens, len(ids), limit, state.max_tokens_cap, what)
+        field = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) else "max_tokens"
+        cap = state.max_tokens_cap
+        max_new = _max_new_tokens(request.requested_max_tokens, len(ids), limit, cap, what, field)
         options = inference_options(request, max_new)
-        session = router.acquire(ids, session_name)
+        session = router.acquire(ids, owner, session_name)
         try:
             handle = engine.submit(prompt, options, session, on_event)
         except BaseException:
@@ -250,8 +258,13 @@ def check_result(result: GenerationResult) -> None:
 
 
 def session_name(request: Request, user: str | None) -> str | None:
-    header = request.headers.get("x-session-id")
-    return header.strip() if header and header.strip() else user
+    """The session a request names (``X-Session-Id``, else ``user``): within the requester's own
+    sessions only (the router keys it by owner)."""
+    header = (request.headers.get("x-session-id") or "").strip()
+    if len(header) > MAX_SESSION_ID_CHARS:
+        raise ApiError(400, f"the X-Session-Id header has {len(header):,} characters; at most "
+                       f"{MAX_SESSION_ID_CHARS} are allowed", param="X-Session-Id")  # fmt: skip
+    return header or user
 
 
 def sse(payload: Mapping[str, Any] | str) -> str:

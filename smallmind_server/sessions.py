@@ -7,6 +7,10 @@ computed. A request that continues nothing gets a fresh session (the store still
 prefix, such as a system prompt, from another session). Busy sessions are never handed out, so
 concurrent requests are never serialized behind each other. A ``user`` field or ``X-Session-Id``
 header pins a named session instead. Sessions the router forgets are removed from the store.
+
+Every session belongs to the requester's owner (``SessionId.owner``: an API key, or the keyless
+local client): a request continues, names or shares a prefix with its owner's sessions only, so the
+same ``X-Session-Id`` from two keys is two sessions and no owner's cache hits reveal another's text.
 """
 
 from __future__ import annotations
@@ -31,21 +35,21 @@ class SessionRouter:
         self._idle: OrderedDict[SessionId, tuple[int, ...]] = OrderedDict()  # oldest first
         self._lock = threading.Lock()
 
-    def acquire(self, prompt_ids: Sequence[int], pinned_name: str | None = None) -> SessionId:
-        """The session for a request with ``prompt_ids``; ``release`` it when the request ends."""
+    def acquire(self, prompt_ids: Sequence[int], owner: str, pinned_name: str | None = None) -> SessionId:
+        """The session of ``owner`` for a request with ``prompt_ids``; ``release`` it when it ends."""
         if pinned_name is not None:
-            return SessionId(PINNED_PREFIX + pinned_name)
+            return SessionId(PINNED_PREFIX + pinned_name, owner)
         prompt = tuple(prompt_ids)
         with self._lock:
             best, best_len = None, 0
             for session, previous in self._idle.items():
                 n = len(previous)
-                if best_len < n <= len(prompt) and prompt[:n] == previous:
+                if session.owner == owner and best_len < n <= len(prompt) and prompt[:n] == previous:
                     best, best_len = session, n
             if best is not None:
                 del self._idle[best]
                 return best
-        return SessionId(ANONYMOUS_PREFIX + SessionId.new_id().value)
+        return SessionId(ANONYMOUS_PREFIX + SessionId.new_id().value, owner)
 
     def release(self, session: SessionId, prompt_ids: Sequence[int], keep: bool = True) -> None:
         """A request ended: its session waits for the conversation's next turn (or is dropped)."""

@@ -37,7 +37,7 @@ F32 = np.float32
 KERNELS_ENV = "SMALLMIND_KERNELS"
 BACKENDS = ("numba", "numpy")
 SMALL_ROWS = 16  # up to this many rows a step always runs the JIT kernel (beyond: see calibration.py)
-ATTENTION_MIN_TOKENS = 512  # from this cached length a decode row's attention runs the JIT kernel
+BLAS_ATTENTION_ROWS = 16  # a chunk this long after as many cached tokens: attention() by BLAS, not fused
 TILE_VALUES = 1 << 20  # weights expanded per BLAS tile and thread (4 MiB of float32: stays in cache)
 
 __all__ = [
@@ -52,7 +52,6 @@ __all__ = [
     "calibrate",
     "compiled_on_disk",
     "compute",
-    "decode_attention",
     "embed",
     "linear",
     "requested_threads",
@@ -66,7 +65,7 @@ __all__ = [
 def _numba_available() -> bool:
     os.environ.setdefault("NUMBA_CACHE_DIR", str(cache_dir()))
     try:
-        from . import jit  # noqa: F401  (compiles lazily, on first call)
+        from . import quant  # noqa: F401  (compiles lazily, on first call)
     except ImportError as exc:
         log.warning("numba is not available (%s): using the NumPy kernels", exc)
         return False
@@ -110,9 +109,9 @@ def warm_up() -> float:
             for n in (1, 2, 4, 8, SMALL_ROWS + 1):
                 linear(np.ones((n, w.shape[1]), dtype=F32), w)
             embed(w, np.array([1]))
-        for dtype in (F32, np.float16):  # the attention kernel for both cache precisions
-            kv = np.ones((1, 4, 8), dtype=dtype)
-            decode_attention(np.ones((2, 8), dtype=F32), kv, kv, 3)
+        from .attention import warm_up as warm_attention
+
+        warm_attention()  # the fused attention kernel for the default (float32) cache
     return time.perf_counter() - started
 
 
@@ -169,19 +168,6 @@ def calibrate(sample: Weight, matrices: list[Weight]) -> int:
         if isinstance(w, PackedWeight):
             w.use_kernel_up_to(rows)
     return rows
-
-
-def decode_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
-    """One new token's attention over the ``n`` cached positions of ``keys``/``values`` ((KVH, cap, Hd),
-    float32 or float16, read in place: a float16 cache is converted as it is read, not copied).
-    q: (H, Hd), pre-scaled. Returns (H * Hd,). Numba path only."""
-    from .jit import decode_attention as kernel
-
-    out = np.empty(q.shape, dtype=F32)
-    if keys.dtype == np.float16:
-        keys, values = keys.view(np.uint16), values.view(np.uint16)
-    kernel(np.ascontiguousarray(q, dtype=F32), keys, values, n, out)
-    return out.reshape(-1)
 
 
 def _small(x: np.ndarray, w: PackedWeight) -> np.ndarray:

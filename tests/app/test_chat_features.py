@@ -13,7 +13,7 @@ from PySide6.QtWidgets import QApplication, QLabel, QToolButton
 from smallmind_app import paths, theme
 from smallmind_app.attachments import MAX_ATTACHMENT_BYTES
 from smallmind_app.store import ConversationStore
-from tests.fixtures.window import REPLY_TIMEOUT_MS, send, stored_messages, wait_idle
+from tests.fixtures.window import REPLY_TIMEOUT_MS, click_action, click_link, send, stored_messages, wait_idle
 
 CODE = 'def greet(name: str) -> str:\n    """Say hello."""\n    return f"Hello, {name}!"  # ' + "x" * 300
 REPLY = (
@@ -72,7 +72,7 @@ def test_a_python_block_is_highlighted_scrolls_sideways_and_copies_exactly_its_c
     )
     assert format_at(view, "one").currentList() is not None and format_at(view, "1").currentTable()
 
-    view.anchorClicked.emit(QUrl("copycode:1.0"))
+    click_action(view, "copycode", 1, 0)
     assert QApplication.clipboard().text() == CODE  # exactly the block: no fence, no label, no newline
     assert "Copied ✓" in view.toPlainText()
     qtbot.waitUntil(lambda: "Copied ✓" not in view.toPlainText(), timeout=5000)
@@ -134,7 +134,7 @@ def test_regenerate_twice_gives_three_versions_and_the_chosen_one_is_what_is_sen
     first = tab.entries[-1].stats
     assert 0 < first["reused_tokens"] < first["prompt_tokens"]  # the common prefix came from the KV cache
 
-    tab.transcript.anchorClicked.emit(QUrl("version:1:1"))  # the ‹ › links under the reply: version 2
+    click_action(tab.transcript, "version", 1, 1)  # the ‹ › links under the reply: version 2
     assert [e.content for e in tab.entries] == ["Hello there", replies[1]]  # its own (empty) future
     send(tab, "Go on")
     wait_idle(qtbot, tab)
@@ -161,7 +161,7 @@ def test_editing_an_earlier_message_starts_a_branch_and_keeps_the_old_one_across
         wait_idle(qtbot, tab)
     old_branch = [e.content for e in tab.entries]
     assert "Edit" in tab.transcript.toPlainText()
-    tab.transcript.anchorClicked.emit(QUrl("edit:0"))  # the Edit link of the first message
+    click_link(tab.transcript, "Edit")  # the Edit link of the first message
     assert tab.edit_banner.isVisible() and tab.prompt_edit.toPlainText() == "First question"
     assert [e.content for e in tab.entries] == old_branch  # nothing changes before it is sent
     tab.prompt_edit.setPlainText("First question, changed")

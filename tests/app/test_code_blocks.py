@@ -72,6 +72,7 @@ def test_rendering_only_what_changed_gives_the_document_a_full_render_gives(qapp
 
     reply = "Intro\n\n```python\n" + "".join(f"x{i} = {i}\n" for i in range(40)) + "```\n\nAfter | a |"
     streamed, fresh = TranscriptView(), TranscriptView()
+    fresh.link_scheme = streamed.link_scheme  # each view draws its own secret for its links: the same here
     entries = [Entry("user", "Question"), Entry("notice", "A notice"), Entry("assistant", "", "streaming")]
     for end in range(0, len(reply) + 1, 37):  # grows as a streaming reply does
         entries[-1].content = reply[:end]

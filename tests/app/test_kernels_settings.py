@@ -1,11 +1,13 @@
-"""Settings → Batching → CPU threads: shown as "auto" at 0, applied live to the engine's kernels."""
+"""Settings → Batching → CPU threads: shown as "auto" at 0, applied live to the engine's kernels.
+Settings → KV cache → Cache precision: the 8-bit cache (q8_0) chosen, applied, and a reply generated
+with it."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
-from PySide6.QtWidgets import QSpinBox
+from PySide6.QtWidgets import QComboBox, QSpinBox
 
 from engine import kernels
 from tests.fixtures.window import send, wait_idle
@@ -29,6 +31,25 @@ def test_cpu_threads_setting_applies_live_and_is_saved(qtbot: Any, make_window: 
         dialog.ok_button.click()
     assert kernels.requested_threads() == 0 and 1 <= kernels.threads() <= kernels.available_cpus()
     assert window.settings.batching["cpu_threads"] == 0
+
+
+def test_q8_0_cache_precision_applies_and_a_reply_is_generated(qtbot: Any, make_window: Any) -> None:
+    window = make_window()
+    dialog = window.open_settings()
+    combo = dialog.fields["kvDtype"][3]
+    assert isinstance(combo, QComboBox)
+    assert [combo.itemText(i) for i in range(combo.count())] == ["float32", "float16", "q8_0"]
+    combo.setCurrentText("q8_0")
+    with qtbot.waitSignal(window.client.worker.settings_applied, timeout=5000) as applied:
+        dialog.ok_button.click()
+    assert applied.args[0]["kv_cache"]["dtype"] == "q8_0"
+    assert applied.args[0]["bytes_per_token"] == 2 * 4 * 2 * (32 + 2)  # the app's tiny model, int8 rows
+    assert window.settings.kv_cache["dtype"] == "q8_0"
+    tab = window.chat_tabs[0]
+    send(tab, "Hello")
+    wait_idle(qtbot, tab)
+    reply = tab.entries[-1]
+    assert reply.role == "assistant" and reply.content and "error" not in reply.stats
 
 
 def test_first_start_says_the_kernels_are_compiling(

@@ -6,8 +6,14 @@ conversations database, the settings file or the log.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
+import socket
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,9 +24,10 @@ from PySide6.QtCore import Qt
 
 from smallmind_app import paths
 from smallmind_app.endpoints import KEY_FILE_NAME, Endpoint
-from tests.fixtures.served import smallmind_serve
+from tests.fixtures.http_faults import STREAM_HEAD, delta, fault_server, sse_chunk
+from tests.fixtures.served import REPO, STOP_TIMEOUT_S, smallmind_serve
 from tests.fixtures.window import LONG, REPLY_TIMEOUT_MS, send, stored_messages, wait_idle, wait_text
-from tests.server.test_serve_cli import free_port
+from tests.server.test_serve_cli import free_port, wait_healthy
 
 KEY = "sk-remote-test-4d1f9a"
 TIMEOUT_S = 60.0
@@ -232,3 +239,68 @@ def test_stop_ends_a_remote_reply_and_the_server_sees_it(
     reply = tab.entries[-1]
     assert reply.status == "partial" and reply.content and tab.status_label.text() == "Stopped."
     qtbot.waitUntil(lambda: served_chats(server, "cancelled") == cancelled + 1, timeout=10_000)
+
+
+@contextlib.contextmanager
+def serve_to_stop(model: Path, workdir: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """``smallmind serve`` of ``model`` (no key) that the test stops itself; yields (base URL, process)."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SMALLMIND_HOME": str(workdir / "home")}
+    command = [sys.executable, "-m", "smallmind_app", "serve", "--model", str(model), "--port", str(port)]
+    with (workdir / "serve.log").open("w") as out:
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(STOP_TIMEOUT_S)
+
+
+def remote_tab(qtbot: Any, make_window: Any, write_settings: Any, base_url: str) -> Any:
+    box = Endpoint("5e7e7e", "Box", base_url, "app-tiny")
+    write_settings(engines=(box,), default_engine=box.id, sampling=LONG)
+    window = make_window()
+    tab = window.new_chat()
+    assert tab.engine_picker.engine_id == box.id
+    return tab
+
+
+def test_a_server_stopped_mid_reply_says_it_ended_the_reply_not_stopped(
+    qtbot: Any, make_window: Any, write_settings: Any, app_model_path: Path, tmp_path: Path
+) -> None:
+    """Issue 28 item 2: SIGTERM to the server mid-reply showed "Stopped.", what the user's Stop shows."""
+    with serve_to_stop(app_model_path, tmp_path) as (url, proc):
+        tab = remote_tab(qtbot, make_window, write_settings, url + "/v1")
+        send(tab, "A long story, please")
+        wait_text(qtbot, tab)
+        proc.send_signal(signal.SIGTERM)
+        wait_idle(qtbot, tab)
+        assert proc.wait(STOP_TIMEOUT_S) == 0  # it stopped cleanly, cancelling the reply
+    reply, status = tab.entries[-1], tab.status_label.text()
+    assert reply.status == "error" and reply.content  # the text so far is kept
+    assert status != "Stopped." and status.startswith("The reply failed: Box")
+    assert "the server ended the reply" in tab.status_label.toolTip() + status
+    assert "the server ended the reply before it finished" in reply.stats["error"]
+    assert "the server ended the reply" in tab.transcript.toPlainText()  # the reply's footer says it too
+
+
+def test_a_connection_cut_mid_reply_is_said_without_library_jargon(
+    qtbot: Any, make_window: Any, write_settings: Any
+) -> None:
+    def cut(conn: socket.socket, n: int) -> None:
+        conn.sendall(STREAM_HEAD + sse_chunk(delta("Once upon")) + sse_chunk(delta(" a time")))
+        conn.shutdown(socket.SHUT_RDWR)
+
+    with fault_server(cut) as server:
+        tab = remote_tab(qtbot, make_window, write_settings, server.base_url)
+        send(tab, "A story")
+        wait_idle(qtbot, tab)
+    reply = tab.entries[-1]
+    shown = tab.status_label.text() + tab.status_label.toolTip() + tab.transcript.toPlainText()
+    assert reply.status == "error" and reply.content == "Once upon a time"
+    assert "the connection was cut in the middle of the reply, after 16 characters" in shown
+    for jargon in ("peer closed", "incomplete chunked read", "httpx", "RemoteProtocolError"):
+        assert jargon not in shown

@@ -11,7 +11,7 @@ from typing import Any
 
 from smallmind_app import paths
 from smallmind_app.store import ConversationStore
-from tests.fixtures.window import REPLY_TIMEOUT_MS
+from tests.fixtures.window import REPLY_TIMEOUT_MS, click_action
 
 LONG = {"max_new_tokens": 900, "stop_on_eos": False, "seed": 7}  # about a second of generation
 
@@ -431,13 +431,12 @@ def test_edit_last_message_in_place_commits_on_send_and_esc_cancels(
 
 
 def test_copy_says_it_copied(qtbot: Any, make_window: Any) -> None:
-    from PySide6.QtCore import QUrl
     from PySide6.QtWidgets import QApplication
 
     stored_reply("A reply worth copying")
     window = make_window()
     tab = window.chat_tabs[0]
-    tab.transcript.anchorClicked.emit(QUrl("copy:1"))
+    click_action(tab.transcript, "copy", 1)
     assert QApplication.clipboard().text() == "A reply worth copying"
     assert (
         "Copied ✓" in tab.transcript.toPlainText() and tab.status_label.text() == "Copied to the clipboard."

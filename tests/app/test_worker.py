@@ -52,6 +52,7 @@ def test_model_info_and_the_dialogs_limits(loaded: Any, app_model_path: Path) ->
     assert session_limits(kv, info) == (info["session_token_limit"], info["bytes_per_token"]) == (1024, 2048)
     assert session_limits({**kv, "max_bytes_per_session": 100 * 2048}, info) == (100, 2048)
     assert session_limits({**kv, "dtype": "float16"}, info)[1] == 1024
+    assert session_limits({**kv, "dtype": "q8_0"}, info)[1] == 2 * 4 * 2 * (32 + 2)  # int8 + a scale per 32
 
 
 def two_replies(qtbot: Any, client: Any, prefix: str) -> dict[str, tuple[list[str], dict[str, Any]]]:

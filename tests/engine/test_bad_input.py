@@ -110,7 +110,7 @@ class Pristine:
         path = tiny.path
         self.tiny = tiny
         self.data = path.read_bytes()
-        reader = gguf.GGUFReader(path)  # the package's own reader: every field's parts and offsets
+        reader = gguf.GGUFReader(path)  # the package's reader: it keeps every field's parts (trusted file)
         base = reader.data.__array_interface__["data"][0]
         self.header_end = int(reader.data_offset)
         parts = [p for fld in reader.fields.values() for p in fld.parts]

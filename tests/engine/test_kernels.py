@@ -152,44 +152,6 @@ def test_smollm2_numba_and_numpy_paths_agree(smollm2, smollm2_path, reference_pr
     assert rel_diff(fast.forward(ids), reference.forward(ids)) < 1e-4
 
 
-@needs_numba
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_decode_attention_kernel_equals_numpy(tiny_model_path, dtype, monkeypatch):
-    """Long-cache decode rows (here every row: the threshold lowered) give the NumPy path's logits."""
-    from engine.model import decode_attention as numpy_attention
-
-    rng = np.random.default_rng(8)
-    keys = rng.standard_normal((2, 40, 16)).astype(dtype)
-    values = rng.standard_normal((2, 40, 16)).astype(dtype)
-    q = rng.standard_normal((4, 16), dtype=np.float32)
-    expected = numpy_attention(q, keys[:, :33], values[:, :33])
-    assert rel_diff(kernels.decode_attention(q, keys, values, 33), expected) < 1e-5
-    model = Model.from_gguf(tiny_model_path, kernel_path="numba")
-    monkeypatch.setattr(kernels, "ATTENTION_MIN_TOKENS", 1)
-    ids = list(range(3, 60))
-    cache = model.new_cache(80, dtype=dtype)
-    logits = model.forward(ids[:40], cache)
-    steps = [model.forward([i], cache)[0] for i in ids[40:]]
-    monkeypatch.setattr(kernels, "ATTENTION_MIN_TOKENS", 10**9)
-    reference = model.new_cache(80, dtype=dtype)
-    model.forward(ids[:40], reference)
-    expected_steps = [model.forward([i], reference)[0] for i in ids[40:]]
-    assert rel_diff(np.stack(steps), np.stack(expected_steps)) < 1e-5
-    assert np.isfinite(logits).all()
-
-
-@needs_numba
-def test_half_to_float_is_exact_for_every_finite_float16():
-    from engine.kernels.jit import _half
-
-    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
-    halves = bits.view(np.float16)
-    finite = np.isfinite(halves)
-    converted = np.array([_half(b) for b in bits[finite]], dtype=np.float32)
-    np.testing.assert_array_equal(converted, halves[finite].astype(np.float32))
-    assert np.signbit(converted[bits[finite] == 0x8000]).all()  # -0.0 keeps its sign
-
-
 def test_thread_count_auto_fixed_and_invalid():
     try:
         assert kernels.set_threads(1) == 1 and kernels.threads() == 1

@@ -1,6 +1,6 @@
 """The KV store's disk tier against references: a session written to disk and read back by a new store
-(a restart) gives the uncached forward's logits and the same greedy continuation, for float32 and
-float16 K/V; an evicted session of the batched engine comes back from disk; the tier keeps its own
+(a restart) gives the uncached forward's logits and the same greedy continuation, for float32,
+float16 and q8_0 K/V; an evicted session of the batched engine comes back from disk; the tier keeps its own
 LRU by bytes, its index survives a restart, and a session still being written is served from memory.
 
 Fault cases (corrupt, truncated, another model, full disk, read-only, SIGKILL) are in
@@ -28,6 +28,7 @@ from tests.fixtures.engine_helpers import make_engine, run_all, user
 from tests.fixtures.tiny_model import write_tiny_model
 
 A, B, C = SessionId("tab-a"), SessionId("tab-b"), SessionId("tab-c")
+TOL_Q8 = 3e-2  # q8_0 K/V against the float32 forward (the kernel's Q8_BAR, through a tiny model)
 
 
 def disk_store(model: Model, directory: Path, dtype: str = "float32", **options: Any) -> LruKvCacheStore:
@@ -104,6 +105,28 @@ def test_round_trip_float16_is_bit_identical_to_the_memory_cache(
     assert np.array_equal(logits, in_memory)
     assert rel_diff(logits, model.forward(second)[n_reused:]) <= TOL_F16
     assert greedy_from(model, entry, logits[-1], 20) == greedy_from(model, memory_entry, in_memory[-1], 20)
+
+
+def test_round_trip_q8_0_is_bit_identical_to_the_memory_cache(tmp_path: Path) -> None:
+    """q8_0 rows (int8 values and their float16 scales) go to disk and come back byte for byte: the
+    logits equal those of the same turns kept in memory; against the uncached float32 forward they
+    differ by the quantization (TOL_Q8)."""
+    from tests.fixtures.tiny_model import write_tiny_gguf
+
+    model = Model.from_gguf(write_tiny_gguf(tmp_path / "hd32.gguf", hidden_size=128, n_heads=4, seed=3))
+    shape = model.kv_shape("q8_0")  # 2 layers x K, V x 2 heads x (32 int8 + 2 scale bytes)
+    assert (shape.row_width, shape.bytes_per_token) == (34, 2 * 2 * 2 * 34)
+    first, second = random_ids(120, 5), random_ids(120, 5) + random_ids(30, 6)
+    save_session(model, tmp_path / "kv", A, first, "q8_0")
+    store = disk_store(model, tmp_path / "kv", "q8_0")
+    logits, n_reused, entry = turn(model, store, A, second)
+    assert n_reused == len(first) and entry.keys(0).dtype == np.int8
+
+    memory = LruKvCacheStore(KvCacheOptions(dtype="q8_0"))
+    turn(model, memory, A, first)
+    in_memory, _, _ = turn(model, memory, A, second)
+    assert np.array_equal(logits, in_memory)
+    assert rel_diff(logits, model.forward(second)[n_reused:]) <= TOL_Q8
 
 
 def check_chat_round_trip(model: Model, tok: Tokenizer, directory: Path) -> None:

@@ -435,3 +435,46 @@ def test_result_does_not_depend_on_how_the_text_is_split(
         emitted += piece
     emitted += m.flush()
     assert (emitted, stopped) == _reference_stop(text, stops)
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """The longest suffix of ``text`` that is a proper prefix of a stop string: all a stream may hold."""
+    return max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.text("ab", max_size=60),
+    st.lists(st.text("ab", min_size=1, max_size=12), min_size=1, max_size=4),
+    st.lists(st.integers(0, 60), max_size=12),
+)
+def test_streaming_holds_back_only_a_possible_stop_string_prefix(
+    text: str, stops: list[str], cuts: list[int]
+) -> None:
+    bounds = [0, *sorted(c for c in cuts if c <= len(text)), len(text)]
+    m = StopStringMatcher(stops)
+    emitted = ""
+    for lo, hi in itertools.pairwise(bounds):
+        piece, stopped = m.feed(text[lo:hi])
+        emitted += piece
+        if stopped:
+            break
+        assert emitted == text[: hi - _held_back(text[:hi], stops)]
+    assert (emitted + m.flush(), m.stopped) == _reference_stop(text, stops)
+
+
+def test_a_long_stop_string_costs_memory_linear_in_its_length() -> None:
+    """Every prefix of a 20,000-character stop string kept in a set was ~200 MB (issue 23)."""
+    import tracemalloc
+
+    stop = "ab" * 10_000
+    tracemalloc.start()
+    try:
+        m = StopStringMatcher([stop, "x" * 20_000])
+        assert m.feed(stop[:-1]) == ("", False)  # all of it may still become the stop string
+        assert m.feed("a") == (stop[:-1], False)  # "...baa": only the last "a" may start it now
+        assert m.feed(stop[1:]) == ("", True)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"the matcher peaked at {peak:,} bytes for 40,000 characters of stop strings"
