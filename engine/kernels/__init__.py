@@ -49,7 +49,7 @@ __all__ = [
     "Weight",
     "available_cpus",
     "backend",
-    "calibrate",
+    "calibrate_later",
     "compiled_on_disk",
     "compute",
     "embed",
@@ -152,22 +152,47 @@ def linear(x: np.ndarray, w: Weight) -> np.ndarray:
         return x @ w.wt
     if x.shape[0] <= w.kernel_rows:
         return _small(x, w)
+    if w.calibration is not None and w.calibration.pending:  # the model's first step beyond 16 rows
+        w.calibration.run(_small_alone, _large_alone, cache_dir() / "calibration.json")
+        if x.shape[0] <= w.kernel_rows:
+            return _small(x, w)
     return _large(x, w)
 
 
-def calibrate(sample: Weight, matrices: list[Weight]) -> int:
-    """Find (once per CPU, cached) the most rows a step may have for the kernel to beat expanding +
-    BLAS on matrices like ``sample``, and use that for every packed one of ``matrices``."""
-    from .calibration import kernel_rows
+def calibrate_later(sample: Weight, matrices: list[Weight]) -> None:
+    """At the first step of more than 16 rows on any of ``matrices``, find (once per CPU, cached)
+    where the kernel stops beating expand + BLAS on matrices like ``sample`` (``calibration.py``)."""
+    from .calibration import Calibration
 
     if not isinstance(sample, PackedWeight):
-        return SMALL_ROWS
-    with compute() as n_threads:
-        rows = kernel_rows(sample, n_threads, _small, _large, cache_dir() / "calibration.json")
-    for w in matrices:
-        if isinstance(w, PackedWeight):
-            w.use_kernel_up_to(rows)
-    return rows
+        return
+    packed = [w for w in matrices if isinstance(w, PackedWeight)]
+    group = Calibration(sample, packed)
+    for w in packed:
+        w.calibrate_with(group)
+
+
+def _small_alone(x: np.ndarray, w: PackedWeight) -> np.ndarray:
+    """``_small`` on the calling thread only (a private job no worker sees)."""
+    from .pool import CTRL_WORDS, JOB_WORDS
+    from .quant import project, project_chunk
+
+    out = np.empty((x.shape[0], w.padded_rows), dtype=F32)
+    ctrl, job = np.zeros(CTRL_WORDS, dtype=np.int64), np.zeros(JOB_WORDS, dtype=np.int64)
+    project(ctrl, job, w.kernel_table(), np.ascontiguousarray(x, dtype=F32), out, _max_tile(),
+            *w.block_sizes, project_chunk())  # fmt: skip
+    return out
+
+
+def _large_alone(x: np.ndarray, w: PackedWeight) -> np.ndarray:
+    """``_large`` on the calling thread only, BLAS on one thread."""
+    out = np.empty((x.shape[0], w.padded_rows), dtype=F32)
+    with cpu.blas_threads(1):
+        col = 0
+        for part in w.parts:
+            _expand_and_multiply(x, part, 0, part.n_panels, col, out)
+            col += part.n_panels * LANES
+    return out
 
 
 def _small(x: np.ndarray, w: PackedWeight) -> np.ndarray:

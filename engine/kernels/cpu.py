@@ -156,6 +156,20 @@ def _blas() -> Any:
 
 
 @contextmanager
+def blas_threads(n: int) -> Iterator[None]:
+    """Within: BLAS (threadpoolctl's view of the loaded NumPy's) on ``n`` threads."""
+    libs = _blas()
+    before = [lib.num_threads for lib in libs] if libs else []
+    for lib in libs or ():
+        lib.set_num_threads(n)
+    try:
+        yield
+    finally:
+        for lib, count in zip(libs or (), before, strict=True):
+            lib.set_num_threads(count)
+
+
+@contextmanager
 def compute() -> Iterator[int]:
     """Within (one model step): the kernels' pool and numba use ``threads()`` threads (numba's setting
     is per calling thread), BLAS one."""
@@ -168,12 +182,5 @@ def compute() -> Iterator[int]:
     if getattr(_local, "numba_threads", None) != n:
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
         _local.numba_threads = n
-    libs = _blas()
-    before = [lib.num_threads for lib in libs] if libs else []
-    for lib in libs or ():
-        lib.set_num_threads(1)
-    try:
+    with blas_threads(1):
         yield n
-    finally:
-        for lib, count in zip(libs or (), before, strict=True):
-            lib.set_num_threads(count)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import gguf
 import numpy as np
@@ -107,6 +108,7 @@ class PackedWeight:
     padded_rows: int = field(init=False)  # output columns the kernels write (whole panels)
     block_sizes: tuple[bool, bool] = field(init=False)  # a part with 32-value blocks? with 16?
     kernel_rows: int = field(default=16, init=False)  # steps up to this many rows take the kernel
+    calibration: Any = field(default=None, init=False, repr=False, compare=False)  # to run, or None
     _table: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -115,8 +117,12 @@ class PackedWeight:
         object.__setattr__(self, "block_sizes", sizes)
 
     def use_kernel_up_to(self, rows: int) -> None:
-        """Set ``kernel_rows`` (``kernels.calibrate`` measures it per CPU)."""
+        """Set ``kernel_rows`` (``calibration.py`` measures it per CPU)."""
         object.__setattr__(self, "kernel_rows", int(rows))
+
+    def calibrate_with(self, group: Any) -> None:
+        """The ``calibration.Calibration`` that sets ``kernel_rows`` at the first large step."""
+        object.__setattr__(self, "calibration", group)
 
     def kernel_table(self) -> np.ndarray:
         """The parts' addresses, shapes and chunks as the compiled kernels read them (``quant.table``),

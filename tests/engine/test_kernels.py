@@ -307,17 +307,36 @@ def test_calibration_is_measured_once_per_cpu_and_applied(tmp_path):
 
     w = random_packed("Q4_1", (1024, 256))
     cache = tmp_path / "calibration.json"
-    rows = calibrate.kernel_rows(w, 1, kernels._small, kernels._large, cache)
+    rows = calibrate.kernel_rows(w, kernels._small_alone, kernels._large_alone, cache)
     assert rows >= calibrate.DECODE_ROWS
     saved = json.loads(cache.read_text())
-    key = calibrate.key(w, 1)
+    key = calibrate.key(w)
     assert calibrate.cpu_name() in key and saved[key]["kernel_rows"] == rows
-    assert saved[key]["ms"]["24"][0] > 0  # the kernel's and BLAS's times at 24 rows, kept beside it
+    assert min(saved[key]["thread_cpu_ms"]["24"]) > 0  # the kernel's and BLAS's times at 24 rows
     saved[key]["kernel_rows"] = 40
     cache.write_text(json.dumps(saved))
-    assert calibrate.kernel_rows(w, 1, kernels._small, kernels._large, cache) == 40  # read, not measured
+    assert calibrate.kernel_rows(w, kernels._small_alone, kernels._large_alone, cache) == 40  # read back
     w.use_kernel_up_to(40)
     x = np.random.default_rng(3).standard_normal((41, 256), dtype=np.float32)
     expected = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
     assert rel_diff(linear(x[:40], w), expected[:40]) < 2e-6  # the kernel at 40 rows
     assert rel_diff(linear(x, w), expected) < 2e-6  # expand + BLAS at 41
+
+
+@needs_numba
+def test_a_models_first_large_step_calibrates_all_its_matrices(tmp_path, monkeypatch):
+    """Nothing is measured at load (resident memory after load stays free of BLAS's buffers); the
+    first step of more than 16 rows runs the calibration once, for every packed matrix."""
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))  # the calibration file only: numba has its own
+    path = write_tiny_gguf(tmp_path / "q41.gguf", weight_type="Q4_1", seed=3)
+    model = Model.from_gguf(path, kernel_path="numba")
+    layer = model.weights.layers[0]
+    group = layer.w_gate_up.calibration
+    assert group is not None and group.pending and not (tmp_path / "calibration.json").exists()
+    assert all(m.calibration is group for m in (layer.wqkv, layer.wo, layer.w_down))
+    model.forward(list(range(1, 9)))  # 8 rows: no calibration
+    assert group.pending
+    model.forward(list(range(1, 30)))  # 29 rows
+    assert not group.pending and (tmp_path / "calibration.json").exists()
+    rows = layer.w_gate_up.kernel_rows
+    assert rows >= 16 and all(m.kernel_rows == rows for m in (layer.wqkv, layer.wo, layer.w_down))
