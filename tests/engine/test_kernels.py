@@ -340,3 +340,20 @@ def test_a_models_first_large_step_calibrates_all_its_matrices(tmp_path, monkeyp
     assert not group.pending and (tmp_path / "calibration.json").exists()
     rows = layer.w_gate_up.kernel_rows
     assert rows >= 16 and all(m.kernel_rows == rows for m in (layer.wqkv, layer.wo, layer.w_down))
+
+
+@needs_numba
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0", "Q5_0", "Q6_K"])
+def test_kernel_at_prefill_sizes_equals_the_dequantized_product(type_name):
+    """Chunks of 64+ rows take the kernel's dense path (panel pairs dequantized whole) when the
+    calibration says so: 67 rows (eight groups of 8, then 3) over an odd number of panels."""
+    if type_name == "Q6_K":
+        raw, _ = random_k_quant("Q6_K", (208, 256), seed=4)
+        w = kw.finish(kw.blocks_from_gguf(gguf.GGMLQuantizationType.Q6_K, raw, (208, 256)))
+    else:
+        w = random_packed(type_name, (208, 256), seed=4)  # 13 panels
+    assert isinstance(w, PackedWeight)
+    w.use_kernel_up_to(256)
+    x = np.random.default_rng(5).standard_normal((67, 256), dtype=np.float32)
+    expected = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
+    assert rel_diff(linear(x, w), expected) < 2e-6
