@@ -16,6 +16,7 @@ Both give the same results up to float32 summation order (tests hold them togeth
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import logging
 import os
@@ -88,8 +89,19 @@ def backend(requested: str | None = None) -> str:
 
 
 def cache_dir() -> Path:
-    """Where numba keeps the compiled kernels (the app's cache directory unless NUMBA_CACHE_DIR is set)."""
-    return Path(os.environ.get("NUMBA_CACHE_DIR") or paths.cache_dir() / "numba")
+    """Where numba keeps the compiled kernels: NUMBA_CACHE_DIR if set, else a directory of the app's
+    cache named after the kernels' sources. numba checks a cached function against its own file only,
+    not the files of what it inlined (a kernel compiled with an older ``pool.dispatch`` would load
+    as valid): a change to any kernel file starts a fresh directory."""
+    return Path(os.environ.get("NUMBA_CACHE_DIR") or paths.cache_dir() / "numba" / _sources_digest())
+
+
+@cache
+def _sources_digest() -> str:
+    digest = hashlib.sha1(usedforsecurity=False)
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
+    return f"kernels-{digest.hexdigest()[:12]}"
 
 
 def compiled_on_disk() -> bool:

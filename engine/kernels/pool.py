@@ -190,7 +190,7 @@ def _work(ctrl, job, gen):  # pragma: no cover - compiled
 def dispatch(ctrl, job):  # pragma: no cover - compiled
     """Run the job whose words the caller has filled: publish it, take chunks, wait for the chunks
     the workers took."""
-    gen = atomic_load(ctrl, GEN) + 1
+    gen = (atomic_load(ctrl, GEN) + 1) & 0x7FFFFFFF  # 31 bits: the tag in NEXT's high half stays positive
     atomic_store(ctrl, DONE, 0)
     atomic_store(ctrl, NEXT, gen << 32)
     atomic_store(ctrl, GEN, gen)  # published: workers may start
