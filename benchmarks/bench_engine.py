@@ -90,6 +90,13 @@ def chain_runner(model: Model, n_rows: int) -> Callable[[], float]:
     return run
 
 
+def matmul_chain(model: Model, n_rows: int, runs: int | None = None) -> float:
+    """Median seconds of one ``chain_runner`` pass (other benchmarks' roofline)."""
+    run = chain_runner(model, n_rows)
+    run()
+    return float(np.median([run() for _ in range(runs or (15 if n_rows <= 32 else 5))]))
+
+
 def cpu_chain_runner(model: Model, n_rows: int) -> Callable[[], float]:
     """``chain_runner`` on one thread (BLAS too), timed in this process's CPU time: the work done,
     whatever else the machine runs meanwhile (a shared machine's wall clock measures its load)."""
