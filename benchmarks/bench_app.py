@@ -37,9 +37,9 @@ from PySide6.QtCore import QElapsedTimer, QEventLoop, Qt, QTimer
 from PySide6.QtWidgets import QApplication
 
 from smallmind_app import create_window, paths
-from smallmind_app import worker as worker_module
-from smallmind_app.engine_client import EngineClient
-from smallmind_app.settings import AppSettings, save_settings
+from smallmind_app.settings.app_settings import AppSettings, save_settings
+from smallmind_app.worker import replies as worker_module
+from smallmind_app.worker.client import EngineClient
 from tests.fixtures.qt_recorder import Recorder
 from tests.fixtures.tiny_model import write_tiny_gguf
 from tests.fixtures.window import APP_MODEL, MODEL_TIMEOUT_MS, send, wait_idle
@@ -97,7 +97,8 @@ def show_code(tab: Any) -> None:
 
 
 def render_run() -> dict[str, float]:
-    from smallmind_app.transcript import Entry, TranscriptView
+    from smallmind_app.chat.conversation_model import Entry
+    from smallmind_app.chat.transcript import TranscriptView
 
     source = code_text()
     entries = []

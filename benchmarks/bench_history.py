@@ -22,8 +22,8 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 from common import median_time, report
 from PySide6.QtWidgets import QApplication, QListView
 
-from smallmind_app.history_model import PREVIEW_ROLE, HistoryDelegate, HistoryModel
-from smallmind_app.store import ConversationStore
+from smallmind_app.history.list_model import PREVIEW_ROLE, HistoryDelegate, HistoryModel
+from smallmind_app.history.store import ConversationStore
 from tests.fixtures.history import fill_history
 
 TARGET_MS = 100.0

@@ -197,7 +197,7 @@ def app_case(model_path: str) -> dict[str, Any]:
     from PySide6.QtWidgets import QApplication
 
     from smallmind_app import paths
-    from smallmind_app.store import ConversationStore
+    from smallmind_app.history.store import ConversationStore
 
     app = QApplication.instance() or QApplication([])
     waiter, out = Waiter(), {}

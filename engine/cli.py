@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from . import download, paths
+from .documents.cli import add_documents_parser
 from .errors import EngineError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models_parser(commands, verbose)
     _add_chat_parser(commands, verbose, model)
     _add_serve_parser(commands, verbose, model)
+    add_documents_parser(commands, verbose)
     return parser
 
 

@@ -54,3 +54,25 @@ class EngineStoppedError(EngineError):
 
 class RemoteEngineError(EngineError):
     """An OpenAI-compatible endpoint could not be used; the message names the endpoint and the cause."""
+
+
+class DocumentIndexError(EngineError):
+    """The document index file cannot be used (corrupt, made by a newer version, no FTS5)."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"the document index {self.path}: {reason}")
+
+
+class LibraryNotFoundError(EngineError, KeyError):
+    """No document library of that name; the message lists the names there are."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        self.known = known
+        there = ", ".join(repr(k) for k in known) if known else "none yet"
+        super().__init__(f"no document library named {name!r} (libraries: {there})")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])

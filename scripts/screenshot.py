@@ -99,7 +99,7 @@ def take(args: argparse.Namespace, out: Path) -> int:
     from PySide6.QtWidgets import QApplication
 
     from smallmind_app.app import create_window, ensure_application
-    from smallmind_app.settings import AppSettings, save_settings
+    from smallmind_app.settings.app_settings import AppSettings, save_settings
 
     save_settings(
         AppSettings().with_changes(
@@ -152,7 +152,7 @@ def seed_history() -> None:
     import sqlite3
 
     from smallmind_app import paths
-    from smallmind_app.store import ConversationStore
+    from smallmind_app.history.store import ConversationStore
 
     with ConversationStore(paths.database_file()) as store:
         for n, (title, days, question, answer) in enumerate(EARLIER):

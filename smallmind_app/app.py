@@ -22,15 +22,15 @@ from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import QApplication, QMessageBox
 
 from . import gui_gc, paths
-from .engine_client import EngineClient
-from .main_window import MainWindow, app_icon
-from .settings import AppSettings, load_settings
-from .store import ConversationStore, StoreCorruptError, StoreError, move_aside
-from .worker import validate_settings
+from .history.records import StoreCorruptError, StoreError
+from .history.store import ConversationStore, move_aside
+from .settings.app_settings import AppSettings, load_settings
+from .window.main_window import MainWindow, app_icon
+from .worker.client import EngineClient
+from .worker.engine_options import validate_settings
 
 log = logging.getLogger(__name__)
 
-STYLE_FILE = Path(__file__).resolve().parent / "resources" / "smallmind.qss"
 _app: QApplication | None = None  # keeps a QApplication made by create_window alive
 _error_boxes: list[QMessageBox] = []  # open unexpected-error dialogs (kept alive until closed)
 
@@ -113,8 +113,6 @@ def ensure_application(argv: Sequence[str] | None = None) -> QApplication:
     app.setWindowIcon(app_icon())
     app.setStyle("Fusion")
     gui_gc.install(app)  # cyclic garbage (closed dialogs' Qt objects) is collected on this thread only
-    if STYLE_FILE.is_file():
-        app.setStyleSheet(STYLE_FILE.read_text(encoding="utf-8"))
     return app
 
 

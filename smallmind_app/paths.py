@@ -1,53 +1,48 @@
-"""Every path the app uses, resolved in one place.
+"""Every path the app uses: the engine's directories (``engine/paths.py``, moved by ``SMALLMIND_HOME``)
+and the app's own files in them.
 
-``SMALLMIND_HOME`` moves all of them to ``$SMALLMIND_HOME/{data,config,logs}`` (tests point it at a
-temporary directory); without it, platformdirs' user directories for the app name "smallmind" are used.
-
-This mirrors ``engine/paths.py`` (same variable, same layout) on purpose instead of importing it:
-``import engine.paths`` runs ``engine/__init__.py``, which loads the whole engine, and only
-``smallmind_app/worker.py`` may import the engine. Change both modules together.
+``SMALLMIND_HOME`` moves all of them to ``$SMALLMIND_HOME/{data,config,logs,cache}`` (tests point it
+at a temporary directory); without it, platformdirs' user directories for "smallmind" are used.
+The directories are the engine's own functions (one source); this module adds the app's files, the
+KV cache's folder and the app's resources (icon, default system prompt, desktop entry).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import time
 from pathlib import Path
 
-import platformdirs
+from engine.paths import APP_NAME, HOME_ENV, MODEL_ENV, cache_dir, config_dir, data_dir, log_dir, models_dir
 
-APP_NAME = "smallmind"
-RESOURCES_DIR = Path(__file__).resolve().parent / "resources"
-HOME_ENV = "SMALLMIND_HOME"
-
-
-def _home() -> Path | None:
-    value = os.environ.get(HOME_ENV, "").strip()
-    return Path(value).expanduser() if value else None
-
-
-def data_dir() -> Path:
-    """Conversations database and downloaded models."""
-    home = _home()
-    return home / "data" if home else Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
-
-
-def config_dir() -> Path:
-    """Settings file."""
-    home = _home()
-    return home / "config" if home else Path(platformdirs.user_config_dir(APP_NAME, appauthor=False))
+__all__ = [
+    "APP_NAME",
+    "HOME_ENV",
+    "MODEL_ENV",
+    "RESOURCES_DIR",
+    "aside_path",
+    "cache_dir",
+    "config_dir",
+    "data_dir",
+    "database_file",
+    "default_system_prompt",
+    "kv_disk_dir",
+    "log_dir",
+    "log_file",
+    "models_dir",
+    "settings_file",
+]
 
 
-def log_dir() -> Path:
-    home = _home()
-    return home / "logs" if home else Path(platformdirs.user_log_dir(APP_NAME, appauthor=False))
+def _resources_dir() -> Path:
+    """The repository's top-level ``resources/``: installed by the wheel as ``smallmind_app/resources``
+    (pyproject.toml maps it there), read in place from a source checkout or an editable install."""
+    package = Path(__file__).resolve().parent
+    installed = package / "resources"
+    return installed if installed.is_dir() else package.parent / "resources"
 
 
-def cache_dir() -> Path:
-    """Things that can be rebuilt: compiled kernels, the KV cache's session files."""
-    home = _home()
-    return home / "cache" if home else Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
+RESOURCES_DIR = _resources_dir()
 
 
 def kv_disk_dir() -> Path:
@@ -82,7 +77,6 @@ def aside_path(path: Path, tag: str = "corrupt") -> Path:
 def default_system_prompt() -> str:
     """SmolLM2's own default system prompt (the model was trained with it), from resources/.
 
-    Here rather than in settings.py, which takes the engine's options from the worker: the store
-    needs the prompt too and stays free of the engine.
+    Here rather than in the settings, which the store does not import: the store needs it too.
     """
     return (RESOURCES_DIR / "default_system_prompt.txt").read_text(encoding="utf-8").strip()

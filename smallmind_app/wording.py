@@ -1,4 +1,4 @@
-"""What the user reads: every setting's label, and the engine's messages said in the user's words.
+"""What the user reads: every setting's label, the engine's messages and the limits in the user's words.
 
 The engine's messages are precise and name its options (``max_bytes_total=25,165,824``); the window
 says the same with the labels the settings dialog shows, sizes in MiB, no session ids, and names
@@ -9,7 +9,9 @@ Settings at that field. The precise message goes to the log. No Qt and no engine
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 MiB = 1 << 20
 INT_MAX = 2_147_483_647
@@ -175,3 +177,81 @@ def too_long(n_tokens: int, limit: int, context: int, cause: str, suggested: int
         cause,
         suggested,
     )
+
+
+# -- a request the worker did not send ---------------------------------------------------------------
+ALREADY_GENERATING = "A reply is already being generated here."
+NO_MODEL = "No model is loaded; open Settings to choose one."
+REMOTE_ENGINE_GONE = (
+    "This tab's server is not in Settings → Engines any more; pick another engine at the top of the tab."
+)
+NOT_SENT = {  # the kind of the engine's refusal -> the tab's sentence ({} is the engine's message)
+    "queue_full": "Not sent: the engine is busy ({}). Press Regenerate to send it again in a moment.",
+    "context_overflow": "Not sent: the conversation is too long for one KV session ({}).",
+    "cache_budget": "Not sent: the KV cache budget is exhausted ({}).",
+    "": "Not sent: {}",
+}
+
+
+def invalid_sampling(message: str) -> str:
+    return f"Invalid sampling settings: {message}"
+
+
+def not_sent(kind: str, message: str) -> str:
+    """A sentence for the tab: what happened, the engine's numbers, what the user can do."""
+    return NOT_SENT.get(kind, NOT_SENT[""]).format(message)
+
+
+# -- the limits of a reply and of a tab ---------------------------------------------------------------
+FINISH_NOTES = {  # a reply's finish reason -> the note under it ("length" says which limit: limit_reached)
+    "cancelled": "stopped",
+    "timeout": "stopped: time limit",
+    "error": "failed",
+}
+STATUS_CHARS = 90  # the status line beside a tab's buttons is cut there (the transcript has the whole text)
+
+
+def tab_limit(stats: Mapping[str, Any]) -> str:
+    """'the model's context', or 'the 273 tokens a tab may hold (“Memory limit per session”)'."""
+    setting = str(stats.get("limit_setting") or "")
+    if not setting or "session_limit" not in stats:
+        return "the model's context"
+    label = LABELS.get(setting.split(".", 1)[1], setting)
+    return f"the {int(stats['session_limit']):,} tokens a tab may hold (set by “{label}”)"
+
+
+def limit_reached(stats: Mapping[str, Any]) -> str:
+    """Which limit ended a reply: its max new tokens, or a full tab."""
+    if stats.get("stopped_by") == "session":
+        return f"the conversation reached {tab_limit(stats)}"
+    if stats.get("max_new_tokens"):
+        return f"“{LABELS['max_new_tokens']}” ({int(stats['max_new_tokens']):,}) reached"
+    return "the token limit"
+
+
+def problem_buttons(setting: str, suggested: int | None) -> tuple[tuple[str, str], tuple[str, str] | None]:
+    """The texts and tooltips of a tab's two buttons for a problem a setting caused: (open Settings at
+    it), (raise it to ``suggested`` and send again; None without a value)."""
+    key = setting.split(".", 1)[-1]
+    fix = (f"Settings: {LABELS.get(key, key)}…", "Open Settings at the setting that caused this")
+    if not suggested:
+        return fix, None
+    shown = mib(suggested) if "bytes" in key else f"{suggested:,} tokens"
+    return fix, (
+        f"Raise to {shown} and send",
+        f"Set “{LABELS.get(key, key)}” to {shown} and send the message again",
+    )
+
+
+def tab_limit_lowered(new: int, old: int, setting: str) -> str:
+    """The status bar's note when a settings change lowered the tokens a tab may hold."""
+    cause = f", set by “{LABELS[setting.split('.', 1)[1]]}”" if setting else ""
+    return (
+        f"Each tab now holds at most {new:,} tokens (was {old:,}){cause}: longer conversations "
+        "leave out their oldest messages."
+    )
+
+
+def short_status(text: str) -> str:
+    """A long message cut to one status line, at a word."""
+    return text if len(text) <= STATUS_CHARS else text[: STATUS_CHARS - 1].rsplit(" ", 1)[0] + "…"

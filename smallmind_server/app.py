@@ -11,6 +11,7 @@ API key (which also names the request's owner, see ``access.py``) and the body s
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -23,10 +24,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import BatchedInferenceEngine, GenerationResult
+from engine.documents import default_index_path
 from engine.prompting import check_messages
 
 from . import metrics, serving
 from .access import LOCAL_OWNER, ApiKeys, host_allowed
+from .documents import DocumentsMiddleware
 from .limits import DEFAULT_MAX_TOKENS_CAP, MAX_BODY_BYTES, MAX_HEADER_BYTES
 from .protocol import (
     ApiError,
@@ -151,10 +154,13 @@ def create_app(
     cors_origins: Sequence[str] = (),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
+    documents_path: str | os.PathLike[str] | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app serving ``engine`` (None: still loading) under ``model_name``.
 
     ``api_key``: one key or several, each its own owner (None or empty: no key, loopback Hosts only).
+    ``documents_path``: the document index whose libraries chat requests may name (documents.py);
+    None: the app's own (``engine.documents.default_index_path()``).
     """
     keys = ApiKeys([api_key] if isinstance(api_key, str) and api_key else api_key or ())
     if max_body_bytes < 1 or max_tokens_cap < 1:
@@ -168,6 +174,8 @@ def create_app(
     app.state.server = state
     _add_error_handlers(app)
     _add_routes(app, state)
+    index_path = documents_path if documents_path is not None else default_index_path()
+    app.add_middleware(DocumentsMiddleware, state=state, index_path=index_path)  # inside the _Guard
     app.add_middleware(_Guard, keys=keys, max_body_bytes=max_body_bytes)
     if cors_origins:  # added last: runs first, so preflights get their headers before the key check
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],

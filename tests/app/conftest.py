@@ -29,7 +29,7 @@ def app_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def write_settings() -> Callable[..., None]:
     """Write settings.json (in this test's SMALLMIND_HOME) before a window is made."""
-    from smallmind_app.settings import AppSettings, save_settings
+    from smallmind_app.settings.app_settings import AppSettings, save_settings
 
     def write(**sections: Any) -> None:
         save_settings(AppSettings().with_changes(**sections))

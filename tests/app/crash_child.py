@@ -23,7 +23,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 from PySide6.QtCore import QTimer
 
 from smallmind_app.app import create_window, ensure_application
-from smallmind_app.settings import AppSettings, save_settings
+from smallmind_app.settings.app_settings import AppSettings, save_settings
 
 N_TABS = 3
 SHORT = {"max_new_tokens": 8, "stop_on_eos": False, "seed": 1}

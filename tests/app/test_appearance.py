@@ -14,10 +14,12 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor, QPalette
 from PySide6.QtWidgets import QApplication, QComboBox, QInputDialog, QToolButton
 
-from smallmind_app import desktop_entry, theme
-from smallmind_app.presets import DEFAULT_PRESETS, PresetMenu
-from smallmind_app.settings import AppSettings, load_settings
-from smallmind_app.theme import DARK, LIGHT
+from smallmind_app import colors as theme
+from smallmind_app import desktop_entry
+from smallmind_app.chat.preset_menu import PresetMenu
+from smallmind_app.colors import DARK, LIGHT
+from smallmind_app.settings.app_settings import AppSettings, load_settings
+from smallmind_app.settings.presets import DEFAULT_PRESETS
 from tests.fixtures.window import LONG, send, wait_idle, wait_text
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def _light_again() -> Any:
     """The theme is the app's (a module's state and the app palette): light again for the next tests."""
     yield
-    from smallmind_app.theming import ThemeManager
+    from smallmind_app.window.theme_manager import ThemeManager
 
     ThemeManager("light").set_choice("light")
 
@@ -180,7 +182,7 @@ def test_desktop_entry_is_written_with_a_working_command_and_the_icon(
     program = section["Exec"].split()[0].strip('"')
     assert Path(program).is_file() and os.access(program, os.X_OK)
     assert icon.read_bytes() == desktop_entry.ICON_FILE.read_bytes() and b"<svg" in icon.read_bytes()
-    packaged = (REPO_ROOT / "smallmind_app" / "resources" / "smallmind.desktop").read_text(encoding="utf-8")
+    packaged = (REPO_ROOT / "resources" / "smallmind.desktop").read_text(encoding="utf-8")
     assert packaged == desktop_entry.entry_text(["smallmind"])  # the packagers' copy says the same
 
     removed = subprocess.run(

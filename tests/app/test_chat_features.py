@@ -10,9 +10,10 @@ from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
 from PySide6.QtGui import QDropEvent, QTextCursor
 from PySide6.QtWidgets import QApplication, QLabel, QToolButton
 
-from smallmind_app import paths, theme
-from smallmind_app.attachments import MAX_ATTACHMENT_BYTES
-from smallmind_app.store import ConversationStore
+from smallmind_app import colors as theme
+from smallmind_app import paths
+from smallmind_app.chat.attachments import MAX_ATTACHMENT_BYTES
+from smallmind_app.history.store import ConversationStore
 from tests.fixtures.window import REPLY_TIMEOUT_MS, click_action, click_link, send, stored_messages, wait_idle
 
 CODE = 'def greet(name: str) -> str:\n    """Say hello."""\n    return f"Hello, {name}!"  # ' + "x" * 300
@@ -272,7 +273,7 @@ def test_a_regenerate_the_engine_refuses_gives_the_previous_reply_back(
 def test_a_search_hit_after_a_reply_with_code_blocks_lands_on_its_own_message(
     qtbot: Any, make_window: Any
 ) -> None:
-    from smallmind_app.transcript_search import show_entry
+    from smallmind_app.chat.transcript_search import show_entry
 
     long_code = "\n".join(f"value_{i} = {i}" for i in range(40))  # three 16-line tables
     with ConversationStore(paths.database_file()) as store:

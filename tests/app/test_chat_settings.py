@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from smallmind_app import paths
-from smallmind_app.store import ConversationStore
+from smallmind_app.history.store import ConversationStore
 from tests.fixtures.window import send, wait_idle
 
 APP_SAMPLING = {"max_new_tokens": 24, "stop_on_eos": False, "seed": 3, "temperature": 0.7}

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from smallmind_app.attachments import AttachmentError, fenced, read_attachment
-from smallmind_app.code_blocks import (
+from smallmind_app.chat.attachments import AttachmentError, fenced, read_attachment
+from smallmind_app.chat.code_blocks import (
     LINES_PER_TABLE,
     CodeBlock,
     _highlight,
@@ -68,7 +68,8 @@ def test_an_attachment_is_fenced_with_its_language_and_a_fence_longer_than_its_o
 
 
 def test_rendering_only_what_changed_gives_the_document_a_full_render_gives(qapp: Any) -> None:
-    from smallmind_app.transcript import Entry, TranscriptView
+    from smallmind_app.chat.conversation_model import Entry
+    from smallmind_app.chat.transcript import TranscriptView
 
     reply = "Intro\n\n```python\n" + "".join(f"x{i} = {i}\n" for i in range(40)) + "```\n\nAfter | a |"
     streamed, fresh = TranscriptView(), TranscriptView()

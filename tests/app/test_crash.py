@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from smallmind_app import paths
-from smallmind_app.store import ConversationStore
+from smallmind_app.history.store import ConversationStore
 from tests.fixtures.tiny_model import write_tiny_gguf
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

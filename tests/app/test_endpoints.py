@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from smallmind_app import paths
-from smallmind_app.endpoints import KEYRING_SERVICE, ApiKeyStore, Endpoint, _usable_keyring
-from smallmind_app.settings import AppSettings, load_settings, save_settings
+from smallmind_app.engines.endpoints import KEYRING_SERVICE, ApiKeyStore, Endpoint, _usable_keyring
+from smallmind_app.settings.app_settings import AppSettings, load_settings, save_settings
 
 
 class MemoryKeyring:

@@ -12,11 +12,12 @@ import pytest
 from PySide6.QtCore import QPoint, Qt
 from PySide6.QtWidgets import QDockWidget, QLineEdit, QListView
 
-from smallmind_app import history_sidebar, paths
-from smallmind_app.conversation_tabs import title_from
-from smallmind_app.history_index import MARK_START, marked_words
-from smallmind_app.history_model import ID_ROLE, MESSAGE_ROLE, PREVIEW_ROLE, TITLE_ROLE, day_label
-from smallmind_app.store import ConversationStore
+from smallmind_app import paths
+from smallmind_app.chat.conversation_tabs import title_from
+from smallmind_app.history import sidebar as history_sidebar
+from smallmind_app.history.list_model import ID_ROLE, MESSAGE_ROLE, PREVIEW_ROLE, TITLE_ROLE, day_label
+from smallmind_app.history.search_index import MARK_START, marked_words
+from smallmind_app.history.store import ConversationStore
 from tests.fixtures.history import fill_history
 from tests.fixtures.window import send, wait_idle
 

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from smallmind_app import store as store_module
-from smallmind_app.history_index import MARK_END, MARK_START, fts_query, marked_words
-from smallmind_app.store import SCHEMA_VERSION, ConversationStore, StoreError
+from smallmind_app.history import schema
+from smallmind_app.history.records import StoreError
+from smallmind_app.history.schema import SCHEMA_VERSION
+from smallmind_app.history.search_index import MARK_END, MARK_START, fts_query, marked_words
+from smallmind_app.history.store import ConversationStore
 from tests.fixtures.history import fill_history
 
 
@@ -106,7 +108,7 @@ def test_a_write_that_fails_leaves_index_and_messages_as_they_were(db_path: Path
 def test_an_existing_database_migrates_and_its_rows_are_searchable(db_path: Path) -> None:
     db_path.parent.mkdir(parents=True)
     with sqlite3.connect(db_path) as db:  # a database of the first schema, with a conversation in it
-        store_module._MIGRATIONS[0](db)
+        schema.MIGRATIONS[0](db)
         db.execute("PRAGMA user_version = 1")
         db.execute("INSERT INTO conversations VALUES ('c1', 'Old chat', '', '{}', 0, 1.0, 1.0)")
         db.execute(
@@ -220,8 +222,8 @@ def test_a_later_migration_that_rebuilds_the_messages_table_keeps_search_working
     with ConversationStore(db_path) as store:
         conversation = store.create_conversation()
         store.add_message(conversation.id, "user", "the okapi is shy")
-    monkeypatch.setattr(store_module, "_MIGRATIONS", [*store_module._MIGRATIONS, _rebuild_messages_table])
-    monkeypatch.setattr(store_module, "SCHEMA_VERSION", len(store_module._MIGRATIONS))
+    monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS, _rebuild_messages_table])
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", len(schema.MIGRATIONS))
     with ConversationStore(db_path) as store:
         assert store.schema_version == SCHEMA_VERSION + 1
         assert set(store.search("okapi")) == {conversation.id}

@@ -12,7 +12,7 @@ from typing import Any
 from PySide6.QtWidgets import QApplication, QMessageBox
 
 from smallmind_app import paths
-from smallmind_app.store import ConversationStore
+from smallmind_app.history.store import ConversationStore
 from tests.fixtures.window import click_action, click_link, links
 
 FIRST = "The first reply."

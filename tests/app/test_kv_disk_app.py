@@ -11,7 +11,7 @@ from typing import Any
 from PySide6.QtWidgets import QCheckBox, QDoubleSpinBox, QMessageBox, QPushButton
 
 from smallmind_app import paths
-from smallmind_app.settings import load_settings
+from smallmind_app.settings.app_settings import load_settings
 from tests.fixtures.window import send, stat_number, wait_idle
 
 SHORT = {"max_new_tokens": 24, "seed": 5}

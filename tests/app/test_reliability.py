@@ -30,9 +30,9 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QApplication, QDoubleSpinBox, QSpinBox
 
 from smallmind_app import paths
-from smallmind_app.settings import AppSettings
-from smallmind_app.settings_dialog import FIELDS, SECTION_KEYS, MiB
-from smallmind_app.store import ConversationStore
+from smallmind_app.history.store import ConversationStore
+from smallmind_app.settings.app_settings import AppSettings
+from smallmind_app.settings.dialog import FIELDS, SECTION_KEYS, MiB
 from tests.fixtures.store_faults import fill_the_disk, free_the_disk
 from tests.fixtures.window import LONG, send, stored_messages, wait_idle, wait_text
 from tests.fixtures.window_soak import (
@@ -303,7 +303,7 @@ def type_into(qtbot: Any, widget: Any, text: str) -> None:
 
 
 def test_settings_dialog_numeric_fields_fuzzed(qtbot: Any, make_window: Any) -> None:
-    from smallmind_app.worker import validate_settings
+    from smallmind_app.worker.engine_options import validate_settings
 
     window = make_window()
     dialog = window.open_settings()
@@ -363,7 +363,7 @@ def settings_text(section: str, key: str, value: Any) -> str:
 def test_hand_edited_numbers_out_of_range_are_caught_at_load() -> None:
     """Every numeric setting at 0, -1, 10**12, "abc" and "" in the file, loaded as create_window() does."""
     from smallmind_app.app import settings_problems
-    from smallmind_app.settings import SECTIONS, load_settings
+    from smallmind_app.settings.app_settings import SECTIONS, load_settings
 
     path = paths.settings_file()
     path.parent.mkdir(parents=True)

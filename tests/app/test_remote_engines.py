@@ -23,7 +23,7 @@ import pytest
 from PySide6.QtCore import Qt
 
 from smallmind_app import paths
-from smallmind_app.endpoints import KEY_FILE_NAME, Endpoint
+from smallmind_app.engines.endpoints import KEY_FILE_NAME, Endpoint
 from tests.fixtures.http_faults import STREAM_HEAD, delta, fault_server, sse_chunk
 from tests.fixtures.served import REPO, STOP_TIMEOUT_S, smallmind_serve
 from tests.fixtures.window import LONG, REPLY_TIMEOUT_MS, send, stored_messages, wait_idle, wait_text
@@ -203,7 +203,7 @@ def test_a_remote_reply_and_a_local_one_run_side_by_side(
     write_settings(engines=(box,), sampling=LONG)
     window = make_window()
     window.api_keys.set(box.id, KEY)
-    window._send_endpoints()  # the key was stored after the window started
+    window.send_endpoints()  # the key was stored after the window started
     local_tab, remote_tab = window.chat_tabs[0], window.new_chat()
     pick(qtbot, remote_tab, "Box · app-tiny")
     before = served_chats(server)
@@ -228,7 +228,7 @@ def test_stop_ends_a_remote_reply_and_the_server_sees_it(
     write_settings(engines=(box,), default_engine=box.id, sampling=LONG)
     window = make_window()
     window.api_keys.set(box.id, KEY)
-    window._send_endpoints()
+    window.send_endpoints()
     tab = window.new_chat()
     assert tab.engine_picker.engine_id == box.id  # the default engine
     cancelled = served_chats(server, "cancelled")

@@ -1,4 +1,4 @@
-"""smallmind_app.settings and smallmind_app.paths: round trips, every kind of bad file, failing saves.
+"""smallmind_app.settings.app_settings and paths: round trips, every kind of bad file, failing saves.
 
 Real files under each test's tmp dir (the autouse fixture points SMALLMIND_HOME there); no mocks.
 """
@@ -15,7 +15,7 @@ import pytest
 
 from engine import BatchingOptions, InferenceOptions, KvCacheOptions
 from smallmind_app import paths
-from smallmind_app.settings import (
+from smallmind_app.settings.app_settings import (
     SCHEMA_VERSION,
     AppSettings,
     SettingsError,
@@ -53,13 +53,12 @@ def test_paths_follow_smallmind_home(_isolated_home: Path) -> None:
     assert paths.log_file().parent == _isolated_home / "logs"
 
 
-def test_paths_match_the_engine_paths() -> None:
-    from engine import paths as engine_paths  # the app mirrors this module instead of importing it
+def test_the_app_paths_are_the_engine_paths() -> None:
+    from engine import paths as engine_paths  # one source: the app adds its files, not its own directories
 
-    assert paths.HOME_ENV == engine_paths.HOME_ENV
-    assert paths.data_dir() == engine_paths.data_dir()
-    assert paths.config_dir() == engine_paths.config_dir()
-    assert paths.log_dir() == engine_paths.log_dir()
+    assert paths.HOME_ENV == engine_paths.HOME_ENV and paths.MODEL_ENV == engine_paths.MODEL_ENV
+    for name in ("data_dir", "config_dir", "log_dir", "cache_dir", "models_dir"):
+        assert getattr(paths, name) is getattr(engine_paths, name), name
 
 
 def test_aside_path_never_names_an_existing_file(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""smallmind_app.store: CRUD, ordering, cascades, crash safety (a SIGKILLed writer), disk full, bad files.
+"""history/store.py: CRUD, ordering, cascades, crash safety (a SIGKILLed writer), disk full, bad files.
 
 Real SQLite files under each test's tmp dir; the crash test kills a real child process mid-write.
 """
@@ -17,14 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from smallmind_app.settings import default_system_prompt
-from smallmind_app.store import (
-    SCHEMA_VERSION,
-    ConversationStore,
-    StoreCorruptError,
-    StoreError,
-    move_aside,
-)
+from smallmind_app.history.records import StoreCorruptError, StoreError
+from smallmind_app.history.schema import SCHEMA_VERSION
+from smallmind_app.history.store import ConversationStore, move_aside
+from smallmind_app.settings.app_settings import default_system_prompt
 from tests.fixtures.store_faults import fill_the_disk, free_the_disk
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -267,7 +263,7 @@ def test_closed_store_raises_store_error(db_path: Path) -> None:
 
 CRASHING_WRITER = """
 import sys
-from smallmind_app.store import ConversationStore
+from smallmind_app.history.store import ConversationStore
 
 store = ConversationStore(sys.argv[1])
 conversation = store.create_conversation("crash")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from smallmind_app.store import _MIGRATIONS, SCHEMA_VERSION, ConversationStore
+from smallmind_app.history.schema import MIGRATIONS, SCHEMA_VERSION
+from smallmind_app.history.store import ConversationStore
 
 
 @pytest.fixture
@@ -66,7 +67,7 @@ def test_deleting_a_chosen_version_chooses_the_newest_left(store: ConversationSt
 def test_an_old_database_migrates_to_one_thread_per_conversation(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite3"
     db = sqlite3.connect(path)
-    _MIGRATIONS[0](db)  # the first schema, as an old SmallMind wrote it
+    MIGRATIONS[0](db)  # the first schema, as an old SmallMind wrote it
     db.execute("PRAGMA user_version=1")
     for cid in ("a", "b"):
         db.execute("INSERT INTO conversations VALUES (?, 'T', '', '{}', 0, 0, 0)", (cid,))

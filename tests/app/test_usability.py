@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from smallmind_app import paths
-from smallmind_app.store import ConversationStore
+from smallmind_app.history.store import ConversationStore
 from tests.fixtures.window import REPLY_TIMEOUT_MS, click_action
 
 LONG = {"max_new_tokens": 900, "stop_on_eos": False, "seed": 7}  # about a second of generation
@@ -27,7 +27,7 @@ def wait_idle(qtbot: Any, *tabs: Any) -> None:
 
 def settled(tab: Any) -> bool:
     """No render waiting: what the view shows is the tab's current state."""
-    return not tab._render_pending
+    return not tab.render_pending
 
 
 def store_conversation(title: str, n_turns: int) -> str:
@@ -205,7 +205,7 @@ def test_a_reply_with_html_images_and_links_stays_text_and_loads_nothing(
     from PySide6.QtGui import QColor, QImage, QPixmap, QTextDocument
     from PySide6.QtWidgets import QMessageBox
 
-    from smallmind_app import transcript
+    from smallmind_app.chat import transcript
 
     image = tmp_path / "local.png"
     picture = QImage(8, 8, QImage.Format.Format_RGB32)
@@ -283,7 +283,7 @@ def test_tab_order_and_a_partial_replys_token_count_survive_a_restart(
     assert reopened is not None and titles(window) == ["C", "A", "D", "B"]
     tab = window.chat_tabs[1]
     send(tab, "Tell me a long story")
-    qtbot.waitUntil(lambda: tab._n_streamed > 20, timeout=REPLY_TIMEOUT_MS)
+    qtbot.waitUntil(lambda: tab.model.n_streamed > 20, timeout=REPLY_TIMEOUT_MS)
     window.close()  # quit during the reply
     kept = tab.entries[-1]
     assert kept.status == "partial" and kept.stats["n_tokens"] >= 20
@@ -505,8 +505,8 @@ def test_the_app_has_its_icon_and_the_readme_names_only_resources_that_exist(mak
 
     window = make_window()
     assert not window.windowIcon().isNull() and window.windowIcon().availableSizes()
-    readme = (RESOURCES_DIR.parent.parent / "README.md").read_text(encoding="utf-8")
-    line = next(line for line in readme.splitlines() if line.startswith("smallmind_app/resources/ "))
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    line = next(line for line in readme.splitlines() if line.startswith("resources/ "))
     named = re.findall(r"\b[\w-]+\.(?:svg|png|qss|txt|ico)\b", line) + (["*.qss"] if ".qss" in line else [])
     assert named and all((RESOURCES_DIR / name).is_file() for name in named), line
 
@@ -514,7 +514,7 @@ def test_the_app_has_its_icon_and_the_readme_names_only_resources_that_exist(mak
 def test_settings_saved_by_the_previous_version_get_the_new_default_penalty(make_window: Any) -> None:
     import json
 
-    from smallmind_app.settings import AppSettings
+    from smallmind_app.settings.app_settings import AppSettings
 
     data = AppSettings().to_dict()
     data["schema_version"] = 1

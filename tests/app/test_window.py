@@ -15,7 +15,7 @@ from PySide6.QtGui import QTextCursor
 from PySide6.QtWidgets import QApplication, QMessageBox
 
 from smallmind_app import paths
-from smallmind_app.store import ConversationStore
+from smallmind_app.history.store import ConversationStore
 from tests.fixtures.window import (
     LONG,
     MODEL_TIMEOUT_MS,
@@ -320,7 +320,9 @@ def test_first_run_dialog_offers_download_or_a_file(
     qtbot.waitUntil(lambda: not dialog.downloading, timeout=10_000)
     assert dialog.phase_label.text() == "Download cancelled." and dialog.open_button.isEnabled()
 
-    monkeypatch.setattr("smallmind_app.first_run.choose_model_file", lambda parent: str(app_model_path))
+    monkeypatch.setattr(
+        "smallmind_app.models.first_run.choose_model_file", lambda parent: str(app_model_path)
+    )
     dialog.open_button.click()
     qtbot.waitUntil(lambda: bool(window.model_info), timeout=MODEL_TIMEOUT_MS)
     assert not dialog.isVisible() and window.model_info["path"] == str(app_model_path)

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 from PySide6.QtCore import QObject, Slot
 
-from smallmind_app import worker as worker_module
-from smallmind_app.engine_client import EngineClient
-from smallmind_app.worker import session_limits, submit_error_message, validate_settings
+from smallmind_app.worker import replies as replies_module
+from smallmind_app.worker.client import EngineClient
+from smallmind_app.worker.engine_options import session_limits, validate_settings
+from smallmind_app.worker.limits import submit_error_message
 from tests.fixtures.qt_recorder import Recorder
 from tests.fixtures.window import MODEL_TIMEOUT_MS, REPLY_TIMEOUT_MS
 
@@ -72,9 +73,9 @@ def test_text_arrives_coalesced_and_in_order(qtbot: Any, loaded: Any, monkeypatc
     arrives in at most three signals (the first step's, when the other request ends, when it ends);
     with no interval, one per step that made text. The pieces per reply at the real interval are a
     figure of the machine (``benchmarks/bench_app.py``)."""
-    monkeypatch.setattr(worker_module, "TEXT_FLUSH_S", 3600.0)
+    monkeypatch.setattr(replies_module, "TEXT_FLUSH_S", 3600.0)
     joined = two_replies(qtbot, loaded, "joined-")
-    monkeypatch.setattr(worker_module, "TEXT_FLUSH_S", 0.0)
+    monkeypatch.setattr(replies_module, "TEXT_FLUSH_S", 0.0)
     each_step = two_replies(qtbot, loaded, "each-")
     for replies, max_pieces in ((joined, 3), (each_step, None)):
         for pieces, result in replies.values():
@@ -149,7 +150,7 @@ def test_no_steps_while_idle(qtbot: Any, loaded: Any) -> None:
     n_stats = len(rec.stats)
     qtbot.waitUntil(lambda: len(rec.stats) >= n_stats + 3, timeout=5000)  # ~0.75 s later
     assert rec.stats[-1]["metrics"]["steps"] == steps
-    assert not loaded.worker._step_timer.isActive() and not loaded.worker._wait_timer.isActive()
+    assert not loaded.worker.stepping
     session = rec.stats[-1]["sessions"][0]
     assert session["session_id"] == "a" and not session["pinned"] and session["n_tokens"] > 0
 

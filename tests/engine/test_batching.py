@@ -4,7 +4,6 @@ reuse; per-request sampling; cancellation, timeouts, queue limits, shutdown."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import numpy as np
@@ -265,6 +264,8 @@ def test_stop_fails_waiting_and_running_requests_clearly(tiny):
 def test_background_driver_and_asyncio_api(tiny):
     engine = make_engine(tiny)
     engine.start()
+    driver = engine._thread
+    assert driver is not None and driver.name == "smallmind-engine"
     try:
         texts = prompts(3)
 
@@ -278,7 +279,7 @@ def test_background_driver_and_asyncio_api(tiny):
         assert "".join(pieces) == results[0].text
     finally:
         engine.stop()
-    assert not any(t.name == "smallmind-engine" for t in threading.enumerate())
+    assert not driver.is_alive()  # other tests' engines may still have their own drivers
 
 
 def test_context_trimming_drops_oldest_turns(tiny):

@@ -45,7 +45,7 @@ def test_background_server_refuses_network_without_key(tiny_engine: BatchedInfer
 def test_local_server_dialog_starts_and_stops_a_server(
     qtbot: Any, tiny_engine: BatchedInferenceEngine
 ) -> None:
-    from smallmind_app.server_dialog import LocalServerDialog
+    from smallmind_app.server.server_dialog import LocalServerDialog
 
     server = BackgroundServer(tiny_engine, TINY_NAME)
     dialog = LocalServerDialog(port=8080, api_key="")

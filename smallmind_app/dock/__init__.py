@@ -1,0 +1,1 @@
+"""The engine stats dock and its sparklines."""

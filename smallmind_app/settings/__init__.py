@@ -1,0 +1,1 @@
+"""The app's settings: the dataclass, its file, the settings dialog, system prompt presets."""

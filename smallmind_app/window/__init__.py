@@ -1,0 +1,1 @@
+"""The main window: menus, status bar, dialogs, the router of the worker's signals, the theme."""

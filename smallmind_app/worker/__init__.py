@@ -1,0 +1,1 @@
+"""The only bridge to the engine: the worker on its QThread, the GUI thread's client, what they share."""
