@@ -223,10 +223,16 @@ def _small(x: np.ndarray, w: PackedWeight) -> np.ndarray:
 
 @cache
 def _max_tile() -> int:
-    """Activation rows per register tile: 8 needs AVX-512's 32 vector registers, else 4."""
+    """Activation rows per register tile: 8 needs AVX-512's 32 vector registers, else 4. Read from
+    the features numba compiles for (the host's, unless NUMBA_CPU_FEATURES names others, as the
+    tests do to build and run the AVX2 code on an AVX-512 machine)."""
     import llvmlite.binding as llvm
+    from numba.core import config
 
-    return 8 if "+avx512f" in llvm.get_host_cpu_features().flatten() else 4
+    features = getattr(config, "CPU_FEATURES", None)  # set by numba's config at run time
+    if features is None:
+        features = llvm.get_host_cpu_features().flatten()
+    return 8 if "+avx512f" in features.split(",") else 4
 
 
 def _large(x: np.ndarray, w: PackedWeight) -> np.ndarray:

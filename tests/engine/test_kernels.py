@@ -255,6 +255,21 @@ part = kw.pack(kw.BlockWeight(q, np.ones((16, 2), np.float32), None, 5, -16))  #
 x = np.ones((8, 64), dtype=np.float32)
 quant.gemv(x, x.reshape(8, 2, 32).sum(-1), *part.arrays(), np.empty((8, 16), np.float32), 0, 0, 1, 8)
 asm = "\\n".join(quant.gemv.inspect_asm().values())
+
+# the code built for this target, run with the tiles its registers hold, against the float64 product
+from engine import kernels
+rng = np.random.default_rng(1)
+w = kw.BlockWeight(rng.integers(-16, 16, (32, 128), dtype=np.int8),
+                   rng.uniform(0.5, 1.5, (32, 4)).astype(np.float32), None, 5, -16)
+dense = w.dequantize().astype(np.float64)
+arrays = kw.pack(w).arrays()
+errors = {}
+for n in (1, 2, 3, 4, 5, 8, 9, 16, 17, 64):
+    xr = rng.standard_normal((n, 128)).astype(np.float32)
+    got = np.empty((n, 32), np.float32)
+    quant.gemv(xr, xr.reshape(n, 4, 32).sum(-1), *arrays, got, 0, 0, 2, kernels._max_tile())
+    want = xr.astype(np.float64) @ dense.T
+    errors[n] = float(np.abs(got - want).max() / np.abs(want).max())
 count = lambda pattern: len(re.findall(pattern, asm))
 print(json.dumps({
     "fma": {r: count(rf"vfmadd\\w+ps\\s[^\\n]*{r}") for r in ("xmm", "ymm", "zmm")},
@@ -262,6 +277,8 @@ print(json.dumps({
     "scalar_math": count(r"v(?:fmadd\\w*|mul|add)ss"),
     "gathers": count(r"gather"),
     "widened_bytes": count(r"vpmov[zs]xbd"),
+    "max_tile": kernels._max_tile(),
+    "errors": errors,
 }))
 """
 
@@ -274,7 +291,8 @@ def test_kernel_compiles_to_packed_simd_for_avx2_and_avx512(tmp_path, cpu, featu
     """The tiled kernel compiled for a named CPU (in a subprocess: numba's target is process-wide):
     every FMA is packed, on the widest registers the CPU has (two ymm per 16-lane vector on AVX2,
     one zmm on AVX-512, where the activation is broadcast from memory inside the FMA); bytes are
-    widened in registers; nothing is gathered and no arithmetic is scalar."""
+    widened in registers; nothing is gathered and no arithmetic is scalar. The code built for
+    the target then runs at 1..64 rows with the row tiles it picks there and equals the float64 product."""
     import json
     import os
     import subprocess
@@ -295,6 +313,8 @@ def test_kernel_compiles_to_packed_simd_for_avx2_and_avx512(tmp_path, cpu, featu
     assert counts["widened_bytes"] > 0 and counts["gathers"] == 0 and counts["scalar_math"] == 0, counts
     if register == "zmm":
         assert counts["broadcast_fma"] >= 8, counts  # x[r, c] folded into the FMA as {1to16}
+    assert counts["max_tile"] == (8 if register == "zmm" else 4), counts  # as many rows as its registers hold
+    assert max(counts["errors"].values()) < 1e-5, counts  # the code runs right on this target
 
 
 @needs_numba
