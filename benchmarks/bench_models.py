@@ -1,10 +1,17 @@
 """The model families side by side: SmolLM2-135M and Gemma 3 270M, prefill and decode, with llama.cpp on
-the same files in the same run, and where a decode step's time goes (the LM head's share).
+the same files in the same run, and where a decode step's time goes (the LM head's share). Then both
+models at once in one model pool (engine/model_pool.py), measured alternating in the same run:
 
-    python benchmarks/bench_models.py [--quick] [--json out.json]
+    python benchmarks/bench_models.py [--quick] [--json out.json] [--pool-only]
 
 Gemma 3 270M has a 262,144-token vocabulary: its tied output head is 168M of its 268M parameters,
 so it dominates a decode step. Models not installed are skipped (`smallmind models pull gemma3-270m`).
+
+The pool part: each model's decode tokens/s alone and while the other streams at once (tokens in the
+window where both stream), rounds alternating alone/alone/both; whether both replies equal each
+model's own greedy reply; a load on demand against the bare load of the same file; resident memory
+after loading each alone and both (each in a fresh subprocess). The machine may be shared: the load
+average is printed at the start and the end.
 """
 
 from __future__ import annotations
@@ -70,7 +77,16 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--pool-only", action="store_true", help="only the two-models-at-once figures")
     args = parser.parse_args()
+    if not args.pool_only:
+        families(args)
+    from models_pool import pool_report
+
+    pool_report(args.quick, args.json and args.json.replace(".json", "-pool.json"))
+
+
+def families(args: argparse.Namespace) -> None:
     results = {key: measure(spec, args.quick) for key, spec in download.CATALOG.items()}
     rows = [("model", "params", "weights in memory", "load", "prefill 256", "decode", "LM head share",
              "llama.cpp decode, own processes (ours / theirs)")]  # fmt: skip

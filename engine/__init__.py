@@ -13,6 +13,7 @@ from .errors import (
     ModelFileError,
     ModelNotFoundError,
     QueueFullError,
+    UnknownModelError,
     UnsupportedModelError,
 )
 from .generation import GenerationEvent, GenerationResult
@@ -53,5 +54,6 @@ __all__ = [
     "SessionId",
     "SessionInfo",
     "Tokenizer",
+    "UnknownModelError",
     "UnsupportedModelError",
 ]

@@ -26,6 +26,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 
 from .errors import EngineError
 from .template_sandbox import (
@@ -100,26 +101,36 @@ class ChatTemplate:
         self.max_chars = max_chars
         self.max_render_s = max_render_s
         self._variables = dict(special_tokens)
+        # True when the template renders a ``tools`` list itself: the model's own tool-calling format
+        self.supports_tools = False
         try:
-            self._template: jinja2.Template | None = _environment().from_string(source)
+            env = _environment()
+            self._template: jinja2.Template | None = env.from_string(source)
             self._compile_error: str | None = None
+            self.supports_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
         except Exception as exc:  # kept: the model still works for plain completion
             self._template, self._compile_error = None, f"{name} does not compile: {_short(exc)}"
             log.warning("%s", self._compile_error)
 
-    def render(self, messages: Messages, add_generation_prompt: bool = True) -> str:
-        """The conversation as the model expects to read it."""
+    def render(
+        self, messages: Messages, add_generation_prompt: bool = True, tools: Sequence[Any] | None = None
+    ) -> str:
+        """The conversation as the model expects to read it (``tools``: the functions it may call,
+        for a template with its own tool format)."""
         if self._template is None:
             raise ChatTemplateError(self._compile_error)
         _check_messages(messages)
         contents = sum(len(v) for m in messages for v in m.values() if isinstance(v, str))
+        contents += (
+            len(json.dumps([tools, [m.get("tool_calls") for m in messages]], default=str)) if tools else 0
+        )
         try:
             with render_limits(self.max_chars + 2 * contents, self.max_render_s) as limits:
                 pieces, n_chars = [], 0
                 for piece in self._template.generate(
                     messages=[dict(m) for m in messages],
                     add_generation_prompt=add_generation_prompt,
-                    tools=None,
+                    tools=list(tools) if tools else None,
                     documents=None,
                     **self._variables,
                 ):
@@ -138,7 +149,11 @@ class ChatTemplate:
             raise ChatTemplateError(f"{self.name} failed: {type(exc).__name__}: {_short(exc)}") from exc
 
     def segments(
-        self, messages: Messages, add_generation_prompt: bool, has_special: Callable[[str], bool]
+        self,
+        messages: Messages,
+        add_generation_prompt: bool,
+        has_special: Callable[[str], bool],
+        tools: Sequence[Any] | None = None,
     ) -> list[Segment]:
         """The rendered chat as (text, specials allowed) pieces: template text True, message content False.
 
@@ -148,14 +163,14 @@ class ChatTemplate:
         If a template reshapes contents beyond that, the whole rendering may parse special tokens
         only when no content spells one; otherwise a ``ChatTemplateError`` (never a forged role turn).
         """
-        rendered = self.render(messages, add_generation_prompt)
+        rendered = self.render(messages, add_generation_prompt, tools)
         contents = [m.get("content") for m in messages]
         tag = _unused_tag(c for c in contents if isinstance(c, str))
         masked = [
             {**m, "content": f"{tag}{i}\ue001"} if isinstance(c, str) else m
             for i, (m, c) in enumerate(zip(messages, contents, strict=True))
         ]
-        skeleton = _split_on_tags(self.render(masked, add_generation_prompt), tag, len(contents))
+        skeleton = _split_on_tags(self.render(masked, add_generation_prompt, tools), tag, len(contents))
         segments = _anchor(rendered, skeleton, contents) if skeleton is not None else None
         if segments is not None:
             return segments

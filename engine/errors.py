@@ -27,6 +27,19 @@ class ModelNotFoundError(EngineError, FileNotFoundError):
     """No model file where one was expected (not downloaded yet, or a wrong path)."""
 
 
+class UnknownModelError(EngineError, LookupError):
+    """A request named a model the pool does not know; the message names the ones it does."""
+
+    def __init__(self, model_id: str, available: list[str]) -> None:
+        self.model_id = model_id
+        self.available = available
+        known = ", ".join(repr(name) for name in available) if available else "none"
+        super().__init__(f"the model {model_id!r} is not installed; installed models: {known}")
+
+    def __str__(self) -> str:  # LookupError would quote the message like a key
+        return str(self.args[0])
+
+
 class ModelDownloadError(EngineError):
     """Fetching the default model failed (pip failed, wrong checksum, cancelled)."""
 

@@ -14,14 +14,16 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
-from collections.abc import Sequence as SequenceABC
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
+from .constraints import TokenMatcher
 from .kv_cache import KvCacheEntry
+from .logit_processing import LogitProcessor
+from .logprobs import TokenLogprob, token_logprob
 from .sampling import InferenceOptions, StopStringMatcher, make_rng, sample_token
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,11 @@ FinishReason = Literal["stop", "length", "timeout", "cancelled", "error"]
 FINISH_REASONS: tuple[str, ...] = ("stop", "length", "timeout", "cancelled", "error")
 
 _request_ids = itertools.count(1)
+
+
+def new_request_id() -> int:
+    """A request id no other request of this process has (handles made before their engine's)."""
+    return next(_request_ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +58,10 @@ class GenerationResult:
     decode_steps: int = 0  # steps that sampled (with drafting, one step may take several tokens)
     draft_tokens: int = 0  # drafted tokens verified, and how many of them were accepted
     accepted_draft_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per generated token, with options.logprobs
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()  # one per prompt token (None for the first)
+    embedding: np.ndarray | None = field(default=None, repr=False)  # an embedding request's vector (D,)
+    constraint_mask_ms: float = 0.0  # time spent computing and applying the constraint's masks
 
     @property
     def generated_tokens(self) -> int:
@@ -62,16 +73,26 @@ class GenerationResult:
         return 1.0 + self.accepted_draft_tokens / self.decode_steps if self.decode_steps else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+        """Every field as plain values (log-probabilities as dicts, the embedding as a list)."""
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        out["logprobs"] = [_logprob_dict(lp) for lp in self.logprobs]
+        out["prompt_logprobs"] = [None if lp is None else _logprob_dict(lp) for lp in self.prompt_logprobs]
+        out["embedding"] = None if self.embedding is None else [float(v) for v in self.embedding]
+        return out
 
 
-EventKind = Literal["prefill", "token", "waiting", "done"]
+def _logprob_dict(entry: TokenLogprob) -> dict[str, Any]:
+    return {"token_id": entry.token_id, "logprob": entry.logprob, "top": [list(pair) for pair in entry.top]}
+
+
+EventKind = Literal["prefill", "token", "waiting", "loading", "done"]
 
 
 @dataclass(frozen=True, slots=True)
 class GenerationEvent:
     """A step's news for one request: prompt progress, new text, "waiting" (for KV memory: queued,
-    or preempted and requeued; its next event says it runs again), or the end (``result`` set)."""
+    or preempted and requeued; its next event says it runs again), "loading" (its model is being
+    loaded: ``model_pool.py``; ``text`` is empty), or the end (``result`` set)."""
 
     request_id: int
     kind: EventKind
@@ -80,6 +101,7 @@ class GenerationEvent:
     prompt_done: int = 0  # prompt tokens computed so far (prefill progress)
     prompt_total: int = 0
     result: GenerationResult | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # for the generated tokens of this event (options.logprobs)
 
 
 class ResultHandle:
@@ -128,7 +150,7 @@ class ResultHandle:
 
 
 @dataclass(eq=False)
-class Sequence:
+class GenerationRequest:
     """A request's state inside the engine."""
 
     prompt_ids: list[int]
@@ -141,6 +163,8 @@ class Sequence:
     n_reused: int = 0
     context_trimmed: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)
+    matcher: TokenMatcher | None = None  # the constraint's grammar state (engine/constraints.py)
+    fork_parent: GenerationRequest | None = None  # n > 1: the request whose prompt K/V this one copies
 
     def __post_init__(self) -> None:
         self.all_ids: list[int] = list(self.prompt_ids)
@@ -158,6 +182,14 @@ class Sequence:
         self.n_decode_steps = 0  # steps that sampled for this request (several tokens with drafts)
         self.n_draft_tokens = 0  # drafted tokens verified, and how many of them were taken
         self.n_accepted_tokens = 0
+        needed = LogitProcessor.needed(self.options, self.matcher)
+        self.processor = LogitProcessor(self.options, self.matcher) if needed else None
+        self.keeps_prompt_logits = False  # it has fork children: keep the logits of its last prompt token
+        self.prompt_logits: np.ndarray | None = None  # ... here, until it ends (engine/forks.py)
+        self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob | None] = []
+        if self.options.prompt_logprobs is not None:
+            self.prompt_logprobs.append(None)  # the first token has nothing before it
 
     # -- scheduling view ---------------------------------------------------------------------
     @property
@@ -172,6 +204,17 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.result is not None
+
+    @property
+    def needs_every_position(self) -> bool:
+        """Its prompt's positions must all be computed by its own rows (no K/V reused from a cache):
+        it wants their logits (prompt_logprobs) or hidden states (an embedding)."""
+        return self.options.prompt_logprobs is not None
+
+    @property
+    def prompt_ready(self) -> bool:
+        """Its prompt's K/V are computed (a fork child may copy them now) or it has ended."""
+        return self.finished or self.n_computed >= self.n_prompt
 
     def reset_computed(self, n_computed: int) -> None:
         """Start computing from ``n_computed`` (what the cache holds after ``prepare``)."""
@@ -198,16 +241,40 @@ class Sequence:
 
     # -- after the forward -----------------------------------------------------------------------
     def on_logits(self, logits: np.ndarray, now: float) -> GenerationEvent:
-        """Handle the logits of the last token fed: a prefill progress event, or sample a token."""
+        """Handle the logits of the last token fed: a prefill progress event, or sample a token.
+        (T, V) logits are those of every position of the chunk (``needs_every_position``)."""
+        if logits.ndim == 2:
+            self._record_prompt_logprobs(logits)
+            logits = logits[-1]
         if self.n_computed < len(self.all_ids):  # a chunk before the newest token: its logits are unused
             return GenerationEvent(
                 self.request_id, "prefill", prompt_done=self.n_computed, prompt_total=len(self.all_ids)
             )
         self.n_decode_steps += 1
-        return self._take(sample_token(logits, self.options, self.rng, self.all_ids), now)
+        if self.keeps_prompt_logits and not self.generated and self.prompt_logits is None:
+            self.prompt_logits = np.array(logits)  # its fork children's first tokens come from these
+        token, logprob = self._sample(logits)
+        return self._take(token, now, logprob)
+
+    def _sample(self, logits: np.ndarray) -> tuple[int, TokenLogprob | None]:
+        """The next token (and its log-probability when asked for)."""
+        if self.processor is None:  # the classic options only: the logits go to sample_token untouched
+            return sample_token(logits, self.options, self.rng, self.all_ids), None
+        x = self.processor.process(logits, self.all_ids, self.generated)  # (V,) penalized, biased, masked
+        token = sample_token(x, self.options, self.rng)  # the repetition penalty is already in x
+        return token, self.processor.logprob(x, token)
+
+    def _record_prompt_logprobs(self, logits: np.ndarray) -> None:
+        """Rows (T, V) of the positions just computed: each gives the next prompt token's logprob."""
+        k = self.options.prompt_logprobs
+        first = self.n_computed - len(logits)  # position of the chunk's first row
+        for offset, row in enumerate(logits):
+            target = first + offset + 1  # the token this row predicts
+            if k is not None and target == len(self.prompt_logprobs) and target < self.n_prompt:
+                self.prompt_logprobs.append(token_logprob(row, self.prompt_ids[target], k))
 
     def on_draft_logits(
-        self, logits: np.ndarray, draft_ids: SequenceABC[int], now: float
+        self, logits: np.ndarray, draft_ids: Sequence[int], now: float
     ) -> tuple[GenerationEvent, int]:
         """Handle the logits (1 + k, V) of the newest token and of k drafted tokens fed after it:
         (one event for every token taken, how many drafts were taken).
@@ -221,35 +288,47 @@ class Sequence:
         ids: list[int] = []
         texts: list[str] = []
         n_taken = 0
+        logprobs: list[TokenLogprob] = []
         for position, row in enumerate(logits):
-            token = sample_token(row, self.options, self.rng, self.all_ids)
-            event = self._take(token, now)
+            token, logprob = self._sample(row)
+            event = self._take(token, now, logprob)
             ids.extend(event.token_ids)
             texts.append(event.text)
+            logprobs.extend(event.logprobs)
             if event.result is not None or position >= len(draft_ids) or token != draft_ids[position]:
                 break
             n_taken += 1
         self.n_draft_tokens += len(draft_ids)
         self.n_accepted_tokens += n_taken
-        return dataclasses.replace(event, text="".join(texts), token_ids=tuple(ids)), n_taken
+        text = "".join(texts)
+        return dataclasses.replace(event, text=text, token_ids=tuple(ids), logprobs=tuple(logprobs)), n_taken
 
-    def _take(self, token: int, now: float) -> GenerationEvent:
+    def valid_draft_length(self, draft_ids: Sequence[int]) -> int:
+        """How many drafted tokens could be taken at all: those the constraint allows in a row."""
+        return len(draft_ids) if self.matcher is None else self.matcher.valid_prefix(draft_ids)
+
+    def _take(self, token: int, now: float, logprob: TokenLogprob | None = None) -> GenerationEvent:
         """A sampled token: append it, detokenize, apply the stop rules."""
         if self.first_token_at is None:
             self.first_token_at = now
-        if token in self.eos_ids and self.options.stop_on_eos:
+        if token in self.eos_ids and (self.options.stop_on_eos or self.matcher is not None):
             return self.finish("stop", now, sampled=(token,))
+        if self.matcher is not None and not self.matcher.accept(token):
+            raise RuntimeError(f"the constraint refused token {token}: {self.matcher.error}")
         self.generated.append(token)
         self.all_ids.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
         text, stopped = self.stops.feed(self.decoder.feed(token))
         self.pieces.append(text)
-        if stopped:
-            return self.finish("stop", now, sampled=(token,), text=text)
+        lps = (logprob,) if logprob is not None else ()
+        if stopped or (self.matcher is not None and self.matcher.finished):  # the grammar allows only EOS
+            return self.finish("stop", now, sampled=(token,), text=text, logprobs=lps)
         if len(self.generated) >= self.options.max_new_tokens:
-            return self.finish("length", now, sampled=(token,), text=text)
+            return self.finish("length", now, sampled=(token,), text=text, logprobs=lps)
         if self.cache is not None and len(self.all_ids) > self.cache.max_tokens:
-            return self.finish("length", now, sampled=(token,), text=text)
-        return GenerationEvent(self.request_id, "token", text=text, token_ids=(token,))
+            return self.finish("length", now, sampled=(token,), text=text, logprobs=lps)
+        return GenerationEvent(self.request_id, "token", text=text, token_ids=(token,), logprobs=lps)
 
     def timed_out(self, now: float) -> bool:
         limit = self.options.max_time_ms
@@ -263,14 +342,17 @@ class Sequence:
         sampled: tuple[int, ...] = (),
         text: str = "",
         error: str | None = None,
+        logprobs: tuple[TokenLogprob, ...] = (),
     ) -> GenerationEvent:
         """End the request: flush held-back text and build the result (the final event)."""
         tail = self.stops.feed(self.decoder.flush())[0] + self.stops.flush()  # "" after a stop string
         text += tail
         self.pieces.append(tail)
         self.finished_at = now
+        self.prompt_logits = None  # children that have not started compute their prompt's last token
         self.result = self._result(reason, now, error)
-        return GenerationEvent(self.request_id, "done", text=text, token_ids=sampled, result=self.result)
+        return GenerationEvent(self.request_id, "done", text=text, token_ids=sampled, result=self.result,
+                               logprobs=logprobs)  # fmt: skip
 
     def _result(self, reason: FinishReason, now: float, error: str | None) -> GenerationResult:
         ttft = None if self.first_token_at is None else (self.first_token_at - self.submitted_at) * 1000.0
@@ -292,8 +374,7 @@ class Sequence:
             decode_steps=self.n_decode_steps,
             draft_tokens=self.n_draft_tokens,
             accepted_draft_tokens=self.n_accepted_tokens,
+            logprobs=tuple(self.logprobs),
+            prompt_logprobs=tuple(self.prompt_logprobs),
+            constraint_mask_ms=self.matcher.mask_s * 1000.0 if self.matcher is not None else 0.0,
         )
-
-
-def as_id_list(ids: SequenceABC[int] | np.ndarray) -> list[int]:
-    return [int(i) for i in ids]

@@ -104,15 +104,6 @@ class ModelConfig:
         every = self.arch.global_every
         return bool(self.sliding_window and every and (index + 1) % every)
 
-    @property
-    def n_groups(self) -> int:
-        """Query heads per KV head (GQA)."""
-        return self.n_heads // self.n_kv_heads
-
-    @property
-    def kv_bytes_per_token_f32(self) -> int:
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * 4
-
 
 class GgufFile:
     """An opened GGUF file: its metadata as Python values and its tensors (views of a memory map)."""

@@ -46,34 +46,49 @@ class SessionId:
     key, the keyless local API client. Sessions of different owners are different sessions even under
     the same ``value``, never share a prefix and never load each other's disk files, so what one owner
     sent cannot be read back through another's cache hits (``reused_tokens``, ``cached_tokens``).
+
+    ``model`` is the identity (``Model.identity``) of the model whose K/V the session holds, when one
+    store serves several models (``model_pool.py``): one conversation has a session per model, and
+    sessions of different models never share a prefix or a disk file. None: the store's one model.
     """
 
     value: str
     owner: str = APP_OWNER
+    model: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.value, str) or not self.value.strip():
             raise ValueError(f"SessionId needs a non-empty string, got {self.value!r}")
         if not isinstance(self.owner, str) or not self.owner or _OWNER_SEPARATOR in self.owner:
             raise ValueError(f"SessionId.owner must be a non-empty string without \\x1f, got {self.owner!r}")
+        if self.model is not None and (not isinstance(self.model, str) or not self.model):
+            raise ValueError(f"SessionId.model must be a model identity or None, got {self.model!r}")
 
     @classmethod
-    def new_id(cls, owner: str = APP_OWNER) -> SessionId:
-        return cls(uuid.uuid4().hex, owner)
+    def new_id(cls, owner: str = APP_OWNER, model: str | None = None) -> SessionId:
+        return cls(uuid.uuid4().hex, owner, model)
+
+    def for_model(self, model: str | None) -> SessionId:
+        """This conversation's session with ``model``'s K/V."""
+        return SessionId(self.value, self.owner, model)
 
     @property
     def key(self) -> str:
-        """The name the disk tier files it under, unique per (owner, value): the app's is its value (as
-        before owners existed), any other is ``owner`` + US + ``value`` (an owner holds no US)."""
+        """The name the disk tier files it under, unique per (owner, value, model): the app's is its
+        value (as before owners existed), any other is ``owner`` + US + ``value`` (an owner holds no
+        US); a session of a named model ends with RS + the model's identity."""
         if self.owner == APP_OWNER and _OWNER_SEPARATOR not in self.value:
-            return self.value
-        return f"{self.owner}{_OWNER_SEPARATOR}{self.value}"
+            base = self.value
+        else:
+            base = f"{self.owner}{_OWNER_SEPARATOR}{self.value}"
+        return base if self.model is None else f"{base}{_MODEL_SEPARATOR}{self.model}"
 
     def __str__(self) -> str:
         return self.value
 
 
 _OWNER_SEPARATOR = "\x1f"  # never in an owner: the first one in a key ends the owner
+_MODEL_SEPARATOR = "\x1e"  # before the model's identity in a key (identities are digits, hex and "-")
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,6 +407,8 @@ class LruKvCacheStore:
         for other_id, slot in self._slots.items():
             if other_id.owner != session_id.owner:  # never another owner's: the hit would reveal its text
                 continue
+            if other_id.model != session_id.model:  # another model's K/V mean nothing to this one
+                continue
             if other_id == session_id or slot.entry.shape != entry.shape:
                 continue
             n = min(slot.entry.common_prefix_length(prompt_ids), cap)
@@ -554,7 +571,7 @@ class LruKvCacheStore:
     def _spill(self, session_id: SessionId, entry: KvCacheEntry) -> bool:
         """Hand an evicted entry's buffer to the disk tier (written in the background); False when the
         tier is off or cannot take it now (then the caller releases the buffer as usual)."""
-        disk, model = self._disk, self._model_identity
+        disk, model = self._disk, session_id.model or self._model_identity
         if disk is None or model is None or entry.n_tokens == 0:
             return False
         if not disk.can_take(entry.n_tokens * (entry.shape.bytes_per_token + 4)):
@@ -569,10 +586,11 @@ class LruKvCacheStore:
     ) -> int:
         """Load the session's K/V from disk when they hold a longer prefix of the prompt than memory."""
         assert self._disk is not None
-        if self._model_identity is None or not self._disk.has(session_id.key):
+        model = session_id.model or self._model_identity
+        if model is None or not self._disk.has(session_id.key):
             return n_own
         started = time.perf_counter()
-        found = self._disk.find(session_id.key, self._model_identity, entry.shape, prompt_ids, n_own)
+        found = self._disk.find(session_id.key, model, entry.shape, prompt_ids, n_own)
         if found is None:
             return n_own
         token_ids, kv = found

@@ -406,16 +406,19 @@ class Model:
         checked = [Row(self._check_ids(r.ids), r.cache) for r in rows]
         return self._forward_rows(checked, all_logits=False)
 
-    def forward_tails(self, rows: Sequence[Row], n_tails: Sequence[int]) -> list[np.ndarray]:
+    def forward_tails(
+        self, rows: Sequence[Row], n_tails: Sequence[int], hidden: list[np.ndarray] | None = None
+    ) -> list[np.ndarray]:
         """Batched forward; the logits of each sequence's last ``n_tails[i]`` new tokens, [(n_i, V)]
-        (a request verifying drafted tokens needs the logits at every drafted position)."""
+        (a request verifying drafted tokens needs the logits at every drafted position). With a
+        ``hidden`` list, appends the final (normed) hidden states of every new token, (N, D)."""
         checked = [Row(self._check_ids(r.ids), r.cache) for r in rows]
         lengths = np.array([len(r.ids) for r in checked])  # (B,)
         if any(not 1 <= n <= t for n, t in zip(n_tails, lengths, strict=True)):
             raise ValueError(f"n_tails {list(n_tails)} must be in 1..each row's length {lengths.tolist()}")
         ends = np.cumsum(lengths)  # (B,)
         picked = np.concatenate([np.arange(e - n, e) for e, n in zip(ends, n_tails, strict=True)])  # (P,)
-        logits = self._forward_rows(checked, all_logits=picked)  # (P, V)
+        logits = self._forward_rows(checked, all_logits=picked, hidden=hidden)  # (P, V)
         return np.split(logits, np.cumsum(n_tails)[:-1])
 
     def _attention_plan(self, rows: Sequence[Row], starts: Sequence[int]) -> StepPlan | None:
@@ -480,11 +483,15 @@ class Model:
         return arr
 
     # -- the forward pass ------------------------------------------------------------------------
-    def _forward_rows(self, rows: Sequence[Row], all_logits: bool | np.ndarray) -> np.ndarray:
+    def _forward_rows(
+        self, rows: Sequence[Row], all_logits: bool | np.ndarray, hidden: list[np.ndarray] | None = None
+    ) -> np.ndarray:
         with self._threads():
-            return self._forward_rows_now(rows, all_logits)
+            return self._forward_rows_now(rows, all_logits, hidden)
 
-    def _forward_rows_now(self, rows: Sequence[Row], all_logits: bool | np.ndarray) -> np.ndarray:
+    def _forward_rows_now(
+        self, rows: Sequence[Row], all_logits: bool | np.ndarray, hidden: list[np.ndarray] | None = None
+    ) -> np.ndarray:
         """``all_logits``: True for every new token's logits, False for each row's last, or the
         indices (into the concatenated new tokens) of the tokens whose logits to return."""
         starts = [r.cache.n_tokens for r in rows]
@@ -505,6 +512,8 @@ class Model:
             x = self._block(i, layer, x, rows, starts, plan, *ropes[self._local[i]])
         for row in rows:
             row.cache.append(row.ids)
+        if hidden is not None:  # every new token's final hidden state (embeddings), (N, D)
+            hidden.append(rms_norm(x, self.weights.output_norm, self.config.rms_eps))
         if isinstance(all_logits, np.ndarray):
             x = x[all_logits]  # (P, D)
         elif not all_logits:

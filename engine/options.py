@@ -39,6 +39,13 @@ def options_to_dict(options: DataclassInstance) -> dict[str, Any]:
     """Every option by name, JSON-ready (tuples as lists); ``options_from_dict`` gives it back."""
     out: dict[str, Any] = {}
     for name in option_names(type(options)):
-        value = getattr(options, name)
-        out[name] = list(value) if isinstance(value, tuple) else value
+        out[name] = _json_ready(getattr(options, name))
     return out
+
+
+def _json_ready(value: Any) -> Any:
+    """Tuples as lists (nested too); an object with ``to_dict`` (a constraint) as its dict."""
+    if isinstance(value, tuple):
+        return [_json_ready(item) for item in value]
+    to_dict = getattr(value, "to_dict", None)
+    return to_dict() if callable(to_dict) else value

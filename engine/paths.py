@@ -14,6 +14,9 @@ import platformdirs
 APP_NAME = "smallmind"
 HOME_ENV = "SMALLMIND_HOME"
 MODEL_ENV = "SMALLMIND_MODEL"
+# The API server's port: `smallmind serve`, the in-app server and the address a new remote engine
+# starts from (one source; the server, the command line and the app read it from here).
+DEFAULT_PORT = 8080
 
 
 def _home() -> Path | None:

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from .constraints import Constraint
 from .sampling import InferenceOptions
 
 MAX_ERROR_CHARS = 300  # of a server's error message quoted in ours
@@ -115,9 +116,20 @@ def request_body(
         body["stop"] = list(options.stop)
     if not options.stop_on_eos:  # vLLM's and llama.cpp's name; sent only when asked for
         body["ignore_eos"] = True
+    if options.constraint is not None:  # structured output: OpenAI's response_format
+        body["response_format"] = _response_format(options.constraint)
     if isinstance(prompt_or_messages, str):
         return "/completions", {**body, "prompt": prompt_or_messages}
     return "/chat/completions", {**body, "messages": check_messages(prompt_or_messages)}
+
+
+def _response_format(constraint: Constraint) -> dict[str, Any]:
+    if constraint.kind == "json_object":
+        return {"type": "json_object"}
+    if constraint.kind == "json_schema":
+        schema = json.loads(constraint.value)
+        return {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema, "strict": True}}
+    raise ValueError(f"a remote engine takes a JSON schema or object, not a {constraint.kind} constraint")
 
 
 def check_messages(messages: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:

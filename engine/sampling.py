@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from .constraints import Constraint
+from .logprobs import MAX_TOP_LOGPROBS
 from .options import options_from_dict, options_to_dict
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,12 @@ class InferenceOptions:
     max_time_ms: a generation time limit, enforced by whoever drives the generation.
     allow_drafting: let the engine guess tokens from the context and verify them in one step (the
         output is the same either way; False only turns the speed-up off).
+    presence_penalty, frequency_penalty: OpenAI's, in [-2, 2]: a token generated c > 0 times so far
+        loses c * frequency_penalty + presence_penalty from its logit; 0 = off.
+    logit_bias: (token id, bias in [-100, 100]) pairs added to those tokens' logits (a dict is taken).
+    logprobs: None = off; k in 0..20: each generated token's log-probability and the k most likely
+        alternatives (engine/logprobs.py). prompt_logprobs: the same for the prompt's tokens.
+    constraint: a grammar the output must match (engine/constraints.py); None = free text.
     """
 
     max_new_tokens: int = 256
@@ -74,6 +82,12 @@ class InferenceOptions:
     max_time_ms: int | None = None
     stop_on_eos: bool = True
     allow_drafting: bool = True  # False: never verify drafted tokens for this request (speculative.py)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, 1, "an integer >= 1")
@@ -89,6 +103,7 @@ class InferenceOptions:
         _require(
             isinstance(self.allow_drafting, bool), "allow_drafting", self.allow_drafting, "True or False"
         )
+        self._check_api_options()
 
     def _check_floats(self) -> None:
         t, p, m, r = self.temperature, self.top_p, self.min_p, self.repetition_penalty
@@ -108,6 +123,21 @@ class InferenceOptions:
                 raise ValueError(f"stop = {stop!r} is invalid: item {s!r}; allowed: non-empty strings")
         object.__setattr__(self, "stop", tuple(stop))
 
+    def _check_api_options(self) -> None:
+        """The OpenAI-style options: penalties, logit_bias, logprobs, constraint."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            _require(_is_real(v) and -2 <= v <= 2, name, v, "a number in [-2, 2] (0 = off)")
+            object.__setattr__(self, name, float(v))
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None:
+                _check_int(name, v, 0, f"None or an integer in [0, {MAX_TOP_LOGPROBS}]")
+                _require(v <= MAX_TOP_LOGPROBS, name, v, f"None or an integer in [0, {MAX_TOP_LOGPROBS}]")
+        object.__setattr__(self, "logit_bias", _normalize_logit_bias(self.logit_bias))
+        if self.constraint is not None:
+            object.__setattr__(self, "constraint", Constraint.from_value(self.constraint))
+
     @property
     def is_greedy(self) -> bool:
         """True when these options always pick the most likely token (after the repetition penalty)."""
@@ -121,6 +151,28 @@ class InferenceOptions:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (`stop` as a list) that `from_dict` turns back into equal options."""
         return options_to_dict(self)
+
+
+def _normalize_logit_bias(bias: object) -> tuple[tuple[int, float], ...]:
+    """``{token id: bias}`` or (id, bias) pairs -> sorted pairs; ValueError naming a bad entry."""
+    allowed = "a {token id: bias} dict or (id, bias) pairs, ids >= 0, biases in [-100, 100]"
+    if isinstance(bias, Mapping):
+        items = list(bias.items())
+    elif isinstance(bias, Sequence) and not isinstance(bias, str):
+        items = [tuple(pair) if isinstance(pair, Sequence) and not isinstance(pair, str) else (pair,)
+                 for pair in bias]  # fmt: skip
+    else:
+        raise ValueError(f"logit_bias = {bias!r} is invalid; allowed: {allowed}")
+    out: dict[int, float] = {}
+    for item in items:
+        key, value = (item[0], item[1]) if len(item) == 2 else (None, None)
+        if isinstance(key, str) and key.strip().isdigit():
+            key = int(key)
+        ok = isinstance(key, int) and not isinstance(key, bool) and key >= 0
+        if not ok or not _is_real(value) or not -100 <= value <= 100:
+            raise ValueError(f"logit_bias entry {item!r} is invalid; allowed: {allowed}")
+        out[int(key)] = float(value)
+    return tuple(sorted(out.items()))
 
 
 def make_rng(options: InferenceOptions) -> np.random.Generator:

@@ -7,7 +7,7 @@ scheduler feeds the guesses ("drafts") as extra rows after the request's newest 
 gives the logits at every drafted position, and the request keeps the longest prefix of drafts its
 own sampling agrees with, plus the token sampled where it first disagrees. The sampling is the one
 ``sample_token`` call a step without drafts would make, with the same RNG draw (see
-``Sequence.on_draft_logits``), so a draft token is accepted with exactly the model's probability for
+``GenerationRequest.on_draft_logits``), so a draft token is accepted with exactly the model's probability for
 it and the output is token for token what it would be without drafting, greedy or seeded.
 
 Whether drafting pays depends on what the extra rows cost. The kernels read each weight once for a

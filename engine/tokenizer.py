@@ -13,6 +13,7 @@ message's content, so a user cannot forge a role turn by typing ``<|im_start|>sy
 from __future__ import annotations
 
 import codecs
+import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -142,6 +143,10 @@ class Tokenizer:
             return self._tokens[token_id]
         return self._piece(token_id).decode("utf-8", errors="backslashreplace")
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (a special token: its text as written, in UTF-8)."""
+        return self._piece(token_id)
+
     def is_special(self, token_id: int) -> bool:
         """A CONTROL or USER_DEFINED token: matched whole in text, never produced by BPE."""
         return self._types[self._check_id(token_id)] in _MATCHED_IN_TEXT
@@ -163,13 +168,20 @@ class Tokenizer:
         """The conversation rendered by the model's chat template (raises ``ChatTemplateError``)."""
         return self.chat_template.render(messages, add_generation_prompt)
 
-    def encode_messages(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
+    def encode_messages(
+        self, messages: Messages, add_generation_prompt: bool = True, tools: Sequence[Any] | None = None
+    ) -> list[int]:
         """Token ids of the rendered chat; message contents are plain text (no special tokens from them).
 
         Equals ``encode(apply_chat_template(messages))`` when no content holds special-token text,
         plus a leading BOS if the model asks for one (``add_bos``) and the template did not write it.
+        ``tools`` go to a template with its own tool format; they and the messages' ``tool_calls``
+        are rendered as the template's text, so one that spells a special token is refused.
         """
-        segments = self.chat_template.segments(messages, add_generation_prompt, self._has_special_text)
+        calls = [m.get("tool_calls") for m in messages if isinstance(m, Mapping) and m.get("tool_calls")]
+        if (tools or calls) and self._has_special_text(json.dumps([tools, calls], ensure_ascii=False)):
+            raise ChatTemplateError("a tool definition or tool call spells a special token; refusing it")
+        segments = self.chat_template.segments(messages, add_generation_prompt, self._has_special_text, tools)
         ids = self._encode_segments(segments)
         if self.add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids.insert(0, self.bos_id)

@@ -56,7 +56,7 @@ def vm_mib(pid: int, field: str = "VmRSS") -> float:
 def stop_string_rss(model: Path) -> None:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "smallmind_app", "serve", "--model", str(model),
+    proc = subprocess.Popen([sys.executable, "-m", "smallmind_cli", "serve", "--model", str(model),
                              "--port", str(port)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     url = f"http://127.0.0.1:{port}"

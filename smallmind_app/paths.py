@@ -13,10 +13,21 @@ import functools
 import time
 from pathlib import Path
 
-from engine.paths import APP_NAME, HOME_ENV, MODEL_ENV, cache_dir, config_dir, data_dir, log_dir, models_dir
+from engine.paths import (
+    APP_NAME,
+    DEFAULT_PORT,
+    HOME_ENV,
+    MODEL_ENV,
+    cache_dir,
+    config_dir,
+    data_dir,
+    log_dir,
+    models_dir,
+)
 
 __all__ = [
     "APP_NAME",
+    "DEFAULT_PORT",
     "HOME_ENV",
     "MODEL_ENV",
     "RESOURCES_DIR",
@@ -31,6 +42,7 @@ __all__ = [
     "log_file",
     "models_dir",
     "settings_file",
+    "smollm2_system_prompt",
 ]
 
 
@@ -74,9 +86,13 @@ def aside_path(path: Path, tag: str = "corrupt") -> Path:
 
 
 @functools.cache
-def default_system_prompt() -> str:
-    """SmolLM2's own default system prompt (the model was trained with it), from resources/.
-
-    Here rather than in the settings, which the store does not import: the store needs it too.
-    """
+def smollm2_system_prompt() -> str:
+    """SmolLM2's own default system prompt (its chat template writes it), from resources/: the app's
+    built-in default before each model brought its own (the settings and the store upgrade it to "")."""
     return (RESOURCES_DIR / "default_system_prompt.txt").read_text(encoding="utf-8").strip()
+
+
+def default_system_prompt() -> str:
+    """The system prompt of a new conversation: none of its own, so its model's default applies (the
+    chat template's own, if any: SmolLM2's writes one, a base model such as Gemma 3 270M has none)."""
+    return ""

@@ -182,6 +182,7 @@ def too_long(n_tokens: int, limit: int, context: int, cause: str, suggested: int
 # -- a request the worker did not send ---------------------------------------------------------------
 ALREADY_GENERATING = "A reply is already being generated here."
 NO_MODEL = "No model is loaded; open Settings to choose one."
+CONTINUE_LOCAL_ONLY = "Continue works with this computer's models; a server's reply can only be regenerated."
 REMOTE_ENGINE_GONE = (
     "This tab's server is not in Settings → Engines any more; pick another engine at the top of the tab."
 )

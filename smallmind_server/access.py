@@ -26,6 +26,15 @@ LOCAL_OWNER = "api-local"  # the keyless local client
 KEY_OWNER_PREFIX = "api-key-"
 
 
+def check_listen_address(host: str, has_key: bool) -> None:
+    """The one rule for where a server may listen: off loopback only with an API key (ValueError)."""
+    if not has_key and not is_loopback(host):
+        raise ValueError(
+            f"refusing to listen on {host} without an API key: anyone on the network could use "
+            "the model. Pass --api-key KEY (clients send 'Authorization: Bearer KEY'), or bind 127.0.0.1"
+        )
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (a name or an address, IPv6 with or without brackets) can only mean this
     machine: ``localhost`` (also ``localhost.``), 127.0.0.0/8, ``::1``, IPv4-mapped loopback. The

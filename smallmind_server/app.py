@@ -3,7 +3,8 @@
 The engine is running (driven by its own thread, or by the app's worker): the server only submits
 requests and reads events, so API requests are batched with whatever else the engine serves. Pass
 ``engine=None`` to start answering (``/health`` says 503) before the model has loaded, then
-``app.state.server.attach(engine)``.
+``app.state.server.attach(engine)``. Pass a ``ModelPool`` to serve every model it knows by its ``model``
+id, loading on demand (``models.py``); ``model_name`` is then the default model's id.
 
 Before routing, ``_Guard`` checks the ``Host`` (a keyless server answers loopback names only), the
 API key (which also names the request's owner, see ``access.py``) and the body size.
@@ -12,39 +13,35 @@ API key (which also names the request's owner, see ``access.py``) and the body s
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from engine import BatchedInferenceEngine, GenerationResult
+from engine import BatchedInferenceEngine
 from engine.documents import default_index_path
+from engine.model_pool import ModelPool
 from engine.prompting import check_messages
 
-from . import metrics, serving
+from . import choices, embeddings, metrics, serving
 from .access import LOCAL_OWNER, ApiKeys, host_allowed
 from .documents import DocumentsMiddleware
+from .embeddings import EmbeddingRequest
 from .limits import DEFAULT_MAX_TOKENS_CAP, MAX_BODY_BYTES, MAX_HEADER_BYTES
+from .models import ServedModels
 from .protocol import (
     ApiError,
-    AssistantMessage,
-    ChatChoice,
-    ChatCompletion,
     ChatCompletionRequest,
-    Completion,
-    CompletionChoice,
     CompletionRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
-    Usage,
 )
 
 DEFAULT_MAX_BODY_BYTES = MAX_BODY_BYTES
@@ -154,9 +151,11 @@ def create_app(
     cors_origins: Sequence[str] = (),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
+    pool: ModelPool | None = None,
     documents_path: str | os.PathLike[str] | None = None,
 ) -> FastAPI:
-    """The OpenAI-compatible app serving ``engine`` (None: still loading) under ``model_name``.
+    """The OpenAI-compatible app serving ``engine`` (None: still loading) under ``model_name``, or
+    every model of ``pool`` (``model_name``: the one a request without ``model`` gets).
 
     ``api_key``: one key or several, each its own owner (None or empty: no key, loopback Hosts only).
     ``documents_path``: the document index whose libraries chat requests may name (documents.py);
@@ -172,10 +171,12 @@ def create_app(
     if engine is not None:
         state.attach(engine)
     app.state.server = state
+    app.state.models = ServedModels(pool, state, model_name) if pool is not None else None
     _add_error_handlers(app)
-    _add_routes(app, state)
+    _add_routes(app, state, app.state.models)
     index_path = documents_path if documents_path is not None else default_index_path()
-    app.add_middleware(DocumentsMiddleware, state=state, index_path=index_path)  # inside the _Guard
+    app.add_middleware(DocumentsMiddleware, state=state, index_path=index_path,
+                       models=app.state.models)  # inside the _Guard  # fmt: skip
     app.add_middleware(_Guard, keys=keys, max_body_bytes=max_body_bytes)
     if cors_origins:  # added last: runs first, so preflights get their headers before the key check
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
@@ -242,11 +243,23 @@ def _owner(request: Request) -> str:
     return owner
 
 
-def _usage(result: GenerationResult) -> Usage:
-    return Usage.of(result.prompt_tokens, result.generated_tokens, result.reused_tokens)
+def _model_state(
+    state: serving.ServerState, served: ServedModels | None
+) -> Callable[[Request], AsyncIterator[serving.ServerState]]:
+    """The routes' dependency giving the state of the model a request names (see ``models.py``)."""
+    if served is not None:
+        return served.resolve
+
+    async def only(request: Request) -> AsyncIterator[serving.ServerState]:
+        yield state
+
+    return only
 
 
-def _add_routes(app: FastAPI, state: serving.ServerState) -> None:
+def _add_routes(app: FastAPI, root: serving.ServerState, served: ServedModels | None) -> None:
+    state = root
+    model_state = Depends(_model_state(root, served))
+
     @app.get("/health")
     async def health() -> JSONResponse:
         ready = state.engine is not None
@@ -254,6 +267,8 @@ def _add_routes(app: FastAPI, state: serving.ServerState) -> None:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
+        if served is not None:
+            return served.model_list()
         limit = state.engine.session_token_limit() if state.engine is not None else None
         return ModelList(data=[ModelCard(id=state.model_name, max_model_len=limit)]).model_dump()
 
@@ -263,7 +278,7 @@ def _add_routes(app: FastAPI, state: serving.ServerState) -> None:
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+    async def tokenize(body: TokenizeRequest, state: serving.ServerState = model_state) -> dict[str, Any]:
         state.check_model(body.model)
         engine, _ = state.require_engine()
         if body.prompt is not None:
@@ -279,60 +294,22 @@ def _add_routes(app: FastAPI, state: serving.ServerState) -> None:
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=limit).model_dump()
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+    async def chat(
+        body: ChatCompletionRequest, request: Request, state: serving.ServerState = model_state
+    ) -> JSONResponse | StreamingResponse:
         state.check_model(body.model)
-        session = serving.session_name(request, body.user)
-        sub = await serving.submit(state, "chat", body.engine_messages(), body, session, _owner(request))
-        reply_id, created = f"chatcmpl-{sub.handle.request_id}-{int(time.time() * 1000)}", int(time.time())
-
-        def chunk(text: str, finish_reason: str | None, role: bool = False) -> dict[str, Any]:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
-            if text:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-            return {"id": reply_id, "object": "chat.completion.chunk", "created": created,
-                    "model": state.model_name, "choices": [choice]}  # fmt: skip
-
-        if body.stream:
-            usage = _usage_chunk(reply_id, created, state.model_name, "chat.completion.chunk")
-            stream = serving.sse_stream(state, sub, chunk, usage if body.include_usage else None,
-                                        first=chunk("", None, role=True))  # fmt: skip
-            return StreamingResponse(stream, media_type="text/event-stream")
-        result = await serving.collect(state, sub, request)
-        serving.check_result(result)
-        reply = ChatCompletion(id=reply_id, created=created, model=state.model_name, usage=_usage(result),
-                               choices=[ChatChoice(message=AssistantMessage(content=result.text),
-                                                   finish_reason=result.finish_reason)])  # fmt: skip
-        return JSONResponse(reply.model_dump())
+        return await choices.chat(state, body, request, _owner(request))
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+    async def completions(
+        body: CompletionRequest, request: Request, state: serving.ServerState = model_state
+    ) -> JSONResponse | StreamingResponse:
         state.check_model(body.model)
-        session = serving.session_name(request, body.user)
-        sub = await serving.submit(state, "completions", body.prompt_text(), body, session, _owner(request))
-        reply_id, created = f"cmpl-{sub.handle.request_id}-{int(time.time() * 1000)}", int(time.time())
+        return await choices.completions(state, body, request, _owner(request))
 
-        def chunk(text: str, finish_reason: str | None) -> dict[str, Any]:
-            choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
-            return {"id": reply_id, "object": "text_completion", "created": created,
-                    "model": state.model_name, "choices": [choice]}  # fmt: skip
-
-        if body.stream:
-            usage = _usage_chunk(reply_id, created, state.model_name, "text_completion")
-            stream = serving.sse_stream(state, sub, chunk, usage if body.include_usage else None)
-            return StreamingResponse(stream, media_type="text/event-stream")
-        result = await serving.collect(state, sub, request)
-        serving.check_result(result)
-        choice = CompletionChoice(text=result.text, finish_reason=result.finish_reason)
-        reply = Completion(
-            id=reply_id, created=created, model=state.model_name, usage=_usage(result), choices=[choice]
-        )
-        return JSONResponse(reply.model_dump())
-
-
-def _usage_chunk(reply_id: str, created: int, model: str, kind: str) -> Any:
-    def build(result: GenerationResult) -> dict[str, Any]:
-        return {"id": reply_id, "object": kind, "created": created, "model": model, "choices": [],
-                "usage": _usage(result).model_dump()}  # fmt: skip
-
-    return build
+    @app.post("/v1/embeddings")
+    async def embeddings_route(
+        body: EmbeddingRequest, request: Request, state: serving.ServerState = model_state
+    ) -> dict[str, Any]:
+        state.check_model(body.model)
+        return await embeddings.embed(state, body, request)

@@ -1,8 +1,9 @@
 """The API server on a background thread, around an engine someone else drives: start, stop, address.
 
 For a program that already runs an engine (the desktop app, a script): ``BackgroundServer(engine,
-name).start(port=8080)`` binds 127.0.0.1 (or another host, with a key), serves on its own thread
-and returns the base URL; ``stop()`` cancels the requests in flight and joins the thread.
+name).start(port=DEFAULT_PORT)`` binds 127.0.0.1 (or another host, with a key), serves on its own thread
+and returns the base URL; ``stop()`` cancels the requests in flight and joins the thread. Given a
+``ModelPool``, it serves every model of the pool by its ``model`` id (``model_name``: the default).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from collections.abc import Sequence
 import uvicorn
 
 from engine import BatchedInferenceEngine
+from engine.model_pool import ModelPool
+from engine.paths import DEFAULT_PORT
 
-from .access import is_loopback
+from .access import check_listen_address
 from .app import create_app
 from .serving import ServerState
 
@@ -29,11 +32,13 @@ class BackgroundServer:
 
     def __init__(
         self,
-        engine: BatchedInferenceEngine,
+        engine: BatchedInferenceEngine | None,
         model_name: str,
         cors_origins: Sequence[str] = (),
+        pool: ModelPool | None = None,
     ) -> None:
         self.engine = engine
+        self.pool = pool
         self.model_name = model_name
         self.cors_origins = tuple(cors_origins)
         self._server: uvicorn.Server | None = None
@@ -46,13 +51,13 @@ class BackgroundServer:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self, port: int = 8080, host: str = "127.0.0.1", api_key: str | None = None) -> str:
+    def start(self, port: int = DEFAULT_PORT, host: str = "127.0.0.1", api_key: str | None = None) -> str:
         """Bind and serve; returns the base URL (``http://host:port``). Raises OSError, ValueError."""
         if self.running:
             raise RuntimeError(f"the server is already running at {self.url}")
-        if not is_loopback(host) and not api_key:
-            raise ValueError(f"refusing to listen on {host} without an API key")
-        app = create_app(self.engine, self.model_name, api_key or None, self.cors_origins)  # checks the key
+        check_listen_address(host, bool(api_key))
+        # create_app checks the key
+        app = create_app(self.engine, self.model_name, api_key or None, self.cors_origins, pool=self.pool)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -96,6 +101,15 @@ class BackgroundServer:
     @property
     def requests_in_flight(self) -> int:
         return len(self._state.in_flight) if self._state is not None else 0
+
+    @property
+    def requests_by_kind(self) -> dict[str, int]:
+        """API requests received since the server started, by kind: chat, json_object, json_schema,
+        tools, completions, embeddings."""
+        if self._state is None:
+            return {}
+        with self._state.lock:
+            return dict(self._state.kinds)
 
     @property
     def requests_served(self) -> int:

@@ -21,7 +21,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -30,10 +30,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.documents import DocumentIndex, Retrieval, messages_with_passages, retrieve
 from engine.documents.retrieval import DEFAULT_BUDGET_TOKENS, MAX_BUDGET_TOKENS
-from engine.errors import DocumentIndexError, LibraryNotFoundError
+from engine.errors import DocumentIndexError, EngineError, LibraryNotFoundError
 
 from .protocol import ApiError
 from .serving import ServerState
+
+if TYPE_CHECKING:
+    from .models import ServedModels
 
 FIELD = "smallmind"
 CHAT_PATH = "/v1/chat/completions"
@@ -69,9 +72,16 @@ def citations_field(found: Retrieval, libraries: list[str]) -> dict[str, Any]:
 class DocumentsMiddleware:
     """Adds library passages to chat requests that ask for them, and their citations to the replies."""
 
-    def __init__(self, app: ASGIApp, state: ServerState, index_path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        state: ServerState,
+        index_path: str | os.PathLike[str],
+        models: ServedModels | None = None,
+    ) -> None:
         self.app = app
         self.state = state
+        self.models = models  # a model pool's: passages are counted by the model the request names
         self.index_path = Path(index_path)
         self._index: DocumentIndex | None = None
         self._opening = threading.Lock()
@@ -103,14 +113,13 @@ class DocumentsMiddleware:
 
     def _add_passages(self, document: dict[str, Any], extension: DocumentsRequest) -> Retrieval:
         """Retrieve for the last message and add the passages to it (in a worker thread)."""
-        engine, _ = self.state.require_engine()
         messages = document.get("messages")
         last = messages[-1] if isinstance(messages, list) and messages else None
         if not isinstance(messages, list) or not isinstance(last, dict) or last.get("role") != "user":
             raise ApiError(400, f"'{FIELD}.library' needs the last message to be the user's question",
                            param="messages")  # fmt: skip
         question = _text_of(last.get("content"))
-        tokenizer = engine.tokenizer
+        tokenizer = self._tokenizer_for(document.get("model"))
         try:
             found = retrieve(self._open_index(extension.libraries), extension.libraries, question,
                              extension.budget_tokens, _token_counter(tokenizer), None,
@@ -122,6 +131,21 @@ class DocumentsMiddleware:
             raise ApiError(500, str(exc), "server_error", code="document_index_error") from exc
         messages[-1] = messages_with_passages([{**last, "content": question}], found.passages)[0]
         return found
+
+    def _tokenizer_for(self, model: object) -> Any:
+        """The tokenizer of the model the request names (a pool's: loaded first if needed, as the
+        route would), else the server's one model's."""
+        if self.models is None:
+            return self.state.require_engine()[0].tokenizer
+        model_id = self.models.check(model if isinstance(model, str) else None)  # unknown: the 404
+        try:
+            engine = self.models.pool.lease(model_id)
+        except EngineError as exc:
+            raise ApiError(500, str(exc), "server_error", param="model", code="model_load_failed") from exc
+        try:
+            return engine.tokenizer
+        finally:
+            self.models.pool.release(model_id)
 
     def _open_index(self, libraries: list[str]) -> DocumentIndex:
         with self._opening:

@@ -14,11 +14,15 @@ Each limit bounds the work or memory one request can cost:
 | ``MAX_SESSION_ID_CHARS`` | the ``X-Session-Id`` header |
 | ``max_tokens`` ≤ the server's cap (``DEFAULT_MAX_TOKENS_CAP``) and ≤ the context | the generation |
 | ``MAX_TOP_K`` | (any k ≥ the vocabulary is the same as 0: off) |
+| ``MAX_CHOICES`` (``n`` × prompts), ``MAX_PROMPTS`` | the rows one request adds to the batch |
+| ``MAX_TOOLS``, ``MAX_LOGIT_BIAS``, ``MAX_TOP_LOGPROBS`` | the grammar, the bias and logprob work |
+| ``MAX_EMBEDDING_INPUTS`` | the rows one embeddings request adds |
+| schemas and tool parameters | the body size, and llguidance's own limits on grammar size |
 
 uvicorn (h11) already refuses a header block that arrives incomplete past 16 KiB (a plain 400 or a
 closed connection); one that arrives whole, up to a socket read (~256 KiB), reaches the app, which
-refuses it past ``MAX_HEADER_BYTES`` with 431 in OpenAI's shape. ``n`` (and
-``best_of``, ``logit_bias``, tools...) are accepted only at their neutral value or not at all.
+refuses it past ``MAX_HEADER_BYTES`` with 431 in OpenAI's shape. ``best_of`` and other fields
+this server does not implement are unknown fields (400).
 """
 
 from __future__ import annotations
@@ -39,3 +43,12 @@ MAX_SESSION_ID_CHARS = 256  # the X-Session-Id header
 MAX_TOP_K = 1 << 20
 
 MAX_SEED = 2**63 - 1
+
+MAX_CHOICES = 16  # n, times the prompts of a completions request
+MAX_PROMPTS = 16  # prompts of one completions request
+MAX_TOOLS = 64  # tools of one request (and tool calls of one message)
+MAX_LOGIT_BIAS = 300  # OpenAI's limit
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit (5 for completions' logprobs)
+MAX_EMBEDDING_INPUTS = 64
+MAX_METADATA_ITEMS = 16  # OpenAI's limit
+FUNCTION_NAME = r"^[A-Za-z0-9_.-]{1,64}$"  # a function's or a schema's name

@@ -1,6 +1,9 @@
 """``smallmind serve``: the API server without a window.
 
-The server answers at once (``/health`` says 503 while the model loads); Ctrl+C or SIGTERM cancels
+It serves every installed model (the models directory's GGUF files and ``--model``) by its ``model``
+id, loading on demand under a memory budget (``engine.model_pool``); a request without ``model`` gets
+the default one (``--model``, else the installed default), loaded at start.
+The server answers at once (``/health`` says 503 while that model loads); Ctrl+C or SIGTERM cancels
 every request in flight (streams end with ``finish_reason: "cancelled"``), waits briefly for the
 connections to close and stops the engine. Binding anything but a loopback address needs an API
 key; several keys may be given, each its own owner of sessions (``access.py``). Keys are never
@@ -23,8 +26,10 @@ from typing import TextIO
 import uvicorn
 
 from engine import BatchedInferenceEngine, BatchingOptions, GgufFile, Model, Tokenizer
+from engine.model_pool import ModelPool, ModelPoolOptions, installed_models
+from engine.paths import DEFAULT_PORT
 
-from .access import ApiKeys, is_loopback
+from .access import ApiKeys, check_listen_address, is_loopback
 from .app import create_app
 from .serving import ServerState
 
@@ -39,19 +44,16 @@ GRACEFUL_SHUTDOWN_S = 5
 class ServeOptions:
     model_path: Path
     host: str = "127.0.0.1"
-    port: int = 8080
+    port: int = DEFAULT_PORT
     api_keys: tuple[str, ...] = ()  # each its own owner; empty: keyless, loopback only
     cors_origins: tuple[str, ...] = ()
+    pool: ModelPoolOptions | None = None  # how many models stay loaded (None: the defaults)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65_535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         ApiKeys(self.api_keys)  # ValueError for a key no client could send (never showing it)
-        if not is_loopback(self.host) and not self.api_keys:
-            raise ValueError(
-                f"refusing to listen on {self.host} without an API key: anyone on the network could use "
-                "the model. Pass --api-key KEY (clients send 'Authorization: Bearer KEY'), or bind 127.0.0.1"
-            )
+        check_listen_address(self.host, bool(self.api_keys))
 
 
 def _keys_text(n_keys: int) -> str:
@@ -105,38 +107,44 @@ class _Server(uvicorn.Server):
 def run(options: ServeOptions, out: TextIO | None = None) -> int:
     """Serve until Ctrl+C / SIGTERM; the exit status."""
     out = out or sys.stdout
-    app = create_app(None, model_name_for(options.model_path), options.api_keys, options.cors_origins)
+    models = installed_models([options.model_path])
+    default = next(iter(models))  # --model's id (listed first)
+    pool = ModelPool(models, options.pool, BatchingOptions())
+    app = create_app(None, default, options.api_keys, options.cors_origins, pool=pool)
     state: ServerState = app.state.server
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=False)  # fmt: skip
     server = _Server(config, state)
-    engines: list[BatchedInferenceEngine] = []
     failure: list[BaseException] = []
 
     def load() -> None:
         try:
-            engines.append(load_engine(options.model_path))
+            engine = pool.lease(default)
         except Exception as exc:  # reported below; the server stops
             failure.append(exc)
             server.should_exit = True
             return
-        state.attach(engines[0])
-        out.write(f"model {state.model_name} loaded; ready\n")
+        state.attach(engine)
+        pool.release(default)
+        out.write(f"model {default} loaded; ready\n")
         out.flush()
 
     loader = threading.Thread(target=load, name="smallmind-load", daemon=True)
     host = f"[{options.host}]" if ":" in options.host else options.host
-    out.write(f"SmallMind API on http://{host}:{options.port}/v1 (model {state.model_name}; "
+    others = (
+        f"; also {', '.join(m for m in models if m != default)}, loaded on demand" if len(models) > 1 else ""
+    )
+    out.write(f"SmallMind API on http://{host}:{options.port}/v1 (model {default}{others}; "
               f"{_keys_text(len(options.api_keys))}); Ctrl+C stops\n")  # fmt: skip
     out.flush()
+    pool.start()
     loader.start()
     try:
         server.run()
     finally:
         state.in_flight.cancel_all()
         loader.join(timeout=60)
-        for engine in engines:
-            engine.stop()
+        pool.stop()
     if failure:
         raise failure[0]
     if not server.started:

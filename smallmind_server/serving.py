@@ -29,6 +29,7 @@ from engine import (
     RequestHandle,
     SessionId,
 )
+from engine.constraints import Constraint
 from engine.prompting import check_messages, clean_text
 
 from .limits import MAX_SESSION_ID_CHARS
@@ -52,6 +53,11 @@ class ServerState:
     in_flight: InFlight = field(default_factory=InFlight)
     finished: Counter[tuple[str, str]] = field(default_factory=Counter)  # (endpoint, finish_reason)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    kinds: Counter[str] = field(default_factory=Counter)  # requests by kind (chat, json_schema, tools...)
+
+    def count_kind(self, kind: str) -> None:
+        with self.lock:
+            self.kinds[kind] += 1
 
     def attach(self, engine: BatchedInferenceEngine) -> None:
         """Serve with ``engine`` from now on (the model finished loading)."""
@@ -83,21 +89,21 @@ class Submitted:
     endpoint: str
     handle: RequestHandle
     events: asyncio.Queue[GenerationEvent]
-    session: SessionId
+    session: SessionId | None  # None: a choice forked from another (n > 1), in a session of its own
     prompt_ids: list[int]
 
 
-def encode(engine: BatchedInferenceEngine, prompt: Prompt) -> list[int]:
+def encode(engine: BatchedInferenceEngine, prompt: Prompt, tools: Sequence[Any] | None = None) -> list[int]:
     tokenizer = engine.tokenizer
     if isinstance(prompt, str):
         if not prompt.strip():
             raise ApiError(400, "the prompt is empty or only whitespace", param="prompt")
         return list(tokenizer.encode(clean_text(prompt)))
     try:
-        messages = check_messages(prompt)
+        messages = check_messages(prompt, allow_tools=tools is not None)
     except ValueError as exc:
         raise ApiError(400, str(exc), param="messages") from exc
-    return list(tokenizer.encode_messages(messages, add_generation_prompt=True))
+    return list(tokenizer.encode_messages(messages, add_generation_prompt=True, tools=tools))
 
 
 def _max_new_tokens(
@@ -123,14 +129,24 @@ def _max_new_tokens(
 
 
 def inference_options(
-    request: ChatCompletionRequest | CompletionRequest, max_new_tokens: int
+    request: ChatCompletionRequest | CompletionRequest,
+    max_new_tokens: int,
+    choice: int = 0,
+    constraint: Constraint | None = None,
+    prompt_logprobs: int | None = None,
 ) -> InferenceOptions:
+    """The engine options of one choice. Defaults are OpenAI's: no repetition penalty unless asked
+    (``repetition_penalty``, or llama.cpp's ``repeat_penalty``); choice i of n samples with seed + i."""
     given = {
         "temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k,
-        "min_p": request.min_p, "repetition_penalty": request.repetition_penalty, "seed": request.seed,
+        "min_p": request.min_p, "repetition_penalty": request.repetition_penalty,
+        "seed": None if request.seed is None else request.seed + choice,
+        "presence_penalty": request.presence_penalty, "frequency_penalty": request.frequency_penalty,
+        "logit_bias": request.logit_bias, "logprobs": request.top_k_logprobs,
+        "prompt_logprobs": prompt_logprobs, "constraint": constraint,
     }  # fmt: skip
     if request.repetition_penalty is None:  # llama.cpp's name, as its clients (and RemoteEngine) send it
-        given["repetition_penalty"] = request.repeat_penalty
+        given["repetition_penalty"] = request.repeat_penalty if request.repeat_penalty is not None else 1.0
     options: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
     return InferenceOptions(max_new_tokens=max_new_tokens, stop=tuple(request.stop or ()),
                             stop_on_eos=not request.ignore_eos, **options)  # fmt: skip
@@ -143,9 +159,19 @@ async def submit(
     request: ChatCompletionRequest | CompletionRequest,
     session_name: str | None,
     owner: str,
+    *,
+    choice: int = 0,
+    fork_of: RequestHandle | None = None,
+    constraint: Constraint | None = None,
+    prompt_logprobs: int | None = None,
+    tools: Sequence[Any] | None = None,
 ) -> Submitted:
     """Tokenize, check and submit in a worker thread; raises ApiError for everything refused.
-    ``owner`` (see ``access.py``): the request sees and leaves cached K/V only within it."""
+    ``owner`` (see ``access.py``): the request sees and leaves cached K/V only within it.
+
+    ``choice`` i of n > 1 is forked from choice 0 (``fork_of``: it copies that one's prompt K/V,
+    in a session of the same owner); ``constraint`` is the grammar its output must match; ``tools``
+    go to a chat template with its own tool format."""
     engine, router = state.require_engine()
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
@@ -155,17 +181,18 @@ async def submit(
         loop.call_soon_threadsafe(events.put_nowait, event)
 
     def work() -> Submitted:
-        ids = encode(engine, prompt)
+        ids = encode(engine, prompt, tools)
         limit = engine.session_token_limit()
         field = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) else "max_tokens"
         cap = state.max_tokens_cap
         max_new = _max_new_tokens(request.requested_max_tokens, len(ids), limit, cap, what, field)
-        options = inference_options(request, max_new)
+        options = inference_options(request, max_new, choice, constraint, prompt_logprobs)
         session = router.acquire(ids, owner, session_name)
         try:
-            handle = engine.submit(prompt, options, session, on_event)
+            handle = engine.submit(prompt, options, session, on_event, fork_of=fork_of, tools=tools)
         except BaseException:
-            router.release(session, ids)
+            if session is not None:
+                router.release(session, ids)
             raise
         state.in_flight.add(handle)
         return Submitted(endpoint, handle, events, session, ids)
@@ -199,7 +226,7 @@ def finish(state: ServerState, sub: Submitted, result: GenerationResult | None) 
     state.in_flight.discard(sub.handle)
     reason = result.finish_reason if result is not None else "cancelled"
     state.count_finished(sub.endpoint, reason)
-    if state.router is not None:
+    if state.router is not None and sub.session is not None:
         state.router.release(sub.session, sub.prompt_ids, keep=reason != "error")
 
 
@@ -305,7 +332,3 @@ async def sse_stream(
         yield sse("[DONE]")
     finally:
         finish(state, sub, result)
-
-
-def chat_prompt(request: ChatCompletionRequest) -> Sequence[Mapping[str, str]]:
-    return request.engine_messages()

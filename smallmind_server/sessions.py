@@ -29,8 +29,11 @@ MAX_IDLE_SESSIONS = 64
 class SessionRouter:
     """Maps stateless requests to idle sessions by prompt prefix (thread-safe)."""
 
-    def __init__(self, store: LruKvCacheStore, max_idle_sessions: int = MAX_IDLE_SESSIONS) -> None:
+    def __init__(
+        self, store: LruKvCacheStore, max_idle_sessions: int = MAX_IDLE_SESSIONS, model: str | None = None
+    ) -> None:
         self._store = store
+        self.model = model  # the identity of the model whose K/V its sessions hold (a store shared by models)
         self._max_idle = max_idle_sessions
         self._idle: OrderedDict[SessionId, tuple[int, ...]] = OrderedDict()  # oldest first
         self._lock = threading.Lock()
@@ -38,7 +41,7 @@ class SessionRouter:
     def acquire(self, prompt_ids: Sequence[int], owner: str, pinned_name: str | None = None) -> SessionId:
         """The session of ``owner`` for a request with ``prompt_ids``; ``release`` it when it ends."""
         if pinned_name is not None:
-            return SessionId(PINNED_PREFIX + pinned_name, owner)
+            return SessionId(PINNED_PREFIX + pinned_name, owner, self.model)
         prompt = tuple(prompt_ids)
         with self._lock:
             best, best_len = None, 0
@@ -49,7 +52,7 @@ class SessionRouter:
             if best is not None:
                 del self._idle[best]
                 return best
-        return SessionId(ANONYMOUS_PREFIX + SessionId.new_id().value, owner)
+        return SessionId(ANONYMOUS_PREFIX + SessionId.new_id().value, owner, self.model)
 
     def release(self, session: SessionId, prompt_ids: Sequence[int], keep: bool = True) -> None:
         """A request ended: its session waits for the conversation's next turn (or is dropped)."""
@@ -66,11 +69,6 @@ class SessionRouter:
                 dropped.append(self._idle.popitem(last=False)[0])
         for old in dropped:
             self._store.remove(old)
-
-    @property
-    def n_idle(self) -> int:
-        with self._lock:
-            return len(self._idle)
 
 
 class InFlight:

@@ -50,6 +50,22 @@ def tiny_model_path(tiny_model: TinyModel) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Several tiny models as separate files, for the model pool: two Llamas of the default shape
+    (other seeds: other weights, other replies) and a Gemma-3-like base model (QK-norm, post-norms,
+    GELU, sliding window; no chat template), each written once per session."""
+    folder = tmp_path_factory.mktemp("tiny_family")
+    return {
+        "tiny-a": write_tiny_model(folder / "tiny-a.gguf", seed=1).path,
+        "tiny-b": write_tiny_model(folder / "tiny-b.gguf", seed=2).path,
+        "tiny-gemma": write_tiny_model(
+            folder / "tiny-gemma.gguf", seed=4, architecture="gemma3", n_heads=4, n_kv_heads=1,
+            head_dim=32, extra_metadata={"tokenizer.chat_template": None},
+        ).path,
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """The real SmolLM2-135M-Instruct Q4_1 file: $SMALLMIND_TEST_MODEL, else the installed model."""
     override = os.environ.get("SMALLMIND_TEST_MODEL", "").strip()

@@ -25,6 +25,7 @@ from ..documents.choices import citations_html
 from ..wording import FINISH_NOTES, limit_reached, tab_limit
 from .code_blocks import CodeBlock, code_block_html, prose_html, sanitize, split_markdown
 from .conversation_model import Entry
+from .structured_output import STRUCTURED, displayed_markdown
 
 
 def cache_key(entry: Entry) -> tuple[Any, ...]:
@@ -32,7 +33,7 @@ def cache_key(entry: Entry) -> tuple[Any, ...]:
     stats = json.dumps(entry.stats, sort_keys=True, default=str)  # citations are lists of dicts
     return (
         entry.role, entry.content, entry.status, stats, entry.progress, entry.editing, entry.copied,
-        entry.versions, entry.copied_block, tuple(colors().items()),
+        entry.versions, entry.copied_block, entry.model, entry.engine, tuple(colors().items()),
     )  # fmt: skip
 
 
@@ -85,6 +86,8 @@ def stats_line(stats: dict[str, Any]) -> str:
         parts.append(f"first token {stats['ttft_ms']:.0f} ms")
     if "reused_tokens" in stats:
         parts.append(f"{stats['reused_tokens']} of {stats.get('prompt_tokens', '?')} prompt tokens reused")
+    if stats.get("continued"):
+        parts.append("continued" + (f" {stats['continued']} times" if stats["continued"] > 1 else ""))
     reason = str(stats.get("finish_reason", ""))
     note = limit_reached(stats) if reason == "length" else FINISH_NOTES.get(reason)
     if note:
@@ -92,6 +95,19 @@ def stats_line(stats: dict[str, Any]) -> str:
     if stats.get("context_trimmed"):
         parts.append(f"older messages trimmed to fit {tab_limit(stats)}")
     return " · ".join(parts)
+
+
+def author(entry: Entry) -> str:
+    """Who said a reply: 'SmolLM2-135M-Instruct.Q4_1 (local)', 'gpt-4o (Team box)' ("" when unknown)."""
+    if not entry.model and not entry.engine:
+        return ""
+    name = html.escape(entry.model or "unknown model")
+    return f"{name} ({html.escape(entry.engine)})" if entry.engine else name
+
+
+def displayed(entry: Entry) -> str:
+    """The Markdown shown for an entry: a reply made under a JSON schema as a highlighted JSON block."""
+    return displayed_markdown(entry.content, bool(entry.stats.get(STRUCTURED)))
 
 
 def entry_chunks(index: int, entry: Entry, scheme: str = "app") -> list[str]:
@@ -109,7 +125,7 @@ def entry_chunks(index: int, entry: Entry, scheme: str = "app") -> list[str]:
     if user:
         parts = [plain_html(entry.content)]
     elif entry.content:
-        parts = markdown_html(entry.content, index, entry.copied_block, bg, scheme)
+        parts = markdown_html(displayed(entry), index, entry.copied_block, bg, scheme)
     else:
         parts = []
     footer = _footer(index, entry, scheme)
@@ -174,7 +190,7 @@ def _footer(index: int, entry: Entry, scheme: str) -> str:
         else:
             footer = "generating…" if entry.content else "waiting for the engine…"
     elif not user:
-        footer = stats_line(entry.stats)
+        footer = " · ".join(part for part in (author(entry), stats_line(entry.stats)) if part)
         if entry.stats.get("error"):
             footer += f"<br />{html.escape(str(entry.stats['error']))}"
         elif entry.status == "partial" and "finish_reason" not in entry.stats:

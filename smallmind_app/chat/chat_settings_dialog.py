@@ -24,6 +24,8 @@ from PySide6.QtWidgets import (
 from ..colors import colors
 from ..settings.dialog import FIELDS, changed_signal, field_value, make_field, problems_text, set_field_value
 from ..worker.engine_options import validate_settings
+from .structured_output import CONSTRAINT_KEY, schema_of
+from .structured_output_box import StructuredOutputBox
 
 SAMPLING_FIELDS = [(key, name, label, kind, limits) for sec, key, name, label, kind, limits in FIELDS
                    if sec == "sampling"]  # fmt: skip
@@ -73,6 +75,8 @@ class ChatSettingsDialog(QDialog):
             own.toggled.connect(lambda checked, k=key: self._on_own_toggled(k, checked))
             changed_signal(widget).connect(self._revalidate)
         grid.setColumnStretch(2, 1)
+        self.structured = StructuredOutputBox()  # the JSON schema replies must match (own value only)
+        self.structured.changed.connect(self._revalidate)
         self.error_label = QLabel(objectName="chatSettingsError")
         self.error_label.setWordWrap(True)
         self.error_label.setStyleSheet(f"color: {colors()['error_text']};")
@@ -89,6 +93,7 @@ class ChatSettingsDialog(QDialog):
         layout = QVBoxLayout(self)
         layout.addWidget(intro)
         layout.addLayout(grid)
+        layout.addWidget(self.structured)
         layout.addWidget(self.error_label)
         layout.addWidget(buttons)
         self.load(overrides)
@@ -103,12 +108,15 @@ class ChatSettingsDialog(QDialog):
             own.blockSignals(False)
             set_field_value(widget, kind, overrides[key] if mine else self.defaults.get(key))
             widget.setEnabled(mine)
+        self.structured.set_value(schema_of(overrides))
         self._revalidate()
 
     def overrides(self) -> dict[str, Any]:
         """The options this chat sets itself, with the values in their fields."""
         chosen = {key: (kind, widget) for key, (kind, own, widget) in self.fields.items() if own.isChecked()}
-        return {key: field_value(widget, kind) for key, (kind, widget) in chosen.items()}
+        values = {key: field_value(widget, kind) for key, (kind, widget) in chosen.items()}
+        constraint = self.structured.value()
+        return values if constraint is None else {**values, CONSTRAINT_KEY: constraint}
 
     def effective(self) -> dict[str, Any]:
         """What a reply of this chat would use: the app's settings with this chat's values over them."""
@@ -126,12 +134,14 @@ class ChatSettingsDialog(QDialog):
     def _revalidate(self) -> None:
         problems = validate_settings({}, {}, self.effective())
         self.errors = {key.split(".", 1)[1]: message for key, message in problems.items()}
+        if self.structured.problem:
+            self.errors[CONSTRAINT_KEY] = self.structured.problem
         for key, (_, _, widget) in self.fields.items():
             widget.setStyleSheet(
                 f"background-color: {colors()['error_field']};" if key in self.errors else ""
             )
             widget.setToolTip(self.errors.get(key, ""))
-        names = {key: name for key, name, *_ in SAMPLING_FIELDS}
+        names = {key: name for key, name, *_ in SAMPLING_FIELDS} | {CONSTRAINT_KEY: "Structured output"}
         self.error_label.setText(problems_text({names.get(k, k): m for k, m in self.errors.items()}))
         self.error_label.setVisible(bool(self.errors))
         self.ok_button.setEnabled(not self.errors)

@@ -16,11 +16,13 @@ from typing import Any
 
 from ..engines.endpoints import ENGINE_KEY
 from ..history.store import Conversation, ConversationStore, Message, StoreError
+from .structured_output import STRUCTURED, schema_of
 
 log = logging.getLogger(__name__)
 
 SAVE_PARTIAL_EVERY_S = 1.0  # the text of a streaming reply is saved about once a second
 FINISH_STATUS = {"stop": "complete", "length": "complete", "cancelled": "partial", "timeout": "partial"}
+CONTINUABLE = ("length", "cancelled", "timeout")  # a reply cut by its token limit, or stopped: Continue
 LIMIT_KEYS = ("max_new_tokens", "stopped_by", "session_limit", "limit_setting")
 DOCUMENT_KEYS = ("citations", "documents_tokens", "documents_budget")  # documents/feature.py
 
@@ -39,6 +41,8 @@ class Entry:
     copied: bool = False  # its text just went to the clipboard ("Copied ✓" for a moment)
     versions: tuple[int, int] | None = None  # (this one, how many) when the message has other versions
     copied_block: int = -1  # the code block whose text just went to the clipboard
+    model: str = ""  # who said it: the model of a reply ("" when unknown)
+    engine: str = ""  # "local", or the server's name
 
 
 def reply_stats(result: Mapping[str, Any]) -> dict[str, Any]:
@@ -67,7 +71,14 @@ def tokens_per_step(result: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _entries(messages: list[Message]) -> list[Entry]:
-    return [Entry(m.role, m.content, m.status, dict(m.stats), m.id) for m in messages]
+    return [Entry(m.role, m.content, m.status, dict(m.stats), m.id, model=m.model, engine=m.engine)
+            for m in messages]  # fmt: skip
+
+
+def continued_stats(before: Mapping[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
+    """A continued reply's figures: its tokens in all, this part's speed and cache reuse."""
+    return {**stats, "n_tokens": int(before.get("n_tokens", 0)) + stats["n_tokens"],
+            "continued": int(before.get("continued", 0)) + 1}  # fmt: skip
 
 
 class ConversationModel:
@@ -84,6 +95,9 @@ class ConversationModel:
         self.edited: Entry | None = None  # the user message being edited
         self.unsaved = False  # a write failed: the database is behind what the tab shows
         self.n_streamed = 0  # tokens of the reply being generated, as the worker counted them
+        self.continued: tuple[str, dict[str, Any], str] | None = (
+            None  # a continued reply's text, stats, status before
+        )
         self._last_partial_save = 0.0
         self.refresh_versions()
 
@@ -160,10 +174,32 @@ class ConversationModel:
         if last_user is None or self.entries[last_user].message_id is not None:
             stored = self.save(self._store.add_message, self.conversation_id, "assistant", "", "streaming")
         self.reply = Entry("assistant", "", "streaming", message_id=stored.id if stored else None)
+        if schema_of(self.sampling_overrides) is not None:  # generated under the chat's JSON schema
+            self.reply.stats = {STRUCTURED: True}
         self.entries.append(self.reply)
         self._last_partial_save = time.monotonic()
         self.n_streamed = 0
         self.refresh_versions()
+        return messages
+
+    @property
+    def can_continue(self) -> bool:
+        """The last message is a reply cut by its token limit, or stopped: it can go on."""
+        last = self.entries[-1] if self.entries else None
+        if self.reply is not None or last is None or last.role != "assistant" or not last.content:
+            return False
+        stopped = "cancelled" if last.status == "partial" else ""  # interrupted (the app closed)
+        return str(last.stats.get("finish_reason", stopped)) in CONTINUABLE
+
+    def start_continuation(self) -> list[dict[str, str]]:
+        """The last reply goes on (``can_continue``): it streams again, in place; the chat messages to
+        send, that reply last (the engine goes on from its end)."""
+        reply = self.entries[-1]
+        self.continued = (reply.content, dict(reply.stats), reply.status)
+        messages = [*self.chat_messages()[:-1], {"role": "assistant", "content": reply.content}]
+        self.reply, reply.status, reply.progress = reply, "streaming", None
+        self._last_partial_save = time.monotonic()
+        self.n_streamed = int(reply.stats.get("n_tokens", 0))
         return messages
 
     def regenerate(self) -> bool:
@@ -213,8 +249,8 @@ class ConversationModel:
             return False
         reply.content += text
         reply.progress = None
-        if n_tokens is not None:
-            self.n_streamed = n_tokens
+        if n_tokens is not None:  # a continued reply counts its tokens before too
+            self.n_streamed = n_tokens + (int(self.continued[1].get("n_tokens", 0)) if self.continued else 0)
         now = time.monotonic()
         if reply.message_id is not None and now - self._last_partial_save >= SAVE_PARTIAL_EVERY_S:
             self._last_partial_save = now
@@ -231,10 +267,16 @@ class ConversationModel:
         reply = self.reply
         if reply is None:
             return None
-        stats = reply_stats(result)
+        stats = reply_stats(result) | ({STRUCTURED: True} if reply.stats.get(STRUCTURED) else {})
         reply.content = str(result.get("text", reply.content))
+        if self.continued is not None:  # the reply grows in place: its text before, then this part
+            before, before_stats, _ = self.continued
+            reply.content, stats = before + reply.content, continued_stats(before_stats, stats)
+            self.continued = None
         reply.stats, reply.progress = stats, None
         reply.status = FINISH_STATUS.get(stats["finish_reason"], "error")
+        reply.model = str(result.get("model") or reply.model)
+        reply.engine = str(result.get("engine") or reply.engine)
         if reply.message_id is not None:
             self.save(
                 self._store.update_message,
@@ -242,15 +284,21 @@ class ConversationModel:
                 content=reply.content,
                 status=reply.status,
                 stats=stats,
+                model=reply.model,
+                engine=reply.engine,
             )
         self.reply = None
         self.catch_up()
         return stats
 
     def refuse(self, message: str) -> None:
-        """The engine did not take the request: its empty reply goes, a notice says why."""
+        """The engine did not take the request: its empty reply goes (a continued one is as it was),
+        a notice says why."""
         reply = self.reply
-        if reply is not None:
+        if reply is not None and self.continued is not None:
+            reply.content, reply.stats, reply.status = self.continued
+            self.reply, self.continued = None, None
+        elif reply is not None:
             if reply.message_id is not None:
                 self.save(self._store.delete_messages_from, self.conversation_id, reply.message_id)
             self.entries.remove(reply)
@@ -266,6 +314,7 @@ class ConversationModel:
             return False
         reply.status = "partial"
         reply.stats = {"finish_reason": "cancelled", "n_tokens": self.n_streamed}
+        self.continued = None
         if reply.message_id is not None:
             self.save(
                 self._store.update_message,
@@ -350,7 +399,7 @@ class ConversationModel:
         try:
             stored = self._store.replace_messages(
                 self.conversation_id,
-                [(e.role, e.content, e.status, e.stats) for e in kept],
+                [(e.role, e.content, e.status, e.stats, e.model, e.engine) for e in kept],
                 system_prompt=self.system_prompt,
                 settings=self.settings,
             )

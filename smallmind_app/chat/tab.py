@@ -9,6 +9,7 @@ answers back to ``show_prompt_progress``, ``append_text``, ``finish_reply`` and 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +17,7 @@ from PySide6.QtCore import QTimer, Signal, Slot
 from PySide6.QtGui import QResizeEvent, QShowEvent, QTextCursor
 from PySide6.QtWidgets import QFileDialog, QWidget
 
+from ..engines.endpoints import local_label, model_path_of
 from ..history.store import Conversation, ConversationStore, Message
 from ..wording import limit_reached, short_status, tab_limit
 from .conversation_model import ConversationModel, Entry
@@ -27,6 +29,7 @@ RENDER_DELAY_MS = 60  # a streaming reply is re-rendered at most ~16 times a sec
 
 class ChatTab(TabWidgets):
     generation_requested = Signal(str, list)  # conversation id, chat messages (system prompt first)
+    continue_requested = Signal(str, list)  # conversation id, chat messages (the reply to go on from last)
     cancel_requested = Signal(str)
     chat_settings_requested = Signal(str)  # conversation id: the user wants this chat's own settings
     busy_changed = Signal(str, bool)
@@ -47,6 +50,8 @@ class ChatTab(TabWidgets):
         self.model = ConversationModel(conversation, messages, store)
         self.conversation_id = conversation.id
         self.render_pending = False  # a render waits for its timer (or for the tab to be shown)
+        self.model_state: tuple[str, str] = ("", "")  # ("loading" | "ready" | "failed", model name)
+        self.model_ready_at = 0.0  # time.perf_counter() when its model last said it was ready
         self._editing: str | None = None  # the draft the prompt box held before an edit began
         self._engine_choices: list[tuple[str, str]] = []
         self.system_prompt_editor = SystemPromptEditor(self.system_toggle, self.system_edit, self)
@@ -88,6 +93,7 @@ class ChatTab(TabWidgets):
         self.send_button.clicked.connect(self.send)
         self.stop_button.clicked.connect(self.stop)
         self.regenerate_button.clicked.connect(self.regenerate)
+        self.continue_button.clicked.connect(self.continue_reply)
         self.edit_button.clicked.connect(self.edit_last)
 
     # -- the model's state, as the window and tests read it ------------------------------------------
@@ -143,15 +149,17 @@ class ChatTab(TabWidgets):
         """Answer with ``engine_id`` from the next reply on; remembered with the conversation."""
         self.model.set_engine(engine_id)
         self.schedule_render()
-        if self.engine_picker.engine_id != engine_id:
-            self.engine_picker.set_choices(self._engine_choices, engine_id)
+        if self.engine_picker.engine_id != engine_id and self._engine_choices:
+            self.set_engine_choices(self._engine_choices)  # a local model not listed yet is added
         self.engine_changed.emit(self.conversation_id, engine_id)
 
     def set_engine_choices(self, choices: list[tuple[str, str]]) -> str:
         """The engines to pick from (local first); returns the engine the tab uses now (its saved
         one, or the local engine when that endpoint is gone: the tab says so)."""
-        self._engine_choices = list(choices)
         saved = self.saved_engine or choices[0][0]
+        if (path := model_path_of(saved)) is not None and saved not in dict(choices):
+            choices = [*choices[:1], (saved, local_label(path)), *choices[1:]]  # not listed yet: it is loaded
+        self._engine_choices = list(choices)
         if not self.engine_picker.set_choices(choices, saved):
             self.status_label.setText("This chat's server is no longer in Settings → Engines; "
                                       "the local engine answers.")  # fmt: skip
@@ -167,6 +175,7 @@ class ChatTab(TabWidgets):
         self.send_button.setEnabled(not busy)
         self.stop_button.setEnabled(busy)
         self.regenerate_button.setEnabled(not busy and has_user and self._editing is None)
+        self.continue_button.setEnabled(not busy and self._editing is None and self.model.can_continue)
         self.edit_button.setEnabled(not busy and has_user and self._editing is None)
         last = next((i for i in range(len(entries) - 1, -1, -1) if entries[i].versions), -1)
         versions = entries[last].versions if last >= 0 else None
@@ -207,6 +216,18 @@ class ChatTab(TabWidgets):
             return
         self.problem.show("", None)
         self._request_reply()
+
+    @Slot()
+    def continue_reply(self) -> None:
+        """The last reply (cut by its token limit, or stopped) goes on from where it stopped."""
+        if self.is_generating or self._editing is not None or not self.model.can_continue:
+            return
+        self.problem.show("", None)
+        messages = self.model.start_continuation()
+        self._busy_changed()
+        self.status_label.setText("continuing the reply…")
+        self.render_now()
+        self.continue_requested.emit(self.conversation_id, messages)
 
     @Slot()
     def edit_last(self) -> None:
@@ -299,6 +320,23 @@ class ChatTab(TabWidgets):
             f"processing prompt {done}/{total}" if done < total else "prompt processed, generating…"
         )
         self.schedule_render()
+
+    def show_model_loading(self, name: str) -> None:
+        """This tab's model is being loaded (picked, or needed for a reply): its next reply waits."""
+        self.model_state = ("loading", name)
+        self.status_label.setText(f"loading {name}…")
+
+    def show_model_ready(self, name: str) -> None:
+        """This tab's model is loaded (``model_ready_at``: when it said so)."""
+        was_loading = self.model_state[0] == "loading"
+        self.model_state = ("ready", name)
+        self.model_ready_at = time.perf_counter()
+        if was_loading and self.status_label.text().startswith("loading "):
+            self.status_label.setText(f"{name} is ready." if not self.is_generating else "generating…")
+
+    def show_model_failed(self, name: str, reason: str) -> None:
+        self.model_state = ("failed", name)
+        self._set_status(f"{name} could not be loaded: {reason}")
 
     def show_waiting_for_memory(self) -> None:
         """The request waits for KV memory (queued behind others, or preempted): say so, not

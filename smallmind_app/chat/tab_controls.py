@@ -49,7 +49,7 @@ class SystemPromptEditor(QObject):
             self.edit.setFocus()
 
     def _show_summary(self) -> None:
-        text = " ".join(self.edit.toPlainText().split()) or "(none)"
+        text = " ".join(self.edit.toPlainText().split()) or "(the model's own)"
         short = text if len(text) <= TOGGLE_CHARS else text[: TOGGLE_CHARS - 3] + "…"
         self.toggle.setText(f"System prompt: {short}")
         self.toggle.setToolTip("Show or edit this conversation's system prompt")

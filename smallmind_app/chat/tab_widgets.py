@@ -25,6 +25,7 @@ from ..colors import colors
 from ..engines.engine_picker import EnginePicker
 from .attachments import AttachmentList
 from .prompt_box import PromptEdit, TokenCount
+from .structured_output import CONSTRAINT_KEY
 from .transcript import TranscriptView
 from .versions import VersionBar
 
@@ -41,6 +42,9 @@ def overrides_summary(overrides: Mapping[str, Any]) -> str:
         return "app defaults"
     parts = []
     for key, value in overrides.items():
+        if key == CONSTRAINT_KEY:
+            parts.append("JSON schema")
+            continue
         shown = ("random" if key == "seed" else "none") if value is None else value
         if isinstance(shown, float):
             shown = f"{shown:g}"
@@ -71,7 +75,9 @@ class TabWidgets(QWidget):
         self.system_toggle.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
         self.system_edit = QPlainTextEdit(objectName="systemPromptEdit")
         self.system_edit.setPlainText(system_prompt)
-        self.system_edit.setPlaceholderText("The system prompt of this conversation (sent before every turn)")
+        self.system_edit.setPlaceholderText(
+            "The system prompt of this conversation (sent before every turn); empty: the model's own"
+        )
         self.system_edit.setMaximumHeight(90)
         self.system_edit.setVisible(False)
         self.settings_button = QToolButton(objectName="chatSettingsButton")
@@ -115,9 +121,21 @@ class TabWidgets(QWidget):
         self.stop_button = QPushButton("Stop", objectName="stopButton")
         self.regenerate_button = QPushButton("Regenerate", objectName="regenerateButton")
         self.regenerate_button.setToolTip("Generate the last reply again (the old one stays: ‹ › switches)")
+        self.continue_button = QPushButton("Continue", objectName="continueButton")
+        self.continue_button.setToolTip(
+            "Go on with the last reply from where it stopped (its token limit, or Stop): the prompt is "
+            "not computed again, the reply grows in place"
+        )
         self.edit_button = QPushButton("Edit last message", objectName="editLastButton")
         self.edit_button.setToolTip("Put your last message back in the prompt box to change and resend it")
-        for button in (self.send_button, self.stop_button, self.regenerate_button, self.edit_button):
+        buttons = (
+            self.send_button,
+            self.stop_button,
+            self.regenerate_button,
+            self.continue_button,
+            self.edit_button,
+        )
+        for button in buttons:
             button.setMinimumWidth(96)
         self.fix_button = QPushButton(
             objectName="openSettingsButton"
@@ -136,6 +154,7 @@ class TabWidgets(QWidget):
         prompt_row.addLayout(buttons)
         actions_row = QHBoxLayout()
         actions_row.addWidget(self.regenerate_button)
+        actions_row.addWidget(self.continue_button)
         actions_row.addWidget(self.edit_button)
         actions_row.addWidget(self.version_bar)
         actions_row.addSpacing(12)

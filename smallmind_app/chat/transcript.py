@@ -24,7 +24,7 @@ from PySide6.QtGui import (
 from PySide6.QtWidgets import QMessageBox, QTextBrowser, QToolButton, QWidget
 
 from ..colors import colors
-from .bubbles import cache_key, entry_chunks, new_link_scheme
+from .bubbles import cache_key, displayed, entry_chunks, new_link_scheme
 from .code_blocks import code_blocks
 from .conversation_model import Entry
 
@@ -233,7 +233,7 @@ class TranscriptView(QTextBrowser):
         if not 0 <= index < len(self._entries):
             return
         entry = self._entries[index]
-        blocks = code_blocks(entry.content)
+        blocks = code_blocks(displayed(entry))
         if 0 <= block < len(blocks):
             QGuiApplication.clipboard().setText(blocks[block].code)
             entry.copied_block = block

@@ -84,6 +84,11 @@ STATS: dict[str, tuple[str, str]] = {
         "The local OpenAI-compatible server (Tools → Local server…): its address, the API requests it "
         "has served and those in flight (other programs' requests, batched with the tabs)",
     ),
+    "statApiKinds": (
+        "API requests",
+        "The local server's requests by kind: chat, JSON output (json_object, json_schema), tool calls, "
+        "text completions, embeddings",
+    ),
 }
 
 # The engine of the tab shown: for a remote one, its own figures (the groups above are the local engine's)
@@ -100,6 +105,8 @@ TAB_ENGINE_STATS: dict[str, tuple[str, str]] = {
     "statTabTtft": ("TTFT", "Time from Send to the first text of the server's last reply, and the median"),
 }
 DISK_STATS = ("statDiskSessions", "statDiskBytes", "statDiskHits")  # the disk tier's group
+API_KIND_NAMES = {"chat": "chat", "json_object": "JSON", "json_schema": "JSON schema", "tools": "tools",
+                  "completions": "completions", "embeddings": "embeddings"}  # fmt: skip
 
 
 def compact_mib(n_bytes: float) -> str:
@@ -131,18 +138,22 @@ class StatsDock(QDockWidget):
         self.batch_plot = Sparkline("Batch size", "", "sparkline_batch")
         for plot in (self.tokens_plot, self.memory_plot, self.batch_plot):
             layout.addWidget(plot)
+        models_title = QLabel("<b>Local models</b> (memory, speed)")
+        models_title.setWordWrap(True)
+        layout.addWidget(models_title)
+        self.model_table = QTableWidget(0, 4, objectName="modelTable")
+        self.model_table.setHorizontalHeaderLabels(["Model", "State", "MiB", "Tok/s"])
+        self.model_table.setToolTip(
+            "Each local model: loaded or not, its weights' memory + its sessions' K/V memory (its "
+            "sessions), the tokens it generates per second"
+        )
+        self._plain_table(self.model_table)
+        self.model_table.setMinimumHeight(80)
+        layout.addWidget(self.model_table)
         layout.addWidget(QLabel("<b>Sessions</b> (least recently used first)"))
         self.table = QTableWidget(0, 4, objectName="sessionTable")
         self.table.setHorizontalHeaderLabels(["Tab", "Tokens", "MiB", "State"])
-        self.table.verticalHeader().setVisible(False)
-        self.table.verticalHeader().setDefaultSectionSize(self.fontMetrics().height() + 8)
-        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.table.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
-        self.table.setFocusPolicy(Qt.FocusPolicy.NoFocus)
-        header = self.table.horizontalHeader()
-        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
-        for column in (1, 2, 3):
-            header.setSectionResizeMode(column, QHeaderView.ResizeMode.ResizeToContents)
+        self._plain_table(self.table)
         self.table.setMinimumHeight(110)
         layout.addWidget(self.table, 1)
         scroll = QScrollArea(objectName="statsScroll")  # a small window scrolls the dock, never clips it
@@ -154,6 +165,40 @@ class StatsDock(QDockWidget):
         self.setWidget(scroll)
         self.setMinimumWidth(MIN_WIDTH)
         self.show_no_model()
+
+    def _plain_table(self, table: QTableWidget) -> None:
+        """A read-only table: no row numbers, no selection, the first column stretched."""
+        table.verticalHeader().setVisible(False)
+        table.verticalHeader().setDefaultSectionSize(self.fontMetrics().height() + 8)
+        table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        table.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
+        table.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        header = table.horizontalHeader()
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        for column in range(1, table.columnCount()):
+            header.setSectionResizeMode(column, QHeaderView.ResizeMode.ResizeToContents)
+
+    def show_models(self, models: list[Mapping[str, Any]]) -> None:
+        """Each local model: its state, weights in memory, its share of the KV cache, its speed (the
+        worker's ``pool_stats_dict`` rows, or its model list when they change)."""
+        self.model_table.setRowCount(len(models))
+        for row, model in enumerate(models):
+            weights = model["weights_bytes"] / MiB if model["state"] == "loaded" else 0.0
+            kv = (
+                f" + {model['reserved_bytes'] / MiB:.1f} ({model['sessions']})"
+                if model.get("sessions")
+                else ""
+            )
+            speed = f"{model['tokens_per_second']:.1f}" if "tokens_per_second" in model else "–"
+            name = model["model_id"] + ("  (default)" if model.get("default") else "")
+            for column, text in enumerate((name, model["state"], f"{weights:.0f}{kv}", speed)):
+                item = self.model_table.item(row, column)
+                if item is None:
+                    item = QTableWidgetItem()
+                    self.model_table.setItem(row, column, item)
+                item.setText(text)
+                if column >= 2:
+                    item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
 
     def _group(self, title: str, names: list[str]) -> QGroupBox:
         box = QGroupBox(title)
@@ -220,6 +265,8 @@ class StatsDock(QDockWidget):
             set_text["statSessions"]("KV cache disabled")
         self._add_points(kv, metrics)
         self._fill_table(stats["sessions"], titles)
+        if "models" in stats:
+            self.show_models(stats["models"])
 
     def show_tab_engine(self, label: str, figures: Mapping[str, Any] | None) -> None:
         """The engine of the tab shown: ``figures`` is a remote engine's (``worker.remote_stats``),
@@ -268,10 +315,14 @@ class StatsDock(QDockWidget):
     def _show_api_server(self, api: Mapping[str, Any] | None) -> None:
         if not api:
             self.labels["statApiServer"].setText("off")
+            self.labels["statApiKinds"].setText("–")
             return
         self.labels["statApiServer"].setText(
             f"{api['url']}  ({api['served']:,} served, {api['in_flight']} in flight)"
         )
+        kinds = {kind: n for kind, n in api.get("kinds", {}).items() if n}
+        shown = " · ".join(f"{API_KIND_NAMES.get(kind, kind)} {n:,}" for kind, n in sorted(kinds.items()))
+        self.labels["statApiKinds"].setText(shown or "none yet")
 
     def _add_points(self, kv: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
         self.tokens_plot.add(metrics["tokens_per_second"])
@@ -288,6 +339,9 @@ class StatsDock(QDockWidget):
         self.table.setRowCount(len(sessions))
         idle = [i for i, s in enumerate(sessions) if not s["pinned"] and not s.get("waiting")]
         next_evicted = idle[0] if idle else None  # the LRU policy's choice: the oldest idle session
+        several_models = (
+            len({s.get("model") for s in sessions} - {"", None}) > 1
+        )  # then each row names its own
         for row, session in enumerate(sessions):
             sid = session["session_id"]
             if session["pinned"]:
@@ -298,8 +352,9 @@ class StatsDock(QDockWidget):
                 state = "idle · evicted next"
             else:
                 state = "idle"
+            title = titles.get(sid, sid[:8])
             cells = [
-                titles.get(sid, sid[:8]),
+                f"{title} · {session['model']}" if several_models and session.get("model") else title,
                 f"{session['n_tokens']:,}",
                 f"{session['reserved_bytes'] / MiB:.2f}",
                 state,

@@ -7,8 +7,8 @@ keyring backend works (a headless Linux box), or when ``SMALLMIND_HOME`` moves t
 portable installs: everything of the app stays under that directory), they go to
 ``<config dir>/api_keys.json``, a file only its owner may read or write (mode 0600).
 
-Engine ids: ``"local"`` is the built-in engine; an endpoint's id is a short random hex string, so a
-renamed endpoint keeps its conversations and its key.
+Engine ids: ``"local"`` is the default local model; ``"model:<path>"`` another local model (a file);
+an endpoint's id is a short random hex string, so a renamed endpoint keeps its conversations and its key.
 """
 
 from __future__ import annotations
@@ -30,8 +30,33 @@ from .. import paths
 
 log = logging.getLogger(__name__)
 
-LOCAL_ENGINE = "local"
-ENGINE_KEY = "engine"  # a conversation's engine, in its settings JSON ("local" or an endpoint id)
+LOCAL_ENGINE = "local"  # the default local model (Settings → Model)
+MODEL_PREFIX = "model:"  # another local model: "model:<path of its GGUF file>"
+ENGINE_KEY = (
+    "engine"  # a conversation's engine, in its settings JSON ("local", "model:<path>" or an endpoint id)
+)
+
+
+def model_engine_id(path: str) -> str:
+    """The engine id of the local model in ``path``."""
+    return MODEL_PREFIX + path
+
+
+def model_path_of(engine_id: str) -> str | None:
+    """The model file an engine id names ("model:<path>"), else None ("local" or an endpoint id)."""
+    return engine_id[len(MODEL_PREFIX) :] if engine_id.startswith(MODEL_PREFIX) else None
+
+
+def is_local(engine_id: str) -> bool:
+    """Whether the engine id names a model of this computer (the default one, or another)."""
+    return engine_id == LOCAL_ENGINE or engine_id.startswith(MODEL_PREFIX)
+
+
+def local_label(path: str) -> str:
+    """A local model's label in the tabs' pickers."""
+    return f"Local · {Path(path).stem}"
+
+
 KEYRING_SERVICE = "SmallMind"
 KEY_FILE_NAME = "api_keys.json"
 MAX_NAME_CHARS = 80

@@ -25,10 +25,11 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from ..paths import DEFAULT_PORT
 from .endpoints import LOCAL_ENGINE, Endpoint, url_problem
 
 LOCAL_LABEL = "Local engine (this computer)"
-NEW_URL = "http://127.0.0.1:8080/v1"
+NEW_URL = f"http://127.0.0.1:{DEFAULT_PORT}/v1"
 ERROR_STYLE = "color: #b91c1c;"
 OK_STYLE = "color: #047857;"
 

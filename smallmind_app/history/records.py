@@ -40,6 +40,8 @@ class Message:
     status: str
     stats: Mapping[str, Any]  # n_tokens, tokens_per_s, ttft_ms, reused_tokens, finish_reason, ...
     created_at: float
+    model: str = ""  # who said it: the model of a reply ("" for the user's, and replies stored before)
+    engine: str = ""  # "local", or the server's name
 
 
 def reason(exc: sqlite3.Error) -> str:

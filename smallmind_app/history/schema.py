@@ -9,6 +9,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
+from ..paths import smollm2_system_prompt
 from . import search_index
 
 ROLES = ("system", "user", "assistant")
@@ -53,9 +54,25 @@ def add_message_versions(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX messages_by_parent ON messages (parent_id, conversation_id)")
 
 
+def add_message_authors(db: sqlite3.Connection) -> None:
+    """Who said it: each reply's model (its file name without .gguf, or a server's model) and engine
+    ("local", or the server's name); "" for the user's messages and for replies stored before.
+
+    A conversation whose system prompt is the one SmolLM2 ships (the old built-in default, stored with
+    every conversation) gets none of its own: its model's default applies, as for a new one (SmolLM2's
+    chat template writes that very prompt, so its replies are the same; other models no longer
+    inherit it)."""
+    db.execute("ALTER TABLE messages ADD COLUMN model TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE messages ADD COLUMN engine TEXT NOT NULL DEFAULT ''")
+    db.execute(
+        "UPDATE conversations SET system_prompt = '' WHERE system_prompt = ?", (smollm2_system_prompt(),)
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     create_tables,
     search_index.add_search_index,  # full-text search of titles and messages (FTS5), pins
     add_message_versions,  # regenerated replies and edited messages kept as versions
+    add_message_authors,  # each reply's model and engine; the model's own system prompt by default
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

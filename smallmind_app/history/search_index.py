@@ -51,11 +51,13 @@ class ConversationSummary:
     raw_preview: str  # the start of its last message with text ("" when it has none)
     last_active: float  # its newest message's time, else its creation time (seconds since the epoch)
     pinned: bool
+    model: str = ""  # the model of its last reply ("" when none says): who said it
 
     @property
     def preview(self) -> str:
-        """``raw_preview`` on one line (made when shown: a list of thousands shows a few)."""
-        return one_line(self.raw_preview)
+        """``raw_preview`` on one line, after the model of its last reply (made when shown: a list of
+        thousands shows a few)."""
+        return f"{self.model}: {one_line(self.raw_preview)}" if self.model else one_line(self.raw_preview)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,11 +133,13 @@ def summaries(db: sqlite3.Connection) -> list[ConversationSummary]:
                          ORDER BY m.id DESC LIMIT 1), c.created_at) AS last_active,
                (SELECT substr(m.content, 1, {PREVIEW_CHARS}) FROM messages m
                  WHERE m.conversation_id = c.id AND m.role != 'system' AND m.content != ''
-                 ORDER BY m.id DESC LIMIT 1) AS preview
+                 ORDER BY m.id DESC LIMIT 1) AS preview,
+               (SELECT m.model FROM messages m WHERE m.conversation_id = c.id AND m.role = 'assistant'
+                 AND m.active = 1 AND m.model != '' ORDER BY m.id DESC LIMIT 1) AS model
             FROM conversations c LEFT JOIN pinned_conversations p ON p.conversation_id = c.id
             ORDER BY p.pinned_at IS NULL, p.pinned_at DESC, last_active DESC"""
     ).fetchall()
-    return [ConversationSummary(r[0], r[1], r[4] or "", r[3], bool(r[2])) for r in rows]
+    return [ConversationSummary(r[0], r[1], r[4] or "", r[3], bool(r[2]), r[5] or "") for r in rows]
 
 
 def one_line(text: str) -> str:

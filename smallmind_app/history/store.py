@@ -251,7 +251,10 @@ class ConversationStore:
         content: str,
         status: str = "complete",
         stats: Mapping[str, Any] | None = None,
+        model: str = "",
+        engine: str = "",
     ) -> Message:
+        """A message after the conversation's last; ``model`` and ``engine`` say who wrote a reply."""
         check_choice("role", role, ROLES)
         check_choice("status", status, STATUSES)
         stats_json = to_json(stats, "stats")
@@ -265,9 +268,10 @@ class ConversationStore:
             thread = message_versions.thread_ids(db, conversation_id)
             cursor = db.execute(
                 "INSERT INTO messages (conversation_id, role, content, status, stats_json, created_at, "
-                "parent_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (conversation_id, role, content, status, stats_json, now, thread[-1] if thread else None),
-            )
+                "parent_id, model, engine) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (conversation_id, role, content, status, stats_json, now, thread[-1] if thread else None,
+                 model, engine),
+            )  # fmt: skip
             row = db.execute("SELECT * FROM messages WHERE id = ?", (cursor.lastrowid,)).fetchone()
         return message_from(row)
 
@@ -278,9 +282,15 @@ class ConversationStore:
         content: str | None = None,
         status: str | None = None,
         stats: Mapping[str, Any] | None = None,
+        model: str | None = None,
+        engine: str | None = None,
     ) -> Message:
         """Change the given fields of a message (stats are replaced, not merged); the updated message."""
         changes: dict[str, Any] = {}
+        if model is not None:
+            changes["model"] = model
+        if engine is not None:
+            changes["engine"] = engine
         if content is not None:
             changes["content"] = content
         if status is not None:
@@ -335,21 +345,24 @@ class ConversationStore:
     def replace_messages(
         self,
         conversation_id: str,
-        messages: Sequence[tuple[str, str, str, Mapping[str, Any]]],
+        messages: Sequence[
+            tuple[str, str, str, Mapping[str, Any]] | tuple[str, str, str, Mapping[str, Any], str, str]
+        ],
         system_prompt: str | None = None,
         settings: Mapping[str, Any] | None = None,
     ) -> list[Message]:
         """Make the stored conversation what the caller holds, in one transaction: its messages
-        (role, content, status, stats), oldest first, and its system prompt and settings when given.
+        (role, content, status, stats[, model, engine]), oldest first, and its system prompt and
+        settings when given.
 
         For a tab whose earlier writes failed (a full disk, a read-only file) once writing works again.
         Returns the stored messages (new ids, all dated now).
         """
         now = time.time()
         rows = [
-            (conversation_id, check_choice("role", role, ROLES), content,
-             check_choice("status", status, STATUSES), to_json(stats, "stats"), now)
-            for role, content, status, stats in messages
+            (conversation_id, check_choice("role", m[0], ROLES), m[1], check_choice("status", m[2], STATUSES),
+             to_json(m[3], "stats"), now, *(m[4:6] if len(m) > 4 else ("", "")))
+            for m in messages
         ]  # fmt: skip
         with self._transaction("save the conversation") as db:
             touched = db.execute(
@@ -372,7 +385,7 @@ class ConversationStore:
             for values in rows:  # one thread, each message following the one before
                 parent_id = db.execute(
                     "INSERT INTO messages (conversation_id, role, content, status, stats_json, created_at, "
-                    "parent_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "model, engine, parent_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (*values, parent_id),
                 ).lastrowid
             stored = db.execute(
@@ -418,7 +431,7 @@ class ConversationStore:
         if conversation.system_prompt:
             parts.append(f"## System\n\n{conversation.system_prompt}")
         for message in self.messages(conversation_id):
-            text = f"## {message.role.capitalize()}\n\n{message.content}"
+            text = f"## {message.role.capitalize()}{author(message)}\n\n{message.content}"
             note = _STATUS_NOTES.get(message.status)
             parts.append(f"{text}\n\n{note}" if note else text)
         return "\n\n".join(parts) + "\n"
@@ -427,6 +440,12 @@ class ConversationStore:
         """SQLite's own check of the whole file: "ok", or one line per problem found."""
         with self._reading("check the conversations database") as db:
             return "\n".join(row[0] for row in db.execute("PRAGMA integrity_check"))
+
+
+def author(message: Message) -> str:
+    """ " (model · engine)" after a reply's heading in the export: who said it ("" when unknown)."""
+    who = " · ".join(part for part in (message.model, message.engine) if part)
+    return f" ({who})" if who else ""
 
 
 def move_aside(path: Path | str) -> Path:

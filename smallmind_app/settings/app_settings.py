@@ -31,14 +31,28 @@ from typing import Any
 from .. import paths
 from ..colors import check_choice
 from ..engines.endpoints import LOCAL_ENGINE, Endpoint, endpoints_from
-from ..paths import default_system_prompt
+from ..paths import default_system_prompt, smollm2_system_prompt
 from ..worker.api_server import DEFAULT_PORT
 from ..worker.engine_options import engine_options
 from .presets import DEFAULT_PRESETS, check_presets
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: the repetition penalty's default became 1.1 (see _upgrade)
+SCHEMA_VERSION = 3  # 2: the repetition penalty's default became 1.1; 3: each model's own system prompt
+
+
+MIN_LOADED_MODEL_BYTES = 64 * 2**20  # the smallest memory limit for loaded models (a tiny model's worth)
+MAX_IDLE_TTL_S = 30 * 86_400.0
+
+
+def check_preset_models(value: Any) -> dict[str, str]:
+    """``value`` as {preset name: engine id} (a preset tied to a model); ValueError naming the problem."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"preset_models must be an object of preset name: engine id, got {value!r}")
+    for name, engine_id in value.items():
+        if not isinstance(name, str) or not isinstance(engine_id, str) or not engine_id:
+            raise ValueError(f"preset_models: {name!r}: {engine_id!r} must be a preset name and an engine id")
+    return dict(value)
 
 
 class SettingsError(Exception):
@@ -53,6 +67,14 @@ def _is_str_list(value: Any) -> bool:
     return isinstance(value, list | tuple) and all(isinstance(item, str) for item in value)
 
 
+def _is_constraint(value: Any) -> bool:
+    return value is None or (
+        isinstance(value, Mapping)
+        and set(value) == {"kind", "value"}
+        and all(isinstance(v, str) for v in value.values())
+    )
+
+
 # kind -> (what the JSON value must be, check, normalise)
 _KINDS: dict[str, tuple[str, Callable[[Any], bool], Callable[[Any], Any]]] = {
     "bool": ("true or false", lambda v: isinstance(v, bool), bool),
@@ -62,6 +84,7 @@ _KINDS: dict[str, tuple[str, Callable[[Any], bool], Callable[[Any], Any]]] = {
     "int|null": ("an integer or null", lambda v: v is None or _is_int(v), lambda v: v),
     "str|null": ("a string or null", lambda v: v is None or isinstance(v, str), lambda v: v),
     "str list": ("a list of strings", _is_str_list, tuple),
+    "constraint|null": ("an object with 'kind' and 'value', or null", _is_constraint, lambda v: v),
 }
 
 # The engine's option types (dataclass annotations) as the JSON kinds above; a new type fails at import.
@@ -73,6 +96,7 @@ _KIND_OF_TYPE = {
     "int | None": "int|null",
     "str | None": "str|null",
     "tuple[str, ...]": "str list",
+    "Constraint | None": "constraint|null",  # structured output: {"kind": "json_schema", "value": "..."}
 }
 
 # section -> key -> (default, kind): the names, defaults and types of the engine's option dataclasses
@@ -122,6 +146,11 @@ class AppSettings:
     default_engine: str = LOCAL_ENGINE  # the engine of a new tab: "local" or an endpoint id
     theme: str = "system"  # "system" (follow the system's color scheme), "light" or "dark"
     prompt_presets: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(dict(DEFAULT_PRESETS)))
+    preset_models: Mapping[str, str] = field(
+        default_factory=lambda: MappingProxyType({})
+    )  # preset -> engine id
+    max_loaded_model_bytes: int | None = None  # "Loaded models: memory limit" (None: half the memory)
+    model_idle_ttl_s: float = 3600.0  # a local model unused this long is unloaded (0: only for room)
 
     def __post_init__(self) -> None:
         if not _is_int(self.schema_version) or not 1 <= self.schema_version <= SCHEMA_VERSION:
@@ -142,13 +171,23 @@ class AppSettings:
             )
         check_choice(self.theme)
         object.__setattr__(self, "prompt_presets", MappingProxyType(check_presets(self.prompt_presets)))
+        object.__setattr__(self, "preset_models", MappingProxyType(check_preset_models(self.preset_models)))
+        limit = self.max_loaded_model_bytes
+        if limit is not None and (not _is_int(limit) or not limit >= MIN_LOADED_MODEL_BYTES):
+            raise ValueError(f"max_loaded_model_bytes must be null or at least {MIN_LOADED_MODEL_BYTES:,} "
+                             f"bytes, got {limit!r}")  # fmt: skip
+        ttl = self.model_idle_ttl_s
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 <= ttl <= MAX_IDLE_TTL_S:
+            raise ValueError(f"model_idle_ttl_s must be from 0 to {MAX_IDLE_TTL_S:g} seconds, got {ttl!r}")
+        object.__setattr__(self, "model_idle_ttl_s", float(ttl))
 
     def __hash__(self) -> int:  # the mappings are unhashable; their items are not
         sections = tuple(tuple(getattr(self, name).items()) for name in SECTIONS)
         engines = (self.engines, self.default_engine)
-        presets = tuple(self.prompt_presets.items())
+        presets = (tuple(self.prompt_presets.items()), tuple(self.preset_models.items()))
+        models = (self.max_loaded_model_bytes, self.model_idle_ttl_s)
         return hash((self.schema_version, self.model_path, self.system_prompt, self.server_port, sections,
-                     engines, self.theme, presets))  # fmt: skip
+                     engines, self.theme, presets, models))  # fmt: skip
 
     def with_changes(self, **changes: Any) -> AppSettings:
         """A copy with `changes`; a section given as a dict is merged over the current section."""
@@ -168,6 +207,9 @@ class AppSettings:
             "default_engine": self.default_engine,
             "theme": self.theme,
             "prompt_presets": dict(self.prompt_presets),
+            "preset_models": dict(self.preset_models),
+            "max_loaded_model_bytes": self.max_loaded_model_bytes,
+            "model_idle_ttl_s": self.model_idle_ttl_s,
         }
         for section in SECTIONS:
             data[section] = {
@@ -216,10 +258,14 @@ def _parse(text: str) -> tuple[AppSettings, list[str]]:
 
 def _upgrade(data: dict[str, Any], version: int) -> None:
     """A file of an older SmallMind: version 1 saved the old default repetition penalty (1.0, off) with
-    every other value, so 1.0 there means "the default" and becomes the new one (1.1)."""
+    every other value, so 1.0 there means "the default" and becomes the new one (1.1). Versions 1-2
+    saved SmolLM2's system prompt as the default one: it becomes none, so each model's own applies
+    (a base model such as Gemma 3 270M must not be sent SmolLM2's)."""
     sampling = data.get("sampling")
     if version < 2 and isinstance(sampling, dict) and sampling.get("repetition_penalty") == 1.0:
         sampling["repetition_penalty"] = SECTIONS["sampling"]["repetition_penalty"][0]
+    if version < 3 and data.get("system_prompt") == smollm2_system_prompt():
+        data["system_prompt"] = ""
     data["schema_version"] = SCHEMA_VERSION
 
 

@@ -36,7 +36,7 @@ from ..engines.engines_page import EnginesPage
 from ..models import first_run
 from ..wording import FIELD_NAMES, FIELDS, INT_MAX, MIB_RANGE, PAGES, SECTION_KEYS, MiB, mib, setting_problem
 from ..worker.engine_options import session_limits, validate_settings
-from .app_settings import AppSettings, default_system_prompt, section_defaults
+from .app_settings import MIN_LOADED_MODEL_BYTES, AppSettings, default_system_prompt, section_defaults
 
 __all__ = ["FIELDS", "INT_MAX", "MIB_RANGE", "SECTION_KEYS", "MiB", "SettingsDialog"]
 
@@ -214,6 +214,22 @@ class SettingsDialog(QDialog):
         self.token_limit.setWordWrap(True)
         form.addRow("KV bytes per token", self.bytes_per_token)
         form.addRow("Tokens per session", self.token_limit)
+        self.max_loaded = QSpinBox(
+            objectName="maxLoadedModelBytes", minimum=0, maximum=1 << 20, singleStep=256
+        )
+        self.max_loaded.setSuffix(" MiB")
+        self.max_loaded.setSpecialValueText("half the memory")
+        self.max_loaded.setToolTip(
+            "Models stay loaded while their weights fit this; to load another, the least recently used "
+            "idle model is unloaded first (never one that is answering)"
+        )
+        self.max_loaded.valueChanged.connect(self._revalidate)
+        form.addRow("Loaded models: memory limit", self.max_loaded)
+        self.idle_ttl = QSpinBox(objectName="modelIdleTtl", minimum=0, maximum=30 * 24 * 60, singleStep=5)
+        self.idle_ttl.setSuffix(" min")
+        self.idle_ttl.setSpecialValueText("never (only to make room)")
+        self.idle_ttl.setToolTip("A model no tab or API request used for this long is unloaded")
+        form.addRow("Unload a model unused for", self.idle_ttl)
         note = QLabel("A new model file is loaded when you press Apply or OK; conversations stay open.")
         note.setWordWrap(True)
         note.setStyleSheet(f"color: {colors()['muted']};")
@@ -266,6 +282,9 @@ class SettingsDialog(QDialog):
         layout = QVBoxLayout(page)
         layout.addWidget(QLabel("The system prompt of new conversations (each tab can change its own):"))
         self.system_prompt = QPlainTextEdit(objectName="defaultSystemPrompt")
+        self.system_prompt.setPlaceholderText(
+            "None: each model's own (the one its chat template writes, if any; a base model has none)"
+        )
         layout.addWidget(self.system_prompt)
         return page
 
@@ -284,6 +303,8 @@ class SettingsDialog(QDialog):
         for section, key, kind, widget in self.fields.values():
             set_field_value(widget, kind, getattr(settings, SECTION_KEYS[section])[key])
         self.model_path.setText(settings.model_path or "")
+        self.max_loaded.setValue(round((settings.max_loaded_model_bytes or 0) / MiB))
+        self.idle_ttl.setValue(round(settings.model_idle_ttl_s / 60))
         self.system_prompt.setPlainText(settings.system_prompt)
         self.theme_combo.setCurrentIndex(max(0, self.theme_combo.findData(settings.theme)))
         self._revalidate()
@@ -303,6 +324,8 @@ class SettingsDialog(QDialog):
         return self._settings.with_changes(
             model_path=self.model_path.text().strip() or None,
             system_prompt=self.system_prompt.toPlainText(),
+            max_loaded_model_bytes=self.max_loaded.value() * MiB or None,
+            model_idle_ttl_s=float(self.idle_ttl.value() * 60),
             theme=self.theme_combo.currentData(),
             kv_cache=values["kv"], batching=values["batching"], sampling=values["sampling"],
             engines=self.engines_page.endpoints(), default_engine=self.engines_page.default_engine_id(),
@@ -318,6 +341,10 @@ class SettingsDialog(QDialog):
         self._show_limits(values["kv"])
         if engine_problems := self.engines_page.problems():
             self.errors["Engines"] = "; ".join(engine_problems)
+        if 0 < self.max_loaded.value() * MiB < MIN_LOADED_MODEL_BYTES:
+            self.errors["maxLoadedModelBytes"] = (
+                f"at least {MIN_LOADED_MODEL_BYTES // MiB} MiB (0: half the memory)"
+            )
         for name, (_, _, _, widget) in self.fields.items():
             widget.setStyleSheet(
                 f"background-color: {colors()['error_field']};" if name in self.errors else ""

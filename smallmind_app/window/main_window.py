@@ -28,7 +28,6 @@ from ..chat.preset_menu import PresetController
 from ..chat.tab import ChatTab
 from ..dock.stats_dock import StatsDock
 from ..documents.feature import DocumentsFeature
-from ..engines.endpoints import LOCAL_ENGINE
 from ..engines.engine_keys import EngineKeys
 from ..history.sidebar import HistorySidebar
 from ..history.store import ConversationStore
@@ -46,6 +45,7 @@ from .dialogs import WindowDialogs
 from .menus import build_menus
 from .model_status import ModelStatus
 from .router import WorkerRouter
+from .tab_models import TabModels, models_options
 from .theme_manager import ThemeManager
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,9 @@ class MainWindow(QMainWindow):
         self.client = client
         self.error_dialog: QMessageBox | None = None
         self.closed = False
+        self.models = TabModels(
+            lambda: self.settings, lambda: self.model_info
+        )  # which model answers each tab
         self.engine_keys = EngineKeys()  # Settings → Engines: the endpoints' keys (keyring, or a 0600 file)
         self.api_keys = self.engine_keys.store
         self.tabs = ConversationTabs(store)
@@ -88,8 +91,10 @@ class MainWindow(QMainWindow):
         self.dialogs = WindowDialogs(self)
         build_menus(self)
         self.presets = PresetController(
-            self, lambda: self.settings.prompt_presets, self._save_presets, self._current_chat_tab
-        )
+            self, lambda: self.settings.prompt_presets, self._save_presets, self._current_chat_tab,
+            tied=lambda: self.settings.preset_models, save_tied=self._save_preset_models,
+            label_of=lambda engine_id: self.models.engine_label(engine_id),
+        )  # fmt: skip
         self.preset_menu = self.presets.menu(self)  # the current tab's, in the Chat menu
         self.chat_menu.insertMenu(self.action_chat_settings, self.preset_menu)
         self.theme = ThemeManager(settings.theme, self)
@@ -109,7 +114,9 @@ class MainWindow(QMainWindow):
     def start(self, model_path: str | None = None) -> None:
         """Start the worker, load the model (on the worker), restore the open conversations."""
         self.client.start()
-        self.client.apply_settings(dict(self.settings.kv_cache), dict(self.settings.batching))
+        self.client.apply_settings(
+            dict(self.settings.kv_cache), dict(self.settings.batching), models_options(self.settings)
+        )
         self.send_endpoints()
         if model_path is None:
             model_path = (
@@ -247,10 +254,15 @@ class MainWindow(QMainWindow):
         self.client.forget_session(conversation_id)  # its K/V files go too
 
     def sampling_for(self, tab: ChatTab) -> dict[str, Any]:
-        """The global sampling settings, overridden by the tab's own (conversation settings)."""
-        sampling = {**self.settings.sampling, **tab.conversation_settings.get("sampling", {})}
-        sampling["stop"] = list(sampling.get("stop", ()))
-        return sampling
+        """What the tab's next reply is sampled with (``TabModels.sampling_for``)."""
+        return self.models.sampling_for(tab)
+
+    @Slot(list)
+    def set_local_models(self, models: list) -> None:
+        """The worker's local models changed (one opened, loaded, unloaded): the pickers and the dock."""
+        self.models.local_models = list(models)
+        self.refresh_engine_choices()
+        self.stats_dock.show_models(self.models.local_models)
 
     @Slot(str, bool)
     def _on_tab_busy_changed(self, _conversation_id: str, _busy: bool) -> None:
@@ -277,15 +289,19 @@ class MainWindow(QMainWindow):
 
     @Slot(str)
     def use_model_file(self, path: str) -> None:
-        """The user picked a GGUF file: remember it and load it."""
+        """The user picked a GGUF file: the default model from now on (new tabs, and this one)."""
+        self.keep_tabs_on_their_model()
         self.save_settings(self.settings.with_changes(model_path=path))
         self.client.load_model(path)
 
+    def keep_tabs_on_their_model(self) -> None:
+        """The default model is about to change: the other tabs keep theirs (``TabModels``)."""
+        self.models.keep_tabs_on_their_model(self.chat_tabs, self.tabs.currentWidget())
+
     # -- remote engines -------------------------------------------------------------------------
     def engine_choices(self) -> list[tuple[str, str]]:
-        """The tabs' engine pickers: (engine id, label), the local engine first."""
-        name = Path(self.model_info["file_name"]).stem if self.model_info else "no model loaded"
-        return [(LOCAL_ENGINE, f"Local · {name}")] + [(e.id, e.label) for e in self.settings.engines]
+        """The tabs' engine pickers: (engine id, label) (``TabModels.engine_choices``)."""
+        return self.models.engine_choices()
 
     def send_endpoints(self) -> None:
         """The endpoints of the settings, with their keys, to the worker (which makes their engines)."""
@@ -294,7 +310,9 @@ class MainWindow(QMainWindow):
     def refresh_engine_choices(self) -> None:
         choices = self.engine_choices()
         for tab in self.chat_tabs:
-            self.client.set_conversation_engine(tab.conversation_id, tab.set_engine_choices(choices))
+            before = tab.engine_picker.engine_id
+            if (effective := tab.set_engine_choices(choices)) != before:  # the saved one is gone
+                self.client.set_conversation_engine(tab.conversation_id, effective)
         self.router.show_tab_engine()
 
     # -- settings -------------------------------------------------------------------------------
@@ -304,8 +322,9 @@ class MainWindow(QMainWindow):
         """Live: the engine takes the new options at once; a new model file is loaded on the worker."""
         old, self.settings = self.settings, settings
         self.save_settings(settings)
-        self.client.apply_settings(dict(settings.kv_cache), dict(settings.batching))
+        self.client.apply_settings(dict(settings.kv_cache), dict(settings.batching), models_options(settings))
         if settings.model_path != old.model_path:
+            self.keep_tabs_on_their_model()
             self.client.load_model(settings.model_path or "")
         if (settings.engines, settings.default_engine) != (
             old.engines,
@@ -352,6 +371,9 @@ class MainWindow(QMainWindow):
 
     def _save_presets(self, presets: dict[str, str]) -> None:
         self.save_settings(self.settings.with_changes(prompt_presets=presets))
+
+    def _save_preset_models(self, tied: dict[str, str]) -> None:
+        self.save_settings(self.settings.with_changes(preset_models=tied))
 
     @Slot(str)
     def _on_theme_theme_changed(self, _name: str) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from PySide6.QtCore import QObject, Slot
 
 from ..chat.tab import ChatTab
-from ..engines.endpoints import LOCAL_ENGINE
+from ..engines.endpoints import is_local
 
 if TYPE_CHECKING:
     from .main_window import MainWindow
@@ -48,12 +48,18 @@ class WorkerRouter(QObject):
         w.model_loaded.connect(window.model_status.show_loaded)
         w.model_load_failed.connect(window.model_status.show_load_failed)
         w.model_missing.connect(window.model_status.show_missing)
+        w.local_models_listed.connect(window.set_local_models)
+        w.conversation_model_loading.connect(self._on_worker_conversation_model_loading)
+        w.request_loading.connect(self._on_worker_conversation_model_loading)
+        w.conversation_model_ready.connect(self._on_worker_conversation_model_ready)
+        w.conversation_model_failed.connect(self._on_worker_conversation_model_failed)
         w.settings_applied.connect(window.model_status.show_applied)
         w.settings_rejected.connect(window.show_settings_rejected)
 
     def connect_tab(self, tab: ChatTab) -> None:
         """A tab was opened: its requests go to the worker."""
         tab.generation_requested.connect(self._on_tab_generation_requested)
+        tab.continue_requested.connect(self._on_tab_continue_requested)
         tab.cancel_requested.connect(self.client.cancel)
         tab.token_count_requested.connect(self.client.count_tokens)
         tab.engine_changed.connect(self._on_tab_engine_changed)
@@ -65,9 +71,15 @@ class WorkerRouter(QObject):
         if tab is not None and not self.window.documents.retrieve_first(tab, messages):
             self.client.submit(conversation_id, messages, self.window.sampling_for(tab))
 
+    @Slot(str, list)
+    def _on_tab_continue_requested(self, conversation_id: str, messages: list) -> None:
+        tab = self.tabs.tab_for(conversation_id)
+        if tab is not None:
+            self.client.continue_reply(conversation_id, messages, self.window.sampling_for(tab))
+
     @Slot(str, str)
     def _on_tab_engine_changed(self, conversation_id: str, engine_id: str) -> None:
-        self.client.set_conversation_engine(conversation_id, engine_id)
+        self.client.set_conversation_engine(conversation_id, engine_id, load=True)  # the user picked it
         self.show_tab_engine()
 
     # -- worker -> tabs -------------------------------------------------------------------------
@@ -75,6 +87,21 @@ class WorkerRouter(QObject):
     def _on_worker_prompt_progressed(self, conversation_id: str, done: int, total: int) -> None:
         if (tab := self.tabs.tab_for(conversation_id)) is not None:
             tab.show_prompt_progress(done, total)
+
+    @Slot(str, str)
+    def _on_worker_conversation_model_loading(self, conversation_id: str, name: str) -> None:
+        if (tab := self.tabs.tab_for(conversation_id)) is not None:
+            tab.show_model_loading(name)
+
+    @Slot(str, str)
+    def _on_worker_conversation_model_ready(self, conversation_id: str, name: str) -> None:
+        if (tab := self.tabs.tab_for(conversation_id)) is not None:
+            tab.show_model_ready(name)
+
+    @Slot(str, str, str)
+    def _on_worker_conversation_model_failed(self, conversation_id: str, name: str, reason: str) -> None:
+        if (tab := self.tabs.tab_for(conversation_id)) is not None:
+            tab.show_model_failed(name, reason)
 
     @Slot(str)
     def _on_worker_request_waiting(self, conversation_id: str) -> None:
@@ -124,7 +151,7 @@ class WorkerRouter(QObject):
         if not isinstance(tab, ChatTab) or self.window.closed:
             return
         engine_id, label = tab.engine_picker.engine_id, tab.engine_picker.currentText()
-        if engine_id == LOCAL_ENGINE:
+        if is_local(engine_id):
             self.window.stats_dock.show_tab_engine(label, None)
             return
         empty = {"tokens_per_second": 0.0, "ttft_p50_ms": 0.0}

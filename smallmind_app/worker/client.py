@@ -23,10 +23,11 @@ SHUTDOWN_TIMEOUT_MS = 30_000  # loading a model cannot be interrupted; everythin
 class EngineClient(QObject):
     load_model_requested = Signal(str)
     submit_requested = Signal(str, list, dict)
+    continue_requested = Signal(str, list, dict)  # conversation id, messages (the cut reply last), sampling
     cancel_requested = Signal(str)
     count_tokens_requested = Signal(str, str)
     remove_session_requested = Signal(str)
-    apply_settings_requested = Signal(dict, dict)
+    apply_settings_requested = Signal(dict, dict, dict)  # KV cache, batching, loaded models
     download_requested = Signal(str, bool)  # catalog key ("" = the default model), license accepted now
     list_models_requested = Signal(list)
     download_cancel_requested = Signal()
@@ -34,7 +35,7 @@ class EngineClient(QObject):
     server_start_requested = Signal(int, str)  # port, API key ("" = none)
     server_stop_requested = Signal()
     endpoints_requested = Signal(list)  # Settings → Engines, keys included (never logged)
-    conversation_engine_requested = Signal(str, str)  # conversation id, engine id ("local" or an endpoint)
+    conversation_engine_requested = Signal(str, str, bool)  # conversation id, engine id, load its model now
     endpoint_test_requested = Signal(str, str)  # base URL, API key
     forget_session_requested = Signal(str)  # a deleted conversation: its KV session, memory and disk
     clear_disk_requested = Signal()  # Settings → KV cache → Clear: the disk tier's files
@@ -49,6 +50,7 @@ class EngineClient(QObject):
         self.thread.started.connect(self.worker.initialize)
         self.load_model_requested.connect(self.worker.load_model)
         self.submit_requested.connect(self.worker.submit)
+        self.continue_requested.connect(self.worker.continue_reply)
         self.cancel_requested.connect(self.worker.cancel)
         self.count_tokens_requested.connect(self.worker.count_tokens)
         self.remove_session_requested.connect(self.worker.remove_session)
@@ -77,6 +79,11 @@ class EngineClient(QObject):
     def submit(self, conversation_id: str, messages: list[dict[str, str]], sampling: dict[str, Any]) -> None:
         self.submit_requested.emit(conversation_id, messages, sampling)
 
+    def continue_reply(
+        self, conversation_id: str, messages: list[dict[str, str]], sampling: dict[str, Any]
+    ) -> None:
+        self.continue_requested.emit(conversation_id, messages, sampling)
+
     def cancel(self, conversation_id: str) -> None:
         self.cancel_requested.emit(conversation_id)
 
@@ -95,8 +102,11 @@ class EngineClient(QObject):
     def prefetch_sessions(self, conversation_ids: list[str]) -> None:
         self.prefetch_requested.emit(list(conversation_ids))
 
-    def apply_settings(self, kv: dict[str, Any], batching: dict[str, Any]) -> None:
-        self.apply_settings_requested.emit(kv, batching)
+    def apply_settings(
+        self, kv: dict[str, Any], batching: dict[str, Any], models: dict[str, Any] | None = None
+    ) -> None:
+        """``models``: max_loaded_bytes and idle_ttl_s of the local models (None: unchanged)."""
+        self.apply_settings_requested.emit(kv, batching, dict(models or {}))
 
     def start_download(self, key: str = "", accept_license: bool = False) -> None:
         self.download_requested.emit(key, accept_license)
@@ -118,8 +128,10 @@ class EngineClient(QObject):
         """The remote engines (id, name, base_url, model, api_key); see ``RemoteRequests.set_endpoints``."""
         self.endpoints_requested.emit(list(endpoints))
 
-    def set_conversation_engine(self, conversation_id: str, engine_id: str) -> None:
-        self.conversation_engine_requested.emit(conversation_id, engine_id)
+    def set_conversation_engine(self, conversation_id: str, engine_id: str, load: bool = False) -> None:
+        """Which engine answers the conversation ("local", "model:<path>" or an endpoint id); ``load``:
+        load its local model now (the user picked it), else when its first reply needs it."""
+        self.conversation_engine_requested.emit(conversation_id, engine_id, load)
 
     def test_endpoint(self, base_url: str, api_key: str) -> None:
         """The worker answers with ``endpoint_tested`` (base URL, model ids, error)."""

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 0.1  # progress signals at most ten times a second
 SHUTDOWN_TIMEOUT_MS = 30_000
 MAX_FILES_REPORTED = 4000  # the indexed files sent back for the window to watch
-TokenizerSource = Callable[[], Any]  # the loaded model's tokenizer, or None (estimate the tokens)
+TokenizerSource = Callable[[str], Any]  # a conversation's model's tokenizer, or None (estimate)
 
 
 def library_rows(index: DocumentIndex) -> list[dict[str, Any]]:
@@ -147,7 +147,7 @@ class RetrievalWorker(QObject):
     @Slot(str, list, list, int)
     def retrieve(self, conversation_id: str, messages: list, libraries: list, budget_tokens: int) -> None:
         """The passages for the last message, added after it (``messages_with_passages``)."""
-        tokenizer = self._tokenizer()
+        tokenizer = self._tokenizer(conversation_id.rpartition("#")[0] or conversation_id)  # "<id>#<n>"
         count = None if tokenizer is None else (lambda text: len(tokenizer.encode(text, parse_special=False)))
         try:
             found = retrieve(self._open(), libraries, str(messages[-1]["content"]), budget_tokens, count)
@@ -166,10 +166,14 @@ class RetrievalWorker(QObject):
 
 
 def local_tokenizer(engine_worker: Any) -> TokenizerSource:
-    """The tokenizer of the engine worker's loaded model (None while none is loaded)."""
+    """The tokenizer of the conversation's local model when it is loaded, else the default model's
+    (None while none is loaded)."""
 
-    def tokenizer() -> Any:
-        engine = engine_worker.local.engine
+    def tokenizer(conversation_id: str) -> Any:
+        local = engine_worker.local
+        pool, model_id = local.pool, local.model_of(conversation_id)
+        engine = pool.loaded_engine(model_id) if pool is not None and model_id is not None else None
+        engine = engine or local.engine
         return None if engine is None else engine.tokenizer
 
     return tokenizer

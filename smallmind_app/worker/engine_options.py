@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from engine import BatchingOptions, InferenceOptions, KvCacheOptions
+from engine.constraints import Constraint, ConstraintError
 from engine.kv_cache import KV_DTYPES, Q8_BLOCK, ModelShape
 
 from .. import paths
@@ -25,15 +26,34 @@ _SETTINGS_SECTIONS: dict[str, Any] = {
 }
 
 
+# What only API requests set (the server reads them from a request; the app has no setting for them).
+API_ONLY_OPTIONS = frozenset(
+    {"presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "prompt_logprobs"}
+)
+
+
 def engine_options() -> dict[str, dict[str, tuple[Any, str]]]:
     """Each settings section's engine options: {section: {name: (default, type as annotated)}}.
 
     The types are the dataclass annotations as text ("int", "float", "int | None", ...).
     """
-    return {
-        section: {f.name: (getattr(cls(), f.name), str(f.type)) for f in dataclasses.fields(cls)}
-        for section, cls in _SETTINGS_SECTIONS.items()
-    }
+    return {section: _options_of(cls) for section, cls in _SETTINGS_SECTIONS.items()}
+
+
+def _options_of(cls: Any) -> dict[str, tuple[Any, str]]:
+    defaults = cls()
+    fields = [f for f in dataclasses.fields(cls) if f.name not in API_ONLY_OPTIONS]
+    return {f.name: (getattr(defaults, f.name), str(f.type)) for f in fields}
+
+
+def json_schema_problem(text: str) -> str:
+    """'' when ``text`` is a JSON schema the engine can enforce on a reply, else what is wrong with it
+    (the Sampling dialog's Structured output checks it as it is typed)."""
+    try:
+        Constraint.json_schema(text).check()
+    except ConstraintError as exc:
+        return str(exc)
+    return ""
 
 
 # validate_settings's section names: the settings sections, "kv_cache" as "kv"

@@ -2,9 +2,10 @@
 
 ``EngineWorker`` is a QObject moved to one long-lived QThread (see ``client.py``). The GUI calls its
 slots through queued signals; it answers with signals that carry plain values (str, int, float,
-dict, list). It drives ``BatchedInferenceEngine.step()`` from a zero-interval QTimer that runs while
-the engine has work and stops when it is idle, so queued submit/cancel/settings calls are handled
-between two steps. Engine events arrive inside ``step()`` on this thread and leave as signals
+dict, list). It drives the local models' ``ModelPool.step()`` (one step of one model's engine) from a
+zero-interval QTimer that runs while a model has work and stops when all are idle, so queued
+submit/cancel/settings calls are handled between two steps; models load on the pool's own thread.
+Engine events arrive inside ``step()`` on this thread and leave as signals
 through ``replies.Replies``. Beside it, without Qt: the loaded model's engine and options
 (``local_engine``), remote engines (``remote_requests``), downloads (``downloads``), the in-app API
 server (``api_server``), the settings' checks (``engine_options``).
@@ -16,6 +17,7 @@ import logging
 import math
 import threading
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import QCoreApplication, QObject, Qt, QTimer, Signal, Slot
@@ -23,11 +25,12 @@ from PySide6.QtCore import QCoreApplication, QObject, Qt, QTimer, Signal, Slot
 from engine import GenerationEvent, GenerationResult
 
 from .. import wording
+from ..engines.endpoints import LOCAL_ENGINE, model_path_of
 from ..wording import Problem
 from . import replies
 from .api_server import ApiServer
 from .downloads import ModelDownloads, list_models
-from .local_engine import LocalEngine, ModelLoadFailed, compiling_note, read_model, resolve_model
+from .local_engine import LocalEngine, ModelLoadFailed, compiling_note, resolve_model
 from .remote_requests import RemoteRequests, probe_endpoint
 from .replies import Replies
 
@@ -43,6 +46,11 @@ class EngineWorker(QObject):
     model_loaded = Signal(dict)  # model_info(): name, path, n_layers, context_length, bytes_per_token...
     model_load_failed = Signal(str, str)  # path, reason
     model_missing = Signal(str)  # no model given and the default one is not installed: the message
+    local_models_listed = Signal(list)  # LocalEngine.models(): every local model, its state (a change)
+    conversation_model_loading = Signal(str, str)  # conversation id, model name: its model is loading
+    conversation_model_ready = Signal(str, str)  # conversation id, model name: its model is loaded
+    conversation_model_failed = Signal(str, str, str)  # conversation id, model name, why it did not load
+    request_loading = Signal(str, str)  # conversation id, model name: its reply waits for the model's load
     prompt_progressed = Signal(str, int, int)  # conversation id, prompt tokens done, prompt tokens
     text_generated = Signal(str, str, int)  # conversation id, new text (pieces joined), tokens so far
     request_finished = Signal(str, dict)  # conversation id, result_dict()
@@ -62,6 +70,7 @@ class EngineWorker(QObject):
     endpoint_tested = Signal(str, list, str)  # base URL, the model ids it offers, why not ("" = it works)
     remote_stats_updated = Signal(dict)  # endpoint id -> RemoteRequests.stats() figures of its engine
     _remote_event = Signal(str, object)  # conversation id, GenerationEvent: from a remote engine's thread
+    _local_event = Signal(str, object)  # conversation id, GenerationEvent: from the model loader's thread
     shut_down = Signal()
 
     def __init__(self) -> None:
@@ -77,6 +86,10 @@ class EngineWorker(QObject):
         self._wait_timer: QTimer | None = None
         self._stats_timer: QTimer | None = None
         self._remote_flush: QTimer | None = None
+        self._expiry_timer: QTimer | None = None
+        self._loading_for: dict[str, str] = {}  # conversation id -> the model id it waits for
+        self._thread_ident = 0  # the worker thread's (set in initialize)
+        self._default_reported: str | None = None  # the default model whose model_loaded was sent
 
     @property
     def pull_model(self) -> Any:
@@ -107,6 +120,11 @@ class EngineWorker(QObject):
         self._stats_timer.timeout.connect(self._emit_stats)
         self._work_arrived.connect(self._on_work_arrived, Qt.ConnectionType.QueuedConnection)
         self._remote_event.connect(self._on_remote_event, Qt.ConnectionType.QueuedConnection)
+        self._local_event.connect(self._on_local_event, Qt.ConnectionType.QueuedConnection)
+        self._thread_ident = threading.get_ident()
+        self._expiry_timer = QTimer(self)  # an idle model's time-to-live ends: it is unloaded
+        self._expiry_timer.setSingleShot(True)
+        self._expiry_timer.timeout.connect(self._on_expiry_timer_timeout)
         self._remote_flush = QTimer(self, interval=round(replies.TEXT_FLUSH_S * 1000))
         self._remote_flush.setSingleShot(True)
         self._remote_flush.timeout.connect(self._flush)
@@ -115,11 +133,11 @@ class EngineWorker(QObject):
     def shutdown(self) -> None:
         """Stop everything (running requests fail with a clear message), then end the thread."""
         self._api.stop()
-        for timer in (self._step_timer, self._wait_timer, self._stats_timer):
+        for timer in (self._step_timer, self._wait_timer, self._stats_timer, self._expiry_timer):
             if timer is not None:
                 timer.stop()
         self._downloads.stop()
-        if self.local.engine is not None:
+        if self.local.pool is not None:
             self.local.stop()
             self._flush(force=True)
             self.local.close()  # idle sessions to disk: warm after a restart
@@ -135,14 +153,17 @@ class EngineWorker(QObject):
     # -- the in-app API server ----------------------------------------------------------------------
     @Slot(int, str)
     def start_server(self, port: int, api_key: str) -> None:
-        """Serve this engine over the OpenAI-compatible API on 127.0.0.1:``port`` (``api_server``)."""
-        if self.local.engine is None:
+        """Serve the local models over the OpenAI-compatible API on 127.0.0.1:``port`` (``api_server``):
+        each by its ``model`` id, the default model for a request without one."""
+        if self.local.engine is None or self.local.pool is None:
             self.server_stopped.emit("no model is loaded")
             return
         if self._api.running:
             self.stop_server()
         try:
-            url = self._api.start(self.local.engine, self.local.model_path, port, api_key)
+            url = self._api.start(
+                self.local.pool, self.local.engine, self.local.default_id or "", port, api_key
+            )
         except (OSError, ValueError, RuntimeError) as exc:
             log.warning("the API server did not start on port %d: %s", port, exc)
             self.server_stopped.emit(f"could not start on port {port}: {exc}")
@@ -156,6 +177,7 @@ class EngineWorker(QObject):
 
     @Slot()
     def _on_work_arrived(self) -> None:
+        self._check_models()
         self._schedule()
 
     # -- remote engines (``remote_requests``) ------------------------------------------------------
@@ -167,10 +189,33 @@ class EngineWorker(QObject):
             self._stats_timer.start()
         self._emit_stats()
 
-    @Slot(str, str)
-    def set_conversation_engine(self, conversation_id: str, engine_id: str) -> None:
-        """Route the conversation's next replies to ``engine_id`` ("local" or an endpoint id)."""
-        self._remote.route(conversation_id, engine_id)
+    @Slot(str, str, bool)
+    def set_conversation_engine(self, conversation_id: str, engine_id: str, load: bool) -> None:
+        """Route the conversation's next replies to ``engine_id``: "local" (the default model),
+        "model:<path>" (another local model) or an endpoint id. ``load``: load its model now (the
+        user picked it; the tab hears when it is loading and when it is ready), else at its first
+        reply (a tab restored at start)."""
+        path = model_path_of(engine_id)
+        local = path is not None or engine_id == LOCAL_ENGINE
+        self._remote.route(conversation_id, LOCAL_ENGINE if local else engine_id)
+        if not local:
+            return
+        if path is not None:
+            try:
+                path = resolve_model(path)
+            except ModelLoadFailed as failed:
+                self.conversation_model_failed.emit(conversation_id, Path(failed.path).stem, failed.reason)
+                return
+        model_id = self.local.route(conversation_id, path, self._work_arrived.emit, load)
+        if model_id is None or not load:
+            return
+        name = self.local.model_name(conversation_id)
+        if self.local.is_loaded(model_id):
+            self.conversation_model_ready.emit(conversation_id, name)
+        else:
+            self._loading_for[conversation_id] = model_id
+            self.conversation_model_loading.emit(conversation_id, name)
+        self._check_models()
 
     @Slot(str, str)
     def test_endpoint(self, base_url: str, api_key: str) -> None:
@@ -196,56 +241,123 @@ class EngineWorker(QObject):
     # -- model ----------------------------------------------------------------------------------
     @Slot(str)
     def load_model(self, path: str) -> None:
-        """Load ``path`` ("" = $SMALLMIND_MODEL, else the installed default model) and start serving."""
+        """Make ``path`` ("" = $SMALLMIND_MODEL, else the installed default model) the default model
+        and load it (on the pool's thread: the other models keep answering); ``model_loaded`` when it
+        is ready. The models loaded before stay loaded (within the memory limit), as their tabs' are."""
         try:
             resolved = resolve_model(path)
-            self.model_loading.emit(resolved, compiling_note())
-            model, tokenizer = read_model(resolved)
         except ModelLoadFailed as failed:
             if failed.missing:
                 self.model_missing.emit(failed.reason)
             else:
                 self.model_load_failed.emit(failed.path, failed.reason)
             return
-        if self.local.engine is not None:  # requests of the old model fail with "the engine was stopped"
-            self.local.stop()
-            self._flush(force=True)
-            self._replies.clear()
-            self.local.close()  # its sessions to disk, for when it is loaded again
-        if self._api.running:  # the API server serves the engine it was started on: stop it first
-            self.stop_server()
-        self.local.start(model, tokenizer, resolved, self._work_arrived.emit)  # queued: steps here
-        self.model_loaded.emit(self.model_info())
-        self._emit_stats()
-        if self._stats_timer is not None:
-            self._stats_timer.start()
+        self.model_loading.emit(resolved, compiling_note())
+        model_id = self.local.open(resolved, self._work_arrived.emit)  # queued: steps here
+        self.local.open_installed(self._work_arrived.emit)
+        self.local.use_as_default(model_id)
+        self._default_reported = None
+        self._check_models()
 
     def model_info(self) -> dict[str, Any]:
         return self.local.model_info()
+
+    @Slot()
+    def _on_expiry_timer_timeout(self) -> None:
+        if self.local.pool is not None:
+            self.local.pool.expire_idle()
+        self._check_models()
+
+    def _check_models(self) -> None:
+        """Tell what changed among the local models: the default model loaded (``model_loaded``) or
+        failed, the tabs waiting for a model, the list for the pickers and the dock; set the timer
+        of the next idle model's time-to-live."""
+        pool = self.local.pool
+        expiry = pool.seconds_until_expiry() if pool is not None else None
+        if self._expiry_timer is not None and expiry is not None:
+            self._expiry_timer.start(max(1, min(math.ceil(expiry * 1000) + 1, 2**31 - 1)))
+        changes = self.local.changes()
+        default = self.local.default_id
+        for model_id, state, error in changes:
+            if state == "failed" and error:
+                self._model_failed(model_id, error)
+        if default is not None and self.local.is_loaded(default) and self._default_reported != default:
+            self._default_reported = default
+            self.model_loaded.emit(self.model_info())
+            self._emit_stats()
+            if self._stats_timer is not None:
+                self._stats_timer.start()
+        for conversation_id, model_id in list(self._loading_for.items()):
+            if self.local.is_loaded(model_id):
+                del self._loading_for[conversation_id]
+                self.conversation_model_ready.emit(conversation_id, self.local.model_name(conversation_id))
+        if changes:
+            self.local_models_listed.emit(self.local.models())
+
+    def _model_failed(self, model_id: str, error: str) -> None:
+        path = str(self.local.pool.path_of(model_id)) if self.local.pool is not None else model_id
+        reason = error.split(f"{path}: ", 1)[-1]
+        if model_id == self.local.default_id and self._default_reported != model_id:
+            self.model_load_failed.emit(path, reason)
+        for conversation_id, waiting in list(self._loading_for.items()):
+            if waiting == model_id:
+                del self._loading_for[conversation_id]
+                self.conversation_model_failed.emit(conversation_id, Path(path).stem, reason)
 
     # -- requests -------------------------------------------------------------------------------
     @Slot(str, list, dict)
     def submit(self, conversation_id: str, messages: list, sampling: dict) -> None:
         """Queue a reply for the conversation (its KV session id is the conversation id)."""
+        self._submit(conversation_id, messages, sampling, continuing=False)
+
+    @Slot(str, list, dict)
+    def continue_reply(self, conversation_id: str, messages: list, sampling: dict) -> None:
+        """Go on with the conversation's last reply (the last of ``messages``, cut by its token limit
+        or stopped) from where it stopped; its K/V are reused, so the prompt is not computed again."""
+        if self._remote.answers(conversation_id):
+            self._refuse(conversation_id, Problem(wording.CONTINUE_LOCAL_ONLY))
+            return
+        self._submit(conversation_id, messages, sampling, continuing=True)
+
+    def _submit(self, conversation_id: str, messages: list, sampling: dict, continuing: bool) -> None:
         if conversation_id in self._replies:
             self._refuse(conversation_id, Problem(wording.ALREADY_GENERATING))
             return
+        loading = False
         if self._remote.answers(conversation_id):  # a remote engine's events hop to this thread first
             on_event = partial(self._remote_event.emit, conversation_id)
             started = self._remote.submit(conversation_id, messages, sampling, on_event)
         else:
-            on_event = partial(self._replies.add, conversation_id)
-            started = self.local.submit(conversation_id, messages, sampling, on_event)
+            model_id = self.local.model_of(conversation_id)
+            loading = model_id is not None and not self.local.is_loaded(model_id)
+            on_event = partial(self._local_event_from_any_thread, conversation_id)
+            started = self.local.submit(conversation_id, messages, sampling, on_event, continuing)
         if isinstance(started, Problem):
             self._refuse(conversation_id, started)
             return
         self._replies.start(conversation_id, *started)  # handle, max new tokens
+        if loading:  # it waits for its model's load
+            self.request_loading.emit(conversation_id, self.local.model_name(conversation_id))
         self._schedule()
+
+    def _local_event_from_any_thread(self, conversation_id: str, event: GenerationEvent) -> None:
+        """A local request's event: inside a step (this thread), or from the model loader's thread (its
+        model failed to load), which hops here first."""
+        if threading.get_ident() == self._thread_ident:
+            self._replies.add(conversation_id, event)
+        else:
+            self._local_event.emit(conversation_id, event)
+
+    @Slot(str, object)
+    def _on_local_event(self, conversation_id: str, event: GenerationEvent) -> None:
+        self._replies.add(conversation_id, event)
+        self._flush(force=event.result is not None)
 
     def _finished_reply(self, conversation_id: str, result: GenerationResult) -> dict[str, Any]:
         max_new_tokens = self._replies.pop_max_new_tokens(conversation_id)
+        author = self._remote.author(conversation_id)
         remote = self._remote.finished(conversation_id)
-        return self.local.finished_reply(conversation_id, result, max_new_tokens, remote)
+        return self.local.finished_reply(conversation_id, result, max_new_tokens, remote) | author
 
     def _refuse(self, conversation_id: str, problem: Problem) -> None:
         info = {"setting": problem.setting, "suggested": problem.suggested}
@@ -254,8 +366,9 @@ class EngineWorker(QObject):
     @Slot(str, str)
     def count_tokens(self, conversation_id: str, text: str) -> None:
         """How many tokens the prompt box's text is (the tab shows it under the box)."""
-        if self.local.engine is not None:
-            n_tokens, limit = self.local.count_tokens(text)
+        counted = self.local.count_tokens(conversation_id, text)
+        if counted is not None:
+            n_tokens, limit = counted
             if self._remote.answers(conversation_id):  # a server's limit is its own: none shown
                 limit = 0
             self.tokens_counted.emit(conversation_id, text, n_tokens, limit)
@@ -265,6 +378,7 @@ class EngineWorker(QObject):
         handle = self._replies.handles.get(conversation_id)
         if handle is not None:
             handle.cancel()
+            self._flush()  # a reply waiting for its model's load ended here: no step would send it
             self._schedule()
 
     @Slot(str)
@@ -276,11 +390,12 @@ class EngineWorker(QObject):
         """
         handle = self._replies.drop(conversation_id)
         self._remote.forget(conversation_id)
+        self._loading_for.pop(conversation_id, None)
         if handle is not None:
             handle.cancel()
             self._schedule()
+        self.local.remove_session(conversation_id)  # reopened: warm
         if self.local.engine is not None:
-            self.local.remove_session(conversation_id)  # reopened: warm
             self._emit_stats()
 
     @Slot(list)
@@ -300,11 +415,13 @@ class EngineWorker(QObject):
         if self.local.clear_disk():
             self._emit_stats()
 
-    @Slot(dict, dict)
-    def apply_settings(self, kv: dict, batching: dict) -> None:
-        """New KV cache and batching options, live; shrinking the byte budget evicts at once."""
+    @Slot(dict, dict, dict)
+    def apply_settings(self, kv: dict, batching: dict, models: dict) -> None:
+        """New KV cache, batching and loaded-models options (``models``: max_loaded_bytes, idle_ttl_s;
+        empty: unchanged), live; shrinking the byte budget evicts at once, a smaller memory limit for
+        models unloads idle ones at once."""
         try:
-            applied = self.local.apply(kv, batching)
+            applied = self.local.apply(kv, batching, models or None)
         except ValueError as exc:
             self.settings_rejected.emit(str(exc))
             return
@@ -318,8 +435,8 @@ class EngineWorker(QObject):
         """Step now (zero-interval timer), after the batch wait (single shot), or not at all (idle)."""
         if self._step_timer is None or self._wait_timer is None:
             return
-        engine = self.local.engine
-        wait = engine.seconds_until_ready() if engine is not None else None
+        pool = self.local.pool
+        wait = pool.seconds_until_ready() if pool is not None else None
         if wait is None:
             self._step_timer.stop()
             self._wait_timer.stop()
@@ -334,19 +451,21 @@ class EngineWorker(QObject):
 
     @Slot()
     def _run_step(self) -> None:
-        engine = self.local.engine
-        if engine is None:
+        pool = self.local.pool
+        if pool is None:
             self._schedule()
             return
         try:
-            worked = engine.step()
+            worked = pool.step()
         except Exception:  # the engine fails requests itself; this is a bug: log it, keep serving
             log.exception("engine step failed")
             worked = False
-        self._flush(force=not engine.has_work)
-        if not worked and engine.has_work and self._step_timer is not None and self._wait_timer is not None:
+        self._flush(force=not pool.has_work)
+        if not pool.has_work:  # models went idle: their time-to-live starts
+            self._check_models()
+        if not worked and pool.has_work and self._step_timer is not None and self._wait_timer is not None:
             self._step_timer.stop()  # nothing ran: never spin, look again in a moment
-            wait = engine.seconds_until_ready() or 0.0
+            wait = pool.seconds_until_ready() or 0.0
             self._wait_timer.start(max(1, math.ceil(wait * 1000)))
             return
         self._schedule()

@@ -1,6 +1,11 @@
-"""The local engine as the worker drives it: a model read from a GGUF file, the batched engine
-around it, and the KV cache and batching options it runs with. No Qt: the worker calls these on its
+"""The local models as the worker drives them: a ``ModelPool`` with every GGUF file opened, the
+default model (the status bar's; new tabs and tabs on "local" use it), which model answers each
+tab, and the KV cache, batching and pool options they run with. No Qt: the worker calls these on its
 thread and turns what they return into its signals.
+
+Each tab's replies go to its model's engine in the pool (loaded on demand under the memory limit of
+Settings → Engines → "Loaded models: memory limit"); every model shares one KV store, with a session
+per (model, conversation).
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from engine import (
     GenerationResult,
     GgufFile,
     InferenceOptions,
-    InMemoryRuntimeMetrics,
     KvCacheOptions,
     LruKvCacheStore,
     Model,
@@ -30,16 +34,19 @@ from engine import (
     kernels,
 )
 from engine.kv_disk import DiskKvTier
+from engine.model_defaults import model_defaults
+from engine.model_pool import ModelPool, ModelPoolOptions
+from engine.prompting import Continuation
 
 from .. import paths, wording
 from ..wording import Problem
 from .engine_options import with_disk_dir
 from .limits import finished_reply, limit_setting, refusal
-from .snapshots import model_info, stats_dict
+from .snapshots import model_info, pool_stats_dict
 
 log = logging.getLogger(__name__)
 
-DISK_CLOSE_S = 20.0  # when a model goes, its KV sessions' writes to disk may take this long (then given up)
+DISK_CLOSE_S = 20.0  # at shutdown, the KV sessions' writes to disk may take this long (then given up)
 
 
 class ModelLoadFailed(Exception):
@@ -70,74 +77,175 @@ def compiling_note() -> str:
 
 
 def read_model(path: str) -> tuple[Model, Tokenizer]:
+    """The pool's loader: a model and its tokenizer, or ModelLoadFailed in the user's words."""
     try:
         gguf = GgufFile(path)
         return Model.from_gguf(gguf), Tokenizer.from_gguf(gguf)
     except ModelFileError as exc:
         log.warning("cannot load %s: %s", path, exc.reason)
-        raise ModelLoadFailed(path, exc.reason) from exc
+        raise ModelLoadFailed(str(path), exc.reason) from exc
     except Exception as exc:  # an unreadable file may fail in many ways; report it, keep serving
         log.exception("cannot load %s", path)
-        raise ModelLoadFailed(path, f"{type(exc).__name__}: {exc}") from exc
+        raise ModelLoadFailed(str(path), f"{type(exc).__name__}: {exc}") from exc
 
 
 class LocalEngine:
-    """The batched engine of the loaded model (``engine`` is None until one is loaded)."""
+    """The pool of local models (``pool`` is None until the first model is opened); see the module
+    docstring. ``engine`` is the default model's engine once it is loaded."""
 
     def __init__(self) -> None:
-        self.engine: BatchedInferenceEngine | None = None
-        self.model_path = ""
-        self.opened_paths: list[str] = []  # every model file loaded since the start, for list_models
+        self.pool: ModelPool | None = None
+        self.default_id: str | None = None  # the default model's id in the pool
+        self.opened_paths: list[str] = []  # every model file opened since the start, for list_models
         self.kv = KvCacheOptions()
         self.batching = BatchingOptions()
+        self.pool_options = ModelPoolOptions()
+        self._model_of: dict[str, str] = {}  # conversation id -> model id (absent: the default model)
+        self._states: dict[str, str] = {}  # model id -> its state last reported (see ``changes``)
+        self._defaults: dict[str, dict[str, Any]] = {}  # model path -> its own defaults (system prompt...)
 
-    def start(self, model: Model, tokenizer: Tokenizer, path: str, wakeup: Callable[[], None]) -> None:
-        """Serve ``model``; ``wakeup`` is called (from any thread) when a request arrives."""
-        store = LruKvCacheStore(with_disk_dir(self.kv))
-        self.engine = BatchedInferenceEngine(model, tokenizer, self.batching, store, InMemoryRuntimeMetrics())
-        self.engine.add_wakeup_listener(wakeup)
-        self.model_path = path
+    # -- models ---------------------------------------------------------------------------------
+    def open(self, path: str, wakeup: Callable[[], None]) -> str:
+        """Make the model file available (loaded when first used, or by ``load``); its id."""
+        if self.pool is None:
+            store = LruKvCacheStore(with_disk_dir(self.kv))
+            self.pool = ModelPool(None, self.pool_options, self.batching, store, loader=read_model)
+            self.pool.add_wakeup_listener(wakeup)
+        model_id = self.pool.add_model(path)
         if path not in self.opened_paths:
             self.opened_paths.append(path)
+        return model_id
 
-    def stop(self) -> None:
-        """Its requests fail with "the engine was stopped..." (their events come in the next flush)."""
-        if self.engine is not None:
-            self.engine.stop()
+    def open_installed(self, wakeup: Callable[[], None]) -> None:
+        """Every GGUF file of the models directory, available to the tabs' pickers (loaded when used)."""
+        for model in download.installed_models():
+            self.open(str(model.path), wakeup)
 
-    def close(self) -> None:
-        """After ``stop``: idle sessions to disk (warm when the model is loaded again); no engine."""
-        if self.engine is not None:
-            self.engine.store.close(DISK_CLOSE_S)
-            self.engine = None
+    def use_as_default(self, model_id: str) -> None:
+        """The status bar's model, and the one of new tabs and tabs on "local"; loaded now."""
+        assert self.pool is not None
+        self.default_id = model_id
+        self.pool.load(model_id)
 
-    def model_info(self) -> dict[str, Any]:
-        assert self.engine is not None
-        return model_info(self.engine, self.model_path, self.kv.dtype)
+    @property
+    def engine(self) -> BatchedInferenceEngine | None:
+        if self.pool is None or self.default_id is None:
+            return None
+        return self.pool.loaded_engine(self.default_id)
 
+    @property
+    def model_path(self) -> str:
+        return str(self.pool.path_of(self.default_id)) if self.pool and self.default_id else ""
+
+    def route(
+        self, conversation_id: str, model_path: str | None, wakeup: Callable[[], None], load: bool = False
+    ) -> str | None:
+        """The conversation's replies go to ``model_path`` (None: the default model); the model's id
+        (None: no model yet). ``load``: start loading it now, so its first reply does not wait."""
+        if model_path is None:
+            self._model_of.pop(conversation_id, None)
+            model_id = self.default_id
+        else:
+            model_id = self._model_of[conversation_id] = self.open(model_path, wakeup)
+        if load and model_id is not None and self.pool is not None:
+            self.pool.load(model_id)
+        return model_id
+
+    def model_of(self, conversation_id: str) -> str | None:
+        return self._model_of.get(conversation_id, self.default_id)
+
+    def load_error(self, model_id: str) -> str | None:
+        """Why the model's last load failed (None: it did not, or it is loading again)."""
+        if self.pool is None:
+            return None
+        return next(
+            (m.error for m in self.pool.models() if m.model_id == model_id and m.state == "failed"), None
+        )
+
+    def is_loaded(self, model_id: str) -> bool:
+        return self.pool is not None and self.pool.is_loaded(model_id)
+
+    def changes(self) -> list[tuple[str, str, str | None]]:
+        """(model id, its state now, its error) of every model whose state changed since the last call."""
+        if self.pool is None:
+            return []
+        out = []
+        for row in self.pool.models():
+            if self._states.get(row.model_id) != row.state:
+                self._states[row.model_id] = row.state
+                out.append((row.model_id, row.state, row.error))
+        return out
+
+    def model_info(self, model_id: str | None = None) -> dict[str, Any]:
+        """The window's facts of a loaded model (the default one by default)."""
+        assert self.pool is not None
+        model_id = model_id or self.default_id
+        assert model_id is not None
+        engine = self.pool.loaded_engine(model_id)
+        assert engine is not None
+        path = str(self.pool.path_of(model_id))
+        return model_info(engine, path, self.kv.dtype) | {"model_id": model_id, **self.defaults(path)}
+
+    def defaults(self, path: str) -> dict[str, Any]:
+        """The model's own defaults (``engine.model_defaults``): read once from the file's metadata."""
+        if path not in self._defaults:
+            try:
+                self._defaults[path] = {"model_defaults": model_defaults(path).to_dict()}
+            except (EngineError, OSError, ValueError) as exc:
+                log.warning("cannot read the defaults of %s: %s", path, exc)
+                self._defaults[path] = {"model_defaults": {}}
+        return self._defaults[path]
+
+    def models(self) -> list[dict[str, Any]]:
+        """Every model of the pool for the picker and the dock: id, path, state, weights, requests."""
+        if self.pool is None:
+            return []
+        return [
+            {"model_id": m.model_id, "path": m.path, "state": m.state, "weights_bytes": m.weights_bytes,
+             "n_requests": m.n_requests, "load_s": m.load_s, "error": m.error,
+             "default": m.model_id == self.default_id, **self.defaults(m.path)}
+            for m in self.pool.models()
+        ]  # fmt: skip
+
+    # -- requests -------------------------------------------------------------------------------
     def submit(
         self,
         conversation_id: str,
         messages: list,
         sampling: dict,
         on_event: Callable[[GenerationEvent], None],
+        continuing: bool = False,
     ) -> tuple[Any, int] | Problem:
-        """Queue a reply (its KV session id is the conversation id): its handle and max new tokens,
-        or why not, in the user's words."""
-        if self.engine is None:
+        """Queue a reply with the conversation's model (its KV session: the conversation id, with
+        that model); ``continuing``: go on from the last message, a cut reply. Its handle and max new
+        tokens, or why not, in the user's words. A model not loaded is loaded first (its handle's
+        first event says "loading")."""
+        model_id = self.model_of(conversation_id)
+        if self.pool is None or model_id is None:
             return Problem(wording.NO_MODEL)
+        if (error := self.load_error(model_id)) is not None:  # picking it again tries again
+            return Problem(wording.NO_MODEL if model_id == self.default_id else f"Not sent: {error}")
         try:
             options = InferenceOptions.from_dict(sampling)
         except ValueError as exc:
             return Problem(wording.invalid_sampling(str(exc)))
+        prompt = Continuation(messages) if continuing else messages
         try:
-            handle = self.engine.submit(
-                messages, options, session_id=SessionId(conversation_id), on_event=on_event
-            )
+            handle = self.pool.submit(model_id, prompt, options, SessionId(conversation_id), on_event)
         except (EngineError, ValueError) as exc:
             log.info("request of %s refused: %s", conversation_id, exc)
-            return refusal(exc, options.max_new_tokens, self.engine, self.kv)
+            engine = self.pool.loaded_engine(model_id)
+            if engine is None:
+                return Problem(f"Not sent: {exc}")
+            return refusal(exc, options.max_new_tokens, engine, self.kv)
         return handle, options.max_new_tokens
+
+    def model_name(self, conversation_id: str | None = None) -> str:
+        """The name a reply's footer shows: the model's file name without .gguf."""
+        model_id = self.model_of(conversation_id) if conversation_id else self.default_id
+        if self.pool is None or model_id is None:
+            return "model"
+        return Path(self.pool.path_of(model_id)).stem
 
     def limit_setting(self) -> str:
         """The option that sets a tab's token limit now ("" when it is the model's context)."""
@@ -148,35 +256,52 @@ class LocalEngine:
         self, conversation_id: str, result: GenerationResult, max_new_tokens: int, remote: bool
     ) -> dict[str, Any]:
         """A reply's result for the tab (``limits.finished_reply``): no local limits for a remote one."""
-        engine = None if remote else self.engine
-        return finished_reply(conversation_id, result, max_new_tokens, engine, self.kv)
+        model_id = self.model_of(conversation_id)
+        engine = (
+            None if remote or self.pool is None or model_id is None else self.pool.loaded_engine(model_id)
+        )
+        data = finished_reply(conversation_id, result, max_new_tokens, engine, self.kv)
+        if not remote:
+            data |= {"model": self.model_name(conversation_id), "engine": "local"}
+        return data
 
-    def count_tokens(self, text: str) -> tuple[int, int]:
-        """(tokens of ``text``, the tokens a tab may hold)."""
-        assert self.engine is not None
-        return len(self.engine.tokenizer.encode(text)), self.engine.session_token_limit()
+    def count_tokens(self, conversation_id: str, text: str) -> tuple[int, int] | None:
+        """(tokens of ``text``, the tokens a tab may hold) with the conversation's model, if loaded."""
+        model_id = self.model_of(conversation_id)
+        engine = self.pool.loaded_engine(model_id) if self.pool is not None and model_id else None
+        if engine is None:
+            return None
+        return len(engine.tokenizer.encode(text)), engine.session_token_limit()
 
-    # -- KV sessions ----------------------------------------------------------------------------
+    # -- KV sessions: a conversation has one per model ----------------------------------------------
+    def _sessions(self, conversation_id: str) -> list[SessionId]:
+        assert self.pool is not None
+        return self.pool.sessions_of(SessionId(conversation_id))
+
     def remove_session(self, conversation_id: str) -> None:
-        """A closed tab: its KV entry leaves memory (to the disk tier: reopened, it starts warm)."""
-        if self.engine is not None:
-            self.engine.store.remove(SessionId(conversation_id), to_disk=True)
+        """A closed tab: its KV entries leave memory (to the disk tier: reopened, it starts warm)."""
+        self._model_of.pop(conversation_id, None)
+        if self.pool is not None:
+            for session in self._sessions(conversation_id):
+                self.pool.store.remove(session, to_disk=True)
 
     def prefetch(self, conversation_ids: list) -> None:
-        if self.engine is not None:
+        if self.pool is not None:
             for conversation_id in conversation_ids:
-                self.engine.store.prefetch(SessionId(conversation_id))
+                for session in self._sessions(conversation_id):
+                    self.pool.store.prefetch(session)
 
     def forget(self, conversation_id: str) -> None:
-        """A deleted conversation: its KV session goes from the disk tier too."""
-        if self.engine is not None:
-            self.engine.store.forget(SessionId(conversation_id))
+        """A deleted conversation: its KV sessions go from the disk tier too."""
+        if self.pool is not None:
+            for session in self._sessions(conversation_id):
+                self.pool.store.forget(session)
 
     def clear_disk(self) -> bool:
         """Delete every KV session file (the sessions in memory stay); True when the store did it."""
-        if self.engine is not None and self.engine.store.get_stats().disk_enabled:
-            self.engine.store.clear_disk()
-            self.engine.store.flush_disk()
+        if self.pool is not None and self.pool.store.get_stats().disk_enabled:
+            self.pool.store.clear_disk()
+            self.pool.store.flush_disk()
             return True
         options = with_disk_dir(self.kv)  # no model, or the tier is off: clear its folder all the same
         tier = DiskKvTier(options.disk_dir or str(paths.kv_disk_dir()), options.max_disk_bytes)
@@ -184,14 +309,17 @@ class LocalEngine:
         tier.close()
         return False
 
-    def apply(self, kv: dict, batching: dict) -> dict[str, Any]:
-        """New KV cache and batching options, live (ValueError: not taken); what was applied."""
+    # -- options, stats, shutdown -------------------------------------------------------------------
+    def apply(self, kv: dict, batching: dict, pool: dict | None = None) -> dict[str, Any]:
+        """New KV cache, batching and pool options, live (ValueError: not taken); what was applied."""
         kv_options = KvCacheOptions.from_dict(dict(kv))
         batching_options = BatchingOptions.from_dict(dict(batching))
-        self.kv, self.batching = kv_options, batching_options
+        pool_options = ModelPoolOptions(**pool) if pool is not None else self.pool_options
+        self.kv, self.batching, self.pool_options = kv_options, batching_options, pool_options
         applied: dict[str, Any] = {"kv_cache": kv_options.to_dict(), "batching": batching_options.to_dict()}
+        if self.pool is not None:
+            self.pool.update_options(pool_options, batching_options, with_disk_dir(kv_options))
         if self.engine is not None:
-            self.engine.update_options(batching=batching_options, cache=with_disk_dir(kv_options))
             applied["session_token_limit"] = self.engine.session_token_limit()
             applied["limit_setting"] = self.limit_setting()
             applied["bytes_per_token"] = self.engine.model.kv_shape(kv_options.dtype).bytes_per_token
@@ -199,9 +327,9 @@ class LocalEngine:
 
     def stats(self, replying: set[str]) -> dict[str, Any] | None:
         """The dock's snapshot (None without a model); ``replying``: conversations with a reply queued."""
-        if self.engine is None:
+        if self.pool is None or self.default_id is None:
             return None
-        stats = stats_dict(self.engine)
+        stats = pool_stats_dict(self.pool, self.default_id)
         for session in stats["sessions"]:  # a reply queued for it: it is not the next to be evicted
             session["waiting"] = not session["pinned"] and session["session_id"] in replying
         return stats
@@ -209,5 +337,13 @@ class LocalEngine:
     def loaded_path(self) -> str:
         return self.model_path if self.engine is not None else ""
 
-    def model_name(self) -> str:
-        return Path(self.model_path or "model").stem
+    def stop(self) -> None:
+        """Every request fails with "the engine was stopped..." (their events come in the next flush)."""
+        if self.pool is not None:
+            self.pool.stop()
+
+    def close(self) -> None:
+        """After ``stop``: idle sessions to disk (warm after a restart)."""
+        if self.pool is not None:
+            self.pool.store.close(DISK_CLOSE_S)
+            self.pool = None

@@ -103,6 +103,14 @@ class RemoteRequests:
                 "last_tokens": result.generated_tokens, "last_finish_reason": result.finish_reason,
             }  # fmt: skip
 
+    def author(self, conversation_id: str) -> dict[str, str]:
+        """Who gives the conversation's running reply: {"model": the server's model, "engine": its name}."""
+        endpoint_id = self._requests.get(conversation_id)
+        remote = self._remotes.get(endpoint_id or "")
+        if remote is None:
+            return {}
+        return {"model": remote.model or "the server's default model", "engine": remote.name}
+
     def finished(self, conversation_id: str) -> bool:
         """The conversation's reply ended; True when a remote engine gave it."""
         return self._requests.pop(conversation_id, None) is not None

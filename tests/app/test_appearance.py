@@ -167,7 +167,7 @@ def test_desktop_entry_is_written_with_a_working_command_and_the_icon(
 ) -> None:
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "share"))
     result = subprocess.run(
-        [sys.executable, "-m", "smallmind_app", "install-desktop-entry"],
+        [sys.executable, "-m", "smallmind_cli", "install-desktop-entry"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -186,7 +186,7 @@ def test_desktop_entry_is_written_with_a_working_command_and_the_icon(
     assert packaged == desktop_entry.entry_text(["smallmind"])  # the packagers' copy says the same
 
     removed = subprocess.run(
-        [sys.executable, "-m", "smallmind_app", "install-desktop-entry", "--remove"],
+        [sys.executable, "-m", "smallmind_cli", "install-desktop-entry", "--remove"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert removed.returncode == 0 and not entry.exists() and not icon.exists()

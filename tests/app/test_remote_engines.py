@@ -246,7 +246,7 @@ def serve_to_stop(model: Path, workdir: Path) -> Iterator[tuple[str, subprocess.
     """``smallmind serve`` of ``model`` (no key) that the test stops itself; yields (base URL, process)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "SMALLMIND_HOME": str(workdir / "home")}
-    command = [sys.executable, "-m", "smallmind_app", "serve", "--model", str(model), "--port", str(port)]
+    command = [sys.executable, "-m", "smallmind_cli", "serve", "--model", str(model), "--port", str(port)]
     with (workdir / "serve.log").open("w") as out:
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

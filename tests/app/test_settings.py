@@ -76,9 +76,10 @@ def test_aside_path_never_names_an_existing_file(tmp_path: Path) -> None:
 
 def test_defaults() -> None:
     settings = AppSettings()
-    assert settings.schema_version == SCHEMA_VERSION == 2
+    assert settings.schema_version == SCHEMA_VERSION == 3
     assert settings.model_path is None
-    assert settings.system_prompt == SMOLLM2_SYSTEM_PROMPT
+    assert settings.system_prompt == ""  # none of its own: each model's (SmolLM2's template writes its own)
+    assert (settings.max_loaded_model_bytes, settings.model_idle_ttl_s) == (None, 3600.0)
     assert settings.kv_cache["max_bytes_total"] == 1_073_741_824
     assert settings.batching["max_prefill_chunk_tokens"] == 256
     assert settings.sampling["stop"] == () and settings.sampling["seed"] is None
@@ -86,13 +87,18 @@ def test_defaults() -> None:
 
 def test_section_keys_and_defaults_are_the_engines() -> None:
     """The settings sections are taken from the engine's option dataclasses (worker.engine_options):
-    every name and default, and a typed value of the settings is one the engine accepts."""
+    every name and default (but the options only API requests set), and a typed value of the settings
+    is one the engine accepts."""
+    from smallmind_app.worker.engine_options import API_ONLY_OPTIONS
+
     for section, options in (
         ("kv_cache", KvCacheOptions),
         ("batching", BatchingOptions),
         ("sampling", InferenceOptions),
     ):
-        engine_defaults = {f.name: f.default for f in dataclasses.fields(options)}
+        engine_defaults = {
+            f.name: f.default for f in dataclasses.fields(options) if f.name not in API_ONLY_OPTIONS
+        }
         assert dict(getattr(AppSettings(), section)) == engine_defaults, section
     custom = _custom()
     KvCacheOptions(**custom.kv_cache)
@@ -133,7 +139,7 @@ def test_with_changes_merges_sections() -> None:
         ({"kv_cache": {"enabled": 1}}, "kv_cache.enabled must be true or false"),
         ({"sampling": {"stop": "END"}}, "sampling.stop must be a list of strings"),
         ({"system_prompt": None}, "system_prompt must be a string"),
-        ({"schema_version": 99}, "schema_version must be an integer from 1 to 2"),
+        ({"schema_version": 99}, "schema_version must be an integer from 1 to 3"),
     ],
 )
 def test_wrong_types_name_the_field(changes: dict[str, Any], message: str) -> None:
@@ -176,7 +182,7 @@ CORRUPT_FILES = {
     ),
     "list where a dict belongs": (_good_json(batching=[["enabled", True]]), "batching must be an object"),
     "top level is a list": ("[1, 2]", "the top level must be an object"),
-    "newer schema_version": (_good_json(schema_version=3), "written by a newer SmallMind"),
+    "newer schema_version": (_good_json(schema_version=4), "written by a newer SmallMind"),
     "unknown top-level key": (_good_json(font_size=14), "unknown setting(s) font_size"),
     "null where a bool belongs": (
         _good_json(kv_cache={"enabled": None}),

@@ -526,4 +526,4 @@ def test_settings_saved_by_the_previous_version_get_the_new_default_penalty(make
         window.settings.sampling["repetition_penalty"] == 1.1
         and window.settings.sampling["temperature"] == 0.3
     )
-    assert window.settings.schema_version == 2
+    assert window.settings.schema_version == 3

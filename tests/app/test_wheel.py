@@ -15,22 +15,32 @@ from pathlib import Path
 from smallmind_app import paths
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = ("pyproject.toml", "README.md", "engine", "smallmind_app", "smallmind_server", "resources")
-PACKAGES = ("engine", "smallmind_app", "smallmind_server")
+SOURCES = (
+    "pyproject.toml",
+    "README.md",
+    "engine",
+    "smallmind_app",
+    "smallmind_server",
+    "smallmind_cli",
+    "resources",
+)
+PACKAGES = ("engine", "smallmind_app", "smallmind_server", "smallmind_cli")
 
 CHECK = """
 import sys
 from pathlib import Path
 
 import smallmind_app
+import smallmind_cli
 from smallmind_app import desktop_entry, paths
 
 site = Path(sys.argv[1]).resolve()
 assert Path(smallmind_app.__file__).resolve().is_relative_to(site), smallmind_app.__file__
+assert Path(smallmind_cli.__file__).resolve().is_relative_to(site), smallmind_cli.__file__
 assert paths.RESOURCES_DIR == site / "smallmind_app" / "resources", paths.RESOURCES_DIR
 assert (paths.RESOURCES_DIR / "icon.png").stat().st_size > 1000
 assert desktop_entry.ICON_FILE.is_file() and (paths.RESOURCES_DIR / "smallmind.desktop").is_file()
-print(paths.default_system_prompt())
+print(paths.smollm2_system_prompt())
 """
 
 
@@ -81,12 +91,12 @@ def test_the_installed_wheel_finds_the_icon_and_the_default_system_prompt(tmp_pa
         env={"PATH": "/usr/bin:/bin", "SMALLMIND_HOME": str(tmp_path / "home")},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == paths.default_system_prompt()
+    assert result.stdout.strip() == paths.smollm2_system_prompt()
 
 
 def test_a_source_checkout_reads_the_top_level_resources() -> None:
     assert paths.RESOURCES_DIR == ROOT / "resources"
     assert (
-        paths.default_system_prompt()
+        paths.smollm2_system_prompt()
         == (ROOT / "resources" / "default_system_prompt.txt").read_text(encoding="utf-8").strip()
     )

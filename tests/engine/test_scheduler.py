@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +24,7 @@ from engine import (
 from engine.gguf import ModelConfig
 from engine.kv_cache import ModelShape
 from engine.model import Row
+from engine.scheduler import RunningRequest
 from tests.fixtures.engine_helpers import run_all
 
 VOCAB = 300
@@ -96,7 +98,7 @@ def test_fifo_admission_within_max_batch_size(scripted):
     ]
     engine.step()
     assert len(model.calls[0]) == 2  # two rows admitted, three wait
-    assert [r.seq.request_id for r in engine._running] == [h.request_id for h in handles[:2]]
+    assert [r.seq.request_id for r in engine.scheduler.running] == [h.request_id for h in handles[:2]]
     results = run_all(engine, handles)
     assert all(len(call) <= 2 for call in model.calls)
     assert all(r.generated_tokens == 3 for r in results)
@@ -107,7 +109,7 @@ def test_prefill_budget_is_shared_and_decoders_keep_streaming(scripted):
     model, engine = scripted(BatchingOptions(max_prefill_chunk_tokens=8, max_batch_wait_ms=0))
     decoder = engine.submit(raw(4), InferenceOptions(temperature=0, max_new_tokens=40, stop_on_eos=False))
     engine.step()  # the short prompt is prefilled in one chunk
-    decoder_cache = id(engine._running[0].seq.cache)
+    decoder_cache = id(engine.scheduler.running[0].seq.cache)
     long_a, long_b = engine.submit(raw(30, 1), GREEDY), engine.submit(raw(30, 2), GREEDY)
     model.calls.clear()
     model.caches.clear()
@@ -304,22 +306,17 @@ def watch_progress_before_preemption(engine: BatchedInferenceEngine, model: Scri
     """Fail if a running request is preempted before a forward pass computed part of it since it was
     (re)admitted, or if the oldest running request is ever preempted while others run."""
     admitted_at: dict[int, int] = {}  # request id -> number of forwards when it joined the batch
-    try_admit, preempt = engine._try_admit, engine._preempt
 
-    def on_admit(seq, handle, now, budget):  # type: ignore[no-untyped-def]
-        admitted = try_admit(seq, handle, now, budget)
-        if admitted:
-            admitted_at[seq.request_id] = len(model.caches)
-        return admitted
+    class Watch:
+        def admitted(self, run: RunningRequest, running: Sequence[RunningRequest]) -> None:
+            admitted_at[run.seq.request_id] = len(model.caches)
 
-    def on_preempt(run, now):  # type: ignore[no-untyped-def]
-        since = model.caches[admitted_at[run.seq.request_id] :]
-        assert any(id(run.seq.cache) in caches for caches in since), "preempted before any progress"
-        assert run is not engine._running[0] or len(engine._running) == 1, "the oldest was preempted"
-        preempt(run, now)
+        def preempting(self, run: RunningRequest, running: Sequence[RunningRequest]) -> None:
+            since = model.caches[admitted_at[run.seq.request_id] :]
+            assert any(id(run.seq.cache) in caches for caches in since), "preempted before any progress"
+            assert run is not running[0] or len(running) == 1, "the oldest was preempted"
 
-    engine._try_admit = on_admit  # type: ignore[method-assign]
-    engine._preempt = on_preempt  # type: ignore[method-assign]
+    engine.scheduler.observers.append(Watch())
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

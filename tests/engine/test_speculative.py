@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from engine import BatchingOptions, InferenceOptions, KvCacheOptions, SessionId
-from engine.generation import Sequence as Seq
+from engine.generation import GenerationRequest as Seq
 from engine.model import Row
 from engine.speculative import Draft, Drafter, NgramIndex, step_cost
 from tests.fixtures.engine_helpers import make_engine, run_all

@@ -48,7 +48,7 @@ def serve(model: Path, workdir: Path, *args: str) -> Iterator[tuple[str, subproc
     command = [
         sys.executable,
         "-m",
-        "smallmind_app",
+        "smallmind_cli",
         "serve",
         "--model",
         str(model),
@@ -144,11 +144,19 @@ LIMITS = [
     ("/v1/chat/completions", {"max_tokens": 257}, "max_tokens"),  # the tiny model's context is 256
     ("/v1/chat/completions", {"max_completion_tokens": 10**9}, "max_completion_tokens"),
     ("/v1/chat/completions", {"top_k": 10**12}, "top_k"),
-    ("/v1/chat/completions", {"n": 2}, "n"),
+    ("/v1/chat/completions", {"n": limits.MAX_CHOICES + 1}, "n"),
+    ("/v1/chat/completions", {"logit_bias": {str(i): 1 for i in range(limits.MAX_LOGIT_BIAS + 1)}},
+     "logit_bias"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": limits.MAX_TOP_LOGPROBS + 1}, "top_logprobs"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": f"f{i}"}}
+                                        for i in range(limits.MAX_TOOLS + 1)]}, "tools"),
+    ("/v1/chat/completions", {"metadata": {str(i): "v" for i in range(limits.MAX_METADATA_ITEMS + 1)}},
+     "metadata"),
     ("/v1/chat/completions", {"user": "u" * 257}, "user"),
     ("/v1/completions", {"prompt": "p" * (limits.MAX_PROMPT_CHARS + 1)}, "prompt"),
     ("/v1/completions", {"prompt": ["p" * (limits.MAX_PROMPT_CHARS + 1)]}, "prompt"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
+    ("/v1/completions", {"prompt": ["a"] * (limits.MAX_PROMPTS + 1)}, "prompt"),
+    ("/v1/completions", {"prompt": ["p" * 70_000] * 2}, "prompt"),
     ("/tokenize", {"prompt": "p" * (limits.MAX_PROMPT_CHARS + 1)}, "prompt"),
     ("/tokenize", {"messages": HELLO * (limits.MAX_MESSAGES + 1)}, "messages"),
 ]  # fmt: skip

@@ -101,3 +101,20 @@ def wait_until(condition: Any, timeout_s: float = 10.0, what: str = "condition")
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(0.01)
+
+
+@pytest.fixture(
+    scope="session",
+    params=[
+        pytest.param("smollm2", marks=pytest.mark.smollm2),
+        pytest.param("gemma3", marks=pytest.mark.gemma3),
+    ],
+)
+def real_model_server(request: pytest.FixtureRequest) -> Iterator[LiveServer]:
+    """SmolLM2 or Gemma 3 served on 127.0.0.1, once per test session for every module that uses it
+    (the API feature tests with the openai client and with LangChain/LiteLLM)."""
+    path: Path = request.getfixturevalue(f"{request.param}_path")
+    engine = make_engine(path, max_batch_wait_ms=5.0)
+    with live_server(engine, request.param) as server:
+        yield server
+    engine.stop()

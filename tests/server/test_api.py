@@ -22,7 +22,8 @@ def client(tiny_server: LiveServer) -> openai.OpenAI:
 
 
 def engine_reply(engine: BatchedInferenceEngine, messages: Any, max_new_tokens: int) -> str:
-    options = InferenceOptions(max_new_tokens=max_new_tokens, temperature=0.0)
+    # the server follows OpenAI's defaults: no repetition penalty unless the request asks
+    options = InferenceOptions(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0)
     return engine.submit(messages, options, SessionId.new_id()).result(TIMEOUT_S).text
 
 

@@ -6,6 +6,7 @@ import os
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # before any QApplication exists
 
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,6 +15,7 @@ import pytest
 
 from engine import BatchedInferenceEngine
 from smallmind_server.background import BackgroundServer
+from smallmind_server.serve import ServeOptions
 from tests.server.conftest import TINY_NAME, wait_until
 
 TIMEOUT_S = 60.0
@@ -37,9 +39,16 @@ def test_background_server_starts_serves_and_stops(tiny_engine: BatchedInference
         httpx.get(url + "/health", timeout=2.0)
 
 
-def test_background_server_refuses_network_without_key(tiny_engine: BatchedInferenceEngine) -> None:
-    with pytest.raises(ValueError, match="API key"):
+def test_background_server_refuses_network_without_key(
+    tiny_engine: BatchedInferenceEngine, tmp_path: Path
+) -> None:
+    """The in-app server and `smallmind serve` refuse with the same words (one rule, in access.py)."""
+    with pytest.raises(ValueError, match="API key") as in_app:
         BackgroundServer(tiny_engine, TINY_NAME).start(port=0, host="0.0.0.0")
+    with pytest.raises(ValueError) as serve:
+        ServeOptions(tmp_path / "m.gguf", host="0.0.0.0")
+    assert str(in_app.value) == str(serve.value)
+    assert "refusing to listen on 0.0.0.0 without an API key" in str(serve.value)
 
 
 def test_local_server_dialog_starts_and_stops_a_server(

@@ -42,8 +42,9 @@ def test_bad_json_is_400(tiny_server: LiveServer) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("temperature", 5), ("top_p", 1.5), ("max_tokens", 0), ("seed", -1), ("n", 2), ("top_k", -3),
-     ("frequency_penalty", 0.5), ("stop", ["a", "b", "c", "d", "e"]), ("bogus_field", 1)],
+    [("temperature", 5), ("top_p", 1.5), ("max_tokens", 0), ("seed", -1), ("n", 0), ("n", 17), ("top_k", -3),
+     ("frequency_penalty", 2.5), ("presence_penalty", -3), ("logit_bias", {"x": 1}), ("top_logprobs", 21),
+     ("stop", ["a", "b", "c", "d", "e"]), ("bogus_field", 1), ("audio", {}), ("prediction", {})],
 )  # fmt: skip
 def test_unknown_or_out_of_range_fields_are_400_naming_the_field(
     tiny_server: LiveServer, field: str, value: Any

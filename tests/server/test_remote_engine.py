@@ -6,6 +6,7 @@ Every failure must end its request within its timeout with a message naming the 
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -16,6 +17,7 @@ import httpx
 import pytest
 
 from engine import BatchedInferenceEngine, GenerationEvent, InferenceOptions
+from engine.constraints import Constraint
 from engine.errors import RemoteEngineError
 from engine.remote import RemoteEngine
 from tests.fixtures.http_faults import STREAM_HEAD, delta, fault_server, sse_chunk, status, whole_stream
@@ -322,3 +324,20 @@ def test_a_retry_after_longer_than_the_cap_fails_at_once() -> None:
         engine = RemoteEngine(server.base_url, max_retry_wait_s=5)
         message = assert_fails_within(engine, 5, "error", "model loading", "retry after 120 s")
         assert len(server.requests) == 1 and "503" in message
+
+
+def test_a_schema_travels_to_the_remote_server_as_response_format(
+    remote: RemoteEngine, local_engine: BatchedInferenceEngine
+) -> None:
+    """A tab with structured output on a remote SmallMind server: the reply matches the schema and is
+    the one the local engine makes under the same constraint."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}  # fmt: skip
+    options = InferenceOptions(temperature=0.0, max_new_tokens=40, repetition_penalty=1.0,
+                               constraint=Constraint.json_schema(schema))  # fmt: skip
+    remote_text = remote.submit(MESSAGES, options).result(TIMEOUT_S).text
+    assert remote_text == local_engine.submit(MESSAGES, options).result(TIMEOUT_S).text
+    assert set(json.loads(remote_text)) == {"n"}
+    regex = InferenceOptions(constraint=Constraint.regex("[0-9]+"), max_new_tokens=4)
+    with pytest.raises(ValueError, match="JSON schema"):  # refused at once: OpenAI's API has no regex
+        remote.submit(MESSAGES, regex)

@@ -28,7 +28,7 @@ def free_port() -> int:
 
 def smallmind(*args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "smallmind_app", *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "smallmind_cli", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
@@ -100,6 +100,6 @@ def test_unknown_command_or_option_prints_usage_and_fails() -> None:
 
 
 def test_the_server_package_never_imports_qt() -> None:
-    code = ("import sys, smallmind_server.serve, smallmind_app.__main__, engine.cli; "
+    code = ("import sys, smallmind_server.serve, smallmind_cli, smallmind_cli.main; "
             "sys.exit(1 if any(m.startswith('PySide6') for m in sys.modules) else 0)")  # fmt: skip
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=TIMEOUT_S).returncode == 0

@@ -32,7 +32,8 @@ def client(smollm2_server: LiveServer) -> openai.OpenAI:
 
 
 def engine_reply(engine: BatchedInferenceEngine, question: str, max_new_tokens: int) -> str:
-    options = InferenceOptions(max_new_tokens=max_new_tokens, temperature=0.0)
+    # the server follows OpenAI's defaults: no repetition penalty unless the request asks
+    options = InferenceOptions(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0)
     messages = [{"role": "user", "content": question}]
     return engine.submit(messages, options, SessionId.new_id()).result(TIMEOUT_S).text
 

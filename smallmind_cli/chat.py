@@ -12,14 +12,14 @@ import sys
 import time
 from typing import TextIO
 
-from .batching import BatchedInferenceEngine, BatchingOptions
-from .errors import EngineError
-from .generation import GenerationEvent, GenerationResult
-from .gguf import GgufFile
-from .kv_store import SessionId
-from .model import Model
-from .sampling import InferenceOptions
-from .tokenizer import Tokenizer
+from engine.batching import BatchedInferenceEngine, BatchingOptions
+from engine.errors import EngineError
+from engine.generation import GenerationEvent, GenerationResult
+from engine.gguf import GgufFile
+from engine.kv_store import SessionId
+from engine.model import Model
+from engine.sampling import InferenceOptions
+from engine.tokenizer import Tokenizer
 
 HELP = "Commands: /reset (new conversation), /quit (or Ctrl+D), /help. Ctrl+C stops a reply."
 

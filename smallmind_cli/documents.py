@@ -16,9 +16,9 @@ import argparse
 import sys
 from typing import TextIO
 
-from .indexing import IndexProgress, UpdateReport, update_library
-from .retrieval import DEFAULT_BUDGET_TOKENS, retrieve
-from .store import DocumentIndex
+from engine.documents.indexing import IndexProgress, UpdateReport, update_library
+from engine.documents.retrieval import DEFAULT_BUDGET_TOKENS, retrieve
+from engine.documents.store import DocumentIndex
 
 
 def add_documents_parser(commands: argparse._SubParsersAction, verbose: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def add_documents_parser(commands: argparse._SubParsersAction, verbose: argparse
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    from . import default_index_path
+    from engine.documents import default_index_path
 
     out = out or sys.stdout
     try:

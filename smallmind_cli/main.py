@@ -1,7 +1,9 @@
-"""The command line: ``smallmind models pull|list``, ``smallmind chat`` and ``smallmind serve``.
+"""The command line: ``smallmind models pull|list``, ``smallmind chat``, ``smallmind serve`` and
+``smallmind documents``.
 
-``serve`` is defined here so that ``smallmind --help`` lists it; its handler imports the server
-package (``smallmind_server``) only when it runs, so the engine itself never loads a web framework.
+It sits above the engine, the server and the app (none of them imports it): ``serve`` imports the
+server package (``smallmind_server``) only when it runs, so ``smallmind models`` never loads a web
+framework, and the window is started by ``smallmind_cli`` (``__init__.py``) without this parser.
 
 Engine errors are shown as one line on stderr with exit status 1, never as a traceback.
 """
@@ -15,9 +17,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
-from . import download, paths
-from .documents.cli import add_documents_parser
-from .errors import EngineError
+from engine import download, paths
+from engine.errors import EngineError
+
+from .documents import add_documents_parser
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -132,11 +135,17 @@ def _add_serve_parser(
         "serve",
         parents=[verbose, model],
         help="serve an OpenAI-compatible API (no window)",
-        description="Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, "
-        "/v1/completions, /v1/models, /health, /metrics, /tokenize). Ctrl+C stops.",
+        description="Serve the installed models (the models directory's and --model, the default) over "
+        "an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /health, "
+        "/metrics, /tokenize); a request's 'model' picks one, loaded on demand. Ctrl+C stops.",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    serve.add_argument("--port", type=_port, default=8080, help="port to listen on (default: 8080)")
+    serve.add_argument(
+        "--port",
+        type=_port,
+        default=paths.DEFAULT_PORT,
+        help=f"port to listen on (default: {paths.DEFAULT_PORT})",
+    )
     serve.add_argument(
         "--api-key",
         metavar="KEY",
@@ -150,6 +159,20 @@ def _add_serve_parser(
         metavar="PATH",
         help="also accept the keys in PATH, one a line ('#' starts a comment line); keeps keys out of "
         "the process list",
+    )
+    serve.add_argument(
+        "--max-loaded-mb",
+        metavar="MB",
+        type=_positive_int,
+        help="memory limit for the loaded models' weights; the least recently used idle model is "
+        "unloaded to load another (default: half the machine's memory)",
+    )
+    serve.add_argument(
+        "--model-idle-ttl",
+        metavar="SECONDS",
+        type=_non_negative_float,
+        default=3600.0,
+        help="unload a model no request used for this long (0: only when room is needed; default: 3600)",
     )
     serve.add_argument(
         "--cors-origin",
@@ -257,6 +280,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import os
 
+    from engine.model_pool import ModelPoolOptions
     from smallmind_server.access import read_keys_file
     from smallmind_server.serve import ServeOptions, run  # lazily: only serving needs the web stack
 
@@ -265,7 +289,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         keys = list(args.api_key) + (read_keys_file(args.api_keys_file) if args.api_keys_file else [])
         if not keys and os.environ.get("SMALLMIND_API_KEY"):
             keys = [os.environ["SMALLMIND_API_KEY"]]
-        options = ServeOptions(model_path, args.host, args.port, tuple(keys), tuple(args.cors_origin))
+        pool = ModelPoolOptions(idle_ttl_s=args.model_idle_ttl)
+        if args.max_loaded_mb is not None:
+            pool = ModelPoolOptions(args.max_loaded_mb * 1_000_000, args.model_idle_ttl)
+        options = ServeOptions(model_path, args.host, args.port, tuple(keys), tuple(args.cors_origin), pool)
     except ValueError as exc:
         print(f"smallmind serve: error: {exc}", file=sys.stderr)
         return _EXIT_ERROR
