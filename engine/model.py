@@ -332,6 +332,10 @@ def load_weights(
         raise gguf_io.ModelFileError(
             f.path, f"rope_freqs has {freqs.size} values, expected {c.head_dim // 2}"
         )
+    if path == "numba":  # where this CPU's kernel stops beating BLAS on expanded tiles (at first use)
+        mats = [m for layer in layers for m in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)]
+        kernels.calibrate_later(layers[0].w_gate_up, [*mats, lm_head])
+    kw.return_freed_memory()  # the load's unpacked intermediates, freed but kept by the C heap
     return ModelWeights(lm_head, embedding, output_norm, layers, freqs, kernels=path)
 
 
@@ -373,6 +377,9 @@ class Model:
             f.path.name, config.name, time.perf_counter() - started, model.weights.kernels,
             model.weights.nbytes / 2**20,
         )  # fmt: skip
+        if f is not source:  # opened here: closed now, and the memory its header took given back
+            del f
+            kw.return_freed_memory()
         return model
 
     def kv_shape(self, dtype: str = "float32") -> ModelShape:

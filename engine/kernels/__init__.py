@@ -2,9 +2,11 @@
 
 Two paths, chosen when a model is loaded (``backend()``):
 
-- ``"numba"``: quantized weights stay quantized in memory (``BlockWeight``); decode-sized steps (up
-  to ``SMALL_ROWS`` rows) run JIT kernels that read each weight once for all rows (``jit.py``);
-  larger steps (prefill chunks) expand one tile of weights at a time to float32 and use BLAS.
+- ``"numba"``: quantized weights stay in the file's bits (``PackedWeight``); decode-sized steps (up
+  to 16 rows, and as many more as the CPU's calibration found faster, ``calibration.py``) run the
+  register-tiled kernel of ``quant.py`` on the engine's worker pool (``pool.py``), reading each
+  weight once for all rows; larger steps (prefill chunks) expand one tile of weights at a time to
+  float32 and use BLAS.
 - ``"numpy"``: every weight dequantized to float32 at load and multiplied by BLAS: the reference
   path and the fallback where numba is not installed. ``SMALLMIND_KERNELS=numpy`` selects it.
 
@@ -14,6 +16,7 @@ Both give the same results up to float32 summation order (tests hold them togeth
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import logging
 import os
@@ -27,14 +30,14 @@ import numpy as np
 from .. import paths
 from . import cpu
 from .cpu import MAX_THREADS, available_cpus, compute, requested_threads, set_threads, threads
-from .weights import BLOCK_TYPES, BlockWeight, DenseWeight, Weight, embed
+from .weights import BLOCK_TYPES, LANES, BlockWeight, DenseWeight, PackedWeight, Panels, Weight, embed
 
 log = logging.getLogger(__name__)
 
 F32 = np.float32
 KERNELS_ENV = "SMALLMIND_KERNELS"
 BACKENDS = ("numba", "numpy")
-SMALL_ROWS = 16  # up to this many rows a step runs the JIT kernel; above, BLAS on expanded tiles
+SMALL_ROWS = 16  # up to this many rows a step always runs the JIT kernel (beyond: see calibration.py)
 BLAS_ATTENTION_ROWS = 16  # a chunk this long after as many cached tokens: attention() by BLAS, not fused
 TILE_VALUES = 1 << 20  # weights expanded per BLAS tile and thread (4 MiB of float32: stays in cache)
 
@@ -43,9 +46,11 @@ __all__ = [
     "MAX_THREADS",
     "BlockWeight",
     "DenseWeight",
+    "PackedWeight",
     "Weight",
     "available_cpus",
     "backend",
+    "calibrate_later",
     "compiled_on_disk",
     "compute",
     "embed",
@@ -60,11 +65,8 @@ __all__ = [
 @cache
 def _numba_available() -> bool:
     os.environ.setdefault("NUMBA_CACHE_DIR", str(cache_dir()))
-    # numba's OpenMP workers sleep between kernels instead of spinning: spinning workers starve BLAS
-    # and, on a busy machine, a descheduled worker stalls the others at every barrier
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
-        from . import jit  # noqa: F401  (compiles lazily, on first call)
+        from . import quant  # noqa: F401  (compiles lazily, on first call)
     except ImportError as exc:
         log.warning("numba is not available (%s): using the NumPy kernels", exc)
         return False
@@ -87,13 +89,24 @@ def backend(requested: str | None = None) -> str:
 
 
 def cache_dir() -> Path:
-    """Where numba keeps the compiled kernels (the app's cache directory unless NUMBA_CACHE_DIR is set)."""
-    return Path(os.environ.get("NUMBA_CACHE_DIR") or paths.cache_dir() / "numba")
+    """Where numba keeps the compiled kernels: NUMBA_CACHE_DIR if set, else a directory of the app's
+    cache named after the kernels' sources. numba checks a cached function against its own file only,
+    not the files of what it inlined (a kernel compiled with an older ``pool.dispatch`` would load
+    as valid): a change to any kernel file starts a fresh directory."""
+    return Path(os.environ.get("NUMBA_CACHE_DIR") or paths.cache_dir() / "numba" / _sources_digest())
+
+
+@cache
+def _sources_digest() -> str:
+    digest = hashlib.sha1(usedforsecurity=False)
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
+    return f"kernels-{digest.hexdigest()[:12]}"
 
 
 def compiled_on_disk() -> bool:
     """Whether compiled kernels are on disk already (else the next ``warm_up()`` compiles them)."""
-    return any(cache_dir().rglob("jit.*.nbi"))
+    return any(cache_dir().rglob("quant.*.nbi"))
 
 
 def warm_up() -> float:
@@ -101,20 +114,40 @@ def warm_up() -> float:
     second), by running each once on a tiny matrix. Returns the seconds it took."""
     started = time.perf_counter()
     if _numba_available():
-        rng = np.random.default_rng(0)
-        q = rng.integers(-8, 8, (4, 64), dtype=np.int8)
-        d = np.ones((4, 2), dtype=F32)
-        for m in (None, d):
-            w = BlockWeight(q, d, m)
+        from .pool import pool
+
+        pool().warm_up()
+        for w in _warm_up_weights():
             for n in (1, 2, 4, 8, SMALL_ROWS + 1):
-                linear(np.ones((n, 64), dtype=F32), w)
+                linear(np.ones((n, w.shape[1]), dtype=F32), w)
+            embed(w, np.array([1]))
         from .attention import warm_up as warm_attention
 
         warm_attention()  # the fused attention kernel for the default (float32) cache
     return time.perf_counter() - started
 
 
-_EMPTY = np.empty((0, 0), dtype=F32)
+def _warm_up_weights() -> list[PackedWeight]:
+    """One small matrix of each layout the kernels are compiled for: nibbles with float16 scales and
+    minimums (Q4_1) or none (Q4_0), with high bits (Q5_0), int8 (Q8_0), float32 sub-block scales
+    (Q4_K), 16-value blocks with two high bits (Q6_K)."""
+    from . import weights as kw
+
+    rng = np.random.default_rng(0)
+    q = rng.integers(0, 16, (16, 256), dtype=np.int8)
+    d = np.ones((16, 8), dtype=F32)
+    d16 = np.ones((16, 16), dtype=F32)
+    layouts = [
+        BlockWeight(q, d, d, 4, 0),
+        BlockWeight(q, d, None, 4, -8),
+        BlockWeight(q, d, None, 5, -16),
+        BlockWeight(q, d, None, 8, 0),
+        BlockWeight(q, d * F32(0.3), d * F32(0.3), 4, 0),
+        BlockWeight(q, d16 * F32(0.3), None, 6, -32),
+    ]
+    return [kw.finish(w) for w in layouts]  # type: ignore[misc]
+
+
 _scratch = threading.local()
 
 
@@ -129,51 +162,105 @@ def linear(x: np.ndarray, w: Weight) -> np.ndarray:
     """x @ W.T for W stored (out, in): (N, in) float32 -> (N, out) float32."""
     if isinstance(w, DenseWeight):
         return x @ w.wt
-    if x.shape[0] <= SMALL_ROWS:
+    if x.shape[0] <= w.kernel_rows:
         return _small(x, w)
+    if w.calibration is not None and w.calibration.pending:  # the model's first step beyond 16 rows
+        w.calibration.run(_small_alone, _large_alone, cache_dir() / "calibration.json")
+        if x.shape[0] <= w.kernel_rows:
+            return _small(x, w)
     return _large(x, w)
 
 
-def _small(x: np.ndarray, w: BlockWeight) -> np.ndarray:
-    from .jit import MATVEC
+def calibrate_later(sample: Weight, matrices: list[Weight]) -> None:
+    """At the first step of more than 16 rows on any of ``matrices``, find (once per CPU, cached)
+    where the kernel stops beating expand + BLAS on matrices like ``sample`` (``calibration.py``)."""
+    from .calibration import Calibration
 
-    N, K = x.shape
-    group = 1 if N == 1 else 2 if N == 2 else 4 if N <= 4 else 8
-    padded = -(-N // group) * group
-    if padded != N or not x.flags.c_contiguous or x.dtype != F32:
-        xp = np.zeros((padded, K), dtype=F32)
-        xp[:N] = x
-        x = xp
-    if w.m is None:
-        xs, m = _EMPTY, _EMPTY
-    else:
-        nb = w.d.shape[1]
-        xs, m = x.reshape(padded, nb, K // nb).sum(axis=2), w.m  # (padded, nb) per-block sums of x
-    out = np.empty((padded, w.q.shape[0]), dtype=F32)
-    MATVEC[group](x, xs, w.q, w.d, m, out)
-    return out[:N] if padded != N else out
+    if not isinstance(sample, PackedWeight):
+        return
+    packed = [w for w in matrices if isinstance(w, PackedWeight)]
+    group = Calibration(sample, packed)
+    for w in packed:
+        w.calibrate_with(group)
 
 
-def _large(x: np.ndarray, w: BlockWeight) -> np.ndarray:
-    """Rows of W split over the engine's threads; each expands tiles of its rows and runs BLAS."""
-    O = w.q.shape[0]
-    out = np.empty((x.shape[0], O), dtype=F32)
-    n = cpu.threads()
-    bounds = np.linspace(0, O, n + 1).astype(int)
-    jobs = [(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
-    cpu.run_split([functools.partial(_expand_and_multiply, x, w, a, b, out) for a, b in jobs])
+def _small_alone(x: np.ndarray, w: PackedWeight) -> np.ndarray:
+    """``_small`` on the calling thread only (a private job no worker sees)."""
+    from .pool import CTRL_WORDS, JOB_WORDS
+    from .quant import project, project_chunk
+
+    out = np.empty((x.shape[0], w.padded_rows), dtype=F32)
+    ctrl, job = np.zeros(CTRL_WORDS, dtype=np.int64), np.zeros(JOB_WORDS, dtype=np.int64)
+    project(ctrl, job, w.kernel_table(), np.ascontiguousarray(x, dtype=F32), out, _max_tile(),
+            *w.block_sizes, project_chunk())  # fmt: skip
     return out
 
 
-def _expand_and_multiply(x: np.ndarray, w: BlockWeight, row0: int, row1: int, out: np.ndarray) -> None:
-    from .jit import dequantize_rows
+def _large_alone(x: np.ndarray, w: PackedWeight) -> np.ndarray:
+    """``_large`` on the calling thread only, BLAS on one thread."""
+    out = np.empty((x.shape[0], w.padded_rows), dtype=F32)
+    with cpu.blas_threads(1):
+        col = 0
+        for part in w.parts:
+            _expand_and_multiply(x, part, 0, part.n_panels, col, out)
+            col += part.n_panels * LANES
+    return out
 
-    K = w.q.shape[1]
-    m = _EMPTY if w.m is None else w.m
-    rows = max(1, min(row1 - row0, TILE_VALUES // K))
-    buf = _tile_buffer(rows * K)
-    for r0 in range(row0, row1, rows):
-        n = min(rows, row1 - r0)
-        tile = buf[: n * K].reshape(n, K)
-        dequantize_rows(w.q, w.d, m, r0, tile)
-        out[:, r0 : r0 + n] = x @ tile.T
+
+def _small(x: np.ndarray, w: PackedWeight) -> np.ndarray:
+    """The register-tiled kernel over every panel, on the engine's threads (``pool.py``)."""
+    from .pool import pool
+    from .quant import project, project_chunk
+
+    if x.dtype != F32 or not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x, dtype=F32)
+    out = np.empty((x.shape[0], w.padded_rows), dtype=F32)
+    table = w._table if w._table is not None else w.kernel_table()
+    sums32, sums16 = w.block_sizes
+    pool().run(project, table, x, out, _max_tile(), sums32, sums16, project_chunk())
+    return out if w.padded_rows == w.shape[0] else out[:, : w.shape[0]]
+
+
+@cache
+def _max_tile() -> int:
+    """Activation rows per register tile: 8 needs AVX-512's 32 vector registers, else 4. Read from
+    the features numba compiles for (the host's, unless NUMBA_CPU_FEATURES names others, as the
+    tests do to build and run the AVX2 code on an AVX-512 machine)."""
+    import llvmlite.binding as llvm
+    from numba.core import config
+
+    features = getattr(config, "CPU_FEATURES", None)  # set by numba's config at run time
+    if features is None:
+        features = llvm.get_host_cpu_features().flatten()
+    return 8 if "+avx512f" in features.split(",") else 4
+
+
+def _large(x: np.ndarray, w: PackedWeight) -> np.ndarray:
+    """Panels split over the engine's threads; each expands tiles of its panels to float32 and runs
+    BLAS (the kernels' spinning workers sleep meanwhile: BLAS needs their cores)."""
+    from .pool import pool
+
+    pool().pause()
+    out = np.empty((x.shape[0], w.padded_rows), dtype=F32)
+    jobs = []
+    col = 0
+    for part in w.parts:
+        n = min(cpu.threads(), part.n_panels)
+        bounds = np.linspace(0, part.n_panels, n + 1).astype(int)
+        jobs += [(part, int(a), int(b), col) for a, b in itertools.pairwise(bounds) if b > a]
+        col += part.n_panels * LANES
+    cpu.run_split([functools.partial(_expand_and_multiply, x, *job, out) for job in jobs])
+    return out if w.padded_rows == w.shape[0] else out[:, : w.shape[0]]
+
+
+def _expand_and_multiply(x: np.ndarray, part: Panels, p0: int, p1: int, col: int, out: np.ndarray) -> None:
+    from .quant import dequantize
+
+    K = x.shape[1]
+    step = max(1, TILE_VALUES // (K * LANES))  # panels per tile
+    buf = _tile_buffer(step * LANES * K)
+    for a in range(p0, p1, step):
+        b = min(a + step, p1)
+        tile = buf[: (b - a) * LANES * K].reshape(K, (b - a) * LANES)  # (K, 16 panels)
+        dequantize(*part.arrays(), a, b, tile)
+        out[:, col + a * LANES : col + b * LANES] = x @ tile

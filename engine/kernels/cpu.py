@@ -1,7 +1,9 @@
 """How many CPU threads the kernels use, and keeping two thread pools off each other's cores.
 
-The numba path runs every matrix product on the engine's own threads: the JIT kernels through numba's
-pool, prefill GEMMs split by rows over short-lived Python threads, each calling BLAS on one thread.
+The numba path runs every matrix product on the engine's own threads: the projection kernels on the
+worker pool of ``pool.py`` (woken per step, spinning between the step's kernels), prefill GEMMs split
+by rows over short-lived Python threads, each calling BLAS on one thread (the pool's workers sleep
+meanwhile), the attention kernel on numba's threads.
 BLAS is held to one thread while the engine computes (``compute()``), because OpenBLAS's workers
 spin after each call and starve numba's workers on a 2-core machine (measured: a 17-row product of
 expanded weights took 36 ms interleaved with numba calls against 1.3 ms alone).
@@ -154,20 +156,31 @@ def _blas() -> Any:
 
 
 @contextmanager
-def compute() -> Iterator[int]:
-    """Within: numba uses ``threads()`` threads (numba's setting is per calling thread) and BLAS one."""
-    import numba
-
-    n = threads()
-    if getattr(_local, "numba_threads", None) != n:
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
-        _local.numba_threads = n
+def blas_threads(n: int) -> Iterator[None]:
+    """Within: BLAS (threadpoolctl's view of the loaded NumPy's) on ``n`` threads."""
     libs = _blas()
     before = [lib.num_threads for lib in libs] if libs else []
     for lib in libs or ():
-        lib.set_num_threads(1)
+        lib.set_num_threads(n)
     try:
-        yield n
+        yield
     finally:
         for lib, count in zip(libs or (), before, strict=True):
             lib.set_num_threads(count)
+
+
+@contextmanager
+def compute() -> Iterator[int]:
+    """Within (one model step): the kernels' pool and numba use ``threads()`` threads (numba's setting
+    is per calling thread), BLAS one."""
+    import numba
+
+    from .pool import pool
+
+    n = threads()
+    pool().begin(n)
+    if getattr(_local, "numba_threads", None) != n:
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
+        _local.numba_threads = n
+    with blas_threads(1):
+        yield n

@@ -1,22 +1,25 @@
 """Weight matrices as the kernels read them, built from a GGUF tensor's own bytes.
 
-Two kinds, both in the file's (out, in) orientation while they are being assembled:
-
-- ``BlockWeight``: the file's 32-wide quantization blocks kept as int8 values with one float32 scale
-  ``d`` per block and, for the "_1" types, one float32 minimum ``m`` per block, so that
-  ``W[o, 32k + j] = d[o, k] * q[o, 32k + j] (+ m[o, k])`` exactly as llama.cpp dequantizes it.
-  Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 load this way (4-bit and 5-bit values are widened to one byte:
-  kernels read int8 at memory speed, 3.2-3.6x less than float32).
+- ``PackedWeight`` (numba path): the file's quantized bits in panels of 16 output rows
+  (``quant.py`` describes the layout): 4-bit values two to a byte, the fifth/sixth bits of Q5 and
+  Q6_K in a uint32 per block, Q8_0 as int8, each block's scale and minimum as the file's float16 (or
+  float32 where float16 cannot hold them exactly: K-quants' sub-block scales, rows scaled at load).
+  SmolLM2's Q4_1 projections take 0.625 bytes a weight, as in the file. A matrix fused from tensors
+  of different types (Gemma's q/k in Q5_0 beside v in Q8_0) keeps one part per type.
+- ``BlockWeight``: the load-time form a tensor is unpacked into (int8 values, a float32 scale and
+  minimum per block) while rows are reordered, scaled and fused; ``finish()`` packs it.
 - ``DenseWeight``: float32, laid out once for ``x @ W`` ((in, out)); every other tensor type (F32,
-  F16, BF16, K-quants through the ``gguf`` package) and the whole model on the NumPy path.
+  F16, BF16, other quantizations through the ``gguf`` package) and the whole model on the NumPy path.
 
-``linear()`` in ``engine.kernels`` takes either. Nothing here needs numba.
+``linear()`` in ``engine.kernels`` takes a ``PackedWeight`` or a ``DenseWeight``.
 """
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import gguf
 import numpy as np
@@ -27,16 +30,20 @@ QK = 32  # values per block, for every type kept as blocks
 T = gguf.GGMLQuantizationType
 BLOCK_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K)
 QK_K = 256  # values per K-quant super-block
+LANES = 16  # output rows per panel
 
 
 @dataclass(frozen=True, slots=True)
 class BlockWeight:
-    """A quantized (out, in) matrix: int8 values, a float32 scale (and minimum) per 32 values (per 16
-    for Q6_K: the block size is K / d.shape[1])."""
+    """A quantized (out, in) matrix as it is unpacked at load: int8 values, a float32 scale (and
+    minimum) per block of 32 values (16 for Q6_K: the block size is K / d.shape[1]). ``bits`` and
+    ``offset`` say how the file stores each value: as the ``bits``-bit code ``q - offset``."""
 
     q: np.ndarray  # (O, K) int8
     d: np.ndarray  # (O, K/32) float32
     m: np.ndarray | None  # (O, K/32) float32, or None for types without a minimum
+    bits: int = 8  # 4, 5, 6 or 8
+    offset: int = 0  # -8 (Q4_0), -16 (Q5_0), -32 (Q6_K) or 0
 
     @property
     def block(self) -> int:
@@ -50,6 +57,11 @@ class BlockWeight:
     def nbytes(self) -> int:
         return self.q.nbytes + self.d.nbytes + (0 if self.m is None else self.m.nbytes)
 
+    @property
+    def layout(self) -> tuple[int, int, int]:
+        """What must agree for two matrices to be packed as one: (bits, offset, block)."""
+        return self.bits, self.offset, self.block
+
     def dequantize(self, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
         """float32 (O, K) (or the chosen rows): the values the kernels multiply by."""
         q, d = self.q[rows], self.d[rows]
@@ -59,6 +71,88 @@ class BlockWeight:
         if self.m is not None:
             w += self.m[rows][:, :, None]
         return w.reshape(O, K)
+
+
+@dataclass(frozen=True, slots=True)
+class Panels:
+    """One quantization type's rows of a ``PackedWeight`` (layout in ``quant.py``): ``rows`` output
+    rows (the last panel padded with zero rows), ``block`` values per scale."""
+
+    qs: np.ndarray  # (P, nb, block/2, 16) uint8 nibbles, or (P, nb, block, 16) int8
+    qh: np.ndarray  # (P, nb, 16) uint32 high bits, or (0, 0, 16)
+    d: np.ndarray  # (P, nb, 16) float16 bits (uint16) or float32
+    m: np.ndarray  # like d, or (0, 0, 16)
+    offset: float
+    block: int
+    rows: int
+
+    @property
+    def n_panels(self) -> int:
+        return self.qs.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.qs.nbytes + self.qh.nbytes + self.d.nbytes + self.m.nbytes
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+        return self.qs, self.qh, self.d, self.m, self.offset
+
+
+@dataclass(frozen=True, slots=True)
+class PackedWeight:
+    """A quantized (out, in) matrix in the file's bits, in panels of 16 output rows: one ``Panels``
+    per quantization type, their rows one after the other."""
+
+    parts: tuple[Panels, ...]
+    shape: tuple[int, int]
+    padded_rows: int = field(init=False)  # output columns the kernels write (whole panels)
+    block_sizes: tuple[bool, bool] = field(init=False)  # a part with 32-value blocks? with 16?
+    kernel_rows: int = field(default=16, init=False)  # steps up to this many rows take the kernel
+    calibration: Any = field(default=None, init=False, repr=False, compare=False)  # to run, or None
+    _table: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "padded_rows", sum(LANES * p.n_panels for p in self.parts))
+        sizes = (any(p.block == 32 for p in self.parts), any(p.block == 16 for p in self.parts))
+        object.__setattr__(self, "block_sizes", sizes)
+
+    def use_kernel_up_to(self, rows: int) -> None:
+        """Set ``kernel_rows`` (``calibration.py`` measures it per CPU)."""
+        object.__setattr__(self, "kernel_rows", int(rows))
+
+    def calibrate_with(self, group: Any) -> None:
+        """The ``calibration.Calibration`` that sets ``kernel_rows`` at the first large step."""
+        object.__setattr__(self, "calibration", group)
+
+    def kernel_table(self) -> np.ndarray:
+        """The parts' addresses, shapes and chunks as the compiled kernels read them (``quant.table``),
+        built once."""
+        if self._table is None:
+            from .quant import table
+
+            object.__setattr__(self, "_table", table(self.parts))
+        assert self._table is not None
+        return self._table
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def dequantize(self, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """float32 (O, K) (or the chosen rows): the values the kernels multiply by."""
+        from . import quant
+
+        ids = np.arange(self.shape[0])[rows] if isinstance(rows, slice) else np.asarray(rows).reshape(-1)
+        out = np.empty((ids.size, self.shape[1]), dtype=F32)
+        start = 0
+        for part in self.parts:
+            mine = (ids >= start) & (ids < start + part.rows)
+            if mine.any():
+                picked = np.empty((int(mine.sum()), self.shape[1]), dtype=F32)
+                quant.gather_rows(*part.arrays(), (ids[mine] - start).astype(np.int64), picked)
+                out[mine] = picked
+            start += part.rows
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +173,7 @@ class DenseWeight:
         return self.wt.T[rows]
 
 
-Weight = BlockWeight | DenseWeight
+Weight = PackedWeight | DenseWeight
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +203,7 @@ def block_row(tensor_type: gguf.GGMLQuantizationType) -> int:
 def blocks_from_gguf(
     tensor_type: gguf.GGMLQuantizationType, raw: np.ndarray, shape: tuple[int, int]
 ) -> BlockWeight:
-    """Unpack a Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 tensor's bytes (rows of blocks) into a ``BlockWeight``."""
+    """Unpack a tensor's bytes (rows of blocks) of one of ``BLOCK_TYPES`` into a ``BlockWeight``."""
     O, K = shape
     block_size, block_bytes = gguf.GGML_QUANT_SIZES[tensor_type]
     if tensor_type in (T.Q4_K, T.Q5_K, T.Q6_K):
@@ -124,21 +218,23 @@ def blocks_from_gguf(
     blocks = np.asarray(raw, dtype=np.uint8).reshape(O, nb, block_bytes)  # (O, nb, bytes)
     d = _f16(blocks, 0)
     m = None
+    bits, offset = (8, 0) if tensor_type == T.Q8_0 else (4, 0) if tensor_type in (T.Q4_0, T.Q4_1) else (5, 0)
     if tensor_type == T.Q8_0:
         q = blocks[:, :, 2:].view(np.int8)  # (O, nb, 32)
     elif tensor_type == T.Q4_0:
-        q = _nibbles(blocks[:, :, 2:]).astype(np.int8) - np.int8(8)
+        q, offset = _nibbles(blocks[:, :, 2:]).astype(np.int8) - np.int8(8), -8
     elif tensor_type == T.Q4_1:
         m = _f16(blocks, 2)
         q = _nibbles(blocks[:, :, 4:]).astype(np.int8)
     elif tensor_type == T.Q5_0:
         q = (_nibbles(blocks[:, :, 6:]) | (_high_bits(blocks[:, :, 2:6]) << 4)).astype(np.int8) - np.int8(16)
+        offset = -16
     elif tensor_type == T.Q5_1:
         m = _f16(blocks, 2)
         q = (_nibbles(blocks[:, :, 8:]) | (_high_bits(blocks[:, :, 4:8]) << 4)).astype(np.int8)
     else:
         raise ValueError(f"{tensor_type.name} is not kept as blocks")
-    return BlockWeight(np.ascontiguousarray(q.reshape(O, K)), d, m)
+    return BlockWeight(np.ascontiguousarray(q.reshape(O, K)), d, m, bits, offset)
 
 
 def _k_quant_blocks(tensor_type: gguf.GGMLQuantizationType, blocks: np.ndarray) -> BlockWeight:
@@ -155,7 +251,7 @@ def _k_quant_blocks(tensor_type: gguf.GGMLQuantizationType, blocks: np.ndarray) 
             qh.reshape(O, n_super, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)
         ) & 3
         q = (low.reshape(O, n_super, 2, 128) | (high.reshape(O, n_super, 2, 128) << 4)).astype(np.int8) - 32
-        return BlockWeight(np.ascontiguousarray(q.reshape(O, -1)), d.reshape(O, -1), None)
+        return BlockWeight(np.ascontiguousarray(q.reshape(O, -1)), d.reshape(O, -1), None, 6, -32)
     d, dmin = _f16(blocks, 0)[..., None], _f16(blocks, 2)[..., None]  # (O, n, 1)
     packed = blocks[..., 4:16].reshape(O * n_super, 3, 4)
     a, b, c = packed[:, 0], packed[:, 1], packed[:, 2]  # ggml's 6-bit scales and minimums
@@ -173,55 +269,122 @@ def _k_quant_blocks(tensor_type: gguf.GGMLQuantizationType, blocks: np.ndarray) 
         q = (low.reshape(O, n_super, 8, 32) | (high << 4)).reshape(O, -1)
     scales = (d * sc.astype(F32)).reshape(O, -1)
     minimums = -(dmin * mn.astype(F32)).reshape(O, -1)
-    return BlockWeight(np.ascontiguousarray(q.astype(np.int8)), scales, minimums)
+    bits = 4 if tensor_type == T.Q4_K else 5
+    return BlockWeight(np.ascontiguousarray(q.astype(np.int8)), scales, minimums, bits)
 
 
 # ---------------------------------------------------------------------------------------------
 # Assembling a layer's matrices (row reorders, folded scales, fused projections)
 # ---------------------------------------------------------------------------------------------
+Blocks = BlockWeight | tuple[BlockWeight, ...]  # a matrix being assembled: one type, or several fused
+
+
 def take_rows(w: BlockWeight | np.ndarray, order: np.ndarray) -> BlockWeight | np.ndarray:
     if isinstance(w, np.ndarray):
         return w[order]
-    return BlockWeight(w.q[order], w.d[order], None if w.m is None else w.m[order])
+    return replace(w, q=w.q[order], d=w.d[order], m=None if w.m is None else w.m[order])
 
 
 def scale_rows(w: BlockWeight | np.ndarray, scale: float) -> BlockWeight | np.ndarray:
     """The matrix times a constant (for a block matrix: its scales and minimums)."""
     if isinstance(w, np.ndarray):
         return w * F32(scale)
-    return BlockWeight(w.q, w.d * F32(scale), None if w.m is None else w.m * F32(scale))
+    return replace(w, d=w.d * F32(scale), m=None if w.m is None else w.m * F32(scale))
 
 
-def concat_rows(parts: Sequence[BlockWeight | np.ndarray]) -> BlockWeight | np.ndarray:
-    """Stack (out_i, K) matrices into one (sum out_i, K). Mixed kinds fall back to float32."""
-    if all(isinstance(p, BlockWeight) for p in parts):
-        blocks = [p for p in parts if isinstance(p, BlockWeight)]
-        block = min(b.block for b in blocks)  # Q6_K's 16-value blocks beside 32-value ones: scales repeated
-        blocks = [_with_block(b, block) for b in blocks]
-        if all(b.m is None for b in blocks):
-            m = None
+def concat_rows(parts: Sequence[BlockWeight | np.ndarray]) -> Blocks | np.ndarray:
+    """Stack (out_i, K) matrices into one (sum out_i, K): neighbours of one layout (bits, offset,
+    block size) merge, different ones stay parts of one matrix. A float32 part makes all float32."""
+    if not all(isinstance(p, BlockWeight) for p in parts):
+        return np.concatenate([p if isinstance(p, np.ndarray) else p.dequantize() for p in parts])
+    groups: list[list[BlockWeight]] = []
+    for p in parts:
+        assert isinstance(p, BlockWeight)
+        if groups and groups[-1][0].layout == p.layout and groups[-1][-1].shape[0] % LANES == 0:
+            groups[-1].append(p)
         else:
-            m = np.concatenate([np.zeros_like(b.d) if b.m is None else b.m for b in blocks])
-        return BlockWeight(np.concatenate([b.q for b in blocks]), np.concatenate([b.d for b in blocks]), m)
-    return np.concatenate([p if isinstance(p, np.ndarray) else p.dequantize() for p in parts])
+            groups.append([p])
+    merged = tuple(_merge(g) for g in groups)
+    return merged[0] if len(merged) == 1 else merged
 
 
-def _with_block(w: BlockWeight, block: int) -> BlockWeight:
-    """The same matrix with one scale (and minimum) per ``block`` values (a divisor of its own)."""
-    if w.block == block:
-        return w
-    repeat = w.block // block
-    m = None if w.m is None else np.repeat(w.m, repeat, axis=1)
-    return BlockWeight(w.q, np.repeat(w.d, repeat, axis=1), m)
+def _merge(blocks: list[BlockWeight]) -> BlockWeight:
+    if len(blocks) == 1:
+        return blocks[0]
+    m = None
+    if any(b.m is not None for b in blocks):
+        m = np.concatenate([np.zeros_like(b.d) if b.m is None else b.m for b in blocks])
+    q, d = np.concatenate([b.q for b in blocks]), np.concatenate([b.d for b in blocks])
+    return replace(blocks[0], q=q, d=d, m=m)
 
 
-def finish(w: BlockWeight | np.ndarray, transposed_view: bool = False) -> Weight:
-    """The matrix as ``linear()`` reads it. Float32 is laid out (in, out) for ``x @ W``; with
-    ``transposed_view`` it stays (out, in) in memory and is used through a transposed view."""
+def finish(w: Blocks | np.ndarray, transposed_view: bool = False) -> Weight:
+    """The matrix as ``linear()`` reads it: blocks packed into panels; float32 laid out (in, out) for
+    ``x @ W`` (with ``transposed_view`` it stays (out, in) in memory, used through a transposed view)."""
     if isinstance(w, BlockWeight):
-        return w
+        w = (w,)
+    if isinstance(w, tuple):
+        if all(b.shape[0] % LANES == 0 for b in w[:-1]):  # only the last part's panel may be padded
+            return PackedWeight(tuple(pack(b) for b in w), (sum(b.shape[0] for b in w), w[0].shape[1]))
+        w = np.concatenate([b.dequantize() for b in w])
     w = np.asarray(w, dtype=F32)
     return DenseWeight(np.ascontiguousarray(w).T if transposed_view else np.ascontiguousarray(w.T))
+
+
+def pack(w: BlockWeight) -> Panels:
+    """A ``BlockWeight`` in panels of 16 rows, each value in its ``bits`` (``quant.py``'s layout)."""
+    O, K = w.shape
+    L, nb = w.block, K // w.block
+    n_panels = -(-O // LANES)
+
+    def panels(a: np.ndarray) -> np.ndarray:  # (O, nb, X) -> (P, nb, X, 16), zero rows padded
+        if a.shape[0] != n_panels * LANES:
+            a = np.concatenate([a, np.zeros((n_panels * LANES - O, *a.shape[1:]), dtype=a.dtype)])
+        return np.ascontiguousarray(a.reshape(n_panels, LANES, nb, -1).transpose(0, 2, 3, 1))
+
+    qh = np.zeros((0, 0, LANES), dtype=np.uint32)
+    if w.bits == 8:
+        qs = panels(w.q.reshape(O, nb, L))  # int8
+    else:
+        codes = (w.q.astype(np.int16) - w.offset).astype(np.uint8).reshape(O, nb, L)  # 0 .. 2**bits - 1
+        low, half = codes & 0x0F, L // 2
+        qs = panels(low[..., :half] | (low[..., half:] << 4))  # byte j: positions j and j + L/2
+        if w.bits > 4:
+            high_bits = w.bits - 4
+            if high_bits * L != 32:
+                raise ValueError(f"{w.bits}-bit values in {L}-value blocks do not fill a uint32 per block")
+            shifts = np.arange(L, dtype=np.uint32) * np.uint32(high_bits)
+            words = ((codes >> 4).astype(np.uint32) << shifts).sum(axis=-1, dtype=np.uint32)  # (O, nb)
+            qh = panels(words[..., None])[:, :, 0, :]
+    d, m = _scales(w.d, w.m)
+
+    def lanes(a: np.ndarray) -> np.ndarray:  # (O, nb) -> (P, nb, 16)
+        return panels(a[..., None])[:, :, 0, :]
+
+    m_lanes = np.zeros((0, 0, LANES), dtype=d.dtype) if m is None else lanes(m)
+    return Panels(qs, qh, lanes(d), m_lanes, float(w.offset), L, O)
+
+
+def _scales(d: np.ndarray, m: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scales (and minimums) as float16 bits where float16 holds every one exactly (the legacy
+    types' own values), else float32."""
+    values = [d] if m is None else [d, m]
+    with np.errstate(over="ignore"):
+        exact = all(np.array_equal(v.astype(np.float16).astype(F32), v) for v in values)
+    if not exact:
+        return d.astype(F32), None if m is None else m.astype(F32)
+    return d.astype(np.float16).view(np.uint16), None if m is None else m.astype(np.float16).view("<u2")
+
+
+def return_freed_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``; nothing elsewhere).
+    Unpacking and packing a model's tensors frees ~50 MB of intermediates for SmolLM2 that glibc
+    would otherwise keep in the process's resident memory."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return
+    trim(0)
 
 
 def embed(w: Weight, ids: np.ndarray) -> np.ndarray:

@@ -148,8 +148,7 @@ def test_model_numba_path_equals_numpy_path_for_each_cache_dtype(tiny_hd32, dtyp
 
 
 def test_half_conversions_are_exact_for_every_finite_float16():
-    from engine.kernels.attention import half_bits_to_float, half_to_float
-    from engine.kernels.jit import serial_kernel
+    from engine.kernels.attention import half_bits_to_float, half_to_float, serial_kernel
 
     @serial_kernel
     def convert_all(bits, out):  # pragma: no cover - compiled
