@@ -16,188 +16,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 
 from .errors import CacheBudgetError, ContextOverflowError
-from .kv_cache import KV_DTYPES, KvCacheEntry, ModelShape
-from .kv_disk import MODEL_SEPARATOR, DiskKvTier, common_prefix
-from .options import options_from_dict, options_to_dict
+from .kv_cache import KvCacheEntry, ModelShape
+from .kv_sessions import APP_OWNER, GiB, KvCacheOptions, KvCacheStats, MiB, SessionId, SessionInfo
+from .kv_store_disk import StoreDisk
+
+__all__ = [
+    "APP_OWNER", "GiB", "KvCacheOptions", "KvCacheStats", "LruKvCacheStore", "MiB", "SessionId",
+    "SessionInfo",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
-
-MiB = 1 << 20
-GiB = 1 << 30
-
-
-APP_OWNER = "app"  # the owner of sessions nobody names one for: the app's tabs, a script's requests
-
-
-@dataclass(frozen=True, slots=True)
-class SessionId:
-    """A conversation's identity in the store (one per tab), and who owns it.
-
-    ``owner`` separates who may benefit from a session's K/V: the app's tabs (``APP_OWNER``), each API
-    key, the keyless local API client. Sessions of different owners are different sessions even under
-    the same ``value``, never share a prefix and never load each other's disk files, so what one owner
-    sent cannot be read back through another's cache hits (``reused_tokens``, ``cached_tokens``).
-
-    ``model`` is the identity (``Model.identity``) of the model whose K/V the session holds, when one
-    store serves several models (``model_pool.py``): one conversation has a session per model, and
-    sessions of different models never share a prefix or a disk file. None: the store's one model.
-    """
-
-    value: str
-    owner: str = APP_OWNER
-    model: str | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.value, str) or not self.value.strip():
-            raise ValueError(f"SessionId needs a non-empty string, got {self.value!r}")
-        if not isinstance(self.owner, str) or not self.owner or _OWNER_SEPARATOR in self.owner:
-            raise ValueError(f"SessionId.owner must be a non-empty string without \\x1f, got {self.owner!r}")
-        if self.model is not None and (not isinstance(self.model, str) or not self.model):
-            raise ValueError(f"SessionId.model must be a model identity or None, got {self.model!r}")
-
-    @classmethod
-    def new_id(cls, owner: str = APP_OWNER, model: str | None = None) -> SessionId:
-        return cls(uuid.uuid4().hex, owner, model)
-
-    def for_model(self, model: str | None) -> SessionId:
-        """This conversation's session with ``model``'s K/V."""
-        return SessionId(self.value, self.owner, model)
-
-    @property
-    def key(self) -> str:
-        """The name the disk tier files it under, unique per (owner, value, model): the app's is its
-        value (as before owners existed), any other is ``owner`` + US + ``value`` (an owner holds no
-        US); a session of a named model ends with RS + the model's identity."""
-        if self.owner == APP_OWNER and _OWNER_SEPARATOR not in self.value:
-            base = self.value
-        else:
-            base = f"{self.owner}{_OWNER_SEPARATOR}{self.value}"
-        return base if self.model is None else f"{base}{MODEL_SEPARATOR}{self.model}"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-_OWNER_SEPARATOR = "\x1f"  # never in an owner: the first one in a key ends the owner
-
-
-@dataclass(frozen=True, slots=True)
-class KvCacheOptions:
-    """The KV cache's settings (names follow the runtime spec, in snake_case)."""
-
-    enabled: bool = True
-    max_tokens_per_session: int = 4096
-    max_sessions: int = 1000
-    max_bytes_total: int = 1 * GiB
-    max_bytes_per_session: int = 256 * MiB
-    policy: str = "lru"
-    persist_across_requests: bool = True
-    share_prefixes: bool = True
-    dtype: str = "float32"
-    disk_enabled: bool = True  # the disk tier runs when this is on and disk_dir is set
-    disk_dir: str | None = None  # None: no disk tier (the app sets a folder in its cache dir)
-    max_disk_bytes: int = 2 * GiB
-
-    def __post_init__(self) -> None:
-        for name in ("enabled", "persist_across_requests", "share_prefixes"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"KvCacheOptions.{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("max_tokens_per_session", "max_sessions", "max_bytes_total", "max_bytes_per_session"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"KvCacheOptions.{name} must be a whole number ≥ 1, got {value!r}")
-        if self.max_bytes_per_session > self.max_bytes_total:
-            raise ValueError(
-                f"KvCacheOptions.max_bytes_per_session ({self.max_bytes_per_session:,}) must not exceed "
-                f"max_bytes_total ({self.max_bytes_total:,})"
-            )
-        if self.policy != "lru":
-            raise ValueError(f"KvCacheOptions.policy must be 'lru', got {self.policy!r}")
-        if self.dtype not in KV_DTYPES:
-            raise ValueError(f"KvCacheOptions.dtype must be one of {KV_DTYPES}, got {self.dtype!r}")
-        if not isinstance(self.disk_enabled, bool):
-            raise ValueError(f"KvCacheOptions.disk_enabled must be true or false, got {self.disk_enabled!r}")
-        if self.disk_dir is not None and (not isinstance(self.disk_dir, str) or not self.disk_dir.strip()):
-            raise ValueError(f"KvCacheOptions.disk_dir must be a folder path or None, got {self.disk_dir!r}")
-        value = self.max_disk_bytes
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"KvCacheOptions.max_disk_bytes must be a whole number ≥ 1, got {value!r}")
-
-    @property
-    def disk_tier_on(self) -> bool:
-        return self.disk_enabled and self.disk_dir is not None
-
-    def effective_max_tokens(self, shape: ModelShape, context_length: int | None = None) -> int:
-        """A session's token limit: the smallest of the token limit, the byte limit and the context."""
-        limit = min(self.max_tokens_per_session, self.max_bytes_per_session // shape.bytes_per_token)
-        return min(limit, context_length) if context_length else limit
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> KvCacheOptions:
-        return options_from_dict(cls, data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return options_to_dict(self)
-
-
-@dataclass(frozen=True, slots=True)
-class KvCacheStats:
-    """A snapshot of the store's counters; every number is counted where the thing happens."""
-
-    current_sessions: int
-    current_bytes: int  # reserved by entries
-    used_bytes: int  # holding cached tokens
-    peak_bytes: int
-    pooled_bytes: int  # released buffers waiting for reuse (within max_bytes_total)
-    max_bytes_total: int
-    hits: int  # prepare() calls that reused ≥ 1 token
-    misses: int
-    evictions: int
-    reused_tokens: int
-    prompt_tokens: int
-    shared_prefix_tokens: int  # reused tokens copied from another session
-    pinned_sessions: int
-    disk_enabled: bool = False  # the disk tier (see kv_disk.py): sessions evicted to files
-    disk_sessions: int = 0
-    disk_bytes: int = 0
-    max_disk_bytes: int = 0
-    disk_hits: int = 0  # prepare() calls that loaded K/V from disk
-    disk_reused_tokens: int = 0  # reused tokens that came from disk (also counted in reused_tokens)
-    disk_load_ms: float = 0.0  # the last load from disk (read, check, copy into the entry)
-    disk_writes: int = 0
-    disk_write_failures: int = 0  # full disk, read-only folder...: those sessions will be recomputed
-    disk_rejected_files: int = 0  # files ignored or deleted: another model, corrupt, a header out of range
-
-    @property
-    def hit_rate(self) -> float:
-        lookups = self.hits + self.misses
-        return self.hits / lookups if lookups else 0.0
-
-    @property
-    def token_reuse_ratio(self) -> float:
-        return self.reused_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class SessionInfo:
-    """One row of ``sessions()``: what the app's table shows."""
-
-    session_id: SessionId
-    n_tokens: int
-    max_tokens: int
-    reserved_bytes: int
-    used_bytes: int
-    pinned: bool
-    last_used: float  # time.time()
 
 
 class _Slot:
@@ -233,12 +67,8 @@ class LruKvCacheStore:
         self._peak_bytes = 0
         self._hits = self._misses = self._evictions = 0
         self._reused_tokens = self._prompt_tokens = self._shared_prefix_tokens = 0
-        self._model_identity: str | None = None  # the loaded model's (kv_disk.model_identity)
-        self._disk: DiskKvTier | None = None
+        self._disk = StoreDisk(self._options)  # the disk tier (kv_store_disk.py)
         self._to_disk_at_unpin: set[SessionId] = set()  # closed while pinned: written at unpin
-        self._disk_hits = self._disk_reused_tokens = 0
-        self._disk_load_ms = 0.0
-        self._open_disk(self._options)
 
     @property
     def options(self) -> KvCacheOptions:
@@ -370,8 +200,8 @@ class LruKvCacheStore:
             entry = self.get_or_create(session_id, shape, context_length)
             n_reused = min(entry.common_prefix_length(prompt_ids), n_prompt - 1)
             entry.trim(n_reused)
-            if self._disk is not None and n_reused < n_prompt - 1:
-                n_reused = self._load_from_disk(session_id, entry, prompt_ids, n_reused)
+            if self._disk.on and n_reused < n_prompt - 1:
+                n_reused = self._disk.load(session_id, entry, prompt_ids, n_reused)
             if self._options.share_prefixes and n_reused < n_prompt - 1:
                 n_reused = self._copy_shared_prefix(session_id, entry, prompt_ids, n_reused)
             entry.shrink_to_fit(n_prompt)
@@ -528,7 +358,7 @@ class LruKvCacheStore:
         self._doomed.discard(session_id)
         self._to_disk_at_unpin.discard(session_id)
         self._context.pop(session_id, None)
-        if to_disk and self._spill(session_id, slot.entry):
+        if to_disk and self._disk.spill(session_id, slot.entry):
             self._current_bytes -= self._accounted.pop(id(slot.entry), 0)  # the buffer left with the writer
             return
         slot.entry.release()  # the buffer goes to the pool via release()
@@ -556,95 +386,30 @@ class LruKvCacheStore:
         while self._current_bytes > self._options.max_bytes_total and self._evict_one(keep=None):
             pass
 
-    # -- the disk tier -----------------------------------------------------------------------
+    # -- the disk tier (kv_store_disk.py) -----------------------------------------------------------
     def set_model_identity(self, identity: str | None) -> None:
         """The loaded model's identity (``Model.identity``): disk files of any other model are ignored.
-        Without one, nothing goes to or comes from disk."""
+        Without one (and without ``SessionId.model``), nothing goes to or comes from disk."""
         with self._lock:
-            self._model_identity = identity
-
-    def _open_disk(self, options: KvCacheOptions) -> None:
-        if options.disk_tier_on and options.disk_dir is not None:
-            self._disk = DiskKvTier(options.disk_dir, options.max_disk_bytes)
-
-    def _spill(self, session_id: SessionId, entry: KvCacheEntry) -> bool:
-        """Hand an evicted entry's buffer to the disk tier (written in the background); False when the
-        tier is off or cannot take it now (then the caller releases the buffer as usual)."""
-        disk, model = self._disk, session_id.model or self._model_identity
-        if disk is None or model is None or entry.n_tokens == 0:
-            return False
-        if not disk.can_take(entry.n_tokens * (entry.shape.bytes_per_token + 4)):
-            log.debug("KV session %s not written to disk: the writer is behind or it is too big", session_id)
-            return False
-        buffer, token_ids = entry.detach()
-        disk.put(session_id.for_model(model).key, model, entry.shape, token_ids, buffer)
-        return True
-
-    def _disk_model(self, session_id: SessionId) -> str | None:
-        """The identity of the model whose K/V the session holds: its own (a store serving several
-        models) or the store's one loaded model; None: nothing goes to or comes from disk."""
-        return session_id.model or self._model_identity
-
-    def _disk_name(self, session_id: SessionId, model: str) -> str | None:
-        """The session's file on disk for ``model`` (``SessionId.key`` with the model: each model its
-        own file, so loading another model and coming back finds the first model's K/V as they were),
-        or the name a file had before files were per model (loaded when its header names this model);
-        None when there is none."""
-        assert self._disk is not None
-        for key in (session_id.for_model(model).key, session_id.for_model(None).key):
-            if self._disk.has(key):
-                return key
-        return None
-
-    def _load_from_disk(
-        self, session_id: SessionId, entry: KvCacheEntry, prompt_ids: Sequence[int] | np.ndarray, n_own: int
-    ) -> int:
-        """Load the session's K/V from disk when they hold a longer prefix of the prompt than memory."""
-        assert self._disk is not None
-        model = self._disk_model(session_id)
-        name = None if model is None else self._disk_name(session_id, model)
-        if model is None or name is None:
-            return n_own
-        started = time.perf_counter()
-        found = self._disk.find(name, model, entry.shape, prompt_ids, n_own)
-        if found is None:
-            return n_own
-        token_ids, kv = found
-        n = min(common_prefix(token_ids, prompt_ids), len(prompt_ids) - 1)
-        if n <= n_own:
-            return n_own
-        try:
-            entry.load_tokens(token_ids[:n], kv[:, :, :, :n])
-        except CacheBudgetError:
-            log.debug("no room to load %d tokens of %s from disk; computing them instead", n, session_id)
-            return n_own
-        self._disk_hits += 1
-        self._disk_reused_tokens += n
-        self._disk_load_ms = (time.perf_counter() - started) * 1000.0
-        log.debug("loaded %d tokens of KV session %s from disk in %.0f ms", n, session_id, self._disk_load_ms)
-        return n
+            self._disk.model_identity = identity
 
     def prefetch(self, session_id: SessionId) -> bool:
         """A conversation was opened: start reading its file (if any) so its next request loads fast."""
-        disk, model = self._disk, self._disk_model(session_id)
-        if disk is None or model is None or session_id in self:
-            return False
-        name = self._disk_name(session_id, model)
-        return name is not None and disk.prefetch(name)
+        return session_id not in self and self._disk.prefetch(session_id)
 
     def forget(self, session_id: SessionId) -> None:
         """A deleted conversation: its session goes from memory and from disk."""
         with self._lock:
             self.remove(session_id)
             self._to_disk_at_unpin.discard(session_id)
-            if self._disk is not None:
-                self._disk.forget(session_id.key)
+            if self._disk.tier is not None:
+                self._disk.tier.forget(session_id.key)
 
     def clear_disk(self) -> None:
         """Delete every session file of the disk tier (memory is untouched)."""
         with self._lock:
-            if self._disk is not None:
-                self._disk.clear()
+            if self._disk.tier is not None:
+                self._disk.tier.clear()
 
     def save_to_disk(self) -> int:
         """Move every idle session to disk (the app is closing or loading another model); how many went."""
@@ -652,38 +417,29 @@ class LruKvCacheStore:
             idle = [sid for sid, slot in self._slots.items() if not slot.pinned]
             n_before = len(self._slots)
             for session_id in idle:
-                if self._disk is not None:  # nothing waits for a step now: let the writer catch up
-                    self._disk.wait_for_room(self._slots[session_id].entry.used_bytes)
+                if self._disk.tier is not None:  # nothing waits for a step now: let the writer catch up
+                    self._disk.tier.wait_for_room(self._slots[session_id].entry.used_bytes)
                 self._drop(session_id, to_disk=True)
             return n_before - len(self._slots)
 
     def flush_disk(self, timeout_s: float = 30.0) -> bool:
         """Wait for the disk tier's queued writes; False on timeout."""
-        disk = self._disk
-        return True if disk is None else disk.flush(timeout_s)
+        tier = self._disk.tier
+        return True if tier is None else tier.flush(timeout_s)
 
     def close(self, timeout_s: float = 30.0) -> bool:
         """Save idle sessions to disk, finish the writes (up to ``timeout_s``), stop the writer."""
         self.save_to_disk()
         with self._lock:
-            disk, self._disk = self._disk, None
-        return True if disk is None else disk.close(timeout_s)
-
-    def _update_disk(self, old: KvCacheOptions, new: KvCacheOptions) -> None:
-        if (old.disk_tier_on, old.disk_dir) != (new.disk_tier_on, new.disk_dir):
-            if self._disk is not None:
-                self._disk.close()
-                self._disk = None
-            self._open_disk(new)
-        elif self._disk is not None and old.max_disk_bytes != new.max_disk_bytes:
-            self._disk.set_max_bytes(new.max_disk_bytes)
+            tier, self._disk.tier = self._disk.tier, None
+        return True if tier is None else tier.close(timeout_s)
 
     # -- live options ------------------------------------------------------------------------
     def update_options(self, options: KvCacheOptions) -> None:
         """Apply new settings now: shrinking a limit evicts at once (pinned sessions go at unpin)."""
         with self._lock:
             old, self._options = self._options, options
-            self._update_disk(old, options)
+            self._disk.update(old, options)
             if options.dtype != old.dtype or not options.enabled or not options.persist_across_requests:
                 self.clear()
                 return
@@ -714,20 +470,8 @@ class LruKvCacheStore:
                 prompt_tokens=self._prompt_tokens,
                 shared_prefix_tokens=self._shared_prefix_tokens,
                 pinned_sessions=self._n_pinned(),
-                **self._disk_stats(),
+                **self._disk.stats(),
             )
-
-    def _disk_stats(self) -> dict[str, Any]:
-        if self._disk is None:
-            return {}
-        disk = self._disk.stats()
-        return {
-            "disk_enabled": self._disk.usable, "disk_sessions": disk.sessions, "disk_bytes": disk.bytes,
-            "max_disk_bytes": disk.max_bytes, "disk_hits": self._disk_hits,
-            "disk_reused_tokens": self._disk_reused_tokens, "disk_load_ms": self._disk_load_ms,
-            "disk_writes": disk.writes, "disk_write_failures": disk.write_failures,
-            "disk_rejected_files": disk.rejected_files,
-        }  # fmt: skip
 
     def sessions(self) -> list[SessionInfo]:
         """Every session, least recently used (next to be evicted) first."""
