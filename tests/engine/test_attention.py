@@ -190,3 +190,22 @@ def test_kernel_is_vectorized_for_avx2_and_avx512(cpu, tmp_path):
     assert asm["vector_round"] >= 1, asm  # exp: floor of a whole vector
     assert asm["cvtph2ps"] >= 1, asm  # float16 -> float32 eight (or sixteen) values at a time
     assert asm["ymm"] > 0 and (cpu != "haswell" or asm["zmm"] == 0), asm
+
+
+@pytest.mark.parametrize("parallel_work", [0, 1 << 60])
+def test_the_parallel_and_the_calling_thread_paths_agree(monkeypatch, parallel_work):
+    """Large work runs on numba's threads with the kernels' workers asleep, small work on the calling
+    thread beside them (attention.PARALLEL_WORK): both give the reference's attention."""
+    from engine.kernels import attention as module
+    from engine.kernels.pool import pool
+
+    monkeypatch.setattr(module, "PARALLEL_WORK", parallel_work)
+    rng = np.random.default_rng(6)
+    KVH, G, Hd, start, T = 2, 3, 32, 900, 3
+    k = rng.standard_normal((KVH, 1024, Hd), dtype=np.float32)
+    v = rng.standard_normal((KVH, 1024, Hd), dtype=np.float32)
+    q = rng.standard_normal((T, KVH * G, Hd), dtype=np.float32)
+    pool().begin(2)
+    out = module.attention(q, k, v, start, 0, "float32", threads=2)
+    expected = numpy_attention(q, k[:, : start + T], v[:, : start + T], start, 0)
+    assert rel_diff(out, expected) < BAR
