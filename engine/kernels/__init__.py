@@ -22,6 +22,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -64,13 +66,29 @@ __all__ = [
 
 @cache
 def _numba_available() -> bool:
-    os.environ.setdefault("NUMBA_CACHE_DIR", str(cache_dir()))
     try:
-        from . import quant  # noqa: F401  (compiles lazily, on first call)
+        with _kernels_cache_dir():  # the kernels' modules: their functions are decorated now
+            from . import attention, quant  # noqa: F401  (compiled lazily, on first call)
     except ImportError as exc:
         log.warning("numba is not available (%s): using the NumPy kernels", exc)
         return False
     return True
+
+
+@contextmanager
+def _kernels_cache_dir() -> Iterator[None]:
+    """numba's cache directory for the engine's kernels only. numba picks a function's cache directory
+    when the function is decorated (``cache=True``), from ``numba.config.CACHE_DIR``: it is set here
+    while the kernel modules are imported and put back after, so other numba code in the process
+    keeps its own, and no environment variable is set."""
+    from numba.core import config
+
+    before = config.CACHE_DIR  # type: ignore[attr-defined]
+    config.CACHE_DIR = str(cache_dir())  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        config.CACHE_DIR = before  # type: ignore[attr-defined]
 
 
 def backend(requested: str | None = None) -> str:

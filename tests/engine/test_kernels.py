@@ -5,6 +5,11 @@ on every tensor type; the kernels compile to packed SIMD code for AVX2 and AVX-5
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -18,6 +23,7 @@ from tests.fixtures.tiny_model import WEIGHT_TYPES, write_tiny_gguf
 
 BLOCK_TYPE_NAMES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 IDS = [1, 5, 9, 3, 7, 2, 11, 4]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 needs_numba = pytest.mark.skipif(kernels.backend("auto") != "numba", reason="numba is not installed")
 
@@ -377,3 +383,32 @@ def test_kernel_at_prefill_sizes_equals_the_dequantized_product(type_name):
     x = np.random.default_rng(5).standard_normal((67, 256), dtype=np.float32)
     expected = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
     assert rel_diff(linear(x, w), expected) < 2e-6
+
+
+def test_the_kernels_cache_in_their_own_directory_without_touching_the_environment(tmp_path: Path) -> None:
+    """numba's cache directory is set for the engine's kernels only, through numba's config while
+    they are decorated: no NUMBA_CACHE_DIR appears in the environment, and a user's own cached numba
+    function keeps numba's default place."""
+    code = """
+import os, sys
+import numba
+from engine import kernels
+assert kernels.backend() == "numba"
+from engine.kernels import attention, quant
+ours = kernels.cache_dir()
+@numba.njit(cache=True)
+def users(x):
+    return x + 1
+paths = [attention.attend._cache._cache_path, quant.project._cache._cache_path]
+assert all(p.startswith(str(ours)) for p in paths), (paths, ours)
+assert not users._cache._cache_path.startswith(str(ours)), users._cache._cache_path
+assert "NUMBA_CACHE_DIR" not in os.environ
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env |= {"SMALLMIND_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO_ROOT)}
+    script = tmp_path / "user_script.py"  # numba caches only functions defined in a file
+    script.write_text(code, encoding="utf-8")
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                            timeout=120, check=False)  # fmt: skip
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
