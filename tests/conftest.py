@@ -19,11 +19,12 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Resolved now, before the autouse fixture below points SMALLMIND_HOME at a temporary directory.
 _INSTALLED_SMOLLM2 = paths.models_dir() / SMOLLM2_FILE
 _INSTALLED_GEMMA3 = paths.models_dir() / "gemma-3-270m-q4_k_m.gguf"
-_SHARED_GEMMA3_REFERENCE = Path(__file__).resolve().parents[1].parent / "shared/reference/gemma3-270m"
 # The reference data: the shared copy beside the repository when there is one (it is the source of
 # truth), else the copy kept in the repository (tests/fixtures/reference), so a clone anywhere runs.
 _SHARED_REFERENCE = Path(__file__).resolve().parents[1].parent / "shared/reference/smollm2-135m"
 _VENDORED_REFERENCE = Path(__file__).resolve().parent / "fixtures/reference/smollm2-135m"
+_SHARED_GEMMA3_REFERENCE = Path(__file__).resolve().parents[1].parent / "shared/reference/gemma3-270m"
+_VENDORED_GEMMA3_REFERENCE = Path(__file__).resolve().parent / "fixtures/reference/gemma3-270m"
 # Compiled kernels (numba) kept between test runs beside the repository's other caches, never in the
 # user's cache directory; subprocesses started by tests inherit it.
 os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "numba"))
@@ -90,8 +91,10 @@ def gemma3_path() -> Path:
 
 @pytest.fixture(scope="session")
 def gemma3_reference_dir() -> Path:
-    """The Gemma 3 reference data beside the repository (shared/reference/gemma3-270m)."""
-    path = Path(os.environ.get("SMALLMIND_GEMMA3_REFERENCE_DIR", "") or _SHARED_GEMMA3_REFERENCE)
+    """The Gemma 3 reference data: the shared copy beside the repository when there is one, else the
+    copy kept in the repository (tests/fixtures/reference/gemma3-270m), so a clone anywhere runs."""
+    shared = _SHARED_GEMMA3_REFERENCE if (_SHARED_GEMMA3_REFERENCE / "prompts.json").is_file() else None
+    path = Path(os.environ.get("SMALLMIND_GEMMA3_REFERENCE_DIR", "") or shared or _VENDORED_GEMMA3_REFERENCE)
     if not (path / "prompts.json").is_file():
         pytest.skip(f"no Gemma 3 reference data at {path}")
     return path
