@@ -412,6 +412,7 @@ class StepPlan:
                        starts[b], lengths[b], first_rows[b])  # fmt: skip
         self.seqs, self.threads = seqs, threads
         self._items: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._work: dict[int, int] = {}
         self._buffers = (keys, values)  # kept alive while the plan is
 
     def items(self, window: int, G: int) -> tuple[np.ndarray, np.ndarray]:
@@ -471,12 +472,13 @@ class StepPlan:
         return out.reshape(N, H * Hd)
 
     def work(self, window: int) -> int:
-        """Positions read times query rows, over the step's sequences (per KV head)."""
-        total = 0
-        for _, _, _, _, start, T, _ in self.seqs:
-            span = int(start + T) - (max(0, int(start) - window + 1) if window else 0)
-            total += span * int(T)
-        return total
+        """Positions read times query rows, over the step's sequences (per KV head); computed once per
+        window, as ``items`` is (every layer of a step asks)."""
+        if window not in self._work:
+            starts, counts = self.seqs[:, 4], self.seqs[:, 5]
+            lows = np.maximum(0, starts - window + 1) if window else 0
+            self._work[window] = int(((starts + counts - lows) * counts).sum())
+        return self._work[window]
 
 
 def attention(
