@@ -29,10 +29,6 @@ through raw addresses (``numba.carray``) so one call takes caches of different c
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
-import numba
 import numpy as np
 from llvmlite import binding as llvm
 from llvmlite import ir
@@ -254,8 +250,7 @@ def _fold(s, v, m, l, acc, r, top):  # pragma: no cover - compiled
             acc[i] += p * v[j, i]
 
 
-@kernel
-def attend(  # pragma: no cover - compiled
+def _attend(  # pragma: no cover - compiled
     q, out, part_m, part_l, part_acc, seqs, items, n_splits, proto, layer, n_kv_heads, width, window
 ):
     """Attention of every query row of a step against its sequence's cache, one layer.
@@ -351,6 +346,12 @@ def attend(  # pragma: no cover - compiled
                         out[row, hq, i] *= inv
 
 
+attend = kernel(_attend)  # items split over numba's threads
+# the same loop on the calling thread alone: a small layer's attention (a decode step at short
+# context) pays neither numba's parallel launch nor a change of its thread count
+attend_serial = serial_kernel(_attend)
+
+
 # ---------------------------------------------------------------------------------------------
 # The Python side: a step's sequences laid out for ``attend`` once per forward
 # ---------------------------------------------------------------------------------------------
@@ -364,21 +365,6 @@ MIN_SPLIT_POSITIONS = 512  # a part of a split sequence covers at least this man
 PARALLEL_WORK = 4_096
 ITEMS_PER_THREAD = 4  # split long caches until a step has this many items per thread
 STORAGE = {"float32": np.float32, "float16": np.uint16, "q8_0": np.int8}  # as the kernel reads them
-
-
-@contextmanager
-def numba_threads(n: int) -> Iterator[None]:
-    """Within: numba's parallel kernels called from this thread use ``n`` threads (numba's API; the
-    setting is per calling thread)."""
-    before = numba.get_num_threads()
-    if before == n:
-        yield
-        return
-    numba.set_num_threads(n)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(before)
 
 
 class StepPlan:
@@ -467,8 +453,7 @@ class StepPlan:
             pool().pause()
             attend(*args)
         else:  # small work on this thread alone, beside the kernels' workers (they keep spinning)
-            with numba_threads(1):
-                attend(*args)
+            attend_serial(*args)
         return out.reshape(N, H * Hd)
 
     def work(self, window: int) -> int:
@@ -493,12 +478,19 @@ def attention(
 
 
 def warm_up(dtypes: tuple[str, ...] = ("float32",)) -> None:
-    """Compile (or load from numba's disk cache) the kernel for these cache dtypes. Each dtype is its
-    own compilation (~5 s of CPU the first time, measured on a loaded Xeon): the default one is
-    compiled at start, float16 and q8_0 on their first use (then from disk)."""
+    """Compile (or load from numba's disk cache) both kernels (serial and parallel) for these cache
+    dtypes. Each dtype is its own compilation (~5 s of CPU the first time, measured on a loaded
+    Xeon): the default one is compiled at start, float16 and q8_0 on their first use (then from
+    disk)."""
     rng = np.random.default_rng(0)
+    q = np.ones((2, 2, 32), dtype=np.float32)
     for dtype in dtypes:
         storage = STORAGE[dtype]
         width = 32 + 4 if dtype == "q8_0" else 32
         kv = rng.integers(0, 60, (1, 4, width)).astype(storage)  # any finite values
-        attention(np.ones((2, 2, 32), dtype=np.float32), kv, kv, 2, 0, dtype)
+        plan = StepPlan([kv], [kv], [0], [2], [2], dtype, 1)
+        items, n_splits = plan.items(0, 2)
+        out, part = np.empty((2, 2, 32), dtype=np.float32), np.empty((1, 1, 1), dtype=np.float32)
+        for fn in (attend_serial, attend):
+            fn(q, out, part, part, part.reshape(1, 1, 1, 1), plan.seqs, items, n_splits, plan.proto, 0, 1,
+               width, 0)  # fmt: skip
