@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -48,6 +48,7 @@ from .kv_disk import model_identity
 
 if TYPE_CHECKING:
     from .kernels.attention import StepPlan
+    from .kernels.blocks import Blocks
 
 log = logging.getLogger(__name__)
 
@@ -361,6 +362,7 @@ class Model:
         self._rope = Rope(config.head_dim, config.rope_theta, config.rope_scale, weights.rope_freq_factors)
         self._local_rope = Rope(config.head_dim, config.arch.local_rope_theta, config.rope_scale, None)
         self._local = tuple(config.is_local_layer(i) for i in range(config.n_layers))  # sliding-window layers
+        self._blocks: Blocks | Literal[False] | None = None  # None: not built yet; False: cannot
 
     @classmethod
     def from_gguf(
@@ -469,6 +471,23 @@ class Model:
             r0 = r1
         return attn
 
+    def _compiled_blocks(self) -> Blocks | None:
+        """On the numba path, the blocks laid out for one compiled call per decode step
+        (``kernels.blocks``), built at the first step; None on the NumPy path or when a matrix is not
+        packed."""
+        if self.weights.kernels != "numba":
+            return None
+        if self._blocks is None:
+            from .kernels.blocks import Blocks
+
+            c = self.config
+            windows = [c.sliding_window if local else 0 for local in self._local]
+            gelu = c.arch.activation == "gelu_tanh"
+            shape = (c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_size)
+            blocks = Blocks.of(self.weights.layers, *shape, c.rms_eps, windows, gelu)
+            self._blocks = blocks if blocks is not None else False
+        return self._blocks or None
+
     def _threads(self) -> AbstractContextManager[object]:
         """On the numba path, the kernels' thread settings for the length of one forward."""
         return kernels.compute() if self.weights.kernels == "numba" else nullcontext()
@@ -508,8 +527,12 @@ class Model:
         x = kw.embed(self.weights.embedding, ids)  # (N, D)
         if self.config.arch.scale_embeddings:
             x *= F32(np.sqrt(self.config.hidden_size))
-        for i, layer in enumerate(self.weights.layers):
-            x = self._block(i, layer, x, rows, starts, plan, *ropes[self._local[i]])
+        blocks = self._compiled_blocks()
+        if blocks is not None and plan is not None and blocks.runs(plan, len(ids), len(rows), plan.dtype):
+            x = blocks.run(x, plan, *ropes[False], *ropes.get(True, ropes[False]))
+        else:
+            for i, layer in enumerate(self.weights.layers):
+                x = self._block(i, layer, x, rows, starts, plan, *ropes[self._local[i]])
         for row in rows:
             row.cache.append(row.ids)
         if hidden is not None:  # every new token's final hidden state (embeddings), (N, D)

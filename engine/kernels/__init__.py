@@ -142,6 +142,9 @@ def warm_up() -> float:
         from .attention import warm_up as warm_attention
 
         warm_attention()  # the fused attention kernel for the default (float32) cache
+        from .blocks import warm_up as warm_blocks
+
+        warm_blocks()  # a decode step's blocks in one call
     return time.perf_counter() - started
 
 

@@ -386,7 +386,7 @@ class StepPlan:
         B = len(keys)
         self.sequences: list[int] = list(range(B))  # which of the step's sequences these are
         self.n_kv_heads, self.width = int(keys[0].shape[0]), int(keys[0].shape[2])
-        self.proto = np.empty(0, dtype=STORAGE[dtype])
+        self.dtype, self.proto = dtype, np.empty(0, dtype=STORAGE[dtype])
         seqs = np.empty((B, 7), dtype=np.int64)
         if first_rows is None:  # the sequences' rows one after another from row 0
             first_rows = [int(x) for x in np.cumsum([0, *lengths[:-1]])]
@@ -445,7 +445,7 @@ class StepPlan:
         q = np.ascontiguousarray(q, dtype=np.float32)
         args = (q, out, part_m, part_l, part_acc, self.seqs, items, n_splits, self.proto, layer,
                 self.n_kv_heads, self.width, window)  # fmt: skip
-        if self.threads > 1 and self.work(window) >= PARALLEL_WORK:
+        if not self.serial(window):
             # numba's threads take both cores: the kernels' spinning workers would compete with them
             # (a parallel region waits for its slowest thread), so they sleep until the next projection
             from .pool import pool
@@ -455,6 +455,10 @@ class StepPlan:
         else:  # small work on this thread alone, beside the kernels' workers (they keep spinning)
             attend_serial(*args)
         return out.reshape(N, H * Hd)
+
+    def serial(self, window: int) -> bool:
+        """Whether layers with this window attend on the calling thread (small work, or one thread)."""
+        return self.threads <= 1 or self.work(window) < PARALLEL_WORK
 
     def work(self, window: int) -> int:
         """Positions read times query rows, over the step's sequences (per KV head); computed once per

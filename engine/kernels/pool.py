@@ -31,6 +31,8 @@ import atexit
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -264,16 +266,37 @@ class Pool:
     def run(self, fn: Any, *args: Any) -> None:
         """``fn(ctrl, job, *args)``: a compiled function that fills a job's words and calls
         ``dispatch``, on this thread and the workers the current step allows."""
-        if not self.lock.acquire(blocking=False):  # another thread's job is running: compute alone
-            ctrl, job = self._private()
+        ctrl, job, held = self._take()
+        try:
             fn(ctrl, job, *args)
-            return
+        finally:
+            if held:
+                self.lock.release()
+
+    @contextmanager
+    def words(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Within: the (ctrl, job) words a compiled function dispatches its jobs through (as many
+        as it likes), as ``run`` gives one."""
+        ctrl, job, held = self._take()
+        try:
+            yield ctrl, job
+        finally:
+            if held:
+                self.lock.release()
+
+    def _take(self) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(ctrl, job, held): the pool's words with its lock held and the workers the current step
+        allows awake; or, while another thread's job runs, private words no worker sees (this thread
+        computes alone)."""
+        if not self.lock.acquire(blocking=False):
+            return (*self._private(), False)
         try:
             if self.wanted and self.ctrl.item(ACTIVE) < self.wanted:
                 self._wake()
-            fn(self.ctrl, self.job, *args)
-        finally:
+        except BaseException:
             self.lock.release()
+            raise
+        return self.ctrl, self.job, True
 
     def _private(self) -> tuple[np.ndarray, np.ndarray]:
         mine = getattr(self._local, "arrays", None)

@@ -1,0 +1,298 @@
+"""A decode-sized step's transformer blocks in one compiled call (numba): no Python between the
+projections.
+
+A decode step of SmolLM2 runs 30 blocks; each block in Python (``Model._block``) is ~25 NumPy
+calls and four ``linear()`` calls around its four projections: ~75 us of interpreter and dispatch
+per block on the Intel Xeon, 2.3 ms a token where the projections take 5.7. Here the whole stack of
+blocks is one numba function: the norms, bias, QK-norm, RoPE, the K/V writes, attention
+(``attention.attend_serial``), the activation and the residual adds run in compiled loops, and each
+projection is the same pool job ``linear()`` runs (``quant.project``), handed to the workers from
+compiled code.
+
+It covers the steps where that overhead matters and nothing else (``Model`` checks, else runs the
+Python blocks): every matrix packed (``PackedWeight``), at most ``SMALL_ROWS`` rows, every sequence
+in the attention plan with a float32 cache, and attention work small enough for the calling thread
+(``attention.PARALLEL_WORK``: a long chat's attention wants numba's threads and the workers asleep,
+which only Python can arrange). The math is the Python blocks' (float32, the same order of
+operations up to fused multiply-adds): greedy output is identical, logits within the reference bar.
+
+``silu`` and GELU's tanh form are both ``g * sigmoid(z)`` (z = g, or 2 sqrt(2/pi) (g + 0.044715 g^3)
+since 1 + tanh(y) = 2 sigmoid(2y)), with a vectorizable ``exp``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import carray, njit
+
+from . import SMALL_ROWS, _max_tile
+from .attention import StepPlan, _pointer, attend_serial, exp_nonpositive
+from .pool import address, pool
+from .quant import FASTMATH, project, project_chunk
+from .weights import PackedWeight
+
+kernel = njit(fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
+
+# a matrix's row of ``Blocks.mats``: its kernel table's address and length, output columns written
+# (whole panels), whether it has 32- and 16-value blocks
+M_TABLE, M_LENGTH, M_PADDED, M_SUMS32, M_SUMS16 = range(5)
+WQKV, WO, W_GATE_UP, W_DOWN = range(4)
+# ``Blocks.norms``' rows per layer
+ATTN_NORM, FFN_NORM, POST_ATTN_NORM, POST_FFN_NORM = range(4)
+# ``Blocks.flags``
+F_QK_NORM, F_POST_ATTN, F_POST_FFN, F_BIAS, F_GELU = range(5)
+GELU_SCALE = np.float32(2.0 * np.sqrt(2.0 / np.pi))
+
+
+@kernel
+def sigmoid_times(g, z):  # pragma: no cover - compiled
+    """g / (1 + exp(-z)), with exp of a non-positive argument only (no overflow), vectorizable."""
+    e = exp_nonpositive(-abs(z))  # exp(-|z|)
+    if z >= 0:
+        return g / (np.float32(1.0) + e)
+    return g * e / (np.float32(1.0) + e)
+
+
+@kernel
+def rms_norm_into(x, w, eps, out):  # pragma: no cover - compiled
+    """out[r] = x[r] * w / sqrt(mean(x[r]^2) + eps) over the first len(w) columns of x."""
+    D = w.shape[0]
+    for r in range(x.shape[0]):
+        s = np.float32(0.0)
+        for i in range(D):
+            s += x[r, i] * x[r, i]
+        inv = np.float32(1.0) / np.sqrt(s / np.float32(D) + eps)
+        for i in range(D):
+            out[r, i] = x[r, i] * inv * w[i]
+
+
+@kernel
+def rope_head(src, at, dst, norm, use_norm, eps, cos, sin, r):  # pragma: no cover - compiled
+    """One head's Hd values at ``src[r, at:]``, RMS-normed by ``norm`` when asked, rotated (RoPE,
+    rotate-half) by row r's angles, into ``dst`` (Hd,)."""
+    Hd = dst.shape[0]
+    half = Hd // 2
+    inv = np.float32(1.0)
+    if use_norm:
+        s = np.float32(0.0)
+        for i in range(Hd):
+            s += src[r, at + i] * src[r, at + i]
+        inv = np.float32(1.0) / np.sqrt(s / np.float32(Hd) + eps)
+    for i in range(Hd):
+        a = src[r, at + i] * inv
+        b = src[r, at + (i + half) % Hd] * inv
+        if use_norm:
+            a *= norm[i]
+            b *= norm[(i + half) % Hd]
+        dst[i] = a * cos[r, i] + b * sin[r, i]
+
+
+@kernel
+def _project(ctrl, job, mats, i, x, tile, chunk_fn):  # pragma: no cover - compiled
+    """x @ W.T for matrix ``i`` of ``mats``, as ``linear()`` runs it: (N, padded columns)."""
+    tab = carray(address(mats[i, M_TABLE]), (mats[i, M_LENGTH],), np.int64)
+    out = np.empty((x.shape[0], mats[i, M_PADDED]), dtype=np.float32)
+    project(ctrl, job, tab, x, out, tile, mats[i, M_SUMS32] != 0, mats[i, M_SUMS16] != 0, chunk_fn)
+    return out
+
+
+@kernel
+def run_blocks(  # pragma: no cover - compiled
+    ctrl, job, x, mats, norms, qk_norms, biases, flags, shape, eps, windows,
+    cos, sin, local_cos, local_sin, seqs, row_seq, items, n_splits, local_items, local_n_splits,
+    proto, tile, chunk_fn,
+):  # fmt: skip
+    """Every block over x (N, D) float32; returns the last block's output (N, D).
+
+    mats (layers * 4, 5): the four matrices of each layer (``M_*``); norms (layers, 4, D); qk_norms
+    (layers, 2, Hd); biases (layers, (H + 2 KVH) Hd) or (layers, 0); flags (``F_*``); shape: H, KVH,
+    Hd, F; windows (layers,): the sliding window, 0 on global layers, which use cos/sin (N, Hd)
+    where local ones use local_cos/local_sin; seqs, items, n_splits: the attention plan's
+    (``attention.StepPlan``) for window 0 and for the local window; row_seq (N, 2): each row's
+    sequence and position."""
+    N, D = x.shape
+    H, KVH, Hd, F = shape[0], shape[1], shape[2], shape[3]
+    qk_norm, post_attn, post_ffn = flags[F_QK_NORM] != 0, flags[F_POST_ATTN] != 0, flags[F_POST_FFN] != 0
+    has_bias, gelu = flags[F_BIAS] != 0, flags[F_GELU] != 0
+    P = 1
+    for b in range(n_splits.shape[0]):
+        P = max(P, n_splits[b], local_n_splits[b])
+    part_m = np.empty((P, N, H), dtype=np.float32)
+    part_l = np.empty((P, N, H), dtype=np.float32)
+    part_acc = np.empty((P, N, H, Hd), dtype=np.float32)
+    h = np.empty((N, D), dtype=np.float32)
+    q = np.empty((N, H, Hd), dtype=np.float32)
+    attn = np.empty((N, H, Hd), dtype=np.float32)
+    kv_row = np.empty(Hd, dtype=np.float32)
+    act = np.empty((N, F), dtype=np.float32)
+    x = x.copy()
+    for layer in range(norms.shape[0]):
+        window = windows[layer]
+        c, s = (local_cos, local_sin) if window > 0 else (cos, sin)
+        rms_norm_into(x, norms[layer, ATTN_NORM], eps, h)
+        qkv = _project(ctrl, job, mats, 4 * layer + WQKV, h, tile, chunk_fn)
+        if has_bias:
+            for r in range(N):
+                for i in range(biases.shape[1]):
+                    qkv[r, i] += biases[layer, i]
+        for r in range(N):
+            for head in range(H):
+                rope_head(qkv, head * Hd, q[r, head], qk_norms[layer, 0], qk_norm, eps, c, s, r)
+            b, pos = row_seq[r, 0], row_seq[r, 1]
+            base = seqs[b, 0] + layer * seqs[b, 1]
+            keys = carray(_pointer(base, proto), (KVH, seqs[b, 3], Hd))  # type: ignore[call-arg]
+            values = carray(_pointer(base + seqs[b, 2], proto), (KVH, seqs[b, 3], Hd))
+            for kh in range(KVH):
+                rope_head(qkv, (H + kh) * Hd, kv_row, qk_norms[layer, 1], qk_norm, eps, c, s, r)
+                for i in range(Hd):
+                    keys[kh, pos, i] = kv_row[i]
+                    values[kh, pos, i] = qkv[r, (H + KVH + kh) * Hd + i]
+        if window > 0:
+            attend_serial(q, attn, part_m, part_l, part_acc, seqs, local_items, local_n_splits, proto, layer,
+                          KVH, Hd, window)  # fmt: skip
+        else:
+            attend_serial(q, attn, part_m, part_l, part_acc, seqs, items, n_splits, proto, layer, KVH, Hd, 0)
+        out = _project(ctrl, job, mats, 4 * layer + WO, attn.reshape(N, H * Hd), tile, chunk_fn)
+        if post_attn:
+            rms_norm_into(out, norms[layer, POST_ATTN_NORM], eps, h)
+            out = h
+        for r in range(N):
+            for i in range(D):
+                x[r, i] += out[r, i]
+        rms_norm_into(x, norms[layer, FFN_NORM], eps, h)
+        gate_up = _project(ctrl, job, mats, 4 * layer + W_GATE_UP, h, tile, chunk_fn)
+        for r in range(N):
+            for i in range(F):
+                g = gate_up[r, i]
+                z = g
+                if gelu:
+                    z = GELU_SCALE * (g + np.float32(0.044715) * g * g * g)
+                act[r, i] = sigmoid_times(g, z) * gate_up[r, F + i]
+        out = _project(ctrl, job, mats, 4 * layer + W_DOWN, act, tile, chunk_fn)
+        if post_ffn:
+            rms_norm_into(out, norms[layer, POST_FFN_NORM], eps, h)
+            out = h
+        for r in range(N):
+            for i in range(D):
+                x[r, i] += out[r, i]
+    return x
+
+
+@dataclass(slots=True)
+class Blocks:
+    """A model's blocks laid out for ``run_blocks``: the matrices' kernel tables, the norms stacked."""
+
+    mats: np.ndarray  # (layers * 4, 5) int64
+    norms: np.ndarray  # (layers, 4, D) float32
+    qk_norms: np.ndarray  # (layers, 2, Hd) float32
+    biases: np.ndarray  # (layers, (H + 2 KVH) Hd) or (layers, 0) float32
+    flags: np.ndarray  # (5,) int64
+    shape: np.ndarray  # (4,) int64: H, KVH, Hd, F
+    eps: np.float32
+    windows: np.ndarray  # (layers,) int64
+    distinct_windows: tuple[int, ...]
+    keep: tuple[object, ...]  # what the tables' addresses point into
+
+    @classmethod
+    def of(
+        cls, layers: list, n_heads: int, n_kv_heads: int, head_dim: int, ffn: int, eps: float,
+        windows: list[int], gelu: bool,
+    ) -> Blocks | None:  # fmt: skip
+        """The layout of ``layers`` (``model.LayerWeights``), or None when a matrix is not packed."""
+        mats, keep = [], []
+        for w in layers:
+            for m in (w.wqkv, w.wo, w.w_gate_up, w.w_down):
+                if not isinstance(m, PackedWeight):
+                    return None
+                table = m.kernel_table()
+                keep.append(table)
+                mats.append([table.ctypes.data, table.size, m.padded_rows, *m.block_sizes])
+        D, Hd = layers[0].attn_norm.shape[0], head_dim
+        norms = np.zeros((len(layers), 4, D), dtype=np.float32)
+        qk_norms = np.ones((len(layers), 2, Hd), dtype=np.float32)
+        first = layers[0]
+        has_bias = first.qkv_bias is not None
+        biases = np.zeros((len(layers), first.qkv_bias.shape[0] if has_bias else 0), dtype=np.float32)
+        for i, w in enumerate(layers):
+            norms[i, ATTN_NORM], norms[i, FFN_NORM] = w.attn_norm, w.ffn_norm
+            if w.post_attn_norm is not None:
+                norms[i, POST_ATTN_NORM] = w.post_attn_norm
+            if w.post_ffn_norm is not None:
+                norms[i, POST_FFN_NORM] = w.post_ffn_norm
+            if w.q_norm is not None and w.k_norm is not None:
+                qk_norms[i, 0], qk_norms[i, 1] = w.q_norm, w.k_norm
+            if has_bias:
+                biases[i] = w.qkv_bias
+        flags = np.array([first.q_norm is not None, first.post_attn_norm is not None,
+                          first.post_ffn_norm is not None, has_bias, gelu], dtype=np.int64)  # fmt: skip
+        return cls(np.array(mats, dtype=np.int64), norms, qk_norms, biases, flags,
+                   np.array([n_heads, n_kv_heads, head_dim, ffn], dtype=np.int64), np.float32(eps),
+                   np.array(windows, dtype=np.int64), tuple(sorted(set(windows))), tuple(keep))  # fmt: skip
+
+    def runs(self, plan: StepPlan | None, n_rows: int, n_sequences: int, dtype: str) -> bool:
+        """Whether this step can run here: ``plan`` attends every sequence, float32 caches, and each
+        layer's attention is small enough for the calling thread."""
+        if plan is None or dtype != "float32" or len(plan.sequences) != n_sequences or n_rows > SMALL_ROWS:
+            return False
+        return all(plan.serial(w) for w in self.distinct_windows)
+
+    def run(
+        self, x: np.ndarray, plan: StepPlan, cos: np.ndarray, sin: np.ndarray, local_cos: np.ndarray,
+        local_sin: np.ndarray,
+    ) -> np.ndarray:  # fmt: skip
+        """The blocks over x (N, D): the workers of the engine's pool help with the projections."""
+        G = int(self.shape[0] // self.shape[1])
+        items, n_splits = plan.items(0, G)
+        local_window = int(self.windows.max())
+        local_items, local_n_splits = plan.items(local_window, G) if local_window else (items, n_splits)
+        row_seq = np.empty((x.shape[0], 2), dtype=np.int64)
+        for b, (_, _, _, _, start, T, first) in enumerate(plan.seqs.tolist()):
+            row_seq[first : first + T, 0] = b
+            row_seq[first : first + T, 1] = np.arange(start, start + T)
+        args = (np.ascontiguousarray(x, dtype=np.float32), self.mats, self.norms, self.qk_norms, self.biases,
+                self.flags, self.shape, self.eps, self.windows, cos, sin, local_cos, local_sin, plan.seqs,
+                row_seq, items, n_splits, local_items, local_n_splits, plan.proto, _max_tile(),
+                project_chunk())  # fmt: skip
+        with pool().words() as (ctrl, job):
+            return run_blocks(ctrl, job, *args)
+
+
+@dataclass(slots=True)
+class _WarmLayer:  # the fields of ``model.LayerWeights`` that ``Blocks.of`` reads
+    attn_norm: np.ndarray
+    wqkv: PackedWeight
+    wo: PackedWeight
+    ffn_norm: np.ndarray
+    w_gate_up: PackedWeight
+    w_down: PackedWeight
+    q_norm: np.ndarray | None = None
+    k_norm: np.ndarray | None = None
+    post_attn_norm: np.ndarray | None = None
+    post_ffn_norm: np.ndarray | None = None
+    qkv_bias: np.ndarray | None = None
+
+
+def warm_up() -> None:
+    """Compile (or load from the disk cache) ``run_blocks`` on one tiny block (its types do not depend
+    on the model), so the first decode step does not."""
+    from . import weights as kw
+
+    rng = np.random.default_rng(0)
+
+    def matrix(rows: int) -> PackedWeight:
+        q = rng.integers(0, 16, (rows, 32), dtype=np.int8)
+        d = np.full((rows, 1), 0.01, dtype=np.float32)
+        packed = kw.finish(kw.BlockWeight(q, d, -d * 8, 4, 0))
+        assert isinstance(packed, PackedWeight)
+        return packed
+
+    ones = np.ones(32, dtype=np.float32)
+    layer = _WarmLayer(ones, matrix(96), matrix(32), ones, matrix(64), matrix(32))
+    blocks = Blocks.of([layer], 1, 1, 32, 32, 1e-5, [0], False)
+    assert blocks is not None
+    cache = np.zeros((1, 2, 1, 4, 32), dtype=np.float32)  # (layers, K/V, KVH, capacity, Hd)
+    plan = StepPlan([cache[0, 0]], [cache[0, 1]], [cache.strides[0]], [0], [1], "float32", 1)
+    cos, sin = np.ones((1, 32), dtype=np.float32), np.zeros((1, 32), dtype=np.float32)
+    blocks.run(np.ones((1, 32), dtype=np.float32), plan, cos, sin, cos, sin)

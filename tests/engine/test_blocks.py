@@ -1,0 +1,113 @@
+"""A decode step's blocks in one compiled call (``engine.kernels.blocks``) against the Python blocks
+(``Model._block``): the same logits for every family's features, every mix of rows, and the steps
+it must leave to Python."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import Model, kernels
+from engine.kernels import attention
+from engine.kernels.blocks import Blocks
+from engine.model import Row
+from tests.engine.conftest import rel_diff
+from tests.fixtures.tiny_model import write_tiny_model
+
+pytestmark = pytest.mark.skipif(kernels.backend() != "numba", reason="the compiled blocks need numba")
+
+
+class Calls:
+    """Counts ``Blocks.run`` calls (the real method runs)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.n = 0
+        real = Blocks.run
+
+        def counted(blocks: Blocks, *args: object) -> np.ndarray:
+            self.n += 1
+            return real(blocks, *args)
+
+        monkeypatch.setattr(Blocks, "run", counted)
+
+
+def step_both_ways(
+    model: Model, prompts: list[list[int]], new: list[list[int]], calls: Calls
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of one step over ``new`` after ``prompts``: through the compiled blocks, then again
+    (caches trimmed back) through the Python blocks. ``calls`` counts the step's calls only."""
+    caches = [model.new_cache(256) for _ in prompts]
+    for ids, cache in zip(prompts, caches, strict=True):
+        model.forward(ids, cache)
+    calls.n = 0
+    rows = [Row(np.array(ids), c) for ids, c in zip(new, caches, strict=True)]
+    fast = model.forward_tails(rows, [len(ids) for ids in new])
+    for ids, cache in zip(prompts, caches, strict=True):
+        cache.trim(len(ids))
+    blocks, model._blocks = model._blocks, False
+    try:
+        slow = model.forward_tails(rows, [len(ids) for ids in new])
+    finally:
+        model._blocks = blocks
+    return np.concatenate(fast), np.concatenate(slow)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3", "gemma3"])
+def test_each_family_gives_the_python_blocks_logits(tmp_path: Path, monkeypatch, architecture: str) -> None:
+    """QK-norm (qwen3, gemma3), q/k/v biases (qwen2), post-norms, GELU and sliding windows (gemma3,
+    window 16: the prompts here reach past it) and plain Llama: same logits, same greedy tokens."""
+    extra = {"tokenizer.chat_template": None} if architecture == "gemma3" else None
+    path = write_tiny_model(
+        tmp_path / f"{architecture}.gguf", architecture=architecture, weight_type="Q8_0", n_heads=4,
+        n_kv_heads=2, head_dim=32, seed=3, extra_metadata=extra,
+    ).path  # fmt: skip
+    model = Model.from_gguf(path, kernel_path="numba")
+    assert model._compiled_blocks() is not None
+    calls = Calls(monkeypatch)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 200, n).tolist() for n in (5, 30, 17)]
+    new = [[7], [9, 11, 13], [15]]  # rows of 1, 3 (drafts) and 1 token
+    fast, slow = step_both_ways(model, prompts, new, calls)
+    assert calls.n == 1
+    assert rel_diff(fast, slow) < 1e-5
+    assert (fast.argmax(axis=1) == slow.argmax(axis=1)).all()
+
+
+def test_smollm2_decode_rows_match(smollm2, monkeypatch) -> None:
+    """The real model (Q4_1 and Q8_0 matrices) with 1 and 8 sequences of different lengths."""
+    model, _ = smollm2
+    calls = Calls(monkeypatch)
+    rng = np.random.default_rng(2)
+    for n in (1, 8):
+        prompts = [rng.integers(100, 40_000, int(k)).tolist() for k in rng.integers(3, 60, n)]
+        fast, slow = step_both_ways(model, prompts, [[int(t)] for t in rng.integers(100, 40_000, n)], calls)
+        assert calls.n == 1
+        assert rel_diff(fast, slow) < 1e-5
+        assert (fast.argmax(axis=1) == slow.argmax(axis=1)).all()
+
+
+def test_steps_it_cannot_take_go_to_python(smollm2, monkeypatch) -> None:
+    """More than 16 rows, a float16 cache, and attention big enough for numba's threads (here made
+    "big" by lowering PARALLEL_WORK, on 2 threads) run the Python blocks."""
+    model, _ = smollm2
+    calls = Calls(monkeypatch)
+    cache = model.new_cache(64)
+    model.forward(list(range(100, 120)), cache)  # 20 rows: prefill
+    half = model.new_cache(64, dtype="float16")
+    model.forward([100, 101], half)
+    model.forward([102], half)
+    assert calls.n == 0
+    before = kernels.requested_threads()
+    kernels.set_threads(2)
+    try:
+        if kernels.threads() == 2:
+            monkeypatch.setattr(attention, "PARALLEL_WORK", 1)
+            model.forward([121], cache)
+            assert calls.n == 0
+        monkeypatch.setattr(attention, "PARALLEL_WORK", 1 << 40)
+        model.forward([122], cache)
+        assert calls.n == 1
+    finally:
+        kernels.set_threads(before)
