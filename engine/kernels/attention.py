@@ -3,19 +3,21 @@ the softmax (numba).
 
 One call per layer serves the whole step: decode rows of many sequences, several positions of one
 sequence (drafts), prefill chunks. The work is cut into items, each one (sequence, KV head, block of
-query rows, range of cached positions); items run in parallel. An item streams its positions in
-blocks of ``BLOCK``: the block's keys and values are read from the cache once (float32 in place;
-float16 converted by F16C, or bit by bit where the CPU lacks it; q8_0 as int8 times its block's
-float16 scale) and used by all the item's query rows, the G heads sharing the KV head and every new
-token of the item. An item of many rows scores the whole block at once (keys transposed once, each
-row's scores BLOCK-wide vector FMAs); an item of few rows takes one dot product per key. The softmax
-is online (flash-attention style): each row keeps its running maximum ``m``, sum ``l`` and unnormalised
-output ``acc``, rescaled when the maximum grows, so the scores never leave a (rows, BLOCK) scratch.
+query rows, range of cached positions); items run on the calling thread when the layer's work is
+small, else as one job of the engine's worker pool (``pool.py``), each item a chunk. An item streams
+its positions in blocks of ``BLOCK``: the block's keys and values are read from the cache once
+(float32 in place; float16 converted by F16C, or bit by bit where the CPU lacks it; q8_0 as int8
+times its block's float16 scale) and used by all the item's query rows, the G heads sharing the KV
+head and every new token of the item. An item of many rows scores the whole block at once (keys
+transposed once, each row's scores BLOCK-wide vector FMAs); an item of few rows takes one dot
+product per key. The softmax is online (flash-attention style): each row keeps its running maximum
+``m``, sum ``l`` and unnormalised output ``acc``, rescaled when the maximum grows, so the scores
+never leave a (rows, BLOCK) scratch.
 (``Model`` sends a chunk of 16+ tokens after as many cached ones to BLAS instead; see its
 ``_attention_plan``.)
 
 Long caches with few items (one sequence decoding) are also split by position ("split-K", as in
-flash-decoding): each part keeps its own (m, l, acc), merged after the parallel loop, so a single
+flash-decoding): each part keeps its own (m, l, acc), merged after the items, so a single
 conversation's 6,144 cached tokens keep both cores busy although the model has 3 KV heads.
 
 Each row sees the positions ``lo .. pos`` with ``pos = start + t`` (causal) and ``lo = pos - window +
@@ -29,14 +31,18 @@ through raw addresses (``numba.carray``) so one call takes caches of different c
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import numpy as np
 from llvmlite import binding as llvm
 from llvmlite import ir
-from numba import carray, njit, prange, types
+from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic, overload
 
+from .pool import CHUNK_SIGNATURE, J_CHUNKS, J_FUNC, J_USER, JOB_WORDS, address, dispatch, pool
+
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
-kernel = njit(fastmath=FASTMATH, boundscheck=False, parallel=True, cache=True, nogil=True)
 serial_kernel = njit(fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
 
 BLOCK = 64  # cached positions per block: K and V of a block (float32, Hd <= 256) stay in L1/L2
@@ -250,81 +256,80 @@ def _fold(s, v, m, l, acc, r, top):  # pragma: no cover - compiled
             acc[i] += p * v[j, i]
 
 
-def _attend(  # pragma: no cover - compiled
-    q, out, part_m, part_l, part_acc, seqs, items, n_splits, proto, layer, n_kv_heads, width, window
+@serial_kernel
+def attend_item(  # pragma: no cover - compiled
+    q, out, part_m, part_l, part_acc, seqs, items, n_splits, proto, layer, n_kv_heads, width, window, it
 ):
-    """Attention of every query row of a step against its sequence's cache, one layer.
-
-    q, out: (N, H, Hd) float32 (q pre-scaled); seqs: (B, 7) int64 per sequence: cache address,
-    bytes per layer, bytes from K to V, capacity, start, new tokens T, first row in q; items: (I, 7)
-    int64: sequence, KV head, first and last token (of its T), first and last position, part index;
-    n_splits: (B,) parts per sequence (1: the item writes ``out``; more: it writes its part of
-    part_m/part_l (P, N, H) and part_acc (P, N, H, Hd), merged here afterwards); proto: an empty
-    array of the cache's storage type (float32, uint16 for float16, int8 for q8_0); width: values
-    per cached row (Hd, or Hd + 2 * Hd / 32 for q8_0); window: 0, or the sliding window."""
+    """Item ``it`` of a layer's attention (``attend_serial`` says what the arguments hold): its rows'
+    outputs into ``out``, or, for a sequence split by position, its part into part_m/part_l/part_acc."""
     H, Hd = q.shape[1], q.shape[2]
     G = H // n_kv_heads
-    for it in prange(items.shape[0]):
-        b, h, t0, t1 = items[it, 0], items[it, 1], items[it, 2], items[it, 3]
-        p0, p1, part = items[it, 4], items[it, 5], items[it, 6]
-        base = seqs[b, 0] + layer * seqs[b, 1]
-        shape = (n_kv_heads, seqs[b, 3], width)
-        keys = carray(_pointer(base, proto), shape)  # type: ignore[call-arg]
-        values = carray(_pointer(base + seqs[b, 2], proto), shape)
-        start, row0 = seqs[b, 4], seqs[b, 6]
-        R = (t1 - t0) * G
-        qs = np.empty((R, Hd), dtype=np.float32)
-        lo = np.empty(R, dtype=np.int64)
-        hi = np.empty(R, dtype=np.int64)
-        for t in range(t0, t1):
-            pos = start + t
-            for g in range(G):
-                r = (t - t0) * G + g
-                for i in range(Hd):
-                    qs[r, i] = q[row0 + t, h * G + g, i]
-                lo[r] = max(p0, pos - window + 1 if window > 0 else 0)
-                hi[r] = min(p1, pos + 1)
-        m = np.full(R, -np.inf, dtype=np.float32)
-        l = np.zeros(R, dtype=np.float32)
-        acc = np.zeros((R, Hd), dtype=np.float32)
-        kb = np.empty((BLOCK, Hd), dtype=np.float32)
-        vb = np.empty((BLOCK, Hd), dtype=np.float32)
-        tiled = R >= TILED_ROWS
-        sc = np.empty((R if tiled else 1, BLOCK), dtype=np.float32)  # scores: every row's, or one's
-        kt = np.empty((Hd if tiled else 1, BLOCK), dtype=np.float32)
-        first, last = lo[0], hi[R - 1]  # rows are in position order: the union of their ranges
-        for s0 in range(first, last, BLOCK):
-            n = min(BLOCK, last - s0)
-            kblock = load_block(keys, h, s0, n, kb)  # (n, Hd) float32
-            vblock = load_block(values, h, s0, n, vb)
+    b, h, t0, t1 = items[it, 0], items[it, 1], items[it, 2], items[it, 3]
+    p0, p1, part = items[it, 4], items[it, 5], items[it, 6]
+    base = seqs[b, 0] + layer * seqs[b, 1]
+    shape = (n_kv_heads, seqs[b, 3], width)
+    keys = carray(_pointer(base, proto), shape)  # type: ignore[call-arg]
+    values = carray(_pointer(base + seqs[b, 2], proto), shape)
+    start, row0 = seqs[b, 4], seqs[b, 6]
+    R = (t1 - t0) * G
+    qs = np.empty((R, Hd), dtype=np.float32)
+    lo = np.empty(R, dtype=np.int64)
+    hi = np.empty(R, dtype=np.int64)
+    for t in range(t0, t1):
+        pos = start + t
+        for g in range(G):
+            r = (t - t0) * G + g
+            for i in range(Hd):
+                qs[r, i] = q[row0 + t, h * G + g, i]
+            lo[r] = max(p0, pos - window + 1 if window > 0 else 0)
+            hi[r] = min(p1, pos + 1)
+    m = np.full(R, -np.inf, dtype=np.float32)
+    l = np.zeros(R, dtype=np.float32)
+    acc = np.zeros((R, Hd), dtype=np.float32)
+    kb = np.empty((BLOCK, Hd), dtype=np.float32)
+    vb = np.empty((BLOCK, Hd), dtype=np.float32)
+    tiled = R >= TILED_ROWS
+    sc = np.empty((R if tiled else 1, BLOCK), dtype=np.float32)  # scores: every row's, or one's
+    kt = np.empty((Hd if tiled else 1, BLOCK), dtype=np.float32)
+    first, last = lo[0], hi[R - 1]  # rows are in position order: the union of their ranges
+    for s0 in range(first, last, BLOCK):
+        n = min(BLOCK, last - s0)
+        kblock = load_block(keys, h, s0, n, kb)  # (n, Hd) float32
+        vblock = load_block(values, h, s0, n, vb)
+        if tiled:
+            _scores_tiled(qs, kblock, kt, sc)
+        for r in range(R):
+            j0, j1 = max(lo[r], s0) - s0, min(hi[r], s0 + n) - s0
+            if j1 <= j0:
+                continue
             if tiled:
-                _scores_tiled(qs, kblock, kt, sc)
-            for r in range(R):
-                j0, j1 = max(lo[r], s0) - s0, min(hi[r], s0 + n) - s0
-                if j1 <= j0:
-                    continue
-                if tiled:
-                    s = sc[r, j0:j1]
-                    top = np.float32(-np.inf)
-                    for j in range(j1 - j0):
-                        top = max(top, s[j])
-                else:
-                    s = sc[0, : j1 - j0]
-                    top = _scores(qs[r], kblock[j0:j1], s)
-                _fold(s, vblock[j0:j1], m, l, acc[r], r, top)
-        for t in range(t0, t1):
-            for g in range(G):
-                r, hq = (t - t0) * G + g, h * G + g
-                if n_splits[b] == 1:
-                    inv = np.float32(1.0) / l[r]
-                    for i in range(Hd):
-                        out[row0 + t, hq, i] = acc[r, i] * inv
-                else:
-                    part_m[part, row0 + t, hq] = m[r]
-                    part_l[part, row0 + t, hq] = l[r]
-                    for i in range(Hd):
-                        part_acc[part, row0 + t, hq, i] = acc[r, i]
-    for b in range(seqs.shape[0]):  # merge the parts of split sequences (few rows: serial)
+                s = sc[r, j0:j1]
+                top = np.float32(-np.inf)
+                for j in range(j1 - j0):
+                    top = max(top, s[j])
+            else:
+                s = sc[0, : j1 - j0]
+                top = _scores(qs[r], kblock[j0:j1], s)
+            _fold(s, vblock[j0:j1], m, l, acc[r], r, top)
+    for t in range(t0, t1):
+        for g in range(G):
+            r, hq = (t - t0) * G + g, h * G + g
+            if n_splits[b] == 1:
+                inv = np.float32(1.0) / l[r]
+                for i in range(Hd):
+                    out[row0 + t, hq, i] = acc[r, i] * inv
+            else:
+                part_m[part, row0 + t, hq] = m[r]
+                part_l[part, row0 + t, hq] = l[r]
+                for i in range(Hd):
+                    part_acc[part, row0 + t, hq, i] = acc[r, i]
+
+
+@serial_kernel
+def merge_parts(out, part_m, part_l, part_acc, seqs, n_splits):  # pragma: no cover - compiled
+    """The parts of sequences split by position merged into ``out`` (few rows: serial)."""
+    H, Hd = out.shape[1], out.shape[2]
+    for b in range(seqs.shape[0]):
         if n_splits[b] > 1:
             for t in range(seqs[b, 5]):
                 for hq in range(H):
@@ -346,10 +351,88 @@ def _attend(  # pragma: no cover - compiled
                         out[row, hq, i] *= inv
 
 
-attend = kernel(_attend)  # items split over numba's threads
-# the same loop on the calling thread alone: a small layer's attention (a decode step at short
-# context) pays neither numba's parallel launch nor a change of its thread count
-attend_serial = serial_kernel(_attend)
+@serial_kernel
+def attend_serial(  # pragma: no cover - compiled
+    q, out, part_m, part_l, part_acc, seqs, items, n_splits, proto, layer, n_kv_heads, width, window
+):
+    """Attention of every query row of a step against its sequence's cache, one layer, on the
+    calling thread.
+
+    q, out: (N, H, Hd) float32 (q pre-scaled); seqs: (B, 7) int64 per sequence: cache address,
+    bytes per layer, bytes from K to V, capacity, start, new tokens T, first row in q; items: (I, 7)
+    int64: sequence, KV head, first and last token (of its T), first and last position, part index;
+    n_splits: (B,) parts per sequence (1: the item writes ``out``; more: it writes its part of
+    part_m/part_l (P, N, H) and part_acc (P, N, H, Hd), merged here afterwards); proto: an empty
+    array of the cache's storage type (float32, uint16 for float16, int8 for q8_0); width: values
+    per cached row (Hd, or Hd + 2 * Hd / 32 for q8_0); window: 0, or the sliding window."""
+    for it in range(items.shape[0]):
+        attend_item(q, out, part_m, part_l, part_acc, seqs, items, n_splits, proto, layer, n_kv_heads, width,
+                    window, it)  # fmt: skip
+    merge_parts(out, part_m, part_l, part_acc, seqs, n_splits)
+
+
+# ---------------------------------------------------------------------------------------------
+# The same items as a job of the engine's worker pool (``pool.py``): one item a chunk
+# ---------------------------------------------------------------------------------------------
+A_Q, A_OUT, A_PART_M, A_PART_L, A_PART_ACC, A_SEQS, A_ITEMS, A_SPLITS = range(J_USER, J_USER + 8)
+A_N, A_H, A_HD, A_P, A_B, A_LAYER, A_KVH, A_WIDTH, A_WINDOW = range(J_USER + 8, J_USER + 17)
+
+
+@serial_kernel
+def _attend_chunk(words, c, proto):  # pragma: no cover - compiled
+    job = carray(words, (JOB_WORDS,))
+    N, H, Hd, P, B = job[A_N], job[A_H], job[A_HD], job[A_P], job[A_B]
+    q = carray(address(job[A_Q]), (N, H, Hd), np.float32)
+    out = carray(address(job[A_OUT]), (N, H, Hd), np.float32)
+    part_m = carray(address(job[A_PART_M]), (P, N, H), np.float32)
+    part_l = carray(address(job[A_PART_L]), (P, N, H), np.float32)
+    part_acc = carray(address(job[A_PART_ACC]), (P, N, H, Hd), np.float32)
+    seqs = carray(address(job[A_SEQS]), (B, 7), np.int64)
+    items = carray(address(job[A_ITEMS]), (job[J_CHUNKS], 7), np.int64)
+    n_splits = carray(address(job[A_SPLITS]), (B,), np.int64)
+    attend_item(q, out, part_m, part_l, part_acc, seqs, items, n_splits, proto, job[A_LAYER], job[A_KVH],
+                job[A_WIDTH], job[A_WINDOW], c)  # fmt: skip
+
+
+def _chunk_float32(words, c):  # pragma: no cover - compiled
+    _attend_chunk(words, c, np.empty(0, dtype=np.float32))
+
+
+def _chunk_float16(words, c):  # pragma: no cover - compiled
+    _attend_chunk(words, c, np.empty(0, dtype=np.uint16))
+
+
+def _chunk_q8_0(words, c):  # pragma: no cover - compiled
+    _attend_chunk(words, c, np.empty(0, dtype=np.int8))
+
+
+_CHUNKS = {"float32": _chunk_float32, "float16": _chunk_float16, "q8_0": _chunk_q8_0}
+
+
+@functools.cache
+def attend_chunk(dtype: str) -> int:
+    """The address of the pool's chunk function for caches of ``dtype``, compiled (or loaded from the
+    disk cache) at its first use."""
+    compiled: Any = cfunc(CHUNK_SIGNATURE, cache=True)(_CHUNKS[dtype])
+    return int(compiled.address)
+
+
+@serial_kernel
+def attend_on_pool(  # pragma: no cover - compiled
+    ctrl, job, chunk_fn, q, out, part_m, part_l, part_acc, seqs, items, n_splits, layer, n_kv_heads, width,
+    window,
+):  # fmt: skip
+    """``attend_serial``'s items as one pool job (``chunk_fn``: ``attend_chunk(dtype)``) on this
+    thread and the pool's workers; the split sequences merged after."""
+    job[J_FUNC], job[J_CHUNKS] = chunk_fn, items.shape[0]
+    job[A_Q], job[A_OUT], job[A_SEQS] = q.ctypes.data, out.ctypes.data, seqs.ctypes.data
+    job[A_ITEMS], job[A_PART_M], job[A_PART_L] = items.ctypes.data, part_m.ctypes.data, part_l.ctypes.data
+    job[A_PART_ACC] = part_acc.ctypes.data
+    job[A_SPLITS], job[A_N], job[A_H], job[A_HD] = n_splits.ctypes.data, q.shape[0], q.shape[1], q.shape[2]
+    job[A_P], job[A_B], job[A_LAYER], job[A_KVH] = part_m.shape[0], seqs.shape[0], layer, n_kv_heads
+    job[A_WIDTH], job[A_WINDOW] = width, window
+    dispatch(ctrl, job)
+    merge_parts(out, part_m, part_l, part_acc, seqs, n_splits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,10 +441,8 @@ attend_serial = serial_kernel(_attend)
 ROW_BLOCK = 48  # query rows (tokens x the G heads of a KV head) per item: their scores stay in L1
 MIN_SPLIT_POSITIONS = 512  # a part of a split sequence covers at least this many cached positions
 # Below this much work (positions read x query rows, per KV head) a layer's attention runs on the
-# calling thread: numba's parallel region beside the kernels' spinning workers (two threads wanting one
-# core; a region waits for its slowest thread) made SmolLM2's decode 35.8 ms a token at 40 tokens of
-# context, against 8.3 ms on the calling thread (Intel Xeon, 2 threads). Above it the workers sleep
-# and numba's threads split the positions: at 6,000 tokens 36.9 ms a token against 40.9 serial.
+# calling thread alone (a pool job costs more than it saves); above it its items are a job of the
+# engine's worker pool.
 PARALLEL_WORK = 4_096
 ITEMS_PER_THREAD = 4  # split long caches until a step has this many items per thread
 STORAGE = {"float32": np.float32, "float16": np.uint16, "q8_0": np.int8}  # as the kernel reads them
@@ -445,15 +526,10 @@ class StepPlan:
         q = np.ascontiguousarray(q, dtype=np.float32)
         args = (q, out, part_m, part_l, part_acc, self.seqs, items, n_splits, self.proto, layer,
                 self.n_kv_heads, self.width, window)  # fmt: skip
-        if not self.serial(window):
-            # numba's threads take both cores: the kernels' spinning workers would compete with them
-            # (a parallel region waits for its slowest thread), so they sleep until the next projection
-            from .pool import pool
-
-            pool().pause()
-            attend(*args)
-        else:  # small work on this thread alone, beside the kernels' workers (they keep spinning)
+        if self.serial(window):
             attend_serial(*args)
+        else:
+            pool().run(attend_on_pool, attend_chunk(self.dtype), *args[:8], *args[9:])
         return out.reshape(N, H * Hd)
 
     def serial(self, window: int) -> bool:
@@ -482,7 +558,7 @@ def attention(
 
 
 def warm_up(dtypes: tuple[str, ...] = ("float32",)) -> None:
-    """Compile (or load from numba's disk cache) both kernels (serial and parallel) for these cache
+    """Compile (or load from numba's disk cache) the kernel, alone and as a pool job, for these cache
     dtypes. Each dtype is its own compilation (~5 s of CPU the first time, measured on a loaded
     Xeon): the default one is compiled at start, float16 and q8_0 on their first use (then from
     disk)."""
@@ -495,6 +571,6 @@ def warm_up(dtypes: tuple[str, ...] = ("float32",)) -> None:
         plan = StepPlan([kv], [kv], [0], [2], [2], dtype, 1)
         items, n_splits = plan.items(0, 2)
         out, part = np.empty((2, 2, 32), dtype=np.float32), np.empty((1, 1, 1), dtype=np.float32)
-        for fn in (attend_serial, attend):
-            fn(q, out, part, part, part.reshape(1, 1, 1, 1), plan.seqs, items, n_splits, plan.proto, 0, 1,
-               width, 0)  # fmt: skip
+        args = (q, out, part, part, part.reshape(1, 1, 1, 1), plan.seqs, items, n_splits)
+        attend_serial(*args, plan.proto, 0, 1, width, 0)
+        pool().run(attend_on_pool, attend_chunk(dtype), *args, 0, 1, width, 0)

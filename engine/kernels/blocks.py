@@ -11,10 +11,10 @@ compiled code.
 
 It covers the steps where that overhead matters and nothing else (``Model`` checks, else runs the
 Python blocks): every matrix packed (``PackedWeight``), at most ``SMALL_ROWS`` rows, every sequence
-in the attention plan with a float32 cache, and attention work small enough for the calling thread
-(``attention.PARALLEL_WORK``: a long chat's attention wants numba's threads and the workers asleep,
-which only Python can arrange). The math is the Python blocks' (float32, the same order of
-operations up to fused multiply-adds): greedy output is identical, logits within the reference bar.
+in the attention plan with a float32 cache. Attention runs on the calling thread when its work is
+small, else as a pool job (``attention.attend_on_pool``), as the Python blocks run it. The math is
+the Python blocks' (float32, the same order of operations up to fused multiply-adds): greedy output
+is identical, logits within the reference bar.
 
 ``silu`` and GELU's tanh form are both ``g * sigmoid(z)`` (z = g, or 2 sqrt(2/pi) (g + 0.044715 g^3)
 since 1 + tanh(y) = 2 sigmoid(2y)), with a vectorizable ``exp``.
@@ -28,7 +28,7 @@ import numpy as np
 from numba import carray, njit
 
 from . import SMALL_ROWS, _max_tile
-from .attention import StepPlan, _pointer, attend_serial, exp_nonpositive
+from .attention import StepPlan, _pointer, attend_chunk, attend_on_pool, attend_serial, exp_nonpositive
 from .pool import address, pool
 from .quant import FASTMATH, project, project_chunk
 from .weights import PackedWeight
@@ -102,7 +102,7 @@ def _project(ctrl, job, mats, i, x, tile, chunk_fn):  # pragma: no cover - compi
 def run_blocks(  # pragma: no cover - compiled
     ctrl, job, x, mats, norms, qk_norms, biases, flags, shape, eps, windows,
     cos, sin, local_cos, local_sin, seqs, row_seq, items, n_splits, local_items, local_n_splits,
-    proto, tile, chunk_fn,
+    proto, serial, tile, chunk_fn, attend_fn,
 ):  # fmt: skip
     """Every block over x (N, D) float32; returns the last block's output (N, D).
 
@@ -111,7 +111,8 @@ def run_blocks(  # pragma: no cover - compiled
     Hd, F; windows (layers,): the sliding window, 0 on global layers, which use cos/sin (N, Hd)
     where local ones use local_cos/local_sin; seqs, items, n_splits: the attention plan's
     (``attention.StepPlan``) for window 0 and for the local window; row_seq (N, 2): each row's
-    sequence and position."""
+    sequence and position; serial (2,): whether global and local layers attend on this thread alone,
+    else as a pool job (``attend_fn``: ``attention.attend_chunk("float32")``)."""
     N, D = x.shape
     H, KVH, Hd, F = shape[0], shape[1], shape[2], shape[3]
     qk_norm, post_attn, post_ffn = flags[F_QK_NORM] != 0, flags[F_POST_ATTN] != 0, flags[F_POST_FFN] != 0
@@ -149,11 +150,12 @@ def run_blocks(  # pragma: no cover - compiled
                 for i in range(Hd):
                     keys[kh, pos, i] = kv_row[i]
                     values[kh, pos, i] = qkv[r, (H + KVH + kh) * Hd + i]
-        if window > 0:
-            attend_serial(q, attn, part_m, part_l, part_acc, seqs, local_items, local_n_splits, proto, layer,
-                          KVH, Hd, window)  # fmt: skip
+        its, splits = (local_items, local_n_splits) if window > 0 else (items, n_splits)
+        if serial[1 if window > 0 else 0]:
+            attend_serial(q, attn, part_m, part_l, part_acc, seqs, its, splits, proto, layer, KVH, Hd, window)
         else:
-            attend_serial(q, attn, part_m, part_l, part_acc, seqs, items, n_splits, proto, layer, KVH, Hd, 0)
+            attend_on_pool(ctrl, job, attend_fn, q, attn, part_m, part_l, part_acc, seqs, its, splits, layer,
+                           KVH, Hd, window)  # fmt: skip
         out = _project(ctrl, job, mats, 4 * layer + WO, attn.reshape(N, H * Hd), tile, chunk_fn)
         if post_attn:
             rms_norm_into(out, norms[layer, POST_ATTN_NORM], eps, h)
@@ -192,7 +194,6 @@ class Blocks:
     shape: np.ndarray  # (4,) int64: H, KVH, Hd, F
     eps: np.float32
     windows: np.ndarray  # (layers,) int64
-    distinct_windows: tuple[int, ...]
     keep: tuple[object, ...]  # what the tables' addresses point into
 
     @classmethod
@@ -229,14 +230,17 @@ class Blocks:
                           first.post_ffn_norm is not None, has_bias, gelu], dtype=np.int64)  # fmt: skip
         return cls(np.array(mats, dtype=np.int64), norms, qk_norms, biases, flags,
                    np.array([n_heads, n_kv_heads, head_dim, ffn], dtype=np.int64), np.float32(eps),
-                   np.array(windows, dtype=np.int64), tuple(sorted(set(windows))), tuple(keep))  # fmt: skip
+                   np.array(windows, dtype=np.int64), tuple(keep))  # fmt: skip
 
     def runs(self, plan: StepPlan | None, n_rows: int, n_sequences: int, dtype: str) -> bool:
-        """Whether this step can run here: ``plan`` attends every sequence, float32 caches, and each
-        layer's attention is small enough for the calling thread."""
-        if plan is None or dtype != "float32" or len(plan.sequences) != n_sequences or n_rows > SMALL_ROWS:
-            return False
-        return all(plan.serial(w) for w in self.distinct_windows)
+        """Whether this step can run here: ``plan`` attends every sequence, over float32 caches, and
+        the step has at most ``SMALL_ROWS`` rows."""
+        return (
+            plan is not None
+            and dtype == "float32"
+            and len(plan.sequences) == n_sequences
+            and n_rows <= SMALL_ROWS
+        )
 
     def run(
         self, x: np.ndarray, plan: StepPlan, cos: np.ndarray, sin: np.ndarray, local_cos: np.ndarray,
@@ -247,14 +251,15 @@ class Blocks:
         items, n_splits = plan.items(0, G)
         local_window = int(self.windows.max())
         local_items, local_n_splits = plan.items(local_window, G) if local_window else (items, n_splits)
+        serial = np.array([plan.serial(0), plan.serial(local_window)], dtype=np.bool_)
         row_seq = np.empty((x.shape[0], 2), dtype=np.int64)
         for b, (_, _, _, _, start, T, first) in enumerate(plan.seqs.tolist()):
             row_seq[first : first + T, 0] = b
             row_seq[first : first + T, 1] = np.arange(start, start + T)
         args = (np.ascontiguousarray(x, dtype=np.float32), self.mats, self.norms, self.qk_norms, self.biases,
                 self.flags, self.shape, self.eps, self.windows, cos, sin, local_cos, local_sin, plan.seqs,
-                row_seq, items, n_splits, local_items, local_n_splits, plan.proto, _max_tile(),
-                project_chunk())  # fmt: skip
+                row_seq, items, n_splits, local_items, local_n_splits, plan.proto, serial, _max_tile(),
+                project_chunk(), attend_chunk("float32"))  # fmt: skip
         with pool().words() as (ctrl, job):
             return run_blocks(ctrl, job, *args)
 

@@ -88,9 +88,27 @@ def test_smollm2_decode_rows_match(smollm2, monkeypatch) -> None:
         assert (fast.argmax(axis=1) == slow.argmax(axis=1)).all()
 
 
+@pytest.mark.parametrize("parallel_work", [1, 1 << 40])
+def test_attention_on_the_pool_or_this_thread_gives_the_same_logits(smollm2, monkeypatch, parallel_work):
+    """On 2 threads, attention above PARALLEL_WORK is a pool job (items split over this thread and the
+    worker), below it runs here: inside the compiled blocks both give the Python blocks' logits."""
+    model, _ = smollm2
+    monkeypatch.setattr(attention, "PARALLEL_WORK", parallel_work)
+    before = kernels.requested_threads()
+    kernels.set_threads(2)
+    try:
+        calls = Calls(monkeypatch)
+        rng = np.random.default_rng(3)
+        prompts = [rng.integers(100, 40_000, k).tolist() for k in (40, 90, 7)]
+        fast, slow = step_both_ways(model, prompts, [[5], [6], [7]], calls)
+        assert calls.n == 1
+        assert rel_diff(fast, slow) < 1e-5
+    finally:
+        kernels.set_threads(before)
+
+
 def test_steps_it_cannot_take_go_to_python(smollm2, monkeypatch) -> None:
-    """More than 16 rows, a float16 cache, and attention big enough for numba's threads (here made
-    "big" by lowering PARALLEL_WORK, on 2 threads) run the Python blocks."""
+    """More than 16 rows and a float16 cache run the Python blocks."""
     model, _ = smollm2
     calls = Calls(monkeypatch)
     cache = model.new_cache(64)
@@ -99,15 +117,5 @@ def test_steps_it_cannot_take_go_to_python(smollm2, monkeypatch) -> None:
     model.forward([100, 101], half)
     model.forward([102], half)
     assert calls.n == 0
-    before = kernels.requested_threads()
-    kernels.set_threads(2)
-    try:
-        if kernels.threads() == 2:
-            monkeypatch.setattr(attention, "PARALLEL_WORK", 1)
-            model.forward([121], cache)
-            assert calls.n == 0
-        monkeypatch.setattr(attention, "PARALLEL_WORK", 1 << 40)
-        model.forward([122], cache)
-        assert calls.n == 1
-    finally:
-        kernels.set_threads(before)
+    model.forward([121], cache)
+    assert calls.n == 1
