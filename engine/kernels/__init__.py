@@ -129,23 +129,35 @@ def compiled_on_disk() -> bool:
 
 def warm_up() -> float:
     """Compile every kernel (the first start, ~10-30 s) or load it from the disk cache (well under a
-    second), by running each once on a tiny matrix. Returns the seconds it took."""
+    second), by running each once on a tiny matrix; once per process (a second model's load does not
+    wait for it). Returns the seconds it took."""
     started = time.perf_counter()
-    if _numba_available():
-        from .pool import pool
-
-        pool().warm_up()
-        for w in _warm_up_weights():
-            for n in (1, 2, 4, 8, SMALL_ROWS + 1):
-                linear(np.ones((n, w.shape[1]), dtype=F32), w)
-            embed(w, np.array([1]))
-        from .attention import warm_up as warm_attention
-
-        warm_attention()  # the fused attention kernel for the default (float32) cache
-        from .blocks import warm_up as warm_blocks
-
-        warm_blocks()  # a decode step's blocks in one call
+    with _warm_lock:
+        if _numba_available() and not _warm_done:
+            _warm_up_now()
     return time.perf_counter() - started
+
+
+_warm_lock = threading.Lock()
+_warm_done = False
+
+
+def _warm_up_now() -> None:
+    global _warm_done
+    from .pool import pool
+
+    pool().warm_up()
+    for w in _warm_up_weights():
+        for n in (1, 2, 4, 8, SMALL_ROWS + 1):
+            linear(np.ones((n, w.shape[1]), dtype=F32), w)
+        embed(w, np.array([1]))
+    from .attention import warm_up as warm_attention
+
+    warm_attention()  # the fused attention kernel for the default (float32) cache
+    from .blocks import warm_up as warm_blocks
+
+    warm_blocks()  # a decode step's blocks in one call
+    _warm_done = True
 
 
 def _warm_up_weights() -> list[PackedWeight]:

@@ -399,7 +399,7 @@ ours = kernels.cache_dir()
 @numba.njit(cache=True)
 def users(x):
     return x + 1
-paths = [attention.attend._cache._cache_path, quant.project._cache._cache_path]
+paths = [attention.attend_serial._cache._cache_path, quant.project._cache._cache_path]
 assert all(p.startswith(str(ours)) for p in paths), (paths, ours)
 assert not users._cache._cache_path.startswith(str(ours)), users._cache._cache_path
 assert "NUMBA_CACHE_DIR" not in os.environ

@@ -188,15 +188,19 @@ def test_a_leased_model_is_not_unloaded(tiny_family):
 # -- steps of several models ------------------------------------------------------------------------
 def test_two_models_stream_together_and_each_reply_equals_its_own(tiny_family):
     pool = make_pool(tiny_family)
+    for model_id in ("tiny-a", "tiny-gemma"):  # both loaded first: a's 60 tokens can take less time
+        pool.load(model_id)  # than gemma's load, and it would stream alone until then
+    deadline = time.monotonic() + 60
+    while not (pool.is_loaded("tiny-a") and pool.is_loaded("tiny-gemma")) and time.monotonic() < deadline:
+        time.sleep(0.01)
     order: list[str] = []
     a = pool.submit("tiny-a", "the quick brown fox", LONG, on_event=lambda e: order.append("a"))
     g = pool.submit("tiny-gemma", [user("Hello there")], LONG, on_event=lambda e: order.append("g"))
     a_result, g_result = drive(pool, [a, g])
     assert a_result.token_ids == alone(tiny_family["tiny-a"], "the quick brown fox", LONG).token_ids
     assert g_result.token_ids == alone(tiny_family["tiny-gemma"], [user("Hello there")], LONG).token_ids
-    tokens = [who for who in order[2:]]  # after the two "loading" events
-    first_done = min(len(tokens) - tokens[::-1].index(w) for w in "ag")
-    assert {"a", "g"} <= set(tokens[: first_done - 1])  # both streamed before either finished
+    first_done = min(len(order) - order[::-1].index(w) for w in "ag")
+    assert {"a", "g"} <= set(order[: first_done - 1]), "".join(order)  # both streamed before either finished
     pool.stop()
 
 
