@@ -33,7 +33,14 @@ from .pool import address, pool
 from .quant import FASTMATH, project, project_chunk
 from .weights import PackedWeight
 
-kernel = njit(fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
+# numpy's error model: a float division is a division (Python's checks for zero and raises, a branch
+# that keeps LLVM from vectorizing the loop around it: the activation ran 7x slower)
+kernel = njit(fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True, error_model="numpy")
+# inlined into their loops by numba (a call LLVM does not inline keeps a loop scalar)
+inlined = njit(
+    fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True, error_model="numpy", inline="always"
+)
+exp_inlined = inlined(exp_nonpositive.py_func)
 
 # a matrix's row of ``Blocks.mats``: its kernel table's address and length, output columns written
 # (whole panels), whether it has 32- and 16-value blocks
@@ -46,13 +53,12 @@ F_QK_NORM, F_POST_ATTN, F_POST_FFN, F_BIAS, F_GELU = range(5)
 GELU_SCALE = np.float32(2.0 * np.sqrt(2.0 / np.pi))
 
 
-@kernel
+@inlined
 def sigmoid_times(g, z):  # pragma: no cover - compiled
     """g / (1 + exp(-z)), with exp of a non-positive argument only (no overflow), vectorizable."""
-    e = exp_nonpositive(-abs(z))  # exp(-|z|)
-    if z >= 0:
-        return g / (np.float32(1.0) + e)
-    return g * e / (np.float32(1.0) + e)
+    e = exp_inlined(-abs(z))  # exp(-|z|)
+    top = np.float32(1.0) if z >= 0 else e  # a select, not a branch: the loop stays vectorized
+    return g * top / (np.float32(1.0) + e)
 
 
 @kernel
@@ -80,13 +86,12 @@ def rope_head(src, at, dst, norm, use_norm, eps, cos, sin, r):  # pragma: no cov
         for i in range(Hd):
             s += src[r, at + i] * src[r, at + i]
         inv = np.float32(1.0) / np.sqrt(s / np.float32(Hd) + eps)
-    for i in range(Hd):
-        a = src[r, at + i] * inv
-        b = src[r, at + (i + half) % Hd] * inv
-        if use_norm:
-            a *= norm[i]
-            b *= norm[(i + half) % Hd]
+    for i in range(Hd):  # normed values first (the rotation reads each twice)
+        dst[i] = src[r, at + i] * inv * (norm[i] if use_norm else np.float32(1.0))
+    for i in range(half):  # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin); sin holds [-sin, sin]
+        a, b = dst[i], dst[i + half]
         dst[i] = a * cos[r, i] + b * sin[r, i]
+        dst[i + half] = b * cos[r, i + half] + a * sin[r, i + half]
 
 
 @kernel
