@@ -119,7 +119,7 @@ class ModelPool:
         self.store = kv_cache_store if kv_cache_store is not None else LruKvCacheStore()
         self._step_lock = threading.RLock()  # one step (of one model) at a time
         self._models = Residency(options or ModelPoolOptions(), self._make_engine, loader, self._on_loaded,
-                                 self._on_load_failed, self._step_lock)  # fmt: skip
+                                 self._on_load_failed)  # fmt: skip
         self._lock = self._models.lock
         self._memory_freed = False  # a request ended: engines waiting for KV room may look again
         self._wakeup = threading.Event()

@@ -17,7 +17,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,7 +124,6 @@ class Residency:
         loader: Loader,
         on_loaded: Callable[[ModelSlot, list[Any]], None],
         on_load_failed: Callable[[ModelSlot, list[Any], str], None],
-        step_lock: threading.RLock,
     ) -> None:
         self.options = options
         self.lock = threading.RLock()
@@ -136,7 +134,6 @@ class Residency:
         self._loader = loader
         self._on_loaded = on_loaded  # (slot, its pending requests): hand them to the new engine
         self._on_load_failed = on_load_failed
-        self._step_lock = step_lock
         self._queue: list[ModelSlot] = []
         self._thread: threading.Thread | None = None
 
@@ -240,9 +237,10 @@ class Residency:
 
     def _load(self, slot: ModelSlot) -> None:
         started = time.perf_counter()
-        with self._load_guard():
-            model, tokenizer = self._loader(slot.path)
-            engine = self._make_engine(slot, model, tokenizer)
+        # beside the other models' steps: the kernels' warm-up a load runs is safe from any thread (no
+        # kernel uses numba's threading layer; the pool's words are taken under its lock)
+        model, tokenizer = self._loader(slot.path)
+        engine = self._make_engine(slot, model, tokenizer)
         nbytes = int(model.weights.nbytes)
         with self.lock:
             slot.engine, slot.identity, slot.nbytes, slot.known_bytes = engine, model.identity, nbytes, nbytes
@@ -254,18 +252,6 @@ class Residency:
                  self.options.max_loaded_bytes / 2**20)  # fmt: skip
         self._on_loaded(slot, pending)
         self.fit_budget(keep=slot)
-
-    def _load_guard(self) -> AbstractContextManager[Any]:
-        """Loads compute a little (the kernels' warm-up): beside a step only where numba's threading
-        layer allows parallel kernels from two threads at once (omp, tbb; not workqueue)."""
-        layer: str = "unknown"
-        try:
-            import numba
-
-            layer = numba.threading_layer()
-        except (ImportError, ValueError):  # no numba, or no parallel kernel ran yet
-            pass
-        return nullcontext() if layer in ("omp", "tbb") else self._step_lock
 
     # -- the budget ----------------------------------------------------------------------------
     def _make_room(self, slot: ModelSlot, n_bytes: int) -> None:

@@ -3,7 +3,8 @@
 The numba path runs every matrix product on the engine's own threads: the projection kernels on the
 worker pool of ``pool.py`` (woken per step, spinning between the step's kernels), prefill GEMMs split
 by rows over short-lived Python threads, each calling BLAS on one thread (the pool's workers sleep
-meanwhile), the attention kernel on numba's threads.
+meanwhile), and the attention kernel's larger work as pool jobs too. No kernel uses numba's
+threading layer.
 BLAS is held to one thread while the engine computes (``compute()``), because OpenBLAS's workers
 spin after each call and starve numba's workers on a 2-core machine (measured: a 17-row product of
 expanded weights took 36 ms interleaved with numba calls against 1.3 ms alone).
@@ -55,7 +56,6 @@ class _State:
 
 
 _state = _State()
-_local = threading.local()
 
 
 def set_threads(n: int) -> int:
@@ -171,16 +171,10 @@ def blas_threads(n: int) -> Iterator[None]:
 
 @contextmanager
 def compute() -> Iterator[int]:
-    """Within (one model step): the kernels' pool and numba use ``threads()`` threads (numba's setting
-    is per calling thread), BLAS one."""
-    import numba
-
+    """Within (one model step): the kernels' pool uses ``threads()`` threads, BLAS one."""
     from .pool import pool
 
     n = threads()
     pool().begin(n)
-    if getattr(_local, "numba_threads", None) != n:
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
-        _local.numba_threads = n
     with blas_threads(1):
         yield n
