@@ -528,7 +528,7 @@ class Model:
         if self.config.arch.scale_embeddings:
             x *= F32(np.sqrt(self.config.hidden_size))
         blocks = self._compiled_blocks()
-        if blocks is not None and plan is not None and blocks.runs(plan, len(ids), len(rows), plan.dtype):
+        if blocks is not None and plan is not None and blocks.runs(plan, len(ids), len(rows)):
             x = blocks.run(x, plan, *ropes[False], *ropes.get(True, ropes[False]))
         else:
             for i, layer in enumerate(self.weights.layers):

@@ -237,15 +237,10 @@ class Blocks:
                    np.array([n_heads, n_kv_heads, head_dim, ffn], dtype=np.int64), np.float32(eps),
                    np.array(windows, dtype=np.int64), tuple(keep))  # fmt: skip
 
-    def runs(self, plan: StepPlan | None, n_rows: int, n_sequences: int, dtype: str) -> bool:
+    def runs(self, plan: StepPlan, n_rows: int, n_sequences: int) -> bool:
         """Whether this step can run here: ``plan`` attends every sequence, over float32 caches, and
         the step has at most ``SMALL_ROWS`` rows."""
-        return (
-            plan is not None
-            and dtype == "float32"
-            and len(plan.sequences) == n_sequences
-            and n_rows <= SMALL_ROWS
-        )
+        return len(plan.sequences) == n_sequences and plan.dtype == "float32" and n_rows <= SMALL_ROWS
 
     def run(
         self, x: np.ndarray, plan: StepPlan, cos: np.ndarray, sin: np.ndarray, local_cos: np.ndarray,

@@ -33,6 +33,7 @@ from smallmind_app import paths
 from smallmind_app.history.store import ConversationStore
 from smallmind_app.settings.app_settings import AppSettings
 from smallmind_app.settings.dialog import FIELDS, SECTION_KEYS, MiB
+from tests.fixtures.soak import threads_left
 from tests.fixtures.store_faults import fill_the_disk, free_the_disk
 from tests.fixtures.window import LONG, send, stored_messages, wait_idle, wait_text
 from tests.fixtures.window_soak import (
@@ -59,8 +60,7 @@ def run_window_soak(qtbot: Any, make_window: Any, write_settings: Any, cfg: Wind
     )
     window.close()
     assert not window.client.thread.isRunning(), "the engine thread outlived the window"
-    left = {t for t in threading.enumerate() if not isinstance(t, threading._DummyThread)} - threads_before
-    assert not [t.name for t in left if t.is_alive()], "threads left running"
+    assert not threads_left(threads_before), "threads left running"
     with ConversationStore(paths.database_file()) as store:
         assert store.integrity_check() == "ok"
         for cid, sent in soak.ledger.items():
