@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..gguf_constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from ..memory import return_freed_memory as return_freed_memory  # model.py calls it as kw.
 
 F32 = np.float32
 QK = 32  # values per block, for every type kept as blocks
@@ -375,17 +375,6 @@ def _scales(d: np.ndarray, m: np.ndarray | None) -> tuple[np.ndarray, np.ndarray
     if not exact:
         return d.astype(F32), None if m is None else m.astype(F32)
     return d.astype(np.float16).view(np.uint16), None if m is None else m.astype(np.float16).view("<u2")
-
-
-def return_freed_memory() -> None:
-    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``; nothing elsewhere).
-    Unpacking and packing a model's tensors frees ~50 MB of intermediates for SmolLM2 that glibc
-    would otherwise keep in the process's resident memory."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
-        return
-    trim(0)
 
 
 def embed(w: Weight, ids: np.ndarray) -> np.ndarray:

@@ -3,9 +3,11 @@ local model does not use, the GGUF tables the engine keeps of its own equal to t
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import gguf
@@ -87,3 +89,23 @@ def test_own_tables_equal_the_gguf_package() -> None:
         assert gguf_constants.quant_shape_to_byte_shape((3, 1024), t) == gguf.quant_shape_to_byte_shape(
             (3, 1024), theirs[t.name]
         )
+
+
+@pytest.mark.smollm2
+def test_smollm2_tokenizer_keeps_no_string_per_token(smollm2_path: Path) -> None:
+    """What the tokenizer holds once its file is closed: the merges as one int pair -> int table and
+    the tokens' bytes in one string (~6 MiB); a str per token and per merge took ~14 MiB."""
+    from engine.gguf import GgufFile
+    from engine.tokenizer import Tokenizer
+
+    tracemalloc.start()
+    try:
+        f = GgufFile(smollm2_path)
+        tok = Tokenizer.from_gguf(f)
+        del f
+        gc.collect()
+        held_mib = tracemalloc.get_traced_memory()[0] / 2**20
+    finally:
+        tracemalloc.stop()
+    assert tok.vocab_size == 49152
+    assert held_mib < 8, f"the tokenizer holds {held_mib:.1f} MiB"
