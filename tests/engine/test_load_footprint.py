@@ -7,8 +7,10 @@ import gc
 import json
 import subprocess
 import sys
+import threading
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import gguf
 import pytest
@@ -109,3 +111,26 @@ def test_smollm2_tokenizer_keeps_no_string_per_token(smollm2_path: Path) -> None
         tracemalloc.stop()
     assert tok.vocab_size == 49152
     assert held_mib < 8, f"the tokenizer holds {held_mib:.1f} MiB"
+
+
+def test_weights_are_unpacked_in_the_loading_thread(
+    tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On worker threads, glibc keeps each thread's freed intermediates in that thread's arena (SmolLM2:
+    15-20 MiB more resident, varying from run to run); only the kernels load on another thread."""
+    import engine.model
+    from engine import Model
+
+    threads: set[int] = set()
+
+    def recorded(load: Any) -> Any:
+        def run(*args: Any) -> Any:
+            threads.add(threading.get_ident())
+            return load(*args)
+
+        return run
+
+    for name in ("_load_layer", "_load_output"):
+        monkeypatch.setattr(engine.model, name, recorded(getattr(engine.model, name)))
+    Model.from_gguf(tiny_model_path)
+    assert threads == {threading.get_ident()}
