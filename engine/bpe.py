@@ -13,6 +13,7 @@ import heapq
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import regex
 
@@ -83,13 +84,9 @@ _ENCODE_TABLE = BYTE_TO_CHAR  # str.translate table: latin-1 char (= byte) -> sy
 _DECODE_TABLE = {ord(c): b for b, c in BYTE_TO_CHAR.items()}  # symbol -> latin-1 char
 
 
-def word_to_symbols(word: str) -> str:
-    """The word's UTF-8 bytes, one printable character per byte."""
-    return word.encode("utf-8", errors="replace").decode("latin-1").translate(_ENCODE_TABLE)
-
-
 def symbols_to_bytes(token: str) -> bytes:
-    """Inverse of ``word_to_symbols`` for one vocabulary token (characters outside the map as UTF-8)."""
+    """The bytes of one vocabulary token, each printable character mapped back to its byte (characters
+    outside the map as UTF-8)."""
     try:
         return token.translate(_DECODE_TABLE).encode("latin-1")
     except UnicodeEncodeError:
@@ -98,33 +95,43 @@ def symbols_to_bytes(token: str) -> bytes:
         )
 
 
-def merge_scan(symbols: list[str], ranks: dict[str, int]) -> list[str]:
-    """Merge the lowest-ranked (then leftmost) adjacent pair until none has a rank. For short words."""
-    parts = symbols
-    get = ranks.get
+def merge_scan(ids: list[int], merges: dict[int, int], bits: int) -> list[int]:
+    """Merge the lowest-ranked (then leftmost) adjacent pair until none has a rank. For short words.
+
+    ``merges`` maps a pair of ids (``left << bits | right``) to ``rank << bits | merged id``: the
+    smallest value is the lowest rank."""
+    parts = ids
+    get = merges.get
     while len(parts) > 1:
-        best_rank, best_i = -1, -1
+        best, best_i = -1, -1
         for i in range(len(parts) - 1):
-            rank = get(parts[i] + " " + parts[i + 1])
-            if rank is not None and (best_i < 0 or rank < best_rank):
-                best_rank, best_i = rank, i
+            merge = get(parts[i] << bits | parts[i + 1])
+            if merge is not None and (best_i < 0 or merge < best):
+                best, best_i = merge, i
         if best_i < 0:
             break
-        parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+        parts[best_i : best_i + 2] = [best & ((1 << bits) - 1)]
     return parts
 
 
-def merge_pairs(symbols: list[str], priority: Callable[[str, str], float | None]) -> list[str]:
-    """Repeatedly merge the adjacent pair of lowest ``priority`` (ties: leftmost) until no pair has one.
+S = TypeVar("S")  # a symbol: a string (SentencePiece) or a token id (byte-level BPE)
+P = TypeVar("P", bound=float)  # a pair's priority (an int for byte-level BPE)
+
+
+def merge_pairs(
+    symbols: list[S], priority: Callable[[S, S], P | None], join: Callable[[P, S, S], S]
+) -> list[S]:
+    """Repeatedly merge the adjacent pair of lowest ``priority`` (ties: leftmost) into ``join(priority,
+    left, right)`` until no pair has one.
 
     O(n log n): a heap of (priority, left position) over a linked list of symbols. Byte-level BPE ranks
     pairs by merge rank, SentencePiece by the negated score of the joined piece.
     """
-    sym: list[str | None] = list(symbols)
+    sym: list[S | None] = list(symbols)
     n = len(sym)
     nxt = [*range(1, n), -1]
     prv = list(range(-1, n - 1))
-    heap: list[tuple[float, int, str, str]] = []
+    heap: list[tuple[P, int, S, S]] = []
 
     def push(i: int, j: int) -> None:
         left, right = sym[i], sym[j]
@@ -134,11 +141,11 @@ def merge_pairs(symbols: list[str], priority: Callable[[str, str], float | None]
     for i in range(n - 1):
         push(i, i + 1)
     while heap:
-        _, i, left, right = heapq.heappop(heap)
+        p, i, left, right = heapq.heappop(heap)
         j = nxt[i]
         if sym[i] != left or j < 0 or sym[j] != right:
             continue  # stale: one side was merged since this entry was pushed
-        sym[i], sym[j] = left + right, None
+        sym[i], sym[j] = join(p, left, right), None
         nxt[i] = nxt[j]
         if nxt[j] >= 0:
             prv[nxt[j]] = i
@@ -149,13 +156,18 @@ def merge_pairs(symbols: list[str], priority: Callable[[str, str], float | None]
     return [s for s in sym if s is not None]
 
 
-def merge_heap(symbols: list[str], ranks: dict[str, int]) -> list[str]:
+def merge_heap(ids: list[int], merges: dict[int, int], bits: int) -> list[int]:
     """Same result as ``merge_scan``: byte-level BPE merges in rank order."""
-    return merge_pairs(symbols, lambda left, right: ranks.get(left + " " + right))
+    mask = (1 << bits) - 1
+    return merge_pairs(ids, lambda left, right: merges.get(left << bits | right), lambda m, _a, _b: m & mask)
 
 
 class ByteLevelBpe:
-    """Vocabulary, merge ranks and pre-tokenizer of one byte-level BPE model; encodes plain text."""
+    """Merges and pre-tokenizer of one byte-level BPE model; encodes plain text.
+
+    Merging works on token ids: a word starts as the ids of its bytes' symbols, and ``merges`` maps a
+    pair of ids to the merge's rank and the id it makes (one int each: SmolLM2's 49k merges take
+    ~5 MiB, where the merge strings, the vocabulary's strings and a dict of both took ~15 MiB)."""
 
     def __init__(
         self, tokens: Sequence[str], merges: Sequence[str], pre: str, unk_id: int | None = None
@@ -166,15 +178,20 @@ class ByteLevelBpe:
         self.pre = pre
         self._words = regex.compile(spec.words)
         self._isolate = regex.compile(f"({spec.isolate})") if spec.isolate else None
-        self._ignore_merges = spec.ignore_merges
-        self.vocab: dict[str, int] = dict(zip(reversed(tokens), range(len(tokens) - 1, -1, -1), strict=True))
-        self.ranks = _merge_ranks(merges, self.vocab)
+        vocab = dict(zip(reversed(tokens), range(len(tokens) - 1, -1, -1), strict=True))  # first id wins
+        self.bits = max(1, (len(tokens) - 1).bit_length())  # an id's bits in a merge key
+        self.merges = _merge_table(merges, vocab, self.bits)
         self._unk_id = unk_id
-        missing = [b for b, c in BYTE_TO_CHAR.items() if c not in self.vocab]
-        if missing:  # text with these bytes gets the unknown token, or loses them (as in HF tokenizers)
+        # the id of each byte's symbol; a byte the vocabulary lacks gets -1 - byte (merges never hold it)
+        self._byte_ids = [vocab.get(BYTE_TO_CHAR[b], -1 - b) for b in range(256)]
+        self._missing_bytes = min(self._byte_ids) < 0
+        if self._missing_bytes:  # text with these bytes gets the unknown token, or loses them (as in HF)
+            missing = [b for b in range(256) if self._byte_ids[b] < 0]
             log.debug(
                 "vocabulary lacks %d byte tokens: %s", len(missing), " ".join(f"{b:02X}" for b in missing)
             )
+        # ignore_merges: a word that is itself a token is that token (the only use of the strings)
+        self._vocab = vocab if spec.ignore_merges else None
         self._cache: dict[str, tuple[int, ...]] = {}
 
     def pre_tokenize(self, text: str) -> list[str]:
@@ -207,44 +224,56 @@ class ByteLevelBpe:
         return ids
 
     def _encode_word(self, word: str) -> tuple[int, ...]:
-        symbols = word_to_symbols(word)
-        vocab = self.vocab
-        if self._ignore_merges and symbols in vocab:
-            return (vocab[symbols],)
-        parts = list(symbols)
+        data = word.encode("utf-8", errors="replace")
+        if self._vocab is not None:
+            whole = self._vocab.get(data.decode("latin-1").translate(_ENCODE_TABLE))
+            if whole is not None:
+                return (whole,)
+        byte_ids = self._byte_ids
+        parts = [byte_ids[b] for b in data]
         parts = (
-            merge_scan(parts, self.ranks)
+            merge_scan(parts, self.merges, self.bits)
             if len(parts) <= _SCAN_MAX_SYMBOLS
-            else merge_heap(parts, self.ranks)
+            else merge_heap(parts, self.merges, self.bits)
         )
-        try:
-            return tuple(vocab[p] for p in parts)
-        except KeyError:
+        if self._missing_bytes and any(p < 0 for p in parts):
             return tuple(self._known_ids(parts))
+        return tuple(parts)
 
-    def _known_ids(self, parts: list[str]) -> Iterator[int]:
-        """Ids of symbols, a missing byte token becoming the unknown token (or dropped if there is none)."""
-        for p in parts:
-            tok_id = self.vocab.get(p, self._unk_id)
-            if tok_id is not None:
+    def _known_ids(self, parts: list[int]) -> Iterator[int]:
+        """The ids, a missing byte token becoming the unknown token (or dropped if there is none)."""
+        for tok_id in parts:
+            if tok_id >= 0:
                 yield tok_id
+            elif self._unk_id is not None:
+                yield self._unk_id
             else:
-                log.warning(
-                    "dropped byte %r from the text: the vocabulary has no token for it", symbols_to_bytes(p)
-                )
+                byte = bytes([-1 - tok_id])
+                log.warning("dropped byte %r from the text: the vocabulary has no token for it", byte)
 
 
-def _merge_ranks(merges: Sequence[str], vocab: dict[str, int]) -> dict[str, int]:
-    """Merge "a b" at position r -> ranks["a b"] = r, the first one winning.
+def _merge_table(merges: Sequence[str], vocab: dict[str, int], bits: int) -> dict[int, int]:
+    """Merge "a b" at position r -> table[id(a) << bits | id(b)] = r << bits | id("ab"), the first
+    one winning (a merge's two parts are split at its first space after the first character).
 
-    Merges whose result is not a vocabulary token are dropped (they could only make unknown tokens).
+    Merges that do not join two vocabulary tokens into a third are dropped (they could only make
+    unknown tokens; Hugging Face refuses them).
     """
-    ranks = dict(zip(reversed(merges), range(len(merges) - 1, -1, -1), strict=True))
-    bad = [m for m in ranks if m.replace(" ", "", 1) not in vocab or " " not in m[1:]]
-    for m in bad:
-        del ranks[m]
-    if bad:
+    table: dict[int, int] = {}
+    n_bad, first_bad = 0, ""
+    for rank, merge in enumerate(merges):
+        cut = merge.find(" ", 1)
+        left, right = merge[:cut], merge[cut + 1 :]
+        a, b, made = vocab.get(left), vocab.get(right), vocab.get(left + right)
+        if cut < 0 or a is None or b is None or made is None:
+            n_bad, first_bad = n_bad + 1, first_bad or merge
+            continue
+        table.setdefault(a << bits | b, rank << bits | made)
+    if n_bad:
         log.warning(
-            "ignored %d of %d merges that make no vocabulary token (first: %r)", len(bad), len(merges), bad[0]
+            "ignored %d of %d merges that do not join two vocabulary tokens into one (first: %r)",
+            n_bad,
+            len(merges),
+            first_bad,
         )
-    return ranks
+    return table

@@ -7,7 +7,6 @@ which starts one when nobody else drives the engine.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -104,6 +103,8 @@ async def generate_streaming(
 ) -> AsyncIterator[GenerationEvent]:
     """Yield the request's events as the engine produces them; the last one carries the result. A
     request abandoned by its consumer (the generator closed early) is cancelled."""
+    import asyncio  # here: a local model driven by a thread or the Qt worker never loads it (~7 MiB)
+
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
     handle = engine.submit(

@@ -1,4 +1,4 @@
-"""Read a GGUF file: metadata, the model's config, float32 weights (the `gguf` package's types).
+"""Read a GGUF file: metadata, the model's config, float32 weights.
 
 One table (``TENSOR_NAMES``) names every tensor the engine reads. Errors name the file and the
 reason (not a GGUF file, truncated, unknown architecture, missing tensor, unsupported type), so the
@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
 
 from .architectures import ARCHITECTURES, Architecture
 from .errors import ModelFileError, UnsupportedModelError
+from .gguf_constants import GGMLQuantizationType, quant_shape_to_byte_shape
 from .gguf_header import MAX_ARRAY_LENGTH as MAX_ARRAY_LENGTH  # re-exported: the array limit
 from .gguf_header import TensorInfo, read_header
 
@@ -61,14 +61,18 @@ ROPE_FREQS = "rope_freqs.weight"  # optional per-dimension frequency factors (Ll
 
 # Tensor types that hold plain numbers (the rest are block-quantized, dequantized by `gguf.quants`).
 _PLAIN_TYPES = {
-    gguf.GGMLQuantizationType.F32: np.float32,
-    gguf.GGMLQuantizationType.F16: np.float16,
-    gguf.GGMLQuantizationType.F64: np.float64,
+    GGMLQuantizationType.F32: np.float32,
+    GGMLQuantizationType.F16: np.float16,
+    GGMLQuantizationType.F64: np.float64,
 }
 
 
-def _dequantizable(tensor_type: gguf.GGMLQuantizationType) -> bool:
-    return tensor_type in _PLAIN_TYPES or tensor_type in gguf.quants._type_traits
+def _dequantizable(tensor_type: GGMLQuantizationType) -> bool:
+    if tensor_type in _PLAIN_TYPES:
+        return True
+    import gguf.quants  # only here: loading a model never needs the package otherwise (gguf_constants.py)
+
+    return tensor_type in gguf.quants._type_traits
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +138,7 @@ class GgufFile:
         """Shape in NumPy order (rows = output features for a weight matrix)."""
         return tuple(reversed(self._require(name).dims))
 
-    def tensor_type(self, name: str) -> gguf.GGMLQuantizationType:
+    def tensor_type(self, name: str) -> GGMLQuantizationType:
         return self._require(name).tensor_type
 
     def _data(self, t: TensorInfo) -> np.ndarray:
@@ -144,7 +148,7 @@ class GgufFile:
         plain = _PLAIN_TYPES.get(t.tensor_type)
         if plain is not None:
             return raw.view(np.dtype(plain).newbyteorder(self._byte_order)).reshape(shape)
-        return raw.reshape(gguf.quant_shape_to_byte_shape(shape, t.tensor_type))
+        return raw.reshape(quant_shape_to_byte_shape(shape, t.tensor_type))
 
     def load(self, name: str) -> np.ndarray:
         """The tensor as a float32 copy in NumPy order (for a weight matrix: (out_features, in_features))."""
@@ -158,7 +162,9 @@ class GgufFile:
         if t.tensor_type in _PLAIN_TYPES:
             out = np.asarray(data, dtype=np.float32)
         else:
-            out = gguf.quants.dequantize(data, t.tensor_type)
+            import gguf  # imported by _dequantizable already
+
+            out = gguf.quants.dequantize(data, gguf.GGMLQuantizationType(t.tensor_type))
         # a copy, never a view of the memory map: a weight that kept a view would keep every page of
         # the file resident for as long as the model lives
         return np.array(out.reshape(shape), dtype=np.float32, copy=True)

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import gguf
 import numpy as np
 
 from .errors import ModelFileError, UnsupportedModelError
+from .gguf_constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType
 
 SUPPORTED_VERSIONS = (2, 3)
 MAX_ARRAY_LENGTH = 1 << 22  # items in one metadata array (vocabularies hold 32k-260k tokens)
@@ -35,7 +35,7 @@ METADATA_BYTES_PER_FILE_BYTE = 3  # materialized metadata may take 3x the file's
 METADATA_FLOOR_BYTES = 1 << 20  # ...plus 1 MiB (tiny test files)...
 MAX_METADATA_BYTES = 512 << 20  # ...and never more than 512 MiB (a 262k vocabulary takes ~40 MiB)
 
-_VT = gguf.GGUFValueType
+_VT = GGUFValueType
 _SCALAR_FORMATS: dict[int, str] = {
     _VT.UINT8: "B", _VT.INT8: "b", _VT.UINT16: "H", _VT.INT16: "h", _VT.UINT32: "I", _VT.INT32: "i",
     _VT.FLOAT32: "f", _VT.BOOL: "?", _VT.UINT64: "Q", _VT.INT64: "q", _VT.FLOAT64: "d",
@@ -55,7 +55,7 @@ class TensorInfo:
 
     name: str
     dims: tuple[int, ...]  # GGUF order: dims[0] is the row length (NumPy's shape is reversed)
-    tensor_type: gguf.GGMLQuantizationType
+    tensor_type: GGMLQuantizationType
     offset: int  # absolute: from the start of the file
     n_bytes: int
 
@@ -82,7 +82,7 @@ class _Parser:
         self.path, self.buf, self.size = path, buf, len(buf)
         self.pos = 4  # after the magic
         self.order: Literal["<", ">"] = "<"
-        self.alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+        self.alignment = GGUF_DEFAULT_ALIGNMENT
         self.budget = min(MAX_METADATA_BYTES, METADATA_BYTES_PER_FILE_BYTE * self.size + METADATA_FLOOR_BYTES)
         self.spent = 0  # bytes of Python objects made so far
         self.structs = {order + fmt: struct.Struct(order + fmt) for order in "<>" for fmt in "BbHhIiQqfd?"}
@@ -253,8 +253,8 @@ class _Parser:
 
     def extent(self, name: str, dims: tuple[int, ...], type_id: int, start: int) -> TensorInfo:
         try:
-            tensor_type = gguf.GGMLQuantizationType(type_id)
-            block, type_size = gguf.GGML_QUANT_SIZES[tensor_type]
+            tensor_type = GGMLQuantizationType(type_id)
+            block, type_size = GGML_QUANT_SIZES[tensor_type]
         except (ValueError, KeyError):
             raise self.fail(f"tensor {name!r} has unknown type id {type_id}", unsupported=True) from None
         if dims[0] % block:

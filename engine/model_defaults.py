@@ -15,8 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import gguf
-
+from . import gguf_constants as keys
 from .chat_template import ChatTemplate, ChatTemplateError
 from .gguf import GgufFile
 from .sampling import InferenceOptions
@@ -27,11 +26,11 @@ _MARK = "\ue000smallmind-{}\ue001"  # private-use characters no template writes 
 _SPECIAL_NAMES = ("bos", "eos", "unknown", "padding")
 # general.sampling.* keys (llama.cpp's names) -> InferenceOptions fields, with each one's type
 _SAMPLING_KEYS: dict[str, tuple[str, type]] = {
-    gguf.Keys.General.SAMPLING_TEMP: ("temperature", float),
-    gguf.Keys.General.SAMPLING_TOP_K: ("top_k", int),
-    gguf.Keys.General.SAMPLING_TOP_P: ("top_p", float),
-    gguf.Keys.General.SAMPLING_MIN_P: ("min_p", float),
-    gguf.Keys.General.SAMPLING_PENALTY_REPEAT: ("repetition_penalty", float),
+    keys.SAMPLING_TEMP: ("temperature", float),
+    keys.SAMPLING_TOP_K: ("top_k", int),
+    keys.SAMPLING_TOP_P: ("top_p", float),
+    keys.SAMPLING_MIN_P: ("min_p", float),
+    keys.SAMPLING_PENALTY_REPEAT: ("repetition_penalty", float),
 }
 
 

@@ -29,7 +29,7 @@ def merge_by_score(chars: list[str], scores: dict[str, float]) -> list[str]:
         score = scores.get(left + right)
         return None if score is None else -score
 
-    return merge_pairs(chars, priority)
+    return merge_pairs(chars, priority, lambda _, left, right: left + right)
 
 
 class SentencePieceBpe:

@@ -16,8 +16,10 @@ import codecs
 import json
 import logging
 import os
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from enum import IntEnum
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,6 +30,7 @@ from .bpe import ByteLevelBpe
 from .chat_template import CHATML_TEMPLATE, ChatTemplate, ChatTemplateError, Messages, Segment
 from .errors import ModelFileError, UnsupportedModelError
 from .gguf import MAX_CONTEXT_LENGTH, GgufFile
+from .memory import return_freed_memory
 from .spm import SentencePieceBpe
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,7 @@ class TokenType(IntEnum):
 
 _MATCHED_IN_TEXT = (TokenType.CONTROL, TokenType.USER_DEFINED)  # written whole in text, never made by BPE
 _SKIPPED = (TokenType.CONTROL, TokenType.UNKNOWN)  # markers that decode(skip_special=True) drops
+_SPECIAL, _SKIP = 1, 2  # a token's flags: one of _MATCHED_IN_TEXT, one of _SKIPPED
 # tokenizer.ggml.<name>_token_id keys; the chat template sees each as <name>_token (bos_token, eos_token...).
 _SPECIAL_NAMES = ("bos", "eos", "eot", "eom", "unknown", "padding")
 
@@ -107,19 +111,27 @@ class Tokenizer:
         has_own_template: bool = True,
     ) -> None:
         self._model = model
-        self._tokens = tokens
-        self._types = token_types
-        self._pieces: list[bytes | None] = [None] * len(tokens)
+        # Every token's bytes in one string, token i at _ends[i]:_ends[i + 1] (a special token: its text
+        # in UTF-8), and one flag byte per token: ~0.6 MiB for SmolLM2 where a list of str took ~3 MiB.
+        self._flags = bytes(
+            (_SPECIAL if t in _MATCHED_IN_TEXT else 0) | (_SKIP if t in _SKIPPED else 0) for t in token_types
+        )
+        pieces = [
+            text.encode() if flag & _SPECIAL else model.token_bytes(text)
+            for text, flag in zip(tokens, self._flags, strict=True)
+        ]
+        self._bytes = b"".join(pieces)
+        self._ends = array("I", [0, *accumulate(map(len, pieces))])
         self.bos_id = bos_id
         self.eos_ids = frozenset(eos_ids)
         self.add_bos = add_bos
         self._special_ids: dict[str, int] = {}
-        for i, t in enumerate(token_types):
-            if t in _MATCHED_IN_TEXT and tokens[i]:
+        for i, flag in enumerate(self._flags):
+            if flag & _SPECIAL and tokens[i]:
                 self._special_ids.setdefault(tokens[i], i)
         by_length = sorted(self._special_ids, key=len, reverse=True)  # longest first: leftmost-longest match
         self._special_re = regex.compile("|".join(map(regex.escape, by_length))) if by_length else None
-        self._skip_ids = frozenset(i for i, t in enumerate(token_types) if t in _SKIPPED)
+        self._skip_ids = frozenset(i for i, flag in enumerate(self._flags) if flag & _SKIP)
         self.chat_template = chat_template
         # False for a file without a chat template: usually a base model, which continues text rather
         # than following instructions (the app says so)
@@ -131,16 +143,19 @@ class Tokenizer:
     ) -> Tokenizer:
         """The tokenizer stored in a GGUF file; ``chat_template`` overrides the file's own."""
         f = source if isinstance(source, GgufFile) else GgufFile(source)
-        return _from_metadata(f.metadata, f.path, chat_template)
+        tokenizer = _from_metadata(f.metadata, f.path, chat_template)
+        del f  # a file opened here is closed now
+        return_freed_memory()  # the tables' intermediates (~5 MB for SmolLM2), freed but kept by the C heap
+        return tokenizer
 
     @property
     def vocab_size(self) -> int:
-        return len(self._tokens)
+        return len(self._flags)
 
     def token_text(self, token_id: int) -> str:
         """The token as text: special tokens as written, partial UTF-8 bytes as ``\\xNN``."""
         if self.is_special(token_id):
-            return self._tokens[token_id]
+            return self._piece(token_id).decode()
         return self._piece(token_id).decode("utf-8", errors="backslashreplace")
 
     def token_bytes(self, token_id: int) -> bytes:
@@ -149,7 +164,7 @@ class Tokenizer:
 
     def is_special(self, token_id: int) -> bool:
         """A CONTROL or USER_DEFINED token: matched whole in text, never produced by BPE."""
-        return self._types[self._check_id(token_id)] in _MATCHED_IN_TEXT
+        return bool(self._flags[self._check_id(token_id)] & _SPECIAL)
 
     def encode(self, text: str, *, parse_special: bool = True) -> list[int]:
         """Token ids of ``text`` (no BOS added); special-token text becomes its id when ``parse_special``."""
@@ -212,20 +227,14 @@ class Tokenizer:
         return ids
 
     def _check_id(self, token_id: int) -> int:
-        if not 0 <= token_id < len(self._tokens):
-            raise ValueError(f"token id {token_id} is outside the vocabulary (0..{len(self._tokens) - 1})")
+        if not 0 <= token_id < len(self._flags):
+            raise ValueError(f"token id {token_id} is outside the vocabulary (0..{len(self._flags) - 1})")
         return int(token_id)
 
     def _piece(self, token_id: int) -> bytes:
-        """The bytes a token stands for (computed on first use)."""
-        piece = self._pieces[self._check_id(token_id)]
-        if piece is None:
-            text = self._tokens[token_id]
-            piece = (
-                text.encode() if self._types[token_id] in _MATCHED_IN_TEXT else self._model.token_bytes(text)
-            )
-            self._pieces[token_id] = piece
-        return piece
+        """The bytes a token stands for."""
+        i = self._check_id(token_id)
+        return self._bytes[self._ends[i] : self._ends[i + 1]]
 
 
 def _from_metadata(meta: Mapping[str, Any], path: os.PathLike[str], chat_template: str | None) -> Tokenizer:

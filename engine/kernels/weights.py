@@ -16,18 +16,19 @@
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import gguf
 import numpy as np
+
+from ..gguf_constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from ..memory import return_freed_memory as return_freed_memory  # model.py calls it as kw.
 
 F32 = np.float32
 QK = 32  # values per block, for every type kept as blocks
 
-T = gguf.GGMLQuantizationType
+T = GGMLQuantizationType
 BLOCK_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K)
 QK_K = 256  # values per K-quant super-block
 LANES = 16  # output rows per panel
@@ -195,17 +196,17 @@ def _high_bits(qh: np.ndarray) -> np.ndarray:
     return ((bits >> np.arange(QK, dtype=np.uint32)) & 1).astype(np.uint8)  # (.., 32)
 
 
-def block_row(tensor_type: gguf.GGMLQuantizationType) -> int:
+def block_row(tensor_type: GGMLQuantizationType) -> int:
     """What a row's length must be a multiple of for ``tensor_type`` to be kept as blocks."""
     return QK_K if tensor_type in (T.Q4_K, T.Q5_K, T.Q6_K) else QK
 
 
 def blocks_from_gguf(
-    tensor_type: gguf.GGMLQuantizationType, raw: np.ndarray, shape: tuple[int, int]
+    tensor_type: GGMLQuantizationType, raw: np.ndarray, shape: tuple[int, int]
 ) -> BlockWeight:
     """Unpack a tensor's bytes (rows of blocks) of one of ``BLOCK_TYPES`` into a ``BlockWeight``."""
     O, K = shape
-    block_size, block_bytes = gguf.GGML_QUANT_SIZES[tensor_type]
+    block_size, block_bytes = GGML_QUANT_SIZES[tensor_type]
     if tensor_type in (T.Q4_K, T.Q5_K, T.Q6_K):
         if K % QK_K:
             raise ValueError(f"{tensor_type.name}: rows of {K} values do not split into {QK_K}-value blocks")
@@ -237,7 +238,7 @@ def blocks_from_gguf(
     return BlockWeight(np.ascontiguousarray(q.reshape(O, K)), d, m, bits, offset)
 
 
-def _k_quant_blocks(tensor_type: gguf.GGMLQuantizationType, blocks: np.ndarray) -> BlockWeight:
+def _k_quant_blocks(tensor_type: GGMLQuantizationType, blocks: np.ndarray) -> BlockWeight:
     """Q4_K / Q5_K (8 sub-blocks of 32: 6-bit scale and minimum each) and Q6_K (16 sub-blocks of 16:
     an int8 scale each) as int8 values with a float32 scale (and minimum) per sub-block: the same
     values as the ``gguf`` package's dequantization (``d * sc * q - dmin * m``)."""
@@ -374,17 +375,6 @@ def _scales(d: np.ndarray, m: np.ndarray | None) -> tuple[np.ndarray, np.ndarray
     if not exact:
         return d.astype(F32), None if m is None else m.astype(F32)
     return d.astype(np.float16).view(np.uint16), None if m is None else m.astype(np.float16).view("<u2")
-
-
-def return_freed_memory() -> None:
-    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``; nothing elsewhere).
-    Unpacking and packing a model's tensors frees ~50 MB of intermediates for SmolLM2 that glibc
-    would otherwise keep in the process's resident memory."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
-        return
-    trim(0)
 
 
 def embed(w: Weight, ids: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.bpe import merge_heap, merge_scan, word_to_symbols
+from engine.bpe import ByteLevelBpe, merge_heap, merge_scan
 from engine.errors import ModelFileError, UnsupportedModelError
 from engine.gguf import GgufFile
 from engine.tokenizer import ChatTemplateError, Tokenizer
@@ -309,9 +309,54 @@ def test_broken_tokenizer_metadata(tmp_path: Path, extra: dict[str, Any], messag
 @settings(max_examples=300, deadline=None)
 @given(st.text(st.sampled_from("abcdehlnorst tT,.!é今🍕"), min_size=1, max_size=120))
 def test_heap_merge_equals_scan_merge(tiny: Tokenizer, word: str) -> None:
-    ranks = tiny._model.ranks  # type: ignore[attr-defined]
-    symbols = list(word_to_symbols(word))
-    assert merge_heap(list(symbols), ranks) == merge_scan(list(symbols), ranks)
+    bpe = tiny._model
+    assert isinstance(bpe, ByteLevelBpe)
+    ids = [bpe._byte_ids[b] for b in word.encode()]
+    assert merge_heap(list(ids), bpe.merges, bpe.bits) == merge_scan(list(ids), bpe.merges, bpe.bits)
+
+
+def test_merges_that_join_no_two_tokens_are_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    """A merge is kept only if both its parts and what it makes are tokens (Hugging Face refuses the
+    others); a byte without a token becomes the unknown token, or is dropped when there is none."""
+    tokens = ["<unk>", "a", "b", "c", "ab", "abc", "bc"]
+    merges = ["a b", "ab c", "x y", "a q", "nospace", "b c"]
+    with caplog.at_level(logging.WARNING, logger="engine.bpe"):
+        bpe = ByteLevelBpe(tokens, merges, "gpt2", unk_id=0)
+    assert "ignored 3 of 6 merges" in caplog.text and "'x y'" in caplog.text
+    assert bpe.encode_text("abc") == [5]  # a+b (rank 0), then ab+c (rank 1)
+    assert bpe.encode_text("bc") == [6]
+    assert bpe.encode_text("aqb") == [1, 0, 2]  # no token for 'q': the unknown token
+    no_unk = ByteLevelBpe(tokens, merges, "gpt2")
+    with caplog.at_level(logging.WARNING, logger="engine.bpe"):
+        assert no_unk.encode_text("aqb") == [1, 2]
+    assert "dropped byte b'q'" in caplog.text
+
+
+@pytest.mark.smollm2
+@settings(max_examples=300, deadline=None)
+@given(st.text(st.sampled_from("abcxyzABC 019 \n\t.,'!?-_(){}é今🍕Ж"), max_size=80) | st.text(max_size=40))
+def test_smollm2_matches_hugging_face_bpe(hf_smollm2: Any, smollm2: Tokenizer, text: str) -> None:
+    """Hugging Face ``tokenizers`` running the file's own vocabulary and merges (as SmolLM2's
+    tokenizer.json: digits split apart, then GPT-2's byte-level words) is the reference for plain text."""
+    assert smollm2.encode(text, parse_special=False) == hf_smollm2.encode(text, add_special_tokens=False).ids
+
+
+@pytest.fixture(scope="module")
+def hf_smollm2(smollm2_file: GgufFile) -> Any:
+    tokenizers = pytest.importorskip("tokenizers")
+    tokens, merges = (
+        smollm2_file.require("tokenizer.ggml.tokens"),
+        smollm2_file.require("tokenizer.ggml.merges"),
+    )
+    vocab = {t: i for i, t in reversed(list(enumerate(tokens)))}
+    unk = tokens[smollm2_file.require("tokenizer.ggml.unknown_token_id")]  # a byte with no token becomes it
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, pairs, unk_token=unk))
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+        tokenizers.pre_tokenizers.Digits(individual_digits=True),
+        tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])  # fmt: skip
+    return hf
 
 
 @pytest.mark.parametrize("weight_type", WEIGHT_TYPES)
