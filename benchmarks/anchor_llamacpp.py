@@ -111,6 +111,33 @@ class Context:
         self.lc.llama_model_free(self.model)
 
 
+def _reference(spec: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """The reference prompts and their float32 last-position logits (``spec["reference_dir"]``)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(spec["reference_dir"])
+    prompts = json.loads((folder / "prompts.json").read_text("utf-8"))["prompts"]
+    with np.load(folder / "logits.npz") as data:
+        return prompts, {key: data[key] for key in data.files}
+
+
+def measure_accuracy(spec: dict[str, Any]) -> dict[str, Any]:
+    """``anchor_smallmind.measure_accuracy``'s figure for llama.cpp: each reference prompt one token a
+    decode call, the last logits against the float32 reference's."""
+    prompts, logits = _reference(spec)
+    c = Context(spec, n_ctx=512)
+    worst = 0.0
+    for p in prompts:
+        c.clear()
+        for position, token in enumerate(p["input_ids"]):
+            c.decode([(token, position, 0, True)])
+        last = np.ctypeslib.as_array(c.lc.llama_get_logits_ith(c.ctx, -1), shape=(c.n_vocab,)).copy()
+        ref = logits[p["key"]]
+        worst = max(worst, float(np.abs(last - ref).max() / np.abs(ref).max()))
+    return {"max_rel_diff": worst, **c.settings()}
+
+
 def measure_decode(spec: dict[str, Any]) -> dict[str, Any]:
     ids, n_new = list(spec["prompt_ids"]), int(spec.get("n_new", 128))
     c = Context(spec, n_ctx=max(512, len(ids) + n_new + 8))

@@ -28,7 +28,37 @@ def _load(spec: dict[str, Any]) -> tuple[Any, Any]:
     f = GgufFile(spec["model"])
     model, tok = Model.from_gguf(f), Tokenizer.from_gguf(f)
     kernels.set_threads(int(spec.get("threads", 0)))
+    kernels.set_activations(str(spec.get("activations", "float32")))
     return model, tok
+
+
+def _reference(spec: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """The reference prompts and their float32 last-position logits (``spec["reference_dir"]``)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(spec["reference_dir"])
+    prompts = json.loads((folder / "prompts.json").read_text("utf-8"))["prompts"]
+    with np.load(folder / "logits.npz") as data:
+        return prompts, {key: data[key] for key in data.files}
+
+
+def measure_accuracy(spec: dict[str, Any]) -> dict[str, Any]:
+    """How far decode steps are from the float32 reference: each reference prompt fed one token a
+    step (decode-sized steps: the kernels' activations, float32 or 8-bit, as ``activations`` says),
+    its last logits against the reference's; the worst max |diff| relative to max |logit|."""
+    from engine import kernels
+
+    model, _ = _load(spec)
+    prompts, logits = _reference(spec)
+    worst = 0.0
+    for p in prompts:
+        cache = model.new_cache(len(p["input_ids"]))
+        for token in p["input_ids"]:
+            last = model.forward([token], cache)[-1]
+        ref = logits[p["key"]]
+        worst = max(worst, float(np.abs(last - ref).max() / np.abs(ref).max()))
+    return {"max_rel_diff": worst, "activations": kernels.activations()}
 
 
 def measure_model_path(spec: dict[str, Any]) -> dict[str, Any]:

@@ -41,7 +41,8 @@ from anchor import (
     run_child,
 )
 
-FIGURES = ("decode", "batched", "prefill", "long", "memory", "sequential", "steps")
+FIGURES = ("decode", "batched", "prefill", "long", "memory", "sequential", "steps", "accuracy")
+REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "reference" / "smollm2-135m"
 N_CONTEXT = 6144
 ISSUE = "issue 24"
 
@@ -62,7 +63,7 @@ def verdict(value: float | None, target: float, at_most: bool = False) -> str:
 
 
 def measure(args: argparse.Namespace, model: str, ids: dict[str, Any]) -> dict[str, Any]:
-    base = {"model": model, "threads": args.threads}
+    base = {"model": model, "threads": args.threads, "activations": args.activations}
     rounds, r = args.rounds, {}
     only = set(args.only.split(",")) if args.only else set(FIGURES)
     if "decode" in only:
@@ -85,6 +86,9 @@ def measure(args: argparse.Namespace, model: str, ids: dict[str, Any]) -> dict[s
         r["long"] = compare("long_decode", spec, max(1, rounds - 1), engines=engines)
     if "memory" in only:
         r["memory"] = compare("memory", base, rounds, key="rss_mib", lower_is_better=True)
+    if "accuracy" in only and Path(model).name.startswith("SmolLM2-135M"):  # the reference's weights
+        r["accuracy"] = compare("accuracy", {**base, "reference_dir": str(REFERENCE)}, 1,
+                                key="max_rel_diff", lower_is_better=True)  # fmt: skip
     if "steps" in only:
         spec = {**base, "prompt_ids": ids["decode"]}
         r["steps"] = compare("steps", spec, rounds, key="ratio_8", lower_is_better=True,
@@ -147,6 +151,11 @@ def table(r: dict[str, Any], kv_dtypes: list[str]) -> list[tuple[str, ...]]:
                      f"{tps(bat, 'smallmind'):.1f} vs {tps(seq, 'smallmind'):.1f} tok/s = {x:.2f}x",
                      f"{tps(bat, 'llama.cpp'):.1f} vs {tps(seq, 'llama.cpp'):.1f} tok/s = {y:.2f}x" if y else "-",
                      "", verdict(x, 5.0)))  # fmt: skip
+    if "accuracy" in r:
+        ours, theirs = r["accuracy"]["smallmind"], r["accuracy"].get("llama.cpp")
+        rows.append((f"decode-step logits vs the float32 reference, max |diff| / max |logit| "
+                     f"(our activations {ours['activations']})", f"{ours['max_rel_diff']:.1e}",
+                     f"{theirs['max_rel_diff']:.1e}" if theirs else "-", "", ""))  # fmt: skip
     if "steps" in r:
         s = r["steps"]["smallmind"]
         ms = s["step_ms"]
@@ -185,6 +194,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=physical_cores(), help="threads for both engines")
     parser.add_argument("--kv-dtypes", default="float32,float16,q8_0", help="our K/V dtypes at long context "
                         "(the first is the one held to the target)")  # fmt: skip
+    parser.add_argument("--activations", default="float32", choices=("float32", "int8"),
+                        help="our kernels' activations (int8: the opt-in 8-bit mode, with AVX-512 VNNI)")  # fmt: skip
     parser.add_argument("--only", default="", help=f"comma-separated subset of {','.join(FIGURES)}")
     parser.add_argument("--quick", action="store_true", help="one round per figure")
     parser.add_argument("--json", default=None)

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 F32 = np.float32
 KERNELS_ENV = "SMALLMIND_KERNELS"
+ACTIVATIONS_ENV = "SMALLMIND_ACTIVATIONS"
+ACTIVATIONS = ("float32", "int8")
 BACKENDS = ("numba", "numpy")
 SMALL_ROWS = 16  # up to this many rows a step always runs the JIT kernel (beyond: see calibration.py)
 BLAS_ATTENTION_ROWS = 16  # a chunk this long after as many cached tokens: attention() by BLAS, not fused
@@ -149,7 +151,7 @@ def _warm_up_now() -> None:
     pool().warm_up()
     for w in _warm_up_weights():
         for n in (1, 2, 4, 8, SMALL_ROWS + 1):
-            linear(np.ones((n, w.shape[1]), dtype=F32), w)
+            linear(np.ones((n, w.shape[1]), dtype=F32), w)  # with the activations in effect
         embed(w, np.array([1]))
     from .attention import warm_up as warm_attention
 
@@ -240,17 +242,51 @@ def _large_alone(x: np.ndarray, w: PackedWeight) -> np.ndarray:
     return out
 
 
+def set_activations(mode: str) -> str:
+    """The activations' precision in the numba kernels' projections: "float32" (the default: greedy
+    output equal to the float32 reference) or "int8" (``vnni.py``: llama.cpp's way, faster for
+    batched steps, not exact); "int8" needs AVX-512 VNNI and stays float32 where the CPU lacks it.
+    Returns the mode in effect. ``$SMALLMIND_ACTIVATIONS`` sets the default."""
+    if mode not in ACTIVATIONS:
+        raise ValueError(f"activations={mode!r}: expected one of {', '.join(ACTIVATIONS)}")
+    from . import vnni
+
+    _activations["mode"] = "int8" if mode == "int8" and vnni.available() else "float32"
+    return _activations["mode"]
+
+
+def activations() -> str:
+    """The activations' precision in effect ("float32" or "int8")."""
+    if "mode" not in _activations:
+        set_activations(os.environ.get(ACTIVATIONS_ENV, "").strip().lower() or "float32")
+    return _activations["mode"]
+
+
+_activations: dict[str, str] = {}
+
+
+def projection() -> tuple[object, int]:
+    """(the compiled projection job, its chunk function's address) for the activations in effect."""
+    if activations() == "int8":
+        from . import vnni
+
+        return vnni.project, vnni.project_chunk()
+    from . import quant
+
+    return quant.project, quant.project_chunk()
+
+
 def _small(x: np.ndarray, w: PackedWeight) -> np.ndarray:
     """The register-tiled kernel over every panel, on the engine's threads (``pool.py``)."""
     from .pool import pool
-    from .quant import project, project_chunk
 
     if x.dtype != F32 or not x.flags.c_contiguous:
         x = np.ascontiguousarray(x, dtype=F32)
     out = np.empty((x.shape[0], w.padded_rows), dtype=F32)
     table = w._table if w._table is not None else w.kernel_table()
     sums32, sums16 = w.block_sizes
-    pool().run(project, table, x, out, _max_tile(), sums32, sums16, project_chunk())
+    project, chunk = projection()
+    pool().run(project, table, x, out, _max_tile(), sums32, sums16, chunk)
     return out if w.padded_rows == w.shape[0] else out[:, : w.shape[0]]
 
 

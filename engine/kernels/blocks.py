@@ -26,11 +26,12 @@ from dataclasses import dataclass
 
 import numpy as np
 from numba import carray, njit
+from numba.extending import overload
 
-from . import SMALL_ROWS, _max_tile
+from . import SMALL_ROWS, _max_tile, projection, vnni
 from .attention import StepPlan, _pointer, attend_chunk, attend_on_pool, attend_serial, exp_nonpositive
 from .pool import address, pool
-from .quant import FASTMATH, project, project_chunk
+from .quant import FASTMATH, project
 from .weights import PackedWeight
 
 # numpy's error model: a float division is a division (Python's checks for zero and raises, a branch
@@ -94,12 +95,31 @@ def rope_head(src, at, dst, norm, use_norm, eps, cos, sin, r):  # pragma: no cov
         dst[i + half] = b * cos[r, i + half] + a * sin[r, i + half]
 
 
+def project_8bit(ctrl, job, tab, x, out, tile, sums32, sums16, chunk_fn):  # pragma: no cover - compiled
+    """``vnni.project`` where the CPU has VNNI; elsewhere (never called there) the float32 job, so
+    that no instruction the CPU lacks is ever compiled."""
+    raise NotImplementedError
+
+
+@overload(project_8bit)
+def _project_8bit(ctrl, job, tab, x, out, tile, sums32, sums16, chunk_fn):  # pragma: no cover - compiled
+    chosen = vnni.project if vnni.available() else project
+    return lambda ctrl, job, tab, x, out, tile, sums32, sums16, chunk_fn: chosen(
+        ctrl, job, tab, x, out, tile, sums32, sums16, chunk_fn
+    )
+
+
 @kernel
-def _project(ctrl, job, mats, i, x, tile, chunk_fn):  # pragma: no cover - compiled
-    """x @ W.T for matrix ``i`` of ``mats``, as ``linear()`` runs it: (N, padded columns)."""
+def _project(ctrl, job, mats, i, x, tile, chunk_fn, int8):  # pragma: no cover - compiled
+    """x @ W.T for matrix ``i`` of ``mats``, as ``linear()`` runs it: (N, padded columns); ``int8``:
+    with 8-bit activations (``vnni.project``, whose chunk function ``chunk_fn`` is then)."""
     tab = carray(address(mats[i, M_TABLE]), (mats[i, M_LENGTH],), np.int64)
     out = np.empty((x.shape[0], mats[i, M_PADDED]), dtype=np.float32)
-    project(ctrl, job, tab, x, out, tile, mats[i, M_SUMS32] != 0, mats[i, M_SUMS16] != 0, chunk_fn)
+    sums32, sums16 = mats[i, M_SUMS32] != 0, mats[i, M_SUMS16] != 0
+    if int8:
+        project_8bit(ctrl, job, tab, x, out, tile, sums32, sums16, chunk_fn)
+    else:
+        project(ctrl, job, tab, x, out, tile, sums32, sums16, chunk_fn)
     return out
 
 
@@ -107,7 +127,7 @@ def _project(ctrl, job, mats, i, x, tile, chunk_fn):  # pragma: no cover - compi
 def run_blocks(  # pragma: no cover - compiled
     ctrl, job, x, mats, norms, qk_norms, biases, flags, shape, eps, windows,
     cos, sin, local_cos, local_sin, seqs, row_seq, items, n_splits, local_items, local_n_splits,
-    proto, serial, tile, chunk_fn, attend_fn,
+    proto, serial, tile, chunk_fn, attend_fn, int8,
 ):  # fmt: skip
     """Every block over x (N, D) float32; returns the last block's output (N, D).
 
@@ -117,7 +137,8 @@ def run_blocks(  # pragma: no cover - compiled
     where local ones use local_cos/local_sin; seqs, items, n_splits: the attention plan's
     (``attention.StepPlan``) for window 0 and for the local window; row_seq (N, 2): each row's
     sequence and position; serial (2,): whether global and local layers attend on this thread alone,
-    else as a pool job (``attend_fn``: ``attention.attend_chunk("float32")``)."""
+    else as a pool job (``attend_fn``: ``attention.attend_chunk("float32")``); int8: the projections
+    with 8-bit activations (``kernels.activations()``)."""
     N, D = x.shape
     H, KVH, Hd, F = shape[0], shape[1], shape[2], shape[3]
     qk_norm, post_attn, post_ffn = flags[F_QK_NORM] != 0, flags[F_POST_ATTN] != 0, flags[F_POST_FFN] != 0
@@ -138,7 +159,7 @@ def run_blocks(  # pragma: no cover - compiled
         window = windows[layer]
         c, s = (local_cos, local_sin) if window > 0 else (cos, sin)
         rms_norm_into(x, norms[layer, ATTN_NORM], eps, h)
-        qkv = _project(ctrl, job, mats, 4 * layer + WQKV, h, tile, chunk_fn)
+        qkv = _project(ctrl, job, mats, 4 * layer + WQKV, h, tile, chunk_fn, int8)
         if has_bias:
             for r in range(N):
                 for i in range(biases.shape[1]):
@@ -161,7 +182,7 @@ def run_blocks(  # pragma: no cover - compiled
         else:
             attend_on_pool(ctrl, job, attend_fn, q, attn, part_m, part_l, part_acc, seqs, its, splits, layer,
                            KVH, Hd, window)  # fmt: skip
-        out = _project(ctrl, job, mats, 4 * layer + WO, attn.reshape(N, H * Hd), tile, chunk_fn)
+        out = _project(ctrl, job, mats, 4 * layer + WO, attn.reshape(N, H * Hd), tile, chunk_fn, int8)
         if post_attn:
             rms_norm_into(out, norms[layer, POST_ATTN_NORM], eps, h)
             out = h
@@ -169,7 +190,7 @@ def run_blocks(  # pragma: no cover - compiled
             for i in range(D):
                 x[r, i] += out[r, i]
         rms_norm_into(x, norms[layer, FFN_NORM], eps, h)
-        gate_up = _project(ctrl, job, mats, 4 * layer + W_GATE_UP, h, tile, chunk_fn)
+        gate_up = _project(ctrl, job, mats, 4 * layer + W_GATE_UP, h, tile, chunk_fn, int8)
         for r in range(N):
             for i in range(F):
                 g = gate_up[r, i]
@@ -177,7 +198,7 @@ def run_blocks(  # pragma: no cover - compiled
                 if gelu:
                     z = GELU_SCALE * (g + np.float32(0.044715) * g * g * g)
                 act[r, i] = sigmoid_times(g, z) * gate_up[r, F + i]
-        out = _project(ctrl, job, mats, 4 * layer + W_DOWN, act, tile, chunk_fn)
+        out = _project(ctrl, job, mats, 4 * layer + W_DOWN, act, tile, chunk_fn, int8)
         if post_ffn:
             rms_norm_into(out, norms[layer, POST_FFN_NORM], eps, h)
             out = h
@@ -252,6 +273,8 @@ class Blocks:
         local_window = int(self.windows.max())
         local_items, local_n_splits = plan.items(local_window, G) if local_window else (items, n_splits)
         serial = np.array([plan.serial(0), plan.serial(local_window)], dtype=np.bool_)
+        project_fn, chunk = projection()
+        int8 = project_fn is vnni.project
         row_seq = np.empty((x.shape[0], 2), dtype=np.int64)
         for b, (_, _, _, _, start, T, first) in enumerate(plan.seqs.tolist()):
             row_seq[first : first + T, 0] = b
@@ -259,7 +282,7 @@ class Blocks:
         args = (np.ascontiguousarray(x, dtype=np.float32), self.mats, self.norms, self.qk_norms, self.biases,
                 self.flags, self.shape, self.eps, self.windows, cos, sin, local_cos, local_sin, plan.seqs,
                 row_seq, items, n_splits, local_items, local_n_splits, plan.proto, serial, _max_tile(),
-                project_chunk(), attend_chunk("float32"))  # fmt: skip
+                chunk, attend_chunk("float32"), int8)  # fmt: skip
         with pool().words() as (ctrl, job):
             return run_blocks(ctrl, job, *args)
 
