@@ -1,5 +1,5 @@
 """One conversation tab: the view of a ``ConversationModel`` (the transcript, the prompt box, the
-buttons) and the way of a message from Send to its reply.
+buttons) and the path of a message from Send to its reply.
 
 The model (``conversation_model.py``, no Qt) holds the entries and writes every change to the
 store; this widget shows them and turns clicks into model calls. It talks to the engine only through
