@@ -176,8 +176,8 @@ def switch(engine_id, name):
     started = time.perf_counter()
     picker.setCurrentIndex(index)
     picker.activated.emit(index)
-    wait(lambda: tab.model_state == ("ready", name) and tab.model_ready_at > started)
-    return (tab.model_ready_at - started) * 1000
+    wait(lambda: tab.engine.model_state == ("ready", name) and tab.engine.model_ready_at > started)
+    return (tab.engine.model_ready_at - started) * 1000
 
 out = {"to_loaded_ms": [], "to_disk_ms": [], "load_s": []}
 for _ in range(rounds):

@@ -1,28 +1,31 @@
 """One conversation tab: the view of a ``ConversationModel`` (the transcript, the prompt box, the
-buttons, the tab's own system prompt).
+buttons) and the path of a message from Send to its reply.
 
 The model (``conversation_model.py``, no Qt) holds the entries and writes every change to the
 store; this widget shows them and turns clicks into model calls. It talks to the engine only through
 its signals (``generation_requested``, ``cancel_requested``); the window's router sends the worker's
 answers back to ``show_prompt_progress``, ``append_text``, ``finish_reply`` and ``fail_request``.
+Two parts it owns have rooms of their own: ``tab_engine.TabEngine`` (what answers the tab: the engine
+picker, its model's state, the chat's sampling and system prompt) and ``tab_edits.MessageEdits``
+(editing a sent message, switching versions). ``_connect`` wires every widget to one of the three.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import Any
 
 from PySide6.QtCore import QTimer, Signal, Slot
-from PySide6.QtGui import QResizeEvent, QShowEvent, QTextCursor
+from PySide6.QtGui import QResizeEvent, QShowEvent
 from PySide6.QtWidgets import QFileDialog, QWidget
 
-from ..engines.endpoints import local_label, model_path_of
 from ..history.store import Conversation, ConversationStore, Message
 from ..wording import limit_reached, short_status, tab_limit, waiting_reason
 from .conversation_model import ConversationModel, Entry
 from .tab_controls import ProblemOffer, SystemPromptEditor
-from .tab_widgets import TabWidgets, overrides_summary
+from .tab_edits import MessageEdits
+from .tab_engine import TabEngine
+from .tab_widgets import TabWidgets
 
 RENDER_DELAY_MS = 60  # a streaming reply is re-rendered at most ~16 times a second
 
@@ -50,41 +53,39 @@ class ChatTab(TabWidgets):
         self.model = ConversationModel(conversation, messages, store)
         self.conversation_id = conversation.id
         self.render_pending = False  # a render waits for its timer (or for the tab to be shown)
-        self.model_state: tuple[str, str] = ("", "")  # ("loading" | "ready" | "failed", model name)
-        self.model_ready_at = 0.0  # time.perf_counter() when its model last said it was ready
-        self._editing: str | None = None  # the draft the prompt box held before an edit began
-        self._engine_choices: list[tuple[str, str]] = []
         self._waiting_offer = False  # the Settings button shown says why the reply waits
         self.system_prompt_editor = SystemPromptEditor(self.system_toggle, self.system_edit, self)
         self.problem = ProblemOffer(self.fix_button, self.raise_button, self)
+        self.engine = TabEngine(self)  # the engine picker, its model's state, sampling, system prompt
+        self.edits = MessageEdits(self)  # an edit of a sent message, the versions shown
         self._connect()
-        self._update_settings_button()
-        self._update_buttons()
+        self.engine.show_sampling()
+        self.update_buttons()
         self.render_now()
 
     def _connect(self) -> None:
-        self.system_prompt_editor.edited.connect(self._on_system_prompt_editor_edited)
-        self.system_prompt_editor.save_due.connect(self._on_system_prompt_editor_save_due)
+        self.system_prompt_editor.edited.connect(self.engine.use_system_prompt)
+        self.system_prompt_editor.save_due.connect(self.engine.save_system_prompt)
         self.problem.settings_wanted.connect(self.settings_requested)
         self.problem.raise_wanted.connect(
             lambda setting, value: self.setting_change_requested.emit(self.conversation_id, setting, value)
         )
         self.settings_button.clicked.connect(lambda: self.chat_settings_requested.emit(self.conversation_id))
-        self.engine_picker.engine_picked.connect(self.set_engine)
+        self.engine_picker.engine_picked.connect(self.engine.set_engine)
         self.transcript.copied.connect(lambda _index: self.status_label.setText("Copied to the clipboard."))
         self.transcript.link_refused.connect(
             lambda address: self.status_label.setText(
                 f"Only web links (http, https) are opened; not {address[:80]}"
             )
         )
-        self.transcript.version_requested.connect(self.select_version)
-        self.transcript.edit_requested.connect(self.edit_message)
-        self.version_bar.step_requested.connect(self.select_version)
+        self.transcript.version_requested.connect(self.edits.select_version)
+        self.transcript.edit_requested.connect(self.edits.edit_message)
+        self.version_bar.step_requested.connect(self.edits.select_version)
         self.prompt_edit.count_wanted.connect(
             lambda text: self.token_count_requested.emit(self.conversation_id, text)
         )
         self.prompt_edit.submitted.connect(self.send)
-        self.prompt_edit.escaped.connect(self.cancel_edit)
+        self.prompt_edit.escaped.connect(self.edits.cancel_edit)
         self.attachment_list.count_wanted.connect(
             lambda block: self.token_count_requested.emit(self.conversation_id, block)
         )
@@ -95,7 +96,7 @@ class ChatTab(TabWidgets):
         self.stop_button.clicked.connect(self.stop)
         self.regenerate_button.clicked.connect(self.regenerate)
         self.continue_button.clicked.connect(self.continue_reply)
-        self.edit_button.clicked.connect(self.edit_last)
+        self.edit_button.clicked.connect(self.edits.edit_last)
 
     # -- the model's state, as the window and tests read it ------------------------------------------
     @property
@@ -136,10 +137,8 @@ class ChatTab(TabWidgets):
         return self.model.sampling_overrides
 
     def set_sampling_overrides(self, overrides: Mapping[str, Any]) -> None:
-        """Use these for the next replies and save them with the conversation."""
-        self.model.set_sampling_overrides(overrides)
-        self._update_settings_button()
-        self.schedule_render()  # a failed write adds a notice
+        """Use these for the next replies and save them with the conversation (``TabEngine``)."""
+        self.engine.set_sampling_overrides(overrides)
 
     @property
     def saved_engine(self) -> str | None:
@@ -147,45 +146,31 @@ class ChatTab(TabWidgets):
         return self.model.saved_engine
 
     def set_engine(self, engine_id: str) -> None:
-        """Answer with ``engine_id`` from the next reply on; remembered with the conversation."""
-        self.model.set_engine(engine_id)
-        self.schedule_render()
-        if self.engine_picker.engine_id != engine_id and self._engine_choices:
-            self.set_engine_choices(self._engine_choices)  # a local model not listed yet is added
-        self.engine_changed.emit(self.conversation_id, engine_id)
-
-    def set_engine_choices(self, choices: list[tuple[str, str]]) -> str:
-        """The engines to pick from (local first); returns the engine the tab uses now (its saved
-        one, or the local engine when that endpoint is gone: the tab says so)."""
-        saved = self.saved_engine or choices[0][0]
-        if (path := model_path_of(saved)) is not None and saved not in dict(choices):
-            choices = [*choices[:1], (saved, local_label(path)), *choices[1:]]  # not listed yet: it is loaded
-        self._engine_choices = list(choices)
-        if not self.engine_picker.set_choices(choices, saved):
-            self.status_label.setText("This chat's server is no longer in Settings → Engines; "
-                                      "the local engine answers.")  # fmt: skip
-        return self.engine_picker.engine_id
+        """Answer with ``engine_id`` from the next reply on; remembered with the conversation
+        (``TabEngine``)."""
+        self.engine.set_engine(engine_id)
 
     def chat_messages(self) -> list[dict[str, str]]:
         """What the model sees: the system prompt, then every kept user message and reply."""
         return self.model.chat_messages()
 
-    def _update_buttons(self) -> None:
+    def update_buttons(self) -> None:
+        """Enable what may be done now (nothing but Stop while a reply runs, no new action in an edit)."""
         busy, entries = self.is_generating, self.model.entries
-        has_user = self.model.has_user_message
+        has_user, free = self.model.has_user_message, not busy and not self.edits.active
         self.send_button.setEnabled(not busy)
         self.stop_button.setEnabled(busy)
-        self.regenerate_button.setEnabled(not busy and has_user and self._editing is None)
-        self.continue_button.setEnabled(not busy and self._editing is None and self.model.can_continue)
-        self.edit_button.setEnabled(not busy and has_user and self._editing is None)
+        self.regenerate_button.setEnabled(free and has_user)
+        self.continue_button.setEnabled(free and self.model.can_continue)
+        self.edit_button.setEnabled(free and has_user)
         last = next((i for i in range(len(entries) - 1, -1, -1) if entries[i].versions), -1)
         versions = entries[last].versions if last >= 0 else None
         role = entries[last].role if last >= 0 else ""
-        self.version_bar.show_versions(last, role, versions, not busy and self._editing is None)
+        self.version_bar.show_versions(last, role, versions, free)
         self.engine_picker.setEnabled(not busy)  # a reply is answered by the engine it was sent to
 
     def _busy_changed(self) -> None:
-        self._update_buttons()
+        self.update_buttons()
         self.busy_changed.emit(self.conversation_id, self.is_generating)
 
     # -- user actions ---------------------------------------------------------------------------
@@ -194,9 +179,8 @@ class ChatTab(TabWidgets):
         text = self.prompt_edit.toPlainText().strip()
         if not text or self.is_generating:
             return
-        if self._editing is not None:  # the edit is committed: a new version of the edited message
-            edited = self._end_edit()
-            self.model.commit_edit(edited)
+        if self.edits.active:  # the edit is committed: a new version of the edited message
+            self.model.commit_edit(self.edits.end_edit())
         self.problem.show("", None)
         if self.model.add_user_message(text):
             self.first_message_sent.emit(self.conversation_id, text)
@@ -221,7 +205,7 @@ class ChatTab(TabWidgets):
     @Slot()
     def continue_reply(self) -> None:
         """The last reply (cut by its token limit, or stopped) goes on from where it stopped."""
-        if self.is_generating or self._editing is not None or not self.model.can_continue:
+        if self.is_generating or self.edits.active or not self.model.can_continue:
             return
         self.problem.show("", None)
         messages = self.model.start_continuation()
@@ -230,82 +214,9 @@ class ChatTab(TabWidgets):
         self.render_now()
         self.continue_requested.emit(self.conversation_id, messages)
 
-    @Slot()
-    def edit_last(self) -> None:
-        """Edit the last user message (``edit_message``)."""
-        last_user = self.model.last_index("user")
-        if last_user is not None:
-            self.edit_message(last_user)
-
-    @Slot(int)
-    def edit_message(self, index: int) -> None:
-        """Put user message ``index`` in the prompt box to change it; nothing changes until it is sent
-        (then it becomes a new version of that message, the old one and all that followed it kept as
-        the previous version); Esc or Cancel edit leaves everything as it was."""
-        if not 0 <= index < len(self.entries) or self.entries[index].role != "user":
-            return
-        if self.is_generating:
-            self.status_label.setText("A message can be edited once the reply is done (or stopped).")
-            return
-        if self._editing is None:
-            self._editing = self.prompt_edit.toPlainText()
-        edited = self.model.begin_edit(index)
-        self.prompt_edit.setPlainText(edited.content)
-        self.prompt_edit.moveCursor(QTextCursor.MoveOperation.End)
-        self.prompt_edit.setFocus()
-        self.edit_banner.setVisible(True)
-        self.send_button.setText("Save && send")
-        self._update_buttons()
-        self.render_now()
-
-    @Slot()
-    def cancel_edit(self) -> None:
-        """Esc: leave the last message and its reply as they were, give back the draft."""
-        if self._editing is None:
-            return
-        draft = self._editing
-        self._end_edit()
-        self.prompt_edit.setPlainText(draft)
-        self.render_now()
-
-    def _end_edit(self) -> Entry | None:
-        self._editing = None
-        edited = self.model.end_edit()
-        self.edit_banner.setVisible(False)
-        self.send_button.setText("Send")
-        self._update_buttons()
-        return edited
-
-    @Slot(int, int)
     def select_version(self, index: int, step: int) -> None:
-        """Show the version ``step`` places from entry ``index``'s; the conversation continues from it."""
-        if self.is_generating or self._editing is not None or self.model.unsaved:
-            self.status_label.setText("Versions can be switched once the reply is done and no edit is open.")
-            return
-        if self.model.select_version(index, step):
-            number, count = self.entries[index].versions or (1, 1)
-            what = "reply" if self.entries[index].role == "assistant" else "message"
-            self.status_label.setText(f"Showing version {number} of {count} of this {what}.")
-        self._update_buttons()
-        self.render_now()
-
-    def show_message(self, message_id: int) -> int | None:
-        """The entry index of stored message ``message_id`` (a search hit), after switching to the
-        versions that hold it when it is in an older one; None when it cannot be shown now."""
-        shown = [e.message_id for e in self.entries]
-        index = self.model.show_message(message_id)
-        if index is None:
-            self.status_label.setText(
-                "Found in an earlier version: switch with ‹ › once the reply is done and no edit is open."
-            )
-        elif message_id not in shown:  # it was in an older version: that one is shown now
-            place = next((i for i in range(index, -1, -1) if self.entries[i].versions), index)
-            number, count = self.entries[place].versions or (1, 1)
-            what = "reply" if self.entries[place].role == "assistant" else "message"
-            self.status_label.setText(f"Found in version {number} of {count} of this {what} (‹ › switches).")
-            self._update_buttons()
-            self.render_now()
-        return index
+        """Show the version ``step`` places from entry ``index``'s (``MessageEdits``)."""
+        self.edits.select_version(index, step)
 
     # -- attachments ----------------------------------------------------------------------------
     @Slot()
@@ -322,7 +233,7 @@ class ChatTab(TabWidgets):
     @Slot(str)
     def _on_attachment_list_refused(self, message: str) -> None:
         self.add_notice(message, "error")
-        self._set_status(message)
+        self.set_status(message)
 
     def _request_reply(self) -> None:
         messages = self.model.start_reply()
@@ -348,7 +259,7 @@ class ChatTab(TabWidgets):
         status, footer, setting = waiting_reason(kind, running, limit)
         if not self.model.show_waiting(footer):
             return
-        self._set_status(status)
+        self.set_status(status)
         self.problem.show(setting, None)
         self._waiting_offer = True
         self.schedule_render()
@@ -358,23 +269,6 @@ class ChatTab(TabWidgets):
         if self._waiting_offer:
             self._waiting_offer = False
             self.problem.show("", None)
-
-    def show_model_loading(self, name: str) -> None:
-        """This tab's model is being loaded (picked, or needed for a reply): its next reply waits."""
-        self.model_state = ("loading", name)
-        self._set_status(f"loading {name}…")
-
-    def show_model_ready(self, name: str) -> None:
-        """This tab's model is loaded (``model_ready_at``: when it said so)."""
-        was_loading = self.model_state[0] == "loading"
-        self.model_state = ("ready", name)
-        self.model_ready_at = time.perf_counter()
-        if was_loading and self.status_label.text().startswith("loading "):
-            self._set_status(f"{name} is ready." if not self.is_generating else "generating…")
-
-    def show_model_failed(self, name: str, reason: str) -> None:
-        self.model_state = ("failed", name)
-        self._set_status(f"{name} could not be loaded: {reason}")
 
     def append_text(self, text: str, n_tokens: int | None = None) -> None:
         """More text of the reply; ``n_tokens``: the tokens it has so far (kept if the app quits)."""
@@ -391,7 +285,7 @@ class ChatTab(TabWidgets):
         self._started()
         self._busy_changed()
         if stats.get("error"):
-            self._set_status(f"The reply failed: {stats['error']}")
+            self.set_status(f"The reply failed: {stats['error']}")
             self.problem.show(str(result.get("error_setting") or ""), None)
         elif stats["context_trimmed"]:
             self.status_label.setText(
@@ -411,11 +305,11 @@ class ChatTab(TabWidgets):
         if was_generating:
             self._busy_changed()
         self.render_now()
-        self._set_status(message)
+        self.set_status(message)
         info = info or {}
         self.problem.show(str(info.get("setting") or ""), info.get("suggested"))
 
-    def _set_status(self, text: str) -> None:
+    def set_status(self, text: str) -> None:
         """A long message in one line beside the buttons (all of it in the tooltip and the transcript)."""
         short = short_status(text)
         self.status_label.setText(short)
@@ -434,25 +328,10 @@ class ChatTab(TabWidgets):
         """The tab closes or the app quits while generating: keep the text so far, marked partial."""
         if not self.model.save_partial():
             return
-        self._update_buttons()
+        self.update_buttons()
         self.model.catch_up()
         if self.model.unsaved:
             self.schedule_render()  # the notice that says so
-
-    # -- the system prompt and the chat's settings -------------------------------------------------
-    @Slot(str)
-    def _on_system_prompt_editor_edited(self, text: str) -> None:
-        self.model.system_prompt = text  # used from the next reply on
-
-    @Slot()
-    def _on_system_prompt_editor_save_due(self) -> None:
-        self.model.save_system_prompt()
-        self.schedule_render()  # a failed write adds a notice
-
-    def _update_settings_button(self) -> None:
-        summary = overrides_summary(self.sampling_overrides)
-        short = summary if len(summary) <= 60 else summary[:57] + "…"
-        self.settings_button.setText(f"Sampling: {short}")
 
     def show_token_count(self, text: str, n_tokens: int, limit: int) -> None:
         """The worker counted the prompt box's tokens (``text`` is what it counted), or an attachment's."""

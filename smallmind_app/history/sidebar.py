@@ -217,7 +217,7 @@ class HistorySidebar(QDockWidget):
             self.schedule_refresh()  # it is gone (deleted elsewhere)
             return None
         if message_id is not None:
-            index = tab.show_message(message_id)  # a hit in an older version: that version is shown
+            index = tab.edits.show_message(message_id)  # a hit in an older version: that version is shown
             words = self.search.text()
             if index is not None:
                 QTimer.singleShot(0, tab, lambda: show_entry(tab.transcript, index, words))

@@ -201,7 +201,7 @@ class MainWindow(QMainWindow):
         tab.busy_changed.connect(self._on_tab_busy_changed)
         tab.settings_requested.connect(self.open_settings)
         tab.setting_change_requested.connect(self._on_tab_setting_change_requested)
-        effective = tab.set_engine_choices(self.engine_choices())
+        effective = tab.engine.set_choices(self.engine_choices())
         if tab.saved_engine is None:  # a new chat: the default engine (remembered with it from now on)
             tab.set_engine(self.settings.default_engine)
         else:
@@ -324,7 +324,7 @@ class MainWindow(QMainWindow):
         choices = self.engine_choices()
         for tab in self.chat_tabs:
             before = tab.engine_picker.engine_id
-            if (effective := tab.set_engine_choices(choices)) != before:  # the saved one is gone
+            if (effective := tab.engine.set_choices(choices)) != before:  # the saved one is gone
                 self.client.set_conversation_engine(tab.conversation_id, effective)
         self.router.show_tab_engine()
 

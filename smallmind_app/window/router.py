@@ -92,17 +92,17 @@ class WorkerRouter(QObject):
     @Slot(str, str)
     def _on_worker_conversation_model_loading(self, conversation_id: str, name: str) -> None:
         if (tab := self.tabs.tab_for(conversation_id)) is not None:
-            tab.show_model_loading(name)
+            tab.engine.show_model_loading(name)
 
     @Slot(str, str)
     def _on_worker_conversation_model_ready(self, conversation_id: str, name: str) -> None:
         if (tab := self.tabs.tab_for(conversation_id)) is not None:
-            tab.show_model_ready(name)
+            tab.engine.show_model_ready(name)
 
     @Slot(str, str, str)
     def _on_worker_conversation_model_failed(self, conversation_id: str, name: str, reason: str) -> None:
         if (tab := self.tabs.tab_for(conversation_id)) is not None:
-            tab.show_model_failed(name, reason)
+            tab.engine.show_model_failed(name, reason)
 
     @Slot(str)
     def _on_worker_request_waiting(self, conversation_id: str) -> None:

@@ -2,8 +2,9 @@
 
 Qt for Python's worker pattern: the ``EngineWorker`` QObject is moved to one long-lived QThread
 (never a QThread subclass: the thread needs its own event loop so that queued submit and cancel
-calls arrive between two engine steps). Every method here only emits a signal; the worker runs the
-slot on its thread. ``shutdown`` asks the worker to stop the engine and waits for the thread.
+calls arrive between two engine steps). Every method here only emits a signal; the worker (or one
+of its parts, ``worker.models`` and ``worker.tools``: its children, on its thread) runs the slot on
+its thread. ``shutdown`` asks the worker to stop the engine and waits for the thread.
 """
 
 from __future__ import annotations
@@ -48,22 +49,22 @@ class EngineClient(QObject):
         self.worker = EngineWorker()
         self.worker.moveToThread(self.thread)
         self.thread.started.connect(self.worker.initialize)
-        self.load_model_requested.connect(self.worker.load_model)
+        self.load_model_requested.connect(self.worker.models.load_model)
         self.submit_requested.connect(self.worker.submit)
         self.continue_requested.connect(self.worker.continue_reply)
         self.cancel_requested.connect(self.worker.cancel)
         self.count_tokens_requested.connect(self.worker.count_tokens)
         self.remove_session_requested.connect(self.worker.remove_session)
         self.apply_settings_requested.connect(self.worker.apply_settings)
-        self.download_requested.connect(self.worker.start_download)
-        self.download_cancel_requested.connect(self.worker.cancel_download)
-        self.list_models_requested.connect(self.worker.list_models)
+        self.download_requested.connect(self.worker.tools.start_download)
+        self.download_cancel_requested.connect(self.worker.tools.cancel_download)
+        self.list_models_requested.connect(self.worker.tools.list_models)
         self.shutdown_requested.connect(self.worker.shutdown)
-        self.server_start_requested.connect(self.worker.start_server)
-        self.server_stop_requested.connect(self.worker.stop_server)
+        self.server_start_requested.connect(self.worker.tools.start_server)
+        self.server_stop_requested.connect(self.worker.tools.stop_server)
         self.endpoints_requested.connect(self.worker.set_endpoints)
-        self.conversation_engine_requested.connect(self.worker.set_conversation_engine)
-        self.endpoint_test_requested.connect(self.worker.test_endpoint)
+        self.conversation_engine_requested.connect(self.worker.models.set_conversation_engine)
+        self.endpoint_test_requested.connect(self.worker.tools.test_endpoint)
         self.forget_session_requested.connect(self.worker.forget_session)
         self.clear_disk_requested.connect(self.worker.clear_disk_cache)
         self.prefetch_requested.connect(self.worker.prefetch_sessions)

@@ -46,7 +46,7 @@ def pick_model(qtbot: Any, window: Any, tab: Any, path: Path) -> None:
     index = picker.findData(engine_id(path))
     picker.setCurrentIndex(index)
     picker.activated.emit(index)
-    qtbot.waitUntil(lambda: tab.model_state == ("ready", path.stem), timeout=MODEL_TIMEOUT_MS)
+    qtbot.waitUntil(lambda: tab.engine.model_state == ("ready", path.stem), timeout=MODEL_TIMEOUT_MS)
 
 
 def footer_of(tab: Any, index: int = -1) -> str:

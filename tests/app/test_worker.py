@@ -7,12 +7,14 @@ they run on the test's (GUI) thread, as the window's do.
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from PySide6.QtCore import QObject, Slot
+from PySide6.QtCore import QObject, Qt, Slot
 
+from smallmind_app.engines.endpoints import model_engine_id
 from smallmind_app.worker import replies as replies_module
 from smallmind_app.worker.client import EngineClient
 from smallmind_app.worker.engine_options import session_limits, validate_settings
@@ -195,6 +197,36 @@ def test_missing_and_corrupt_models_are_reported(
     client.load_model(str(tmp_path / "nowhere.gguf"))
     qtbot.waitUntil(lambda: rec.load_failed[0].endswith("nowhere.gguf"), timeout=10_000)
     assert "does not exist" in rec.load_failed[1]
+
+
+def test_the_workers_parts_run_the_clients_commands_on_the_engine_thread(qtbot: Any, tmp_path: Path) -> None:
+    """``EngineClient`` queues some commands to the worker's parts (model loading, the tools), not to
+    the worker: they run on the engine thread too, never on the GUI's. Each answer below is emitted
+    inside the slot, so a direct connection sees the thread that ran it."""
+    client = EngineClient()
+    threads: dict[str, int] = {}
+
+    def seen(name: str) -> Any:
+        return lambda *_: threads.setdefault(name, threading.get_ident())
+
+    direct = Qt.ConnectionType.DirectConnection
+    client.thread.started.connect(seen("engine thread"), direct)
+    client.worker.model_load_failed.connect(seen("load_model"), direct)
+    client.worker.conversation_model_failed.connect(seen("set_conversation_engine"), direct)
+    client.worker.server_stopped.connect(seen("start_server"), direct)
+    client.worker.models_listed.connect(seen("list_models"), direct)
+    client.start()
+    try:
+        missing = str(tmp_path / "nowhere.gguf")
+        client.load_model(missing)
+        client.set_conversation_engine("c", model_engine_id(missing), load=True)
+        client.start_server(0, "")  # no model is loaded: refused at once
+        client.list_models([])
+        qtbot.waitUntil(lambda: len(threads) == 5, timeout=10_000)
+    finally:
+        assert client.shutdown()
+    assert threading.get_ident() not in threads.values()
+    assert set(threads.values()) == {threads["engine thread"]}, threads
 
 
 def test_validate_settings_names_each_bad_field() -> None:
