@@ -596,13 +596,25 @@ def project_chunk() -> int:
 
 
 def _project_chunk(words, c):  # pragma: no cover - compiled
-    """Chunk ``c`` of a projection job: ``gemv`` over its panels, the arrays typed by the part's kind."""
+    """Chunk ``c`` of a projection job: ``gemv`` over its panels."""
     job = carray(words, (JOB_WORDS,))
+    tab, at, p0, p1 = chunk_part(job, c)
+    project_part(job, tab, at, p0, p1)
+
+
+@inlined
+def chunk_part(job, c):  # pragma: no cover - compiled
+    """(the job's matrix table, where chunk ``c``'s part starts in it, the chunk's first and end
+    panel)."""
     n_parts = carray(address(job[J_TABLE]), (T_HEAD,), np.int64)[T_PARTS]
     tab = carray(address(job[J_TABLE]), (T_HEAD + n_parts * PART_WORDS + 3 * job[J_CHUNKS],), np.int64)
     chunk = T_HEAD + n_parts * PART_WORDS + 3 * c
-    part, p0, p1 = tab[chunk], tab[chunk + 1], tab[chunk + 2]
-    at = T_HEAD + part * PART_WORDS
+    return tab, T_HEAD + tab[chunk] * PART_WORDS, tab[chunk + 1], tab[chunk + 2]
+
+
+@inlined
+def project_part(job, tab, at, p0, p1):  # pragma: no cover - compiled
+    """``gemv`` over panels p0 <= p < p1 of the part at ``tab[at]``, its arrays typed by its kind."""
     B, K, L = job[J_N], job[J_K], tab[at + P_BLOCK]
     nb, n_panels = tab[at + P_NB], tab[at + P_PANELS]
     x = carray(address(job[J_X]), (B, K), np.float32)
@@ -645,11 +657,9 @@ def _block_sums(x, L, out):  # pragma: no cover - compiled
             out[b, k] = s
 
 
-@kernel
-def project(ctrl, job, tab, x, out, tile, sums32, sums16, chunk_fn):  # pragma: no cover - compiled
-    """out = x @ W.T for the matrix whose ``table`` is ``tab``, as a pool job (``pool().run``).
-    ``sums32``/``sums16``: whether parts with 32-/16-value blocks exist (their Σ x are computed
-    here, once); ``chunk_fn``: ``project_chunk()``."""
+@inlined
+def block_sums(x, sums32, sums16):  # pragma: no cover - compiled
+    """(Σ x per 32-value block, per 16-value block) of x's rows, each empty unless asked for."""
     B, K = x.shape
     xs32 = np.empty((B, K // 32 if sums32 else 0), dtype=np.float32)
     xs16 = np.empty((B, K // 16 if sums16 else 0), dtype=np.float32)
@@ -657,8 +667,25 @@ def project(ctrl, job, tab, x, out, tile, sums32, sums16, chunk_fn):  # pragma: 
         _block_sums(x, 32, xs32)
     if sums16:
         _block_sums(x, 16, xs16)
+    return xs32, xs16
+
+
+@inlined
+def fill_job(job, tab, x, out, xs32, xs16, tile, chunk_fn):  # pragma: no cover - compiled
+    """A projection job's words (``J_*``) for the matrix whose table is ``tab``."""
     job[J_FUNC], job[J_CHUNKS] = chunk_fn, tab[T_CHUNKS]
-    job[J_N], job[J_K], job[J_X], job[J_OUT] = B, K, x.ctypes.data, out.ctypes.data
+    job[J_N], job[J_K], job[J_X], job[J_OUT] = x.shape[0], x.shape[1], x.ctypes.data, out.ctypes.data
     job[J_OUT_STRIDE], job[J_XS32], job[J_XS16] = out.shape[1], xs32.ctypes.data, xs16.ctypes.data
     job[J_TABLE], job[J_TILE] = tab.ctypes.data, tile
+
+
+@kernel
+def project(ctrl, job, tab, x, out, tile, sums32, sums16, chunk_fn):  # pragma: no cover - compiled
+    """out = x @ W.T for the matrix whose ``table`` is ``tab``, as a pool job (``pool().run``).
+    ``sums32``/``sums16``: whether parts with 32-/16-value blocks exist (their Σ x are computed
+    here, once); ``chunk_fn``: ``project_chunk()``."""
+    xs32, xs16 = block_sums(x, sums32, sums16)
+    fill_job(job, tab, x, out, xs32, xs16, tile, chunk_fn)
     dispatch(ctrl, job)
+    keep_alive(xs32)  # the workers read them through the job's words: not freed before this
+    keep_alive(xs16)

@@ -30,16 +30,13 @@ from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import carray, cfunc, types
 
-from .pool import CHUNK_SIGNATURE, J_CHUNKS, J_FUNC, JOB_WORDS, address, dispatch
+from .pool import CHUNK_SIGNATURE, JOB_WORDS, address, dispatch
 from .quant import (
     J_K,
     J_N,
     J_OUT,
     J_OUT_STRIDE,
-    J_TABLE,
     J_TILE,
-    J_X,
-    J_XS16,
     J_XS32,
     LANES,
     P_BLOCK,
@@ -51,20 +48,17 @@ from .quant import (
     P_NB,
     P_OFFSET,
     P_PANELS,
-    P_QH,
     P_QH_N,
     P_QS,
-    PART_WORDS,
     PREFETCH_BLOCKS,
-    T_CHUNKS,
-    T_HEAD,
-    T_PARTS,
-    _block_sums,
     block_scales,
-    gemv,
+    block_sums,
+    chunk_part,
+    fill_job,
     inlined,
     kernel,
     prefetch_block,
+    project_part,
 )  # fmt: skip
 from .simd import (
     _I,
@@ -75,6 +69,7 @@ from .simd import (
     i32v,
     int_zeros,
     item,
+    keep_alive,
     pointer,
     store,
     to_float,
@@ -295,54 +290,27 @@ def _project_chunk(words, c):  # pragma: no cover - compiled
     """Chunk ``c`` of an int8 projection job: ``gemv_int8`` over parts of 4-bit codes without high
     bits in 32-value blocks, ``quant.gemv`` (float32 activations) over any other part."""
     job = carray(words, (JOB_WORDS,))
-    n_parts = carray(address(job[J_TABLE]), (T_HEAD,), np.int64)[T_PARTS]
-    tab = carray(address(job[J_TABLE]), (T_HEAD + n_parts * PART_WORDS + 3 * job[J_CHUNKS],), np.int64)
-    chunk = T_HEAD + n_parts * PART_WORDS + 3 * c
-    part, p0, p1 = tab[chunk], tab[chunk + 1], tab[chunk + 2]
-    at = T_HEAD + part * PART_WORDS
-    B, K, L = job[J_N], job[J_K], tab[at + P_BLOCK]
-    nb, n_panels = tab[at + P_NB], tab[at + P_PANELS]
-    out = carray(address(job[J_OUT]), (B, job[J_OUT_STRIDE]), np.float32)
-    xs = carray(address(job[J_XS32] if L == 32 else job[J_XS16]), (B, K // L), np.float32)
-    qh_n, m_n = tab[at + P_QH_N], tab[at + P_M_N]
-    kind, offset, col = tab[at + P_KIND], np.float32(tab[at + P_OFFSET]), tab[at + P_COL]
-    m_shape = (m_n, nb if m_n else 0, LANES)
-    if kind <= 1 and qh_n == 0 and L == 32:
-        xq = carray(address(job[J_XQ]), (B, K), np.int8)
-        dx = carray(address(job[J_DX]), (B, K // 32), np.float32)
-        qs = carray(address(tab[at + P_QS]), (n_panels, nb, 16, LANES), np.uint8)
-        if kind == 0:  # float16 scales
-            d = carray(address(tab[at + P_D]), (n_panels, nb, LANES), np.uint16)
-            m = carray(address(tab[at + P_M]), m_shape, np.uint16)
-            gemv_int8(xq, dx, xs, qs, d, m, offset, out, col, p0, p1)
-        else:
-            d32 = carray(address(tab[at + P_D]), (n_panels, nb, LANES), np.float32)
-            m32 = carray(address(tab[at + P_M]), m_shape, np.float32)
-            gemv_int8(xq, dx, xs, qs, d32, m32, offset, out, col, p0, p1)
+    tab, at, p0, p1 = chunk_part(job, c)
+    kind = tab[at + P_KIND]
+    if not (kind <= 1 and tab[at + P_QH_N] == 0 and tab[at + P_BLOCK] == 32):
+        project_part(job, tab, at, p0, p1)
         return
-    x = carray(address(job[J_X]), (B, K), np.float32)
-    qh = carray(address(tab[at + P_QH]), (qh_n, nb if qh_n else 0, LANES), np.uint32)
-    tile = job[J_TILE]
-    if kind == 0:
-        qs = carray(address(tab[at + P_QS]), (n_panels, nb, L // 2, LANES), np.uint8)
+    B, K, nb, n_panels = job[J_N], job[J_K], tab[at + P_NB], tab[at + P_PANELS]
+    out = carray(address(job[J_OUT]), (B, job[J_OUT_STRIDE]), np.float32)
+    xs = carray(address(job[J_XS32]), (B, K // 32), np.float32)
+    xq = carray(address(job[J_XQ]), (B, K), np.int8)
+    dx = carray(address(job[J_DX]), (B, K // 32), np.float32)
+    qs = carray(address(tab[at + P_QS]), (n_panels, nb, 16, LANES), np.uint8)
+    m_n, offset, col = tab[at + P_M_N], np.float32(tab[at + P_OFFSET]), tab[at + P_COL]
+    m_shape = (m_n, nb if m_n else 0, LANES)
+    if kind == 0:  # float16 scales
         d = carray(address(tab[at + P_D]), (n_panels, nb, LANES), np.uint16)
         m = carray(address(tab[at + P_M]), m_shape, np.uint16)
-        gemv(x, xs, qs, qh, d, m, offset, out, col, p0, p1, tile)
-    elif kind == 1:
-        qs = carray(address(tab[at + P_QS]), (n_panels, nb, L // 2, LANES), np.uint8)
-        d32 = carray(address(tab[at + P_D]), (n_panels, nb, LANES), np.float32)
-        m32 = carray(address(tab[at + P_M]), m_shape, np.float32)
-        gemv(x, xs, qs, qh, d32, m32, offset, out, col, p0, p1, tile)
-    elif kind == 2:
-        q8 = carray(address(tab[at + P_QS]), (n_panels, nb, L, LANES), np.int8)
-        d = carray(address(tab[at + P_D]), (n_panels, nb, LANES), np.uint16)
-        m = carray(address(tab[at + P_M]), m_shape, np.uint16)
-        gemv(x, xs, q8, qh, d, m, offset, out, col, p0, p1, tile)
+        gemv_int8(xq, dx, xs, qs, d, m, offset, out, col, p0, p1)
     else:
-        q8 = carray(address(tab[at + P_QS]), (n_panels, nb, L, LANES), np.int8)
         d32 = carray(address(tab[at + P_D]), (n_panels, nb, LANES), np.float32)
         m32 = carray(address(tab[at + P_M]), m_shape, np.float32)
-        gemv(x, xs, q8, qh, d32, m32, offset, out, col, p0, p1, tile)
+        gemv_int8(xq, dx, xs, qs, d32, m32, offset, out, col, p0, p1)
 
 
 @kernel
@@ -355,14 +323,11 @@ def project(ctrl, job, tab, x, out, tile, sums32, sums16, chunk_fn):  # pragma: 
     dx = np.empty((B, n32), dtype=np.float32)
     if n32:
         quantize_rows(x, xq, dx)
-    xs32 = np.empty((B, K // 32 if sums32 else 0), dtype=np.float32)
-    xs16 = np.empty((B, K // 16 if sums16 else 0), dtype=np.float32)
-    if sums32:
-        _block_sums(x, 32, xs32)
-    if sums16:
-        _block_sums(x, 16, xs16)
-    job[J_FUNC], job[J_CHUNKS] = chunk_fn, tab[T_CHUNKS]
-    job[J_N], job[J_K], job[J_X], job[J_OUT] = B, K, x.ctypes.data, out.ctypes.data
-    job[J_OUT_STRIDE], job[J_XS32], job[J_XS16] = out.shape[1], xs32.ctypes.data, xs16.ctypes.data
-    job[J_TABLE], job[J_TILE], job[J_XQ], job[J_DX] = tab.ctypes.data, tile, xq.ctypes.data, dx.ctypes.data
+    xs32, xs16 = block_sums(x, sums32, sums16)
+    fill_job(job, tab, x, out, xs32, xs16, tile, chunk_fn)
+    job[J_XQ], job[J_DX] = xq.ctypes.data, dx.ctypes.data
     dispatch(ctrl, job)
+    keep_alive(xs32)  # the workers read them through the job's words: not freed before this
+    keep_alive(xs16)
+    keep_alive(xq)
+    keep_alive(dx)
