@@ -11,7 +11,7 @@ compiled code.
 
 It covers the steps where that overhead matters and nothing else (``Model`` checks, else runs the
 Python blocks): every matrix packed (``PackedWeight``), at most ``SMALL_ROWS`` rows, every sequence
-in the attention plan with a float32 cache. Attention runs on the calling thread when its work is
+in the attention plan with a float32 (or float16) cache. Attention runs on the calling thread when its work is
 small, else as a pool job (``attention.attend_on_pool``), as the Python blocks run it. The math is
 the Python blocks' (float32, the same order of operations up to fused multiply-adds): greedy output
 is identical, logits within the reference bar.
@@ -25,11 +25,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numba import carray, njit
-from numba.extending import overload
+from llvmlite import ir
+from numba import carray, njit, types
+from numba.extending import intrinsic, overload
 
 from . import SMALL_ROWS, _max_tile, projection, vnni
-from .attention import StepPlan, _pointer, attend_chunk, attend_on_pool, attend_serial, exp_nonpositive
+from .attention import (
+    HAS_F16C,
+    StepPlan,
+    _pointer,
+    attend_chunk,
+    attend_on_pool,
+    attend_serial,
+    exp_nonpositive,
+)
 from .pool import address, pool
 from .quant import FASTMATH, project
 from .weights import PackedWeight
@@ -109,6 +118,30 @@ def _project_8bit(ctrl, job, tab, x, out, tile, sums32, sums16, chunk_fn):  # pr
     )
 
 
+@intrinsic
+def _half_bits(typingctx, value):  # pragma: no cover - compiled
+    """float32 -> the bits of the nearest float16 (ties to even, as NumPy's ``astype``): LLVM's
+    ``fptrunc``, one ``vcvtps2ph`` with F16C."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return sig, codegen
+
+
+def stored(value, proto):  # pragma: no cover - replaced by the overload below when compiled
+    """``value`` as a cache of ``proto``'s storage type holds it: float32 as is, float16 as its bits."""
+    raise NotImplementedError
+
+
+@overload(stored)
+def _stored(value, proto):  # pragma: no cover - compiled
+    if proto.dtype == types.uint16:
+        return lambda value, proto: _half_bits(np.float32(value))  # type: ignore[call-arg]
+    return lambda value, proto: value
+
+
 @kernel
 def _project(ctrl, job, mats, i, x, tile, chunk_fn, int8):  # pragma: no cover - compiled
     """x @ W.T for matrix ``i`` of ``mats``, as ``linear()`` runs it: (N, padded columns); ``int8``:
@@ -137,7 +170,7 @@ def run_blocks(  # pragma: no cover - compiled
     where local ones use local_cos/local_sin; seqs, items, n_splits: the attention plan's
     (``attention.StepPlan``) for window 0 and for the local window; row_seq (N, 2): each row's
     sequence and position; serial (2,): whether global and local layers attend on this thread alone,
-    else as a pool job (``attend_fn``: ``attention.attend_chunk("float32")``); int8: the projections
+    else as a pool job (``attend_fn``: ``attention.attend_chunk(dtype)``); int8: the projections
     with 8-bit activations (``kernels.activations()``)."""
     N, D = x.shape
     H, KVH, Hd, F = shape[0], shape[1], shape[2], shape[3]
@@ -174,8 +207,8 @@ def run_blocks(  # pragma: no cover - compiled
             for kh in range(KVH):
                 rope_head(qkv, (H + kh) * Hd, kv_row, qk_norms[layer, 1], qk_norm, eps, c, s, r)
                 for i in range(Hd):
-                    keys[kh, pos, i] = kv_row[i]
-                    values[kh, pos, i] = qkv[r, (H + KVH + kh) * Hd + i]
+                    keys[kh, pos, i] = stored(kv_row[i], proto)
+                    values[kh, pos, i] = stored(qkv[r, (H + KVH + kh) * Hd + i], proto)
         its, splits = (local_items, local_n_splits) if window > 0 else (items, n_splits)
         if serial[1 if window > 0 else 0]:
             attend_serial(q, attn, part_m, part_l, part_acc, seqs, its, splits, proto, layer, KVH, Hd, window)
@@ -259,9 +292,11 @@ class Blocks:
                    np.array(windows, dtype=np.int64), tuple(keep))  # fmt: skip
 
     def runs(self, plan: StepPlan, n_rows: int, n_sequences: int) -> bool:
-        """Whether this step can run here: ``plan`` attends every sequence, over float32 caches, and
-        the step has at most ``SMALL_ROWS`` rows."""
-        return len(plan.sequences) == n_sequences and plan.dtype == "float32" and n_rows <= SMALL_ROWS
+        """Whether this step can run here: ``plan`` attends every sequence, over float32 caches (or
+        float16 ones on CPUs with F16C: LLVM would call a conversion routine numba does not link
+        elsewhere), and the step has at most ``SMALL_ROWS`` rows."""
+        dtypes = ("float32", "float16") if HAS_F16C else ("float32",)
+        return len(plan.sequences) == n_sequences and plan.dtype in dtypes and n_rows <= SMALL_ROWS
 
     def run(
         self, x: np.ndarray, plan: StepPlan, cos: np.ndarray, sin: np.ndarray, local_cos: np.ndarray,
@@ -282,7 +317,7 @@ class Blocks:
         args = (np.ascontiguousarray(x, dtype=np.float32), self.mats, self.norms, self.qk_norms, self.biases,
                 self.flags, self.shape, self.eps, self.windows, cos, sin, local_cos, local_sin, plan.seqs,
                 row_seq, items, n_splits, local_items, local_n_splits, plan.proto, serial, _max_tile(),
-                chunk, attend_chunk("float32"), int8)  # fmt: skip
+                chunk, attend_chunk(plan.dtype), int8)  # fmt: skip
         with pool().words() as (ctrl, job):
             return run_blocks(ctrl, job, *args)
 

@@ -34,11 +34,11 @@ class Calls:
 
 
 def step_both_ways(
-    model: Model, prompts: list[list[int]], new: list[list[int]], calls: Calls
+    model: Model, prompts: list[list[int]], new: list[list[int]], calls: Calls, dtype: str = "float32"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Logits of one step over ``new`` after ``prompts``: through the compiled blocks, then again
     (caches trimmed back) through the Python blocks. ``calls`` counts the step's calls only."""
-    caches = [model.new_cache(256) for _ in prompts]
+    caches = [model.new_cache(256, dtype=dtype) for _ in prompts]
     for ids, cache in zip(prompts, caches, strict=True):
         model.forward(ids, cache)
     calls.n = 0
@@ -107,15 +107,52 @@ def test_attention_on_the_pool_or_this_thread_gives_the_same_logits(smollm2, mon
         kernels.set_threads(before)
 
 
+@pytest.mark.skipif(not attention.HAS_F16C, reason="float16 caches take the compiled blocks with F16C only")
+def test_float16_caches_store_the_same_bits(smollm2, monkeypatch) -> None:
+    """A float16 cache written by the compiled blocks (float32 -> float16 by the CPU's conversion,
+    ties to even as NumPy's) holds what the Python blocks write: the same bits but where the float32
+    values before rounding differed in their last bits (then a float16 ulp or two); logits within
+    the reference bar."""
+    model, _ = smollm2
+    calls = Calls(monkeypatch)
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(100, 40_000, k).tolist() for k in (9, 30)]
+    caches = [model.new_cache(64, dtype="float16") for _ in prompts]
+    for ids, cache in zip(prompts, caches, strict=True):
+        model.forward(ids, cache)
+    step = [Row(np.array([7]), c) for c in caches]
+    calls.n = 0
+    fast = model.forward_last(step)
+    written = [c.keys(3)[:, c.n_tokens - 1].copy() for c in caches] + [
+        c.values(3)[:, c.n_tokens - 1].copy() for c in caches
+    ]
+    for ids, cache in zip(prompts, caches, strict=True):
+        cache.trim(len(ids))
+    blocks, model._blocks = model._blocks, False
+    try:
+        slow = model.forward_last(step)
+    finally:
+        model._blocks = blocks
+    again = [c.keys(3)[:, c.n_tokens - 1] for c in caches] + [c.values(3)[:, c.n_tokens - 1] for c in caches]
+    assert calls.n == 1
+    a, b = np.concatenate([w.ravel() for w in written]), np.concatenate([w.ravel() for w in again])
+    assert a.dtype == np.float16 and (a == b).mean() > 0.95  # rounded alike: the same bits ...
+    gap = np.abs(a.astype(np.float32) - b.astype(np.float32))
+    worst = int(gap.argmax())
+    assert gap[worst] <= abs(float(b[worst])) * 2**-9 + 2**-23, (a[worst], b[worst])  # ... or an ulp or two
+    # a float16 ulp flipped in one layer moves the logits more than float32's last bits: the bar
+    assert rel_diff(fast, slow) < 1e-3 and (fast.argmax(axis=1) == slow.argmax(axis=1)).all()
+
+
 def test_steps_it_cannot_take_go_to_python(smollm2, monkeypatch) -> None:
-    """More than 16 rows and a float16 cache run the Python blocks."""
+    """More than 16 rows and a q8_0 cache run the Python blocks."""
     model, _ = smollm2
     calls = Calls(monkeypatch)
     cache = model.new_cache(64)
     model.forward(list(range(100, 120)), cache)  # 20 rows: prefill
-    half = model.new_cache(64, dtype="float16")
-    model.forward([100, 101], half)
-    model.forward([102], half)
+    eight = model.new_cache(64, dtype="q8_0")
+    model.forward([100, 101], eight)
+    model.forward([102], eight)
     assert calls.n == 0
     model.forward([121], cache)
     assert calls.n == 1
