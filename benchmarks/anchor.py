@@ -118,6 +118,17 @@ class ChildError(RuntimeError):
     """A child process failed; the message carries its stderr's tail."""
 
 
+def reference(spec: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The reference prompts and their float32 last-position logits (``spec["reference_dir"]``), for
+    the engines' ``measure_accuracy``."""
+    import numpy as np
+
+    folder = Path(spec["reference_dir"])
+    prompts = json.loads((folder / "prompts.json").read_text("utf-8"))["prompts"]
+    with np.load(folder / "logits.npz") as data:
+        return prompts, {key: data[key] for key in data.files}
+
+
 def run_child(engine: str, measure: str, spec: dict[str, Any], timeout_s: float = 1800) -> dict[str, Any]:
     """Run one figure in a fresh process with the user's environment; its result dict."""
     if engine not in ENGINES:

@@ -111,21 +111,12 @@ class Context:
         self.lc.llama_model_free(self.model)
 
 
-def _reference(spec: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-    """The reference prompts and their float32 last-position logits (``spec["reference_dir"]``)."""
-    import json
-    from pathlib import Path
-
-    folder = Path(spec["reference_dir"])
-    prompts = json.loads((folder / "prompts.json").read_text("utf-8"))["prompts"]
-    with np.load(folder / "logits.npz") as data:
-        return prompts, {key: data[key] for key in data.files}
-
-
 def measure_accuracy(spec: dict[str, Any]) -> dict[str, Any]:
     """``anchor_smallmind.measure_accuracy``'s figure for llama.cpp: each reference prompt one token a
     decode call, the last logits against the float32 reference's."""
-    prompts, logits = _reference(spec)
+    from anchor import reference
+
+    prompts, logits = reference(spec)
     c = Context(spec, n_ctx=512)
     worst = 0.0
     for p in prompts:

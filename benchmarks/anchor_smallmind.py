@@ -32,17 +32,6 @@ def _load(spec: dict[str, Any]) -> tuple[Any, Any]:
     return model, tok
 
 
-def _reference(spec: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-    """The reference prompts and their float32 last-position logits (``spec["reference_dir"]``)."""
-    import json
-    from pathlib import Path
-
-    folder = Path(spec["reference_dir"])
-    prompts = json.loads((folder / "prompts.json").read_text("utf-8"))["prompts"]
-    with np.load(folder / "logits.npz") as data:
-        return prompts, {key: data[key] for key in data.files}
-
-
 def measure_accuracy(spec: dict[str, Any]) -> dict[str, Any]:
     """How far decode steps are from the float32 reference: each reference prompt fed one token a
     step (decode-sized steps: the kernels' activations, float32 or 8-bit, as ``activations`` says),
@@ -50,7 +39,9 @@ def measure_accuracy(spec: dict[str, Any]) -> dict[str, Any]:
     from engine import kernels
 
     model, _ = _load(spec)
-    prompts, logits = _reference(spec)
+    from anchor import reference
+
+    prompts, logits = reference(spec)
     worst = 0.0
     for p in prompts:
         cache = model.new_cache(len(p["input_ids"]))

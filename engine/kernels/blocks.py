@@ -84,6 +84,18 @@ def rms_norm_into(x, w, eps, out):  # pragma: no cover - compiled
             out[r, i] = x[r, i] * inv * w[i]
 
 
+@inlined
+def add_output(x, out, normed, norm, eps, scratch):  # pragma: no cover - compiled
+    """x += out (its first D columns), RMS-normed by ``norm`` first when ``normed`` (Gemma 3's norms
+    on the attention and MLP outputs); ``scratch`` (N, D) takes the normed rows."""
+    if normed:
+        rms_norm_into(out, norm, eps, scratch)
+        out = scratch
+    for r in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            x[r, i] += out[r, i]
+
+
 @kernel
 def rope_head(src, at, dst, norm, use_norm, eps, cos, sin, r):  # pragma: no cover - compiled
     """One head's Hd values at ``src[r, at:]``, RMS-normed by ``norm`` when asked, rotated (RoPE,
@@ -216,12 +228,7 @@ def run_blocks(  # pragma: no cover - compiled
             attend_on_pool(ctrl, job, attend_fn, q, attn, part_m, part_l, part_acc, seqs, its, splits, layer,
                            KVH, Hd, window)  # fmt: skip
         out = _project(ctrl, job, mats, 4 * layer + WO, attn.reshape(N, H * Hd), tile, chunk_fn, int8)
-        if post_attn:
-            rms_norm_into(out, norms[layer, POST_ATTN_NORM], eps, h)
-            out = h
-        for r in range(N):
-            for i in range(D):
-                x[r, i] += out[r, i]
+        add_output(x, out, post_attn, norms[layer, POST_ATTN_NORM], eps, h)
         rms_norm_into(x, norms[layer, FFN_NORM], eps, h)
         gate_up = _project(ctrl, job, mats, 4 * layer + W_GATE_UP, h, tile, chunk_fn, int8)
         for r in range(N):
@@ -232,12 +239,7 @@ def run_blocks(  # pragma: no cover - compiled
                     z = GELU_SCALE * (g + np.float32(0.044715) * g * g * g)
                 act[r, i] = sigmoid_times(g, z) * gate_up[r, F + i]
         out = _project(ctrl, job, mats, 4 * layer + W_DOWN, act, tile, chunk_fn, int8)
-        if post_ffn:
-            rms_norm_into(out, norms[layer, POST_FFN_NORM], eps, h)
-            out = h
-        for r in range(N):
-            for i in range(D):
-                x[r, i] += out[r, i]
+        add_output(x, out, post_ffn, norms[layer, POST_FFN_NORM], eps, h)
     return x
 
 
