@@ -524,12 +524,13 @@ class StepPlan:
         part_acc = np.empty((*shape, Hd if P > 1 else 1), dtype=np.float32)
         out = np.empty((N, H, Hd), dtype=np.float32)
         q = np.ascontiguousarray(q, dtype=np.float32)
-        args = (q, out, part_m, part_l, part_acc, self.seqs, items, n_splits, self.proto, layer,
-                self.n_kv_heads, self.width, window)  # fmt: skip
+        arrays = (q, out, part_m, part_l, part_acc, self.seqs, items, n_splits)
         if self.serial(window):
-            attend_serial(*args)
-        else:
-            pool().run(attend_on_pool, attend_chunk(self.dtype), *args[:8], *args[9:])
+            attend_serial(*arrays, self.proto, layer, self.n_kv_heads, self.width, window)
+        else:  # the chunk function knows the cache's storage type
+            pool().run(
+                attend_on_pool, attend_chunk(self.dtype), *arrays, layer, self.n_kv_heads, self.width, window
+            )
         return out.reshape(N, H * Hd)
 
     def serial(self, window: int) -> bool:
