@@ -168,7 +168,8 @@ def _serve(model: Any, tok: Any, spec: dict[str, Any], batched: bool) -> dict[st
     )
 
     batching = BatchingOptions(enabled=batched, speculative=bool(spec.get("speculative", False)),
-                               max_batch_wait_ms=0, cpu_threads=int(spec.get("threads", 0)))  # fmt: skip
+                               max_batch_wait_ms=0, cpu_threads=int(spec.get("threads", 0)),
+                               activations=str(spec.get("activations", "float32")))  # fmt: skip
     store = LruKvCacheStore(KvCacheOptions(dtype=_dtype(spec)))
     engine = BatchedInferenceEngine(model, tok, batching, store, max_concurrent_sessions=1000)
     options = InferenceOptions(

@@ -15,12 +15,17 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from engine import download, paths
+from engine.batching import ACTIVATIONS
 from engine.errors import EngineError
+from engine.kernels import ACTIVATIONS_ENV
 
 from .documents import add_documents_parser
+
+if TYPE_CHECKING:
+    from smallmind_server.serve import ServeOptions
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -175,6 +180,16 @@ def _add_serve_parser(
         help="unload a model no request used for this long (0: only when room is needed; default: 3600)",
     )
     serve.add_argument(
+        "--activations",
+        type=_activations,
+        choices=ACTIVATIONS,
+        default=os.environ.get(ACTIVATIONS_ENV, "").strip() or "float32",
+        help="the kernels' activations: float32 (greedy output equal to the float32 reference) or int8 "
+        "(8-bit, as llama.cpp: faster with several requests at once, approximate: greedy output parts "
+        f"from the reference after a few tokens; needs AVX-512 VNNI, else float32) (default: "
+        f"${ACTIVATIONS_ENV}, else float32)",
+    )
+    serve.add_argument(
         "--cors-origin",
         metavar="ORIGIN",
         action="append",
@@ -182,6 +197,15 @@ def _add_serve_parser(
         help="allow browser requests from ORIGIN (repeatable; default: none)",
     )
     serve.set_defaults(handler=_cmd_serve)
+
+
+def _activations(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ACTIVATIONS:
+        raise argparse.ArgumentTypeError(
+            f"expected {' or '.join(ACTIVATIONS)}, got {text!r} (its default comes from ${ACTIVATIONS_ENV})"
+        )
+    return value
 
 
 def _port(text: str) -> int:
@@ -278,25 +302,34 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import os
+    from smallmind_server.serve import run  # lazily: only serving needs the web stack
 
-    from engine.model_pool import ModelPoolOptions
-    from smallmind_server.access import read_keys_file
-    from smallmind_server.serve import ServeOptions, run  # lazily: only serving needs the web stack
-
-    model_path = download.resolve_model_path(args.model)
     try:
-        keys = list(args.api_key) + (read_keys_file(args.api_keys_file) if args.api_keys_file else [])
-        if not keys and os.environ.get("SMALLMIND_API_KEY"):
-            keys = [os.environ["SMALLMIND_API_KEY"]]
-        pool = ModelPoolOptions(idle_ttl_s=args.model_idle_ttl)
-        if args.max_loaded_mb is not None:
-            pool = ModelPoolOptions(args.max_loaded_mb * 1_000_000, args.model_idle_ttl)
-        options = ServeOptions(model_path, args.host, args.port, tuple(keys), tuple(args.cors_origin), pool)
+        options = serve_options(args)
     except ValueError as exc:
         print(f"smallmind serve: error: {exc}", file=sys.stderr)
         return _EXIT_ERROR
     return run(options)
+
+
+def serve_options(args: argparse.Namespace) -> ServeOptions:
+    """``smallmind serve``'s arguments as the server's options; ValueError says what is wrong."""
+    from engine import BatchingOptions
+    from engine.model_pool import ModelPoolOptions
+    from smallmind_server.access import read_keys_file
+    from smallmind_server.serve import ServeOptions
+
+    model_path = download.resolve_model_path(args.model)
+    keys = list(args.api_key) + (read_keys_file(args.api_keys_file) if args.api_keys_file else [])
+    if not keys and os.environ.get("SMALLMIND_API_KEY"):
+        keys = [os.environ["SMALLMIND_API_KEY"]]
+    pool = ModelPoolOptions(idle_ttl_s=args.model_idle_ttl)
+    if args.max_loaded_mb is not None:
+        pool = ModelPoolOptions(args.max_loaded_mb * 1_000_000, args.model_idle_ttl)
+    batching = BatchingOptions(activations=args.activations)
+    return ServeOptions(
+        model_path, args.host, args.port, tuple(keys), tuple(args.cors_origin), pool, batching
+    )
 
 
 class _ProgressPrinter:

@@ -48,6 +48,7 @@ class ServeOptions:
     api_keys: tuple[str, ...] = ()  # each its own owner; empty: keyless, loopback only
     cors_origins: tuple[str, ...] = ()
     pool: ModelPoolOptions | None = None  # how many models stay loaded (None: the defaults)
+    batching: BatchingOptions | None = None  # the batcher's and kernels' options (None: the defaults)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65_535:
@@ -60,6 +61,15 @@ def _keys_text(n_keys: int) -> str:
     if n_keys == 0:
         return "no API key: answers requests to localhost only"
     return "API key required" if n_keys == 1 else f"API key required; {n_keys} keys, each its own sessions"
+
+
+def _activations_text(asked: str, engine: BatchedInferenceEngine) -> str:
+    """'' for the default float32 activations, else what the loaded engine runs."""
+    if asked == "float32":
+        return ""
+    if engine.activations == "int8":
+        return "; activations: int8 (8-bit: faster batches, approximate results)"
+    return "; activations: float32 (int8 asked for; this computer cannot run them: no AVX-512 VNNI or numba)"
 
 
 def model_name_for(path: Path) -> str:
@@ -109,7 +119,8 @@ def run(options: ServeOptions, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     models = installed_models([options.model_path])
     default = next(iter(models))  # --model's id (listed first)
-    pool = ModelPool(models, options.pool, BatchingOptions())
+    batching = options.batching or BatchingOptions()
+    pool = ModelPool(models, options.pool, batching)
     app = create_app(None, default, options.api_keys, options.cors_origins, pool=pool)
     state: ServerState = app.state.server
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
@@ -126,7 +137,7 @@ def run(options: ServeOptions, out: TextIO | None = None) -> int:
             return
         state.attach(engine)
         pool.release(default)
-        out.write(f"model {default} loaded; ready\n")
+        out.write(f"model {default} loaded{_activations_text(batching.activations, engine)}; ready\n")
         out.flush()
 
     loader = threading.Thread(target=load, name="smallmind-load", daemon=True)

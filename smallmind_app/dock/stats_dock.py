@@ -75,6 +75,11 @@ STATS: dict[str, tuple[str, str]] = {
         "Replies paused to give their K/V memory to an older one; they resume by themselves",
     ),
     "statWaitingForMemory": ("Waiting for memory", "Requests queued until the KV budget has room for them"),
+    "statKernels": (
+        "Kernels",
+        "What computes the model: the numba kernels or NumPy, on how many threads (Settings → Batching → "
+        "CPU threads), and “activations: int8” while the 8-bit activations are on (faster, approximate)",
+    ),
     "statDiskSessions": (
         "On disk",
         "Sessions whose K/V are saved on disk (evicted from memory, or their tab closed): they come back "
@@ -273,6 +278,7 @@ class StatsDock(QDockWidget):
         self._show_memory_pressure(metrics)
         self._show_drafting(metrics)
         self._show_api_server(stats.get("api"))
+        self._show_kernels(stats.get("kernels"))
         self._show_disk(kv)
         if not limits.get("enabled", True):
             set_text["statSessions"]("KV cache disabled")
@@ -327,6 +333,17 @@ class StatsDock(QDockWidget):
         self.labels["statTokensPerStep"].setText(
             f"{per_step:.2f}  ({accepted:,} of {drafted:,} drafted accepted)" if per_step else "–"
         )
+
+    def _show_kernels(self, facts: Mapping[str, Any] | None) -> None:
+        """'numba · 2 threads', and '· activations: int8' while the 8-bit activations run."""
+        if not facts:
+            self.labels["statKernels"].setText("–")
+            return
+        threads = int(facts.get("threads", 0))
+        text = f"{facts.get('path') or '?'} · {threads} thread{'s' * (threads != 1)}"
+        if facts.get("activations") == "int8":
+            text += " · activations: int8"
+        self.labels["statKernels"].setText(text)
 
     def _show_api_server(self, api: Mapping[str, Any] | None) -> None:
         if not api:

@@ -34,7 +34,19 @@ from ..colors import CHOICES as THEME_CHOICES
 from ..colors import colors
 from ..engines.engines_page import EnginesPage
 from ..models import first_run
-from ..wording import FIELD_NAMES, FIELDS, INT_MAX, MIB_RANGE, PAGES, SECTION_KEYS, MiB, mib, setting_problem
+from ..wording import (
+    FIELD_NAMES,
+    FIELDS,
+    INT8_ACTIVATIONS_TIP,
+    INT8_UNAVAILABLE,
+    INT_MAX,
+    MIB_RANGE,
+    PAGES,
+    SECTION_KEYS,
+    MiB,
+    mib,
+    setting_problem,
+)
 from ..worker.engine_options import session_limits, validate_settings
 from .app_settings import (
     MIN_LOADED_MODEL_BYTES,
@@ -51,6 +63,8 @@ CHOICES = {"kvDtype": ["float32", "float16", "q8_0"], "kvPolicy": ["lru"]}
 SUFFIXES = {"kvMaxBytesTotal": " MiB", "kvMaxBytesPerSession": " MiB", "batchMaxWaitMs": " ms",
             "maxTimeMs": " ms", "kvMaxDiskBytes": " MiB"}  # fmt: skip
 SPECIAL = {"seed": "random", "maxTimeMs": "no limit", "cpuThreads": "auto"}  # shown at the minimum
+FLAGS = {"int8Activations": ("float32", "int8")}  # a check box for a text option: (unticked, ticked)
+TOOLTIPS = {"int8Activations": INT8_ACTIVATIONS_TIP}  # what a field trades (an error takes its place)
 
 
 def problems_text(errors: Mapping[str, str]) -> str:
@@ -67,7 +81,7 @@ def problems_text(errors: Mapping[str, str]) -> str:
 
 def make_field(name: str, kind: str, limits: tuple[float, ...]) -> QWidget:
     widget: QWidget
-    if kind == "bool":
+    if kind in ("bool", "flag"):
         widget = QCheckBox()
     elif kind == "choice":
         widget = QComboBox()
@@ -103,7 +117,9 @@ def _clamped(widget: Any, value: float) -> float:
 def set_field_value(widget: Any, kind: str, value: Any) -> None:
     """Show an option's value in its field (made by ``make_field``) without emitting change signals."""
     widget.blockSignals(True)
-    if isinstance(widget, QCheckBox):
+    if kind == "flag":
+        widget.setChecked(value == FLAGS[widget.objectName()][1])
+    elif isinstance(widget, QCheckBox):
         widget.setChecked(bool(value))
     elif isinstance(widget, QComboBox):
         widget.setCurrentText(str(value))
@@ -120,6 +136,8 @@ def set_field_value(widget: Any, kind: str, value: Any) -> None:
 
 def field_value(widget: Any, kind: str) -> Any:
     """The option value a field (made by ``make_field``) holds."""
+    if kind == "flag":
+        return FLAGS[widget.objectName()][widget.isChecked()]
     if isinstance(widget, QCheckBox):
         return widget.isChecked()
     if isinstance(widget, QComboBox):
@@ -166,6 +184,7 @@ class SettingsDialog(QDialog):
         parent: QWidget | None = None,
         api_keys: Mapping[str, str] | None = None,
         key_place: str = "the system keyring",
+        kernels: Mapping[str, Any] | None = None,
     ):
         super().__init__(parent)
         self.setObjectName("settingsDialog")
@@ -175,6 +194,8 @@ class SettingsDialog(QDialog):
         self.model_info = dict(model_info or {})
         self.fields: dict[str, tuple[str, str, str, QWidget]] = {}  # objectName -> (section, key, kind, w)
         self.errors: dict[str, str] = {}
+        self.tooltips = dict(TOOLTIPS)  # objectName -> its tooltip while its value is fine
+        self.kernels: dict[str, Any] = {}  # set_kernels
         self.pages = tabs = QTabWidget(objectName="settingsPages")
         tabs.addTab(self._model_page(), "Model")
         for section, title in PAGES.items():
@@ -209,6 +230,7 @@ class SettingsDialog(QDialog):
         layout.addWidget(self.warning_label)
         layout.addWidget(buttons)
         self.load(settings)
+        self.set_kernels(kernels or {})
 
     # -- pages ----------------------------------------------------------------------------------
     def _model_page(self) -> QWidget:
@@ -260,11 +282,13 @@ class SettingsDialog(QDialog):
                 continue
             widget = make_field(name, kind, limits)
             self.fields[name] = (sec, key, kind, widget)
-            if kind == "bool":
+            if kind in ("bool", "flag"):
                 assert isinstance(widget, QCheckBox)
                 widget.setText(label)
                 form.addRow("", widget)
                 widget.toggled.connect(self._revalidate)
+                if name == "int8Activations":
+                    form.addRow("", self._int8_note())
             else:
                 form.addRow(label, widget)
                 changed_signal(widget).connect(self._revalidate)
@@ -273,6 +297,27 @@ class SettingsDialog(QDialog):
         if section == "kv":
             form.addRow("Saved on disk", self._disk_row())
         return page
+
+    def _int8_note(self) -> QLabel:
+        """Why the 8-bit activations cannot be chosen here (shown only then: ``set_kernels``)."""
+        self.int8_note = QLabel(objectName="int8ActivationsNote")
+        self.int8_note.setWordWrap(True)
+        self.int8_note.setStyleSheet(f"color: {colors()['muted']};")
+        self.int8_note.setVisible(False)
+        return self.int8_note
+
+    def set_kernels(self, facts: Mapping[str, Any]) -> None:
+        """The worker's facts of the kernels (``LocalEngine.kernels_info``): without ``int8_available``
+        the 8-bit activations are disabled, the note below them says why (unknown facts: enabled)."""
+        self.kernels = dict(facts)
+        widget = self.fields["int8Activations"][3]
+        available = bool(facts.get("int8_available", True))
+        widget.setEnabled(available)
+        why = "" if available else INT8_UNAVAILABLE.get(str(facts.get("path")), INT8_UNAVAILABLE["numba"])
+        self.int8_note.setText(why)
+        self.int8_note.setVisible(bool(why))
+        self.tooltips["int8Activations"] = INT8_ACTIVATIONS_TIP + (f"\n\n{why}" if why else "")
+        self._revalidate()
 
     def _disk_row(self) -> QHBoxLayout:
         """The disk tier's usage and its Clear button (it deletes the files at once, no Apply needed)."""
@@ -380,7 +425,7 @@ class SettingsDialog(QDialog):
             widget.setStyleSheet(
                 f"background-color: {colors()['error_field']};" if name in self.errors else ""
             )
-            widget.setToolTip(self.errors.get(name, ""))
+            widget.setToolTip(self.errors.get(name) or self.tooltips.get(name, ""))
         self.error_label.setText(problems_text(self.errors))
         self.error_label.setVisible(bool(self.errors))
         self.ok_button.setEnabled(not self.errors)

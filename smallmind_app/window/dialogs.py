@@ -85,8 +85,9 @@ class WindowDialogs(QObject):
         if self.settings_dialog is None:
             keys = {e.id: self.window.api_keys.get(e.id) for e in self.window.settings.engines}
             dialog = SettingsDialog(
-                self.window.settings, self.window.model_info, self.window, keys, self.window.api_keys.where
-            )
+                self.window.settings, self.window.model_info, self.window, keys, self.window.api_keys.where,
+                kernels=self.window.model_status.kernels,
+            )  # fmt: skip
             dialog.api_keys_chosen.connect(self._on_settings_dialog_api_keys_chosen)
             dialog.engines_page.test_requested.connect(self.window.client.test_endpoint)
             dialog.settings_chosen.connect(self.window.apply_settings)

@@ -1,6 +1,8 @@
 """The loaded model as the window shows it: the status bar (model, tokens per tab, load progress,
 tabs generating), the window title, and the first-run dialog when no model is found. ``info`` is
-the worker's ``model_info`` of the model running (empty before the first one loads).
+the worker's ``model_info`` of the model running (empty before the first one loads); ``kernels`` its
+facts of the kernels (``LocalEngine.kernels_info``: whether 8-bit activations can run here), sent
+with every settings change, the first at start.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class ModelStatus(QObject):
         super().__init__(window)
         self.window = window
         self.info: dict[str, Any] = {}
+        self.kernels: dict[str, Any] = {}
         self._build()
 
     def _build(self) -> None:
@@ -99,6 +102,10 @@ class ModelStatus(QObject):
     @Slot(dict)
     def show_applied(self, applied: dict) -> None:
         """The status bar shows the new limit at once; a lower one is said (longer chats get trimmed)."""
+        if "kernels" in applied:
+            self.kernels = dict(applied["kernels"])
+            if self.window.settings_dialog is not None:
+                self.window.settings_dialog.set_kernels(self.kernels)
         if not self.info or "session_token_limit" not in applied:
             return
         old, new = self.info["session_token_limit"], applied["session_token_limit"]

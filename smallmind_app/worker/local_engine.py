@@ -10,6 +10,7 @@ per (model, conversation).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,7 @@ from engine import (
     download,
     kernels,
 )
+from engine.batching import int8_activations_available
 from engine.kv_disk import DiskKvTier
 from engine.model_defaults import model_defaults
 from engine.model_pool import ModelPool, ModelPoolOptions
@@ -104,6 +106,7 @@ class LocalEngine:
         self._states: dict[str, str] = {}  # model id -> its state last reported (see ``changes``)
         self._defaults: dict[str, dict[str, Any]] = {}  # model path -> its own defaults (system prompt...)
         self._sent_limits: dict[str, tuple[int, str]] = {}  # conversation id -> the tab's limit at submit
+        self._int8_available: bool | None = None  # the CPU's answer, asked once (kernels_info)
 
     # -- models ---------------------------------------------------------------------------------
     def open(self, path: str, wakeup: Callable[[], None]) -> str:
@@ -337,13 +340,32 @@ class LocalEngine:
             applied["session_token_limit"] = self.engine.session_token_limit()
             applied["limit_setting"] = self.limit_setting()
             applied["bytes_per_token"] = self.engine.model.kv_shape(kv_options.dtype).bytes_per_token
+        applied["kernels"] = self.kernels_info()
         return applied
+
+    def kernels_info(self) -> dict[str, Any]:
+        """The kernels as Settings and the dock show them: ``path`` ("numba" or "numpy"; "" before a
+        model and when ``$SMALLMIND_KERNELS`` names none), ``threads`` in effect, ``int8_available``
+        (8-bit activations can run here) and the ``activations`` in effect (before a model: the ones
+        it will get)."""
+        if self._int8_available is None:
+            self._int8_available = int8_activations_available()
+        engine = self.engine
+        if engine is not None:
+            path, activations = engine.kernel_path, engine.activations
+        else:
+            path, activations = "", self.batching.activations if self._int8_available else "float32"
+            with contextlib.suppress(ValueError):  # the model's load says what $SMALLMIND_KERNELS lacks
+                path = kernels.backend()
+        return {"path": path, "threads": kernels.threads(), "int8_available": self._int8_available,
+                "activations": activations}  # fmt: skip
 
     def stats(self, replying: set[str]) -> dict[str, Any] | None:
         """The dock's snapshot (None without a model); ``replying``: conversations with a reply queued."""
         if self.pool is None or self.default_id is None:
             return None
         stats = pool_stats_dict(self.pool, self.default_id)
+        stats["kernels"] = self.kernels_info()
         for session in stats["sessions"]:  # a reply queued for it: it is not the next to be evicted
             session["waiting"] = not session["pinned"] and session["session_id"] in replying
         return stats

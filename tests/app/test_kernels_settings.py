@@ -1,16 +1,124 @@
 """Settings → Batching → CPU threads: shown as "auto" at 0, applied live to the engine's kernels.
+Settings → Batching → 8-bit activations: applied live, saved, restored at the next start, shown in
+the dock; disabled with the reason where the worker says the CPU cannot run them.
 Settings → KV cache → Cache precision: the 8-bit cache (q8_0) chosen, applied, and a reply generated
 with it."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from PySide6.QtWidgets import QComboBox, QSpinBox
+from PySide6.QtWidgets import QCheckBox, QComboBox, QLabel, QSpinBox
 
 from engine import kernels
+from engine.batching import int8_activations_available
+from smallmind_app import paths
+from smallmind_app.settings.app_settings import AppSettings, load_settings
+from smallmind_app.settings.dialog import SettingsDialog
 from tests.fixtures.window import send, wait_idle
+
+
+@pytest.fixture
+def float32_after() -> Iterator[None]:
+    """The kernels' process-wide activations put back (float32) for the tests after this one."""
+    yield
+    if kernels.backend() == "numba":
+        kernels.set_activations("float32")
+
+
+def int8_box(dialog: SettingsDialog) -> QCheckBox:
+    box = dialog.fields["int8Activations"][3]
+    assert isinstance(box, QCheckBox)
+    return box
+
+
+def saved_activations() -> str:
+    on_disk = json.loads(paths.settings_file().read_text(encoding="utf-8"))["batching"]["activations"]
+    assert load_settings()[0].batching["activations"] == on_disk
+    return str(on_disk)
+
+
+def choose_int8(qtbot: Any, window: Any, on: bool) -> dict[str, Any]:
+    """Tick or untick the box in Settings and press OK; the worker's ``settings_applied``."""
+    dialog = window.open_settings()
+    int8_box(dialog).setChecked(on)
+    with qtbot.waitSignal(window.client.worker.settings_applied, timeout=5000) as applied:
+        dialog.ok_button.click()
+    return dict(applied.args[0])
+
+
+@pytest.mark.skipif(not int8_activations_available(), reason="this CPU cannot run 8-bit activations")
+def test_int8_activations_apply_live_are_saved_and_restored_at_start(
+    qtbot: Any, make_window: Any, float32_after: None
+) -> None:
+    window = make_window()
+    box = int8_box(window.open_settings())
+    assert not box.isChecked() and box.isEnabled() and kernels.activations() == "float32"
+    assert "AVX-512 VNNI" in box.toolTip() and "greedy" in box.toolTip()
+    window.settings_dialog.reject()
+    applied = choose_int8(qtbot, window, True)
+    assert applied["batching"]["activations"] == "int8" == applied["kernels"]["activations"]
+    assert kernels.activations() == "int8"  # process-wide, from the next step on
+    assert window.settings.batching["activations"] == "int8" == saved_activations()
+    dock = window.stats_dock.labels["statKernels"]
+    qtbot.waitUntil(lambda: "activations: int8" in dock.text(), timeout=5000)
+    assert dock.text().startswith("numba · ")
+    tab = window.chat_tabs[0]
+    send(tab, "Hello")  # a reply in the 8-bit mode
+    wait_idle(qtbot, tab)
+    assert tab.entries[-1].role == "assistant" and "error" not in tab.entries[-1].stats
+    window.close()
+    kernels.set_activations("float32")  # the next start must set it again from the file
+    window = make_window()
+    assert kernels.activations() == "int8" and int8_box(window.open_settings()).isChecked()
+    window.settings_dialog.reject()
+    qtbot.waitUntil(
+        lambda: "activations: int8" in window.stats_dock.labels["statKernels"].text(), timeout=5000
+    )
+    applied = choose_int8(qtbot, window, False)
+    assert applied["batching"]["activations"] == "float32" == applied["kernels"]["activations"]
+    assert kernels.activations() == "float32" and saved_activations() == "float32"
+    qtbot.waitUntil(lambda: "activations" not in window.stats_dock.labels["statKernels"].text(), timeout=5000)
+
+
+def test_int8_activations_are_disabled_where_the_worker_says_they_cannot_run(
+    qtbot: Any, make_window: Any
+) -> None:
+    """The worker's fact (sent with ``settings_applied``, as at start) disables the box and says why,
+    in an open dialog and in one opened later; the fact turning true enables it again."""
+    window = make_window()
+    dialog = window.open_settings()
+    assert int8_box(dialog).isEnabled() == int8_activations_available()  # the worker's real fact
+    unavailable = {"path": "numba", "threads": 1, "int8_available": False, "activations": "float32"}
+    window.client.worker.settings_applied.emit({"kernels": unavailable})
+    note = dialog.findChild(QLabel, "int8ActivationsNote")
+    assert not int8_box(dialog).isEnabled() and not note.isHidden()
+    assert "lacks AVX-512 VNNI" in note.text() and "lacks AVX-512 VNNI" in int8_box(dialog).toolTip()
+    dialog.reject()
+    window.dialogs.settings_dialog = None  # the next one is made anew, from the fact kept
+    dialog = window.open_settings()
+    assert not int8_box(dialog).isEnabled() and "lacks AVX-512 VNNI" in dialog.int8_note.text()
+    window.client.worker.settings_applied.emit({"kernels": {**unavailable, "int8_available": True}})
+    assert int8_box(dialog).isEnabled() and dialog.int8_note.isHidden()
+    assert "lacks" not in int8_box(dialog).toolTip()
+    dialog.reject()
+
+
+def test_a_saved_int8_choice_survives_a_computer_without_it(qtbot: Any) -> None:
+    """Settings copied from another computer: the box shows the choice, disabled, the NumPy path's
+    reason below; OK keeps the choice (nothing is lost) and Restore defaults turns it off."""
+    settings = AppSettings().with_changes(batching={"activations": "int8"})
+    dialog = SettingsDialog(settings, None, kernels={"path": "numpy", "int8_available": False})
+    qtbot.addWidget(dialog)
+    box = int8_box(dialog)
+    assert box.isChecked() and not box.isEnabled()
+    assert "NumPy kernels" in dialog.int8_note.text()
+    assert dialog.chosen_settings().batching["activations"] == "int8"
+    dialog.restore_defaults()
+    assert not box.isChecked() and dialog.chosen_settings().batching["activations"] == "float32"
 
 
 def test_cpu_threads_setting_applies_live_and_is_saved(qtbot: Any, make_window: Any) -> None:

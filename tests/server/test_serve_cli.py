@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -103,3 +104,63 @@ def test_the_server_package_never_imports_qt() -> None:
     code = ("import sys, smallmind_server.serve, smallmind_cli, smallmind_cli.main; "
             "sys.exit(1 if any(m.startswith('PySide6') for m in sys.modules) else 0)")  # fmt: skip
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=TIMEOUT_S).returncode == 0
+
+
+def test_the_activations_flag_and_its_environment_default(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], long_context_model: Path
+) -> None:
+    """``--activations`` through the real parser into the server's options; ``$SMALLMIND_ACTIVATIONS``
+    is its default; a bad value from either is a usage error that names it."""
+    from engine import BatchingOptions
+    from smallmind_cli.main import build_parser, serve_options
+
+    def parse(*args: str) -> Any:
+        return build_parser().parse_args(["serve", "--model", str(long_context_model), *args])
+
+    monkeypatch.delenv("SMALLMIND_ACTIVATIONS", raising=False)
+    assert parse().activations == "float32"
+    assert serve_options(parse("--activations", "int8")).batching == BatchingOptions(activations="int8")
+    monkeypatch.setenv("SMALLMIND_ACTIVATIONS", "INT8")
+    assert serve_options(parse()).batching == BatchingOptions(activations="int8")
+    assert parse("--activations", "float32").activations == "float32"  # the flag beats the variable
+    for args, env in ((("--activations", "fp16"), "int8"), ((), "fp16")):
+        monkeypatch.setenv("SMALLMIND_ACTIVATIONS", env)
+        with pytest.raises(SystemExit) as leaving:
+            parse(*args)
+        err = capsys.readouterr().err
+        assert leaving.value.code == 2 and "argument --activations: expected float32 or int8" in err, err
+        assert "got 'fp16'" in err and "$SMALLMIND_ACTIVATIONS" in err
+
+
+def test_serve_help_documents_the_activations(capsys: pytest.CaptureFixture[str]) -> None:
+    from smallmind_cli.main import main
+
+    assert main(["serve", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--activations {float32,int8}" in text
+    assert "(default: $SMALLMIND_ACTIVATIONS, else float32)" in text and "needs AVX-512 VNNI" in text
+
+
+def test_serve_with_int8_activations_says_what_the_engine_runs(long_context_model: Path) -> None:
+    """The flag reaches the loaded engine: its ready line says which activations it runs, and it
+    answers."""
+    from engine.batching import int8_activations_available
+
+    port = free_port()
+    args = ("--model", str(long_context_model), "--port", str(port), "--activations", "int8")
+    proc = smallmind("serve", *args)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc)
+        body = {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8}
+        response = httpx.post(url + "/v1/chat/completions", json=body, timeout=TIMEOUT_S)
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] > 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT_S) == 0
+        out, _err = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT_S)
+    expected = "int8 (8-bit" if int8_activations_available() else "float32 (int8 asked"
+    assert f"loaded; activations: {expected}" in out, out
