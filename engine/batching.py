@@ -16,7 +16,6 @@ benchmark. ``submit``/``cancel``/``update_options`` are thread-safe.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -51,15 +50,7 @@ Prompt = str | Sequence[Mapping[str, str]]
 ACTIVATIONS = kernels.ACTIVATIONS  # ("float32", "int8"): BatchingOptions.activations
 
 
-def default_activations() -> str:
-    """``$SMALLMIND_ACTIVATIONS`` (the kernels' own default), else "float32"; a value that is neither
-    is logged and float32 kept (settings and the command line check theirs and say so)."""
-    value = os.environ.get(kernels.ACTIVATIONS_ENV, "").strip().lower() or "float32"
-    if value not in ACTIVATIONS:
-        log.warning("%s=%r is not one of %s: float32 activations", kernels.ACTIVATIONS_ENV, value,
-                    ", ".join(ACTIVATIONS))  # fmt: skip
-        return "float32"
-    return value
+default_activations = kernels.default_activations  # BatchingOptions.activations' default
 
 
 def int8_activations_available() -> bool:

@@ -258,8 +258,21 @@ def set_activations(mode: str) -> str:
 def activations() -> str:
     """The activations' precision in effect ("float32" or "int8")."""
     if "mode" not in _activations:
-        set_activations(os.environ.get(ACTIVATIONS_ENV, "").strip().lower() or "float32")
+        set_activations(default_activations())
     return _activations["mode"]
+
+
+def default_activations() -> str:
+    """``$SMALLMIND_ACTIVATIONS``, else "float32"; a value that is neither is logged and float32 kept
+    (a bad variable must not fail the first projection; settings and the command line check theirs
+    and say so)."""
+    value = os.environ.get(ACTIVATIONS_ENV, "").strip().lower() or "float32"
+    if value not in ACTIVATIONS:
+        log.warning(
+            "%s=%r is not one of %s: float32 activations", ACTIVATIONS_ENV, value, ", ".join(ACTIVATIONS)
+        )
+        return "float32"
+    return value
 
 
 _activations: dict[str, str] = {}

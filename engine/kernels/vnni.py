@@ -81,6 +81,7 @@ _B64 = ir.VectorType(ir.IntType(8), 64)
 _TRANSPOSE = [16 * (i % 4) + i // 4 for i in range(64)]
 
 
+@functools.cache
 def available() -> bool:
     """Whether this CPU (as numba compiles for it) has the instructions: AVX-512 VNNI and VBMI."""
     from numba.core import config

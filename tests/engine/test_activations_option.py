@@ -126,3 +126,16 @@ def test_a_cpu_without_vnni_says_int8_is_unavailable(tmp_path: Path) -> None:
                           cwd=ROOT)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "float32"]
+
+
+def test_a_bad_environment_value_is_float32_not_an_error_in_the_kernels():
+    """The kernels' own default reads the same variable: a bad value is logged and float32 kept, in
+    a fresh process (before, the first projection raised ValueError)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, kernels.ACTIVATIONS_ENV: "fp16"}
+    done = subprocess.run([sys.executable, "-c", "from engine import kernels; print(kernels.activations())"],
+                          env=env, capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    assert done.stdout.strip() == "float32" and "fp16" in done.stderr
